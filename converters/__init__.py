@@ -1,0 +1,1 @@
+"""Checkpoint readers, one declarative spec per architecture family, and the GGUF writer."""

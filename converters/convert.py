@@ -1,0 +1,297 @@
+"""The converter: a checkpoint (Hugging Face folder or GGUF) -> a GGUF file.
+
+    source (lazy) -> plan (metadata + every output tensor, sizes known) -> header -> data, streamed
+
+The output appears only when complete: it is written to a temporary file beside OUT, fsynced and
+renamed (see `edgeai.paths.atomic_output`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from gguf import GGUFValueType, LlamaFileType
+
+import edgeai
+from edgeai.converters.gguf_writer import GGUFWriter
+from edgeai.converters.sources import GGUFSource, PickleCheckpoint, SafetensorsCheckpoint, TensorSource
+from edgeai.converters.specs import spec_for
+from edgeai.converters.tokenizer import MetaKV, tokenizer_kv
+from edgeai.errors import CheckpointError, OptionError, TensorError
+from edgeai.paths import atomic_output, default_model_path
+from edgeai.quant.formats import QuantFormat, quantize
+from edgeai.quant.recipes import OutType, parse_outtype, tensor_type
+
+log = logging.getLogger(__name__)
+
+_FILE_TYPES = {
+    OutType.F32: LlamaFileType.ALL_F32,
+    OutType.F16: LlamaFileType.MOSTLY_F16,
+    OutType.BF16: LlamaFileType.MOSTLY_BF16,
+    OutType.Q8_0: LlamaFileType.MOSTLY_Q8_0,
+}
+_SHA_PLACEHOLDER = "0" * 64
+
+
+@dataclass
+class OutputTensor:
+    """One tensor of the output file: where its float32 data comes from and how it is encoded."""
+
+    name: str
+    shape: tuple[int, ...]  # numpy order
+    fmt: QuantFormat
+    chunks: Callable[[], Iterator[np.ndarray]]  # float32 pieces in file order (one per expert when stacked)
+    note: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return self.fmt.nbytes(int(np.prod(self.shape, dtype=np.int64)))
+
+
+@dataclass
+class ConversionPlan:
+    arch: str
+    name: str
+    kv: list[MetaKV]
+    tensors: list[OutputTensor]
+    source_files: list[Path]
+    source: TensorSource
+    source_format: str
+    extra_recipe: dict = field(default_factory=dict)
+
+
+def _checked(name: str, data: np.ndarray) -> np.ndarray:
+    if not np.isfinite(data).all():
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise TensorError(f"tensor {name!r} contains {bad} NaN/Inf value(s); the checkpoint is damaged")
+    return data
+
+
+def _reader(source: TensorSource, names: tuple[str, ...], transform) -> Callable[[], Iterator[np.ndarray]]:
+    def chunks() -> Iterator[np.ndarray]:
+        for name in names:
+            data = source.read(name)
+            if transform is not None:
+                data = transform(data)
+            yield _checked(name, np.ascontiguousarray(data, dtype=np.float32))
+            source.release(name)
+
+    return chunks
+
+
+def _plan_hf(folder: Path, outtype: OutType, trust_pickle: bool) -> ConversionPlan:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder} has no config.json; a Hugging Face checkpoint folder needs one")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    spec = spec_for(config.get("architectures"), str(config_path))
+    hp = spec.hparams(config, str(config_path))
+
+    safetensors = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(folder.glob("*.bin"))
+    if safetensors or (folder / SafetensorsCheckpoint.INDEX).is_file():
+        source: TensorSource = SafetensorsCheckpoint(folder)
+        source_files, source_format = safetensors, "safetensors"
+    elif pickles:
+        if not trust_pickle:
+            raise CheckpointError(
+                f"{folder} holds a PyTorch pickle checkpoint ({pickles[0].name}); unpickling can run code. "
+                "Pass --trust-pickle to load it with torch.load(weights_only=True), or convert it to safetensors"
+            )
+        source, source_files, source_format = PickleCheckpoint(folder), pickles, "pytorch"
+    else:
+        raise CheckpointError(f"{folder} has config.json but no weights (*.safetensors or *.bin)")
+
+    try:
+        infos = source.infos()
+        planned = spec.plan(hp)
+        missing = [s for p in planned for s in p.sources if s not in infos]
+        if missing:
+            raise TensorError(
+                f"{folder}: tensor {missing[0]!r} is missing ({len(missing)} missing in all); "
+                f"a {spec.family} checkpoint with this config.json needs it"
+            )
+        unexpected = sorted(set(infos) - spec.used_sources(planned, set(infos)))
+        if unexpected:
+            raise TensorError(
+                f"{folder}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all) that a {spec.family} "
+                "model with this config.json does not have; the config and the weights do not match"
+            )
+        for p in planned:
+            for s in p.sources:
+                if tuple(infos[s].shape) != p.expected_source_shape():
+                    raise TensorError(
+                        f"{folder}: tensor {s!r} has shape {list(infos[s].shape)}, expected "
+                        f"{list(p.expected_source_shape())} from config.json"
+                    )
+        tensors = []
+        for p in planned:
+            choice = tensor_type(p.name, p.shape, outtype)
+            if p.generated is not None:
+                gen = p.generated
+                chunks = lambda gen=gen: iter((gen(),))  # noqa: E731
+            else:
+                chunks = _reader(source, p.sources, p.transform)
+            tensors.append(OutputTensor(p.name, p.shape, choice.fmt, chunks, choice.reason))
+        arch = spec.gguf_arch
+        kv = [MetaKV(f"{arch}.{k}", v) for k, v in spec.gguf_kv(hp).items()]
+        kv += tokenizer_kv(folder, hp.n_vocab, config)
+    except BaseException:
+        source.close()
+        raise
+    name = str(config.get("_name_or_path") or folder.name)
+    return ConversionPlan(arch, name, kv, tensors, source_files, source, source_format)
+
+
+# Keys a re-encode must not copy: they describe the old file's encoding or its recipe.
+_NOT_COPIED = ("general.file_type", "general.quantization_version", "general.alignment")
+
+
+def _plan_gguf(path: Path, outtype: OutType) -> ConversionPlan:
+    source = GGUFSource(path)
+    try:
+        meta = source.metadata()
+        arch = str(meta.get("general.architecture", ""))
+        if not arch:
+            raise CheckpointError(f"{path} has no general.architecture; it is not a model GGUF")
+        kv = []
+        for key, value in meta.items():
+            if key in _NOT_COPIED or key.startswith("edgeai."):
+                continue
+            vtype, sub = source.value_type(key)
+            kv.append(MetaKV(key, value, vtype, sub if vtype == GGUFValueType.ARRAY else None))
+        tensors = []
+        for name, info in source.infos().items():
+            choice = tensor_type(name, info.shape, outtype)
+            tensors.append(OutputTensor(name, info.shape, choice.fmt, _reader(source, (name,), None), choice.reason))
+    except BaseException:
+        source.close()
+        raise
+    return ConversionPlan(arch, str(meta.get("general.name", path.stem)), kv, tensors, [path], source, "gguf")
+
+
+def _sha256_files(files: list[Path]) -> str:
+    """`name:hex` for each source file, comma-separated (checkable with sha256sum)."""
+    parts = []
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+        parts.append(f"{f.name}:{h.hexdigest()}")
+    return ",".join(parts)
+
+
+def _progress(quiet: bool | None):
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    console = Console(stderr=True)
+    disable = quiet if quiet is not None else not console.is_terminal
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        console=console, disable=disable, transient=False,
+    )
+
+
+def convert(
+    src: str | Path | None = None,
+    output: str | Path | None = None,
+    *,
+    outtype: str | OutType = OutType.F16,
+    force: bool = False,
+    quiet: bool | None = None,
+    trust_pickle: bool = False,
+    threads: int = 0,
+) -> Path:
+    """Convert a checkpoint to a GGUF file that llama.cpp and edgeai's runtime load.
+
+    Args:
+        src: a Hugging Face folder (config.json, safetensors, tokenizer files) or a GGUF file;
+            None means the bundled default model.
+        output: the GGUF file to write. It appears only once complete.
+        outtype: element type of the weights: f32, f16, bf16 or q8_0 (norms and routers stay f32).
+        force: overwrite `output` if it exists.
+        quiet: hide the progress bar; None shows it only on a terminal.
+        trust_pickle: allow PyTorch `.bin` checkpoints (loaded with weights_only=True).
+        threads: threads for quantization; 0 uses every core.
+
+    Returns:
+        The path written.
+    """
+    if output is None:
+        raise OptionError("an output path is needed (-o OUT.gguf)")
+    output = Path(output)
+    outtype = parse_outtype(outtype)
+    src_path = Path(src) if src is not None else default_model_path()
+    if not src_path.exists():
+        raise CheckpointError(f"{src_path} does not exist; give a Hugging Face folder or a .gguf file")
+    if output.exists() and not force:  # fail before any reading
+        raise edgeai.errors.OutputError(f"{output} exists; pass --force (force=True) to overwrite it")
+    if src_path.is_dir():
+        plan = _plan_hf(src_path, outtype, trust_pickle)
+    elif src_path.suffix.lower() == ".gguf":
+        plan = _plan_gguf(src_path, outtype)
+    else:
+        raise CheckpointError(
+            f"{src_path} is neither a Hugging Face checkpoint folder nor a .gguf file; "
+            "point at the folder that holds config.json"
+        )
+    try:
+        return _write(plan, output, outtype, force, quiet, threads)
+    finally:
+        plan.source.close()
+
+
+def _write(plan: ConversionPlan, output: Path, outtype: OutType, force: bool, quiet: bool | None, threads: int) -> Path:
+    recipe = {
+        "tool": "edgeai",
+        "version": edgeai.__version__,
+        "outtype": outtype.value,
+        "source": plan.source_files[0].parent.name if plan.source_format != "gguf" else plan.source_files[0].name,
+        "source_format": plan.source_format,
+        "tensor_types": {t.name: t.fmt.name for t in plan.tensors},
+        "fallbacks": {t.name: t.note for t in plan.tensors if t.note and t.fmt.name != outtype.value},
+        **plan.extra_recipe,
+    }
+    placeholder = ",".join(f"{f.name}:{_SHA_PLACEHOLDER}" for f in plan.source_files)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, atomic_output(output, force=force) as tmp:
+        checksum = pool.submit(_sha256_files, plan.source_files)  # overlaps with the conversion
+        with open(tmp, "wb+") as fh:
+            writer = GGUFWriter(fh)
+            writer.add("general.architecture", plan.arch)
+            for meta in plan.kv:
+                if meta.key == "general.architecture":
+                    continue
+                writer.add(meta.key, meta.value, meta.vtype, meta.sub_type)
+            if not any(m.key == "general.name" for m in plan.kv):
+                writer.add("general.name", plan.name)
+            writer.add("general.file_type", int(_FILE_TYPES[outtype]), GGUFValueType.UINT32)
+            writer.add("general.quantization_version", 2, GGUFValueType.UINT32)
+            writer.add("edgeai.version", edgeai.__version__)
+            writer.add("edgeai.recipe", json.dumps(recipe, sort_keys=True))
+            writer.add("edgeai.source.sha256", placeholder)
+            for t in plan.tensors:
+                writer.add_tensor(t.name, t.shape, t.fmt.ggml_type, t.nbytes)
+            writer.write_header()
+            total = sum(t.nbytes for t in plan.tensors)
+            with _progress(quiet) as progress:
+                task = progress.add_task(f"converting to {output.name}", total=total)
+                for t in plan.tensors:
+                    writer.write_tensor_chunks(t.name, (quantize(c, t.fmt, n_threads=threads) for c in t.chunks()))
+                    progress.advance(task, t.nbytes)
+            writer.patch_string("edgeai.source.sha256", checksum.result())
+            writer.finish()
+    log.info("wrote %s: %d tensors, %.1f MiB", output, len(plan.tensors), output.stat().st_size / 2**20)
+    return output

@@ -1,0 +1,307 @@
+"""Tensor sources: read a checkpoint lazily, one tensor at a time.
+
+A source knows every tensor's name, shape and dtype from the file headers alone; `read` maps
+one tensor's bytes (mmap) and returns it as float32. Peak memory is therefore about the largest
+tensor, whatever the checkpoint's size. Every file is validated before its data is touched:
+a truncated or corrupt file raises CheckpointError naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Protocol
+
+import numpy as np
+
+from edgeai.errors import CheckpointError, TensorError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the headers say about one tensor: name, numpy-order shape, source dtype, size."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+
+class TensorSource(Protocol):
+    """A checkpoint's tensors, readable one at a time."""
+
+    path: Path
+
+    def infos(self) -> dict[str, TensorInfo]: ...
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a float32 array in numpy order ([out, in] for a linear weight)."""
+        ...
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's mapped pages from this process (they stay in the page cache)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# safetensors dtype -> (numpy dtype of the stored bits, decoder to float32)
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+_SAFETENSORS_DTYPES: dict[str, tuple[np.dtype, object]] = {
+    "F32": (np.dtype("<f4"), None),
+    "F16": (np.dtype("<f2"), None),
+    "F64": (np.dtype("<f8"), None),
+    "BF16": (np.dtype("<u2"), _bf16_to_f32),
+}
+
+
+class SafetensorsFile:
+    """One .safetensors file: header parsed and checked up front, data mapped read-only."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "rb")
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path} does not exist") from None
+        size = self.path.stat().st_size
+        try:
+            if size < 8:
+                raise CheckpointError(f"{self.path} is truncated ({size} bytes): not a safetensors file")
+            (header_len,) = struct.unpack("<Q", self._file.read(8))
+            if header_len > size - 8 or header_len > 100 * 2**20:
+                raise CheckpointError(
+                    f"{self.path} is truncated or not a safetensors file (header says {header_len} bytes, "
+                    f"file has {size})"
+                )
+            try:
+                header = json.loads(self._file.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"{self.path}: the safetensors header is not valid JSON ({exc})") from exc
+            self.metadata = header.pop("__metadata__", None) or {}
+            data_start = 8 + header_len
+            # name -> (info, absolute offset of its first byte in the file)
+            self._tensors: dict[str, tuple[TensorInfo, int]] = {}
+            for name, entry in header.items():
+                info, begin = self._check_entry(name, entry, size - data_start)
+                self._tensors[name] = (info, data_start + begin)
+            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _check_entry(self, name: str, entry: dict, data_len: int) -> tuple[TensorInfo, int]:
+        try:
+            dtype, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry") from exc
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise TensorError(
+                f"{self.path}: tensor {name!r} has dtype {dtype}, which edgeai does not convert "
+                f"(supported: {', '.join(_SAFETENSORS_DTYPES)}); save the checkpoint in float32, float16 or bfloat16"
+            )
+        itemsize = _SAFETENSORS_DTYPES[dtype][0].itemsize
+        expected = int(np.prod(shape, dtype=np.int64)) * itemsize
+        if end - begin != expected or begin < 0:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} of shape {list(shape)} {dtype} should take {expected} bytes, "
+                f"the header gives {end - begin}; the file is corrupt"
+            )
+        if end > data_len:
+            raise CheckpointError(
+                f"{self.path} is truncated: tensor {name!r} ends at byte {end} of the data section, "
+                f"which has only {data_len} bytes; download or copy the file again"
+            )
+        return TensorInfo(name, shape, dtype, expected), begin
+
+    def infos(self) -> Iterable[TensorInfo]:
+        return (info for info, _ in self._tensors.values())
+
+    def read(self, name: str) -> np.ndarray:
+        info, begin = self._tensors[name]
+        storage, decode = _SAFETENSORS_DTYPES[info.dtype]
+        count = info.nbytes // storage.itemsize
+        raw = np.frombuffer(self._mm, dtype=storage, count=count, offset=begin) if count else np.empty(0, storage)
+        values = decode(raw) if decode else raw.astype(np.float32)
+        return values.reshape(info.shape)
+
+    def release(self, name: str) -> None:
+        info, begin = self._tensors[name]
+        if self._mm is None or info.nbytes == 0:
+            return
+        start = begin // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, begin + info.nbytes - start)
+        except (OSError, ValueError, AttributeError):
+            pass  # advisory only: platforms without madvise keep the pages until close
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+        self._file.close()
+
+class SafetensorsCheckpoint:
+    """A Hugging Face folder's weights: `model.safetensors`, or shards listed in an index."""
+
+    INDEX = "model.safetensors.index.json"
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder)
+        index = self.path / self.INDEX
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from exc
+            shard_names = sorted(set(weight_map.values()))
+            missing = [s for s in shard_names if not (self.path / s).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{index} lists shard(s) that are not in {self.path}: {', '.join(missing)}; "
+                    "copy the missing shards into the folder"
+                )
+        else:
+            shard_names = sorted(p.name for p in self.path.glob("*.safetensors"))
+            weight_map = None
+        self._files: list[SafetensorsFile] = []
+        self._owner: dict[str, SafetensorsFile] = {}
+        try:
+            for shard in shard_names:
+                f = SafetensorsFile(self.path / shard)
+                self._files.append(f)
+                for info in f.infos():
+                    if info.name in self._owner:
+                        raise CheckpointError(f"tensor {info.name!r} is stored twice: in {self._owner[info.name].path} and {f.path}")
+                    self._owner[info.name] = f
+            if weight_map is not None:
+                absent = sorted(set(weight_map) - set(self._owner))
+                if absent:
+                    raise CheckpointError(
+                        f"{index} lists tensor {absent[0]!r} in {weight_map[absent[0]]}, but that shard does not hold it "
+                        f"({len(absent)} such tensor(s)); the shards and the index do not match"
+                    )
+        except BaseException:
+            self.close()
+            raise
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return {info.name: info for f in self._files for info in f.infos()}
+
+    def read(self, name: str) -> np.ndarray:
+        return self._owner[name].read(name)
+
+    def release(self, name: str) -> None:
+        self._owner[name].release(name)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._files.clear()
+
+
+class PickleCheckpoint:
+    """PyTorch `.bin` checkpoints. Unpickling can run code, so this is only used when the user
+    passed --trust-pickle, and then through ``torch.load(weights_only=True)``."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder)
+        try:
+            import torch
+        except ImportError as exc:
+            raise CheckpointError(
+                f"{self.path} holds a PyTorch pickle checkpoint; reading it needs torch "
+                "(`pip install torch`), or convert it to safetensors first"
+            ) from exc
+        index = self.path / "pytorch_model.bin.index.json"
+        if index.is_file():
+            shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            shard_names = sorted(p.name for p in self.path.glob("*.bin"))
+        self._tensors: dict[str, object] = {}
+        for shard in shard_names:
+            file = self.path / shard
+            if not file.is_file():
+                raise CheckpointError(f"{index} lists {shard}, which is not in {self.path}")
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises many types for a bad pickle
+                raise CheckpointError(f"{file} could not be loaded safely with torch.load(weights_only=True): {exc}") from exc
+            self._tensors.update(state)
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return {
+            name: TensorInfo(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), t.numel() * t.element_size())
+            for name, t in self._tensors.items()
+        }
+
+    def read(self, name: str) -> np.ndarray:
+        import torch
+
+        return self._tensors[name].to(torch.float32).numpy()
+
+    def release(self, name: str) -> None:
+        pass
+
+    def close(self) -> None:
+        self._tensors.clear()
+
+
+class GGUFSource:
+    """A GGUF file as a source: its metadata, and its tensors dequantized to float32.
+
+    Names and layout are already GGUF's, so no name map applies; numpy order is the reverse of
+    GGUF's `ne` order, as everywhere in edgeai.
+    """
+
+    def __init__(self, path: Path):
+        from gguf import GGUFReader
+
+        self.path = Path(path)
+        try:
+            self.reader = GGUFReader(self.path)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path} does not exist") from None
+        except Exception as exc:  # gguf-py raises ValueError/struct errors/IndexError on bad bytes
+            raise CheckpointError(
+                f"{self.path} is not a readable GGUF file (truncated or corrupt?): {exc}"
+            ) from exc
+        self._tensors = {t.name: t for t in self.reader.tensors}
+
+    def metadata(self) -> dict[str, object]:
+        """Every key-value pair of the header, values as plain Python (str, int, float, list)."""
+        return {name: field.contents() for name, field in self.reader.fields.items() if not name.startswith("GGUF.")}
+
+    def value_type(self, key: str):
+        """The GGUF value type of a key (and the element type of arrays)."""
+        types = self.reader.fields[key].types
+        return types[0], (types[-1] if len(types) > 1 else None)
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return {
+            name: TensorInfo(name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name, int(t.n_bytes))
+            for name, t in self._tensors.items()
+        }
+
+    def read(self, name: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
+        shape = tuple(int(d) for d in reversed(t.shape))
+        return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+
+    def release(self, name: str) -> None:
+        pass
+
+    def close(self) -> None:
+        self._tensors.clear()
+        self.reader = None

@@ -1,0 +1,407 @@
+"""One declarative spec per architecture family: the name table from checkpoint names to GGUF
+names (the project's internal names), the hyper-parameters, and each family's quirks.
+
+Translation from checkpoint names happens here and nowhere else. A spec says, for a given
+config, exactly which GGUF tensors must exist and with which shapes (numpy order, [out, in]);
+the converter fails loudly on anything missing, unexpected or misshapen.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+from edgeai.errors import CheckpointError, UnsupportedArchitectureError
+
+
+class RopeStyle(enum.Enum):
+    """How llama.cpp pairs head dimensions in RoPE for an architecture."""
+
+    NORM = "norm"  # adjacent pairs (x0,x1): HF q/k rows are permuted when written
+    NEOX = "neox"  # halves (x_i, x_{i+d/2}): HF layout kept as is
+
+
+class QKNorm(enum.Enum):
+    NONE = "none"
+    PER_HEAD = "per_head"  # RMSNorm over head_dim, weight [head_dim] (Qwen3)
+    FULL = "full"  # RMSNorm over the whole projection, weight [n_head * head_dim] (OLMoE)
+
+
+@dataclass(frozen=True)
+class HParams:
+    """Hyper-parameters read from config.json, under the names the GGUF metadata uses."""
+
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx_train: int
+    rope_theta: float
+    rms_eps: float
+    rope_scaling: Mapping[str, object] | None
+    tie_embeddings: bool
+    attention_bias: bool
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_ff_shexp: int = 0
+    norm_topk_prob: bool | None = None
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """What llama.cpp's graph for this architecture does with experts (fixed there, not read from the file)."""
+
+    renormalizes_top_k: bool
+    shared_expert: bool
+    # checkpoint names, relative to "model.layers.{bid}."
+    router: str
+    expert: str  # with {xid} and {proj}
+    proj_names: Mapping[str, str]  # gguf role (gate/up/down) -> checkpoint projection name
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor: its GGUF name, numpy-order shape, and where its data comes from.
+
+    `sources` has one checkpoint name, or (stacked experts) one per expert, in expert order.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    sources: tuple[str, ...]
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+    generated: Callable[[], np.ndarray] | None = None  # for tensors computed from the config (rope_freqs)
+    source_shape: tuple[int, ...] | None = None  # each source's shape, where it is not `shape` (or shape[1:])
+
+    def expected_source_shape(self) -> tuple[int, ...]:
+        if self.source_shape is not None:
+            return self.source_shape
+        return self.shape[1:] if len(self.sources) > 1 else self.shape
+
+
+# Checkpoint names that carry no weights llama.cpp needs (buffers some exporters save).
+IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    hf_architectures: tuple[str, ...]
+    gguf_arch: str
+    rope: RopeStyle
+    qk_norm: QKNorm = QKNorm.NONE
+    always_bias: bool = False  # q/k/v biases always present (Qwen2)
+    output_required: bool = False  # llama.cpp does not fall back to token_embd for output
+    moe: MoESpec | None = None
+    checks: tuple[Callable[["HParams"], str | None], ...] = field(default=())
+
+    # ---- hyper-parameters -------------------------------------------------------------------
+    def hparams(self, config: Mapping[str, object], config_path: str) -> HParams:
+        """Read the config, failing with the missing key's name."""
+
+        def need(*keys: str) -> object:
+            for key in keys:
+                if config.get(key) is not None:
+                    return config[key]
+            raise CheckpointError(f"{config_path} has no {keys[0]!r}, which a {self.family} model needs")
+
+        def maybe(default: object, *keys: str) -> object:
+            for key in keys:
+                if config.get(key) is not None:
+                    return config[key]
+            return default
+
+        n_embd = int(need("hidden_size"))
+        n_head = int(need("num_attention_heads"))
+        rope_params = dict(config.get("rope_parameters") or {})
+        legacy_scaling = config.get("rope_scaling") or {}
+        scaling = {**legacy_scaling, **rope_params}
+        rope_theta = float(scaling.get("rope_theta", maybe(10000.0, "rope_theta")))
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        hp = HParams(
+            n_vocab=int(need("vocab_size")),
+            n_embd=n_embd,
+            n_layer=int(need("num_hidden_layers")),
+            n_ff=int(need("intermediate_size")),
+            n_head=n_head,
+            n_head_kv=int(maybe(n_head, "num_key_value_heads")),
+            head_dim=int(maybe(n_embd // n_head, "head_dim")),
+            n_ctx_train=int(maybe(2048, "max_position_embeddings")),
+            rope_theta=rope_theta,
+            rms_eps=float(maybe(1e-6, "rms_norm_eps")),
+            rope_scaling=None if rope_type in (None, "default") else {**scaling, "rope_type": rope_type},
+            tie_embeddings=bool(maybe(False, "tie_word_embeddings")),
+            attention_bias=self.always_bias or bool(maybe(False, "attention_bias", "qkv_bias")),
+            n_expert=int(maybe(0, "num_local_experts", "num_experts")) if self.moe else 0,
+            n_expert_used=int(maybe(0, "num_experts_per_tok")) if self.moe else 0,
+            n_ff_exp=int(maybe(config.get("intermediate_size"), "moe_intermediate_size")) if self.moe else 0,
+            n_ff_shexp=int(maybe(0, "shared_expert_intermediate_size")) if self.moe else 0,
+            norm_topk_prob=(bool(maybe(True, "norm_topk_prob")) if self.moe else None),
+        )
+        self._check(hp, config, config_path)
+        return hp
+
+    def _check(self, hp: HParams, config: Mapping[str, object], config_path: str) -> None:
+        problems = [p for p in (check(hp) for check in self.checks) if p]
+        if self.moe:
+            if hp.n_expert <= 0 or not 0 < hp.n_expert_used <= hp.n_expert:
+                problems.append(
+                    f"expert counts are invalid ({hp.n_expert} experts, {hp.n_expert_used} used per token)"
+                )
+            if hp.norm_topk_prob != self.moe.renormalizes_top_k:
+                problems.append(
+                    f"norm_topk_prob={hp.norm_topk_prob}, but llama.cpp's {self.gguf_arch} graph always "
+                    f"{'renormalizes' if self.moe.renormalizes_top_k else 'keeps'} the top-k routing weights; "
+                    "this checkpoint would compute different outputs there"
+                )
+            if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1) or 1) != 1:
+                problems.append("dense layers between MoE layers (mlp_only_layers / decoder_sparse_step) are not supported")
+        rope_type = (hp.rope_scaling or {}).get("rope_type")
+        if rope_type not in (None, "linear", "llama3"):
+            problems.append(f"rope_type {rope_type!r} is not supported yet (supported: default, linear, llama3)")
+        if problems:
+            raise CheckpointError(f"{config_path}: cannot convert this {self.family} checkpoint: " + "; ".join(problems))
+
+    # ---- GGUF metadata ----------------------------------------------------------------------
+    def gguf_kv(self, hp: HParams) -> dict[str, object]:
+        """Architecture keys, without the `{arch}.` prefix. Python ints are written as uint32, floats as float32."""
+        kv: dict[str, object] = {
+            "context_length": hp.n_ctx_train,
+            "embedding_length": hp.n_embd,
+            "block_count": hp.n_layer,
+            "feed_forward_length": hp.n_ff,
+            "attention.head_count": hp.n_head,
+            "attention.head_count_kv": hp.n_head_kv,
+            "attention.key_length": hp.head_dim,
+            "attention.value_length": hp.head_dim,
+            "attention.layer_norm_rms_epsilon": hp.rms_eps,
+            "rope.freq_base": hp.rope_theta,
+            "rope.dimension_count": hp.head_dim,
+            "vocab_size": hp.n_vocab,
+        }
+        if self.moe:
+            kv["expert_count"] = hp.n_expert
+            kv["expert_used_count"] = hp.n_expert_used
+            kv["expert_feed_forward_length"] = hp.n_ff_exp
+            if self.moe.shared_expert:
+                kv["expert_shared_feed_forward_length"] = hp.n_ff_shexp
+        scaling = hp.rope_scaling or {}
+        if scaling.get("rope_type") == "linear":
+            kv["rope.scaling.type"] = "linear"
+            kv["rope.scaling.factor"] = float(scaling["factor"])
+        return kv
+
+    # ---- tensors ----------------------------------------------------------------------------
+    def plan(self, hp: HParams) -> list[PlannedTensor]:
+        """Every GGUF tensor this config needs, in file order, with its checkpoint sources."""
+        q_dim, kv_dim = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+        out: list[PlannedTensor] = [PlannedTensor("token_embd.weight", (hp.n_vocab, hp.n_embd), ("model.embed_tokens.weight",))]
+        rope_freqs = llama3_rope_factors(hp)
+        if rope_freqs is not None:
+            out.append(PlannedTensor("rope_freqs.weight", rope_freqs.shape, (), generated=lambda: rope_freqs))
+        for bid in range(hp.n_layer):
+            layer = f"model.layers.{bid}."
+            blk = f"blk.{bid}."
+
+            def one(name: str, shape: tuple[int, ...], source: str, transform=None, source_shape=None) -> None:
+                out.append(PlannedTensor(blk + name, shape, (layer + source,), transform, source_shape=source_shape))
+
+            one("attn_norm.weight", (hp.n_embd,), "input_layernorm.weight")
+            permute_q = _permute_rows(hp.n_head) if self.rope is RopeStyle.NORM else None
+            permute_k = _permute_rows(hp.n_head_kv) if self.rope is RopeStyle.NORM else None
+            one("attn_q.weight", (q_dim, hp.n_embd), "self_attn.q_proj.weight", permute_q)
+            one("attn_k.weight", (kv_dim, hp.n_embd), "self_attn.k_proj.weight", permute_k)
+            one("attn_v.weight", (kv_dim, hp.n_embd), "self_attn.v_proj.weight")
+            if hp.attention_bias:
+                one("attn_q.bias", (q_dim,), "self_attn.q_proj.bias", permute_q)
+                one("attn_k.bias", (kv_dim,), "self_attn.k_proj.bias", permute_k)
+                one("attn_v.bias", (kv_dim,), "self_attn.v_proj.bias")
+            one("attn_output.weight", (hp.n_embd, q_dim), "self_attn.o_proj.weight")
+            if self.qk_norm is QKNorm.PER_HEAD:
+                one("attn_q_norm.weight", (hp.head_dim,), "self_attn.q_norm.weight")
+                one("attn_k_norm.weight", (hp.head_dim,), "self_attn.k_norm.weight")
+            elif self.qk_norm is QKNorm.FULL:
+                one("attn_q_norm.weight", (q_dim,), "self_attn.q_norm.weight")
+                one("attn_k_norm.weight", (kv_dim,), "self_attn.k_norm.weight")
+            one("ffn_norm.weight", (hp.n_embd,), "post_attention_layernorm.weight")
+            if self.moe is None:
+                one("ffn_gate.weight", (hp.n_ff, hp.n_embd), "mlp.gate_proj.weight")
+                one("ffn_up.weight", (hp.n_ff, hp.n_embd), "mlp.up_proj.weight")
+                one("ffn_down.weight", (hp.n_embd, hp.n_ff), "mlp.down_proj.weight")
+                continue
+            moe = self.moe
+            one("ffn_gate_inp.weight", (hp.n_expert, hp.n_embd), moe.router)
+            for role, shape in (
+                ("gate", (hp.n_expert, hp.n_ff_exp, hp.n_embd)),
+                ("up", (hp.n_expert, hp.n_ff_exp, hp.n_embd)),
+                ("down", (hp.n_expert, hp.n_embd, hp.n_ff_exp)),
+            ):
+                sources = tuple(
+                    layer + moe.expert.format(xid=x, proj=moe.proj_names[role]) for x in range(hp.n_expert)
+                )
+                out.append(PlannedTensor(f"{blk}ffn_{role}_exps.weight", shape, sources))
+            if moe.shared_expert:
+                one("ffn_gate_inp_shexp.weight", (hp.n_embd,), "mlp.shared_expert_gate.weight", _flatten, (1, hp.n_embd))
+                one("ffn_gate_shexp.weight", (hp.n_ff_shexp, hp.n_embd), "mlp.shared_expert.gate_proj.weight")
+                one("ffn_up_shexp.weight", (hp.n_ff_shexp, hp.n_embd), "mlp.shared_expert.up_proj.weight")
+                one("ffn_down_shexp.weight", (hp.n_embd, hp.n_ff_shexp), "mlp.shared_expert.down_proj.weight")
+        out.append(PlannedTensor("output_norm.weight", (hp.n_embd,), ("model.norm.weight",)))
+        if not hp.tie_embeddings:
+            out.append(PlannedTensor("output.weight", (hp.n_vocab, hp.n_embd), ("lm_head.weight",)))
+        elif self.output_required:  # tied, but this graph has no fallback to token_embd: write a copy
+            out.append(PlannedTensor("output.weight", (hp.n_vocab, hp.n_embd), ("model.embed_tokens.weight",)))
+        return out
+
+    def used_sources(self, planned: list[PlannedTensor], available: set[str]) -> set[str]:
+        """Checkpoint tensors the plan reads, plus those it may skip (tied lm_head, ignored buffers)."""
+        used = {s for p in planned for s in p.sources}
+        skippable = {n for n in available if IGNORED.match(n)}
+        if "lm_head.weight" in available and "lm_head.weight" not in used:
+            skippable.add("lm_head.weight")  # tied to the embedding: llama.cpp reuses token_embd
+        return used | skippable
+
+
+def _permute_rows(n_head: int) -> Callable[[np.ndarray], np.ndarray]:
+    """HF rotates the two halves of each head; llama.cpp's NORM RoPE rotates adjacent pairs.
+
+    Reorder each head's rows from [x_0..x_{d/2-1}, y_0..y_{d/2-1}] to [x_0, y_0, x_1, y_1, ...].
+    Works for weights [n_head*d, in] and biases [n_head*d].
+    """
+
+    def permute(w: np.ndarray) -> np.ndarray:
+        rows = w.shape[0]
+        return (
+            w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(w.shape)
+        )
+
+    return permute
+
+
+def _flatten(w: np.ndarray) -> np.ndarray:
+    return w.reshape(-1)
+
+
+def llama3_rope_factors(hp: HParams) -> np.ndarray | None:
+    """Llama 3.1's frequency-dependent RoPE scaling as llama.cpp takes it: a `rope_freqs` tensor of
+    per-frequency divisors, shape [head_dim/2]. None for other rope types."""
+    scaling = hp.rope_scaling or {}
+    if scaling.get("rope_type") != "llama3":
+        return None
+    factor = float(scaling["factor"])
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    inv_freq = 1.0 / (hp.rope_theta ** (np.arange(0, hp.head_dim, 2, dtype=np.float64) / hp.head_dim))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = np.clip((old_ctx / wavelen - low) / (high - low), 0.0, 1.0)
+    # smooth=0 (long wavelengths) divides by `factor`; smooth=1 (short ones) leaves the frequency alone
+    return (1.0 / ((1.0 - smooth) / factor + smooth)).astype(np.float32)
+
+
+def _full_attention_width(family: str) -> Callable[[HParams], str | None]:
+    def check(hp: HParams) -> str | None:
+        if hp.n_head * hp.head_dim != hp.n_embd:
+            return (
+                f"llama.cpp's {family} graph needs num_attention_heads * head_dim == hidden_size "
+                f"({hp.n_head} * {hp.head_dim} != {hp.n_embd})"
+            )
+        return None
+
+    return check
+
+
+def _olmoe_kv_heads(hp: HParams) -> str | None:
+    if hp.n_head_kv != hp.n_head:
+        return f"llama.cpp's olmoe graph needs num_key_value_heads == num_attention_heads ({hp.n_head_kv} != {hp.n_head})"
+    return None
+
+
+_QWEN_EXPERTS = dict(expert="mlp.experts.{xid}.{proj}_proj.weight", proj_names={"gate": "gate", "up": "up", "down": "down"})
+
+SPECS: tuple[ArchSpec, ...] = (
+    ArchSpec(
+        family="Llama",
+        hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"),
+        gguf_arch="llama",
+        rope=RopeStyle.NORM,
+    ),
+    ArchSpec(
+        family="Qwen2",
+        hf_architectures=("Qwen2ForCausalLM",),
+        gguf_arch="qwen2",
+        rope=RopeStyle.NEOX,
+        always_bias=True,
+        checks=(_full_attention_width("qwen2"),),
+    ),
+    ArchSpec(
+        family="Qwen3",
+        hf_architectures=("Qwen3ForCausalLM",),
+        gguf_arch="qwen3",
+        rope=RopeStyle.NEOX,
+        qk_norm=QKNorm.PER_HEAD,
+    ),
+    ArchSpec(
+        family="Mixtral",
+        hf_architectures=("MixtralForCausalLM",),
+        gguf_arch="llama",
+        rope=RopeStyle.NORM,
+        moe=MoESpec(
+            renormalizes_top_k=True,
+            shared_expert=False,
+            router="block_sparse_moe.gate.weight",
+            expert="block_sparse_moe.experts.{xid}.{proj}.weight",
+            proj_names={"gate": "w1", "up": "w3", "down": "w2"},
+        ),
+    ),
+    ArchSpec(
+        family="Qwen2-MoE",
+        hf_architectures=("Qwen2MoeForCausalLM",),
+        gguf_arch="qwen2moe",
+        rope=RopeStyle.NEOX,
+        always_bias=True,
+        output_required=True,
+        moe=MoESpec(renormalizes_top_k=False, shared_expert=True, router="mlp.gate.weight", **_QWEN_EXPERTS),
+        checks=(_full_attention_width("qwen2moe"),),
+    ),
+    ArchSpec(
+        family="Qwen3-MoE",
+        hf_architectures=("Qwen3MoeForCausalLM",),
+        gguf_arch="qwen3moe",
+        rope=RopeStyle.NEOX,
+        qk_norm=QKNorm.PER_HEAD,
+        moe=MoESpec(renormalizes_top_k=True, shared_expert=False, router="mlp.gate.weight", **_QWEN_EXPERTS),
+    ),
+    ArchSpec(
+        family="OLMoE",
+        hf_architectures=("OlmoeForCausalLM",),
+        gguf_arch="olmoe",
+        rope=RopeStyle.NEOX,
+        qk_norm=QKNorm.FULL,
+        output_required=True,
+        moe=MoESpec(renormalizes_top_k=False, shared_expert=False, router="mlp.gate.weight", **_QWEN_EXPERTS),
+        checks=(_full_attention_width("olmoe"), _olmoe_kv_heads),
+    ),
+)
+
+
+def spec_for(architectures: list[str] | None, config_path: str) -> ArchSpec:
+    """The spec for a config's `architectures`; an error lists what is supported."""
+    for arch in architectures or ():
+        for spec in SPECS:
+            if arch in spec.hf_architectures:
+                return spec
+    supported = ", ".join(a for s in SPECS for a in s.hf_architectures)
+    raise UnsupportedArchitectureError(
+        f"{config_path}: architecture {', '.join(architectures or ['(none given)'])} is not supported; "
+        f"supported: {supported}"
+    )

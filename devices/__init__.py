@@ -1,0 +1,1 @@
+"""Device profiles as data, and detection of the current machine."""

@@ -1,0 +1,32 @@
+"""The one error family users see. Every message names the file, tensor or option at fault and
+says how to fix it; internal invariants use ``assert`` instead."""
+
+from __future__ import annotations
+
+
+class EdgeAIError(Exception):
+    """Base class of every error edgeai raises for bad input or an unusable environment."""
+
+
+class CheckpointError(EdgeAIError):
+    """A source checkpoint is missing, incomplete, corrupt or of an unsupported kind."""
+
+
+class UnsupportedArchitectureError(CheckpointError):
+    """The checkpoint's architecture has no spec in ``edgeai.converters``."""
+
+
+class TensorError(CheckpointError):
+    """A tensor is missing, unexpected, of the wrong shape or of an unsupported dtype."""
+
+
+class TokenizerError(CheckpointError):
+    """The tokenizer files cannot be represented the way llama.cpp reads them."""
+
+
+class OutputError(EdgeAIError):
+    """The output path cannot be written (exists without --force, disk full, ...)."""
+
+
+class OptionError(EdgeAIError):
+    """An option has a value that cannot be used."""

@@ -1,0 +1,18 @@
+"""The one place Python reaches the C++ core (``edgeai._native``).
+
+Everything else imports from here, so a missing or stale build fails with one clear message.
+"""
+
+from __future__ import annotations
+
+from edgeai.errors import EdgeAIError
+
+try:
+    from edgeai import _native
+except ImportError as exc:  # pragma: no cover - only on a broken install
+    raise EdgeAIError(
+        "the native extension edgeai._native is not built; reinstall the package "
+        "(`make install`, or `pip install -e .`)"
+    ) from exc
+
+native = _native

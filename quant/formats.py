@@ -1,0 +1,146 @@
+"""Tensor element formats as data.
+
+Each format is ``(block_size, type_size)`` plus pure numpy ``quantize_blocks`` /
+``dequantize_blocks`` working on ``(n_blocks, block_size)`` float32 arrays and
+``(n_blocks, type_size)`` uint8 arrays. The numpy functions are the reference: the C++ fast path
+(``edgeai._native``) is tested against them bit for bit, and they are tested against gguf-py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from edgeai.errors import OptionError
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """Round to nearest, ties away from zero (C's roundf, which ggml uses), in x's dtype."""
+    # floor(|x| + 0.5) would be wrong just below .5 (the sum rounds up); this form is exact.
+    a = np.abs(x)
+    whole = np.floor(a)
+    return np.sign(x) * (whole + np.floor(2 * (a - whole)))
+
+
+def _f32_quantize(blocks: np.ndarray) -> np.ndarray:
+    return blocks.astype(np.float32, copy=False).view(np.uint8)
+
+
+def _f32_dequantize(blocks: np.ndarray) -> np.ndarray:
+    return blocks.view(np.float32)
+
+
+def _f16_quantize(blocks: np.ndarray) -> np.ndarray:
+    return blocks.astype(np.float16).view(np.uint8)
+
+
+def _f16_dequantize(blocks: np.ndarray) -> np.ndarray:
+    return blocks.view(np.float16).astype(np.float32)
+
+
+def _bf16_quantize(blocks: np.ndarray) -> np.ndarray:
+    bits = blocks.astype(np.float32, copy=False).view(np.uint32)
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    bits = np.where(is_nan, (bits & np.uint32(0xFFFF0000)) | np.uint32(64 << 16), bits)
+    rounded = (bits.astype(np.uint64) + (0x7FFF + ((bits >> 16) & 1))) >> 16  # nearest even
+    return rounded.astype(np.uint16).view(np.uint8)
+
+
+def _bf16_dequantize(blocks: np.ndarray) -> np.ndarray:
+    return (blocks.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _q8_0_quantize(blocks: np.ndarray) -> np.ndarray:
+    # (n_blocks, 32) float32 -> (n_blocks, 34) uint8: fp16 scale, then 32 int8
+    blocks = blocks.astype(np.float32, copy=False)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv_d = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    qs = round_half_away(blocks * inv_d).astype(np.int8)
+    return np.concatenate([d.astype(np.float16).view(np.uint8), qs.view(np.uint8)], axis=1)
+
+
+def _q8_0_dequantize(blocks: np.ndarray) -> np.ndarray:
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    return blocks[:, 2:].view(np.int8).astype(np.float32) * d
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """One GGUF tensor element format."""
+
+    name: str
+    ggml_type: GGMLQuantizationType
+    block_size: int  # weights per block
+    type_size: int  # bytes per block
+    quantize_blocks: Callable[[np.ndarray], np.ndarray]
+    dequantize_blocks: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.type_size / self.block_size
+
+    def nbytes(self, n_elements: int) -> int:
+        """Bytes that `n_elements` weights take in this format (a multiple of the block size)."""
+        assert n_elements % self.block_size == 0
+        return n_elements // self.block_size * self.type_size
+
+
+FORMATS: dict[str, QuantFormat] = {
+    f.name: f
+    for f in (
+        QuantFormat("f32", GGMLQuantizationType.F32, 1, 4, _f32_quantize, _f32_dequantize),
+        QuantFormat("f16", GGMLQuantizationType.F16, 1, 2, _f16_quantize, _f16_dequantize),
+        QuantFormat("bf16", GGMLQuantizationType.BF16, 1, 2, _bf16_quantize, _bf16_dequantize),
+        QuantFormat("q8_0", GGMLQuantizationType.Q8_0, 32, 34, _q8_0_quantize, _q8_0_dequantize),
+    )
+}
+_BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
+
+
+def format_by_name(name: str) -> QuantFormat:
+    """The format called `name` (case-insensitive); an OptionError lists the known ones."""
+    try:
+        return FORMATS[name.lower()]
+    except KeyError:
+        raise OptionError(f"unknown tensor type {name!r}; known types: {', '.join(FORMATS)}") from None
+
+
+def format_of(ggml_type: GGMLQuantizationType) -> QuantFormat | None:
+    """Our format for a ggml type, or None where edgeai has none."""
+    return _BY_GGML_TYPE.get(GGMLQuantizationType(ggml_type))
+
+
+def quantize(data: np.ndarray, fmt: QuantFormat, *, n_threads: int = 0) -> np.ndarray:
+    """Encode float data (any shape, last axis a multiple of the block size) as raw uint8 bytes.
+
+    The native core does the common formats (threads, GIL released); the numpy reference does the rest.
+    """
+    from edgeai.native_bridge import native
+
+    flat = np.ascontiguousarray(data, dtype=np.float32).reshape(-1)
+    if flat.size % fmt.block_size:
+        raise OptionError(
+            f"{flat.size} values do not fill whole {fmt.name} blocks of {fmt.block_size}"
+        )
+    if fmt.name == "f32":
+        return flat.view(np.uint8)
+    if fmt.name in ("f16", "bf16"):
+        out = np.empty(flat.size, dtype=np.uint16)
+        (native.fp32_to_fp16 if fmt.name == "f16" else native.fp32_to_bf16)(flat, out, n_threads)
+        return out.view(np.uint8)
+    if fmt.name == "q8_0":
+        out = np.empty(fmt.nbytes(flat.size), dtype=np.uint8)
+        native.quantize_q8_0(flat, out, n_threads)
+        return out
+    blocks = flat.reshape(-1, fmt.block_size)
+    return fmt.quantize_blocks(blocks).reshape(-1)
+
+
+def dequantize(raw: np.ndarray, fmt: QuantFormat) -> np.ndarray:
+    """Decode raw bytes of `fmt` into a flat float32 array."""
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    return fmt.dequantize_blocks(raw.reshape(-1, fmt.type_size)).reshape(-1).astype(np.float32, copy=False)

@@ -1,0 +1,1 @@
+"""Backends that run artifacts (native, llama.cpp, onnxruntime) behind one small protocol."""

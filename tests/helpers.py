@@ -1,0 +1,205 @@
+"""Shared test helpers: tiny tokenizers and checkpoints made at test time, and llama.cpp access.
+
+Nothing here downloads anything: tokenizers are trained on text from Python's own standard
+library, models are random with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Varied text: code, unicode, numbers, whitespace runs, chat markup.
+VARIED_TEXT = (
+    "Hello world! Ünïcödé: naïve café, 日本語のテキスト, emoji 🤖🚀, Ελληνικά.\n"
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n\n"
+    "Numbers: 3.14159, 1234567890, -42, 0x1F, 1e-5, 2024-11-22.\n"
+    "Tabs\tand    runs of     spaces   \n\n   trailing   \n"
+    "<|im_start|>user\nWhat's 2+2? I'm sure it's 4. They'll know; we'd've done it.<|im_end|>\n"
+    "<|im_start|>assistant\nIt's 4.<|im_end|>\n"
+    "URL: https://example.com/a?b=c&d=e#frag   \"quoted\" 'single' (parens) [brackets] {braces}\n"
+)
+
+QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def corpus() -> list[str]:
+    """Training text for tiny tokenizers: standard-library sources plus the varied text."""
+    import argparse
+    import json as json_mod
+    import textwrap
+
+    lines = []
+    for mod in (textwrap, argparse, json_mod):
+        lines += inspect.getsource(mod).splitlines()
+    lines += VARIED_TEXT.splitlines() * 20
+    return [line for line in lines if line.strip()]
+
+
+def train_bpe_tokenizer(folder: Path, style: str, vocab_size: int = 400) -> int:
+    """A byte-level BPE tokenizer in `folder` (tokenizer.json + tokenizer_config.json).
+
+    style: 'gpt2' (ByteLevel with GPT-2's regex), 'smollm' (digits split first),
+    'qwen2' or 'llama3' (their split regex, then ByteLevel without regex). Returns the vocab size.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style in ("gpt2", "smollm"))
+    if style == "gpt2":
+        tok.pre_tokenizer = byte_level
+    elif style == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        regex = {"qwen2": QWEN2_SPLIT, "llama3": LLAMA3_SPLIT}[style]
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False), byte_level]
+        )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return tok.get_vocab_size()
+
+
+def train_spm_tokenizer(folder: Path, vocab_size: int = 400) -> int:
+    """A SentencePiece (BPE, byte fallback) tokenizer in `folder`, saved as tokenizer.model plus
+    the Hugging Face files transformers writes for it. Returns the vocab size."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = folder / "corpus.txt"
+    text.write_text("\n".join(corpus()), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        num_threads=1, minloglevel=2, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+    )
+    text.unlink()
+    (folder / "tokenizer.vocab").unlink()
+    tok = LlamaTokenizer(vocab_file=str(folder / "tokenizer.model"))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    return vocab_size
+
+
+@dataclass(frozen=True)
+class TinyArch:
+    """A tiny config for one family, and the tokenizer kind its folder gets."""
+
+    name: str
+    model_type: str
+    tokenizer: str  # 'spm' or a train_bpe_tokenizer style
+    extra: dict
+
+
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
+
+TINY_ARCHS = [
+    TinyArch("llama", "llama", "spm", dict(rms_norm_eps=1e-5)),
+    TinyArch("llama3", "llama", "llama3", dict(
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        tie_word_embeddings=True)),
+    TinyArch("smollm", "llama", "smollm", dict(tie_word_embeddings=True)),
+    TinyArch("mistral", "mistral", "spm", dict(head_dim=16)),
+    TinyArch("qwen2", "qwen2", "qwen2", dict(tie_word_embeddings=True)),
+    TinyArch("qwen3", "qwen3", "qwen2", dict(head_dim=24)),
+    TinyArch("mixtral", "mixtral", "spm", dict(num_local_experts=4, num_experts_per_tok=2)),
+    TinyArch("qwen2_moe", "qwen2_moe", "qwen2", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        norm_topk_prob=False)),
+    TinyArch("qwen3_moe", "qwen3_moe", "qwen2", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16, norm_topk_prob=True)),
+    TinyArch("olmoe", "olmoe", "gpt2", dict(num_experts=4, num_experts_per_tok=2, num_key_value_heads=4,
+                                            norm_topk_prob=False)),
+]
+
+
+def make_tiny_checkpoint(folder: Path, arch: TinyArch, seed: int = 0, dtype: str = "float32") -> Path:
+    """Save a random tiny model of `arch` with its tokenizer into `folder` (safetensors)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if arch.tokenizer == "spm":
+        n_vocab = train_spm_tokenizer(folder)
+    else:
+        n_vocab = train_bpe_tokenizer(folder, arch.tokenizer)
+    ids = json.loads((folder / "tokenizer_config.json").read_text())
+    del ids
+    config = AutoConfig.for_model(arch.model_type, vocab_size=n_vocab, **{**COMMON, **arch.extra},
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.eval()
+    model.save_pretrained(folder)
+    return folder
+
+
+def llama_cpp_model(path: Path, n_ctx: int = 256, **kwargs):
+    """Load a GGUF in llama.cpp (llama-cpp-python), quietly, with all logits kept.
+
+    The KV cache is F32 (llama.cpp's default is F16, which alone moves logits by ~1e-3).
+    """
+    from llama_cpp import GGML_TYPE_F32, Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
+                 n_batch=n_ctx, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, **kwargs)
+
+
+def llama_cpp_logits(llm, tokens: list[int]) -> np.ndarray:
+    """Logits at every position of `tokens`: [n_tokens, n_vocab]."""
+    llm.reset()
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+
+
+def llama_cpp_greedy(llm, tokens: list[int], n: int) -> list[int]:
+    """n greedy tokens after `tokens`, one eval per step (no sampling code involved)."""
+    llm.reset()
+    llm.eval(tokens)
+    out = []
+    for _ in range(n):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(nxt)
+        llm.eval([nxt])
+    return out
+
+
+def hf_logits_and_greedy(folder: Path, tokens: list[int], n: int) -> tuple[np.ndarray, list[int]]:
+    """transformers' logits over `tokens` ([n_tokens, n_vocab]) and its n greedy continuations."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float().numpy()
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                   min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    return logits, generated[0, len(tokens):].tolist()
