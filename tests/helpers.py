@@ -86,7 +86,7 @@ def train_spm_tokenizer(folder: Path, vocab_size: int = 400) -> int:
     """A SentencePiece (BPE, byte fallback) tokenizer in `folder`, saved as tokenizer.model plus
     the Hugging Face files transformers writes for it. Returns the vocab size."""
     import sentencepiece as spm
-    from transformers import LlamaTokenizer
+    from transformers import AutoTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     text = folder / "corpus.txt"
@@ -99,7 +99,9 @@ def train_spm_tokenizer(folder: Path, vocab_size: int = 400) -> int:
     )
     text.unlink()
     (folder / "tokenizer.vocab").unlink()
-    tok = LlamaTokenizer(vocab_file=str(folder / "tokenizer.model"))
+    # transformers builds its tokenizer.json from tokenizer.model when loading the folder
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    tok = AutoTokenizer.from_pretrained(folder)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(folder)
     return vocab_size
@@ -149,8 +151,6 @@ def make_tiny_checkpoint(folder: Path, arch: TinyArch, seed: int = 0, dtype: str
         n_vocab = train_spm_tokenizer(folder)
     else:
         n_vocab = train_bpe_tokenizer(folder, arch.tokenizer)
-    ids = json.loads((folder / "tokenizer_config.json").read_text())
-    del ids
     config = AutoConfig.for_model(arch.model_type, vocab_size=n_vocab, **{**COMMON, **arch.extra},
                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
@@ -190,6 +190,19 @@ def llama_cpp_greedy(llm, tokens: list[int], n: int) -> list[int]:
     return out
 
 
+def hf_greedy(model, tokens: list[int], n: int) -> list[int]:
+    """n greedy tokens from a transformers model, by argmax over full forwards: the same loop
+    as `llama_cpp_greedy`, with no generation-config rules (EOS, min length) in between."""
+    import torch
+
+    ids = list(tokens)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(torch.argmax(logits)))
+    return ids[len(tokens):]
+
+
 def hf_logits_and_greedy(folder: Path, tokens: list[int], n: int) -> tuple[np.ndarray, list[int]]:
     """transformers' logits over `tokens` ([n_tokens, n_vocab]) and its n greedy continuations."""
     import torch
@@ -197,9 +210,25 @@ def hf_logits_and_greedy(folder: Path, tokens: list[int], n: int) -> tuple[np.nd
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
-    ids = torch.tensor([tokens])
     with torch.no_grad():
-        logits = model(ids).logits[0].float().numpy()
-        generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                   min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    return logits, generated[0, len(tokens):].tolist()
+        logits = model(torch.tensor([tokens])).logits[0].float().numpy()
+    return logits, hf_greedy(model, tokens, n)
+
+
+def smollm2_hf_checkpoint(folder: Path) -> Path:
+    """The bundled SmolLM2 GGUF turned into a Hugging Face checkpoint (float16 safetensors) by
+    transformers' own GGUF loader: the source checkpoint for round-trip tests."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from edgeai.paths import default_model_path
+
+    gguf_path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.float16,
+    )
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
