@@ -34,7 +34,8 @@ def _f32_dequantize(blocks: np.ndarray) -> np.ndarray:
 
 
 def _f16_quantize(blocks: np.ndarray) -> np.ndarray:
-    return blocks.astype(np.float16).view(np.uint8)
+    with np.errstate(over="ignore"):  # beyond 65504 is inf in F16, as in ggml
+        return blocks.astype(np.float16).view(np.uint8)
 
 
 def _f16_dequantize(blocks: np.ndarray) -> np.ndarray:
@@ -60,7 +61,9 @@ def _q8_0_quantize(blocks: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         inv_d = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
     qs = round_half_away(blocks * inv_d).astype(np.int8)
-    return np.concatenate([d.astype(np.float16).view(np.uint8), qs.view(np.uint8)], axis=1)
+    with np.errstate(over="ignore"):
+        d16 = d.astype(np.float16)
+    return np.concatenate([d16.view(np.uint8), qs.view(np.uint8)], axis=1)
 
 
 def _q8_0_dequantize(blocks: np.ndarray) -> np.ndarray:

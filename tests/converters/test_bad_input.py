@@ -1,0 +1,238 @@
+"""Bad input: a clear error naming the file, tensor or option, and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import edgeai
+from edgeai.errors import CheckpointError, OutputError, TensorError, TokenizerError, UnsupportedArchitectureError
+from helpers import TINY_ARCHS, make_tiny_checkpoint
+
+ARCHS = {a.name: a for a in TINY_ARCHS}
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    return {name: make_tiny_checkpoint(root / name, ARCHS[name]) for name in ("llama", "qwen3_moe")}
+
+
+@pytest.fixture
+def ckpt(pristine, tmp_path):
+    """A fresh copy of the tiny Llama checkpoint that a test may damage."""
+    return Path(shutil.copytree(pristine["llama"], tmp_path / "ckpt"))
+
+
+def _edit_tensors(folder: Path, edit) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "temporary file left behind"
+
+
+def test_missing_config(ckpt, tmp_path):
+    (ckpt / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+    _nothing_written(tmp_path / "o.gguf")
+
+
+def test_missing_shard(ckpt, tmp_path):
+    tensors = load_file(ckpt / "model.safetensors")
+    names = sorted(tensors)
+    half = len(names) // 2
+    save_file({n: tensors[n] for n in names[:half]}, ckpt / "model-00001-of-00002.safetensors")
+    save_file({n: tensors[n] for n in names[half:]}, ckpt / "model-00002-of-00002.safetensors")
+    (ckpt / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {n: f"model-0000{1 if i < half else 2}-of-00002.safetensors" for i, n in enumerate(names)}}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = edgeai.convert(ckpt, tmp_path / "sharded.gguf", outtype="f32", quiet=True)  # sharded works
+    assert out.stat().st_size > 0
+    (ckpt / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+    _nothing_written(tmp_path / "o.gguf")
+
+
+def test_unknown_architecture(ckpt, tmp_path):
+    config = json.loads((ckpt / "config.json").read_text())
+    config["architectures"] = ["GPTBigCodeForCausalLM"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitectureError, match="GPTBigCodeForCausalLM.*supported: .*Qwen3MoeForCausalLM"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "'model.layers.1.mlp.up_proj.weight' is missing"),
+        (lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros((2, 2), np.float32)}),
+         "unexpected tensor 'model.layers.0.mlp.extra.weight'"),
+        (lambda t: t.update({"model.layers.0.self_attn.q_proj.weight": np.zeros((64, 63), np.float32)}),
+         r"'model.layers.0.self_attn.q_proj.weight' has shape \[64, 63\], expected \[64, 64\]"),
+        (lambda t: t.update({"model.layers.0.mlp.down_proj.weight": np.zeros((64, 96), np.int8)}),
+         "'model.layers.0.mlp.down_proj.weight' has dtype I8"),
+    ],
+    ids=["missing", "unexpected", "shape", "dtype"],
+)
+def test_tensor_problems_name_the_tensor(ckpt, tmp_path, edit, message):
+    _edit_tensors(ckpt, edit)
+    with pytest.raises(TensorError, match=message):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+    _nothing_written(tmp_path / "o.gguf")
+
+
+def test_nan_in_weights_names_the_tensor(ckpt, tmp_path):
+    def poison(t):
+        t["model.layers.1.self_attn.v_proj.weight"][3, 4] = np.nan
+    _edit_tensors(ckpt, poison)
+    with pytest.raises(TensorError, match="'model.layers.1.self_attn.v_proj.weight' contains 1 NaN/Inf"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+    _nothing_written(tmp_path / "o.gguf")
+
+
+def test_truncated_safetensors(ckpt, tmp_path):
+    path = ckpt / "model.safetensors"
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 1000)
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated: tensor '.*' ends at byte"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+    with open(path, "r+b") as f:
+        f.truncate(5)
+    with pytest.raises(CheckpointError, match="truncated"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+
+
+def test_truncated_gguf(ckpt, tmp_path):
+    good = edgeai.convert(ckpt, tmp_path / "good.gguf", outtype="f32", quiet=True)
+    data = good.read_bytes()
+    for cut in (10, len(data) // 50, len(data) - 100):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=f"cut{cut}.gguf is not a readable GGUF"):
+            edgeai.convert(bad, tmp_path / "o.gguf", quiet=True)
+    _nothing_written(tmp_path / "o.gguf")
+
+
+def test_pickle_refused_unless_trusted(ckpt, tmp_path):
+    import torch
+
+    tensors = load_file(ckpt / "model.safetensors")
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, ckpt / "pytorch_model.bin")
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="--trust-pickle"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+    _nothing_written(tmp_path / "o.gguf")
+    out = edgeai.convert(ckpt, tmp_path / "o.gguf", outtype="f32", quiet=True, trust_pickle=True)
+    reference = edgeai.convert(_safetensors_twin(ckpt, tensors, tmp_path), tmp_path / "ref.gguf", outtype="f32", quiet=True)
+    assert _tensor_bytes(out) == _tensor_bytes(reference)
+
+
+def _safetensors_twin(ckpt: Path, tensors, tmp_path: Path) -> Path:
+    twin = Path(shutil.copytree(ckpt, tmp_path / "twin"))
+    (twin / "pytorch_model.bin").unlink()
+    save_file(tensors, twin / "model.safetensors")
+    return twin
+
+
+def _tensor_bytes(path: Path) -> dict[str, bytes]:
+    from gguf import GGUFReader
+
+    return {t.name: bytes(t.data) for t in GGUFReader(path).tensors}
+
+
+def test_output_exists_needs_force(ckpt, tmp_path):
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"precious")
+    with pytest.raises(OutputError, match="--force"):
+        edgeai.convert(ckpt, out, quiet=True)
+    assert out.read_bytes() == b"precious"
+    edgeai.convert(ckpt, out, quiet=True, force=True)
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_interrupt_mid_write_leaves_nothing(ckpt, tmp_path, monkeypatch):
+    """Ctrl-C while tensors are being written: the old file is kept, no partial file appears."""
+    import edgeai.converters.convert as convert_module
+
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"old")
+    calls = {"n": 0}
+    real = convert_module.quantize
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "quantize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        edgeai.convert(ckpt, out, quiet=True, force=True)
+    assert out.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 300 KiB tmpfs: a real full disk. Needs root and mount(2) (skipped elsewhere)."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root; the disk-full path is then untested here")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode().strip()}); disk-full path untested")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_disk_full_leaves_nothing(ckpt, tiny_disk):
+    out = tiny_disk / "o.gguf"
+    with pytest.raises(OutputError, match="could not write .*o.gguf.*nothing was written"):
+        edgeai.convert(ckpt, out, outtype="f32", quiet=True)
+    assert list(tiny_disk.iterdir()) == []
+
+
+def test_moe_routing_mismatch_refused(pristine, tmp_path):
+    ckpt = Path(shutil.copytree(pristine["qwen3_moe"], tmp_path / "moe"))
+    config = json.loads((ckpt / "config.json").read_text())
+    config["norm_topk_prob"] = False
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="norm_topk_prob=False.*qwen3moe graph always renormalizes"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+
+
+def test_config_claims_more_layers(ckpt, tmp_path):
+    config = json.loads((ckpt / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TensorError, match="'model.layers.2.input_layernorm.weight' is missing"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+
+
+def test_missing_tokenizer(ckpt, tmp_path):
+    for name in ("tokenizer.json", "tokenizer.model"):
+        (ckpt / name).unlink()
+    with pytest.raises(TokenizerError, match="no tokenizer.json or tokenizer.model"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match="neither a Hugging Face checkpoint folder nor a .gguf"):
+        edgeai.convert(tmp_path / "notes.txt", tmp_path / "o.gguf", quiet=True)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        edgeai.convert(tmp_path / "nowhere", tmp_path / "o.gguf", quiet=True)
