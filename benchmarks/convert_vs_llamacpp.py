@@ -5,7 +5,9 @@ is its own subprocess, and the tools take turns (edgeai, llama.cpp, edgeai, llam
 drift in the machine's state hits both. For every run the script measures:
 
 * wall time, from starting the child to reaping it;
-* peak resident memory of the child (`ru_maxrss` from `os.wait4`);
+* peak resident memory of the child (`ru_maxrss` from `os.wait4`). On Linux it starts from this
+  script's own peak (recorded when the child execs), so the script stays small and reports that
+  floor; the model is never loaded here;
 * the size of the GGUF written (taken from the last run of each tool).
 
 It prints the medians side by side with the ratio edgeai / llama.cpp (below 1: edgeai is faster,
@@ -32,10 +34,13 @@ your own.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import re
+import resource
 import shlex
 import shutil
 import statistics
@@ -93,15 +98,27 @@ def build_hf_checkpoint(gguf_path: Path, dest: Path) -> Path:
     return dest
 
 
-def default_checkpoint(console: Console) -> Path:
-    """The default checkpoint: the bundled SmolLM2-135M-Instruct as a float32 HF folder, built once."""
+def build_default_checkpoint(dest: Path) -> Path:
+    """Build the bundled SmolLM2-135M-Instruct GGUF as a float32 HF folder at `dest`."""
     from edgeai.paths import default_model_path
 
+    return build_hf_checkpoint(default_model_path(), dest)
+
+
+def default_checkpoint(console: Console) -> Path:
+    """The default checkpoint (~/.cache/edgeai-bench/smollm2-hf-f32), built once in a separate process.
+
+    A child's peak RSS starts from its parent's (Linux records the parent's high-water mark when
+    the child execs), so this process must never hold the model: torch and transformers stay out of it.
+    """
     dest = CACHE / "smollm2-hf-f32"
     if not dest.is_dir():
         console.print(f"building the default checkpoint in {dest} (once)")
         CACHE.mkdir(parents=True, exist_ok=True)
-    return build_hf_checkpoint(default_model_path(), dest)
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            pool.submit(build_default_checkpoint, dest).result()
+    return dest
 
 
 def fetch_llama_cpp_src(console: Console) -> Path:
@@ -134,36 +151,47 @@ def fetch_llama_cpp_src(console: Console) -> Path:
     return dest
 
 
-def missing_module_hint(output: str, llama_cpp: Path) -> str | None:
-    """A clear message if `output` shows that a Python module is missing, else None."""
+def missing_module_hint(output: str, program: str, tree: Path | None = None) -> str | None:
+    """A clear message if `output` shows that `program` misses a Python module, else None.
+
+    `tree` is the llama.cpp folder whose own modules (gguf-py, conversion) are not installed by pip.
+    """
     match = re.search(r"No module named '([^']+)'", output)
     if match is None:
         return None
     module = match.group(1)
     top = module.split(".")[0]
-    if top in LLAMA_CPP_MODULES:
-        return f"convert_hf_to_gguf.py cannot import {module!r} from {llama_cpp}; that folder looks incomplete"
+    if tree is not None and top in LLAMA_CPP_MODULES:
+        return f"{program} cannot import {module!r} from {tree}; that folder looks incomplete"
     package = PIP_NAMES.get(top, top.replace("_", "-"))
     return (
-        f"convert_hf_to_gguf.py needs the module {module!r}, which is not installed; "
+        f"{program} needs the module {module!r}, which is not installed; "
         f"run `{sys.executable} -m pip install {package}`"
     )
 
 
 def check_llama_cpp(python: str, script: Path, env: dict[str, str]) -> None:
-    """Exit with a clear message unless `script --help` runs, i.e. every module it imports is there."""
+    """Exit with a clear message unless `script --help` runs, i.e. the modules it imports at start-up are there.
+
+    Modules imported later, during a conversion, are reported by `run_once` if a run fails.
+    """
     done = subprocess.run([python, str(script), "--help"], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         output = done.stdout + done.stderr
-        sys.exit(missing_module_hint(output, script.parent) or f"{script} --help failed:\n{output[-3000:]}")
+        hint = missing_module_hint(output, script.name, script.parent)
+        sys.exit(hint or f"{script} --help failed:\n{output[-3000:]}")
 
 
 def warm_page_cache(folder: Path) -> None:
-    """Read every file of the checkpoint once, so that no run pays for a cold disk."""
+    """Read every file of the checkpoint once, so that no run pays for a cold disk.
+
+    One small buffer is reused: this process's own peak RSS is the floor of every child's.
+    """
+    buffer = bytearray(1 << 20)
     for path in sorted(folder.iterdir()):
         if path.is_file():
-            with open(path, "rb") as fh:
-                while fh.read(1 << 24):
+            with open(path, "rb", buffering=0) as fh:
+                while fh.readinto(buffer):
                     pass
 
 
@@ -176,6 +204,7 @@ class Tool:
     env: dict[str, str]
     output: Path
     shown_env: str = ""  # environment assignments to show in front of the command
+    tree: Path | None = None  # llama.cpp folder the tool imports its own modules from
     wall_s: list[float] = field(default_factory=list)
     peak_rss_mib: list[float] = field(default_factory=list)
     output_mib: float = 0.0
@@ -205,13 +234,15 @@ def run_once(tool: Tool, log: Path, keep_output: bool) -> None:
     """
     with open(log, "wb") as sink:
         start = time.perf_counter()
-        proc = subprocess.Popen(tool.argv, env=tool.env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            tool.argv, env=tool.env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4; tell Popen
     if proc.returncode != 0:
         output = log.read_text(errors="replace")
-        hint = missing_module_hint(output, tool.output.parent)
+        hint = missing_module_hint(output, tool.label, tool.tree)
         sys.exit(f"{tool.label} failed (exit {proc.returncode}): {tool.command()}\n{hint or output[-3000:]}")
     tool.wall_s.append(wall)
     tool.peak_rss_mib.append(usage.ru_maxrss * MAXRSS_BYTES / MIB)
@@ -235,19 +266,22 @@ def print_report(report: dict) -> None:
     """Print the side-by-side table, the setting and the commands with rich."""
     ours, theirs, ratio = report["edgeai"], report["llama.cpp"], report["ratio"]
     console = Console()
-    table = Table(title=f"{Path(report['checkpoint']).name} -> {report['outtype']}, median of {report['runs']} runs")
+    title = f"{Path(report['checkpoint']).name} -> {report['outtype']}, median of {report['runs']} runs"
+    table = Table(title=title)
     table.add_column("")
     for column in ("edgeai", "llama.cpp", "edgeai / llama.cpp"):
         table.add_column(column, justify="right")
-    table.add_row("wall time (s)", f"{ours['median_wall_s']:.2f}", f"{theirs['median_wall_s']:.2f}", f"{ratio['wall']:.2f}")
-    table.add_row(
-        "peak RSS (MiB)", f"{ours['median_peak_rss_mib']:.0f}", f"{theirs['median_peak_rss_mib']:.0f}",
-        f"{ratio['peak_rss']:.2f}",
+    rows = (
+        ("wall time (s)", "median_wall_s", "wall", ".2f"),
+        ("peak RSS (MiB)", "median_peak_rss_mib", "peak_rss", ".0f"),
+        ("output (MiB)", "output_mib", "output_size", ".1f"),
     )
-    table.add_row("output (MiB)", f"{ours['output_mib']:.1f}", f"{theirs['output_mib']:.1f}", f"{ratio['output_size']:.3f}")
+    for label, key, ratio_key, fmt in rows:
+        table.add_row(label, format(ours[key], fmt), format(theirs[key], fmt), f"{ratio[ratio_key]:.3f}")
     console.print(table)
     console.print(
         f"cores: {report['cores']}; unset for both: {', '.join(THREAD_VARS)}\n"
+        f"peak RSS floor (this script's own peak): {report['rss_floor_mib']:.0f} MiB\n"
         + "; ".join(f"{k} {v}" for k, v in report["versions"].items()),
         highlight=False,
     )
@@ -273,6 +307,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def make_tools(checkpoint: Path, script: Path, outtype: str, work: Path) -> list[Tool]:
+    """edgeai and llama.cpp, each writing into `work`, with the same environment but for PYTHONPATH."""
+    edgeai_cli = Path(sys.executable).parent / "edgeai"
+    if not edgeai_cli.is_file():
+        sys.exit(f"{edgeai_cli} does not exist; run this script with the Python of edgeai's virtualenv")
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+    gguf_py = str(script.parent / "gguf-py")  # llama.cpp's own gguf package, first on the path
+    their_env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (gguf_py, env.get("PYTHONPATH")) if p)}
+    ours_out, theirs_out = work / f"edgeai-{outtype}.gguf", work / f"llamacpp-{outtype}.gguf"
+    ours = [str(edgeai_cli), "convert", str(checkpoint), "-o", str(ours_out), "--outtype", outtype, "--force", "--quiet"]
+    theirs = [sys.executable, str(script), str(checkpoint), "--outfile", str(theirs_out), "--outtype", outtype]
+    return [
+        Tool("edgeai", ours, env, ours_out),
+        Tool("llama.cpp", theirs, their_env, theirs_out, f"PYTHONPATH={shlex.quote(gguf_py)}", script.parent),
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print its report."""
     args = parse_args(argv)
@@ -284,47 +335,34 @@ def main(argv: list[str] | None = None) -> None:
     script = llama_cpp_src / LLAMA_CPP / "convert_hf_to_gguf.py"
     if not script.is_file():
         sys.exit(f"{script} does not exist; --llama-cpp-src must be an extracted llama-cpp-python sdist")
-    edgeai_cli = Path(sys.executable).parent / "edgeai"
-    if not edgeai_cli.is_file():
-        sys.exit(f"{edgeai_cli} does not exist; run this script with the Python of edgeai's virtualenv")
-
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
-    gguf_py = str(script.parent / "gguf-py")
-    their_env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (gguf_py, env.get("PYTHONPATH")) if p)}
-    check_llama_cpp(sys.executable, script, their_env)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
     with tempfile.TemporaryDirectory(prefix="edgeai-bench-") as tmp:
-        work = Path(tmp)
-        ours_out, theirs_out = work / f"edgeai-{args.outtype}.gguf", work / f"llamacpp-{args.outtype}.gguf"
-        tools = [
-            Tool("edgeai", [str(edgeai_cli), "convert", str(checkpoint), "-o", str(ours_out), "--outtype", args.outtype,
-                            "--force", "--quiet"], env, ours_out),
-            Tool("llama.cpp", [sys.executable, str(script), str(checkpoint), "--outfile", str(theirs_out),
-                               "--outtype", args.outtype], their_env, theirs_out, f"PYTHONPATH={shlex.quote(gguf_py)}"),
-        ]
+        ours, theirs = make_tools(checkpoint, script, args.outtype, Path(tmp))
+        check_llama_cpp(sys.executable, script, theirs.env)
         warm_page_cache(checkpoint)
         for run in range(args.runs):
-            for tool in tools:
-                run_once(tool, work / f"{tool.label}.log", keep_output=run == args.runs - 1)
+            for tool in (ours, theirs):
+                run_once(tool, Path(tmp) / f"{tool.label}.log", keep_output=run == args.runs - 1)
                 console.print(
-                    f"run {run + 1}/{args.runs} {tool.label}: {tool.wall_s[-1]:.2f} s, {tool.peak_rss_mib[-1]:.0f} MiB",
+                    f"run {run + 1}/{args.runs} {tool.label}: {tool.wall_s[-1]:.2f} s, "
+                    f"{tool.peak_rss_mib[-1]:.0f} MiB",
                     highlight=False,
                 )
 
-    ours, theirs = (tool.summary() for tool in tools)
+    ours_summary, theirs_summary = ours.summary(), theirs.summary()
     report = {
         "checkpoint": str(checkpoint),
         "outtype": args.outtype,
         "runs": args.runs,
-        "cores": cores,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "rss_floor_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * MAXRSS_BYTES / MIB,
         "versions": versions(llama_cpp_src),
-        "edgeai": ours,
-        "llama.cpp": theirs,
+        "edgeai": ours_summary,
+        "llama.cpp": theirs_summary,
         "ratio": {
-            "wall": ours["median_wall_s"] / theirs["median_wall_s"],
-            "peak_rss": ours["median_peak_rss_mib"] / theirs["median_peak_rss_mib"],
-            "output_size": ours["output_mib"] / theirs["output_mib"],
+            "wall": ours_summary["median_wall_s"] / theirs_summary["median_wall_s"],
+            "peak_rss": ours_summary["median_peak_rss_mib"] / theirs_summary["median_peak_rss_mib"],
+            "output_size": ours_summary["output_mib"] / theirs_summary["output_mib"],
         },
     }
     if args.json:

@@ -141,8 +141,11 @@ TINY_ARCHS = [
 ]
 
 
-def make_tiny_checkpoint(folder: Path, arch: TinyArch, seed: int = 0, dtype: str = "float32") -> Path:
-    """Save a random tiny model of `arch` with its tokenizer into `folder` (safetensors)."""
+def make_tiny_checkpoint(folder: Path, arch: TinyArch, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
+    """Save a random tiny model of `arch` with its tokenizer into `folder` (safetensors).
+
+    `overrides` replace config values (e.g. hidden_size=72).
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -151,7 +154,7 @@ def make_tiny_checkpoint(folder: Path, arch: TinyArch, seed: int = 0, dtype: str
         n_vocab = train_spm_tokenizer(folder)
     else:
         n_vocab = train_bpe_tokenizer(folder, arch.tokenizer)
-    config = AutoConfig.for_model(arch.model_type, vocab_size=n_vocab, **{**COMMON, **arch.extra},
+    config = AutoConfig.for_model(arch.model_type, vocab_size=n_vocab, **{**COMMON, **arch.extra, **overrides},
                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))

@@ -1,0 +1,77 @@
+"""The `edgeai` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from edgeai.cli import app
+from helpers import TINY_ARCHS, make_tiny_checkpoint
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    folder = make_tiny_checkpoint(root / "qwen3_moe", next(a for a in TINY_ARCHS if a.name == "qwen3_moe"))
+    out = root / "m.gguf"
+    result = runner.invoke(app, ["convert", str(folder), "-o", str(out), "--outtype", "q8_0"])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output
+    return out
+
+
+def test_inspect_shows_the_file(tiny_gguf):
+    result = runner.invoke(app, ["inspect", str(tiny_gguf)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for expected in ("qwen3moe", "expert_count", "Q8_0", "F32", "bits per weight", "gpt2", "qwen2", "recipe",
+                     "source_sha256", "model.safetensors:"):
+        assert expected in result.output, expected
+
+
+def test_convert_default_model_q8_0(tmp_path):
+    """What `make run` does: the bundled SmolLM2 (a Q4_1 GGUF) re-encoded as Q8_0."""
+    out = tmp_path / "smol.gguf"
+    result = runner.invoke(app, ["convert", "-o", str(out), "--outtype", "q8_0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    from gguf import GGUFReader
+
+    recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
+    assert recipe["source"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and recipe["outtype"] == "q8_0"
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    result = runner.invoke(app, ["convert", str(tmp_path / "missing"), "-o", str(tmp_path / "o.gguf")])
+    assert result.exit_code == 1
+    assert "error:" in result.output and "does not exist" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["convert", str(tmp_path), "-o", str(tmp_path / "o.gguf"), "--outtype", "q9"])
+    assert result.exit_code == 1 and "--outtype 'q9' is not supported" in result.output
+
+
+def test_help_does_not_import_heavy_modules():
+    code = "import sys, edgeai.cli; heavy = {'numpy', 'gguf', 'torch', 'llama_cpp'} & set(sys.modules); print(sorted(heavy))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path, tiny_gguf):
+    """On a terminal a rich progress bar shows bytes done; piped, or with --quiet, nothing."""
+    import pexpect
+
+    edgeai_bin = str(__import__("pathlib").Path(sys.executable).parent / "edgeai")
+    child = pexpect.spawn(edgeai_bin, ["convert", str(tiny_gguf), "-o", str(tmp_path / "tty.gguf"), "--outtype", "f16"],
+                          env={"COLUMNS": "120", "TERM": "xterm", "PATH": "/usr/bin:/bin"}, encoding="utf-8", timeout=60)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    assert "converting to tty.gguf" in child.before and "kB" in child.before
+
+    piped = subprocess.run([edgeai_bin, "convert", str(tiny_gguf), "-o", str(tmp_path / "pipe.gguf")],
+                           capture_output=True, text=True, check=True)
+    assert "converting" not in piped.stderr and "wrote" in piped.stdout
