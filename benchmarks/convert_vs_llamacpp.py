@@ -171,7 +171,7 @@ def missing_module_hint(output: str, program: str, tree: Path | None = None) -> 
 
 
 def check_llama_cpp(python: str, script: Path, env: dict[str, str]) -> None:
-    """Exit with a clear message unless `script --help` runs, i.e. the modules it imports at start-up are there.
+    """Exit with a clear message unless `script --help` runs: the modules it imports at start-up are there.
 
     Modules imported later, during a conversion, are reported by `run_once` if a run fails.
     """

@@ -23,9 +23,9 @@ from gguf import GGUFValueType, LlamaFileType
 import edgeai
 from edgeai.converters.gguf_writer import GGUFWriter
 from edgeai.converters.sources import GGUFSource, PickleCheckpoint, SafetensorsCheckpoint, TensorSource
-from edgeai.converters.specs import spec_for
+from edgeai.converters.specs import ArchSpec, HParams, hparams_from_gguf, spec_for, spec_for_gguf
 from edgeai.converters.tokenizer import MetaKV, tokenizer_kv
-from edgeai.errors import CheckpointError, OptionError, TensorError
+from edgeai.errors import CheckpointError, OptionError, OutputError, TensorError
 from edgeai.paths import atomic_output, default_model_path
 from edgeai.quant.formats import QuantFormat, quantize
 from edgeai.quant.recipes import OutType, parse_outtype, tensor_type
@@ -58,6 +58,8 @@ class OutputTensor:
 
 @dataclass
 class ConversionPlan:
+    """Everything the writer needs, known before any tensor data is read."""
+
     arch: str
     name: str
     kv: list[MetaKV]
@@ -65,7 +67,23 @@ class ConversionPlan:
     source_files: list[Path]
     source: TensorSource
     source_format: str
+    spec: ArchSpec | None  # None for a GGUF of an architecture edgeai has no spec for
+    hparams: HParams | None
     extra_recipe: dict = field(default_factory=dict)
+
+    def tensor(self, name: str) -> OutputTensor:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def read(self, name: str) -> np.ndarray:
+        """The whole float32 tensor `name` (GGUF name and layout, numpy order), experts stacked."""
+        t = self.tensor(name)
+        return np.stack(list(t.chunks())).reshape(t.shape) if len(t.shape) == 3 else next(t.chunks()).reshape(t.shape)
+
+    def close(self) -> None:
+        self.source.close()
 
 
 def _checked(name: str, data: np.ndarray) -> np.ndarray:
@@ -151,7 +169,7 @@ def _plan_hf(folder: Path, outtype: OutType, trust_pickle: bool) -> ConversionPl
         source.close()
         raise
     name = str(config.get("_name_or_path") or folder.name)
-    return ConversionPlan(arch, name, kv, tensors, source_files, source, source_format)
+    return ConversionPlan(arch, name, kv, tensors, source_files, source, source_format, spec, hp)
 
 
 # Keys a re-encode must not copy: they describe the old file's encoding or its recipe.
@@ -175,10 +193,16 @@ def _plan_gguf(path: Path, outtype: OutType) -> ConversionPlan:
         for name, info in source.infos().items():
             choice = tensor_type(name, info.shape, outtype)
             tensors.append(OutputTensor(name, info.shape, choice.fmt, _reader(source, (name,), None), choice.reason))
+        try:
+            spec = spec_for_gguf(meta, str(path))
+            hp = hparams_from_gguf(meta, spec)
+        except CheckpointError:  # re-encoding works for any architecture; calibration needs a spec
+            spec, hp = None, None
     except BaseException:
         source.close()
         raise
-    return ConversionPlan(arch, str(meta.get("general.name", path.stem)), kv, tensors, [path], source, "gguf")
+    name = str(meta.get("general.name", path.stem))
+    return ConversionPlan(arch, name, kv, tensors, [path], source, "gguf", spec, hp)
 
 
 def _sha256_files(files: list[Path]) -> str:
@@ -202,6 +226,26 @@ def _progress(quiet: bool | None):
     return Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
         console=console, disable=disable, transient=False,
+    )
+
+
+def open_plan(src: str | Path | None, outtype: str | OutType = OutType.F16, *, trust_pickle: bool = False) -> ConversionPlan:
+    """Read a checkpoint's headers and plan its conversion; no tensor data is read yet.
+
+    The caller closes the plan (`plan.close()`). `plan.read(name)` gives any output tensor as float32,
+    which calibration uses to run the model before quantizing it.
+    """
+    outtype = parse_outtype(outtype)
+    src_path = Path(src) if src is not None else default_model_path()
+    if not src_path.exists():
+        raise CheckpointError(f"{src_path} does not exist; give a Hugging Face folder or a .gguf file")
+    if src_path.is_dir():
+        return _plan_hf(src_path, outtype, trust_pickle)
+    if src_path.suffix.lower() == ".gguf":
+        return _plan_gguf(src_path, outtype)
+    raise CheckpointError(
+        f"{src_path} is neither a Hugging Face checkpoint folder nor a .gguf file; "
+        "point at the folder that holds config.json"
     )
 
 
@@ -234,24 +278,13 @@ def convert(
         raise OptionError("an output path is needed (-o OUT.gguf)")
     output = Path(output)
     outtype = parse_outtype(outtype)
-    src_path = Path(src) if src is not None else default_model_path()
-    if not src_path.exists():
-        raise CheckpointError(f"{src_path} does not exist; give a Hugging Face folder or a .gguf file")
     if output.exists() and not force:  # fail before any reading
-        raise edgeai.errors.OutputError(f"{output} exists; pass --force (force=True) to overwrite it")
-    if src_path.is_dir():
-        plan = _plan_hf(src_path, outtype, trust_pickle)
-    elif src_path.suffix.lower() == ".gguf":
-        plan = _plan_gguf(src_path, outtype)
-    else:
-        raise CheckpointError(
-            f"{src_path} is neither a Hugging Face checkpoint folder nor a .gguf file; "
-            "point at the folder that holds config.json"
-        )
+        raise OutputError(f"{output} exists; pass --force (force=True) to overwrite it")
+    plan = open_plan(src, outtype, trust_pickle=trust_pickle)
     try:
         return _write(plan, output, outtype, force, quiet, threads)
     finally:
-        plan.source.close()
+        plan.close()
 
 
 def _write(plan: ConversionPlan, output: Path, outtype: OutType, force: bool, quiet: bool | None, threads: int) -> Path:

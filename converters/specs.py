@@ -405,3 +405,51 @@ def spec_for(architectures: list[str] | None, config_path: str) -> ArchSpec:
         f"{config_path}: architecture {', '.join(architectures or ['(none given)'])} is not supported; "
         f"supported: {supported}"
     )
+
+
+def spec_for_gguf(metadata: Mapping[str, object], path: str) -> ArchSpec:
+    """The spec of a GGUF file's architecture (llama with experts is the Mixtral family)."""
+    arch = str(metadata.get("general.architecture", ""))
+    has_experts = int(metadata.get(f"{arch}.expert_count", 0) or 0) > 0
+    for spec in SPECS:
+        if spec.gguf_arch == arch and (spec.moe is not None) == has_experts:
+            return spec
+    supported = ", ".join(sorted({s.gguf_arch for s in SPECS}))
+    raise UnsupportedArchitectureError(f"{path}: GGUF architecture {arch!r} is not supported here; supported: {supported}")
+
+
+def hparams_from_gguf(metadata: Mapping[str, object], spec: ArchSpec) -> HParams:
+    """HParams from a GGUF header (the inverse of `ArchSpec.gguf_kv`)."""
+    a = spec.gguf_arch
+
+    def get(key: str, default: object = None) -> object:
+        value = metadata.get(f"{a}.{key}", default)
+        if value is None:
+            raise CheckpointError(f"GGUF metadata has no {a}.{key}")
+        return value
+
+    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
+    n_vocab = int(metadata.get(f"{a}.vocab_size") or len(metadata.get("tokenizer.ggml.tokens") or ()))
+    scaling = None
+    if metadata.get(f"{a}.rope.scaling.type") == "linear":
+        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    return HParams(
+        n_vocab=n_vocab,
+        n_embd=n_embd,
+        n_layer=int(get("block_count")),
+        n_ff=int(get("feed_forward_length", 0)),
+        n_head=n_head,
+        n_head_kv=int(get("attention.head_count_kv", n_head)),
+        head_dim=int(get("attention.key_length", n_embd // n_head)),
+        n_ctx_train=int(get("context_length", 2048)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_scaling=scaling,
+        tie_embeddings=False,
+        attention_bias=spec.always_bias,
+        n_expert=int(get("expert_count", 0)),
+        n_expert_used=int(get("expert_used_count", 0)),
+        n_ff_exp=int(get("expert_feed_forward_length", 0)),
+        n_ff_shexp=int(get("expert_shared_feed_forward_length", 0)),
+        norm_topk_prob=spec.moe.renormalizes_top_k if spec.moe else None,
+    )
