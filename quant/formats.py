@@ -15,14 +15,11 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from edgeai.errors import OptionError
+from edgeai.native_bridge import native
+from edgeai.quant import blocks as B
+from edgeai.quant.blocks import round_half_away
 
-
-def round_half_away(x: np.ndarray) -> np.ndarray:
-    """Round to nearest, ties away from zero (C's roundf, which ggml uses), in x's dtype."""
-    # floor(|x| + 0.5) would be wrong just below .5 (the sum rounds up); this form is exact.
-    a = np.abs(x)
-    whole = np.floor(a)
-    return np.sign(x) * (whole + np.floor(2 * (a - whole)))
+Fit = native.Fit  # RTN (closed form) or SEARCH (importance-weighted least squares)
 
 
 def _f32_quantize(blocks: np.ndarray) -> np.ndarray:
@@ -99,8 +96,17 @@ FORMATS: dict[str, QuantFormat] = {
         QuantFormat("f16", GGMLQuantizationType.F16, 1, 2, _f16_quantize, _f16_dequantize),
         QuantFormat("bf16", GGMLQuantizationType.BF16, 1, 2, _bf16_quantize, _bf16_dequantize),
         QuantFormat("q8_0", GGMLQuantizationType.Q8_0, 32, 34, _q8_0_quantize, _q8_0_dequantize),
+        QuantFormat("q4_0", GGMLQuantizationType.Q4_0, 32, 18, B.quantize_q4_0, B.dequantize_q4_0),
+        QuantFormat("q4_1", GGMLQuantizationType.Q4_1, 32, 20, B.quantize_q4_1, B.dequantize_q4_1),
+        QuantFormat("q5_0", GGMLQuantizationType.Q5_0, 32, 22, B.quantize_q5_0, B.dequantize_q5_0),
+        QuantFormat("q5_1", GGMLQuantizationType.Q5_1, 32, 24, B.quantize_q5_1, B.dequantize_q5_1),
+        QuantFormat("q4_k", GGMLQuantizationType.Q4_K, 256, 144, B.quantize_q4_k, B.dequantize_q4_k),
+        QuantFormat("q5_k", GGMLQuantizationType.Q5_K, 256, 176, B.quantize_q5_k, B.dequantize_q5_k),
+        QuantFormat("q6_k", GGMLQuantizationType.Q6_K, 256, 210, B.quantize_q6_k, B.dequantize_q6_k),
     )
 }
+# formats the C++ block quantizer implements (both fits)
+_NATIVE_BLOCK_TYPES = {name: getattr(native.BlockType, name.upper()) for name in ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")}
 _BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 
 
@@ -117,18 +123,26 @@ def format_of(ggml_type: GGMLQuantizationType) -> QuantFormat | None:
     return _BY_GGML_TYPE.get(GGMLQuantizationType(ggml_type))
 
 
-def quantize(data: np.ndarray, fmt: QuantFormat, *, n_threads: int = 0) -> np.ndarray:
+def quantize(
+    data: np.ndarray,
+    fmt: QuantFormat,
+    *,
+    n_threads: int = 0,
+    fit: Fit = Fit.RTN,
+    importance: np.ndarray | None = None,
+) -> np.ndarray:
     """Encode float data (any shape, last axis a multiple of the block size) as raw uint8 bytes.
 
-    The native core does the common formats (threads, GIL released); the numpy reference does the rest.
+    `fit` chooses how block types pick codes and scales: RTN is the closed form (ggml's reference
+    for legacy types), SEARCH minimises the squared error weighted by `importance` (one
+    non-negative weight per column of the last axis, e.g. an imatrix; None means uniform).
+    The native core does the work (threads, GIL released) for every format but F32.
     """
-    from edgeai.native_bridge import native
-
-    flat = np.ascontiguousarray(data, dtype=np.float32).reshape(-1)
-    if flat.size % fmt.block_size:
-        raise OptionError(
-            f"{flat.size} values do not fill whole {fmt.name} blocks of {fmt.block_size}"
-        )
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    flat = data.reshape(-1)
+    row = data.shape[-1] if data.ndim else 1
+    if row % fmt.block_size:
+        raise OptionError(f"rows of {row} values do not fill whole {fmt.name} blocks of {fmt.block_size}")
     if fmt.name == "f32":
         return flat.view(np.uint8)
     if fmt.name in ("f16", "bf16"):
@@ -139,8 +153,12 @@ def quantize(data: np.ndarray, fmt: QuantFormat, *, n_threads: int = 0) -> np.nd
         out = np.empty(fmt.nbytes(flat.size), dtype=np.uint8)
         native.quantize_q8_0(flat, out, n_threads)
         return out
-    blocks = flat.reshape(-1, fmt.block_size)
-    return fmt.quantize_blocks(blocks).reshape(-1)
+    if fmt.name in _NATIVE_BLOCK_TYPES:
+        out = np.empty(fmt.nbytes(flat.size), dtype=np.uint8)
+        imp = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
+        native.quantize_rows(_NATIVE_BLOCK_TYPES[fmt.name], fit, flat.reshape(-1, row), out, imp, n_threads)
+        return out
+    return fmt.quantize_blocks(flat.reshape(-1, fmt.block_size)).reshape(-1)
 
 
 def dequantize(raw: np.ndarray, fmt: QuantFormat) -> np.ndarray:

@@ -1,0 +1,241 @@
+"""Numpy reference codecs of ggml's 4-6 bit block formats.
+
+`quantize_*` are the plain round-to-nearest encoders (RTN): for the legacy types (Q4_0, Q4_1, Q5_0,
+Q5_1) they give ggml's reference bytes; for K-quants they give what the C++ core's `Fit.RTN` gives,
+bit for bit. The importance-weighted search lives in C++ only (`edgeai._native.quantize_rows`)
+and is checked against these decoders. Every array is `(n_blocks, block_size)` float32 in,
+`(n_blocks, type_size)` uint8 out, or the reverse.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QK = 32
+QK_K = 256
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """Round to nearest, ties away from zero (C's roundf, which ggml uses), in x's dtype."""
+    # floor(|x| + 0.5) would be wrong just below .5 (the sum rounds up); this form is exact.
+    a = np.abs(x)
+    whole = np.floor(a)
+    return np.sign(x) * (whole + np.floor(2 * (a - whole)))
+
+
+def _f16_bytes(v: np.ndarray) -> np.ndarray:
+    """(n, 1) float32 -> (n, 2) uint8 of the fp16 encoding."""
+    with np.errstate(over="ignore"):
+        return v.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def _f16_value(v: np.ndarray) -> np.ndarray:
+    """float32 rounded through fp16, as the decoder will see it."""
+    with np.errstate(over="ignore"):
+        return v.astype(np.float16).astype(np.float32)
+
+
+def _f16_field(blocks: np.ndarray, start: int) -> np.ndarray:
+    """(n, 1) float32 decoded from the fp16 at byte `start` of each block."""
+    return blocks[:, start:start + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """(n, 32) codes -> (n, 16) bytes: element j in the low nibble, j+16 in the high nibble."""
+    q = q.astype(np.uint8)
+    return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+
+
+def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int32)
+
+
+def _pack_high_bits(q: np.ndarray) -> np.ndarray:
+    """(n, 32) 5-bit codes -> (n, 4) bytes: bit j of a little-endian uint32 is bit 4 of code j."""
+    bits = ((q.astype(np.uint32) >> 4) & 1) << np.arange(32, dtype=np.uint32)
+    return bits.sum(axis=1, dtype=np.uint32).reshape(-1, 1).view(np.uint8)
+
+
+def _unpack_high_bits(qh: np.ndarray) -> np.ndarray:
+    word = qh.copy().view(np.uint32)  # (n, 1)
+    return ((word >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32)
+
+
+# ---- Q4_0 / Q5_0: x = d * (q - 2^(b-1)) ----------------------------------------------------------
+def _symmetric_codes(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    imax = np.abs(blocks).argmax(axis=1)[:, None]
+    d = np.take_along_axis(blocks, imax, axis=1) / np.float32(-nmax)
+    with np.errstate(divide="ignore"):
+        inv_d = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    q = np.minimum(np.trunc(blocks * inv_d + np.float32(nmax + 0.5)), 2 * nmax - 1).astype(np.int32)
+    return d, q
+
+
+def quantize_q4_0(blocks: np.ndarray) -> np.ndarray:
+    d, q = _symmetric_codes(blocks, 8)
+    return np.concatenate([_f16_bytes(d), _pack_nibbles(q)], axis=1)
+
+
+def dequantize_q4_0(blocks: np.ndarray) -> np.ndarray:
+    return _f16_field(blocks, 0) * (_unpack_nibbles(blocks[:, 2:]) - 8).astype(np.float32)
+
+
+def quantize_q5_0(blocks: np.ndarray) -> np.ndarray:
+    d, q = _symmetric_codes(blocks, 16)
+    return np.concatenate([_f16_bytes(d), _pack_high_bits(q), _pack_nibbles(q)], axis=1)
+
+
+def dequantize_q5_0(blocks: np.ndarray) -> np.ndarray:
+    q = _unpack_nibbles(blocks[:, 6:]) | (_unpack_high_bits(blocks[:, 2:6]) << 4)
+    return _f16_field(blocks, 0) * (q - 16).astype(np.float32)
+
+
+# ---- Q4_1 / Q5_1: x = d * q + m --------------------------------------------------------------------
+def _affine_codes(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lo = blocks.min(axis=1, keepdims=True)
+    hi = blocks.max(axis=1, keepdims=True)
+    d = (hi - lo) / np.float32(nmax)
+    with np.errstate(divide="ignore"):
+        inv_d = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    q = np.minimum(np.trunc((blocks - lo) * inv_d + np.float32(0.5)), nmax).astype(np.int32)
+    return d, lo, q
+
+
+def quantize_q4_1(blocks: np.ndarray) -> np.ndarray:
+    d, m, q = _affine_codes(blocks, 15)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(m), _pack_nibbles(q)], axis=1)
+
+
+def dequantize_q4_1(blocks: np.ndarray) -> np.ndarray:
+    return _f16_field(blocks, 0) * _unpack_nibbles(blocks[:, 4:]).astype(np.float32) + _f16_field(blocks, 2)
+
+
+def quantize_q5_1(blocks: np.ndarray) -> np.ndarray:
+    d, m, q = _affine_codes(blocks, 31)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(m), _pack_high_bits(q), _pack_nibbles(q)], axis=1)
+
+
+def dequantize_q5_1(blocks: np.ndarray) -> np.ndarray:
+    q = _unpack_nibbles(blocks[:, 8:]) | (_unpack_high_bits(blocks[:, 4:8]) << 4)
+    return _f16_field(blocks, 0) * q.astype(np.float32) + _f16_field(blocks, 2)
+
+
+# ---- Q4_K / Q5_K: 8 sub-blocks of 32; x = d*sc*q - dmin*mn; sc, mn 6-bit --------------------------
+def _kquant_affine(blocks: np.ndarray, nmax: int):
+    sub = blocks.reshape(-1, 8, QK)  # [n, 8, 32]
+    lo = np.minimum(sub.min(axis=2), np.float32(0))  # offsets are <= 0: stored as a subtracted min
+    hi = sub.max(axis=2)
+    scale = (hi - lo) / np.float32(nmax)  # [n, 8]
+    mins = np.float32(0) - lo  # not -lo: a -0.0 would survive max() and flip the sign bit of dmin
+    d = _f16_value(scale.max(axis=1, keepdims=True) / np.float32(63))  # [n, 1]
+    dmin = _f16_value(mins.max(axis=1, keepdims=True) / np.float32(63))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d > 0, np.minimum(63, round_half_away(scale / d)), 0).astype(np.int32)
+        mn = np.where(dmin > 0, np.minimum(63, round_half_away(mins / dmin)), 0).astype(np.int32)
+        ds = (d * sc.astype(np.float32))[:, :, None]  # [n, 8, 1]
+        dm = (dmin * mn.astype(np.float32))[:, :, None]
+        q = np.where(ds > 0, np.clip(round_half_away((sub + dm) / ds), 0, nmax), 0).astype(np.int32)
+    return d, dmin, sc, mn, q.reshape(-1, QK_K)
+
+
+def _pack_kscales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """6-bit scales and mins of 8 sub-blocks -> 12 bytes (ggml's packing)."""
+    out = np.empty((sc.shape[0], 12), np.uint8)
+    out[:, 0:4] = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
+    out[:, 4:8] = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)
+    return out
+
+
+def _unpack_kscales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = s.astype(np.int32)
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    return sc, mn
+
+
+def _pack_k_low(q: np.ndarray) -> np.ndarray:
+    """[n, 256] codes -> [n, 128]: 32-byte chunk c holds sub-block 2c (low) and 2c+1 (high nibbles)."""
+    sub = q.reshape(-1, 4, 2, QK).astype(np.uint8)
+    return ((sub[:, :, 0] & 15) | ((sub[:, :, 1] & 15) << 4)).reshape(-1, 128)
+
+
+def _unpack_k_low(ql: np.ndarray) -> np.ndarray:
+    chunks = ql.reshape(-1, 4, 1, QK).astype(np.int32)
+    return ((chunks >> np.array([0, 4]).reshape(1, 1, 2, 1)) & 15).reshape(-1, QK_K)
+
+
+def quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+    d, dmin, sc, mn, q = _kquant_affine(blocks, 15)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_kscales(sc, mn), _pack_k_low(q)], axis=1)
+
+
+def _kquant_decode(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
+    d, dmin = _f16_field(blocks, 0), _f16_field(blocks, 2)
+    sc, mn = _unpack_kscales(blocks[:, 4:16])
+    ds = (d * sc.astype(np.float32))[:, :, None]
+    dm = (dmin * mn.astype(np.float32))[:, :, None]
+    return (ds * q.reshape(-1, 8, QK).astype(np.float32) - dm).reshape(-1, QK_K)
+
+
+def dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+    return _kquant_decode(blocks, _unpack_k_low(blocks[:, 16:]))
+
+
+def quantize_q5_k(blocks: np.ndarray) -> np.ndarray:
+    d, dmin, sc, mn, q = _kquant_affine(blocks, 31)
+    # qh[l] bit j = bit 4 of element l of sub-block j
+    high = ((q.reshape(-1, 8, QK) >> 4) & 1).astype(np.uint8) << np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+    qh = high.sum(axis=1, dtype=np.uint8)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_kscales(sc, mn), qh, _pack_k_low(q)], axis=1)
+
+
+def dequantize_q5_k(blocks: np.ndarray) -> np.ndarray:
+    qh = blocks[:, 16:48].astype(np.int32)[:, None, :]  # [n, 1, 32]
+    high = ((qh >> np.arange(8).reshape(1, 8, 1)) & 1).reshape(-1, QK_K)
+    return _kquant_decode(blocks, _unpack_k_low(blocks[:, 48:]) | (high << 4))
+
+
+# ---- Q6_K: 16 sub-blocks of 16; x = d * sc * (q - 32); sc int8 ---------------------------------------
+def _q6_k_positions() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each of the 256 weights: its ql byte, ql shift, qh byte and qh shift (ggml's layout)."""
+    i = np.arange(QK_K)
+    g, pos = i // 32, i % 32
+    h, s, b = g // 4, (g % 4) // 2, (g % 2) * 32 + pos
+    return h * 64 + b, 4 * s, h * 32 + pos, 2 * (g % 4)
+
+
+_Q6_POS = _q6_k_positions()
+
+
+def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+    sub = blocks.reshape(-1, 16, 16)
+    imax = np.abs(sub).argmax(axis=2)[:, :, None]
+    scale = (np.take_along_axis(sub, imax, axis=2) / np.float32(-32))[:, :, 0]  # [n, 16]
+    jmax = np.abs(scale).argmax(axis=1)[:, None]
+    max_scale = np.take_along_axis(scale, jmax, axis=1)  # [n, 1]
+    d = np.where(max_scale != 0, _f16_value(max_scale / np.float32(-128)), np.float32(0)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d != 0, np.clip(round_half_away(scale / d), -128, 127), 0).astype(np.int32)
+        ds = (d * sc.astype(np.float32))[:, :, None]
+        q = np.where(ds != 0, np.clip(round_half_away(sub / ds), -32, 31), 0).astype(np.int32).reshape(-1, QK_K) + 32
+    ql_byte, ql_shift, qh_byte, qh_shift = _Q6_POS
+    ql = np.zeros((q.shape[0], 128), np.uint8)
+    qh = np.zeros((q.shape[0], 64), np.uint8)
+    # each byte receives two (ql) or four (qh) disjoint bit fields: OR them in one shift at a time
+    for shift in (0, 4):
+        sel = ql_shift == shift
+        ql[:, ql_byte[sel]] |= ((q[:, sel] & 15) << shift).astype(np.uint8)
+    for shift in (0, 2, 4, 6):
+        sel = qh_shift == shift
+        qh[:, qh_byte[sel]] |= ((q[:, sel] >> 4) << shift).astype(np.uint8)
+    return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), _f16_bytes(d)], axis=1)
+
+
+def dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+    ql_byte, ql_shift, qh_byte, qh_shift = _Q6_POS
+    ql, qh = blocks[:, :128].astype(np.int32), blocks[:, 128:192].astype(np.int32)
+    q = ((ql[:, ql_byte] >> ql_shift) & 15) | (((qh[:, qh_byte] >> qh_shift) & 3) << 4)
+    sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
+    d = _f16_field(blocks, 208)
+    return (d * np.repeat(sc, 16, axis=1)) * (q - 32).astype(np.float32)
