@@ -28,16 +28,16 @@ from edgeai.converters.tokenizer import MetaKV, tokenizer_kv
 from edgeai.errors import CheckpointError, OptionError, OutputError, TensorError
 from edgeai.paths import atomic_output, default_model_path
 from edgeai.quant.formats import QuantFormat, quantize
-from edgeai.quant.recipes import OutType, parse_outtype, tensor_type
+from edgeai.quant.formats import Fit
+from edgeai.quant.recipes import Method, OutType, Recipe, get_recipe, parse_method, parse_outtype, tensor_type, validate
 
 log = logging.getLogger(__name__)
 
-_FILE_TYPES = {
-    OutType.F32: LlamaFileType.ALL_F32,
-    OutType.F16: LlamaFileType.MOSTLY_F16,
-    OutType.BF16: LlamaFileType.MOSTLY_BF16,
-    OutType.Q8_0: LlamaFileType.MOSTLY_Q8_0,
-}
+def _file_type(recipe: Recipe) -> LlamaFileType:
+    """general.file_type: llama.cpp's name for the mix (informational; each tensor states its type)."""
+    if recipe.name == "f32":
+        return LlamaFileType.ALL_F32
+    return getattr(LlamaFileType, f"MOSTLY_{recipe.name.upper()}", LlamaFileType.GUESSED)
 _SHA_PLACEHOLDER = "0" * 64
 
 
@@ -80,7 +80,14 @@ class ConversionPlan:
     def read(self, name: str) -> np.ndarray:
         """The whole float32 tensor `name` (GGUF name and layout, numpy order), experts stacked."""
         t = self.tensor(name)
-        return np.stack(list(t.chunks())).reshape(t.shape) if len(t.shape) == 3 else next(t.chunks()).reshape(t.shape)
+        out = np.empty(t.shape, dtype=np.float32)
+        flat = out.reshape(-1)
+        offset = 0
+        for chunk in t.chunks():  # run the generator to the end: it releases each source's pages
+            flat[offset:offset + chunk.size] = chunk.reshape(-1)
+            offset += chunk.size
+        assert offset == flat.size, f"{name}: read {offset} of {flat.size} values"
+        return out
 
     def close(self) -> None:
         self.source.close()
@@ -105,7 +112,7 @@ def _reader(source: TensorSource, names: tuple[str, ...], transform) -> Callable
     return chunks
 
 
-def _plan_hf(folder: Path, outtype: OutType, trust_pickle: bool) -> ConversionPlan:
+def _plan_hf(folder: Path, recipe: Recipe, trust_pickle: bool) -> ConversionPlan:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder} has no config.json; a Hugging Face checkpoint folder needs one")
@@ -154,8 +161,10 @@ def _plan_hf(folder: Path, outtype: OutType, trust_pickle: bool) -> ConversionPl
                         f"{list(p.expected_source_shape())} from config.json"
                     )
         tensors = []
+        has_output = any(p.name == "output.weight" for p in planned)
         for p in planned:
-            choice = tensor_type(p.name, p.shape, outtype)
+            choice = tensor_type(p.name, p.shape, recipe, n_blocks=hp.n_layer, has_experts=hp.n_expert > 0,
+                                 has_output=has_output)
             if p.generated is not None:
                 gen = p.generated
                 chunks = lambda gen=gen: iter((gen(),))  # noqa: E731
@@ -176,7 +185,7 @@ def _plan_hf(folder: Path, outtype: OutType, trust_pickle: bool) -> ConversionPl
 _NOT_COPIED = ("general.file_type", "general.quantization_version", "general.alignment")
 
 
-def _plan_gguf(path: Path, outtype: OutType) -> ConversionPlan:
+def _plan_gguf(path: Path, recipe: Recipe) -> ConversionPlan:
     source = GGUFSource(path)
     try:
         meta = source.metadata()
@@ -190,8 +199,12 @@ def _plan_gguf(path: Path, outtype: OutType) -> ConversionPlan:
             vtype, sub = source.value_type(key)
             kv.append(MetaKV(key, value, vtype, sub if vtype == GGUFValueType.ARRAY else None))
         tensors = []
-        for name, info in source.infos().items():
-            choice = tensor_type(name, info.shape, outtype)
+        infos = source.infos()
+        n_blocks = int(meta.get(f"{arch}.block_count", 0) or 0)
+        has_experts = int(meta.get(f"{arch}.expert_count", 0) or 0) > 0
+        for name, info in infos.items():
+            choice = tensor_type(name, info.shape, recipe, n_blocks=n_blocks, has_experts=has_experts,
+                                 has_output="output.weight" in infos)
             tensors.append(OutputTensor(name, info.shape, choice.fmt, _reader(source, (name,), None), choice.reason))
         try:
             spec = spec_for_gguf(meta, str(path))
@@ -229,20 +242,23 @@ def _progress(quiet: bool | None):
     )
 
 
-def open_plan(src: str | Path | None, outtype: str | OutType = OutType.F16, *, trust_pickle: bool = False) -> ConversionPlan:
-    """Read a checkpoint's headers and plan its conversion; no tensor data is read yet.
+def open_plan(src: str | Path | None, recipe: str | Recipe | OutType = OutType.F16, *,
+              trust_pickle: bool = False) -> ConversionPlan:
+    """Read a checkpoint's headers and plan its conversion under `recipe` (a preset name, a Recipe,
+    or an OutType); no tensor data is read yet.
 
     The caller closes the plan (`plan.close()`). `plan.read(name)` gives any output tensor as float32,
     which calibration uses to run the model before quantizing it.
     """
-    outtype = parse_outtype(outtype)
+    recipe = get_recipe(recipe.value if isinstance(recipe, OutType) else recipe)
+    validate(recipe)
     src_path = Path(src) if src is not None else default_model_path()
     if not src_path.exists():
         raise CheckpointError(f"{src_path} does not exist; give a Hugging Face folder or a .gguf file")
     if src_path.is_dir():
-        return _plan_hf(src_path, outtype, trust_pickle)
+        return _plan_hf(src_path, recipe, trust_pickle)
     if src_path.suffix.lower() == ".gguf":
-        return _plan_gguf(src_path, outtype)
+        return _plan_gguf(src_path, recipe)
     raise CheckpointError(
         f"{src_path} is neither a Hugging Face checkpoint folder nor a .gguf file; "
         "point at the folder that holds config.json"
@@ -253,7 +269,9 @@ def convert(
     src: str | Path | None = None,
     output: str | Path | None = None,
     *,
-    outtype: str | OutType = OutType.F16,
+    outtype: str | OutType | None = None,
+    quant: str | Recipe | None = None,
+    method: str | Method = Method.RTN,
     force: bool = False,
     quiet: bool | None = None,
     trust_pickle: bool = False,
@@ -265,7 +283,9 @@ def convert(
         src: a Hugging Face folder (config.json, safetensors, tokenizer files) or a GGUF file;
             None means the bundled default model.
         output: the GGUF file to write. It appears only once complete.
-        outtype: element type of the weights: f32, f16, bf16 or q8_0 (norms and routers stay f32).
+        outtype: one element type for every weight matrix: f32, f16 (default), bf16 or q8_0.
+        quant: a quantization recipe instead (see `edgeai.quant.recipes.RECIPES`: q4_0, q4_k_m, ...).
+        method: how block types choose their codes: rtn (no calibration data).
         force: overwrite `output` if it exists.
         quiet: hide the progress bar; None shows it only on a terminal.
         trust_pickle: allow PyTorch `.bin` checkpoints (loaded with weights_only=True).
@@ -277,25 +297,30 @@ def convert(
     if output is None:
         raise OptionError("an output path is needed (-o OUT.gguf)")
     output = Path(output)
-    outtype = parse_outtype(outtype)
+    if quant is not None and outtype is not None:
+        raise OptionError("give either --outtype (one type) or --quant (a recipe), not both")
+    recipe = get_recipe(quant) if quant is not None else get_recipe(parse_outtype(outtype or OutType.F16).value)
+    method = parse_method(method)
     if output.exists() and not force:  # fail before any reading
         raise OutputError(f"{output} exists; pass --force (force=True) to overwrite it")
-    plan = open_plan(src, outtype, trust_pickle=trust_pickle)
+    plan = open_plan(src, recipe, trust_pickle=trust_pickle)
     try:
-        return _write(plan, output, outtype, force, quiet, threads)
+        return _write(plan, output, recipe, method, force, quiet, threads)
     finally:
         plan.close()
 
 
-def _write(plan: ConversionPlan, output: Path, outtype: OutType, force: bool, quiet: bool | None, threads: int) -> Path:
-    recipe = {
+def _write(plan: ConversionPlan, output: Path, recipe: Recipe, method: Method, force: bool, quiet: bool | None,
+           threads: int) -> Path:
+    recipe_meta = {
         "tool": "edgeai",
         "version": edgeai.__version__,
-        "outtype": outtype.value,
+        "recipe": recipe.name,
+        "method": method.value,
         "source": plan.source_files[0].parent.name if plan.source_format != "gguf" else plan.source_files[0].name,
         "source_format": plan.source_format,
         "tensor_types": {t.name: t.fmt.name for t in plan.tensors},
-        "fallbacks": {t.name: t.note for t in plan.tensors if t.note and t.fmt.name != outtype.value},
+        "fallbacks": {t.name: t.note for t in plan.tensors if t.note and "row length" in t.note},
         **plan.extra_recipe,
     }
     placeholder = ",".join(f"{f.name}:{_SHA_PLACEHOLDER}" for f in plan.source_files)
@@ -310,10 +335,10 @@ def _write(plan: ConversionPlan, output: Path, outtype: OutType, force: bool, qu
                 writer.add(meta.key, meta.value, meta.vtype, meta.sub_type)
             if not any(m.key == "general.name" for m in plan.kv):
                 writer.add("general.name", plan.name)
-            writer.add("general.file_type", int(_FILE_TYPES[outtype]), GGUFValueType.UINT32)
+            writer.add("general.file_type", int(_file_type(recipe)), GGUFValueType.UINT32)
             writer.add("general.quantization_version", 2, GGUFValueType.UINT32)
             writer.add("edgeai.version", edgeai.__version__)
-            writer.add("edgeai.recipe", json.dumps(recipe, sort_keys=True))
+            writer.add("edgeai.recipe", json.dumps(recipe_meta, sort_keys=True))
             writer.add("edgeai.source.sha256", placeholder)
             for t in plan.tensors:
                 writer.add_tensor(t.name, t.shape, t.fmt.ggml_type, t.nbytes)
@@ -322,7 +347,8 @@ def _write(plan: ConversionPlan, output: Path, outtype: OutType, force: bool, qu
             with _progress(quiet) as progress:
                 task = progress.add_task(f"converting to {output.name}", total=total)
                 for t in plan.tensors:
-                    writer.write_tensor_chunks(t.name, (quantize(c, t.fmt, n_threads=threads) for c in t.chunks()))
+                    encoded = (quantize(c, t.fmt, n_threads=threads, fit=Fit.SEARCH) for c in t.chunks())
+                    writer.write_tensor_chunks(t.name, encoded)
                     progress.advance(task, t.nbytes)
             writer.patch_string("edgeai.source.sha256", checksum.result())
             writer.finish()

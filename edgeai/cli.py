@@ -117,6 +117,52 @@ def inspect(path: Path = typer.Argument(..., help="A .gguf file.")) -> None:
         console.print(rec)
 
 
+@app.command("eval")
+def eval_command(
+    artifact: Path = typer.Argument(..., help="The .gguf file to judge."),
+    reference: Path = typer.Option(..., "--reference", "-r", help="F16/F32 .gguf or Hugging Face folder it should match."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
+    n_ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk; the second half of each chunk is scored."),
+    n_chunks: Optional[int] = typer.Option(None, "--chunks", help="Score only the first N chunks (default: all)."),
+    threads: int = typer.Option(0, "--threads", "-t", help="llama.cpp threads (0: all cores)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Perplexity, KL divergence and top-1 agreement of ARTIFACT against a reference, computed by llama.cpp."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from edgeai.quant.evaluate import evaluate
+
+    stderr = Console(stderr=True)
+    bar = Progress(TextColumn("scoring chunks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=stderr, disable=not stderr.is_terminal, transient=True)
+    task = bar.add_task("eval", total=None)
+    try:
+        with bar:
+            r = evaluate(artifact, reference, text, n_ctx=n_ctx, n_chunks=n_chunks, threads=threads,
+                         progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except EdgeAIError as exc:
+        _fail(exc)
+    if json_output:
+        typer.echo(json.dumps(r.to_json()))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{artifact.name} vs {reference.name}", show_header=False)
+    table.add_row("perplexity", f"{r.ppl:.4f}")
+    table.add_row("reference perplexity", f"{r.ref_ppl:.4f}")
+    table.add_row("KLD mean", f"{r.kld_mean:.6f}")
+    table.add_row("KLD median", f"{r.kld_median:.6f}")
+    table.add_row("KLD p99", f"{r.kld_p99:.6f}")
+    table.add_row("top-1 agreement", f"{100 * r.top1:.2f} %")
+    table.add_row("size", f"{r.size_bytes / 2**20:.2f} MiB")
+    table.add_row("bits per weight", f"{r.bpw:.2f}")
+    table.add_row("scored tokens", f"{r.n_tokens:,} ({r.n_chunks} chunks of {r.n_ctx})")
+    Console().print(table)
+
+
 def main() -> None:
     """Entry point of the `edgeai` script."""
     try:

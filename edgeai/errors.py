@@ -30,3 +30,7 @@ class OutputError(EdgeAIError):
 
 class OptionError(EdgeAIError):
     """An option has a value that cannot be used."""
+
+
+class CalibrationError(EdgeAIError):
+    """Calibration cannot run: the text is too short, the tokens are unusable, or the model has no architecture spec."""

@@ -42,7 +42,7 @@ def test_convert_default_model_q8_0(tmp_path):
     from gguf import GGUFReader
 
     recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
-    assert recipe["source"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and recipe["outtype"] == "q8_0"
+    assert recipe["source"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and recipe["recipe"] == "q8_0"
 
 
 def test_errors_are_one_clear_line(tmp_path):

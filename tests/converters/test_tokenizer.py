@@ -58,7 +58,7 @@ def test_metadata_written_as_llama_cpp_reads_it(kind, checkpoints, tmp_path):
     else:
         assert len(value("tokenizer.ggml.merges")) > 0
     recipe = json.loads(value("edgeai.recipe"))
-    assert recipe["tool"] == "edgeai" and recipe["outtype"] == "f16"
+    assert recipe["tool"] == "edgeai" and recipe["recipe"] == "f16" and recipe["method"] == "rtn"
     assert recipe["tensor_types"]["blk.0.attn_norm.weight"] == "f32"
 
 

@@ -1,0 +1,313 @@
+"""How much a quantized artifact lost: perplexity, KL divergence and top-1 agreement against a reference.
+
+The logits come from llama.cpp (through llama-cpp-python), not from edgeai's own runtime, so the
+numbers cannot share a bug with what they measure. A Hugging Face reference folder is first
+converted to an F32 GGUF so that both sides run in the same engine. The scoring is llama-perplexity's:
+
+    tokens   = tokenize(text)                        the artifact's tokenizer, BOS if the model adds one
+    chunk c  = tokens[c*n_ctx : (c+1)*n_ctx]         first token replaced by BOS if the model adds one
+    scored   = positions j in [n_ctx/2, n_ctx-1)     logits[j] predicts chunk[j+1], so every scored
+                                                     token has at least n_ctx/2 tokens of context
+    ppl      = exp(mean over scored positions of -log_softmax(logits[j])[chunk[j+1]])
+    kld      = sum_v p_ref(v) * (log p_ref(v) - log p_artifact(v))   per scored position, float64
+
+Both models are loaded at once and evaluated chunk by chunk; only per-position numbers (NLL, KLD,
+argmax) are kept, never the logits of the whole text. Peak memory is therefore both models plus,
+per model, two n_ctx x n_vocab float32 logit buffers (llama.cpp's and llama-cpp-python's), plus
+float64 temporaries for _ROW_BLOCK rows.
+
+Another engine (ONNX later) plugs in as a `LogitsProvider`: `tokenize`, `logits(tokens)`, the
+vocabulary size and the BOS token that starts every chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from edgeai.errors import CheckpointError, OptionError
+
+log = logging.getLogger(__name__)
+
+# Scored rows whose float64 log-softmax is computed at once: bounds the temporaries to
+# about _ROW_BLOCK * n_vocab * 8 bytes per array (64 rows of a 152k vocabulary: 78 MB).
+_ROW_BLOCK = 64
+_MIN_CTX = 4  # n_ctx/2 tokens of context plus at least one scored token
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What `evaluate` measured; `to_json()` gives it as a JSON-ready dict."""
+
+    ppl: float  # perplexity of the artifact on the scored tokens
+    ref_ppl: float  # perplexity of the reference on the same tokens
+    kld_mean: float  # KL(reference || artifact) per scored position, in nats
+    kld_median: float
+    kld_p99: float
+    top1: float  # fraction of scored positions where both models' argmax agree
+    size_bytes: int  # size of the artifact file
+    bpw: float  # bits per weight of the artifact's tensor data (header sizes / element counts)
+    n_tokens: int  # scored positions
+    n_chunks: int
+    n_ctx: int
+    artifact: str
+    reference: str
+
+    def to_json(self) -> dict[str, float | int | str]:
+        """Every field as a plain JSON value (`json.dumps(result.to_json())`)."""
+        return asdict(self)
+
+
+class LogitsProvider(Protocol):
+    """One model in one engine, as the evaluator needs it."""
+
+    path: Path
+    n_vocab: int
+    bos_token: int | None  # the token every chunk starts with; None when the model adds no BOS
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` as the model's tokenizer gives them (BOS included if the model adds one;
+        special-token markup in the text is tokenized as plain text)."""
+        ...
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits at every position of `tokens` from an empty context: [len(tokens), n_vocab] float32.
+        The array may be reused by the next call."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LlamaCppLogits:
+    """A GGUF file run by llama.cpp (llama-cpp-python) with every position's logits kept.
+
+    The KV cache is F32 (llama.cpp's default is F16, which alone moves logits by ~1e-3): the
+    evaluation measures the artifact's weights, not the cache's precision.
+    """
+
+    def __init__(self, path: Path, *, n_ctx: int, threads: int = 0):
+        import llama_cpp
+        from llama_cpp import GGML_TYPE_F32, Llama
+
+        self.path = Path(path)
+        n_threads = threads or os.cpu_count() or 1
+        try:
+            self._llm = Llama(
+                model_path=str(self.path), n_ctx=n_ctx, logits_all=True, n_batch=n_ctx, verbose=False,
+                n_threads=n_threads, n_threads_batch=n_threads, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32,
+            )
+        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+            raise CheckpointError(
+                f"llama.cpp cannot load {self.path} ({exc}); check it with `edgeai inspect {self.path}`"
+            ) from exc
+        self.n_vocab = int(self._llm.n_vocab())
+        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        self.bos_token = int(llama_cpp.llama_vocab_bos(vocab)) if llama_cpp.llama_vocab_get_add_bos(vocab) else None
+
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's tokenization, as llama-perplexity calls it (add special tokens, parse none)."""
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """One decode of `tokens` from an empty KV cache; a read-only view into llama-cpp-python's buffer."""
+        self._llm.reset()
+        self._llm.eval(list(tokens))
+        view = self._llm.scores[: len(tokens)]
+        view.flags.writeable = False
+        return view
+
+    def close(self) -> None:
+        self._llm.close()
+
+
+def open_logits_provider(path: Path, *, n_ctx: int, threads: int = 0) -> LogitsProvider:
+    """The provider for an artifact's engine. Only GGUF (llama.cpp) for now; ONNX comes later."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return LlamaCppLogits(path, n_ctx=n_ctx, threads=threads)
+    raise OptionError(f"{path} is not a .gguf file; only GGUF artifacts can be evaluated for now")
+
+
+def gguf_size(path: Path) -> tuple[int, float]:
+    """(file size in bytes, bits per weight of the tensor data) of a GGUF file, from its header."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # gguf-py raises ValueError/struct errors/IndexError on bad bytes
+        raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt?): {exc}") from exc
+    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    n_weights = sum(int(t.n_elements) for t in reader.tensors)
+    return path.stat().st_size, 8.0 * n_bytes / max(1, n_weights)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log_softmax over the last axis, in float64."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
+
+
+@dataclass
+class _Scores:
+    """Per-scored-position numbers, gathered chunk by chunk."""
+
+    nll: list[np.ndarray]
+    ref_nll: list[np.ndarray]
+    kld: list[np.ndarray]
+    same_top1: list[np.ndarray]
+
+    def add(self, logits: np.ndarray, ref_logits: np.ndarray, targets: np.ndarray) -> None:
+        """Score rows of logits ([n, n_vocab], row i predicts targets[i]) in blocks of _ROW_BLOCK rows."""
+        for start in range(0, len(targets), _ROW_BLOCK):
+            rows = slice(start, start + _ROW_BLOCK)
+            target = targets[rows]
+            logp = _log_softmax(logits[rows])
+            ref_logp = _log_softmax(ref_logits[rows])
+            picked = np.arange(len(target))
+            self.nll.append(-logp[picked, target])
+            self.ref_nll.append(-ref_logp[picked, target])
+            self.kld.append(np.sum(np.exp(ref_logp) * (ref_logp - logp), axis=-1))
+            self.same_top1.append(np.argmax(logits[rows], axis=-1) == np.argmax(ref_logits[rows], axis=-1))
+
+
+def _check_same_vocabulary(model: LogitsProvider, ref: LogitsProvider, text: str, text_path: Path,
+                           tokens: list[int]) -> None:
+    """Same vocabulary size, same tokens for this text and the same BOS rule, or OptionError."""
+    if model.n_vocab != ref.n_vocab:
+        raise OptionError(
+            f"the vocabularies differ: {model.path} has {model.n_vocab} tokens, the reference {ref.path} has "
+            f"{ref.n_vocab}; compare an artifact with the model it was made from"
+        )
+    ref_tokens = ref.tokenize(text)
+    if ref_tokens != tokens or ref.bos_token != model.bos_token:
+        where = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), min(len(tokens), len(ref_tokens)))
+        raise OptionError(
+            f"the vocabularies differ: {model.path} and the reference {ref.path} tokenize {text_path} differently "
+            f"({len(tokens)} vs {len(ref_tokens)} tokens, first difference at token {where}, BOS {model.bos_token} vs "
+            f"{ref.bos_token}); compare an artifact with the model it was made from"
+        )
+
+
+def evaluate(
+    artifact: str | Path,
+    reference: str | Path,
+    text: str | Path,
+    *,
+    n_ctx: int = 512,
+    n_chunks: int | None = None,
+    threads: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Perplexity of `artifact` and its KL divergence from `reference` on a text, llama-perplexity style.
+
+    Args:
+        artifact: the GGUF file to judge.
+        reference: the model it should match: an F16/F32 GGUF, or a Hugging Face checkpoint folder
+            (converted to an F32 GGUF in a temporary directory first; TMPDIR chooses where).
+        text: a UTF-8 text file; it is tokenized once with the artifact's tokenizer.
+        n_ctx: tokens per chunk; the second half of each chunk is scored.
+        n_chunks: evaluate only the first n_chunks chunks (None: every whole chunk of the text).
+        threads: llama.cpp threads; 0 uses every core.
+        progress: called as progress(chunks_done, n_chunks) after each chunk.
+
+    Returns:
+        An EvalResult. KL divergence is KL(reference || artifact) in nats per scored token.
+
+    Raises:
+        OptionError: a path does not exist, the text is too short for one chunk, the vocabularies
+            differ, or an option is out of range.
+    """
+    artifact, reference, text_path = Path(artifact), Path(reference), Path(text)
+    for what, path in (("artifact", artifact), ("reference", reference), ("text file", text_path)):
+        if not path.exists():
+            raise OptionError(f"the {what} {path} does not exist")
+    if n_ctx < _MIN_CTX:
+        raise OptionError(f"--ctx {n_ctx} is too small; a chunk needs at least {_MIN_CTX} tokens")
+    if n_chunks is not None and n_chunks < 1:
+        raise OptionError(f"--chunks {n_chunks} must be at least 1")
+    if threads < 0:
+        raise OptionError(f"--threads {threads} must be 0 (every core) or more")
+    try:
+        text_str = text_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OptionError(f"cannot read the text file {text_path} as UTF-8: {exc}") from exc
+
+    with contextlib.ExitStack() as stack:
+        model = open_logits_provider(artifact, n_ctx=n_ctx, threads=threads)
+        stack.callback(model.close)
+        tokens = model.tokenize(text_str)
+        n_chunks_max = len(tokens) // n_ctx
+        if n_chunks_max == 0:
+            raise OptionError(
+                f"the text file {text_path} is too short: {len(tokens)} tokens with the tokenizer of {artifact.name}, "
+                f"one chunk needs n_ctx = {n_ctx}; give a longer text or a smaller --ctx"
+            )
+        if n_chunks is not None and n_chunks > n_chunks_max:
+            log.warning("%s holds only %d chunks of %d tokens; evaluating those", text_path, n_chunks_max, n_ctx)
+        n_chunks = n_chunks_max if n_chunks is None else min(n_chunks, n_chunks_max)
+
+        ref_path = _reference_gguf(reference, stack)
+        ref = open_logits_provider(ref_path, n_ctx=n_ctx, threads=threads)
+        stack.callback(ref.close)
+        _check_same_vocabulary(model, ref, text_str, text_path, tokens)
+        _, ref_bpw = gguf_size(ref_path)
+        if ref_bpw < 16.0:  # below F16: the reference itself is quantized
+            log.warning("the reference %s has %.2f bits per weight; KL divergence is measured against a "
+                        "quantized model", ref_path, ref_bpw)
+
+        first = n_ctx // 2
+        scores = _Scores([], [], [], [])
+        log.info("evaluating %s against %s: %d chunks of %d tokens", artifact, reference, n_chunks, n_ctx)
+        for c in range(n_chunks):
+            chunk = tokens[c * n_ctx:(c + 1) * n_ctx]
+            if model.bos_token is not None:
+                chunk[0] = model.bos_token
+            targets = np.asarray(chunk[first + 1:], dtype=np.int64)
+            logits = model.logits(chunk)[first:n_ctx - 1]
+            ref_logits = ref.logits(chunk)[first:n_ctx - 1]
+            scores.add(logits, ref_logits, targets)
+            if progress is not None:
+                progress(c + 1, n_chunks)
+
+    nll, ref_nll, kld = (np.concatenate(x) for x in (scores.nll, scores.ref_nll, scores.kld))
+    size_bytes, bpw = gguf_size(artifact)
+    result = EvalResult(
+        ppl=math.exp(float(nll.mean())),
+        ref_ppl=math.exp(float(ref_nll.mean())),
+        kld_mean=float(kld.mean()),
+        kld_median=float(np.median(kld)),
+        kld_p99=float(np.percentile(kld, 99)),
+        top1=float(np.concatenate(scores.same_top1).mean()),
+        size_bytes=size_bytes,
+        bpw=bpw,
+        n_tokens=len(nll),
+        n_chunks=n_chunks,
+        n_ctx=n_ctx,
+        artifact=str(artifact),
+        reference=str(reference),
+    )
+    log.info("%s: ppl %.4f (reference %.4f), KLD mean %.6f, top-1 %.2f%%", artifact, result.ppl, result.ref_ppl,
+             result.kld_mean, 100 * result.top1)
+    return result
+
+
+def _reference_gguf(reference: Path, stack: contextlib.ExitStack) -> Path:
+    """The reference as a GGUF file: itself, or a Hugging Face folder converted to F32 in a temporary
+    directory that `stack` removes."""
+    if not reference.is_dir():
+        return reference
+    from edgeai.converters.convert import convert
+
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgeai-eval-")))
+    log.info("converting the reference %s to F32 in %s", reference, tmp)
+    return convert(reference, tmp / "reference-f32.gguf", outtype="f32", quiet=True)
