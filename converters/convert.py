@@ -272,6 +272,8 @@ def convert(
     outtype: str | OutType | None = None,
     quant: str | Recipe | None = None,
     method: str | Method = Method.RTN,
+    calib: str | Path | None = None,
+    calib_ctx: int = 512,
     force: bool = False,
     quiet: bool | None = None,
     trust_pickle: bool = False,
@@ -285,7 +287,10 @@ def convert(
         output: the GGUF file to write. It appears only once complete.
         outtype: one element type for every weight matrix: f32, f16 (default), bf16 or q8_0.
         quant: a quantization recipe instead (see `edgeai.quant.recipes.RECIPES`: q4_0, q4_k_m, ...).
-        method: how block types choose their codes: rtn (no calibration data).
+        method: how block types choose their codes: rtn (no calibration data) or imatrix (the
+            squared error of each input column weighted by its mean x^2 on the calibration text).
+        calib: a UTF-8 text file for the methods that need calibration.
+        calib_ctx: tokens per calibration chunk.
         force: overwrite `output` if it exists.
         quiet: hide the progress bar; None shows it only on a terminal.
         trust_pickle: allow PyTorch `.bin` checkpoints (loaded with weights_only=True).
@@ -301,17 +306,64 @@ def convert(
         raise OptionError("give either --outtype (one type) or --quant (a recipe), not both")
     recipe = get_recipe(quant) if quant is not None else get_recipe(parse_outtype(outtype or OutType.F16).value)
     method = parse_method(method)
+    calib_text = _calibration_text(calib, method)
     if output.exists() and not force:  # fail before any reading
         raise OutputError(f"{output} exists; pass --force (force=True) to overwrite it")
     plan = open_plan(src, recipe, trust_pickle=trust_pickle)
     try:
-        return _write(plan, output, recipe, method, force, quiet, threads)
+        importance = None
+        if method.needs_calibration:
+            from edgeai.quant.calibrate import collect_statistics
+
+            stats = collect_statistics(plan, calib_text, n_ctx=calib_ctx)
+            plan.extra_recipe["calibration"] = {**stats.recipe(), "file": Path(calib).name}
+            importance = _importance_lookup(stats)
+        return _write(plan, output, recipe, method, force, quiet, threads, importance)
     finally:
         plan.close()
 
 
+def _calibration_text(calib: str | Path | None, method: Method) -> str | None:
+    if not method.needs_calibration:
+        if calib is not None:
+            raise OptionError(f"--calib is only used by calibrated methods; --method {method.value} ignores it")
+        return None
+    if calib is None:
+        raise OptionError(f"--method {method.value} needs a calibration text: pass --calib FILE")
+    path = Path(calib)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise OptionError(f"calibration text {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OptionError(f"calibration text {path} cannot be read as UTF-8: {exc}") from exc
+
+
+ImportanceLookup = Callable[[str, int], "np.ndarray | None"]
+
+
+def _importance_lookup(stats) -> ImportanceLookup:
+    """(weight name, expert index) -> per-column weights for the block quantizer, or None (uniform).
+
+    An expert that no calibration token reached has no statistic: it is quantized unweighted.
+    """
+
+    def lookup(name: str, expert: int) -> np.ndarray | None:
+        if name not in stats:
+            return None
+        imp = stats.importance(name)
+        if imp.ndim == 2:
+            imp = imp[expert]
+        total = float(imp.sum())
+        if not np.isfinite(total) or total <= 0.0:
+            return None
+        return imp.astype(np.float32)
+
+    return lookup
+
+
 def _write(plan: ConversionPlan, output: Path, recipe: Recipe, method: Method, force: bool, quiet: bool | None,
-           threads: int) -> Path:
+           threads: int, importance: ImportanceLookup | None = None) -> Path:
     recipe_meta = {
         "tool": "edgeai",
         "version": edgeai.__version__,
@@ -347,7 +399,11 @@ def _write(plan: ConversionPlan, output: Path, recipe: Recipe, method: Method, f
             with _progress(quiet) as progress:
                 task = progress.add_task(f"converting to {output.name}", total=total)
                 for t in plan.tensors:
-                    encoded = (quantize(c, t.fmt, n_threads=threads, fit=Fit.SEARCH) for c in t.chunks())
+                    encoded = (
+                        quantize(c, t.fmt, n_threads=threads, fit=Fit.SEARCH,
+                                 importance=importance(t.name, i) if importance else None)
+                        for i, c in enumerate(t.chunks())
+                    )
                     writer.write_tensor_chunks(t.name, encoded)
                     progress.advance(task, t.nbytes)
             writer.patch_string("edgeai.source.sha256", checksum.result())

@@ -37,7 +37,11 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what 
 def convert(
     src: Optional[Path] = typer.Argument(None, help="Hugging Face folder or .gguf file (default: the bundled SmolLM2)."),
     output: Path = typer.Option(..., "--output", "-o", help="GGUF file to write."),
-    outtype: str = typer.Option("f16", "--outtype", help="f32, f16, bf16 or q8_0."),
+    outtype: Optional[str] = typer.Option(None, "--outtype", help="One type for all weights: f32, f16 (default), bf16, q8_0."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="A recipe instead: q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k."),
+    method: str = typer.Option("rtn", "--method", help="rtn (no data) or imatrix (needs --calib)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text file (UTF-8)."),
+    calib_ctx: int = typer.Option(512, "--calib-ctx", help="Tokens per calibration chunk."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow PyTorch .bin checkpoints (weights_only=True)."),
@@ -47,8 +51,8 @@ def convert(
     from edgeai.converters.convert import convert as run_convert
 
     try:
-        path = run_convert(src, output, outtype=outtype, force=force, quiet=True if quiet else None,
-                           trust_pickle=trust_pickle, threads=threads)
+        path = run_convert(src, output, outtype=outtype, quant=quant, method=method, calib=calib, calib_ctx=calib_ctx,
+                           force=force, quiet=True if quiet else None, trust_pickle=trust_pickle, threads=threads)
     except EdgeAIError as exc:
         _fail(exc)
     except KeyboardInterrupt:

@@ -32,6 +32,11 @@ class Method(str, enum.Enum):
     """How block types choose codes and scales (`--method`)."""
 
     RTN = "rtn"  # no calibration data: scales searched for the least squared error of the weights
+    IMATRIX = "imatrix"  # error weighted per input column by the mean x^2 of calibration activations
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self is not Method.RTN
 
 
 def parse_method(value: str | Method) -> Method:

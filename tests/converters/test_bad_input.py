@@ -236,3 +236,13 @@ def test_not_a_checkpoint(tmp_path):
         edgeai.convert(tmp_path / "notes.txt", tmp_path / "o.gguf", quiet=True)
     with pytest.raises(CheckpointError, match="does not exist"):
         edgeai.convert(tmp_path / "nowhere", tmp_path / "o.gguf", quiet=True)
+
+
+def test_output_gets_ordinary_permissions(ckpt, tmp_path):
+    """The temporary file is renamed into place: it must not keep mkstemp's private 0600 mode."""
+    old = os.umask(0o022)
+    try:
+        out = edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
