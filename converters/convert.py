@@ -311,14 +311,16 @@ def convert(
         raise OutputError(f"{output} exists; pass --force (force=True) to overwrite it")
     plan = open_plan(src, recipe, trust_pickle=trust_pickle)
     try:
-        importance = None
-        if method.needs_calibration:
+        importance, encoded = None, None
+        if method is Method.IMATRIX:
             from edgeai.quant.calibrate import collect_statistics
 
             stats = collect_statistics(plan, calib_text, n_ctx=calib_ctx)
             plan.extra_recipe["calibration"] = {**stats.recipe(), "file": Path(calib).name}
             importance = _importance_lookup(stats)
-        return _write(plan, output, recipe, method, force, quiet, threads, importance)
+        elif method is Method.GPTQ:
+            encoded = _gptq(plan, calib_text, calib_ctx, Path(calib).name, threads)
+        return _write(plan, output, recipe, method, force, quiet, threads, importance, encoded)
     finally:
         plan.close()
 
@@ -337,6 +339,22 @@ def _calibration_text(calib: str | Path | None, method: Method) -> str | None:
         raise OptionError(f"calibration text {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise OptionError(f"calibration text {path} cannot be read as UTF-8: {exc}") from exc
+
+
+def _gptq(plan: ConversionPlan, text: str, n_ctx: int, calib_name: str, threads: int) -> dict[str, list[np.ndarray]]:
+    """Run GPTQ over the calibration text; returns the encoded bytes of every block-format matrix."""
+    import hashlib
+
+    from edgeai.quant.calibrate import DEFAULT_MAX_TOKENS, _bos_token, calibration_chunks, tokenize
+    from edgeai.quant.gptq import gptq_model
+
+    chunks = calibration_chunks(tokenize(plan, text), n_ctx, _bos_token(plan), DEFAULT_MAX_TOKENS)
+    plan.extra_recipe["calibration"] = {
+        "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "n_ctx": n_ctx,
+        "n_chunks": len(chunks), "n_tokens": len(chunks) * n_ctx, "file": calib_name,
+    }
+    log.info("GPTQ: %d calibration chunks of %d tokens", len(chunks), n_ctx)
+    return gptq_model(plan, chunks, n_threads=threads, progress=lambda what: log.info("GPTQ: %s", what))
 
 
 ImportanceLookup = Callable[[str, int], "np.ndarray | None"]
@@ -363,7 +381,8 @@ def _importance_lookup(stats) -> ImportanceLookup:
 
 
 def _write(plan: ConversionPlan, output: Path, recipe: Recipe, method: Method, force: bool, quiet: bool | None,
-           threads: int, importance: ImportanceLookup | None = None) -> Path:
+           threads: int, importance: ImportanceLookup | None = None,
+           encoded: dict[str, list[np.ndarray]] | None = None) -> Path:
     recipe_meta = {
         "tool": "edgeai",
         "version": edgeai.__version__,
@@ -399,12 +418,15 @@ def _write(plan: ConversionPlan, output: Path, recipe: Recipe, method: Method, f
             with _progress(quiet) as progress:
                 task = progress.add_task(f"converting to {output.name}", total=total)
                 for t in plan.tensors:
-                    encoded = (
-                        quantize(c, t.fmt, n_threads=threads, fit=Fit.SEARCH,
-                                 importance=importance(t.name, i) if importance else None)
-                        for i, c in enumerate(t.chunks())
-                    )
-                    writer.write_tensor_chunks(t.name, encoded)
+                    if encoded is not None and t.name in encoded:  # already quantized (GPTQ)
+                        chunks = encoded.pop(t.name)
+                    else:
+                        chunks = (
+                            quantize(c, t.fmt, n_threads=threads, fit=Fit.SEARCH,
+                                     importance=importance(t.name, i) if importance else None)
+                            for i, c in enumerate(t.chunks())
+                        )
+                    writer.write_tensor_chunks(t.name, chunks)
                     progress.advance(task, t.nbytes)
             writer.patch_string("edgeai.source.sha256", checksum.result())
             writer.finish()

@@ -239,3 +239,65 @@ def dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
     d = _f16_field(blocks, 208)
     return (d * np.repeat(sc, 16, axis=1)) * (q - 32).astype(np.float32)
+
+
+# ---- block grids and code packing (GPTQ picks codes one column at a time on a frozen grid) ----
+# Every format here decodes a sub-block as offset + scale * k for integer codes k in [0, levels).
+
+
+def block_grid(name: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The value grid of each sub-block of encoded blocks `raw` [n_blocks, type_size].
+
+    Returns (scale [n_blocks, n_sub], offset [n_blocks, n_sub], levels, sub_size): sub-block s of
+    block b can hold exactly offset[b, s] + scale[b, s] * k for k in range(levels).
+    """
+    if name in ("q4_0", "q5_0", "q8_0"):
+        d = _f16_field(raw, 0)
+        half = {"q4_0": 8, "q5_0": 16, "q8_0": 128}[name]
+        return d, -half * d, 2 * half, QK
+    if name in ("q4_1", "q5_1"):
+        return _f16_field(raw, 0), _f16_field(raw, 2), 16 if name == "q4_1" else 32, QK
+    if name in ("q4_k", "q5_k"):
+        d, dmin = _f16_field(raw, 0), _f16_field(raw, 2)
+        sc, mn = _unpack_kscales(raw[:, 4:16])
+        return d * sc.astype(np.float32), -(dmin * mn.astype(np.float32)), 16 if name == "q4_k" else 32, QK
+    if name == "q6_k":
+        scale = _f16_field(raw, 208) * raw[:, 192:208].view(np.int8).astype(np.float32)
+        return scale, -32 * scale, 64, 16
+    raise ValueError(f"no grid for {name}")
+
+
+def pack_codes(name: str, raw: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """A copy of `raw` [n_blocks, type_size] whose codes are replaced by `codes` [n_blocks, block_size]
+    (integers in [0, levels) of `block_grid`); scales are kept."""
+    out = raw.copy()
+    q = codes.astype(np.int32)
+    if name == "q8_0":
+        out[:, 2:] = (q - 128).astype(np.int8).view(np.uint8)
+    elif name in ("q4_0", "q4_1"):
+        start = 2 if name == "q4_0" else 4
+        out[:, start:start + 16] = _pack_nibbles(q)
+    elif name in ("q5_0", "q5_1"):
+        start = 2 if name == "q5_0" else 4
+        out[:, start:start + 4] = _pack_high_bits(q)
+        out[:, start + 4:start + 20] = _pack_nibbles(q)
+    elif name == "q4_k":
+        out[:, 16:] = _pack_k_low(q)
+    elif name == "q5_k":
+        high = ((q.reshape(-1, 8, QK) >> 4) & 1).astype(np.uint8) << np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+        out[:, 16:48] = high.sum(axis=1, dtype=np.uint8)
+        out[:, 48:] = _pack_k_low(q)
+    elif name == "q6_k":
+        ql_byte, ql_shift, qh_byte, qh_shift = _Q6_POS
+        ql = np.zeros((q.shape[0], 128), np.uint8)
+        qh = np.zeros((q.shape[0], 64), np.uint8)
+        for shift in (0, 4):
+            sel = ql_shift == shift
+            ql[:, ql_byte[sel]] |= ((q[:, sel] & 15) << shift).astype(np.uint8)
+        for shift in (0, 2, 4, 6):
+            sel = qh_shift == shift
+            qh[:, qh_byte[sel]] |= ((q[:, sel] >> 4) << shift).astype(np.uint8)
+        out[:, :128], out[:, 128:192] = ql, qh
+    else:
+        raise ValueError(f"no codes to pack for {name}")
+    return out

@@ -33,6 +33,7 @@ class Method(str, enum.Enum):
 
     RTN = "rtn"  # no calibration data: scales searched for the least squared error of the weights
     IMATRIX = "imatrix"  # error weighted per input column by the mean x^2 of calibration activations
+    GPTQ = "gptq"  # column-by-column rounding with Hessian-weighted error feedback (quant/gptq.py)
 
     @property
     def needs_calibration(self) -> bool:
