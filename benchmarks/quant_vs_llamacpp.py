@@ -42,8 +42,9 @@ Run it by hand (it is not a test):
     .venv/bin/python benchmarks/quant_vs_llamacpp.py --chunks 20
     .venv/bin/python benchmarks/quant_vs_llamacpp.py --edgeai q4_k_m:gptq --edgeai q4_k_m:imatrix --json
 
-Files, logs and texts are kept in ~/.cache/edgeai-bench/quant-vs-llamacpp (--work) so the printed
-commands can be rerun; each run overwrites them. The default checkpoint is the one of
+Files, logs, texts and report.json are kept in ~/.cache/edgeai-bench/quant-vs-llamacpp (--work) so
+the printed commands can be rerun (`--show WORK/report.json` prints the report again); each run
+overwrites them. The default checkpoint is the one of
 convert_vs_llamacpp.py: SmolLM2-135M-Instruct rebuilt as a float32 Hugging Face folder from the GGUF
 bundled with edgeai. That GGUF is Q4_1, so the "full precision" weights already lie on a 4-bit grid:
 read the 4-bit results with that in mind, and pass --checkpoint for a real float checkpoint.
@@ -255,7 +256,8 @@ def build_commands(tree: Path, build_dir: Path, jobs: int) -> list[list[str]]:
     ]
 
 
-def ensure_llama_tools(tree: Path, build_dir: Path, jobs: int, console: Console) -> tuple[dict[str, Path], float | None]:
+def ensure_llama_tools(tree: Path, build_dir: Path, jobs: int,
+                       console: Console) -> tuple[dict[str, Path], float | None]:
     """llama.cpp's tools built from `tree` in `build_dir`: {target: binary}, and the build's wall time
     (None when they were already there). A build folder configured from another tree is removed."""
     binaries = {t: build_dir / "bin" / t for t in BUILD_TARGETS}
@@ -431,7 +433,8 @@ def reference_perplexity(bench: Bench, tools: dict[str, Path], ref: Path, text: 
     _, error = bench.run(argv, "llama-perplexity-ref.log")
     if error:
         return None, shlex.join(argv)
-    match = re.search(r"Final estimate: PPL = ([0-9.]+)", (bench.logs / "llama-perplexity-ref.log").read_text(errors="replace"))
+    output = (bench.logs / "llama-perplexity-ref.log").read_text(errors="replace")
+    match = re.search(r"Final estimate: PPL = ([0-9.]+)", output)
     return (float(match.group(1)) if match else None), shlex.join(argv)
 
 
@@ -497,8 +500,9 @@ def print_report(report: dict) -> None:
         f"calibration: {calib['path']} ({calib['source']}), {calib['tokens']:,} tokens, sha256 {calib['sha256'][:12]}; "
         f"both tools use {setup['calib_chunks']} chunks of {setup['calib_ctx']}",
         f"evaluation: {text['path']} ({text['source']}), {text['tokens']:,} tokens, sha256 {text['sha256'][:12]}",
-        f"quant s: wall time of the quantizing command; '+ N': llama-imatrix's {setup['imatrix_s'] or 0:.0f} s, run once "
-        f"for those rows; edgeai's calibrated rows include their calibration. {setup['threads']} threads everywhere.",
+        f"quant s: wall time of the quantizing command (reference: its conversion to F16); '+ N': llama-imatrix's "
+        f"{setup['imatrix_s'] or 0:.0f} s, run once for those rows; edgeai's calibrated rows include their "
+        f"calibration. {setup['threads']} thread(s) for every tool.",
         f"llama-perplexity on the reference: PPL {fmt(setup['llama_perplexity_ref'], '.4f')} "
         f"(edgeai eval: {fmt(ref['ppl'], '.4f')})",
         f"llama.cpp tools: {setup['llama_cpp_build']}",
@@ -532,7 +536,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, help="Hugging Face folder (default: SmolLM2-135M-Instruct, float32)")
     parser.add_argument("--llama-cpp-src", type=Path,
                         help="extracted llama-cpp-python source distribution (default: the installed version's)")
-    parser.add_argument("--build-dir", type=Path, default=BUILD_DIR, help=f"llama.cpp build folder (default: {BUILD_DIR})")
+    parser.add_argument("--build-dir", type=Path, default=BUILD_DIR,
+                        help=f"llama.cpp build folder (default: {BUILD_DIR})")
     parser.add_argument("--work", type=Path, default=WORK_DIR, help=f"files, texts and logs (default: {WORK_DIR})")
     parser.add_argument("--calib", type=Path, help="calibration text (default: standard-library docstrings)")
     parser.add_argument("--text", type=Path, help="evaluation text (default: site-packages license texts)")
@@ -543,7 +548,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--edgeai", type=parse_edgeai, action="append", metavar="RECIPE:METHOD",
                         help="an edgeai configuration; repeat it; replaces EDGEAI_CONFIGS")
     parser.add_argument("--no-ppl-check", action="store_true", help="skip llama-perplexity on the reference")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (rows, pairs, setup) instead of tables")
+    parser.add_argument("--show", type=Path, metavar="REPORT_JSON",
+                        help="only print a saved report (WORK/report.json of an earlier run) and exit")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (rows, pairs, setup, commands) instead of tables")
     args = parser.parse_args(argv)
     if args.chunks is not None and args.chunks < 1:
         parser.error("--chunks must be at least 1")
@@ -554,6 +562,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.show is not None:
+        report = json.loads(args.show.read_text())
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print_report(report)
+        return 0
     console = Console(stderr=True)  # progress; stdout holds only the report
     cli = edgeai_cli()
     checkpoint = (args.checkpoint or base.default_checkpoint(console)).resolve()
@@ -565,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"{tree} has no CMakeLists.txt; --llama-cpp-src must be an extracted llama-cpp-python sdist")
     build_dir = args.build_dir.resolve()
     tools, build_s = ensure_llama_tools(tree, build_dir, os.cpu_count() or 1, console)
-    build_note = (f"built now in {build_s:.0f} s" if build_s is not None else "already built") + f" in {build_dir} from {tree}"
+    built = f"built now in {build_s:.0f} s" if build_s is not None else "already built"
+    build_note = f"{built} in {build_dir} from {tree}"
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -621,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
             theirs = next((r for r in rows if r.tool == "llama.cpp" and r.type == qtype
                            and (r.method == "imatrix") == use_imatrix and not r.error), None)
             if theirs is not None:
-                rows.append(quantize_edgeai(bench, cli, checkpoint, calib, None, method, gguf_size(Path(theirs.path))[1]))
+                bpw = gguf_size(Path(theirs.path))[1]
+                rows.append(quantize_edgeai(bench, cli, checkpoint, calib, None, method, bpw))
     else:
         target_note = "edgeai convert has no --target-bpw yet: no runs at llama.cpp's exact bpw"
 

@@ -194,16 +194,18 @@ def llama_cpp_greedy(llm, tokens: list[int], n: int) -> list[int]:
 
 
 def hf_greedy(model, tokens: list[int], n: int) -> list[int]:
-    """n greedy tokens from a transformers model, by argmax over full forwards: the same loop
-    as `llama_cpp_greedy`, with no generation-config rules (EOS, min length) in between."""
+    """n greedy tokens from a transformers model by argmax, one token per step over its KV cache:
+    the same loop as `llama_cpp_greedy`, with no generation-config rules (EOS, min length) in between."""
     import torch
 
-    ids = list(tokens)
+    out = []
     with torch.no_grad():
+        step = model(torch.tensor([tokens]), use_cache=True)
         for _ in range(n):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            ids.append(int(torch.argmax(logits)))
-    return ids[len(tokens):]
+            nxt = int(torch.argmax(step.logits[0, -1]))
+            out.append(nxt)
+            step = model(torch.tensor([[nxt]]), past_key_values=step.past_key_values, use_cache=True)
+    return out
 
 
 def hf_logits_and_greedy(folder: Path, tokens: list[int], n: int) -> tuple[np.ndarray, list[int]]:

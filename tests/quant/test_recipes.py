@@ -27,7 +27,7 @@ def wide_llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("\n".join(corpus()[:1500]), encoding="utf-8")
+    path.write_text("\n".join(corpus()[:300]), encoding="utf-8")
     return path
 
 
