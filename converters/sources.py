@@ -41,7 +41,8 @@ class TensorSource(Protocol):
     def infos(self) -> dict[str, TensorInfo]: ...
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as a float32 array in numpy order ([out, in] for a linear weight)."""
+        """The tensor as a float32 array in numpy order ([out, in] for a linear weight). It may be a
+        read-only view of the file: copy it before writing into it."""
         ...
 
     def release(self, name: str) -> None:
@@ -132,7 +133,12 @@ class SafetensorsFile:
         storage, decode = _SAFETENSORS_DTYPES[info.dtype]
         count = info.nbytes // storage.itemsize
         raw = np.frombuffer(self._mm, dtype=storage, count=count, offset=begin) if count else np.empty(0, storage)
-        values = decode(raw) if decode else raw.astype(np.float32)
+        if decode is not None:
+            values = decode(raw)
+        elif storage == np.dtype("<f4"):
+            values = raw  # a read-only view of the mapped file: no copy of the largest tensors
+        else:
+            values = raw.astype(np.float32)
         return values.reshape(info.shape)
 
     def release(self, name: str) -> None:
@@ -147,7 +153,11 @@ class SafetensorsFile:
 
     def close(self) -> None:
         if self._mm is not None:
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # a view is still referenced (say, by a traceback): the map closes when it goes
+            self._mm = None
         self._file.close()
 
 class SafetensorsCheckpoint:

@@ -75,3 +75,10 @@ def test_progress_bar_on_a_terminal_only(tmp_path, tiny_gguf):
     piped = subprocess.run([edgeai_bin, "convert", str(tiny_gguf), "-o", str(tmp_path / "pipe.gguf")],
                            capture_output=True, text=True, check=True)
     assert "converting" not in piped.stderr and "wrote" in piped.stdout
+
+
+def test_no_top_level_quant_or_runtimes_module():
+    """Top-level folders are mapped into the edgeai namespace; nothing installs `quant` or `runtimes`."""
+    code = "import importlib.util as u; print([m for m in ('quant', 'runtimes', 'converters', 'devices') if u.find_spec(m)])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout.strip()
+    assert out == "[]"
