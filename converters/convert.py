@@ -279,6 +279,7 @@ def convert(
     method: str | Method = Method.RTN,
     calib: str | Path | None = None,
     calib_ctx: int = 512,
+    target_bpw: float | None = None,
     force: bool = False,
     quiet: bool | None = None,
     trust_pickle: bool = False,
@@ -296,6 +297,9 @@ def convert(
             squared error of each input column weighted by its mean x^2 on the calibration text).
         calib: a UTF-8 text file for the methods that need calibration.
         calib_ctx: tokens per calibration chunk.
+        target_bpw: choose each weight matrix's type (Q4_0 ... Q8_0) so the file has this many bits
+            per weight with the least measured error (`edgeai.quant.allocate`); `quant` then only
+            sets what stays F32.
         force: overwrite `output` if it exists.
         quiet: hide the progress bar; None shows it only on a terminal.
         trust_pickle: allow PyTorch `.bin` checkpoints (loaded with weights_only=True).
@@ -309,6 +313,10 @@ def convert(
     output = Path(output)
     if quant is not None and outtype is not None:
         raise OptionError("give either --outtype (one type) or --quant (a recipe), not both")
+    if target_bpw is not None and outtype is not None:
+        raise OptionError("--target-bpw chooses the types itself; drop --outtype")
+    if target_bpw is not None and not 1.0 < target_bpw <= 32.0:
+        raise OptionError(f"--target-bpw {target_bpw} is outside (1, 32]")
     recipe = get_recipe(quant) if quant is not None else get_recipe(parse_outtype(outtype or OutType.F16).value)
     method = parse_method(method)
     calib_text = _calibration_text(calib, method)
@@ -317,14 +325,18 @@ def convert(
     plan = open_plan(src, recipe, trust_pickle=trust_pickle)
     try:
         importance, encoded = None, None
-        if method is Method.IMATRIX:
+        if method is Method.IMATRIX or (method.needs_calibration and target_bpw is not None):
             from edgeai.quant.calibrate import collect_statistics
 
             stats = collect_statistics(plan, calib_text, n_ctx=calib_ctx)
             plan.extra_recipe["calibration"] = {**stats.recipe(), "file": Path(calib).name}
             importance = _importance_lookup(stats)
-        elif method is Method.GPTQ:
+        if target_bpw is not None:
+            _allocate(plan, target_bpw, importance)
+        if method is Method.GPTQ:
             encoded = _gptq(plan, calib_text, calib_ctx, Path(calib).name, threads)
+        if method is not Method.IMATRIX:
+            importance = None  # statistics gathered only to size the mix
         return _write(plan, output, recipe, method, force, quiet, threads, importance, encoded)
     finally:
         plan.close()
@@ -344,6 +356,19 @@ def _calibration_text(calib: str | Path | None, method: Method) -> str | None:
         raise OptionError(f"calibration text {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise OptionError(f"calibration text {path} cannot be read as UTF-8: {exc}") from exc
+
+
+def _allocate(plan: ConversionPlan, target_bpw: float, importance: ImportanceLookup | None) -> None:
+    """Re-type the plan's weight matrices for the size target (see edgeai.quant.allocate)."""
+    from edgeai.quant.allocate import allocate
+    from edgeai.quant.formats import FORMATS
+
+    result = allocate(plan, target_bpw, importance=importance)
+    for t in plan.tensors:
+        t.fmt = FORMATS[result.types[t.name]]
+        t.note = ""
+    plan.extra_recipe["target_bpw"] = target_bpw
+    plan.extra_recipe["bits_per_weight"] = round(result.bits_per_weight, 4)
 
 
 def _gptq(plan: ConversionPlan, text: str, n_ctx: int, calib_name: str, threads: int) -> dict[str, list[np.ndarray]]:
