@@ -184,10 +184,13 @@ def dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:
 
 def quantize_q5_k(blocks: np.ndarray) -> np.ndarray:
     d, dmin, sc, mn, q = _kquant_affine(blocks, 31)
-    # qh[l] bit j = bit 4 of element l of sub-block j
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_kscales(sc, mn), _pack_k_high(q), _pack_k_low(q)], axis=1)
+
+
+def _pack_k_high(q: np.ndarray) -> np.ndarray:
+    """[n, 256] 5-bit codes -> [n, 32]: bit j of byte l is bit 4 of element l of sub-block j."""
     high = ((q.reshape(-1, 8, QK) >> 4) & 1).astype(np.uint8) << np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
-    qh = high.sum(axis=1, dtype=np.uint8)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_kscales(sc, mn), qh, _pack_k_low(q)], axis=1)
+    return high.sum(axis=1, dtype=np.uint8)
 
 
 def dequantize_q5_k(blocks: np.ndarray) -> np.ndarray:
@@ -219,6 +222,11 @@ def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
         sc = np.where(d != 0, np.clip(round_half_away(scale / d), -128, 127), 0).astype(np.int32)
         ds = (d * sc.astype(np.float32))[:, :, None]
         q = np.where(ds != 0, np.clip(round_half_away(sub / ds), -32, 31), 0).astype(np.int32).reshape(-1, QK_K) + 32
+    return np.concatenate([_pack_q6_k_codes(q), sc.astype(np.int8).view(np.uint8), _f16_bytes(d)], axis=1)
+
+
+def _pack_q6_k_codes(q: np.ndarray) -> np.ndarray:
+    """[n, 256] codes in [0, 64) -> [n, 192]: ql (low 4 bits) then qh (high 2 bits), ggml's layout."""
     ql_byte, ql_shift, qh_byte, qh_shift = _Q6_POS
     ql = np.zeros((q.shape[0], 128), np.uint8)
     qh = np.zeros((q.shape[0], 64), np.uint8)
@@ -229,7 +237,7 @@ def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     for shift in (0, 2, 4, 6):
         sel = qh_shift == shift
         qh[:, qh_byte[sel]] |= ((q[:, sel] >> 4) << shift).astype(np.uint8)
-    return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), _f16_bytes(d)], axis=1)
+    return np.concatenate([ql, qh], axis=1)
 
 
 def dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
@@ -284,20 +292,10 @@ def pack_codes(name: str, raw: np.ndarray, codes: np.ndarray) -> np.ndarray:
     elif name == "q4_k":
         out[:, 16:] = _pack_k_low(q)
     elif name == "q5_k":
-        high = ((q.reshape(-1, 8, QK) >> 4) & 1).astype(np.uint8) << np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
-        out[:, 16:48] = high.sum(axis=1, dtype=np.uint8)
+        out[:, 16:48] = _pack_k_high(q)
         out[:, 48:] = _pack_k_low(q)
     elif name == "q6_k":
-        ql_byte, ql_shift, qh_byte, qh_shift = _Q6_POS
-        ql = np.zeros((q.shape[0], 128), np.uint8)
-        qh = np.zeros((q.shape[0], 64), np.uint8)
-        for shift in (0, 4):
-            sel = ql_shift == shift
-            ql[:, ql_byte[sel]] |= ((q[:, sel] & 15) << shift).astype(np.uint8)
-        for shift in (0, 2, 4, 6):
-            sel = qh_shift == shift
-            qh[:, qh_byte[sel]] |= ((q[:, sel] >> 4) << shift).astype(np.uint8)
-        out[:, :128], out[:, 128:192] = ql, qh
+        out[:, :192] = _pack_q6_k_codes(q)
     else:
         raise ValueError(f"no codes to pack for {name}")
     return out

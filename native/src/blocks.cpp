@@ -145,6 +145,18 @@ void fit_affine(const float *x, const float *w, int n, int nmax, bool offset_non
 }
 
 // ---- legacy types: gguf-py's algorithm for RTN -------------------------------------------------
+// Codes of one 32-block after its scale fields: [qh: 4 bytes, bit i = bit 4 of code i] (5-bit types),
+// then 16 bytes with code j in the low nibble and code j+16 in the high nibble.
+void pack_legacy_codes(const int *q, uint8_t *dst, bool five_bit) {
+    if (five_bit) {
+        uint32_t qh = 0;
+        for (int i = 0; i < QK; ++i) qh |= static_cast<uint32_t>((q[i] >> 4) & 1) << i;
+        std::memcpy(dst, &qh, 4);
+        dst += 4;
+    }
+    for (int j = 0; j < QK / 2; ++j) dst[j] = static_cast<uint8_t>((q[j] & 0x0F) | ((q[j + QK / 2] & 0x0F) << 4));
+}
+
 void quantize_q4_0_q5_0(const float *x, const float *w, uint8_t *out, Fit fit, bool five_bit) {
     const int nmax = five_bit ? 16 : 8;
     int q[QK];
@@ -169,14 +181,7 @@ void quantize_q4_0_q5_0(const float *x, const float *w, uint8_t *out, Fit fit, b
         for (int i = 0; i < QK; ++i) q[i] = clampi(nearest_int(x[i] * id), -nmax, nmax - 1) + nmax;
     }
     put_f16(out, d);
-    uint8_t *qs = out + 2;
-    if (five_bit) {
-        uint32_t qh = 0;
-        for (int i = 0; i < QK; ++i) qh |= static_cast<uint32_t>((q[i] >> 4) & 1) << i;
-        std::memcpy(out + 2, &qh, 4);
-        qs = out + 6;
-    }
-    for (int j = 0; j < QK / 2; ++j) qs[j] = static_cast<uint8_t>((q[j] & 0x0F) | ((q[j + QK / 2] & 0x0F) << 4));
+    pack_legacy_codes(q, out + 2, five_bit);
 }
 
 void quantize_q4_1_q5_1(const float *x, const float *w, uint8_t *out, Fit fit, bool five_bit) {
@@ -204,14 +209,7 @@ void quantize_q4_1_q5_1(const float *x, const float *w, uint8_t *out, Fit fit, b
     }
     put_f16(out, d);
     put_f16(out + 2, m);
-    uint8_t *qs = out + 4;
-    if (five_bit) {
-        uint32_t qh = 0;
-        for (int i = 0; i < QK; ++i) qh |= static_cast<uint32_t>((q[i] >> 4) & 1) << i;
-        std::memcpy(out + 4, &qh, 4);
-        qs = out + 8;
-    }
-    for (int j = 0; j < QK / 2; ++j) qs[j] = static_cast<uint8_t>((q[j] & 0x0F) | ((q[j + QK / 2] & 0x0F) << 4));
+    pack_legacy_codes(q, out + 4, five_bit);
 }
 
 // ---- Q4_K / Q5_K: 8 sub-blocks of 32, 6-bit scales and mins under fp16 d and dmin ----------------
