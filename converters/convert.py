@@ -12,7 +12,6 @@ import concurrent.futures
 import hashlib
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, quants
+from gguf import quants
 
 from edgeai.native_bridge import native
 from edgeai.quant.formats import FORMATS, dequantize, format_by_name, quantize, round_half_away
