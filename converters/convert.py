@@ -32,11 +32,15 @@ from edgeai.quant.recipes import Method, OutType, Recipe, get_recipe, parse_meth
 
 log = logging.getLogger(__name__)
 
-def _file_type(recipe: Recipe) -> LlamaFileType:
+def _file_type(recipe: Recipe, mixed: bool) -> LlamaFileType:
     """general.file_type: llama.cpp's name for the mix (informational; each tensor states its type)."""
+    if mixed:  # a --target-bpw allocation is no named mix
+        return LlamaFileType.GUESSED
     if recipe.name == "f32":
         return LlamaFileType.ALL_F32
     return getattr(LlamaFileType, f"MOSTLY_{recipe.name.upper()}", LlamaFileType.GUESSED)
+
+
 _SHA_PLACEHOLDER = "0" * 64
 
 
@@ -48,7 +52,7 @@ class OutputTensor:
     shape: tuple[int, ...]  # numpy order
     fmt: QuantFormat
     chunks: Callable[[], Iterator[np.ndarray]]  # float32 pieces in file order (one per expert when stacked)
-    note: str = ""
+    fallback: str = ""  # why the recipe's type was replaced (rows that do not fill its blocks), if it was
 
     @property
     def nbytes(self) -> int:
@@ -71,7 +75,7 @@ class ConversionPlan:
     extra_recipe: dict = field(default_factory=dict)
 
     def tensor(self, name: str) -> OutputTensor:
-        for t in self.tensors:
+        for t in self.tensors:  # a few hundred entries, looked up once per tensor read
             if t.name == name:
                 return t
         raise KeyError(name)
@@ -174,7 +178,7 @@ def _plan_hf(folder: Path, recipe: Recipe, trust_pickle: bool) -> ConversionPlan
                 chunks = lambda gen=gen: iter((gen(),))  # noqa: E731
             else:
                 chunks = _reader(source, p.sources, p.transform)
-            tensors.append(OutputTensor(p.name, p.shape, choice.fmt, chunks, choice.reason))
+            tensors.append(OutputTensor(p.name, p.shape, choice.fmt, chunks, choice.fallback))
         arch = spec.gguf_arch
         kv = [MetaKV(f"{arch}.{k}", v) for k, v in spec.gguf_kv(hp).items()]
         kv += tokenizer_kv(folder, hp.n_vocab, config)
@@ -209,7 +213,7 @@ def _plan_gguf(path: Path, recipe: Recipe) -> ConversionPlan:
         for name, info in infos.items():
             choice = tensor_type(name, info.shape, recipe, n_blocks=n_blocks, has_experts=has_experts,
                                  has_output="output.weight" in infos)
-            tensors.append(OutputTensor(name, info.shape, choice.fmt, _reader(source, (name,), None), choice.reason))
+            tensors.append(OutputTensor(name, info.shape, choice.fmt, _reader(source, (name,), None), choice.fallback))
         try:
             spec = spec_for_gguf(meta, str(path))
             hp = hparams_from_gguf(meta, spec)
@@ -292,8 +296,9 @@ def convert(
         output: the GGUF file to write. It appears only once complete.
         outtype: one element type for every weight matrix: f32, f16 (default), bf16 or q8_0.
         quant: a quantization recipe instead (see `edgeai.quant.recipes.RECIPES`: q4_0, q4_k_m, ...).
-        method: how block types choose their codes: rtn (no calibration data) or imatrix (the
-            squared error of each input column weighted by its mean x^2 on the calibration text).
+        method: how block types choose their codes: rtn (no calibration data), imatrix (the
+            squared error of each input column weighted by its mean x^2 on the calibration text) or
+            gptq (column-by-column rounding with Hessian error feedback, `edgeai.quant.gptq`).
         calib: a UTF-8 text file for the methods that need calibration.
         calib_ctx: tokens per calibration chunk.
         target_bpw: choose each weight matrix's type (Q4_0 ... Q8_0) so the file has this many bits
@@ -365,25 +370,19 @@ def _allocate(plan: ConversionPlan, target_bpw: float, importance: ImportanceLoo
     result = allocate(plan, target_bpw, importance=importance)
     for t in plan.tensors:
         t.fmt = FORMATS[result.types[t.name]]
-        t.note = ""
+        t.fallback = ""
     plan.extra_recipe["target_bpw"] = target_bpw
     plan.extra_recipe["bits_per_weight"] = round(result.bits_per_weight, 4)
 
 
 def _gptq(plan: ConversionPlan, text: str, n_ctx: int, calib_name: str, threads: int) -> dict[str, list[np.ndarray]]:
     """Run GPTQ over the calibration text; returns the encoded bytes of every block-format matrix."""
-    import hashlib
-
-    from edgeai.quant.calibrate import DEFAULT_MAX_TOKENS, _bos_token, calibration_chunks, tokenize
+    from edgeai.quant.calibrate import calibration_set
     from edgeai.quant.gptq import gptq_model
 
-    chunks = calibration_chunks(tokenize(plan, text), n_ctx, _bos_token(plan), DEFAULT_MAX_TOKENS)
-    plan.extra_recipe["calibration"] = {
-        "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "n_ctx": n_ctx,
-        "n_chunks": len(chunks), "n_tokens": len(chunks) * n_ctx, "file": calib_name,
-    }
-    log.info("GPTQ: %d calibration chunks of %d tokens", len(chunks), n_ctx)
-    return gptq_model(plan, chunks, n_threads=threads, progress=lambda what: log.info("GPTQ: %s", what))
+    calib = calibration_set(plan, text, n_ctx=n_ctx)
+    plan.extra_recipe["calibration"] = {**calib.recipe(), "file": calib_name}
+    return gptq_model(plan, calib.chunks, n_threads=threads, progress=lambda what: log.info("GPTQ: %s", what))
 
 
 ImportanceLookup = Callable[[str, int], "np.ndarray | None"]
@@ -420,7 +419,7 @@ def _write(plan: ConversionPlan, output: Path, recipe: Recipe, method: Method, f
         "source": plan.source_files[0].parent.name if plan.source_format != "gguf" else plan.source_files[0].name,
         "source_format": plan.source_format,
         "tensor_types": {t.name: t.fmt.name for t in plan.tensors},
-        "fallbacks": {t.name: t.note for t in plan.tensors if t.note and "row length" in t.note},
+        "fallbacks": {t.name: t.fallback for t in plan.tensors if t.fallback},
         **plan.extra_recipe,
     }
     placeholder = ",".join(f"{f.name}:{_SHA_PLACEHOLDER}" for f in plan.source_files)
@@ -435,7 +434,7 @@ def _write(plan: ConversionPlan, output: Path, recipe: Recipe, method: Method, f
                 writer.add(meta.key, meta.value, meta.vtype, meta.sub_type)
             if not any(m.key == "general.name" for m in plan.kv):
                 writer.add("general.name", plan.name)
-            writer.add("general.file_type", int(_file_type(recipe)), GGUFValueType.UINT32)
+            writer.add("general.file_type", int(_file_type(recipe, "target_bpw" in plan.extra_recipe)), GGUFValueType.UINT32)
             writer.add("general.quantization_version", 2, GGUFValueType.UINT32)
             writer.add("edgeai.version", edgeai.__version__)
             writer.add("edgeai.recipe", json.dumps(recipe_meta, sort_keys=True))

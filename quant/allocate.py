@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from edgeai.errors import OptionError
-from edgeai.native_bridge import native
-from edgeai.quant.formats import FORMATS, Fit, QuantFormat, quantize
+from edgeai.quant.formats import FORMATS, Fit, QuantFormat, decode, quantize
 
 if TYPE_CHECKING:
     from edgeai.converters.convert import ConversionPlan
@@ -44,15 +43,6 @@ class Allocation:
         return 8.0 * self.n_bytes / self.n_weights
 
 
-def _decode(raw: np.ndarray, fmt: QuantFormat, n: int) -> np.ndarray:
-    out = np.empty(n, np.float32)
-    if fmt.name == "q8_0":
-        native.dequantize_q8_0(raw, out, 0)
-    else:
-        native.dequantize(getattr(native.BlockType, fmt.name.upper()), raw, out, 0)
-    return out
-
-
 def measured_errors(w: np.ndarray, candidates: Sequence[QuantFormat], importance: list[np.ndarray | None]) -> dict[str, float]:
     """Importance-weighted squared error of `w` (2-D, or stacked experts [n_expert, rows, cols]) in each candidate."""
     parts = w if w.ndim == 3 else w[None]
@@ -61,7 +51,7 @@ def measured_errors(w: np.ndarray, candidates: Sequence[QuantFormat], importance
         total = 0.0
         for part, imp in zip(parts, importance):
             raw = quantize(part, fmt, fit=Fit.SEARCH, importance=imp)
-            diff = _decode(raw, fmt, part.size).reshape(part.shape) - part
+            diff = decode(raw, fmt).reshape(part.shape) - part
             col = np.einsum("ij,ij->j", diff, diff, dtype=np.float64)  # [cols] squared error per input column
             total += float(col @ (imp if imp is not None else np.ones_like(col)))
         errors[fmt.name] = total

@@ -27,11 +27,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ActivationStats", "calibration_chunks", "collect_statistics", "tokenize"]
+__all__ = ["ActivationStats", "CalibrationSet", "calibration_chunks", "calibration_set", "collect_statistics", "tokenize"]
 
 DEFAULT_N_CTX = 512
 # Hidden states take max_tokens * n_embd * 4 bytes during the pass (128 MiB for n_embd=1024).
 DEFAULT_MAX_TOKENS = 32 * 1024
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """A calibration text cut into the token chunks every calibrated method runs."""
+
+    chunks: list[np.ndarray]  # each [n_ctx] int64, BOS first when the model adds one
+    n_ctx: int
+    text_sha256: str  # of the calibration text, UTF-8
+
+    def recipe(self) -> dict[str, object]:
+        """What an artifact's recipe records about this calibration."""
+        return {"text_sha256": self.text_sha256, "n_ctx": self.n_ctx, "n_chunks": len(self.chunks),
+                "n_tokens": self.n_ctx * len(self.chunks)}
 
 
 @dataclass(frozen=True)
@@ -43,9 +57,19 @@ class ActivationStats:
     """
 
     columns: Mapping[str, ColumnStats]
-    n_ctx: int
-    n_chunks: int
-    text_sha256: str  # of the calibration text, UTF-8
+    calibration: CalibrationSet
+
+    @property
+    def n_ctx(self) -> int:
+        return self.calibration.n_ctx
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.calibration.chunks)
+
+    @property
+    def text_sha256(self) -> str:
+        return self.calibration.text_sha256
 
     @property
     def n_tokens(self) -> int:
@@ -75,7 +99,7 @@ class ActivationStats:
 
     def recipe(self) -> dict[str, object]:
         """What an artifact's recipe records about this calibration."""
-        return {"text_sha256": self.text_sha256, "n_ctx": self.n_ctx, "n_chunks": self.n_chunks, "n_tokens": self.n_tokens}
+        return self.calibration.recipe()
 
 
 def _metadata(plan: ConversionPlan) -> dict[str, object]:
@@ -136,6 +160,30 @@ def calibration_chunks(ids: Sequence[int], n_ctx: int, bos: int | None, max_toke
     return list(text)
 
 
+def calibration_set(plan: ConversionPlan, text: str, *, n_ctx: int = DEFAULT_N_CTX,
+                    max_tokens: int = DEFAULT_MAX_TOKENS) -> CalibrationSet:
+    """Tokenize `text` with the checkpoint's own tokenizer and cut it into chunks of `n_ctx` tokens.
+
+    Raises:
+        CalibrationError: the text is shorter than one chunk.
+        OptionError: n_ctx or max_tokens cannot be used.
+    """
+    if n_ctx < 2:
+        raise OptionError(f"n_ctx={n_ctx} is too small for calibration; use at least 2 (512 is usual)")
+    if max_tokens < n_ctx:
+        raise OptionError(f"max_tokens={max_tokens} is less than one chunk of n_ctx={n_ctx}; raise it or lower n_ctx")
+    if plan.hparams is not None and n_ctx > plan.hparams.n_ctx_train:
+        log.warning("n_ctx=%d is beyond the model's training context (%d)", n_ctx, plan.hparams.n_ctx_train)
+    checksum = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    ids = tokenize(plan, text)
+    bos = _bos_token(plan)
+    chunks = calibration_chunks(ids, n_ctx, bos, max_tokens)
+    used = len(chunks) * (n_ctx - (bos is not None))
+    log.info("calibration: %d tokens in the text, %d chunk(s) of %d used (%d tokens left out)",
+             len(ids), len(chunks), n_ctx, len(ids) - used)
+    return CalibrationSet(chunks, n_ctx, checksum)
+
+
 def collect_statistics(
     plan: ConversionPlan,
     text: str,
@@ -161,19 +209,7 @@ def collect_statistics(
         CalibrationError: the text is shorter than one chunk, or the architecture has no spec.
         OptionError: n_ctx or max_tokens cannot be used.
     """
-    if n_ctx < 2:
-        raise OptionError(f"n_ctx={n_ctx} is too small for calibration; use at least 2 (512 is usual)")
-    if max_tokens < n_ctx:
-        raise OptionError(f"max_tokens={max_tokens} is less than one chunk of n_ctx={n_ctx}; raise it or lower n_ctx")
-    if plan.hparams is not None and n_ctx > plan.hparams.n_ctx_train:
-        log.warning("n_ctx=%d is beyond the model's training context (%d)", n_ctx, plan.hparams.n_ctx_train)
-    checksum = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    ids = tokenize(plan, text)
-    bos = _bos_token(plan)
-    chunks = calibration_chunks(ids, n_ctx, bos, max_tokens)
-    used = len(chunks) * (n_ctx - (bos is not None))
-    log.info("calibration: %d tokens in the text, %d chunk(s) of %d used (%d tokens left out)",
-             len(ids), len(chunks), n_ctx, len(ids) - used)
+    calib = calibration_set(plan, text, n_ctx=n_ctx, max_tokens=max_tokens)
     collector = StatsCollector()
-    forward(plan, chunks, observers=[collector, *observers], logits=Logits.NONE)
-    return ActivationStats(collector.columns, n_ctx, len(chunks), checksum)
+    forward(plan, calib.chunks, observers=[collector, *observers], logits=Logits.NONE)
+    return ActivationStats(collector.columns, calib)

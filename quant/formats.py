@@ -161,7 +161,23 @@ def quantize(
     return fmt.quantize_blocks(flat.reshape(-1, fmt.block_size)).reshape(-1)
 
 
+def decode(raw: np.ndarray, fmt: QuantFormat, *, n_threads: int = 0) -> np.ndarray:
+    """Decode raw bytes of `fmt` into a flat float32 array with the C++ core where it has the format
+    (the same values as `dequantize`, which is the numpy reference), numpy otherwise."""
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    n = raw.size // fmt.type_size * fmt.block_size
+    if fmt.name == "q8_0":
+        out = np.empty(n, np.float32)
+        native.dequantize_q8_0(raw, out, n_threads)
+        return out
+    if fmt.name in _NATIVE_BLOCK_TYPES:
+        out = np.empty(n, np.float32)
+        native.dequantize(_NATIVE_BLOCK_TYPES[fmt.name], raw, out, n_threads)
+        return out
+    return dequantize(raw, fmt)
+
+
 def dequantize(raw: np.ndarray, fmt: QuantFormat) -> np.ndarray:
-    """Decode raw bytes of `fmt` into a flat float32 array."""
+    """Decode raw bytes of `fmt` into a flat float32 array: the numpy reference (see `decode`)."""
     raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     return fmt.dequantize_blocks(raw.reshape(-1, fmt.type_size)).reshape(-1).astype(np.float32, copy=False)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from edgeai.quant.blocks import block_grid, pack_codes
-from edgeai.quant.formats import Fit, QuantFormat, dequantize, quantize
+from edgeai.quant.formats import Fit, QuantFormat, decode, quantize
 from edgeai.quant.forward import (
     Batch,
     ForwardConfig,
@@ -177,7 +177,7 @@ def _encode_into(encoded: Encoded, name: str, w: np.ndarray, fmt: QuantFormat, c
         else:
             raw = gptq_encode(part, h, fmt, damp=damp, n_threads=n_threads)
         raws.append(raw)
-        decoded.append(dequantize(raw, fmt).reshape(part.shape))
+        decoded.append(decode(raw, fmt, n_threads=n_threads).reshape(part.shape))
     encoded[name] = raws
     return np.stack(decoded) if stacked else decoded[0]
 

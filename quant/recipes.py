@@ -76,7 +76,7 @@ class Recipe:
 @dataclass(frozen=True)
 class TypeChoice:
     fmt: QuantFormat
-    reason: str  # why, when it is not the recipe's first choice
+    fallback: str = ""  # why, when a fallback replaced the type the recipe asked for
 
 
 F32_ROLES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "rope_freqs.weight")
@@ -162,12 +162,12 @@ def tensor_type(name: str, shape: tuple[int, ...], recipe: Recipe | OutType, *, 
     if isinstance(recipe, OutType):
         recipe = RECIPES[recipe.value]
     if len(shape) <= 1:
-        return TypeChoice(FORMATS["f32"], "1-D tensor")
+        return TypeChoice(FORMATS["f32"])  # 1-D: norms, biases
     if name.endswith(F32_ROLES):
-        return TypeChoice(FORMATS["f32"], "kept in F32 (router)")
+        return TypeChoice(FORMATS["f32"])  # routers
     match = _BLOCK.match(name)
     block, role = (int(match.group(1)), match.group(2)) if match else (None, name)
-    wanted, reason = recipe.default, ""
+    wanted, fallback = recipe.default, ""
     for rule in recipe.rules:
         if rule.moe_only and not has_experts:
             continue
@@ -180,5 +180,5 @@ def tensor_type(name: str, shape: tuple[int, ...], recipe: Recipe | OutType, *, 
     while shape[-1] % FORMATS[wanted].block_size:
         wanted = FALLBACK[wanted]
     if wanted != name_wanted:
-        reason = f"row length {shape[-1]} is not a multiple of {FORMATS[name_wanted].block_size} ({name_wanted})"
-    return TypeChoice(FORMATS[wanted], reason)
+        fallback = f"row length {shape[-1]} is not a multiple of {FORMATS[name_wanted].block_size} ({name_wanted})"
+    return TypeChoice(FORMATS[wanted], fallback)

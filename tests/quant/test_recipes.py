@@ -54,7 +54,7 @@ def test_q4_k_m_rules():
 def test_fallback_for_rows_that_do_not_fill_blocks():
     q4km = RECIPES["q4_k_m"]
     choice = tensor_type("blk.1.attn_q.weight", (576, 576), q4km, n_blocks=8)
-    assert choice.fmt.name == "q5_0" and "576 is not a multiple of 256" in choice.reason
+    assert choice.fmt.name == "q5_0" and "576 is not a multiple of 256" in choice.fallback
     assert tensor_type("blk.0.attn_v.weight", (192, 576), q4km, n_blocks=8).fmt.name == "q8_0"  # q6_k -> q8_0
     assert tensor_type("blk.0.ffn_down.weight", (576, 48), RECIPES["q4_0"], n_blocks=8).fmt.name == "f16"
     assert tensor_type("blk.0.ffn_down.weight", (576, 1536), q4km, n_blocks=8).fmt.name == "q6_k"
