@@ -245,40 +245,47 @@ def _sentencepiece(path: Path, tj: dict | None, n_vocab: int) -> tuple[list[Meta
     return kv, vocab
 
 
+# llama.cpp role -> (tokenizer_config.json key, config.json key)
+_SPECIAL_ROLES = {
+    "bos": ("bos_token", "bos_token_id"),
+    "eos": ("eos_token", "eos_token_id"),
+    "unknown": ("unk_token", "unk_token_id"),
+    "padding": ("pad_token", "pad_token_id"),
+}
+
+
 def _special_tokens(folder: Path, tj: dict | None, vocab: dict[str, int], config: dict) -> list[MetaKV]:
     """BOS/EOS/UNK/PAD ids and add_bos/add_eos, from tokenizer_config.json, else config.json."""
     tok_config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    n_ids = max(vocab.values()) + 1
     kv: list[MetaKV] = []
-    for role, config_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unknown", "unk_token_id"), ("padding", "pad_token_id")):
-        text = _token_text(tok_config.get(f"{'unk' if role == 'unknown' else 'pad' if role == 'padding' else role}_token"))
+    for role, (tok_key, config_key) in _SPECIAL_ROLES.items():
+        text = _token_text(tok_config.get(tok_key))
         token_id = vocab.get(text) if text is not None else None
         if token_id is None:
             value = config.get(config_key)
-            token_id = value[0] if isinstance(value, list) and value else value
-        if isinstance(token_id, int) and 0 <= token_id < max(vocab.values()) + 1:
+            token_id = value[0] if isinstance(value, list) and value else value  # several EOS ids: the first
+        if isinstance(token_id, int) and 0 <= token_id < n_ids:
             kv.append(MetaKV(f"tokenizer.ggml.{role}_token_id", token_id, GGUFValueType.UINT32))
     for flag in ("bos", "eos"):
         value = tok_config.get(f"add_{flag}_token")
         if value is None:
-            value = _post_processor_adds(tj, flag, tok_config, vocab)
+            value = post_processor_adds(tj, flag)
         if value is not None:
             kv.append(MetaKV(f"tokenizer.ggml.add_{flag}_token", bool(value)))
     return kv
 
 
-def _post_processor_adds(tj: dict | None, flag: str, tok_config: dict, vocab: dict[str, int]) -> bool | None:
-    """Whether tokenizer.json's TemplateProcessing puts the BOS (or EOS) token around a single text."""
+def post_processor_adds(tj: dict | None, flag: str) -> bool | None:
+    """Whether tokenizer.json's TemplateProcessing puts a special token before (flag "bos") or after
+    (flag "eos") a single text; None when there is no such template."""
     post = (tj or {}).get("post_processor") or {}
     steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
     for step in steps:
         if step.get("type") != "TemplateProcessing":
             continue
         single = step.get("single", [])
-        pieces = [p["SpecialToken"]["id"] for p in single if "SpecialToken" in p]
         seq_index = next((i for i, p in enumerate(single) if "Sequence" in p), 0)
-        before = [p["SpecialToken"]["id"] for p in single[:seq_index] if "SpecialToken" in p]
-        after = [p["SpecialToken"]["id"] for p in single[seq_index + 1:] if "SpecialToken" in p]
-        if flag == "bos":
-            return bool(before)
-        return bool(after) if pieces is not None else None
+        side = single[:seq_index] if flag == "bos" else single[seq_index + 1:]
+        return any("SpecialToken" in p for p in side)
     return None

@@ -72,3 +72,19 @@ def test_chat_template_renders_in_llama_cpp(checkpoints, tmp_path):
     formatter = Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="<|im_start|>")
     prompt = formatter(messages=[{"role": "user", "content": "hi"}]).prompt
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_post_processor_decides_add_bos_and_eos():
+    """Without add_bos_token in tokenizer_config.json, tokenizer.json's template says (Llama 3 style)."""
+    from edgeai.converters.tokenizer import post_processor_adds
+
+    bos_first = {"post_processor": {"type": "Sequence", "processors": [
+        {"type": "ByteLevel"},
+        {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|begin_of_text|>"}},
+                                                  {"Sequence": {"id": "A"}}]},
+    ]}}
+    assert post_processor_adds(bos_first, "bos") is True and post_processor_adds(bos_first, "eos") is False
+    eos_last = {"post_processor": {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A"}},
+                                                                              {"SpecialToken": {"id": "</s>"}}]}}
+    assert post_processor_adds(eos_last, "bos") is False and post_processor_adds(eos_last, "eos") is True
+    assert post_processor_adds({"post_processor": None}, "bos") is None
