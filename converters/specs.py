@@ -152,6 +152,8 @@ class ArchSpec:
 
     def _check(self, hp: HParams, config: Mapping[str, object], config_path: str) -> None:
         problems = [p for p in (check(hp) for check in self.checks) if p]
+        if hp.n_head_kv <= 0 or hp.n_head % hp.n_head_kv:
+            problems.append(f"num_attention_heads {hp.n_head} is not a multiple of num_key_value_heads {hp.n_head_kv}")
         if self.moe:
             if hp.n_expert <= 0 or not 0 < hp.n_expert_used <= hp.n_expert:
                 problems.append(

@@ -234,7 +234,7 @@ class ForwardConfig:
                 f"{plan.source_files[0]}: architecture {plan.arch!r} has no spec in edgeai.converters, so "
                 "edgeai cannot run it to calibrate; convert it without calibration"
             )
-        assert hp.n_head % hp.n_head_kv == 0, "specs guarantee whole query groups"
+        assert hp.n_head % hp.n_head_kv == 0, "ArchSpec.hparams refuses other head counts"
         names = {t.name for t in plan.tensors}
         scaling = hp.rope_scaling or {}
         linear = scaling.get("rope_type") == "linear"

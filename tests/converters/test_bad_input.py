@@ -246,3 +246,11 @@ def test_output_gets_ordinary_permissions(ckpt, tmp_path):
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_head_counts_must_group(ckpt, tmp_path):
+    config = json.loads((ckpt / "config.json").read_text())
+    config["num_key_value_heads"] = 3
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="num_attention_heads 4 is not a multiple of num_key_value_heads 3"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
