@@ -1,0 +1,115 @@
+"""The protocol every backend (native, llama.cpp, onnxruntime) implements, and the sampling
+parameters they share.
+
+A backend owns one loaded artifact and one sequence: a KV cache holding `n_past` positions and
+the token ids that filled them (`history`). The API layer (`edgeai.api`) builds everything else
+(streaming, stop strings, chat templates, prompt-prefix reuse) from these few calls, so a new
+engine only has to implement this file's `Backend`.
+
+Sampling order, the same in every backend (llama.cpp's default chain, without the exotic stages):
+repetition penalty over the last `repeat_last_n` tokens -> top-k -> top-p -> min-p ->
+temperature -> draw. `temperature <= 0` is greedy (arg-max after the penalty).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. Defaults are llama.cpp's (and ollama's) defaults."""
+
+    temperature: float = 0.8
+    top_k: int = 40  # <= 0: off
+    top_p: float = 0.95  # >= 1: off
+    min_p: float = 0.05  # <= 0: off
+    repeat_penalty: float = 1.0  # 1: off
+    repeat_last_n: int = 64
+    seed: int | None = None  # None: a fresh seed per generation
+
+    def __post_init__(self) -> None:
+        from edgeai.errors import OptionError
+
+        if self.temperature < 0:
+            raise OptionError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise OptionError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise OptionError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.repeat_penalty <= 0:
+            raise OptionError(f"repeat_penalty must be > 0 (1 is off), got {self.repeat_penalty}")
+        if self.repeat_last_n < 0:
+            raise OptionError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+GREEDY = Sampling(temperature=0.0)
+
+
+@dataclass
+class BackendStats:
+    """What a backend can say about itself for `/stats` and `edgeai bench`."""
+
+    backend: str
+    n_ctx: int
+    n_past: int
+    threads: int
+    weights_bytes: int  # bytes of weights the engine holds or maps
+    extra: dict = field(default_factory=dict)  # engine-specific: kv bytes, expert cache hit rate, ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One loaded artifact and one sequence (KV cache) in an engine."""
+
+    name: str  # "native", "llama.cpp", "onnxruntime"
+    path: Path
+    n_ctx: int  # positions the KV cache holds
+    n_vocab: int
+    bos_id: int | None
+    eog_ids: frozenset[int]  # end-of-generation tokens (eos, eot, im_end...)
+    chat_template: str | None  # jinja2 source from the artifact, if it has one
+
+    @property
+    def n_past(self) -> int:
+        """Positions in the KV cache (== len(history))."""
+
+    @property
+    def history(self) -> list[int]:
+        """Token ids in the KV cache, oldest first."""
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Text -> token ids; `add_special` adds BOS/EOS as the artifact asks, `parse_special`
+        turns `<|im_start|>`-style text into its special token."""
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        """Token ids -> UTF-8 bytes (bytes: one token may end in the middle of a character)."""
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` positions of the KV cache, drop the rest (0: empty)."""
+
+    def set_sampling(self, sampling: Sampling) -> None:
+        """Use these parameters from now on; re-seeds the random generator."""
+
+    def step(self, tokens: Sequence[int]) -> int:
+        """Append `tokens` to the KV cache (prefill in batches when there are many), then sample
+        the next token from the last position's logits and return it. The returned token is not
+        yet in the cache: the caller passes it to the next `step`."""
+
+    def logits(self) -> np.ndarray:
+        """Float32 logits [n_vocab] of the last position evaluated (tests, evaluation)."""
+
+    def stats(self) -> BackendStats:
+        """Counters for `/stats` and benchmarks."""
+
+    def close(self) -> None:
+        """Free the engine's memory; the backend is unusable afterwards. Idempotent."""
