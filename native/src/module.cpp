@@ -15,6 +15,8 @@
 
 namespace nb = nanobind;
 
+void bind_runtime(nb::module_ &m);  // module_runtime.cpp
+
 namespace {
 
 using F32In = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
@@ -131,4 +133,6 @@ NB_MODULE(_native, m) {
           },
           nb::arg("src"), nb::arg("dst"), nb::arg("n_threads") = 0,
           "float32 -> bfloat16 bit patterns, round to nearest even.");
+
+    bind_runtime(m);
 }

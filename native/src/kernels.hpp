@@ -1,0 +1,55 @@
+// Dot-product kernels of the runtime, one set per instruction set, chosen at run time.
+//
+// Quantized weights are multiplied with activations quantized on the fly to BlockQ8A (as llama.cpp
+// does with Q8_0/Q8_K activations): each weight block is decoded to integer codes q with, per
+// 16-value half, w = a*q + b, so a block's dot product is a*d*sum(q*qx) + b*(d*sum(qx)) in integer
+// arithmetic plus two float terms. Float weights (F32/F16/BF16) take float activations.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace edgeai::kern {
+
+constexpr int QA = 32;  // activation block
+
+// 32 activations: x ~= d * qs; hs[h] = d * sum(qs of half h) (the offset terms need it).
+struct BlockQ8A {
+    float d;
+    float hs[2];
+    int8_t qs[QA];
+};
+
+// dot of one weight row (n weights, ggml layout of its type) with n activations:
+// BlockQ8A[n/32] for quantized types, float[n] for F32/F16/BF16.
+using DotFn = float (*)(const uint8_t *row, const void *x, size_t n);
+
+enum WType : int { W_F32, W_F16, W_BF16, W_Q4_0, W_Q4_1, W_Q5_0, W_Q5_1, W_Q8_0, W_Q4_K, W_Q5_K, W_Q6_K, W_COUNT };
+
+struct Ops {
+    const char *isa;
+    DotFn dot[W_COUNT];
+    void (*quantize_act)(const float *x, BlockQ8A *y, size_t n);  // n a multiple of 32
+    float (*dot_f16)(const uint16_t *a, const float *x, size_t n);  // attention scores over an f16 K cache
+    void (*axpy_f16)(float alpha, const uint16_t *v, float *y, size_t n);  // y += alpha * v (f16 V cache)
+};
+
+// ggml type id -> WType, or -1 if the engine does not compute with it.
+int wtype_of_ggml(uint32_t ggml_type);
+inline bool takes_q8(int w) { return w >= W_Q4_0; }
+
+// The best set this CPU runs (EDGEAI_ISA=scalar|avx2|neon|neon-dotprod overrides, for tests).
+const Ops &best();
+// A named set, or nullptr when it is not compiled in or this CPU cannot run it.
+const Ops *named(const std::string &isa);
+// Every set compiled in that this CPU can run, best last.
+std::vector<std::string> available();
+
+// Per-ISA tables (defined in kernels_<isa>.cpp; only those compiled for the target exist).
+const Ops *ops_scalar();
+const Ops *ops_avx2();
+const Ops *ops_neon();
+const Ops *ops_neon_dotprod();
+
+}  // namespace edgeai::kern

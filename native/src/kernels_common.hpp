@@ -1,0 +1,158 @@
+// Scalar pieces shared by every kernel set: f16/bf16 decoding, K-quant scale unpacking, and
+// the reference (unvectorized) decoding of one 32-weight sub-block into integer codes.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.hpp"
+
+namespace edgeai::kern {
+
+inline float f16(uint16_t h) {
+    uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
+    if (exp == 0) {
+        float v = static_cast<float>(mant) * 5.9604644775390625e-08f;
+        std::memcpy(&bits, &v, 4);
+        bits |= sign;
+    } else if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return f16(h);
+}
+inline float bf16(uint16_t h) {
+    uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+// Q4_K / Q5_K: 8 six-bit scales and mins packed in 12 bytes.
+inline void k4_scales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
+    for (int j = 0; j < 4; ++j) {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = static_cast<uint8_t>((s[j + 8] & 15) | ((s[j] >> 6) << 4));
+        mn[j + 4] = static_cast<uint8_t>((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+    }
+}
+
+struct TypeLayout {
+    int block;   // weights per block
+    int bytes;   // bytes per block
+};
+constexpr TypeLayout LAYOUT[W_COUNT] = {
+    {1, 4}, {1, 2}, {1, 2}, {32, 18}, {32, 20}, {32, 22}, {32, 24}, {32, 34}, {256, 144}, {256, 176}, {256, 210},
+};
+
+// One 32-weight sub-block `sub` of a block as codes q[32] (int, possibly signed for Q8_0) with
+// w = a[h]*q + b[h] on half h (values 0-15, 16-31).
+inline void unpack_sub(int w, const uint8_t *blk, int sub, int q[32], float a[2], float b[2]) {
+    switch (w) {
+        case W_Q4_0: case W_Q5_0: case W_Q4_1: case W_Q5_1: {
+            const bool five = (w == W_Q5_0 || w == W_Q5_1), affine = (w == W_Q4_1 || w == W_Q5_1);
+            const float d = f16_at(blk), m = affine ? f16_at(blk + 2) : 0.0f;
+            const int head = affine ? 4 : 2;
+            uint32_t qh = 0;
+            if (five) std::memcpy(&qh, blk + head, 4);
+            const uint8_t *qs = blk + head + (five ? 4 : 0);
+            for (int j = 0; j < 16; ++j) {
+                q[j] = qs[j] & 15;
+                q[j + 16] = qs[j] >> 4;
+                if (five) {
+                    q[j] |= static_cast<int>((qh >> j) & 1) << 4;
+                    q[j + 16] |= static_cast<int>((qh >> (j + 16)) & 1) << 4;
+                }
+            }
+            a[0] = a[1] = d;
+            b[0] = b[1] = affine ? m : -d * (five ? 16.0f : 8.0f);
+            return;
+        }
+        case W_Q8_0: {
+            const int8_t *qs = reinterpret_cast<const int8_t *>(blk + 2);
+            for (int j = 0; j < 32; ++j) q[j] = qs[j];
+            a[0] = a[1] = f16_at(blk);
+            b[0] = b[1] = 0.0f;
+            return;
+        }
+        case W_Q4_K: case W_Q5_K: {
+            const bool five = w == W_Q5_K;
+            uint8_t sc[8], mn[8];
+            k4_scales(blk + 4, sc, mn);
+            const uint8_t *qh = blk + 16, *ql = five ? blk + 48 : blk + 16;
+            const int c = sub / 2, shift = 4 * (sub % 2);
+            for (int l = 0; l < 32; ++l) {
+                q[l] = (ql[c * 32 + l] >> shift) & 15;
+                if (five) q[l] |= ((qh[l] >> sub) & 1) << 4;
+            }
+            a[0] = a[1] = f16_at(blk) * sc[sub];
+            b[0] = b[1] = -f16_at(blk + 2) * mn[sub];
+            return;
+        }
+        case W_Q6_K: {
+            const uint8_t *ql = blk, *qh = blk + 128;
+            const int8_t *sc = reinterpret_cast<const int8_t *>(blk + 192);
+            const float d = f16_at(blk + 208);
+            const int h = sub / 4, s = (sub % 4) / 2;
+            for (int pos = 0; pos < 32; ++pos) {
+                const int bb = (sub % 2) * 32 + pos;
+                q[pos] = ((ql[h * 64 + bb] >> (4 * s)) & 15) | (((qh[h * 32 + pos] >> (2 * (sub % 4))) & 3) << 4);
+            }
+            a[0] = d * sc[2 * sub];
+            a[1] = d * sc[2 * sub + 1];
+            b[0] = -32.0f * a[0];
+            b[1] = -32.0f * a[1];
+            return;
+        }
+        default: return;
+    }
+}
+
+// Reference activation quantizer (round half to even, as the SIMD versions' conversions do).
+inline void quantize_act_ref(const float *x, BlockQ8A *y, size_t n) {
+    for (size_t b = 0; b < n / QA; ++b, x += QA) {
+        float amax = 0.0f;
+        for (int j = 0; j < QA; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+        const float d = amax / 127.0f, id = d > 0.0f ? 127.0f / amax : 0.0f;
+        int s0 = 0, s1 = 0;
+        for (int j = 0; j < QA; ++j) {
+            const int v = static_cast<int>(std::nearbyint(x[j] * id));
+            y[b].qs[j] = static_cast<int8_t>(v);
+            (j < 16 ? s0 : s1) += v;
+        }
+        y[b].d = d;
+        y[b].hs[0] = d * static_cast<float>(s0);
+        y[b].hs[1] = d * static_cast<float>(s1);
+    }
+}
+
+// Reference quantized dot: per sub-block integer sums, then the float terms.
+inline float dot_q_ref(int w, const uint8_t *row, const BlockQ8A *x, size_t n) {
+    const TypeLayout L = LAYOUT[w];
+    const int subs = L.block / 32;
+    float acc = 0.0f;
+    int q[32];
+    float a[2], b[2];
+    for (size_t blk = 0; blk < n / L.block; ++blk) {
+        for (int s = 0; s < subs; ++s, ++x) {
+            unpack_sub(w, row + blk * L.bytes, s, q, a, b);
+            int i0 = 0, i1 = 0;
+            for (int j = 0; j < 16; ++j) i0 += q[j] * x->qs[j];
+            for (int j = 16; j < 32; ++j) i1 += q[j] * x->qs[j];
+            acc += a[0] * x->d * static_cast<float>(i0) + a[1] * x->d * static_cast<float>(i1) + b[0] * x->hs[0] +
+                   b[1] * x->hs[1];
+        }
+    }
+    return acc;
+}
+
+}  // namespace edgeai::kern

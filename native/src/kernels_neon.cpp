@@ -1,0 +1,222 @@
+// AArch64 NEON kernel set. Compiled twice: plain (baseline NEON, widening multiplies) and with
+// EDGEAI_DOTPROD under -march=armv8.2-a+dotprod (SDOT), which is chosen when the CPU has it.
+// Codes stay below 64 except Q8_0's, so every type multiplies as signed bytes.
+#include <arm_neon.h>
+
+#include "kernels_common.hpp"
+
+namespace edgeai::kern {
+namespace {
+
+// sum over 16 lanes of q*x
+inline int32_t dot16(int8x16_t q, int8x16_t x) {
+#if defined(EDGEAI_DOTPROD)
+    return vaddvq_s32(vdotq_s32(vdupq_n_s32(0), q, x));
+#else
+    const int16x8_t lo = vmull_s8(vget_low_s8(q), vget_low_s8(x));
+    const int16x8_t hi = vmull_high_s8(q, x);
+    return vaddvq_s32(vaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi)));
+#endif
+}
+
+// The 32 codes of a sub-block in two registers (weights 0-15, 16-31) against one BlockQ8A.
+inline float sub_dot(int8x16_t q0, int8x16_t q1, const BlockQ8A *x, float a0, float a1, float b0, float b1) {
+    const int32_t i0 = dot16(q0, vld1q_s8(x->qs)), i1 = dot16(q1, vld1q_s8(x->qs + 16));
+    return a0 * x->d * static_cast<float>(i0) + a1 * x->d * static_cast<float>(i1) + b0 * x->hs[0] + b1 * x->hs[1];
+}
+
+// Bits 16*half .. 16*half+15 of the word at p -> 0x10 in bytes 0..15.
+inline int8x16_t fifth_bits16(const uint8_t *p, int half) {
+    static const uint8_t IDX[2][16] = {{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
+                                       {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3}};
+    static const uint8_t BIT[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    uint32_t bits;
+    std::memcpy(&bits, p, 4);
+    const uint8x16_t bytes = vqtbl1q_u8(vreinterpretq_u8_u32(vdupq_n_u32(bits)), vld1q_u8(IDX[half]));
+    return vreinterpretq_s8_u8(vandq_u8(vtstq_u8(bytes, vld1q_u8(BIT)), vdupq_n_u8(0x10)));
+}
+
+template <bool FIVE, bool AFFINE> float dot_legacy(const uint8_t *row, const void *xv, size_t n) {
+    const BlockQ8A *x = static_cast<const BlockQ8A *>(xv);
+    constexpr int HEAD = AFFINE ? 4 : 2, BYTES = HEAD + (FIVE ? 4 : 0) + 16;
+    float acc = 0.0f;
+    for (size_t b = 0; b < n / 32; ++b, row += BYTES, ++x) {
+        const uint8x16_t t = vld1q_u8(row + HEAD + (FIVE ? 4 : 0));
+        int8x16_t q0 = vreinterpretq_s8_u8(vandq_u8(t, vdupq_n_u8(15))), q1 = vreinterpretq_s8_u8(vshrq_n_u8(t, 4));
+        if (FIVE) {
+            q0 = vorrq_s8(q0, fifth_bits16(row + HEAD, 0));
+            q1 = vorrq_s8(q1, fifth_bits16(row + HEAD, 1));
+        }
+        const float d = f16_at(row), bias = AFFINE ? f16_at(row + 2) : -d * (FIVE ? 16.0f : 8.0f);
+        acc += sub_dot(q0, q1, x, d, d, bias, bias);
+    }
+    return acc;
+}
+
+float dot_q8_0(const uint8_t *row, const void *xv, size_t n) {
+    const BlockQ8A *x = static_cast<const BlockQ8A *>(xv);
+    float acc = 0.0f;
+    for (size_t b = 0; b < n / 32; ++b, row += 34, ++x) {
+        const int8_t *qs = reinterpret_cast<const int8_t *>(row + 2);
+        const float d = f16_at(row);
+        acc += sub_dot(vld1q_s8(qs), vld1q_s8(qs + 16), x, d, d, 0.0f, 0.0f);
+    }
+    return acc;
+}
+
+template <bool FIVE> float dot_q45_k(const uint8_t *row, const void *xv, size_t n) {
+    const BlockQ8A *x = static_cast<const BlockQ8A *>(xv);
+    constexpr int BYTES = FIVE ? 176 : 144;
+    float acc = 0.0f;
+    for (size_t blk = 0; blk < n / 256; ++blk, row += BYTES) {
+        const float d = f16_at(row), dmin = f16_at(row + 2);
+        uint8_t sc[8], mn[8];
+        k4_scales(row + 4, sc, mn);
+        const uint8_t *ql = row + (FIVE ? 48 : 16);
+        const uint8x16_t h0 = vld1q_u8(row + 16), h1 = vld1q_u8(row + 32);
+        for (int s = 0; s < 8; ++s, ++x) {
+            const int c = s / 2;
+            uint8x16_t q0 = vld1q_u8(ql + 32 * c), q1 = vld1q_u8(ql + 32 * c + 16);
+            if (s % 2) {
+                q0 = vshrq_n_u8(q0, 4);
+                q1 = vshrq_n_u8(q1, 4);
+            } else {
+                q0 = vandq_u8(q0, vdupq_n_u8(15));
+                q1 = vandq_u8(q1, vdupq_n_u8(15));
+            }
+            if (FIVE) {
+                const uint8x16_t bit = vdupq_n_u8(static_cast<uint8_t>(1 << s)), sixteen = vdupq_n_u8(0x10);
+                q0 = vorrq_u8(q0, vandq_u8(vtstq_u8(h0, bit), sixteen));
+                q1 = vorrq_u8(q1, vandq_u8(vtstq_u8(h1, bit), sixteen));
+            }
+            const float a = d * sc[s], b = -dmin * mn[s];
+            acc += sub_dot(vreinterpretq_s8_u8(q0), vreinterpretq_s8_u8(q1), x, a, a, b, b);
+        }
+    }
+    return acc;
+}
+
+float dot_q6_k(const uint8_t *row, const void *xv, size_t n) {
+    const BlockQ8A *x = static_cast<const BlockQ8A *>(xv);
+    float acc = 0.0f;
+    for (size_t blk = 0; blk < n / 256; ++blk, row += 210) {
+        const int8_t *sc = reinterpret_cast<const int8_t *>(row + 192);
+        const float d = f16_at(row + 208);
+        for (int g = 0; g < 8; ++g, ++x) {
+            const int h = g / 4, k = g % 4;
+            const uint8_t *ql = row + 64 * h + (k % 2) * 32, *qh = row + 128 + 32 * h;
+            uint8x16_t l0 = vld1q_u8(ql), l1 = vld1q_u8(ql + 16);
+            if (k >= 2) {
+                l0 = vshrq_n_u8(l0, 4);
+                l1 = vshrq_n_u8(l1, 4);
+            } else {
+                l0 = vandq_u8(l0, vdupq_n_u8(15));
+                l1 = vandq_u8(l1, vdupq_n_u8(15));
+            }
+            const int8x16_t shift = vdupq_n_s8(static_cast<int8_t>(-2 * k));
+            const uint8x16_t hb0 = vandq_u8(vshlq_u8(vld1q_u8(qh), shift), vdupq_n_u8(3));
+            const uint8x16_t hb1 = vandq_u8(vshlq_u8(vld1q_u8(qh + 16), shift), vdupq_n_u8(3));
+            const int8x16_t q0 = vreinterpretq_s8_u8(vorrq_u8(l0, vshlq_n_u8(hb0, 4)));
+            const int8x16_t q1 = vreinterpretq_s8_u8(vorrq_u8(l1, vshlq_n_u8(hb1, 4)));
+            const float a0 = d * sc[2 * g], a1 = d * sc[2 * g + 1];
+            acc += sub_dot(q0, q1, x, a0, a1, -32.0f * a0, -32.0f * a1);
+        }
+    }
+    return acc;
+}
+
+float dot_f32(const uint8_t *row, const void *xv, size_t n) {
+    const float *w = reinterpret_cast<const float *>(row), *x = static_cast<const float *>(xv);
+    float32x4_t a0 = vdupq_n_f32(0), a1 = vdupq_n_f32(0);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        a0 = vfmaq_f32(a0, vld1q_f32(w + i), vld1q_f32(x + i));
+        a1 = vfmaq_f32(a1, vld1q_f32(w + i + 4), vld1q_f32(x + i + 4));
+    }
+    float acc = vaddvq_f32(vaddq_f32(a0, a1));
+    for (; i < n; ++i) acc += w[i] * x[i];
+    return acc;
+}
+
+float dot_f16v(const uint16_t *w, const float *x, size_t n) {
+    float32x4_t a0 = vdupq_n_f32(0), a1 = vdupq_n_f32(0);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(w + i));
+        a0 = vfmaq_f32(a0, vcvt_f32_f16(vget_low_f16(h)), vld1q_f32(x + i));
+        a1 = vfmaq_f32(a1, vcvt_high_f32_f16(h), vld1q_f32(x + i + 4));
+    }
+    float acc = vaddvq_f32(vaddq_f32(a0, a1));
+    for (; i < n; ++i) acc += f16(w[i]) * x[i];
+    return acc;
+}
+
+float dot_f16_row(const uint8_t *row, const void *x, size_t n) {
+    return dot_f16v(reinterpret_cast<const uint16_t *>(row), static_cast<const float *>(x), n);
+}
+
+float dot_bf16(const uint8_t *row, const void *xv, size_t n) {
+    const uint16_t *w = reinterpret_cast<const uint16_t *>(row);
+    const float *x = static_cast<const float *>(xv);
+    float32x4_t a0 = vdupq_n_f32(0);
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        a0 = vfmaq_f32(a0, vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(w + i), 16)), vld1q_f32(x + i));
+    float acc = vaddvq_f32(a0);
+    for (; i < n; ++i) acc += bf16(w[i]) * x[i];
+    return acc;
+}
+
+void axpy_f16v(float alpha, const uint16_t *v, float *y, size_t n) {
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(v + i))), alpha));
+    for (; i < n; ++i) y[i] += alpha * f16(v[i]);
+}
+
+void quantize_act(const float *x, BlockQ8A *y, size_t n) {
+    for (size_t b = 0; b < n / QA; ++b, x += QA) {
+        float32x4_t v[8];
+        float32x4_t m = vdupq_n_f32(0);
+        for (int k = 0; k < 8; ++k) {
+            v[k] = vld1q_f32(x + 4 * k);
+            m = vmaxq_f32(m, vabsq_f32(v[k]));
+        }
+        const float amax = vmaxvq_f32(m);
+        const float d = amax / 127.0f, id = d > 0.0f ? 127.0f / amax : 0.0f;
+        int32x4_t q[8];
+        for (int k = 0; k < 8; ++k) q[k] = vcvtnq_s32_f32(vmulq_n_f32(v[k], id));
+        for (int k = 0; k < 8; k += 2) {
+            const int16x8_t s16 = vcombine_s16(vqmovn_s32(q[k]), vqmovn_s32(q[k + 1]));
+            vst1_s8(y[b].qs + 4 * k, vqmovn_s16(s16));
+        }
+        const int32_t s0 = vaddvq_s32(vaddq_s32(vaddq_s32(q[0], q[1]), vaddq_s32(q[2], q[3])));
+        const int32_t s1 = vaddvq_s32(vaddq_s32(vaddq_s32(q[4], q[5]), vaddq_s32(q[6], q[7])));
+        y[b].d = d;
+        y[b].hs[0] = d * static_cast<float>(s0);
+        y[b].hs[1] = d * static_cast<float>(s1);
+    }
+}
+
+const Ops OPS = {
+#if defined(EDGEAI_DOTPROD)
+    "neon-dotprod",
+#else
+    "neon",
+#endif
+    {dot_f32, dot_f16_row, dot_bf16, dot_legacy<false, false>, dot_legacy<false, true>, dot_legacy<true, false>,
+     dot_legacy<true, true>, dot_q8_0, dot_q45_k<false>, dot_q45_k<true>, dot_q6_k},
+    quantize_act,
+    dot_f16v,
+    axpy_f16v,
+};
+
+}  // namespace
+
+#if defined(EDGEAI_DOTPROD)
+const Ops *ops_neon_dotprod() { return &OPS; }
+#else
+const Ops *ops_neon() { return &OPS; }
+#endif
+
+}  // namespace edgeai::kern

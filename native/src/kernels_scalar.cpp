@@ -1,0 +1,59 @@
+// The portable kernel set: plain C++, the reference every SIMD set is tested against.
+#include "kernels_common.hpp"
+
+namespace edgeai::kern {
+namespace {
+
+template <int W> float dot_q(const uint8_t *row, const void *x, size_t n) {
+    return dot_q_ref(W, row, static_cast<const BlockQ8A *>(x), n);
+}
+
+float dot_f32(const uint8_t *row, const void *xv, size_t n) {
+    const float *w = reinterpret_cast<const float *>(row), *x = static_cast<const float *>(xv);
+    float acc[4] = {0, 0, 0, 0};
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int k = 0; k < 4; ++k) acc[k] += w[i + k] * x[i + k];
+    for (; i < n; ++i) acc[0] += w[i] * x[i];
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+float dot_f16_ref(const uint16_t *w, const float *x, size_t n) {
+    float acc[4] = {0, 0, 0, 0};
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int k = 0; k < 4; ++k) acc[k] += f16(w[i + k]) * x[i + k];
+    for (; i < n; ++i) acc[0] += f16(w[i]) * x[i];
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+float dot_f16_row(const uint8_t *row, const void *x, size_t n) {
+    return dot_f16_ref(reinterpret_cast<const uint16_t *>(row), static_cast<const float *>(x), n);
+}
+
+float dot_bf16(const uint8_t *row, const void *xv, size_t n) {
+    const uint16_t *w = reinterpret_cast<const uint16_t *>(row);
+    const float *x = static_cast<const float *>(xv);
+    float acc = 0.0f;
+    for (size_t i = 0; i < n; ++i) acc += bf16(w[i]) * x[i];
+    return acc;
+}
+
+void axpy_f16_ref(float alpha, const uint16_t *v, float *y, size_t n) {
+    for (size_t i = 0; i < n; ++i) y[i] += alpha * f16(v[i]);
+}
+
+const Ops OPS = {
+    "scalar",
+    {dot_f32, dot_f16_row, dot_bf16, dot_q<W_Q4_0>, dot_q<W_Q4_1>, dot_q<W_Q5_0>, dot_q<W_Q5_1>, dot_q<W_Q8_0>,
+     dot_q<W_Q4_K>, dot_q<W_Q5_K>, dot_q<W_Q6_K>},
+    quantize_act_ref,
+    dot_f16_ref,
+    axpy_f16_ref,
+};
+
+}  // namespace
+
+const Ops *ops_scalar() { return &OPS; }
+
+}  // namespace edgeai::kern

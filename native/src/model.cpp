@@ -1,0 +1,500 @@
+#include "model.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "kernels_common.hpp"
+#include "quant.hpp"
+
+namespace edgeai {
+
+namespace {
+
+constexpr int kBatch = 64;  // prefill tokens per forward call (bounds scratch memory)
+
+// Experts read in place from the stacked tensors [n_expert][rows][cols] of the memory map.
+class MmapExpertStore : public ExpertStore {
+  public:
+    void add_layer(const Matrix stacked[3], int64_t rows_per_expert[3]) {
+        std::array<Matrix, 3> l;
+        for (int p = 0; p < 3; ++p) {
+            l[p] = stacked[p];
+            l[p].rows = rows_per_expert[p];
+        }
+        layers_.push_back(l);
+    }
+    Matrix acquire(int layer, Proj proj, int expert) override {
+        Matrix m = layers_[layer][proj];
+        m.data += static_cast<size_t>(expert) * static_cast<size_t>(m.rows) * m.row_bytes;
+        return m;
+    }
+    void release(int, Proj, int) override {}
+
+  private:
+    std::vector<std::array<Matrix, 3>> layers_;
+};
+
+void rmsnorm(const float *x, const float *w, float *y, int n, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+    const float scale = static_cast<float>(1.0 / std::sqrt(ss / n + eps));
+    for (int i = 0; i < n; ++i) y[i] = x[i] * scale * w[i];
+}
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+// Decodes one row of any engine type into floats (embedding lookup).
+void decode_row(const Matrix &m, int64_t r, float *out) {
+    const uint8_t *row = m.row(r);
+    switch (m.wtype) {
+        case kern::W_F32: std::memcpy(out, row, m.cols * sizeof(float)); return;
+        case kern::W_F16:
+            for (int64_t i = 0; i < m.cols; ++i) out[i] = kern::f16_at(row + 2 * i);
+            return;
+        case kern::W_BF16:
+            for (int64_t i = 0; i < m.cols; ++i) {
+                uint16_t h;
+                std::memcpy(&h, row + 2 * i, 2);
+                out[i] = kern::bf16(h);
+            }
+            return;
+        default: {
+            const kern::TypeLayout L = kern::LAYOUT[m.wtype];
+            int q[32];
+            float a[2], b[2];
+            for (int64_t blk = 0; blk < m.cols / L.block; ++blk)
+                for (int s = 0; s < L.block / 32; ++s) {
+                    kern::unpack_sub(m.wtype, row + blk * L.bytes, s, q, a, b);
+                    float *o = out + blk * L.block + 32 * s;
+                    for (int j = 0; j < 32; ++j) o[j] = a[j / 16] * static_cast<float>(q[j]) + b[j / 16];
+                }
+        }
+    }
+}
+
+std::string shape_str(const gguf::TensorInfo &t) {
+    std::string s = "[";
+    for (size_t d = 0; d < t.ne.size(); ++d) s += (d ? ", " : "") + std::to_string(t.ne[d]);
+    return s + "]";
+}
+
+}  // namespace
+
+Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int n_threads, const std::string &isa)
+    : file_(path), cfg_(config), n_ctx_(n_ctx), ops_(isa.empty() ? &kern::best() : kern::named(isa)), pool_(n_threads) {
+    if (!ops_) throw ModelError("instruction set '" + isa + "' is not available on this CPU or in this build");
+    const ModelConfig &c = cfg_;
+    if (c.n_embd <= 0 || c.n_layer <= 0 || c.n_head <= 0 || c.n_head_kv <= 0 || c.head_dim <= 0 || c.head_dim % 2 ||
+        c.n_head % c.n_head_kv || c.n_vocab <= 0)
+        throw ModelError(path + ": inconsistent hyper-parameters (embedding, heads, head size or vocabulary)");
+    if (n_ctx <= 0) throw ModelError("n_ctx must be positive");
+    if ((c.n_expert > 0) != (c.n_expert_used > 0) || c.n_expert_used > c.n_expert)
+        throw ModelError(path + ": expert_used_count " + std::to_string(c.n_expert_used) + " does not fit expert_count " +
+                         std::to_string(c.n_expert));
+
+    const int64_t q_dim = int64_t(c.n_head) * c.head_dim, kv_dim = int64_t(c.n_head_kv) * c.head_dim;
+    tok_embd_ = matrix("token_embd.weight", c.n_embd, c.n_vocab, true);
+    output_norm_ = vector("output_norm.weight", c.n_embd, true);
+    output_ = matrix("output.weight", c.n_embd, c.n_vocab, false);
+    if (!output_) output_ = tok_embd_;
+    if (const gguf::TensorInfo *rf = file_.tensor("rope_freqs.weight")) {
+        Matrix m = vector("rope_freqs.weight", c.head_dim / 2, true);
+        rope_freqs_.assign(reinterpret_cast<const float *>(m.data), reinterpret_cast<const float *>(m.data) + c.head_dim / 2);
+        (void)rf;
+    }
+    auto mmap_experts = std::make_unique<MmapExpertStore>();
+    for (int i = 0; i < c.n_layer; ++i) {
+        const std::string p = "blk." + std::to_string(i) + ".";
+        Layer L;
+        L.attn_norm = vector(p + "attn_norm.weight", c.n_embd, true);
+        L.wq = matrix(p + "attn_q.weight", c.n_embd, q_dim, true);
+        L.wk = matrix(p + "attn_k.weight", c.n_embd, kv_dim, true);
+        L.wv = matrix(p + "attn_v.weight", c.n_embd, kv_dim, true);
+        L.wo = matrix(p + "attn_output.weight", q_dim, c.n_embd, true);
+        L.bq = vector(p + "attn_q.bias", q_dim, false);
+        L.bk = vector(p + "attn_k.bias", kv_dim, false);
+        L.bv = vector(p + "attn_v.bias", kv_dim, false);
+        if (c.qk_norm != QKNorm::NONE) {
+            const bool full = c.qk_norm == QKNorm::FULL;
+            L.q_norm = vector(p + "attn_q_norm.weight", full ? q_dim : c.head_dim, true);
+            L.k_norm = vector(p + "attn_k_norm.weight", full ? kv_dim : c.head_dim, true);
+        }
+        L.ffn_norm = vector(p + "ffn_norm.weight", c.n_embd, true);
+        if (c.n_expert == 0) {
+            const gguf::TensorInfo *g = file_.tensor(p + "ffn_gate.weight");
+            if (!g) throw ModelError(path + ": tensor " + p + "ffn_gate.weight is missing");
+            const int64_t n_ff = static_cast<int64_t>(g->ne.size() == 2 ? g->ne[1] : 0);
+            L.gate = matrix(p + "ffn_gate.weight", c.n_embd, n_ff, true);
+            L.up = matrix(p + "ffn_up.weight", c.n_embd, n_ff, true);
+            L.down = matrix(p + "ffn_down.weight", n_ff, c.n_embd, true);
+        } else {
+            L.router = matrix(p + "ffn_gate_inp.weight", c.n_embd, c.n_expert, true);
+            const gguf::TensorInfo *g = file_.tensor(p + "ffn_gate_exps.weight");
+            if (!g || g->ne.size() != 3) throw ModelError(path + ": tensor " + p + "ffn_gate_exps.weight is missing or not 3-D");
+            const int64_t n_ff = static_cast<int64_t>(g->ne[1]);
+            Matrix stacked[3] = {matrix(p + "ffn_gate_exps.weight", c.n_embd, n_ff * c.n_expert, true),
+                                 matrix(p + "ffn_up_exps.weight", c.n_embd, n_ff * c.n_expert, true),
+                                 matrix(p + "ffn_down_exps.weight", n_ff, int64_t(c.n_embd) * c.n_expert, true)};
+            int64_t rows[3] = {n_ff, n_ff, c.n_embd};
+            mmap_experts->add_layer(stacked, rows);
+            if (file_.tensor(p + "ffn_gate_shexp.weight")) {
+                const gguf::TensorInfo *s = file_.tensor(p + "ffn_gate_shexp.weight");
+                const int64_t n_sh = static_cast<int64_t>(s->ne.size() == 2 ? s->ne[1] : 0);
+                L.gate_shexp = matrix(p + "ffn_gate_shexp.weight", c.n_embd, n_sh, true);
+                L.up_shexp = matrix(p + "ffn_up_shexp.weight", c.n_embd, n_sh, true);
+                L.down_shexp = matrix(p + "ffn_down_shexp.weight", n_sh, c.n_embd, true);
+                L.shexp_gate = vector(p + "ffn_gate_inp_shexp.weight", c.n_embd, false);
+            }
+        }
+        layers_.push_back(L);
+    }
+    experts_ = std::move(mmap_experts);
+    for (const gguf::TensorInfo &t : file_.tensors()) weight_bytes_ += t.nbytes;
+
+    const size_t kv = static_cast<size_t>(c.n_layer) * n_ctx * kv_dim;
+    k_cache_.assign(kv, 0);
+    v_cache_.assign(kv, 0);
+    inv_freq_.resize(c.head_dim / 2);
+    for (int i = 0; i < c.head_dim / 2; ++i) {
+        inv_freq_[i] = std::pow(c.rope_theta, -2.0f * i / c.head_dim);
+        if (!rope_freqs_.empty()) inv_freq_[i] /= rope_freqs_[i];
+    }
+    logits_.assign(c.n_vocab, 0.0f);
+    set_sampling(SamplingParams{});
+}
+
+Model::~Model() = default;
+
+size_t Model::kv_bytes() const { return (k_cache_.size() + v_cache_.size()) * sizeof(uint16_t); }
+
+// A weight matrix of `rows` rows of `cols` (ggml shape [cols, rows], or [cols, r, n] stacked).
+Matrix Model::matrix(const std::string &name, int64_t cols, int64_t rows, bool required) {
+    const gguf::TensorInfo *t = file_.tensor(name);
+    if (!t) {
+        if (required) throw ModelError(file_.path() + ": tensor " + name + " is missing");
+        return {};
+    }
+    uint64_t n = 1;
+    for (uint64_t d : t->ne) n *= d;
+    if (t->ne[0] != static_cast<uint64_t>(cols) || n != static_cast<uint64_t>(cols) * static_cast<uint64_t>(rows))
+        throw ModelError(file_.path() + ": tensor " + name + " has shape " + shape_str(*t) + ", expected " +
+                         std::to_string(cols) + " x " + std::to_string(rows));
+    const int w = kern::wtype_of_ggml(t->type);
+    if (w < 0) {
+        const gguf::TypeInfo *ti = gguf::type_info(t->type);
+        throw ModelError(file_.path() + ": tensor " + name + " has type " + (ti ? ti->name : "?") +
+                         ", which the native engine does not run; the llama.cpp backend can (backend=\"llama.cpp\")");
+    }
+    Matrix m;
+    m.data = file_.data(*t);
+    m.wtype = w;
+    m.rows = rows;
+    m.cols = cols;
+    m.row_bytes = t->row_bytes();
+    return m;
+}
+
+Matrix Model::vector(const std::string &name, int64_t n, bool required) {
+    Matrix m = matrix(name, n, 1, required);
+    if (m && m.wtype != kern::W_F32)
+        throw ModelError(file_.path() + ": tensor " + name + " should be F32 (norms, biases and scales are kept in F32)");
+    return m;
+}
+
+void Model::ensure_scratch(int T) {
+    if (T <= scratch_T_) return;
+    const ModelConfig &c = cfg_;
+    const size_t q_dim = size_t(c.n_head) * c.head_dim, kv_dim = size_t(c.n_head_kv) * c.head_dim;
+    size_t ff = 0;
+    for (const Layer &L : layers_) {
+        ff = std::max<size_t>(ff, L.gate.rows);
+        ff = std::max<size_t>(ff, L.gate_shexp.rows);
+    }
+    if (c.n_expert) ff = std::max<size_t>(ff, experts_->acquire(0, ExpertStore::GATE, 0).rows);
+    x_.assign(size_t(T) * c.n_embd, 0);
+    xb_.assign(size_t(T) * std::max<size_t>(c.n_embd, q_dim), 0);
+    q_.assign(size_t(T) * q_dim, 0);
+    k_.assign(size_t(T) * kv_dim, 0);
+    v_.assign(size_t(T) * kv_dim, 0);
+    att_out_.assign(size_t(T) * q_dim, 0);
+    hb_.assign(size_t(T) * ff, 0);
+    hb2_.assign(size_t(T) * ff, 0);
+    tmp_.assign(size_t(T) * std::max<size_t>({size_t(c.n_embd), size_t(c.n_expert), q_dim}), 0);
+    scores_.assign(size_t(pool_.size()) * n_ctx_, 0);
+    scratch_T_ = T;
+}
+
+// y[T][w.rows] = x[T][w.cols] . w^T
+void Model::matmul(const Matrix &w, const float *x, float *y, int T) {
+    const kern::DotFn dot = ops_->dot[w.wtype];
+    const int64_t rows = w.rows, cols = w.cols;
+    const void *act = x;
+    size_t stride_bytes = cols * sizeof(float);
+    if (kern::takes_q8(w.wtype)) {
+        const size_t nb = cols / kern::QA;
+        xq_.resize(nb * T);
+        for (int t = 0; t < T; ++t) ops_->quantize_act(x + size_t(t) * cols, xq_.data() + nb * t, cols);
+        act = xq_.data();
+        stride_bytes = nb * sizeof(kern::BlockQ8A);
+    }
+    const uint8_t *a = static_cast<const uint8_t *>(act);
+    pool_.range(rows, [&](size_t r0, size_t r1) {
+        for (size_t r = r0; r < r1; ++r) {
+            const uint8_t *wr = w.row(r);
+            for (int t = 0; t < T; ++t) y[size_t(t) * rows + r] = dot(wr, a + t * stride_bytes, cols);
+        }
+    });
+}
+
+void Model::rope(float *x, int n_heads, int pos) const {
+    const int hd = cfg_.head_dim, half = hd / 2;
+    const float p = static_cast<float>(pos) / cfg_.rope_linear_factor;
+    for (int i = 0; i < half; ++i) {
+        const float theta = p * inv_freq_[i], cs = std::cos(theta), sn = std::sin(theta);
+        for (int h = 0; h < n_heads; ++h) {
+            float *v = x + size_t(h) * hd;
+            const int a = cfg_.rope_neox ? i : 2 * i, b = cfg_.rope_neox ? i + half : 2 * i + 1;
+            const float x0 = v[a], x1 = v[b];
+            v[a] = x0 * cs - x1 * sn;
+            v[b] = x0 * sn + x1 * cs;
+        }
+    }
+}
+
+void Model::attention(int layer, int T, int pos0) {
+    const ModelConfig &c = cfg_;
+    const Layer &L = layers_[layer];
+    const int hd = c.head_dim, q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd, group = c.n_head / c.n_head_kv;
+    matmul(L.wq, xb_.data(), q_.data(), T);
+    matmul(L.wk, xb_.data(), k_.data(), T);
+    matmul(L.wv, xb_.data(), v_.data(), T);
+    for (int t = 0; t < T; ++t) {
+        float *q = q_.data() + size_t(t) * q_dim, *k = k_.data() + size_t(t) * kv_dim, *v = v_.data() + size_t(t) * kv_dim;
+        if (L.bq) for (int i = 0; i < q_dim; ++i) q[i] += reinterpret_cast<const float *>(L.bq.data)[i];
+        if (L.bk) for (int i = 0; i < kv_dim; ++i) k[i] += reinterpret_cast<const float *>(L.bk.data)[i];
+        if (L.bv) for (int i = 0; i < kv_dim; ++i) v[i] += reinterpret_cast<const float *>(L.bv.data)[i];
+        const float *qn = reinterpret_cast<const float *>(L.q_norm.data), *kn = reinterpret_cast<const float *>(L.k_norm.data);
+        if (c.qk_norm == QKNorm::FULL) {
+            rmsnorm(q, qn, q, q_dim, c.rms_eps);
+            rmsnorm(k, kn, k, kv_dim, c.rms_eps);
+        } else if (c.qk_norm == QKNorm::PER_HEAD) {
+            for (int h = 0; h < c.n_head; ++h) rmsnorm(q + h * hd, qn, q + h * hd, hd, c.rms_eps);
+            for (int h = 0; h < c.n_head_kv; ++h) rmsnorm(k + h * hd, kn, k + h * hd, hd, c.rms_eps);
+        }
+        rope(q, c.n_head, pos0 + t);
+        rope(k, c.n_head_kv, pos0 + t);
+        const size_t at = (size_t(layer) * n_ctx_ + pos0 + t) * kv_dim;
+        for (int i = 0; i < kv_dim; ++i) {
+            k_cache_[at + i] = fp32_to_fp16(k[i]);
+            v_cache_[at + i] = fp32_to_fp16(v[i]);
+        }
+    }
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const uint16_t *kc = k_cache_.data() + size_t(layer) * n_ctx_ * kv_dim;
+    const uint16_t *vc = v_cache_.data() + size_t(layer) * n_ctx_ * kv_dim;
+    const size_t items = size_t(T) * c.n_head;
+    pool_.run([&](int ti, int nt) {
+        float *sc = scores_.data() + size_t(ti) * n_ctx_;
+        for (size_t it = items * ti / nt; it < items * (ti + 1) / nt; ++it) {
+            const int t = static_cast<int>(it / c.n_head), h = static_cast<int>(it % c.n_head), kvh = h / group;
+            const int n_keys = pos0 + t + 1;
+            const float *q = q_.data() + size_t(t) * q_dim + size_t(h) * hd;
+            float mx = -INFINITY;
+            for (int j = 0; j < n_keys; ++j) {
+                sc[j] = ops_->dot_f16(kc + size_t(j) * kv_dim + size_t(kvh) * hd, q, hd) * scale;
+                mx = std::max(mx, sc[j]);
+            }
+            float sum = 0.0f;
+            for (int j = 0; j < n_keys; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
+            float *out = att_out_.data() + size_t(t) * q_dim + size_t(h) * hd;
+            std::fill(out, out + hd, 0.0f);
+            const float inv = 1.0f / sum;
+            for (int j = 0; j < n_keys; ++j) ops_->axpy_f16(sc[j] * inv, vc + size_t(j) * kv_dim + size_t(kvh) * hd, out, hd);
+        }
+    });
+    matmul(L.wo, att_out_.data(), tmp_.data(), T);
+    for (size_t i = 0; i < size_t(T) * c.n_embd; ++i) x_[i] += tmp_[i];
+}
+
+void Model::ffn(const Layer &L, int, int T) {
+    const int64_t n_ff = L.gate.rows;
+    matmul(L.gate, xb_.data(), hb_.data(), T);
+    matmul(L.up, xb_.data(), hb2_.data(), T);
+    for (size_t i = 0; i < size_t(T) * n_ff; ++i) hb_[i] = silu(hb_[i]) * hb2_[i];
+    matmul(L.down, hb_.data(), tmp_.data(), T);
+    for (size_t i = 0; i < size_t(T) * cfg_.n_embd; ++i) x_[i] += tmp_[i];
+}
+
+void Model::moe(const Layer &L, int layer, int T) {
+    const ModelConfig &c = cfg_;
+    const int E = c.n_expert, K = c.n_expert_used, d = c.n_embd;
+    std::vector<float> router(size_t(T) * E);  // [T][E]
+    matmul(L.router, xb_.data(), router.data(), T);
+    // routing: softmax over all experts, top-k by probability, optional renormalisation
+    std::vector<std::vector<std::pair<int, float>>> routed(E);  // expert -> (token, weight)
+    std::vector<int> idx(E);
+    for (int t = 0; t < T; ++t) {
+        float *r = router.data() + size_t(t) * E;
+        const float mx = *std::max_element(r, r + E);
+        float sum = 0.0f;
+        for (int e = 0; e < E; ++e) sum += (r[e] = std::exp(r[e] - mx));
+        for (int e = 0; e < E; ++e) r[e] /= sum;
+        std::iota(idx.begin(), idx.end(), 0);
+        std::partial_sort(idx.begin(), idx.begin() + K, idx.end(),
+                          [&](int a, int b) { return r[a] > r[b] || (r[a] == r[b] && a < b); });
+        float wsum = 0.0f;
+        for (int k = 0; k < K; ++k) wsum += r[idx[k]];
+        for (int k = 0; k < K; ++k) routed[idx[k]].emplace_back(t, c.moe_renormalize ? r[idx[k]] / wsum : r[idx[k]]);
+    }
+    std::vector<float> acc(size_t(T) * d, 0.0f), xin, out;
+    for (int e = 0; e < E; ++e) {
+        const auto &tokens = routed[e];
+        if (tokens.empty()) continue;
+        const int Te = static_cast<int>(tokens.size());
+        xin.resize(size_t(Te) * d);
+        for (int i = 0; i < Te; ++i) std::memcpy(&xin[size_t(i) * d], &xb_[size_t(tokens[i].first) * d], d * sizeof(float));
+        const Matrix g = experts_->acquire(layer, ExpertStore::GATE, e), u = experts_->acquire(layer, ExpertStore::UP, e),
+                     dn = experts_->acquire(layer, ExpertStore::DOWN, e);
+        const int64_t n_ff = g.rows;
+        matmul(g, xin.data(), hb_.data(), Te);
+        matmul(u, xin.data(), hb2_.data(), Te);
+        for (size_t i = 0; i < size_t(Te) * n_ff; ++i) hb_[i] = silu(hb_[i]) * hb2_[i];
+        out.resize(size_t(Te) * d);
+        matmul(dn, hb_.data(), out.data(), Te);
+        for (int p = 0; p < 3; ++p) experts_->release(layer, static_cast<ExpertStore::Proj>(p), e);
+        for (int i = 0; i < Te; ++i) {
+            float *a = &acc[size_t(tokens[i].first) * d];
+            const float w = tokens[i].second;
+            for (int j = 0; j < d; ++j) a[j] += w * out[size_t(i) * d + j];
+        }
+    }
+    if (L.gate_shexp) {
+        const int64_t n_sh = L.gate_shexp.rows;
+        matmul(L.gate_shexp, xb_.data(), hb_.data(), T);
+        matmul(L.up_shexp, xb_.data(), hb2_.data(), T);
+        for (size_t i = 0; i < size_t(T) * n_sh; ++i) hb_[i] = silu(hb_[i]) * hb2_[i];
+        matmul(L.down_shexp, hb_.data(), tmp_.data(), T);
+        const float *gw = reinterpret_cast<const float *>(L.shexp_gate.data);
+        for (int t = 0; t < T; ++t) {
+            float gate = 1.0f;
+            if (gw) {
+                float z = 0.0f;
+                for (int j = 0; j < d; ++j) z += gw[j] * xb_[size_t(t) * d + j];
+                gate = 1.0f / (1.0f + std::exp(-z));
+            }
+            for (int j = 0; j < d; ++j) acc[size_t(t) * d + j] += gate * tmp_[size_t(t) * d + j];
+        }
+    }
+    for (size_t i = 0; i < size_t(T) * d; ++i) x_[i] += acc[i];
+}
+
+void Model::forward(const int32_t *tokens, int T, int pos0, float *logits_out, bool all) {
+    const ModelConfig &c = cfg_;
+    const int d = c.n_embd;
+    ensure_scratch(T);
+    for (int t = 0; t < T; ++t) decode_row(tok_embd_, tokens[t], x_.data() + size_t(t) * d);
+    const float *out_norm = reinterpret_cast<const float *>(output_norm_.data);
+    for (int l = 0; l < c.n_layer; ++l) {
+        const Layer &L = layers_[l];
+        for (int t = 0; t < T; ++t)
+            rmsnorm(&x_[size_t(t) * d], reinterpret_cast<const float *>(L.attn_norm.data), &xb_[size_t(t) * d], d, c.rms_eps);
+        attention(l, T, pos0);
+        for (int t = 0; t < T; ++t)
+            rmsnorm(&x_[size_t(t) * d], reinterpret_cast<const float *>(L.ffn_norm.data), &xb_[size_t(t) * d], d, c.rms_eps);
+        if (c.n_expert) moe(L, l, T);
+        else ffn(L, l, T);
+    }
+    const int first = all ? 0 : T - 1, n_out = T - first;
+    for (int t = first; t < T; ++t) rmsnorm(&x_[size_t(t) * d], out_norm, &xb_[size_t(t - first) * d], d, c.rms_eps);
+    matmul(output_, xb_.data(), logits_out, n_out);
+}
+
+void Model::eval(const std::vector<int32_t> &tokens, std::vector<float> *all_logits) {
+    if (tokens.empty()) return;
+    if (history_.size() + tokens.size() > static_cast<size_t>(n_ctx_))
+        throw ModelError("context full: " + std::to_string(history_.size()) + " + " + std::to_string(tokens.size()) +
+                         " tokens exceed n_ctx=" + std::to_string(n_ctx_));
+    for (int32_t t : tokens)
+        if (t < 0 || t >= cfg_.n_vocab)
+            throw ModelError("token id " + std::to_string(t) + " is outside the vocabulary of " + std::to_string(cfg_.n_vocab));
+    const size_t V = cfg_.n_vocab;
+    if (all_logits) all_logits->assign(tokens.size() * V, 0.0f);
+    std::vector<float> batch_logits;
+    for (size_t b = 0; b < tokens.size(); b += kBatch) {
+        const int T = static_cast<int>(std::min<size_t>(kBatch, tokens.size() - b));
+        batch_logits.resize((all_logits ? T : 1) * V);
+        forward(tokens.data() + b, T, static_cast<int>(history_.size()), batch_logits.data(), all_logits != nullptr);
+        history_.insert(history_.end(), tokens.begin() + b, tokens.begin() + b + T);
+        if (all_logits) std::copy(batch_logits.begin(), batch_logits.end(), all_logits->begin() + b * V);
+        std::copy(batch_logits.end() - V, batch_logits.end(), logits_.begin());
+    }
+}
+
+void Model::truncate(int n) {
+    if (n < 0 || n > n_past()) throw ModelError("cannot keep " + std::to_string(n) + " of " + std::to_string(n_past()) + " positions");
+    history_.resize(n);  // cache rows past n are simply overwritten later
+}
+
+void Model::set_sampling(const SamplingParams &p) {
+    sampling_ = p;
+    rng_.seed(p.seed);
+}
+
+int Model::sample() { return sample_token(logits_, history_, sampling_, rng_); }
+
+// Same chain and semantics as runtimes/sampling.py: penalty -> top-k -> top-p -> min-p -> temperature.
+int sample_token(std::vector<float> z, const std::vector<int32_t> &history, const SamplingParams &s, std::mt19937_64 &rng) {
+    if (s.repeat_penalty != 1.0f && s.repeat_last_n > 0) {
+        const size_t n = history.size(), from = n > size_t(s.repeat_last_n) ? n - s.repeat_last_n : 0;
+        std::vector<int32_t> seen(history.begin() + from, history.end());
+        std::sort(seen.begin(), seen.end());
+        seen.erase(std::unique(seen.begin(), seen.end()), seen.end());
+        for (int32_t t : seen)
+            if (t >= 0 && size_t(t) < z.size()) z[t] = z[t] > 0 ? z[t] / s.repeat_penalty : z[t] * s.repeat_penalty;
+    }
+    const int V = static_cast<int>(z.size());
+    if (s.temperature <= 0.0f) return static_cast<int>(std::max_element(z.begin(), z.end()) - z.begin());
+    std::vector<int> ids(V);
+    std::iota(ids.begin(), ids.end(), 0);
+    const int k = (s.top_k > 0 && s.top_k < V) ? s.top_k : V;
+    auto before = [&](int a, int b) { return z[a] > z[b] || (z[a] == z[b] && a < b); };
+    std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), before);
+    ids.resize(k);
+    std::vector<double> p(k);
+    double sum = 0.0;
+    for (int i = 0; i < k; ++i) sum += (p[i] = std::exp(double(z[ids[i]]) - z[ids[0]]));
+    for (double &v : p) v /= sum;
+    int keep = k;
+    if (s.top_p < 1.0f) {
+        double cum = 0.0;
+        keep = k;
+        for (int i = 0; i < k; ++i) {
+            cum += p[i];
+            if (cum >= s.top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    if (s.min_p > 0.0f) {
+        int m = 0;
+        for (int i = 0; i < keep; ++i) m += p[i] >= s.min_p * p[0];
+        keep = std::max(1, m);
+    }
+    std::vector<double> w(keep);
+    double wsum = 0.0;
+    for (int i = 0; i < keep; ++i)
+        wsum += (w[i] = std::exp((double(z[ids[i]]) - z[ids[0]]) / s.temperature));
+    const double u = static_cast<double>(rng() >> 11) * 0x1.0p-53 * wsum;
+    double cum = 0.0;
+    for (int i = 0; i < keep; ++i) {
+        cum += w[i];
+        if (u < cum) return ids[i];
+    }
+    return ids[keep - 1];
+}
+
+}  // namespace edgeai

@@ -1,0 +1,229 @@
+// edgeai._native, runtime half: the GGUF reader, the kernel sets (for tests) and the engine.
+// Every call that computes releases the GIL; C++ errors become the Python exceptions registered
+// here (GGUFFormatError, ModelError), which edgeai.runtimes.native turns into EdgeAIErrors.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstring>
+#include <memory>
+
+#include "gguf.hpp"
+#include "kernels.hpp"
+#include "model.hpp"
+
+namespace nb = nanobind;
+
+namespace {
+
+using F32Array = nb::ndarray<nb::numpy, float, nb::ndim<1>>;
+using F32In = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using U16In = nb::ndarray<const uint16_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using U8In = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+// A float vector handed to numpy without a copy (the capsule owns it).
+nb::ndarray<nb::numpy, float> to_numpy(std::vector<float> &&v, std::initializer_list<size_t> shape) {
+    auto *owned = new std::vector<float>(std::move(v));
+    nb::capsule owner(owned, [](void *p) noexcept { delete static_cast<std::vector<float> *>(p); });
+    return nb::ndarray<nb::numpy, float>(owned->data(), shape, owner);
+}
+
+const edgeai::kern::Ops &ops_or_throw(const std::string &isa) {
+    const edgeai::kern::Ops *o = edgeai::kern::named(isa);
+    if (!o) throw nb::value_error(("instruction set '" + isa + "' is not available here").c_str());
+    return *o;
+}
+
+nb::object value_to_python(const edgeai::gguf::Value &v) {
+    using V = edgeai::gguf::Value;
+    switch (v.kind) {
+        case V::UINT: return nb::int_(v.u);
+        case V::INT: return nb::int_(v.i);
+        case V::FLOAT: return nb::float_(v.f);
+        case V::BOOL: return nb::bool_(v.u != 0);
+        case V::STRING: return nb::str(v.s.data(), v.s.size());
+        case V::ARRAY: return nb::make_tuple(nb::str("array"), v.array_type, v.array_len);
+    }
+    return nb::none();
+}
+
+edgeai::ModelConfig config_from(const nb::dict &d) {
+    edgeai::ModelConfig c;
+    auto i = [&](const char *k) { return nb::cast<int>(d[k]); };
+    auto f = [&](const char *k) { return nb::cast<float>(d[k]); };
+    c.n_vocab = i("n_vocab");
+    c.n_embd = i("n_embd");
+    c.n_layer = i("n_layer");
+    c.n_ff = i("n_ff");
+    c.n_head = i("n_head");
+    c.n_head_kv = i("n_head_kv");
+    c.head_dim = i("head_dim");
+    c.n_expert = i("n_expert");
+    c.n_expert_used = i("n_expert_used");
+    c.rms_eps = f("rms_eps");
+    c.rope_theta = f("rope_theta");
+    c.rope_linear_factor = f("rope_linear_factor");
+    c.rope_neox = nb::cast<bool>(d["rope_neox"]);
+    c.qk_norm = static_cast<edgeai::QKNorm>(i("qk_norm"));
+    c.moe_renormalize = nb::cast<bool>(d["moe_renormalize"]);
+    return c;
+}
+
+}  // namespace
+
+void bind_runtime(nb::module_ &m) {
+    nb::exception<edgeai::gguf::FormatError>(m, "GGUFFormatError", PyExc_ValueError);
+    nb::exception<edgeai::ModelError>(m, "ModelError", PyExc_ValueError);
+
+    m.def("gguf_read",
+          [](const std::string &path) {
+              std::unique_ptr<edgeai::gguf::File> f;
+              {
+                  nb::gil_scoped_release release;
+                  f = std::make_unique<edgeai::gguf::File>(path);
+              }
+              nb::dict meta;
+              for (const auto &[k, v] : f->metadata()) meta[nb::str(k.data(), k.size())] = value_to_python(v);
+              nb::list tensors;
+              for (const auto &t : f->tensors()) {
+                  nb::list shape;
+                  for (uint64_t d : t.ne) shape.append(d);
+                  tensors.append(nb::make_tuple(t.name, t.type, nb::tuple(shape), t.offset, t.nbytes));
+              }
+              nb::dict out;
+              out["version"] = f->version();
+              out["alignment"] = f->alignment();
+              out["metadata"] = meta;
+              out["tensors"] = tensors;
+              return out;
+          },
+          nb::arg("path"),
+          "Parse and validate a GGUF header: {version, alignment, metadata, tensors}. Arrays are "
+          "given as ('array', element type, length); tensors as (name, ggml type, ggml shape, file offset, bytes).");
+
+    m.def("kernel_isas", &edgeai::kern::available, "Kernel sets compiled in that this CPU runs, best last.");
+    m.def("kernel_best", [] { return std::string(edgeai::kern::best().isa); }, "The kernel set the engine uses.");
+    m.def("kernel_matvec",
+          [](const std::string &isa, uint32_t ggml_type, U8In rows, F32In x, size_t n_rows) {
+              const edgeai::kern::Ops &ops = ops_or_throw(isa);
+              const int w = edgeai::kern::wtype_of_ggml(ggml_type);
+              if (w < 0) throw nb::value_error("the engine does not compute with this type");
+              const size_t n = x.shape(0);
+              const edgeai::gguf::TypeInfo *ti = edgeai::gguf::type_info(ggml_type);
+              if (n % ti->block_size || (edgeai::kern::takes_q8(w) && n % 32))
+                  throw nb::value_error("x length is not a multiple of the block size");
+              const size_t row_bytes = n / ti->block_size * ti->type_size;
+              if (rows.shape(0) != row_bytes * n_rows) throw nb::value_error("rows has the wrong number of bytes");
+              std::vector<float> y(n_rows);
+              {
+                  nb::gil_scoped_release release;
+                  std::vector<edgeai::kern::BlockQ8A> xq(n / 32 + 1);
+                  const void *act = x.data();
+                  if (edgeai::kern::takes_q8(w)) {
+                      ops.quantize_act(x.data(), xq.data(), n);
+                      act = xq.data();
+                  }
+                  for (size_t r = 0; r < n_rows; ++r) y[r] = ops.dot[w](rows.data() + r * row_bytes, act, n);
+              }
+              return to_numpy(std::move(y), {n_rows});
+          },
+          nb::arg("isa"), nb::arg("ggml_type"), nb::arg("rows"), nb::arg("x"), nb::arg("n_rows"),
+          "y = W x with one kernel set (tests): W is n_rows rows of the type's bytes.");
+    m.def("kernel_quantize_act",
+          [](const std::string &isa, F32In x) {
+              const edgeai::kern::Ops &ops = ops_or_throw(isa);
+              const size_t n = x.shape(0);
+              if (n % 32) throw nb::value_error("length must be a multiple of 32");
+              std::vector<edgeai::kern::BlockQ8A> q(n / 32);
+              ops.quantize_act(x.data(), q.data(), n);
+              std::vector<float> d(n / 32), hs(n / 16), qs(n);
+              for (size_t b = 0; b < q.size(); ++b) {
+                  d[b] = q[b].d;
+                  hs[2 * b] = q[b].hs[0];
+                  hs[2 * b + 1] = q[b].hs[1];
+                  for (int j = 0; j < 32; ++j) qs[32 * b + j] = q[b].qs[j];
+              }
+              return nb::make_tuple(to_numpy(std::move(d), {n / 32}), to_numpy(std::move(hs), {n / 16}),
+                                    to_numpy(std::move(qs), {n}));
+          },
+          nb::arg("isa"), nb::arg("x"), "Activation blocks (d, half sums, codes) as one kernel set makes them (tests).");
+    m.def("kernel_f16",
+          [](const std::string &isa, U16In v, F32In x, float alpha) {
+              const edgeai::kern::Ops &ops = ops_or_throw(isa);
+              const size_t n = v.shape(0);
+              if (x.shape(0) != n) throw nb::value_error("v and x differ in length");
+              std::vector<float> y(x.data(), x.data() + n);
+              const float dot = ops.dot_f16(v.data(), x.data(), n);
+              ops.axpy_f16(alpha, v.data(), y.data(), n);
+              return nb::make_tuple(dot, to_numpy(std::move(y), {n}));
+          },
+          nb::arg("isa"), nb::arg("v"), nb::arg("x"), nb::arg("alpha"),
+          "(dot(v, x), x + alpha*v) over f16 v with one kernel set (tests of the attention kernels).");
+
+    m.def("sample_logits",
+          [](F32In logits, const std::vector<int32_t> &history, float temperature, int top_k, float top_p, float min_p,
+             float repeat_penalty, int repeat_last_n, uint64_t seed, int n_draws) {
+              std::vector<float> z(logits.data(), logits.data() + logits.shape(0));
+              std::mt19937_64 rng(seed);
+              std::vector<int32_t> out(n_draws);
+              nb::gil_scoped_release release;
+              for (int i = 0; i < n_draws; ++i)
+                  out[i] = edgeai::sample_token(z, history, {temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed}, rng);
+              return out;
+          },
+          nb::arg("logits"), nb::arg("history"), nb::arg("temperature"), nb::arg("top_k"), nb::arg("top_p"),
+          nb::arg("min_p"), nb::arg("repeat_penalty"), nb::arg("repeat_last_n"), nb::arg("seed"), nb::arg("n_draws"),
+          "n_draws tokens from the engine's sampler over fixed logits (tests against runtimes.sampling).");
+
+    nb::class_<edgeai::Model>(m, "Engine", "One model and one sequence (KV cache) in the native engine.")
+        .def("__init__",
+             [](edgeai::Model *self, const std::string &path, const nb::dict &config, int n_ctx, int n_threads,
+                const std::string &isa) {
+                 edgeai::ModelConfig c = config_from(config);
+                 nb::gil_scoped_release release;
+                 new (self) edgeai::Model(path, c, n_ctx, n_threads, isa);
+             },
+             nb::arg("path"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("isa") = "")
+        .def("eval",
+             [](edgeai::Model &self, const std::vector<int32_t> &tokens, bool all_logits) -> nb::object {
+                 std::vector<float> all;
+                 {
+                     nb::gil_scoped_release release;
+                     self.eval(tokens, all_logits ? &all : nullptr);
+                 }
+                 if (!all_logits) return nb::none();
+                 const size_t V = self.config().n_vocab;
+                 return nb::cast(to_numpy(std::move(all), {tokens.size(), V}));
+             },
+             nb::arg("tokens"), nb::arg("all_logits") = false,
+             "Append tokens to the KV cache; with all_logits, return their logits [len(tokens), n_vocab].")
+        .def("step",
+             [](edgeai::Model &self, const std::vector<int32_t> &tokens) {
+                 nb::gil_scoped_release release;
+                 self.eval(tokens);
+                 return self.sample();
+             },
+             nb::arg("tokens"), "Append tokens, then sample the next one (one call per decode step).")
+        .def("logits",
+             [](edgeai::Model &self) {
+                 std::vector<float> v(self.logits());
+                 return to_numpy(std::move(v), {v.size()});
+             },
+             "Logits [n_vocab] of the last evaluated token (a copy).")
+        .def("truncate", &edgeai::Model::truncate, nb::arg("n"), "Keep the first n positions of the KV cache.")
+        .def("set_sampling",
+             [](edgeai::Model &self, float temperature, int top_k, float top_p, float min_p, float repeat_penalty,
+                int repeat_last_n, uint64_t seed) {
+                 self.set_sampling({temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed});
+             },
+             nb::arg("temperature"), nb::arg("top_k"), nb::arg("top_p"), nb::arg("min_p"), nb::arg("repeat_penalty"),
+             nb::arg("repeat_last_n"), nb::arg("seed"))
+        .def_prop_ro("n_past", &edgeai::Model::n_past)
+        .def_prop_ro("n_ctx", &edgeai::Model::n_ctx)
+        .def_prop_ro("history", [](const edgeai::Model &self) { return self.history(); })
+        .def_prop_ro("isa", [](const edgeai::Model &self) { return std::string(self.isa()); })
+        .def_prop_ro("threads", &edgeai::Model::threads)
+        .def_prop_ro("weight_bytes", &edgeai::Model::weight_bytes)
+        .def_prop_ro("kv_bytes", &edgeai::Model::kv_bytes);
+}

@@ -1,0 +1,77 @@
+#include "pool.hpp"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define EDGEAI_PAUSE() _mm_pause()
+#elif defined(__aarch64__)
+#define EDGEAI_PAUSE() asm volatile("yield")
+#else
+#define EDGEAI_PAUSE() ((void)0)
+#endif
+
+namespace edgeai {
+
+namespace {
+// Spins before sleeping: long enough to bridge the gap between the operations of one decode step,
+// short enough that an idle model does not keep a core busy.
+constexpr int kSpins = 1 << 16;
+}  // namespace
+
+ThreadPool::ThreadPool(int n_threads) : n_(n_threads < 1 ? 1 : n_threads) {
+    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+}
+
+ThreadPool::~ThreadPool() {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stop_.store(true);
+        generation_.fetch_add(1);
+    }
+    wake_.notify_all();
+    for (std::thread &t : workers_) t.join();
+}
+
+void ThreadPool::run(const std::function<void(int, int)> &fn) {
+    if (n_ == 1) {
+        fn(0, 1);
+        return;
+    }
+    job_ = &fn;
+    remaining_.store(n_ - 1, std::memory_order_relaxed);
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    fn(0, n_);
+    while (remaining_.load(std::memory_order_acquire) != 0) EDGEAI_PAUSE();
+}
+
+void ThreadPool::range(size_t count, const std::function<void(size_t, size_t)> &fn) {
+    run([&](int i, int n) {
+        const size_t b = count * i / n, e = count * (i + 1) / n;
+        if (b < e) fn(b, e);
+    });
+}
+
+void ThreadPool::loop(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+        uint64_t g = generation_.load(std::memory_order_acquire);
+        for (int s = 0; g == seen && s < kSpins; ++s) {
+            EDGEAI_PAUSE();
+            g = generation_.load(std::memory_order_acquire);
+        }
+        if (g == seen) {
+            std::unique_lock<std::mutex> lock(mutex_);
+            wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+            g = generation_.load(std::memory_order_acquire);
+        }
+        seen = g;
+        if (stop_.load()) return;
+        (*job_)(index, n_);
+        remaining_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+}
+
+}  // namespace edgeai

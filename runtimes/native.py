@@ -1,0 +1,230 @@
+"""The native backend: edgeai's C++ engine (`edgeai._native.Engine`) behind `runtimes.base.Backend`.
+
+The engine reads the GGUF itself (its own validated mmap reader), computes the forward pass with
+the kernel set chosen for this CPU, and samples in C++: one call per decode step, GIL released.
+What it needs to know about the architecture family (rope style, q/k norm kind, top-k
+renormalisation) comes from the one architecture table, `converters/specs.py`.
+
+Tokenization is text work, not weight work: it is done by llama.cpp's tokenizer on the same file
+(llama-cpp-python, vocabulary only: no weights are loaded), so both engines see the same ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeai.errors import CheckpointError, EdgeAIError, OptionError, UnsupportedArchitectureError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_N_CTX = 4096
+
+
+class _ArrayRef:
+    """A metadata array the C++ reader left in the file: only its length is known here."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def read_gguf(path: Path) -> tuple[dict, list[tuple]]:
+    """(metadata, tensors) of a GGUF through the native, validated reader; a bad file raises
+    CheckpointError naming it and what is wrong."""
+    from edgeai import _native
+
+    try:
+        info = _native.gguf_read(str(path))
+    except _native.GGUFFormatError as exc:
+        raise CheckpointError(str(exc)) from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    meta = {k: (_ArrayRef(v[2]) if isinstance(v, tuple) else v) for k, v in info["metadata"].items()}
+    return meta, info["tensors"]
+
+
+def engine_config(meta: Mapping[str, object], tensors: Sequence[tuple], path: Path) -> dict:
+    """The engine's ModelConfig for a GGUF: hyper-parameters from its header, family facts from
+    the architecture table. Raises UnsupportedArchitectureError for what the engine does not run."""
+    from edgeai.converters.specs import QKNorm, RopeStyle, hparams_from_gguf, spec_for_gguf
+
+    try:
+        spec = spec_for_gguf(meta, str(path))
+    except UnsupportedArchitectureError as exc:
+        raise UnsupportedArchitectureError(f"{exc}; the llama.cpp backend may run it (backend='llama.cpp')") from exc
+    hp = hparams_from_gguf(meta, spec)
+    shapes = {t[0]: t[2] for t in tensors}
+    if "token_embd.weight" not in shapes:
+        raise CheckpointError(f"{path}: tensor token_embd.weight is missing")
+    n_vocab = int(shapes["token_embd.weight"][1])
+    scaling = hp.rope_scaling or {}
+    return {
+        "n_vocab": n_vocab,
+        "n_embd": hp.n_embd,
+        "n_layer": hp.n_layer,
+        "n_ff": hp.n_ff,
+        "n_head": hp.n_head,
+        "n_head_kv": hp.n_head_kv,
+        "head_dim": hp.head_dim,
+        "n_expert": hp.n_expert,
+        "n_expert_used": hp.n_expert_used,
+        "rms_eps": hp.rms_eps,
+        "rope_theta": hp.rope_theta,
+        "rope_linear_factor": float(scaling.get("factor", 1.0)) if scaling.get("rope_type") == "linear" else 1.0,
+        "rope_neox": spec.rope is RopeStyle.NEOX,
+        "qk_norm": {QKNorm.NONE: 0, QKNorm.PER_HEAD: 1, QKNorm.FULL: 2}[spec.qk_norm],
+        "moe_renormalize": bool(spec.moe and spec.moe.renormalizes_top_k),
+        "n_ctx_train": hp.n_ctx_train,
+    }
+
+
+def default_threads() -> int:
+    """Cores this process may use (the affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+class NativeBackend:
+    """A GGUF in edgeai's C++ engine: one model, one sequence (see `runtimes.base.Backend`)."""
+
+    name = "native"
+
+    @classmethod
+    def can_run(cls, path: Path) -> str | None:
+        """None when the engine runs this file, else why not (architecture, tensor type...)."""
+        path = Path(path)
+        if not path.is_file():
+            return f"{path} is not a file" if path.exists() else f"{path} does not exist"
+        try:
+            meta, tensors = read_gguf(path)
+            engine_config(meta, tensors, path)
+        except EdgeAIError as exc:
+            return str(exc)
+        from edgeai import _native
+
+        names = {1: "F16", 0: "F32", 30: "BF16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
+                 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+        for name, ggml_type, *_ in tensors:
+            if ggml_type not in names:
+                return (f"{path}: tensor {name} has ggml type {ggml_type}, which the native engine does not run "
+                        f"(it runs {', '.join(sorted(set(names.values())))}); the llama.cpp backend can")
+        del _native
+        return None
+
+    def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
+                 memory_budget: int | None = None, isa: str = "") -> None:
+        from edgeai import _native
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path} does not exist" if not self.path.exists() else f"{self.path} is not a file")
+        meta, tensors = read_gguf(self.path)
+        config = engine_config(meta, tensors, self.path)
+        self.n_ctx_train = int(config.pop("n_ctx_train"))
+        n_ctx = int(n_ctx or min(DEFAULT_N_CTX, self.n_ctx_train))
+        if not 0 < n_ctx <= self.n_ctx_train:
+            raise OptionError(f"n_ctx={n_ctx} is outside what {self.path.name} allows (1..{self.n_ctx_train})")
+        self.threads = int(threads or default_threads())
+        if self.threads < 1:
+            raise OptionError(f"threads must be >= 1, got {self.threads}")
+        self.memory_budget = memory_budget
+        try:
+            self._engine = _native.Engine(str(self.path), config, n_ctx, self.threads, isa)
+        except _native.ModelError as exc:
+            raise CheckpointError(str(exc)) from exc
+        from edgeai.runtimes.vocab import GGUFVocab
+
+        self._vocab = GGUFVocab(self.path)
+        self.n_ctx = n_ctx
+        self.n_vocab = int(config["n_vocab"])
+        self.bos_id = self._vocab.bos_id
+        self.eos_id = self._vocab.eos_id
+        self.eog_ids = self._vocab.eog_ids
+        self.chat_template = self._vocab.chat_template
+        self.isa = self._engine.isa
+        from edgeai.runtimes.base import Sampling
+
+        self.set_sampling(Sampling())
+
+    def _live(self):
+        if self._engine is None:
+            raise OptionError(f"the native backend for {self.path.name} is closed")
+        return self._engine
+
+    @property
+    def n_past(self) -> int:
+        return self._live().n_past
+
+    @property
+    def history(self) -> list[int]:
+        return list(self._live().history)
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        self._live()
+        return self._vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        self._live()
+        return self._vocab.detokenize(tokens)
+
+    def truncate(self, n: int) -> None:
+        engine = self._live()
+        if not 0 <= n <= engine.n_past:
+            raise OptionError(f"cannot keep {n} positions of a KV cache holding {engine.n_past}")
+        engine.truncate(n)
+
+    def set_sampling(self, sampling) -> None:
+        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self._live().set_sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
+                                  sampling.repeat_penalty, sampling.repeat_last_n, seed & (2**64 - 1))
+
+    def _check_room(self, tokens: Sequence[int]) -> None:
+        from edgeai.errors import ContextOverflowError
+
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(f"{self.n_past} + {len(tokens)} tokens exceed the context of {self.n_ctx} "
+                                       f"positions of {self.path.name}")
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise OptionError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.n_vocab - 1})")
+
+    def step(self, tokens: Sequence[int]) -> int:
+        tokens = [int(t) for t in tokens]
+        self._check_room(tokens)
+        return int(self._live().step(tokens))
+
+    def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append tokens and return their logits [len(tokens), n_vocab] (tests, evaluation)."""
+        tokens = [int(t) for t in tokens]
+        self._check_room(tokens)
+        return self._live().eval(tokens, True)
+
+    def logits(self) -> np.ndarray:
+        return self._live().logits()
+
+    def stats(self):
+        from edgeai.runtimes.base import BackendStats
+
+        e = self._live()
+        return BackendStats(backend=self.name, n_ctx=self.n_ctx, n_past=e.n_past, threads=e.threads,
+                            weights_bytes=e.weight_bytes, extra={"kv_bytes": e.kv_bytes, "isa": e.isa})
+
+    def close(self) -> None:
+        if getattr(self, "_engine", None) is not None:
+            self._engine = None
+            self._vocab.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

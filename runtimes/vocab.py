@@ -1,0 +1,92 @@
+"""A GGUF's tokenizer, through llama.cpp loaded with `vocab_only` (no weights are read).
+
+Used by every backend that runs a GGUF, so that they all turn text into the same ids llama.cpp
+does: token ids are part of a format claim, and llama.cpp is the reference consumer of GGUF."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgeai.errors import CheckpointError
+
+_init_lock = threading.Lock()
+_initialized = False
+
+
+def llama_cpp():
+    """llama_cpp, initialised once, with its C log routed to the `llama-cpp-python` logger at ERROR."""
+    global _initialized
+    import llama_cpp as ll
+
+    with _init_lock:
+        if not _initialized:
+            logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+            ll.llama_backend_init()
+            _initialized = True
+    return ll
+
+
+class GGUFVocab:
+    """Tokenizer, special tokens and chat template of a GGUF, from llama.cpp.
+
+    `model` is a loaded llama.cpp model to take the vocabulary from; without it the file is
+    loaded with `vocab_only` (cheap: no tensor data is touched)."""
+
+    def __init__(self, path: Path, model=None) -> None:
+        ll = llama_cpp()
+        self._ll = ll
+        self._owned = None
+        if model is None:
+            params = ll.llama_model_default_params()
+            params.vocab_only = True
+            params.n_gpu_layers = 0
+            model = ll.llama_model_load_from_file(str(path).encode(), params)
+            if not model:
+                raise CheckpointError(f"llama.cpp could not read the vocabulary of {path}")
+            self._owned = model
+        self._vocab = ll.llama_model_get_vocab(model)
+        self.n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
+        bos = int(ll.llama_vocab_bos(self._vocab))
+        self.bos_id = None if bos == ll.LLAMA_TOKEN_NULL else bos
+        eos = int(ll.llama_vocab_eos(self._vocab))
+        self.eos_id = None if eos == ll.LLAMA_TOKEN_NULL else eos
+        self.eog_ids = frozenset(t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(self._vocab, t))
+        template = ll.llama_model_chat_template(model, None)
+        self.chat_template = template.decode("utf-8", "replace") if template else None
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Text -> ids, as llama.cpp tokenizes it."""
+        ll = self._ll
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        while True:
+            buf = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            cap = -n  # llama.cpp says how many it needs
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        """llama.cpp's detokenizer: special tokens rendered as text, the first token's tokenizer-added
+        leading space (SentencePiece) removed, so tokenize -> detokenize gives the text back."""
+        ll = self._ll
+        if not tokens:
+            return b""
+        arr = (ll.llama_token * len(tokens))(*tokens)
+        cap = 16 * len(tokens) + 16
+        while True:
+            buf = ctypes.create_string_buffer(cap)
+            n = ll.llama_detokenize(self._vocab, arr, len(tokens), buf, cap, False, True)
+            if n >= 0:
+                return buf.raw[:n]
+            cap = -n
+
+    def close(self) -> None:
+        """Free the vocabulary-only model, if this object loaded one."""
+        if self._owned is not None:
+            self._ll.llama_model_free(self._owned)
+            self._owned = None
