@@ -35,6 +35,11 @@ const edgeai::kern::Ops &ops_or_throw(const std::string &isa) {
     return *o;
 }
 
+// Header strings are untrusted bytes: invalid UTF-8 is replaced (U+FFFD), never an exception.
+nb::str py_str(const std::string &s) {
+    return nb::steal<nb::str>(PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace"));
+}
+
 nb::object value_to_python(const edgeai::gguf::Value &v) {
     using V = edgeai::gguf::Value;
     switch (v.kind) {
@@ -42,7 +47,7 @@ nb::object value_to_python(const edgeai::gguf::Value &v) {
         case V::INT: return nb::int_(v.i);
         case V::FLOAT: return nb::float_(v.f);
         case V::BOOL: return nb::bool_(v.u != 0);
-        case V::STRING: return nb::str(v.s.data(), v.s.size());
+        case V::STRING: return py_str(v.s);
         case V::ARRAY: return nb::make_tuple(nb::str("array"), v.array_type, v.array_len);
     }
     return nb::none();
@@ -84,12 +89,12 @@ void bind_runtime(nb::module_ &m) {
                   f = std::make_unique<edgeai::gguf::File>(path);
               }
               nb::dict meta;
-              for (const auto &[k, v] : f->metadata()) meta[nb::str(k.data(), k.size())] = value_to_python(v);
+              for (const auto &[k, v] : f->metadata()) meta[py_str(k)] = value_to_python(v);
               nb::list tensors;
               for (const auto &t : f->tensors()) {
                   nb::list shape;
                   for (uint64_t d : t.ne) shape.append(d);
-                  tensors.append(nb::make_tuple(t.name, t.type, nb::tuple(shape), t.offset, t.nbytes));
+                  tensors.append(nb::make_tuple(py_str(t.name), t.type, nb::tuple(shape), t.offset, t.nbytes));
               }
               nb::dict out;
               out["version"] = f->version();

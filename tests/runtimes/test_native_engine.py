@@ -208,7 +208,7 @@ def test_truncated_and_corrupt_files_raise_errors_never_crash(tmp_path, tiny_ggu
         rng = np.random.default_rng(0)
         head = min(len(data), 64 * 1024)
         loaded = refused = 0
-        for i in range(300):
+        for i in range(150):
             b = bytearray(data)
             for pos in rng.integers(0, head, rng.integers(1, 8)):
                 b[pos] = int(rng.integers(0, 256))
@@ -222,7 +222,7 @@ def test_truncated_and_corrupt_files_raise_errors_never_crash(tmp_path, tiny_ggu
                 refused += 1
         print(loaded, refused)
     """)
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     loaded, refused = map(int, run.stdout.split())
-    assert loaded + refused == 300 and refused > 0
+    assert loaded + refused == 150 and refused > 0
