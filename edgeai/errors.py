@@ -34,3 +34,15 @@ class OptionError(EdgeAIError):
 
 class CalibrationError(EdgeAIError):
     """Calibration cannot run: the text is too short, the tokens are unusable, or the model has no architecture spec."""
+
+
+class BackendError(EdgeAIError):
+    """No backend can run an artifact, the one asked for cannot, or it is not installed."""
+
+
+class ContextOverflowError(EdgeAIError):
+    """A prompt (or a conversation) does not fit in the model's context window."""
+
+
+class DeviceError(EdgeAIError):
+    """An unknown device profile, or a profile file that cannot be read."""
