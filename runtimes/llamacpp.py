@@ -113,7 +113,8 @@ class LlamaCppBackend:
             self._ctx = ll.llama_init_from_model(self._model, cparams)
             if not self._ctx:
                 raise CheckpointError(f"llama.cpp could not make a context of {n_ctx} positions for {self.path}")
-            self.n_ctx = int(ll.llama_n_ctx(self._ctx))
+            # llama.cpp may round its cache up (to a multiple of 256); the limit stays what was asked
+            self.n_ctx = min(n_ctx, int(ll.llama_n_ctx(self._ctx)))
             self._mem = ll.llama_get_memory(self._ctx)
             self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
             self.kv_type = kv_type
