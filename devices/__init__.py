@@ -4,6 +4,7 @@ with its source), and detection of the current machine in the same terms (`devic
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -78,3 +79,11 @@ def get_profile(name: str) -> DeviceProfile:
     if key not in table:
         raise DeviceError(f"unknown device {name!r}; known devices: {', '.join(table)} (see `edgeai devices`)")
     return table[key]
+
+
+def available_cores() -> int:
+    """Cores this process may use (the affinity mask where the OS has one): the default thread count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import ctypes
 import enum
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from edgeai.devices import available_cores
 from edgeai.errors import CheckpointError, ContextOverflowError, OptionError
 from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling
 from edgeai.runtimes.sampling import make_rng, sample
@@ -51,14 +51,6 @@ def _llama():
     return llama_cpp
 
 
-def default_threads() -> int:
-    """Cores this process may use (the affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
-
-
 class LlamaCppBackend:
     """A GGUF in llama.cpp: one model, one context, one sequence (see `runtimes.base.Backend`)."""
 
@@ -87,7 +79,7 @@ class LlamaCppBackend:
         ll = _llama()
         self._ll = ll
         self._model = self._ctx = self._batch = None
-        self.threads = threads or default_threads()
+        self.threads = threads or available_cores()
         self.memory_budget = memory_budget  # enforced by the planner (issue 7); recorded for stats
 
         mparams = ll.llama_model_default_params()
