@@ -307,8 +307,9 @@ class Model:
         return tokens
 
     def fit_messages(self, messages: Sequence[Mapping[str, str]], *, reserve: int) -> tuple[list[dict[str, str]], int]:
-        """Drop the oldest turns (system messages stay) until the conversation plus `reserve` answer
-        tokens fits the context. Returns (kept messages, number dropped)."""
+        """Drop the oldest turns (a user message and the replies after it; system messages stay)
+        until the conversation plus `reserve` answer tokens fits the context. Returns (kept
+        messages, number of messages dropped)."""
         msgs = check_messages(messages)
         dropped = 0
         while len(self.chat_tokens(msgs)) + reserve > self.n_ctx:
@@ -317,8 +318,11 @@ class Model:
                 raise ContextOverflowError(
                     f"the last message alone needs more than the {self.n_ctx}-token context (with {reserve} tokens "
                     "kept for the answer); shorten it or load the model with a larger n_ctx")
-            del msgs[first]
-            dropped += 1
+            end = first + 1
+            while end < len(msgs) - 1 and msgs[end]["role"] not in ("user", "system"):
+                end += 1
+            dropped += end - first
+            del msgs[first:end]
         return msgs, dropped
 
     def chat(self, messages: Sequence[Mapping[str, str]], *, stream: bool = False, max_tokens: int = DEFAULT_MAX_TOKENS,

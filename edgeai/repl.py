@@ -166,12 +166,12 @@ class Repl:
             kept, dropped = s.model.fit_messages(s.conversation(), reserve=min(max_tokens, s.model.n_ctx // 2))
         except ContextOverflowError as exc:
             s.messages.pop()
-            self.console.print(f"[bold red]error:[/] {escape(str(exc))}")
+            self._error(exc)
             return
         if dropped:
             del s.messages[:dropped]  # system messages are never dropped, and they are not in s.messages
-            self.console.print(f"[yellow]context full ({s.model.n_ctx} tokens): dropped the {dropped} oldest "
-                               f"message{'s' if dropped > 1 else ''}[/]")
+            notice = f"context full ({s.model.n_ctx} tokens): dropped the {dropped} oldest message{'s' if dropped > 1 else ''}"
+            self.console.print(f"[yellow]{notice}[/]", soft_wrap=True)
         sampling = {k: v for k, v in s.options.items() if k != "max_tokens"}
         pieces: list[str] = []
         out = self.console.file
@@ -184,16 +184,20 @@ class Repl:
                 out.flush()
                 s.last = chunk.timings
                 if chunk.finish_reason is not None and chunk.finish_reason.value != "stop":
-                    self.console.print(f"\n[dim][{chunk.finish_reason.value}][/]", end="")
+                    self.console.print(f"\n[dim]\\[{chunk.finish_reason.value}][/]", end="")
             self.console.print()
         except KeyboardInterrupt:
             if chunks is not None:
                 chunks.close()
-            self.console.print("\n[yellow][stopped][/]")
+            self.console.print("\n[yellow]\\[stopped][/]")
         except EdgeAIError as exc:
-            self.console.print(f"\n[bold red]error:[/] {escape(str(exc))}")
+            self.console.print()
+            self._error(exc)
         # kept even when empty or cut short: turns stay user/assistant pairs
         s.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    def _error(self, exc: BaseException) -> None:
+        self.console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
 
     # -- commands --------------------------------------------------------------------------------
     def command(self, text: str) -> str | None:
@@ -228,7 +232,7 @@ class Repl:
             else:
                 raise OptionError(f"unknown command /{name}; /help lists them")
         except EdgeAIError as exc:
-            self.console.print(f"[bold red]error:[/] {escape(str(exc))}")
+            self._error(exc)
         return None
 
     def _set(self, arg: str) -> None:
@@ -269,7 +273,7 @@ class Repl:
                       + (f" ({format_bytes(st.extra['kv_bytes'])} allocated)" if "kv_bytes" in st.extra else ""))
         if "expert_cache_hit_rate" in st.extra:
             table.add_row("expert cache", f"{100 * st.extra['expert_cache_hit_rate']:.1f}% hits")
-        table.add_row("backend", f"{st.backend}, {st.threads} threads")
+        table.add_row("backend", f"{st.backend}, {st.threads} thread{'s' if st.threads > 1 else ''}")
         self.console.print(table)
 
     def _save(self, arg: str) -> None:

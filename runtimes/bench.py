@@ -102,7 +102,8 @@ def bench(path: str | Path, backends: list[str], *, threads: int | None = None, 
         resolve(path, name)  # a clear error now, before any process is started
     results = []
     for name in backends:
-        cmd = [sys.executable, "-m", "edgeai.runtimes.bench", str(path), name, str(threads), str(n_prompt), str(n_gen),
+        # -I: the worker must not import a source tree from the current folder
+        cmd = [sys.executable, "-I", "-m", "edgeai.runtimes.bench", str(path), name, str(threads), str(n_prompt), str(n_gen),
                str(repeats)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -69,6 +69,7 @@ def test_fit_messages_drops_the_oldest_turns(model):
     long_turns.append({"role": "user", "content": "last one"})
     kept, dropped = model.fit_messages(long_turns, reserve=64)
     assert dropped > 0 and kept[0]["role"] == "system" and kept[-1]["content"] == "last one"
+    assert kept[1]["role"] == "user" and dropped % 2 == 0  # whole turns go
     assert len(model.chat_tokens(kept)) + 64 <= model.n_ctx
     with pytest.raises(ContextOverflowError):
         model.fit_messages([{"role": "user", "content": "word " * 400}], reserve=16)
