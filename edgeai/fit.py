@@ -118,6 +118,18 @@ def scratch_bytes(shape: ModelShape, n_ctx: int, n_batch: int = N_BATCH) -> int:
     return activations + 2 * 4 * shape.n_vocab + ENGINE_OVERHEAD
 
 
+def routed_expert_bytes(shape: ModelShape, weights: WeightBytes) -> float:
+    """Expert bytes one token reads: the n_expert_used routed experts of every layer."""
+    return weights.experts * shape.n_expert_used / shape.n_expert if shape.n_expert else 0.0
+
+
+def bytes_per_token(shape: ModelShape, weights: WeightBytes, n_past: int) -> float:
+    """Bytes one decode step reads: dense weights, one embedding row, the routed experts, and the
+    KV cache of `n_past` positions. Divided into a memory bandwidth, this is the decode roofline."""
+    row = weights.embedding / max(1, shape.n_vocab)
+    return weights.dense + row + routed_expert_bytes(shape, weights) + kv_cache_bytes(shape, n_past)
+
+
 def estimate(shape: ModelShape, weights: WeightBytes, device: DeviceProfile, *, budget: int | None = None,
              n_ctx: int | None = None, label: str = "") -> FitEstimate:
     """Memory split and decode speed of a model of `shape` and `weights` on `device`."""
@@ -127,12 +139,10 @@ def estimate(shape: ModelShape, weights: WeightBytes, device: DeviceProfile, *, 
     scratch = scratch_bytes(shape, n_ctx)
     fixed = weights.dense + weights.embedding + kv + scratch
     resident_experts = max(0, min(weights.experts, budget - fixed))
-    active = shape.n_expert_used / shape.n_expert if shape.n_expert else 0.0
-    expert_per_token = weights.experts * active
     hit = resident_experts / weights.experts if weights.experts else 1.0
-    row = weights.embedding / max(1, shape.n_vocab)
-    per_token_memory = weights.dense + row + expert_per_token * hit + kv_cache_bytes(shape, n_ctx // 2)
-    per_token_storage = expert_per_token * (1 - hit)
+    total_per_token = bytes_per_token(shape, weights, n_ctx // 2)
+    per_token_storage = routed_expert_bytes(shape, weights) * (1 - hit)
+    per_token_memory = total_per_token - per_token_storage
     reached = device.memory_bandwidth * (1.0 if device.family == "detected" else PEAK_BANDWIDTH_REACHED)
     tps = 0.0  # unknown without bandwidth figures (a detection without the probe)
     if reached > 0 and (device.storage_read > 0 or not per_token_storage):
@@ -141,7 +151,8 @@ def estimate(shape: ModelShape, weights: WeightBytes, device: DeviceProfile, *, 
                        per_token_storage, tps)
 
 
-def _gguf_shape_and_weights(path: Path) -> tuple[ModelShape, WeightBytes]:
+def gguf_shape_and_weights(path: Path) -> tuple[ModelShape, WeightBytes]:
+    """Hyper-parameters and tensor bytes of a GGUF file, from its header."""
     from edgeai.converters.sources import GGUFSource
 
     source = GGUFSource(path)
@@ -234,9 +245,9 @@ def fit(path: str | Path | None, device: DeviceProfile, *, budget: int | None = 
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path} has no config.json; give a .gguf file or a Hugging Face checkpoint folder")
         return FitReport(path, "checkpoint", _checkpoint_estimates(path, device, budget, n_ctx))
-    shape, weights = _gguf_shape_and_weights(path)
+    shape, weights = gguf_shape_and_weights(path)
     return FitReport(path, "gguf", [estimate(shape, weights, device, budget=budget, n_ctx=n_ctx, label=path.name)])
 
 
-__all__ = ["FitEstimate", "FitReport", "ModelShape", "WeightBytes", "estimate", "fit", "kv_cache_bytes",
-           "scratch_bytes"]
+__all__ = ["FitEstimate", "FitReport", "ModelShape", "WeightBytes", "bytes_per_token", "estimate", "fit",
+           "gguf_shape_and_weights", "kv_cache_bytes", "scratch_bytes"]

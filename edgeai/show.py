@@ -36,12 +36,15 @@ def run_once(model: Model, prompt: str, *, max_tokens: int, temperature: float, 
 
 def show_bench(path: Path, backends: list[str], *, threads: int | None, n_prompt: int, n_gen: int, repeats: int,
                json_output: bool) -> None:
-    from edgeai.runtimes.bench import bench
+    from dataclasses import asdict
+
+    from edgeai.runtimes.bench import bench, roofline
     from edgeai.runtimes.registry import resolve
 
     # "auto" means the backend auto would pick: the table names the real one
     names = [resolve(path).name if b == "auto" else b for b in backends]
     results = bench(path, names, threads=threads, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats)
+    roof = roofline(path, n_prompt + n_gen // 2)
     base = results[0]
 
     def ratios(r):
@@ -49,20 +52,26 @@ def show_bench(path: Path, backends: list[str], *, threads: int | None, n_prompt
                 "ttft": r.ttft_s / base.ttft_s, "peak_rss": r.peak_rss_bytes / base.peak_rss_bytes}
 
     if json_output:
-        print(json.dumps([{**r.to_json(), "ratio_vs_first": ratios(r)} for r in results]))
+        print(json.dumps({"results": [{**r.to_json(), "ratio_vs_first": ratios(r)} for r in results],
+                          "roofline": asdict(roof) if roof else None}))
         return
     table = Table(title=f"{Path(path).name}: {n_prompt}-token prompt, {n_gen} decoded, {base.threads} threads, "
                         f"median of {repeats} runs")
-    for col in ("backend", "prefill tok/s", "decode tok/s", "first token", "peak memory"):
+    for col in ("backend", "prefill tok/s", "decode tok/s", "of roofline", "first token", "peak memory"):
         table.add_column(col, justify="left" if col == "backend" else "right")
     for r in results:
         q = ratios(r)
         vs = (lambda x: "") if r is base else (lambda x: f" ({x:.2f}x)")
         table.add_row(r.backend, f"{r.prefill_tps:.1f}{vs(q['prefill'])}", f"{r.decode_tps:.1f}{vs(q['decode'])}",
+                      f"{100 * r.decode_tps / roof.decode_tps:.0f}%" if roof else "-",
                       f"{r.ttft_s * 1000:.0f} ms{vs(q['ttft'])}", f"{format_bytes(r.peak_rss_bytes)}{vs(q['peak_rss'])}")
-    Console().print(table)
+    console = Console()
+    console.print(table)
     if len(results) > 1:
-        Console().print(f"ratios are against {base.backend}")
+        console.print(f"ratios are against {base.backend}")
+    if roof:
+        console.print(f"roofline: {format_bytes(roof.bytes_per_token)} read per token / {roof.memory_bandwidth / 1e9:.1f} GB/s "
+                      f"measured memory bandwidth = {roof.decode_tps:.0f} tok/s")
 
 
 def _profile_json(p) -> dict:

@@ -90,6 +90,30 @@ def measure(path: Path, backend: str, *, threads: int, n_prompt: int, n_gen: int
                            statistics.median(decode), statistics.median(ttft), _peak_rss(), _rss() - before)
 
 
+@dataclass(frozen=True)
+class Roofline:
+    """The decode speed memory bandwidth allows on this machine: bytes read per token (weights and
+    the KV cache at the benchmark's mean context) / measured memory bandwidth."""
+
+    bytes_per_token: float
+    memory_bandwidth: float  # bytes/s, `devices.detect.probe_memory_bandwidth`
+    decode_tps: float
+
+
+def roofline(path: str | Path, n_past: int) -> Roofline | None:
+    """The decode roofline of a GGUF file (None for other artifacts)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    from edgeai.devices.detect import probe_memory_bandwidth
+    from edgeai.fit import bytes_per_token, gguf_shape_and_weights
+
+    shape, weights = gguf_shape_and_weights(path)
+    per_token = bytes_per_token(shape, weights, n_past)
+    bandwidth = probe_memory_bandwidth()
+    return Roofline(per_token, bandwidth, bandwidth / per_token)
+
+
 def bench(path: str | Path, backends: list[str], *, threads: int | None = None, n_prompt: int = 128, n_gen: int = 32,
           repeats: int = 3) -> list[BenchResult]:
     """Benchmark each backend in `backends` (same file, same threads), each in a fresh process."""

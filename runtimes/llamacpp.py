@@ -71,7 +71,10 @@ class LlamaCppBackend:
         return None
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
-                 memory_budget: int | None = None, kv_type: KVType = KVType.F16, n_batch: int = 512) -> None:
+                 memory_budget: int | None = None, kv_type: KVType = KVType.F16, n_batch: int = 512,
+                 flash_attn: bool | None = None) -> None:
+        """`kv_type` F32 makes logits comparable to a float reference; `flash_attn` None lets llama.cpp
+        decide (its own default: on for CPUs), False matches llama-cpp-python's `Llama` default."""
         self.path = Path(path)
         reason = self.can_run(self.path)
         if reason:
@@ -102,6 +105,8 @@ class LlamaCppBackend:
             cparams.n_threads = cparams.n_threads_batch = self.threads
             cparams.type_k = cparams.type_v = kv_type.value
             cparams.no_perf = True
+            cparams.flash_attn_type = {None: ll.LLAMA_FLASH_ATTN_TYPE_AUTO, True: ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                       False: ll.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
             self._ctx = ll.llama_init_from_model(self._model, cparams)
             if not self._ctx:
                 raise CheckpointError(f"llama.cpp could not make a context of {n_ctx} positions for {self.path}")

@@ -60,6 +60,12 @@ def test_broken_chat_templates_fall_back_with_a_warning(model, caplog):
         failing = Model(be)
         assert failing.render_chat(MSGS).startswith("system: Be brief.")
         assert "failed to render" in caplog.text and failing.plain_chat
+        # the template runs sandboxed: no Python internals, no changing the messages
+        for escape in ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "{{ messages.append({'role': 'x'}) }}"):
+            be.chat_template = escape
+            caplog.clear()
+            sandboxed = Model(be)
+            assert sandboxed.render_chat(MSGS).startswith("system: Be brief.") and "failed to render" in caplog.text
 
 
 def test_fit_messages_drops_the_oldest_turns(model):

@@ -130,7 +130,9 @@ def test_bench_compares_backends_on_one_file(tiny_chat_gguf):
     result = runner.invoke(app, ["bench", str(tiny_chat_gguf), "--backend", "llama.cpp", "--backend", "llama.cpp",
                                  "-t", "1", "--prompt-tokens", "32", "--gen-tokens", "8", "--repeats", "2", "--json"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
+    out = json.loads(result.output)
+    rows = out["results"]
+    assert out["roofline"]["decode_tps"] > 0 and out["roofline"]["bytes_per_token"] > 0
     assert [r["backend"] for r in rows] == ["llama.cpp", "llama.cpp"]
     for r in rows:
         assert r["prefill_tps"] > 0 and r["decode_tps"] > 0 and 0 < r["ttft_s"] < 60
