@@ -1,1 +1,89 @@
-"""Device profiles as data, and detection of the current machine."""
+"""Device profiles as data (`devices/profiles/*.json`, one file per device family, every figure
+with its source), and detection of the current machine in the same terms (`devices.detect`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+
+from edgeai.errors import DeviceError
+
+GB = 1000**3  # vendors sell memory in GB meaning GiB; bandwidths are decimal
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One device: memory, cores, ISA features, memory and storage bandwidth."""
+
+    name: str  # e.g. "pi5-8gb-nvme": what --device takes
+    title: str
+    family: str
+    arch: str  # "aarch64" | "x86_64"
+    cpu: str
+    memory_bytes: int
+    performance_cores: int
+    efficiency_cores: int
+    isa: tuple[str, ...]
+    memory_bandwidth: float  # bytes/s, the figure in `sources`
+    storage: str  # "sd" | "nvme" | ...
+    storage_read: float  # bytes/s, sequential
+    os_reserve_bytes: int  # what the OS and a typical session keep for themselves
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def threads(self) -> int:
+        """Threads for token generation: the performance cores (efficiency cores slow the slowest thread down)."""
+        return self.performance_cores
+
+    @property
+    def default_budget(self) -> int:
+        """Memory edgeai may use by default: all of it but the OS reserve."""
+        return self.memory_bytes - self.os_reserve_bytes
+
+
+def _memory_bytes(gb: float) -> int:
+    return int(gb * 1024**3)  # "8 GB" of RAM is 8 GiB
+
+
+@lru_cache(maxsize=1)
+def profiles() -> dict[str, DeviceProfile]:
+    """Every profile, by name, in file order."""
+    out: dict[str, DeviceProfile] = {}
+    folder = resources.files(__name__) / "profiles"
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if not entry.name.endswith(".json"):
+            continue
+        try:
+            fam = json.loads(entry.read_text(encoding="utf-8"))
+            for v in fam["variants"]:
+                out[v["name"]] = DeviceProfile(
+                    name=v["name"], title=v["title"], family=fam["family"], arch=fam["arch"], cpu=fam["cpu"],
+                    memory_bytes=_memory_bytes(v["memory_gb"]), performance_cores=int(fam["performance_cores"]),
+                    efficiency_cores=int(fam["efficiency_cores"]), isa=tuple(fam["isa"]),
+                    memory_bandwidth=float(fam["memory_bandwidth_gbs"]) * GB, storage=v["storage"],
+                    storage_read=float(v["storage_read_gbs"]) * GB,
+                    os_reserve_bytes=_memory_bytes(fam["os_reserve_gb"]), sources=dict(fam["sources"]),
+                )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DeviceError(f"device profile file {entry.name} is malformed: {exc!r}") from exc
+    return out
+
+
+def get_profile(name: str) -> DeviceProfile:
+    """The profile `name`; a DeviceError lists the known ones."""
+    table = profiles()
+    key = name.strip().lower()
+    if key not in table:
+        raise DeviceError(f"unknown device {name!r}; known devices: {', '.join(table)} (see `edgeai devices`)")
+    return table[key]
+
+
+def available_cores() -> int:
+    """Cores this process may use (the affinity mask where the OS has one): the default thread count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)

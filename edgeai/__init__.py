@@ -12,9 +12,12 @@ from edgeai.errors import EdgeAIError
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from edgeai.api import load as load
     from edgeai.converters.convert import convert as convert
+    from edgeai.model import Chunk as Chunk
+    from edgeai.model import Model as Model
 
-__all__ = ["EdgeAIError", "__version__", "convert"]
+__all__ = ["Chunk", "EdgeAIError", "Model", "__version__", "convert", "load"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,4 +25,12 @@ def __getattr__(name: str) -> Any:
         from edgeai.converters.convert import convert
 
         return convert
+    if name == "load":
+        from edgeai.api import load
+
+        return load
+    if name in ("Model", "Chunk"):
+        from edgeai import model
+
+        return getattr(model, name)
     raise AttributeError(f"module 'edgeai' has no attribute {name!r}")

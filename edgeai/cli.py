@@ -169,6 +169,111 @@ def eval_command(
     Console().print(table)
 
 
+# -- running models (edgeai/repl.py, edgeai/show.py) ---------------------------------------------
+_MODEL_OPTS = dict(
+    backend=typer.Option("auto", "--backend", help="auto, native, llama.cpp or onnxruntime."),
+    memory_budget=typer.Option(None, "--memory-budget", help="e.g. 1.5GiB, 800MB, 60% (default: the device's)."),
+    device=typer.Option(None, "--device", help="A profile from `edgeai devices`: sets threads and budget."),
+    n_ctx=typer.Option(None, "--ctx", help="Context positions (default 2048, at most the model's)."),
+    threads=typer.Option(None, "--threads", "-t", help="Threads (default: the device's, else all cores)."),
+)
+
+
+def _load(model, backend, memory_budget, device, n_ctx, threads):
+    from edgeai.api import load
+
+    try:
+        return load(model, backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads)
+    except EdgeAIError as exc:
+        _fail(exc)
+
+
+@app.command()
+def run(
+    model: Path = typer.Argument(..., help="A .gguf file or ONNX folder."),
+    prompt: str = typer.Argument(..., help="The prompt (plain text, no chat template)."),
+    max_tokens: int = typer.Option(256, "-n", "--max-tokens", help="Tokens to generate at most."),
+    temp: float = typer.Option(0.8, "--temp", help="Temperature (0: greedy)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (text, tokens, timings)."),
+    backend: str = _MODEL_OPTS["backend"], memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"],
+    device: Optional[str] = _MODEL_OPTS["device"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
+    threads: Optional[int] = _MODEL_OPTS["threads"],
+) -> None:
+    """Generate from PROMPT once and print it (for scripts)."""
+    from edgeai.show import run_once
+
+    with _load(model, backend, memory_budget, device, n_ctx, threads) as m:
+        try:
+            run_once(m, prompt, max_tokens=max_tokens, temperature=temp, seed=seed, json_output=json_output)
+        except EdgeAIError as exc:
+            _fail(exc)
+
+
+@app.command()
+def chat(
+    model: Optional[Path] = typer.Argument(None, help="A .gguf file or ONNX folder (default: the bundled SmolLM2)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    backend: str = _MODEL_OPTS["backend"], memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"],
+    device: Optional[str] = _MODEL_OPTS["device"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
+    threads: Optional[int] = _MODEL_OPTS["threads"],
+) -> None:
+    """Chat with a model in the terminal (/help inside lists the commands)."""
+    from edgeai.repl import chat as run_chat
+
+    with _load(model, backend, memory_budget, device, n_ctx, threads) as m:
+        run_chat(m, system=system)
+
+
+@app.command()
+def bench(
+    model: Path = typer.Argument(..., help="A .gguf file (or ONNX folder) every backend runs."),
+    backend: list[str] = typer.Option(["auto"], "--backend", help="Repeat to compare: native, llama.cpp, onnxruntime."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads for every backend (default: all cores)."),
+    n_prompt: int = typer.Option(128, "--prompt-tokens", help="Prompt length for prefill."),
+    n_gen: int = typer.Option(32, "--gen-tokens", help="Tokens decoded per run."),
+    repeats: int = typer.Option(3, "--repeats", help="Runs per backend (medians are shown)."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Prefill/decode tokens/s, time to first token and peak memory of backends on the same file."""
+    from edgeai.show import show_bench
+
+    try:
+        show_bench(model, backend, threads=threads, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats, json_output=json_output)
+    except EdgeAIError as exc:
+        _fail(exc)
+
+
+@app.command()
+def devices(
+    detect: bool = typer.Option(False, "--detect", help="Describe this machine (short bandwidth probes) and name the closest profile."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the device profiles, or describe this machine."""
+    from edgeai.show import show_devices
+
+    try:
+        show_devices(detect=detect, json_output=json_output)
+    except EdgeAIError as exc:
+        _fail(exc)
+
+
+@app.command()
+def fit(
+    model: Optional[Path] = typer.Argument(None, help="A .gguf file or Hugging Face folder (default: the bundled SmolLM2)."),
+    device: str = typer.Option(..., "--device", help="A profile from `edgeai devices`, or 'this' for this machine."),
+    memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
+    json_output: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Will MODEL fit DEVICE, with which memory split, how fast; for a checkpoint, which recipe to use."""
+    from edgeai.show import show_fit
+
+    try:
+        show_fit(model, device, memory_budget=memory_budget, n_ctx=n_ctx, json_output=json_output)
+    except EdgeAIError as exc:
+        _fail(exc)
+
+
 def main() -> None:
     """Entry point of the `edgeai` script."""
     try:

@@ -20,6 +20,10 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+# Context positions a backend opens when the caller does not say (capped at what the model was
+# trained for): enough for a chat, small enough for a Pi's KV cache.
+DEFAULT_N_CTX = 2048
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -76,6 +80,7 @@ class Backend(Protocol):
     n_ctx: int  # positions the KV cache holds
     n_vocab: int
     bos_id: int | None
+    eos_id: int | None  # the artifact's eos token (chat templates write it as `eos_token`)
     eog_ids: frozenset[int]  # end-of-generation tokens (eos, eot, im_end...)
     chat_template: str | None  # jinja2 source from the artifact, if it has one
 

@@ -3,3 +3,16 @@ from pathlib import Path
 
 # Test helpers live beside the tests (tests/helpers.py), not in the package.
 sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_gguf(tmp_path_factory):
+    """A tiny random SmolLM-style model with a ChatML template, as an F32 GGUF (llama.cpp, native)."""
+    import edgeai
+    from helpers import TINY_ARCHS, make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_chat")
+    folder = make_tiny_checkpoint(root / "hf", next(a for a in TINY_ARCHS if a.name == "smollm"))
+    return edgeai.convert(folder, root / "tiny-f32.gguf", outtype="f32", quiet=True)

@@ -1,0 +1,44 @@
+"""`edgeai.load`: an artifact in the backend that runs it, as a `Model`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeai.model import Model
+
+
+def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget: str | int | None = None,
+         device: str | None = None, n_ctx: int | None = None, threads: int | None = None) -> Model:
+    """Load an artifact (a .gguf file or an ONNX folder; None: the bundled SmolLM2) as a `Model`.
+
+    backend: "auto" (native where it runs the file, else llama.cpp for GGUF, onnxruntime for ONNX),
+    or one of "native", "llama.cpp", "onnxruntime".
+    memory_budget: "1.5GiB", "800MB", "60%" (of the device's memory) or bytes; default: the
+    device profile's budget when `device` is given, else none.
+    device: a profile name (`edgeai devices`): sets the default threads and memory budget.
+    """
+    from edgeai.budget import parse_budget
+    from edgeai.runtimes.registry import resolve
+
+    profile = None
+    if device is not None:
+        from edgeai.devices import get_profile
+
+        profile = get_profile(device)
+    if path is None:
+        from edgeai.paths import default_model_path
+
+        path = default_model_path()
+    total = profile.memory_bytes if profile is not None else None
+    budget = parse_budget(memory_budget, total_memory=total)
+    if budget is None and profile is not None:
+        budget = profile.default_budget
+    if threads is None and profile is not None:
+        threads = profile.threads
+    if threads is not None and threads < 1:
+        from edgeai.errors import OptionError
+
+        raise OptionError(f"threads must be >= 1, got {threads}")
+    cls = resolve(Path(path), backend)
+    engine = cls(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget)
+    return Model(engine, device=profile, memory_budget=budget)

@@ -1,0 +1,164 @@
+"""What `edgeai run`, `bench`, `devices` and `fit` print: thin terminal layers (rich) over the
+library functions they are named after."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from edgeai.budget import format_bytes
+from edgeai.model import Model
+
+
+def run_once(model: Model, prompt: str, *, max_tokens: int, temperature: float, seed: int | None,
+             json_output: bool) -> None:
+    """Stream one generation to stdout, or print it as one JSON object."""
+    pieces, last = [], None
+    for chunk in model.stream(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed):
+        pieces.append(chunk.text)
+        last = chunk
+        if not json_output:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    if json_output:
+        t = last.timings
+        print(json.dumps({"text": "".join(pieces), "finish_reason": last.finish_reason.value,
+                          "backend": model.backend.name, "prompt_tokens": t.prompt_tokens + t.cached_tokens,
+                          "generated_tokens": t.generated_tokens, "ttft_s": t.prompt_seconds,
+                          "prefill_tps": t.prefill_tps, "decode_tps": t.decode_tps}, ensure_ascii=False))
+    else:
+        print()
+
+
+def show_bench(path: Path, backends: list[str], *, threads: int | None, n_prompt: int, n_gen: int, repeats: int,
+               json_output: bool) -> None:
+    from dataclasses import asdict
+
+    from edgeai.runtimes.bench import bench, roofline
+    from edgeai.runtimes.registry import resolve
+
+    # "auto" means the backend auto would pick: the table names the real one
+    names = [resolve(path).name if b == "auto" else b for b in backends]
+    results = bench(path, names, threads=threads, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats)
+    roof = roofline(path, n_prompt + n_gen // 2)
+    base = results[0]
+
+    def ratios(r):
+        return {"prefill": r.prefill_tps / base.prefill_tps, "decode": r.decode_tps / base.decode_tps,
+                "ttft": r.ttft_s / base.ttft_s, "peak_rss": r.peak_rss_bytes / base.peak_rss_bytes}
+
+    if json_output:
+        print(json.dumps({"results": [{**r.to_json(), "ratio_vs_first": ratios(r)} for r in results],
+                          "roofline": asdict(roof) if roof else None}))
+        return
+    table = Table(title=f"{Path(path).name}: {n_prompt}-token prompt, {n_gen} decoded, {base.threads} threads, "
+                        f"median of {repeats} runs")
+    for col in ("backend", "prefill tok/s", "decode tok/s", "of roofline", "first token", "peak memory"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    for r in results:
+        q = ratios(r)
+        vs = (lambda x: "") if r is base else (lambda x: f" ({x:.2f}x)")
+        table.add_row(r.backend, f"{r.prefill_tps:.1f}{vs(q['prefill'])}", f"{r.decode_tps:.1f}{vs(q['decode'])}",
+                      f"{100 * r.decode_tps / roof.decode_tps:.0f}%" if roof else "-",
+                      f"{r.ttft_s * 1000:.0f} ms{vs(q['ttft'])}", f"{format_bytes(r.peak_rss_bytes)}{vs(q['peak_rss'])}")
+    console = Console()
+    console.print(table)
+    if len(results) > 1:
+        console.print(f"ratios are against {base.backend}")
+    if roof:
+        console.print(f"roofline: {format_bytes(roof.bytes_per_token)} read per token / {roof.memory_bandwidth / 1e9:.1f} GB/s "
+                      f"measured memory bandwidth = {roof.decode_tps:.0f} tok/s")
+
+
+def _profile_json(p) -> dict:
+    return {"name": p.name, "title": p.title, "arch": p.arch, "cpu": p.cpu, "memory": p.memory_bytes,
+            "performance_cores": p.performance_cores, "efficiency_cores": p.efficiency_cores, "isa": list(p.isa),
+            "memory_bandwidth": p.memory_bandwidth, "storage": p.storage, "storage_read": p.storage_read,
+            "threads": p.threads, "default_budget": p.default_budget, "sources": p.sources}
+
+
+def show_devices(*, detect: bool, json_output: bool) -> None:
+    from edgeai.devices import profiles
+
+    console = Console()
+    if detect:
+        from edgeai.devices.detect import closest_profile, detect as detect_machine
+
+        me = detect_machine()
+        near, dist = closest_profile(me)
+        if json_output:
+            print(json.dumps({"machine": _profile_json(me), "closest": near.name, "distance": dist}))
+            return
+        table = Table(title="this machine", show_header=False)
+        table.add_row("cpu", f"{me.cpu} ({me.arch})")
+        table.add_row("cores", f"{me.performance_cores} physical")
+        table.add_row("memory", f"{format_bytes(me.memory_bytes)} ({format_bytes(me.memory_bytes - me.os_reserve_bytes)} available)")
+        table.add_row("ISA features", ", ".join(me.isa) or "none of the listed")
+        table.add_row("memory bandwidth", f"{me.memory_bandwidth / 1e9:.1f} GB/s ({me.sources['memory_bandwidth_gbs']})")
+        table.add_row("storage read", f"{me.storage_read / 1e9:.2f} GB/s ({me.sources['storage_read_gbs']})")
+        table.add_row("closest profile", f"{near.name}: {near.title}")
+        console.print(table)
+        return
+    table_data = profiles()
+    if json_output:
+        print(json.dumps([_profile_json(p) for p in table_data.values()]))
+        return
+    table = Table(title="device profiles (sources: devices/profiles/*.json)")
+    for col in ("name", "device", "memory", "cores P+E", "ISA", "memory GB/s", "storage GB/s", "threads", "budget"):
+        table.add_column(col)
+    for p in table_data.values():
+        table.add_row(p.name, p.title, format_bytes(p.memory_bytes), f"{p.performance_cores}+{p.efficiency_cores}",
+                      " ".join(p.isa), f"{p.memory_bandwidth / 1e9:.1f}", f"{p.storage_read / 1e9:.2f} ({p.storage})",
+                      str(p.threads), format_bytes(p.default_budget))
+    console.print(table)
+
+
+def show_fit(path: Path | None, device: str, *, memory_budget: str | None, n_ctx: int | None, json_output: bool) -> None:
+    from edgeai.budget import parse_budget
+    from edgeai.fit import fit
+
+    if device in ("this", "this-machine"):
+        from edgeai.devices.detect import detect
+
+        profile = detect()
+    else:
+        from edgeai.devices import get_profile
+
+        profile = get_profile(device)
+    budget = parse_budget(memory_budget, total_memory=profile.memory_bytes)
+    report = fit(path, profile, budget=budget, n_ctx=n_ctx)
+    if json_output:
+        print(json.dumps(report.to_json()))
+        return
+    console = Console()
+    best = report.best
+    first = report.estimates[0]
+    console.print(f"[bold]{report.path.name}[/] on [bold]{profile.title}[/]: budget {format_bytes(first.budget)}, "
+                  f"context {first.n_ctx} tokens")
+    table = Table()
+    for col in ("recipe" if report.kind == "checkpoint" else "file", "weights", "KV cache", "scratch", "total",
+                "fits", "decode tok/s (est.)"):
+        table.add_column(col, justify="left" if col in ("recipe", "file", "fits") else "right")
+    for e in report.estimates:
+        fits = "yes" if e.fits else ("streaming experts" if e.fits_streaming else "no")
+        table.add_row(e.label, format_bytes(e.weights.total), format_bytes(e.kv_bytes), format_bytes(e.scratch_bytes),
+                      format_bytes(e.needed), fits, f"{e.decode_tps:.1f}" if e.decode_tps else "?")
+    console.print(table)
+    if best is None:
+        smallest = min(report.estimates, key=lambda e: e.minimum)
+        console.print(f"[red]does not fit[/]: needs at least {format_bytes(smallest.minimum)}"
+                      f"{' (' + smallest.label + ')' if report.kind == 'checkpoint' else ''}; "
+                      f"the budget is {format_bytes(smallest.budget)}")
+    elif report.kind == "checkpoint":
+        console.print(f"convert with [bold]--quant {best.label}[/]" if best.label not in ("f16", "q8_0")
+                      else f"convert with [bold]--outtype {best.label}[/]")
+    else:
+        how = "all weights resident" if best.fits else (
+            f"{format_bytes(best.resident_expert_bytes)} of {format_bytes(best.weights.experts)} expert weights cached, "
+            "the rest streamed from storage")
+        console.print(f"[green]fits[/]: {how}; about {best.decode_tps:.0f} tokens/s decode "
+                      f"({format_bytes(best.bytes_per_token_memory + best.bytes_per_token_storage)} read per token)")

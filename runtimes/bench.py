@@ -1,0 +1,144 @@
+"""`edgeai bench`: prefill and decode tokens/s, time to first token and peak memory of backends
+on the same file, through the `Backend` protocol only (so any backend can be measured).
+
+Each backend runs in its own process (`python -m edgeai.runtimes.bench`), so that its peak
+memory is its own and one engine's caches do not warm another's. Within a process: one warm-up,
+then `repeats` runs of (empty cache -> prefill `n_prompt` tokens -> `n_gen` greedy decode steps);
+the figures are the medians of the runs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgeai.errors import BackendError
+
+# Prompt text: prose and code, repeated to the number of tokens asked for.
+BENCH_TEXT = (
+    "The quick brown fox jumps over the lazy dog while the committee discusses the budget for next year. "
+    "def mean(xs):\n    return sum(xs) / len(xs)\n"
+    "Small machines run language models when the weights are quantized and the memory is planned. "
+)
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Medians over `runs` runs of one backend on one file."""
+
+    backend: str
+    path: str
+    threads: int
+    n_prompt: int
+    n_gen: int
+    runs: int
+    prefill_tps: float
+    decode_tps: float
+    ttft_s: float  # prefill of n_prompt tokens plus the first sample
+    peak_rss_bytes: int  # the whole worker process at its peak (Python included)
+    load_rss_bytes: int  # resident memory the load and the runs added to the process
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def measure(path: Path, backend: str, *, threads: int, n_prompt: int, n_gen: int, repeats: int) -> BenchResult:
+    """Run the benchmark of one backend in this process."""
+    from edgeai.api import load
+    from edgeai.runtimes.base import GREEDY
+
+    before = _rss()
+    with load(path, backend=backend, threads=threads, n_ctx=n_prompt + n_gen + 16) as model:
+        be = model.backend
+        text_tokens = model.tokenize(BENCH_TEXT, add_special=False)
+        prompt = model.tokenize("", add_special=True)[:1]
+        while len(prompt) < n_prompt:
+            prompt += text_tokens[: n_prompt - len(prompt)]
+        be.set_sampling(GREEDY)
+        prefill, decode, ttft = [], [], []
+        for run in range(repeats + 1):  # run 0 warms caches and page faults in, and is not counted
+            be.truncate(0)
+            t0 = time.perf_counter()
+            tok = be.step(prompt)
+            t1 = time.perf_counter()
+            for _ in range(n_gen):
+                tok = be.step([tok])
+            t2 = time.perf_counter()
+            if run:
+                ttft.append(t1 - t0)
+                prefill.append(n_prompt / (t1 - t0))
+                decode.append(n_gen / (t2 - t1))
+        return BenchResult(be.name, str(path), threads, n_prompt, n_gen, repeats, statistics.median(prefill),
+                           statistics.median(decode), statistics.median(ttft), _peak_rss(), _rss() - before)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """The decode speed memory bandwidth allows on this machine: bytes read per token (weights and
+    the KV cache at the benchmark's mean context) / measured memory bandwidth."""
+
+    bytes_per_token: float
+    memory_bandwidth: float  # bytes/s, `devices.detect.probe_memory_bandwidth`
+    decode_tps: float
+
+
+def roofline(path: str | Path, n_past: int) -> Roofline | None:
+    """The decode roofline of a GGUF file (None for other artifacts)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    from edgeai.devices.detect import probe_memory_bandwidth
+    from edgeai.fit import bytes_per_token, gguf_shape_and_weights
+
+    shape, weights = gguf_shape_and_weights(path)
+    per_token = bytes_per_token(shape, weights, n_past)
+    bandwidth = probe_memory_bandwidth()
+    return Roofline(per_token, bandwidth, bandwidth / per_token)
+
+
+def bench(path: str | Path, backends: list[str], *, threads: int | None = None, n_prompt: int = 128, n_gen: int = 32,
+          repeats: int = 3) -> list[BenchResult]:
+    """Benchmark each backend in `backends` (same file, same threads), each in a fresh process."""
+    from edgeai.devices import available_cores
+    from edgeai.runtimes.registry import resolve
+
+    path = Path(path)
+    threads = threads or available_cores()
+    for name in backends:
+        resolve(path, name)  # a clear error now, before any process is started
+    results = []
+    for name in backends:
+        # -I: the worker must not import a source tree from the current folder
+        cmd = [sys.executable, "-I", "-m", "edgeai.runtimes.bench", str(path), name, str(threads), str(n_prompt), str(n_gen),
+               str(repeats)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise BackendError(f"benchmarking {name} on {path} failed: {tail}")
+        results.append(BenchResult(**json.loads(proc.stdout.strip().splitlines()[-1])))
+    return results
+
+
+if __name__ == "__main__":  # the worker: one backend, one JSON line on stdout
+    file, name, n_threads, prompt_len, gen_len, n_runs = sys.argv[1:7]
+    res = measure(Path(file), name, threads=int(n_threads), n_prompt=int(prompt_len), n_gen=int(gen_len),
+                  repeats=int(n_runs))
+    print(json.dumps(res.to_json()))

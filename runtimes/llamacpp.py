@@ -1,0 +1,275 @@
+"""The llama.cpp backend: a GGUF run by llama.cpp through llama-cpp-python's low-level (C) API.
+
+llama.cpp computes logits; the token is chosen by the shared numpy sampler (`runtimes.sampling`),
+so this backend samples exactly as the others do. One sequence (seq_id 0) per backend; the KV
+cache is truncated in place (`llama_memory_seq_rm`) for prompt-prefix reuse.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeai.devices import available_cores
+from edgeai.errors import CheckpointError, ContextOverflowError, OptionError
+from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling
+from edgeai.runtimes.sampling import make_rng, sample
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+
+class KVType(enum.Enum):
+    """Element type of llama.cpp's KV cache (its GGML type id)."""
+
+    F32 = 0
+    F16 = 1
+
+
+_init_lock = threading.Lock()
+_initialized = False
+
+
+def _llama():
+    """llama_cpp, initialised once, with its C log routed to the `llama-cpp-python` logger at ERROR."""
+    global _initialized
+    import llama_cpp
+
+    with _init_lock:
+        if not _initialized:
+            # llama-cpp-python's log callback prints everything unless its logger says otherwise
+            logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+            llama_cpp.llama_backend_init()
+            _initialized = True
+    return llama_cpp
+
+
+class LlamaCppBackend:
+    """A GGUF in llama.cpp: one model, one context, one sequence (see `runtimes.base.Backend`)."""
+
+    name = "llama.cpp"
+
+    @classmethod
+    def can_run(cls, path: Path) -> str | None:
+        """None when llama.cpp can try this file, else why not (it must be a GGUF file)."""
+        path = Path(path)
+        if not path.exists():
+            return f"{path} does not exist"
+        if path.is_dir():
+            return f"{path} is a folder; llama.cpp runs .gguf files"
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != GGUF_MAGIC:
+            return f"{path} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r})"
+        return None
+
+    def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
+                 memory_budget: int | None = None, kv_type: KVType = KVType.F16, n_batch: int = 512,
+                 flash_attn: bool | None = None) -> None:
+        """`kv_type` F32 makes logits comparable to a float reference; `flash_attn` None lets llama.cpp
+        decide (its own default: on for CPUs), False matches llama-cpp-python's `Llama` default."""
+        self.path = Path(path)
+        reason = self.can_run(self.path)
+        if reason:
+            raise CheckpointError(reason)
+        ll = _llama()
+        self._ll = ll
+        self._model = self._ctx = self._batch = None
+        self.threads = threads or available_cores()
+        self.memory_budget = memory_budget  # enforced by the planner (issue 7); recorded for stats
+
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self._model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model:
+            raise CheckpointError(f"llama.cpp could not load {self.path}: a corrupt file or an architecture or "
+                                  "tensor type this llama.cpp build does not know (run with -v for its log)")
+        try:
+            self._vocab = ll.llama_model_get_vocab(self._model)
+            self.n_ctx_train = int(ll.llama_model_n_ctx_train(self._model))
+            n_ctx = int(n_ctx or min(DEFAULT_N_CTX, self.n_ctx_train))
+            if not 0 < n_ctx <= self.n_ctx_train:
+                raise OptionError(f"n_ctx={n_ctx} is outside what {self.path.name} allows (1..{self.n_ctx_train})")
+            self.n_batch = min(n_batch, n_ctx)
+            cparams = ll.llama_context_default_params()
+            cparams.n_ctx = n_ctx
+            cparams.n_batch = cparams.n_ubatch = self.n_batch
+            cparams.n_seq_max = 1
+            cparams.n_threads = cparams.n_threads_batch = self.threads
+            cparams.type_k = cparams.type_v = kv_type.value
+            cparams.no_perf = True
+            cparams.flash_attn_type = {None: ll.LLAMA_FLASH_ATTN_TYPE_AUTO, True: ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                       False: ll.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
+            self._ctx = ll.llama_init_from_model(self._model, cparams)
+            if not self._ctx:
+                raise CheckpointError(f"llama.cpp could not make a context of {n_ctx} positions for {self.path}")
+            # llama.cpp may round its cache up (to a multiple of 256); the limit stays what was asked
+            self.n_ctx = min(n_ctx, int(ll.llama_n_ctx(self._ctx)))
+            self._mem = ll.llama_get_memory(self._ctx)
+            self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
+            self.kv_type = kv_type
+            self.n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
+            bos = int(ll.llama_vocab_bos(self._vocab))
+            self.bos_id = None if bos == ll.LLAMA_TOKEN_NULL else bos
+            eos = int(ll.llama_vocab_eos(self._vocab))
+            self.eos_id = None if eos == ll.LLAMA_TOKEN_NULL else eos
+            self.eog_ids = frozenset(t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(self._vocab, t))
+            template = ll.llama_model_chat_template(self._model, None)
+            self.chat_template = template.decode("utf-8", "replace") if template else None
+        except BaseException:
+            self.close()
+            raise
+        self._history: list[int] = []
+        self._logits: np.ndarray | None = None
+        self._sampling = Sampling()
+        self._rng = make_rng(self._sampling)
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def n_past(self) -> int:
+        return len(self._history)
+
+    @property
+    def history(self) -> list[int]:
+        return list(self._history)
+
+    def _live(self):
+        if self._ctx is None:
+            raise OptionError(f"the llama.cpp backend for {self.path.name} is closed")
+        return self._ll
+
+    # -- text ----------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        ll = self._live()
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        while True:
+            buf = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            cap = -n  # llama.cpp says how many it needs
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        """llama.cpp's detokenizer: special tokens rendered as text, the first token's tokenizer-added
+        leading space (SentencePiece) removed, so tokenize -> detokenize gives the text back."""
+        ll = self._live()
+        if not tokens:
+            return b""
+        arr = (ll.llama_token * len(tokens))(*tokens)
+        cap = 16 * len(tokens) + 16
+        while True:
+            buf = ctypes.create_string_buffer(cap)
+            n = ll.llama_detokenize(self._vocab, arr, len(tokens), buf, cap, False, True)
+            if n >= 0:
+                return buf.raw[:n]
+            cap = -n
+
+    # -- sequence ------------------------------------------------------------------------------
+    def truncate(self, n: int) -> None:
+        ll = self._live()
+        if not 0 <= n <= self.n_past:
+            raise OptionError(f"cannot keep {n} positions of a KV cache holding {self.n_past}")
+        if n == self.n_past:
+            return
+        if not ll.llama_memory_seq_rm(self._mem, 0, n, -1):
+            # caches that cannot drop a tail (recurrent, some sliding-window ones): rebuild the prefix
+            keep = self._history[:n]
+            ll.llama_memory_clear(self._mem, True)
+            self._history = []
+            if keep:
+                self._decode(keep)
+        else:
+            del self._history[n:]
+        self._logits = None
+
+    def set_sampling(self, sampling: Sampling) -> None:
+        self._sampling = sampling
+        self._rng = make_rng(sampling)
+
+    def _decode(self, tokens: Sequence[int]) -> None:
+        """Append `tokens` to the cache in batches of n_batch, keeping the last position's logits."""
+        ll = self._ll
+        batch = self._batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            n_past = len(self._history)
+            batch.n_tokens = len(chunk)
+            for i, tok in enumerate(chunk):
+                batch.token[i] = tok
+                batch.pos[i] = n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = False
+            batch.logits[len(chunk) - 1] = True
+            rc = ll.llama_decode(self._ctx, batch)
+            if rc != 0:
+                # the failed batch may have partly entered the cache: drop everything after n_past
+                ll.llama_memory_seq_rm(self._mem, 0, n_past, -1)
+                raise CheckpointError(f"llama.cpp failed to evaluate {len(chunk)} tokens at position {n_past} "
+                                      f"(llama_decode returned {rc})")
+            self._history.extend(chunk)
+        ptr = ll.llama_get_logits_ith(self._ctx, -1)
+        self._logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def step(self, tokens: Sequence[int]) -> int:
+        self._live()
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise OptionError("step() needs at least one token to evaluate")
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(f"{self.n_past} cached + {len(tokens)} new tokens exceed the context of "
+                                       f"{self.n_ctx} positions")
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise OptionError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        self._decode(tokens)
+        return sample(self._logits, self._history, self._sampling, self._rng)
+
+    def logits(self) -> np.ndarray:
+        if self._logits is None:
+            raise OptionError("no logits: nothing has been evaluated since the cache was last changed")
+        return self._logits.copy()
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = self._ll.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode() if n >= 0 else None
+
+    def stats(self) -> BackendStats:
+        ll = self._live()
+        n_layer = int(ll.llama_model_n_layer(self._model))
+        n_head = int(ll.llama_model_n_head(self._model))
+        n_head_kv = int(ll.llama_model_n_head_kv(self._model))
+        arch = self._meta("general.architecture") or ""
+        head_dim_k = int(self._meta(f"{arch}.attention.key_length") or ll.llama_model_n_embd(self._model) // n_head)
+        head_dim_v = int(self._meta(f"{arch}.attention.value_length") or head_dim_k)
+        elem = 4 if self.kv_type is KVType.F32 else 2
+        kv_bytes = n_layer * self.n_ctx * n_head_kv * (head_dim_k + head_dim_v) * elem
+        return BackendStats(self.name, self.n_ctx, self.n_past, self.threads, int(ll.llama_model_size(self._model)),
+                            {"kv_bytes": kv_bytes, "kv_type": self.kv_type.name, "memory_budget": self.memory_budget})
+
+    def close(self) -> None:
+        ll = getattr(self, "_ll", None)
+        if ll is None:
+            return
+        if self._batch is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        self.close()

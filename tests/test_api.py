@@ -1,0 +1,147 @@
+"""The Python API as an app uses it: load, chat, budgets, devices, and bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import edgeai
+from edgeai.budget import parse_budget
+from edgeai.devices import get_profile, profiles
+from edgeai.errors import BackendError, CheckpointError, ContextOverflowError, DeviceError, OptionError
+from edgeai.model import FinishReason, Model
+
+MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there, how are you?"}]
+
+
+@pytest.fixture
+def model(tiny_chat_gguf):
+    with edgeai.load(tiny_chat_gguf, n_ctx=256, threads=1) as m:
+        yield m
+
+
+def test_auto_picks_llama_cpp_for_gguf_and_the_default_model_loads():
+    with edgeai.load() as m:  # the bundled SmolLM2
+        assert m.backend.name in ("native", "llama.cpp")
+        answer = m.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=8, temperature=0)
+        assert answer.strip() and m.backend.n_past > 8
+
+
+def test_chat_template_matches_transformers(model, tiny_chat_gguf):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tiny_chat_gguf.parent / "hf")
+    assert model.render_chat(MSGS) == hf.apply_chat_template(MSGS, tokenize=False, add_generation_prompt=True)
+    tokens = model.chat_tokens(MSGS)
+    assert tokens[0] == model.tokenize("<|im_start|>", add_special=False, parse_special=True)[0]
+
+
+def test_chat_turns_reuse_the_cache_and_equal_a_fresh_run(model):
+    answer = model.chat(MSGS, max_tokens=6, temperature=0)
+    convo = MSGS + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+    second = list(model.chat(convo, stream=True, max_tokens=6, temperature=0))
+    t = second[-1].timings
+    assert t.cached_tokens >= len(model.chat_tokens(MSGS)) and t.prompt_tokens < t.cached_tokens
+    model.reset()
+    fresh = list(model.chat(convo, stream=True, max_tokens=6, temperature=0))
+    assert [c.token for c in fresh] == [c.token for c in second] and fresh[-1].timings.cached_tokens == 0
+
+
+def test_broken_chat_templates_fall_back_with_a_warning(model, caplog):
+    be = model.backend
+    with caplog.at_level(logging.WARNING):
+        be.chat_template = "{% for m in messages %}"  # does not compile
+        plain = Model(be)
+        assert plain.plain_chat and "warning" not in plain.render_chat(MSGS)
+        assert plain.render_chat(MSGS).endswith("user: Hello there, how are you?\n\nassistant:")
+        assert "does not compile" in caplog.text
+        be.chat_template = "{{ raise_exception('no system messages') }}"  # fails when rendered
+        failing = Model(be)
+        assert failing.render_chat(MSGS).startswith("system: Be brief.")
+        assert "failed to render" in caplog.text and failing.plain_chat
+        # the template runs sandboxed: no Python internals, no changing the messages
+        for escape in ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "{{ messages.append({'role': 'x'}) }}"):
+            be.chat_template = escape
+            caplog.clear()
+            sandboxed = Model(be)
+            assert sandboxed.render_chat(MSGS).startswith("system: Be brief.") and "failed to render" in caplog.text
+
+
+def test_fit_messages_drops_the_oldest_turns(model):
+    long_turns = [{"role": "system", "content": "Be brief."}]
+    for i in range(12):
+        long_turns += [{"role": "user", "content": f"question {i} " * 6}, {"role": "assistant", "content": "answer " * 6}]
+    long_turns.append({"role": "user", "content": "last one"})
+    kept, dropped = model.fit_messages(long_turns, reserve=64)
+    assert dropped > 0 and kept[0]["role"] == "system" and kept[-1]["content"] == "last one"
+    assert kept[1]["role"] == "user" and dropped % 2 == 0  # whole turns go
+    assert len(model.chat_tokens(kept)) + 64 <= model.n_ctx
+    with pytest.raises(ContextOverflowError):
+        model.fit_messages([{"role": "user", "content": "word " * 400}], reserve=16)
+    assert model.chat(kept, max_tokens=3, temperature=0) is not None
+
+
+def test_generation_options(model):
+    chunks = list(model.stream("Hello", max_tokens=3, temperature=0))
+    assert len(chunks) == 3 and chunks[-1].finish_reason is FinishReason.LENGTH
+    assert all(c.timings.prompt_seconds > 0 for c in chunks)
+    with pytest.raises(OptionError, match="unknown sampling option 'temp'"):
+        model.generate("Hello", temp=0.5)
+    with pytest.raises(OptionError, match="top_p"):
+        model.generate("Hello", top_p=0)
+    with pytest.raises(OptionError, match="max_tokens"):
+        model.generate("Hello", max_tokens=0)
+    with pytest.raises(OptionError, match="message 1"):
+        model.chat([{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}])
+
+
+def test_bad_paths_and_backends(tmp_path, tiny_chat_gguf):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        edgeai.load(tmp_path / "missing.gguf")
+    text = tmp_path / "notes.gguf"
+    text.write_text("hello, not a model")
+    with pytest.raises(CheckpointError, match=r"not a model edgeai can run: it is a 18-byte file starting with b'hello, n'"):
+        edgeai.load(text)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="a folder holding config.json"):
+        edgeai.load(tmp_path / "folder")
+    with pytest.raises(OptionError, match="unknown backend 'tensorrt'; choose one of auto, native, llama.cpp"):
+        edgeai.load(tiny_chat_gguf, backend="tensorrt")
+    with pytest.raises(BackendError, match="backend onnxruntime cannot run .*--backend llama.cpp"):
+        edgeai.load(tiny_chat_gguf, backend="onnxruntime")
+
+
+def test_budgets():
+    assert parse_budget("1.5GiB") == 3 * 2**29
+    assert parse_budget("800MB") == 800_000_000
+    assert parse_budget("800 mb") == 800_000_000
+    assert parse_budget("60%", total_memory=2**33) == int(0.6 * 2**33)
+    assert parse_budget(2**30) == 2**30 and parse_budget(None) is None
+    for bad, why in [("lots", "not a size"), ("10XB", "unknown unit 'XB'"), ("0%", r"\(0, 100\]"),
+                     ("150%", r"\(0, 100\]"), ("800", "did you forget the unit"), ("-1GB", "not a size")]:
+        with pytest.raises(OptionError, match=why):
+            parse_budget(bad)
+    with pytest.raises(OptionError, match="more than the device's"):
+        parse_budget("9GiB", total_memory=8 * 2**30)
+
+
+def test_device_profiles_have_sources_and_set_threads_and_budget(tiny_chat_gguf):
+    table = profiles()
+    for name in ("pi4-4gb", "pi4-8gb", "pi5-8gb-sd", "pi5-8gb-nvme", "pi5-16gb-sd", "pi5-16gb-nvme", "m1-8gb",
+                 "m1-16gb", "m2-24gb", "m3-8gb", "m4-24gb", "x86-avx2-8gb", "x86-avx2-16gb", "x86-avx512-16gb"):
+        p = table[name]
+        assert p.memory_bandwidth > 0 and p.storage_read > 0 and p.threads >= 1 and 0 < p.default_budget < p.memory_bytes
+        for figure in ("cpu", "isa", "memory", "memory_bandwidth_gbs", "storage_read_gbs", "os_reserve_gb"):
+            assert len(p.sources[figure]) > 20, (name, figure)
+    with pytest.raises(DeviceError, match="unknown device 'pi9'; known devices: m1-8gb, .*pi4-4gb"):
+        get_profile("pi9")
+    pi = get_profile("pi5-8gb-nvme")
+    with edgeai.load(tiny_chat_gguf, device="pi5-8gb-nvme", n_ctx=64) as m:
+        assert m.backend.stats().threads == pi.threads == 4
+        assert m.memory_budget == pi.default_budget and m.device is pi
+    with edgeai.load(tiny_chat_gguf, device="pi4-4gb", memory_budget="50%", n_ctx=64) as m:
+        assert m.memory_budget == 2 * 2**30
+    with pytest.raises(DeviceError, match="unknown device"):
+        edgeai.load(tiny_chat_gguf, device="cray-1")
