@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import enum
 import logging
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from edgeai.devices import available_cores
 from edgeai.errors import CheckpointError, ContextOverflowError, OptionError
 from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling
 from edgeai.runtimes.sampling import make_rng, sample
+from edgeai.runtimes.vocab import GGUFVocab, llama_cpp
 
 log = logging.getLogger(__name__)
 
@@ -31,24 +31,6 @@ class KVType(enum.Enum):
 
     F32 = 0
     F16 = 1
-
-
-_init_lock = threading.Lock()
-_initialized = False
-
-
-def _llama():
-    """llama_cpp, initialised once, with its C log routed to the `llama-cpp-python` logger at ERROR."""
-    global _initialized
-    import llama_cpp
-
-    with _init_lock:
-        if not _initialized:
-            # llama-cpp-python's log callback prints everything unless its logger says otherwise
-            logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-            llama_cpp.llama_backend_init()
-            _initialized = True
-    return llama_cpp
 
 
 class LlamaCppBackend:
@@ -79,7 +61,7 @@ class LlamaCppBackend:
         reason = self.can_run(self.path)
         if reason:
             raise CheckpointError(reason)
-        ll = _llama()
+        ll = llama_cpp()
         self._ll = ll
         self._model = self._ctx = self._batch = None
         self.threads = threads or available_cores()
@@ -92,7 +74,7 @@ class LlamaCppBackend:
             raise CheckpointError(f"llama.cpp could not load {self.path}: a corrupt file or an architecture or "
                                   "tensor type this llama.cpp build does not know (run with -v for its log)")
         try:
-            self._vocab = ll.llama_model_get_vocab(self._model)
+            self._vocab = GGUFVocab(self.path, model=self._model)
             self.n_ctx_train = int(ll.llama_model_n_ctx_train(self._model))
             n_ctx = int(n_ctx or min(DEFAULT_N_CTX, self.n_ctx_train))
             if not 0 < n_ctx <= self.n_ctx_train:
@@ -115,14 +97,10 @@ class LlamaCppBackend:
             self._mem = ll.llama_get_memory(self._ctx)
             self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
             self.kv_type = kv_type
-            self.n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
-            bos = int(ll.llama_vocab_bos(self._vocab))
-            self.bos_id = None if bos == ll.LLAMA_TOKEN_NULL else bos
-            eos = int(ll.llama_vocab_eos(self._vocab))
-            self.eos_id = None if eos == ll.LLAMA_TOKEN_NULL else eos
-            self.eog_ids = frozenset(t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(self._vocab, t))
-            template = ll.llama_model_chat_template(self._model, None)
-            self.chat_template = template.decode("utf-8", "replace") if template else None
+            self.n_vocab = self._vocab.n_vocab
+            self.bos_id, self.eos_id = self._vocab.bos_id, self._vocab.eos_id
+            self.eog_ids = self._vocab.eog_ids
+            self.chat_template = self._vocab.chat_template
         except BaseException:
             self.close()
             raise
@@ -147,30 +125,12 @@ class LlamaCppBackend:
 
     # -- text ----------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        ll = self._live()
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        while True:
-            buf = (ll.llama_token * cap)()
-            n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
-            if n >= 0:
-                return list(buf[:n])
-            cap = -n  # llama.cpp says how many it needs
+        self._live()
+        return self._vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
-        """llama.cpp's detokenizer: special tokens rendered as text, the first token's tokenizer-added
-        leading space (SentencePiece) removed, so tokenize -> detokenize gives the text back."""
-        ll = self._live()
-        if not tokens:
-            return b""
-        arr = (ll.llama_token * len(tokens))(*tokens)
-        cap = 16 * len(tokens) + 16
-        while True:
-            buf = ctypes.create_string_buffer(cap)
-            n = ll.llama_detokenize(self._vocab, arr, len(tokens), buf, cap, False, True)
-            if n >= 0:
-                return buf.raw[:n]
-            cap = -n
+        self._live()
+        return self._vocab.detokenize(tokens)
 
     # -- sequence ------------------------------------------------------------------------------
     def truncate(self, n: int) -> None:

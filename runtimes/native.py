@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeai.errors import CheckpointError, EdgeAIError, OptionError, UnsupportedArchitectureError
+from edgeai.errors import CheckpointError, ContextOverflowError, EdgeAIError, OptionError, UnsupportedArchitectureError
+from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling
 
 log = logging.getLogger(__name__)
 
-DEFAULT_N_CTX = 4096
 
 
 class _ArrayRef:
@@ -85,14 +85,6 @@ def engine_config(meta: Mapping[str, object], tensors: Sequence[tuple], path: Pa
     }
 
 
-def default_threads() -> int:
-    """Cores this process may use (the affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
-
-
 class NativeBackend:
     """A GGUF in edgeai's C++ engine: one model, one sequence (see `runtimes.base.Backend`)."""
 
@@ -109,15 +101,12 @@ class NativeBackend:
             engine_config(meta, tensors, path)
         except EdgeAIError as exc:
             return str(exc)
-        from edgeai import _native
-
         names = {1: "F16", 0: "F32", 30: "BF16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
                  12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
         for name, ggml_type, *_ in tensors:
             if ggml_type not in names:
                 return (f"{path}: tensor {name} has ggml type {ggml_type}, which the native engine does not run "
                         f"(it runs {', '.join(sorted(set(names.values())))}); the llama.cpp backend can")
-        del _native
         return None
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
@@ -133,7 +122,9 @@ class NativeBackend:
         n_ctx = int(n_ctx or min(DEFAULT_N_CTX, self.n_ctx_train))
         if not 0 < n_ctx <= self.n_ctx_train:
             raise OptionError(f"n_ctx={n_ctx} is outside what {self.path.name} allows (1..{self.n_ctx_train})")
-        self.threads = int(threads or default_threads())
+        from edgeai.devices import available_cores
+
+        self.threads = int(threads or available_cores())
         if self.threads < 1:
             raise OptionError(f"threads must be >= 1, got {self.threads}")
         self.memory_budget = memory_budget
@@ -151,8 +142,6 @@ class NativeBackend:
         self.eog_ids = self._vocab.eog_ids
         self.chat_template = self._vocab.chat_template
         self.isa = self._engine.isa
-        from edgeai.runtimes.base import Sampling
-
         self.set_sampling(Sampling())
 
     def _live(self):
@@ -182,14 +171,12 @@ class NativeBackend:
             raise OptionError(f"cannot keep {n} positions of a KV cache holding {engine.n_past}")
         engine.truncate(n)
 
-    def set_sampling(self, sampling) -> None:
+    def set_sampling(self, sampling: Sampling) -> None:
         seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
         self._live().set_sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
                                   sampling.repeat_penalty, sampling.repeat_last_n, seed & (2**64 - 1))
 
     def _check_room(self, tokens: Sequence[int]) -> None:
-        from edgeai.errors import ContextOverflowError
-
         if self.n_past + len(tokens) > self.n_ctx:
             raise ContextOverflowError(f"{self.n_past} + {len(tokens)} tokens exceed the context of {self.n_ctx} "
                                        f"positions of {self.path.name}")
@@ -212,8 +199,6 @@ class NativeBackend:
         return self._live().logits()
 
     def stats(self):
-        from edgeai.runtimes.base import BackendStats
-
         e = self._live()
         return BackendStats(backend=self.name, n_ctx=self.n_ctx, n_past=e.n_past, threads=e.threads,
                             weights_bytes=e.weight_bytes, extra={"kv_bytes": e.kv_bytes, "isa": e.isa})
