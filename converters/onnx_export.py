@@ -38,6 +38,7 @@ import enum
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -151,8 +152,6 @@ class _ExternalData:
     def close(self) -> None:
         if not self.fh.closed:
             self.fh.flush()
-            import os
-
             os.fsync(self.fh.fileno())
             self.fh.close()
 
@@ -227,7 +226,8 @@ class _Weights:
         self.importance, self.encoded, self.threads = importance, encoded, threads
         self.types: dict[str, str] = {}
         self.fallbacks: dict[str, str] = {}
-        self.embedding_q: tuple[str, str, object] | None = None  # (codes 2-D name, scales 2-D name, NBits shape info)
+        self.embedding_q: tuple[str, str, tuple[int, ...]] | None = None  # int: (codes [V, kb*blob], scales [V, kb], 3-D shape)
+        self.embedding_f: str | None = None  # float: the table's initializer
 
     # -- encoding
     def _nbits(self, name: str, w: np.ndarray, expert: int | None):
@@ -316,7 +316,7 @@ class _Weights:
         self.types[name] = "fp32"
         return self.g.initializer(name, t, weights=t.size)
 
-    def embedding(self, ids: str, tied: bool) -> str:
+    def embedding(self, ids: str) -> str:
         """input_ids [batch, seq] -> [batch, seq, n_embd]; keeps the codes for a tied output."""
         g, q = self.g, self.opts.quant
         name = "token_embd.weight"
@@ -383,7 +383,7 @@ def _build_graph(g: _Graph, plan, w: _Weights, max_pos: int):
     sin = g.initializer("sin_cache", rope.sin)
 
     tied = "output.weight" not in {t.name for t in plan.tensors}
-    x = w.embedding("input_ids", tied)
+    x = w.embedding("input_ids")
     residual, pending = None, None  # pending: the last sub-layer's output, not yet added to the residual
 
     def norm(weight: str) -> str:

@@ -129,3 +129,26 @@ def test_eval_on_onnx(exported, tmp_path):
     assert abs(runs["fp32"]["ppl"] - runs["fp32"]["ref_ppl"]) < 1e-3 * runs["fp32"]["ref_ppl"]
     assert runs["int4"]["kld_mean"] > 1e-4 and 4.0 < runs["int4"]["bpw"] < 6.0
     assert runs["int4"]["size_bytes"] < runs["fp32"]["size_bytes"] / 3
+
+
+def test_onnxruntime_genai_runs_the_folder(exported):
+    """genai_config.json is enough for onnxruntime-genai: its greedy tokens equal ours (needs the optional
+    `onnxruntime-genai` package, which is no dependency of edgeai)."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (optional)")
+    folder = exported["smollm"]["int4"]
+    model = og.Model(str(folder))
+    ids = [int(t) for t in og.Tokenizer(model).encode("def fib(n):")]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 10, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    backend = OnnxBackend(folder, threads=1)
+    assert ids == backend.tokenize("def fib(n):")
+    ours = [backend.step(ids)]
+    while len(ours) < len(theirs):
+        ours.append(backend.step([ours[-1]]))
+    assert ours == theirs
