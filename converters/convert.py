@@ -287,8 +287,11 @@ def convert(
     quiet: bool | None = None,
     trust_pickle: bool = False,
     threads: int = 0,
+    format: str = "gguf",
+    block_size: int = 32,
 ) -> Path:
-    """Convert a checkpoint to a GGUF file that llama.cpp and edgeai's runtime load.
+    """Convert a checkpoint to a GGUF file that llama.cpp and edgeai's runtime load, or (format="onnx")
+    to an ONNX folder that onnxruntime runs (`edgeai.converters.onnx_export.export_onnx`).
 
     Args:
         src: a Hugging Face folder (config.json, safetensors, tokenizer files) or a GGUF file;
@@ -308,10 +311,23 @@ def convert(
         quiet: hide the progress bar; None shows it only on a terminal.
         trust_pickle: allow PyTorch `.bin` checkpoints (loaded with weights_only=True).
         threads: threads for quantization; 0 uses every core.
+        format: "gguf" (a file) or "onnx" (a folder; `quant` is then fp32, fp16, int8 or int4).
+        block_size: weights per scale of ONNX int8/int4 weights (32, 64 or 128).
 
     Returns:
         The path written.
     """
+    # ---- ONNX export (edgeai.converters.onnx_export) ----
+    if str(format).lower() == "onnx":
+        if outtype is not None or target_bpw is not None:
+            raise OptionError("--format onnx takes --quant fp32|fp16|int8|int4; drop --outtype / --target-bpw")
+        from edgeai.converters.onnx_export import export_onnx
+
+        return export_onnx(src, output, quant=quant or "fp32", block_size=block_size, method=method, calib=calib,
+                           calib_ctx=calib_ctx, force=force, quiet=quiet, trust_pickle=trust_pickle, threads=threads)
+    if str(format).lower() != "gguf":
+        raise OptionError(f"--format {format!r} is not supported; choose gguf or onnx")
+    # ---- end ONNX export ----
     if output is None:
         raise OptionError("an output path is needed (-o OUT.gguf)")
     output = Path(output)

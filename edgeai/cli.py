@@ -36,9 +36,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what 
 @app.command()
 def convert(
     src: Optional[Path] = typer.Argument(None, help="Hugging Face folder or .gguf file (default: the bundled SmolLM2)."),
-    output: Path = typer.Option(..., "--output", "-o", help="GGUF file to write."),
+    output: Path = typer.Option(..., "--output", "-o", help="GGUF file (or, with --format onnx, folder) to write."),
     outtype: Optional[str] = typer.Option(None, "--outtype", help="One type for all weights: f32, f16 (default), bf16, q8_0."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="A recipe instead: q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="A recipe instead: q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (--format onnx: fp32, fp16, int8, int4)."),
     method: str = typer.Option("rtn", "--method", help="rtn (no data), imatrix or gptq (these need --calib)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text file (UTF-8)."),
     calib_ctx: int = typer.Option(512, "--calib-ctx", help="Tokens per calibration chunk."),
@@ -47,13 +47,15 @@ def convert(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow PyTorch .bin checkpoints (weights_only=True)."),
     threads: int = typer.Option(0, "--threads", "-t", help="Quantization threads (0: all cores)."),
+    format: str = typer.Option("gguf", "--format", help="gguf (a file) or onnx (a folder; --quant fp32|fp16|int8|int4)."),
+    block_size: int = typer.Option(32, "--block-size", help="ONNX int8/int4: weights per scale (32, 64, 128)."),
 ) -> None:
-    """Convert a checkpoint to GGUF."""
+    """Convert a checkpoint to GGUF, or to an ONNX folder for onnxruntime."""
     from edgeai.converters.convert import convert as run_convert
 
     try:
         path = run_convert(src, output, outtype=outtype, quant=quant, method=method, calib=calib, calib_ctx=calib_ctx,
-                           target_bpw=target_bpw,
+                           target_bpw=target_bpw, format=format, block_size=block_size,
                            force=force, quiet=True if quiet else None, trust_pickle=trust_pickle, threads=threads)
     except EdgeAIError as exc:
         _fail(exc)
@@ -63,7 +65,8 @@ def convert(
         Console(stderr=True).print(f"[yellow]interrupted:[/] {output} was not written")
         raise typer.Exit(130)
     if not quiet:
-        typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+        size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+        typer.echo(f"wrote {path} ({size / 2**20:.1f} MiB)")
 
 
 @app.command()
@@ -125,7 +128,7 @@ def inspect(path: Path = typer.Argument(..., help="A .gguf file.")) -> None:
 
 @app.command("eval")
 def eval_command(
-    artifact: Path = typer.Argument(..., help="The .gguf file to judge."),
+    artifact: Path = typer.Argument(..., help="The .gguf file or ONNX folder to judge."),
     reference: Path = typer.Option(..., "--reference", "-r", help="F16/F32 .gguf or Hugging Face folder it should match."),
     text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
     n_ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk; the second half of each chunk is scored."),
@@ -133,7 +136,7 @@ def eval_command(
     threads: int = typer.Option(0, "--threads", "-t", help="llama.cpp threads (0: all cores)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Perplexity, KL divergence and top-1 agreement of ARTIFACT against a reference, computed by llama.cpp."""
+    """Perplexity, KL divergence and top-1 agreement of ARTIFACT against a reference (llama.cpp / onnxruntime logits)."""
     import json
 
     from rich.console import Console

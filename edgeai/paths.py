@@ -87,3 +87,44 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: Path, *, force: bool) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; on success fsync its files and rename it into
+    place (replacing an existing `path` when `force`). On any failure the temporary folder is
+    removed: `path` is absent, untouched, or complete, never half-written."""
+    import shutil
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputError(f"{path} exists; pass --force (force=True) to replace it")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path} is a file; give a folder name for the output")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"the folder {parent} does not exist; create it first")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an ordinary mkdir gives 0777 less the umask
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if path.exists():  # a folder cannot be renamed over a non-empty one: move the old one aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        _fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"could not write {path}: {exc.strerror or exc}; nothing was written") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -129,11 +129,28 @@ class LlamaCppLogits:
 
 
 def open_logits_provider(path: Path, *, n_ctx: int, threads: int = 0) -> LogitsProvider:
-    """The provider for an artifact's engine. Only GGUF (llama.cpp) for now; ONNX comes later."""
+    """The provider for an artifact's engine: llama.cpp for a .gguf file, onnxruntime for an ONNX folder."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".gguf":
         return LlamaCppLogits(path, n_ctx=n_ctx, threads=threads)
-    raise OptionError(f"{path} is not a .gguf file; only GGUF artifacts can be evaluated for now")
+    if _is_onnx(path):
+        from edgeai.runtimes.onnxrt import OnnxLogits
+
+        return OnnxLogits(path, n_ctx=n_ctx, threads=threads)
+    raise OptionError(f"{path} is neither a .gguf file nor an ONNX folder (model.onnx); it cannot be evaluated")
+
+
+def _is_onnx(path: Path) -> bool:
+    return (path.is_dir() and (path / "model.onnx").is_file()) or (path.is_file() and path.suffix.lower() == ".onnx")
+
+
+def artifact_size(path: Path) -> tuple[int, float]:
+    """(size in bytes, bits per weight) of a GGUF file or an ONNX folder."""
+    if _is_onnx(Path(path)):
+        from edgeai.runtimes.onnxrt import onnx_size
+
+        return onnx_size(Path(path))
+    return gguf_size(Path(path))
 
 
 def gguf_size(path: Path) -> tuple[int, float]:
@@ -211,7 +228,7 @@ def evaluate(
     """Perplexity of `artifact` and its KL divergence from `reference` on a text, llama-perplexity style.
 
     Args:
-        artifact: the GGUF file to judge.
+        artifact: the GGUF file or ONNX folder to judge (logits from llama.cpp or onnxruntime).
         reference: the model it should match: an F16/F32 GGUF, or a Hugging Face checkpoint folder
             (converted to an F32 GGUF in a temporary directory first; TMPDIR chooses where).
         text: a UTF-8 text file; it is tokenized once with the artifact's tokenizer.
@@ -280,7 +297,7 @@ def evaluate(
                 progress(c + 1, n_chunks)
 
     nll, ref_nll, kld = (np.concatenate(x) for x in (scores.nll, scores.ref_nll, scores.kld))
-    size_bytes, bpw = gguf_size(artifact)
+    size_bytes, bpw = artifact_size(artifact)
     result = EvalResult(
         ppl=math.exp(float(nll.mean())),
         ref_ppl=math.exp(float(ref_nll.mean())),

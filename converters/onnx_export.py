@@ -1,0 +1,690 @@
+"""The ONNX exporter: a Hugging Face checkpoint -> an ONNX folder that stock onnxruntime runs on CPU.
+
+    open_plan() (the GGUF path's spec, names and checks) -> calibrate? -> one decoder graph, its
+    weights streamed into model.onnx.data one tensor at a time -> onnx.checker (full) -> rename
+
+The folder holds `model.onnx` (graph), `model.onnx.data` (weights), `genai_config.json` (so that
+onnxruntime-genai runs it too), the tokenizer files and the chat template; the recipe is in the
+model's metadata (`edgeai.recipe`). It appears only when complete (`edgeai.paths.atomic_output_dir`).
+
+The graph, per position batch [batch, seq] (prefill and decode are the same graph):
+
+    input_ids, attention_mask [batch, past+seq], past_key_values.{i}.key/value [batch, n_head_kv, past, head_dim]
+    x = embed(input_ids)                                  Gather | GatherBlockQuantized
+    per block: h = rms_norm(x)                            RMSNormalization / SkipSimplifiedLayerNormalization
+               q, k, v = h @ Wq, Wk, Wv (+ bias, qk-norm)  MatMul | MatMulNBits
+               a = attention(q, k, v, past) with RoPE      GroupQueryAttention (rotary inside)
+               x += a @ Wo; x += ffn(rms_norm(x))          SwiGLU, or MoE with standard ops
+    logits = rms_norm(x) @ Wout                           -> logits [batch, seq, n_vocab], present.{i}.*
+
+Weights keep the GGUF (internal) layout of `converters.specs`: for NORM-RoPE families (Llama,
+Mistral, Mixtral) q/k rows are permuted so that adjacent pairs rotate, and GroupQueryAttention
+runs with `rotary_interleaved=1`; NEOX families keep the Hugging Face layout with
+`rotary_interleaved=0`. Both rotate the same way Hugging Face does, so the logits are the same;
+only the order of the head dimensions inside the cached keys differs from transformers'.
+
+Weights: fp32; fp16 (stored as float16, computed in float32: onnxruntime folds the casts when it
+loads); int8/int4 as block-wise symmetric `MatMulNBits` (`edgeai.quant.nbits`) whose scales come
+from the shared quantizer (32-wide blocks are GGUF's Q4_0/Q8_0 grids, so imatrix search and GPTQ
+apply unchanged). The embedding is `GatherBlockQuantized` with the same codes; a tied output
+matrix shares the embedding's bytes on disk. MoE layers run every expert on every token and
+weight the outputs by the router's (zero outside the top k): correct, but n_expert times the
+dense compute; onnxruntime's MoE contrib op takes no block-quantized experts on CPU.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import edgeai
+from edgeai.errors import CheckpointError, OptionError, OutputError, UnsupportedArchitectureError
+from edgeai.paths import atomic_output_dir
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+GENAI_CONFIG = "genai_config.json"
+OPSET = 23  # RMSNormalization
+IR_VERSION = 10
+MS = "com.microsoft"
+# onnxruntime versions that run every op the graph uses on CPU (RMSNormalization is opset 23)
+MIN_ORT = (1, 22)
+ORT_OPS = ("GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized", "SkipSimplifiedLayerNormalization",
+           "RMSNormalization (opset 23)")
+# files copied from the checkpoint folder when present (tokenizer, chat template, configs)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json", "config.json")
+_EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside model.onnx
+_ALIGN = 64  # external tensors start 64-byte aligned (SIMD loads); page alignment would pad ~2 KiB per tensor
+
+
+class OnnxQuant(str, enum.Enum):
+    """`--quant` of the ONNX export: the weight matrices' element type."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+    @property
+    def bits(self) -> int | None:
+        return {"int8": 8, "int4": 4}.get(self.value)
+
+
+class OnnxMethod(str, enum.Enum):
+    """How int8/int4 codes are chosen (`--method`); AWQ is not implemented in `edgeai.quant` yet."""
+
+    RTN = "rtn"
+    IMATRIX = "imatrix"
+    GPTQ = "gptq"
+
+
+def parse_quant(value: str | OnnxQuant) -> OnnxQuant:
+    try:
+        return OnnxQuant(value.lower() if isinstance(value, str) else value)
+    except ValueError:
+        raise OptionError(f"--quant {value!r} is not an ONNX weight type; choose one of "
+                          f"{', '.join(q.value for q in OnnxQuant)}") from None
+
+
+def parse_method(value: str | OnnxMethod) -> OnnxMethod:
+    name = value.value if isinstance(value, enum.Enum) else str(value).lower()
+    if name == "awq":
+        raise OptionError("--method awq is not implemented in edgeai.quant yet; use rtn, imatrix or gptq")
+    try:
+        return OnnxMethod(name)
+    except ValueError:
+        raise OptionError(f"--method {value!r} is not supported for ONNX; choose one of "
+                          f"{', '.join(m.value for m in OnnxMethod)}") from None
+
+
+def check_onnxruntime() -> str:
+    """The installed onnxruntime's version, or OptionError if it is too old for the exported graph."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise OptionError("onnxruntime is not installed; `pip install 'onnxruntime>=1.22'`") from exc
+    version = onnxruntime.__version__
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < MIN_ORT:
+        raise OptionError(
+            f"the installed onnxruntime {version} lacks ops the export uses ({', '.join(ORT_OPS)}); "
+            f"onnxruntime >= {'.'.join(map(str, MIN_ORT))} is needed: `pip install -U onnxruntime`"
+        )
+    return version
+
+
+# ---- graph building --------------------------------------------------------------------------
+
+
+class _ExternalData:
+    """model.onnx.data, written as tensors come: each tensor's bytes once, at an aligned offset."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = open(path, "wb")
+        self.offset = 0
+
+    def write(self, data: np.ndarray) -> tuple[int, int]:
+        pad = -self.offset % _ALIGN
+        if pad:
+            self.fh.write(b"\0" * pad)
+            self.offset += pad
+        start = self.offset
+        data = np.ascontiguousarray(data)
+        self.fh.write(memoryview(data).cast("B"))
+        self.offset += data.nbytes
+        return start, data.nbytes
+
+    def close(self) -> None:
+        if not self.fh.closed:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+
+
+@dataclass
+class _Graph:
+    """Nodes and initializers of the decoder graph, with unique value names."""
+
+    data: _ExternalData
+    nodes: list = field(default_factory=list)
+    initializers: list = field(default_factory=list)
+    counter: int = 0
+    weight_bytes: int = 0  # bytes of weight initializers (codes + scales), for bits per weight
+    n_weights: int = 0  # weights they encode
+
+    def fresh(self, hint: str) -> str:
+        self.counter += 1
+        return f"{hint}_{self.counter}"
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, *, domain: str = "", name: str | None = None,
+             outputs: list[str] | None = None, **attrs) -> list[str]:
+        from onnx import helper
+
+        outs = outputs or [self.fresh(f"{name or op}/out{i}") for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.fresh(name or op), domain=domain, **attrs))
+        return outs
+
+    def one(self, op: str, inputs: list[str], **kw) -> str:
+        return self.node(op, inputs, **kw)[0]
+
+    def initializer(self, name: str, array: np.ndarray, *, weights: int | None = None) -> str:
+        """Add `array` under `name` (external when large). `weights`: the number of model weights it
+        encodes (0 for their scales); None for anything else (caches, shapes)."""
+        from onnx import TensorProto, helper
+
+        array = np.ascontiguousarray(array)
+        t = TensorProto()
+        t.name = name
+        t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        t.dims.extend(array.shape)
+        if array.nbytes < _EXTERNAL_MIN_BYTES:
+            t.raw_data = array.tobytes()
+        else:
+            offset, length = self.data.write(array)
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", self.data.path.name), ("offset", str(offset)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+        self.initializers.append(t)
+        if weights is not None:
+            self.weight_bytes += array.nbytes
+            self.n_weights += weights
+        return name
+
+    def const(self, hint: str, array: np.ndarray) -> str:
+        return self.initializer(self.fresh(hint), np.asarray(array))
+
+
+@dataclass(frozen=True)
+class _Options:
+    quant: OnnxQuant
+    block_size: int
+    accuracy_level: int
+
+
+class _Weights:
+    """Turns planned tensors into graph operands, one tensor read and encoded at a time."""
+
+    def __init__(self, g: _Graph, plan, opts: _Options, importance, encoded: dict[str, list[np.ndarray]] | None,
+                 threads: int):
+        self.g, self.plan, self.opts = g, plan, opts
+        self.importance, self.encoded, self.threads = importance, encoded, threads
+        self.types: dict[str, str] = {}
+        self.fallbacks: dict[str, str] = {}
+        self.embedding_q: tuple[str, str, tuple[int, ...]] | None = None  # int: (codes [V, kb*blob], scales [V, kb], 3-D shape)
+        self.embedding_f: str | None = None  # float: the table's initializer
+
+    # -- encoding
+    def _nbits(self, name: str, w: np.ndarray, expert: int | None):
+        """w [N, K] float32 -> NBits, from GPTQ's bytes, the shared block quantizer (32) or nbits.encode."""
+        from edgeai.quant import nbits
+        from edgeai.quant.formats import FORMATS, Fit, quantize
+
+        bits = self.opts.quant.bits
+        n, k = w.shape
+        bs = block_for(k, self.opts.block_size)
+        if self.encoded is not None and name in self.encoded:
+            return nbits.from_gguf_blocks(self.encoded[name][expert or 0], bits, n, k)
+        imp = self.importance(name, expert or 0) if self.importance else None
+        if bs == 32:
+            raw = quantize(w, FORMATS[nbits.GGUF_TYPE[bits]], fit=Fit.SEARCH, importance=imp, n_threads=self.threads)
+            return nbits.from_gguf_blocks(raw, bits, n, k)
+        return nbits.encode(w, bits, bs, imp)
+
+    def _quantized(self, name: str, k: int) -> bool:
+        """Whether tensor `name` (rows of k) is written as int codes: every weight matrix but MoE
+        routers, unless no block size fits its rows (then it stays float, recorded as a fallback)."""
+        if self.opts.quant.bits is None or name.endswith("ffn_gate_inp.weight"):
+            return False
+        b = block_for(k, self.opts.block_size)
+        if b != self.opts.block_size:
+            self.fallbacks[name] = (f"row length {k} is not a multiple of {self.opts.block_size}: "
+                                    + (f"blocks of {b}" if b else "kept float32"))
+        return b is not None
+
+    # -- operands
+    def linear(self, x: str, name: str, *, expert: int | None = None, w: np.ndarray | None = None) -> str:
+        """x [.., K] @ W.T for planned weight `name` [N, K] (one expert's slice of a stacked one)."""
+        g, q = self.g, self.opts.quant
+        if w is None:
+            w = self.plan.read(name)
+        if expert is not None:
+            w = w[expert]
+        n, k = w.shape
+        label = name if expert is None else f"{name}.{expert}"
+        if self._quantized(name, k):
+            enc = self._nbits(name, w, expert)
+            codes = g.initializer(label + ".qweight", enc.codes, weights=n * k)
+            scales = g.initializer(label + ".scales", enc.scales.reshape(-1), weights=0)
+            self.types[name] = f"int{q.bits}"
+            return g.one("MatMulNBits", [x, codes, scales], domain=MS, K=k, N=n, bits=q.bits,
+                         block_size=enc.block_size, accuracy_level=self.opts.accuracy_level)
+        if q is OnnxQuant.FP16 and not name.endswith("ffn_gate_inp.weight"):
+            wt = g.initializer(label + ".weight_t", w.T.astype(np.float16), weights=n * k)
+            self.types[name] = "fp16"
+            return g.one("MatMul", [x, g.one("Cast", [wt], to=1)])
+        wt = g.initializer(label + ".weight_t", np.ascontiguousarray(w.T, np.float32), weights=n * k)
+        self.types[name] = "fp32"
+        return g.one("MatMul", [x, wt])
+
+    def fused(self, x: str, names: list[str], label: str) -> str:
+        """x @ [W_1; W_2; ...].T as one node for weights that share their input (q, k, v): one
+        MatMulNBits instead of three per layer (fewer kernel launches per decode step)."""
+        g, q = self.g, self.opts.quant
+        ws = [self.plan.read(n) for n in names]  # [N_i, K] each
+        k, n_total = ws[0].shape[1], sum(w.shape[0] for w in ws)
+        if all(self._quantized(n, k) for n in names):
+            encs = [self._nbits(n, w, None) for n, w in zip(names, ws)]
+            assert len({e.block_size for e in encs}) == 1
+            codes = g.initializer(label + ".qweight", np.concatenate([e.codes for e in encs]), weights=n_total * k)
+            scales = g.initializer(label + ".scales", np.concatenate([e.scales for e in encs]).reshape(-1), weights=0)
+            self.types.update({n: f"int{q.bits}" for n in names})
+            return g.one("MatMulNBits", [x, codes, scales], domain=MS, K=k, N=n_total, bits=q.bits,
+                         block_size=encs[0].block_size, accuracy_level=self.opts.accuracy_level)
+        wt = np.concatenate([w.T for w in ws], axis=1)  # [K, N_total]
+        kind = "fp16" if q is OnnxQuant.FP16 else "fp32"
+        self.types.update({n: kind for n in names})
+        if q is OnnxQuant.FP16:
+            return g.one("MatMul", [x, g.one("Cast", [g.initializer(label + ".weight_t", wt.astype(np.float16),
+                                                                    weights=n_total * k)], to=1)])
+        return g.one("MatMul", [x, g.initializer(label + ".weight_t", wt.astype(np.float32), weights=n_total * k)])
+
+    def vectors(self, names: list[str], label: str) -> str:
+        """1-D planned tensors concatenated (the q, k, v biases of a fused projection)."""
+        t = np.concatenate([self.plan.read(n).astype(np.float32) for n in names])
+        self.types.update({n: "fp32" for n in names})
+        return self.g.initializer(label, t, weights=t.size)
+
+    def vector(self, name: str) -> str:
+        """A 1-D planned tensor (norm weight, bias) as a float32 initializer."""
+        t = self.plan.read(name).astype(np.float32)
+        self.types[name] = "fp32"
+        return self.g.initializer(name, t, weights=t.size)
+
+    def embedding(self, ids: str) -> str:
+        """input_ids [batch, seq] -> [batch, seq, n_embd]; keeps the codes for a tied output."""
+        g, q = self.g, self.opts.quant
+        name = "token_embd.weight"
+        w = self.plan.read(name)  # [n_vocab, n_embd]
+        v, e = w.shape
+        if q.bits is not None:
+            enc = self._nbits(name, w, None)
+            codes = g.initializer(name + ".qweight", enc.codes.reshape(v, -1), weights=v * e)  # [V, kb*blob]
+            scales = g.initializer(name + ".scales", enc.scales, weights=0)  # [V, kb]
+            self.types[name] = f"int{q.bits}"
+            self.embedding_q = (codes, scales, enc.codes.shape)
+            return g.one("GatherBlockQuantized", [codes, ids, scales], domain=MS, bits=q.bits,
+                         block_size=self.opts.block_size, gather_axis=0, quantize_axis=1)
+        dtype = np.float16 if q is OnnxQuant.FP16 else np.float32
+        table = g.initializer(name, w.astype(dtype), weights=v * e)
+        self.types[name] = q.value
+        self.embedding_f = table
+        out = g.one("Gather", [table, ids], axis=0)
+        return g.one("Cast", [out], to=1) if dtype == np.float16 else out
+
+    def tied_output(self, x: str, n_vocab: int, n_embd: int) -> str:
+        """x @ token_embd.T from the embedding's own initializers (no second copy on disk)."""
+        g, q = self.g, self.opts.quant
+        if self.embedding_q is not None:
+            codes, scales, shape3 = self.embedding_q
+            codes3 = g.one("Reshape", [codes, g.const("shape", np.array(shape3, np.int64))])
+            scales1 = g.one("Reshape", [scales, g.const("shape", np.array([-1], np.int64))])
+            return g.one("MatMulNBits", [x, codes3, scales1], domain=MS, K=n_embd, N=n_vocab, bits=q.bits,
+                         block_size=self.opts.block_size, accuracy_level=self.opts.accuracy_level)
+        table = self.embedding_f
+        if q is OnnxQuant.FP16:
+            table = g.one("Cast", [table], to=1)
+        return g.one("MatMul", [x, g.one("Transpose", [table], perm=[1, 0])])
+
+
+def _build_graph(g: _Graph, plan, w: _Weights, max_pos: int):
+    """The decoder graph's nodes (weights streamed by `w`); returns (inputs, outputs) value infos."""
+    from onnx import TensorProto, helper
+
+    from edgeai.converters.specs import QKNorm, RopeStyle
+    from edgeai.quant.forward import ForwardConfig, RopeTables
+
+    spec, hp = plan.spec, plan.hparams
+    cfg = ForwardConfig.from_plan(plan)
+    d, eps = hp.head_dim, hp.rms_eps
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", cfg.n_vocab])]
+    for i in range(hp.n_layer):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32,
+                                                        ["batch", hp.n_head_kv, "past", d]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, ["batch", hp.n_head_kv, "total", d]))
+
+    # GroupQueryAttention's bookkeeping: seqlens_k = valid tokens - 1 per row, total = mask width
+    mask_sum = g.one("ReduceSum", ["attention_mask", g.const("axes", np.array([1], np.int64))], keepdims=0)
+    seqlens_k = g.one("Cast", [g.one("Sub", [mask_sum, g.const("one", np.array(1, np.int64))])], to=TensorProto.INT32)
+    total = g.one("Cast", [g.one("Gather", [g.one("Shape", ["attention_mask"]), g.const("idx", np.array(1, np.int64))],
+                                 axis=0)], to=TensorProto.INT32)
+    rope_freqs = plan.read("rope_freqs.weight") if cfg.has_rope_freqs else None
+    rope = RopeTables.build(cfg, np.arange(max_pos), rope_freqs)  # cos/sin [max_pos, d/2], llama.cpp's angles
+    cos = g.initializer("cos_cache", rope.cos)
+    sin = g.initializer("sin_cache", rope.sin)
+
+    tied = "output.weight" not in {t.name for t in plan.tensors}
+    x = w.embedding("input_ids")
+    residual, pending = None, None  # pending: the last sub-layer's output, not yet added to the residual
+
+    def norm(weight: str) -> str:
+        """rms_norm(residual + pending) with `weight`; updates the residual."""
+        nonlocal residual, pending
+        if pending is None:
+            residual = x
+            return g.one("RMSNormalization", [x, w.vector(weight)], axis=-1, epsilon=eps)
+        out, summed = g.node("SkipSimplifiedLayerNormalization", [pending, residual, w.vector(weight)], 4,
+                             domain=MS, epsilon=eps)[::3]
+        residual, pending = summed, None
+        return out
+
+    def heads_norm(t: str, weight: str, n_heads: int) -> str:
+        if spec.qk_norm is QKNorm.FULL:
+            return g.one("RMSNormalization", [t, w.vector(weight)], axis=-1, epsilon=eps)
+        split = g.one("Reshape", [t, g.const("shape", np.array([0, 0, n_heads, d], np.int64))])
+        normed = g.one("RMSNormalization", [split, w.vector(weight)], axis=-1, epsilon=eps)
+        return g.one("Reshape", [normed, g.const("shape", np.array([0, 0, n_heads * d], np.int64))])
+
+    def proj(h: str, blk: str, role: str) -> str:
+        y = w.linear(h, f"{blk}{role}.weight")
+        if hp.attention_bias:
+            y = g.one("Add", [y, w.vector(f"{blk}{role}.bias")])
+        return y
+
+    def swiglu(h: str, gate: str, up: str, down: str, expert: int | None = None, stacked=None) -> str:
+        a = w.linear(h, gate, expert=expert, w=stacked[0] if stacked else None)
+        b = w.linear(h, up, expert=expert, w=stacked[1] if stacked else None)
+        act = g.one("Mul", [g.one("Mul", [a, g.one("Sigmoid", [a])]), b])
+        return w.linear(act, down, expert=expert, w=stacked[2] if stacked else None)
+
+    for i in range(hp.n_layer):
+        blk = f"blk.{i}."
+        h = norm(blk + "attn_norm.weight")
+        if spec.qk_norm is QKNorm.NONE:  # packed QKV: GroupQueryAttention splits it itself
+            roles = ("attn_q", "attn_k", "attn_v")
+            q = w.fused(h, [f"{blk}{r}.weight" for r in roles], blk + "attn_qkv")
+            if hp.attention_bias:
+                q = g.one("Add", [q, w.vectors([f"{blk}{r}.bias" for r in roles], blk + "attn_qkv.bias")])
+            k = v = ""
+        else:  # q and k are normed before RoPE: three projections
+            q, k, v = (proj(h, blk, r) for r in ("attn_q", "attn_k", "attn_v"))
+            q = heads_norm(q, blk + "attn_q_norm.weight", hp.n_head)
+            k = heads_norm(k, blk + "attn_k_norm.weight", hp.n_head_kv)
+        attn = g.node("GroupQueryAttention",
+                      [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total, cos, sin],
+                      domain=MS, name=f"attn{i}", outputs=[g.fresh(f"attn{i}"), f"present.{i}.key", f"present.{i}.value"],
+                      num_heads=hp.n_head, kv_num_heads=hp.n_head_kv, do_rotary=1,
+                      rotary_interleaved=int(spec.rope is RopeStyle.NORM), scale=1.0 / math.sqrt(d))[0]
+        pending = w.linear(attn, blk + "attn_output.weight")
+        h = norm(blk + "ffn_norm.weight")
+        if spec.moe is None:
+            pending = swiglu(h, blk + "ffn_gate.weight", blk + "ffn_up.weight", blk + "ffn_down.weight")
+        else:
+            pending = _moe(g, w, spec.moe, hp, h, blk, swiglu)
+    h = norm("output_norm.weight")
+    logits = w.tied_output(h, cfg.n_vocab, hp.n_embd) if tied else w.linear(h, "output.weight")
+    g.node("Identity", [logits], outputs=["logits"])
+    return inputs, outputs
+
+
+def _moe(g: _Graph, w: _Weights, moe, hp, h: str, blk: str, swiglu: Callable) -> str:
+    """Routed experts (every expert on every token, weighted by the router, zero outside the top k),
+    plus the gated shared expert: h [batch, seq, n_embd] -> [batch, seq, n_embd]."""
+    logits = w.linear(h, blk + "ffn_gate_inp.weight")  # [b, s, n_expert], float32 router
+    probs = g.one("Softmax", [logits], axis=-1)
+    top_w, top_i = g.node("TopK", [probs, g.const("k", np.array([hp.n_expert_used], np.int64))], 2, axis=-1)
+    if moe.renormalizes_top_k:
+        top_w = g.one("Div", [top_w, g.one("ReduceSum", [top_w, g.const("axes", np.array([-1], np.int64))], keepdims=1)])
+    zeros = g.one("Mul", [probs, g.const("zero", np.array(0.0, np.float32))])
+    route = g.one("ScatterElements", [zeros, top_i, top_w], axis=-1)  # [b, s, n_expert]
+    stacked = [w.plan.read(f"{blk}ffn_{r}_exps.weight") for r in ("gate", "up", "down")]  # one layer's experts
+    out = None
+    for e in range(hp.n_expert):
+        y = swiglu(h, f"{blk}ffn_gate_exps.weight", f"{blk}ffn_up_exps.weight", f"{blk}ffn_down_exps.weight",
+                   expert=e, stacked=stacked)
+        weight = g.one("Slice", [route, g.const("s", np.array([e], np.int64)), g.const("e", np.array([e + 1], np.int64)),
+                                 g.const("axis", np.array([-1], np.int64))])
+        y = g.one("Mul", [y, weight])
+        out = y if out is None else g.one("Add", [out, y])
+    del stacked
+    if moe.shared_expert:
+        shared = swiglu(h, blk + "ffn_gate_shexp.weight", blk + "ffn_up_shexp.weight", blk + "ffn_down_shexp.weight")
+        gate_w = w.plan.read(blk + "ffn_gate_inp_shexp.weight").reshape(-1, 1)  # [n_embd, 1]
+        gate_t = g.initializer(blk + "ffn_gate_inp_shexp.weight_t", gate_w, weights=gate_w.size)
+        gate = g.one("Sigmoid", [g.one("MatMul", [h, gate_t])])
+        out = g.one("Add", [out, g.one("Mul", [shared, gate])])
+    return out
+
+
+# ---- the export --------------------------------------------------------------------------------
+
+
+def _check_block_size(plan, quant: OnnxQuant, block_size: int) -> None:
+    """OptionError unless `block_size` is usable and divides the hidden size (the rows of most matrices)."""
+    from edgeai.quant import nbits
+
+    if quant.bits is None:
+        return
+    nbits.check(quant.bits, block_size, plan.hparams.n_embd, f"the hidden size (hidden_size of {plan.source_files[0].parent}/config.json)")
+
+
+def block_for(k: int, block_size: int) -> int | None:
+    """The block size a matrix with rows of `k` weights gets: `block_size`, else the largest smaller
+    power of two (>= 16, MatMulNBits' minimum) that divides k, else None (the matrix stays float)."""
+    b = block_size
+    while b >= 16:
+        if k % b == 0:
+            return b
+        b //= 2
+    return None
+
+
+def _genai_config(plan, hp, n_ctx: int) -> dict:
+    meta = {m.key: m.value for m in plan.kv}
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    eos_ids = sorted({int(e) for e in ([eos] if eos is not None else [])} | {
+        int(meta[k]) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if meta.get(k) is not None})
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    pad = meta.get("tokenizer.ggml.padding_token_id", eos_ids[0] if eos_ids else 0)
+    return {
+        "model": {
+            "bos_token_id": int(bos) if bos is not None else None,
+            "context_length": n_ctx,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": hp.head_dim,
+                "hidden_size": hp.n_embd,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": hp.n_head,
+                "num_hidden_layers": hp.n_layer,
+                "num_key_value_heads": hp.n_head_kv,
+            },
+            "eos_token_id": eos_ids if len(eos_ids) != 1 else eos_ids[0],
+            "pad_token_id": int(pad),
+            "type": plan.spec.gguf_arch if plan.spec.moe is None else "decoder",
+            "vocab_size": int(hp.n_vocab),
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": n_ctx, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+
+
+def export_onnx(
+    src: str | Path | None,
+    output: str | Path | None,
+    *,
+    quant: str | OnnxQuant = OnnxQuant.FP32,
+    block_size: int = 32,
+    method: str | OnnxMethod = OnnxMethod.RTN,
+    calib: str | Path | None = None,
+    calib_ctx: int = 512,
+    accuracy_level: int = 4,
+    force: bool = False,
+    quiet: bool | None = None,
+    trust_pickle: bool = False,
+    threads: int = 0,
+) -> Path:
+    """Export a Hugging Face checkpoint as an ONNX folder that onnxruntime (and onnxruntime-genai) runs.
+
+    Args:
+        src: a Hugging Face folder (config.json, safetensors, tokenizer.json).
+        output: the folder to create; it appears only once complete and checked.
+        quant: fp32, fp16 (stored half, computed float32), int8 or int4 (`MatMulNBits`).
+        block_size: weights per scale for int8/int4: 32, 64 or 128; must divide every row.
+        method: rtn (least-squares scale search, no data), imatrix (the search weighted by the
+            calibration text's mean x^2 per column) or gptq (32-wide blocks only). AWQ is not
+            implemented in `edgeai.quant` yet.
+        calib: calibration text (UTF-8) for imatrix and gptq.
+        calib_ctx: tokens per calibration chunk.
+        accuracy_level: MatMulNBits' compute type: 4 quantizes activations to int8 (fastest on CPUs
+            with int8 dot products: AVX2/AVX-512 VNNI, ARM dotprod), 0 computes in float32.
+        force: replace `output` if it exists.
+        quiet: unused by the export (no progress bar); accepted for the same call as `convert`.
+        trust_pickle: allow PyTorch `.bin` checkpoints.
+        threads: quantization threads; 0 uses every core.
+
+    Returns:
+        The folder written.
+    """
+    from edgeai.converters.convert import _calibration_text, _gptq, _importance_lookup, open_plan
+    from edgeai.quant.recipes import Method
+
+    if output is None:
+        raise OptionError("an output folder is needed (-o OUT_DIR)")
+    output = Path(output)
+    quant, method = parse_quant(quant), parse_method(method)
+    if quant.bits is None and method is not OnnxMethod.RTN:
+        raise OptionError(f"--method {method.value} only applies to int8/int4; --quant {quant.value} has no codes to choose")
+    if method is OnnxMethod.GPTQ and block_size != 32:
+        raise OptionError("--method gptq runs on the Q4_0/Q8_0 grids of 32-wide blocks; use --block-size 32 "
+                          "(or --method imatrix for 64/128)")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise OptionError(f"accuracy_level {accuracy_level} must be 0..4 (MatMulNBits)")
+    calib_text = _calibration_text(calib, Method(method.value))
+    ort_version = check_onnxruntime()
+    if output.exists() and not force:
+        raise OutputError(f"{output} exists; pass --force (force=True) to replace it")
+    src_path = Path(src) if src is not None else None
+    if src_path is None or not src_path.is_dir():
+        raise CheckpointError(
+            f"{src_path or 'the bundled GGUF'}: ONNX export reads a Hugging Face checkpoint folder (config.json, "
+            "safetensors, tokenizer.json); GGUF sources carry no tokenizer.json for the ONNX folder"
+        )
+    if not (src_path / "tokenizer.json").is_file():
+        raise CheckpointError(f"{src_path} has no tokenizer.json, which the ONNX folder's runtimes read; "
+                              "save the tokenizer with transformers' save_pretrained() first")
+    plan = open_plan(src_path, "f32", trust_pickle=trust_pickle)
+    try:
+        if plan.spec is None or plan.hparams is None:
+            raise UnsupportedArchitectureError(f"{src_path}: architecture {plan.arch!r} has no ONNX graph")
+        _check_block_size(plan, quant, block_size)
+        if plan.hparams.head_dim % 16:
+            raise UnsupportedArchitectureError(
+                f"{src_path}: head_dim {plan.hparams.head_dim} is not a multiple of 16, which onnxruntime's "
+                "GroupQueryAttention needs on CPU; the ONNX path does not cover this configuration yet (GGUF does)"
+            )
+        started = time.perf_counter()
+        importance, encoded = None, None
+        if method is OnnxMethod.IMATRIX:
+            from edgeai.quant.calibrate import collect_statistics
+
+            stats = collect_statistics(plan, calib_text, n_ctx=calib_ctx)
+            plan.extra_recipe["calibration"] = {**stats.recipe(), "file": Path(calib).name}
+            importance = _importance_lookup(stats)
+        elif method is OnnxMethod.GPTQ:
+            from edgeai.quant import nbits
+            from edgeai.quant.formats import FORMATS
+
+            for t in plan.tensors:  # the grids GPTQ fills: Q4_0/Q8_0 == MatMulNBits at block 32
+                quantized = len(t.shape) >= 2 and not t.name.endswith("ffn_gate_inp.weight") and t.shape[-1] % 32 == 0
+                t.fmt = FORMATS[nbits.GGUF_TYPE[quant.bits] if quantized else "f32"]
+            encoded = _gptq(plan, calib_text, calib_ctx, Path(calib).name, threads)
+        opts = _Options(quant, block_size, accuracy_level)
+        with atomic_output_dir(output, force=force) as tmp:
+            _write_folder(tmp, plan, opts, method, importance, encoded, threads, ort_version)
+        log.info("exported %s in %.1f s", output, time.perf_counter() - started)
+        return output
+    finally:
+        plan.close()
+
+
+def _write_folder(folder: Path, plan, opts: _Options, method: OnnxMethod, importance, encoded, threads: int,
+                  ort_version: str) -> None:
+    import onnx
+    from onnx import helper
+
+    hp = plan.hparams
+    n_ctx = hp.n_ctx_train
+    data = _ExternalData(folder / DATA_FILE)
+    try:
+        g = _Graph(data)
+        w = _Weights(g, plan, opts, importance, encoded, threads)
+        inputs, outputs = _build_graph(g, plan, w, n_ctx)
+    finally:
+        data.close()
+    graph = helper.make_graph(g.nodes, "edgeai-decoder", inputs, outputs, initializer=g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              ir_version=IR_VERSION, producer_name="edgeai", producer_version=edgeai.__version__)
+    recipe = {
+        "tool": "edgeai",
+        "version": edgeai.__version__,
+        "format": "onnx",
+        "quant": opts.quant.value,
+        "block_size": opts.block_size if opts.quant.bits else None,
+        "accuracy_level": opts.accuracy_level if opts.quant.bits else None,
+        "method": method.value,
+        "source": plan.source_files[0].parent.name,
+        "source_format": plan.source_format,
+        "architecture": plan.spec.family,
+        "tensor_types": w.types,
+        "fallbacks": w.fallbacks,
+        "n_weights": g.n_weights,
+        "weight_bytes": g.weight_bytes,
+        "onnxruntime_at_export": ort_version,
+        **plan.extra_recipe,
+    }
+    helper.set_model_props(model, {"edgeai.recipe": json.dumps(recipe, sort_keys=True)})
+    model_path = folder / MODEL_FILE
+    onnx.save_model(model, str(model_path))
+    del model, graph
+    try:
+        onnx.checker.check_model(str(model_path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise OutputError(f"the exported graph fails onnx.checker: {exc}; nothing was written") from exc
+    source = Path(plan.source.path)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+    from edgeai.converters.tokenizer import chat_template
+
+    template = chat_template(source)
+    if template and not (folder / "chat_template.jinja").exists():
+        (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    (folder / GENAI_CONFIG).write_text(json.dumps(_genai_config(plan, hp, n_ctx), indent=2))
+    log.info("%s: %d nodes, %d weights in %.1f MiB (%.2f bits per weight)", folder, len(g.nodes), g.n_weights,
+             g.weight_bytes / 2**20, 8 * g.weight_bytes / max(1, g.n_weights))

@@ -1,0 +1,337 @@
+"""The onnxruntime backend: an ONNX folder written by `edgeai convert --format onnx`, run on CPU.
+
+    tokens -> one graph run per batch (input_ids, attention_mask, past_key_values.*) -> logits
+    the KV cache stays in onnxruntime's OrtValues between steps (IO binding: present.* of one
+    run are bound as past_key_values.* of the next, never copied through numpy)
+
+Sampling is the shared numpy sampler (`edgeai.runtimes.sampling`); the tokenizer is the folder's
+tokenizer.json (the `tokenizers` package). `OnnxLogits` gives the evaluator (`edgeai eval`)
+every position's logits from the same engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeai.errors import CheckpointError, OptionError
+from edgeai.runtimes.base import GREEDY, BackendStats, Sampling
+from edgeai.runtimes.sampling import make_rng, sample
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+GENAI_CONFIG = "genai_config.json"
+N_BATCH = 512  # prompt tokens per graph run: bounds the logits buffer to N_BATCH * n_vocab floats
+# below this memory budget onnxruntime's arena (which keeps peak allocations) is turned off
+SMALL_BUDGET = 4 << 30
+
+
+def _folder(path: Path) -> Path:
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte (the inverse of its bytes_to_unicode)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class _TokenBytes:
+    """Token id -> the bytes it stands for, from tokenizer.json: byte-level BPE through GPT-2's
+    alphabet, SentencePiece through '▁' and <0xNN> byte tokens; added (special) tokens as their text.
+    Pieces are concatenated without stripping a leading space, as llama.cpp's token_to_piece does."""
+
+    def __init__(self, tokenizer, tj: dict):
+        decoder = tj.get("decoder") or {}
+        steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+        kinds = {s.get("type") for s in steps}
+        self.byte_level = "ByteLevel" in kinds
+        self.byte_fallback = "ByteFallback" in kinds
+        self.added = {t["id"] for t in tj.get("added_tokens", [])}
+        self.tokenizer = tokenizer
+        self.bytes_of = _byte_decoder() if self.byte_level else None
+        self.cache: dict[int, bytes] = {}
+
+    def __call__(self, token: int) -> bytes:
+        piece = self.cache.get(token)
+        if piece is not None:
+            return piece
+        text = self.tokenizer.id_to_token(int(token))
+        if text is None:
+            piece = b""
+        elif token in self.added:
+            piece = text.encode("utf-8")
+        elif self.byte_level:
+            piece = bytes(self.bytes_of.get(c, 0x3F) for c in text)
+        elif self.byte_fallback and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            piece = bytes([int(text[3:5], 16)])
+        else:
+            piece = text.replace("\u2581", " ").encode("utf-8")
+        self.cache[token] = piece
+        return piece
+
+
+class OnnxBackend:
+    """One ONNX folder and one sequence in onnxruntime (`edgeai.runtimes.base.Backend`)."""
+
+    name = "onnxruntime"
+
+    @classmethod
+    def can_run(cls, path: Path) -> str | None:
+        """None if this backend can run `path` (an ONNX folder or its model.onnx), else why not."""
+        folder = _folder(Path(path))
+        if not (folder / MODEL_FILE).is_file():
+            return f"{path} is not an ONNX folder (no {MODEL_FILE})"
+        if not (folder / "tokenizer.json").is_file():
+            return f"{folder} has no tokenizer.json"
+        if not (folder / GENAI_CONFIG).is_file():
+            return f"{folder} has no {GENAI_CONFIG} (export it with `edgeai convert --format onnx`)"
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "onnxruntime is not installed (`pip install onnxruntime`)"
+        return None
+
+    def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
+                 memory_budget: int | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        reason = self.can_run(path)
+        if reason:
+            raise CheckpointError(reason)
+        self.path = _folder(Path(path))
+        config = _read_json(self.path / GENAI_CONFIG)["model"]
+        decoder = config["decoder"]
+        self.n_layer = int(decoder["num_hidden_layers"])
+        self.n_head_kv = int(decoder["num_key_value_heads"])
+        self.head_dim = int(decoder["head_size"])
+        context = int(config.get("context_length") or 2048)
+        if n_ctx is not None and not 0 < n_ctx <= context:
+            raise OptionError(f"n_ctx {n_ctx} is outside 1..{context}, the context length of {self.path}")
+        self.n_ctx = n_ctx or context
+        self.threads = threads or os.cpu_count() or 1
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if memory_budget is not None and memory_budget < SMALL_BUDGET:
+            opts.enable_cpu_mem_arena = False
+            opts.enable_mem_pattern = False
+        opts.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(self.path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
+            raise CheckpointError(f"onnxruntime cannot load {self.path / MODEL_FILE}: {exc}") from exc
+        self._ort = ort
+        # value names as genai_config.json gives them (any onnxruntime-genai decoder folder runs here)
+        names_in, names_out = decoder.get("inputs", {}), decoder.get("outputs", {})
+        past_k = names_in.get("past_key_names", "past_key_values.%d.key")
+        past_v = names_in.get("past_value_names", "past_key_values.%d.value")
+        present_k = names_out.get("present_key_names", "present.%d.key")
+        present_v = names_out.get("present_value_names", "present.%d.value")
+        self._past_names = [n % i for i in range(self.n_layer) for n in (past_k, past_v)]
+        self._present_names = [n % i for i in range(self.n_layer) for n in (present_k, present_v)]
+        self._logits_name = names_out.get("logits", "logits")
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = [o.name for o in self._session.get_outputs()]
+        missing = [n for n in [self._logits_name, *self._present_names] if n not in outputs]
+        missing += [n for n in ["input_ids", "attention_mask", *self._past_names] if n not in inputs]
+        if missing:
+            raise CheckpointError(f"{self.path / MODEL_FILE} has no input/output {missing[0]!r}; it is not a decoder "
+                                  f"graph as {GENAI_CONFIG} describes it")
+        self._has_positions = "position_ids" in inputs
+        self._kv_dtype = np.float16 if "float16" in inputs[self._past_names[0]].type else np.float32
+        self.n_vocab = int(config["vocab_size"])
+
+        self._tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        self._token_bytes = _TokenBytes(self._tokenizer, _read_json(self.path / "tokenizer.json"))
+        bos = config.get("bos_token_id")
+        self.bos_id = int(bos) if bos is not None else None
+        eos = config.get("eos_token_id")
+        eog = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        tok_config = _read_json(self.path / "tokenizer_config.json")
+        eos_text = tok_config.get("eos_token")
+        eos_text = eos_text.get("content") if isinstance(eos_text, dict) else eos_text
+        if eos_text and self._tokenizer.token_to_id(eos_text) is not None:
+            eog.add(self._tokenizer.token_to_id(eos_text))
+        self.eog_ids = frozenset(int(e) for e in eog)
+        template_file = self.path / "chat_template.jinja"
+        self.chat_template = (template_file.read_text(encoding="utf-8") if template_file.is_file()
+                              else tok_config.get("chat_template"))
+        self._sampling, self._rng = GREEDY, make_rng(GREEDY)
+        self._history: list[int] = []
+        self._kv: list = []
+        self._last: np.ndarray | None = None
+        self._reset_cache()
+        data = self.path / (MODEL_FILE + ".data")
+        self._weights_bytes = data.stat().st_size if data.is_file() else (self.path / MODEL_FILE).stat().st_size
+
+    # ---- the cache ---------------------------------------------------------------------------
+    def _empty(self):
+        return self._ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self.n_head_kv, 0, self.head_dim), self._kv_dtype))
+
+    def _reset_cache(self) -> None:
+        self._kv = [self._empty() for _ in self._past_names]
+        self._history = []
+        self._last = None
+
+    @property
+    def n_past(self) -> int:
+        return len(self._history)
+
+    @property
+    def history(self) -> list[int]:
+        return list(self._history)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` positions of the KV cache."""
+        if not 0 <= n <= self.n_past:
+            raise OptionError(f"cannot keep {n} positions: the cache holds {self.n_past}")
+        if n == self.n_past:
+            return
+        if n == 0:
+            self._reset_cache()
+            return
+        ort_value = self._ort.OrtValue.ortvalue_from_numpy
+        self._kv = [ort_value(np.ascontiguousarray(v.numpy()[:, :, :n])) for v in self._kv]
+        self._history = self._history[:n]
+        self._last = None
+
+    # ---- running -------------------------------------------------------------------------------
+    def _run(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append `tokens` (one graph run) and return their logits [len(tokens), n_vocab] (a view)."""
+        binding = self._session.io_binding()
+        ids = np.asarray([tokens], dtype=np.int64)
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", np.ones((1, self.n_past + ids.shape[1]), np.int64))
+        if self._has_positions:
+            binding.bind_cpu_input("position_ids", np.arange(self.n_past, self.n_past + ids.shape[1], dtype=np.int64)[None])
+        for name, value in zip(self._past_names, self._kv):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(self._logits_name)
+        for name in self._present_names:
+            binding.bind_output(name)
+        self._session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        self._kv = list(outs[1:])  # present.* become the next run's past_key_values.*
+        self._history.extend(int(t) for t in tokens)
+        return outs[0].numpy()[0].astype(np.float32, copy=False)
+
+    def _check_tokens(self, tokens: Sequence[int]) -> None:
+        if len(tokens) == 0:
+            raise OptionError("step() needs at least one token")
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise OptionError(f"the context is full: {self.n_past} + {len(tokens)} tokens exceed n_ctx {self.n_ctx}; "
+                              "truncate() the cache or load with a larger n_ctx")
+        bad = [t for t in tokens if not 0 <= int(t) < self.n_vocab]
+        if bad:
+            raise OptionError(f"token id {bad[0]} is outside the vocabulary [0, {self.n_vocab})")
+
+    def eval_all(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append `tokens` and return the logits of every one of them, [len(tokens), n_vocab] float32."""
+        self._check_tokens(tokens)
+        parts = [self._run(tokens[i:i + N_BATCH]).copy() for i in range(0, len(tokens), N_BATCH)]
+        self._last = parts[-1][-1]
+        return np.concatenate(parts)
+
+    def step(self, tokens: Sequence[int]) -> int:
+        """Append `tokens` (prefill in batches of N_BATCH), sample the next token and return it."""
+        self._check_tokens(tokens)
+        for i in range(0, len(tokens), N_BATCH):
+            logits = self._run(tokens[i:i + N_BATCH])
+        self._last = np.array(logits[-1], dtype=np.float32)
+        return sample(self._last, self._history, self._sampling, self._rng)
+
+    def logits(self) -> np.ndarray:
+        if self._last is None:
+            raise OptionError("no logits yet: call step() first (truncate() drops them)")
+        return self._last.copy()
+
+    def set_sampling(self, sampling: Sampling) -> None:
+        self._sampling, self._rng = sampling, make_rng(sampling)
+
+    # ---- text ----------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        self._tokenizer.encode_special_tokens = not parse_special
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special).ids)
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        return b"".join(self._token_bytes(int(t)) for t in tokens)
+
+    def adds_bos(self) -> bool:
+        """Whether tokenize(add_special=True) starts with BOS (the tokenizer's post-processor decides)."""
+        ids = self.tokenize("a", add_special=True)
+        return self.bos_id is not None and bool(ids) and ids[0] == self.bos_id
+
+    def stats(self) -> BackendStats:
+        kv_bytes = sum(int(np.prod(v.shape())) * np.dtype(self._kv_dtype).itemsize for v in self._kv)
+        return BackendStats(self.name, self.n_ctx, self.n_past, self.threads, self._weights_bytes,
+                            {"kv_bytes": kv_bytes, "onnxruntime": self._ort.__version__})
+
+    def close(self) -> None:
+        self._kv = []
+        self._session = None  # onnxruntime frees the session with its last reference
+        self._history = []
+
+
+class OnnxLogits:
+    """An ONNX folder as the evaluator's `LogitsProvider` (`edgeai.quant.evaluate`)."""
+
+    def __init__(self, path: Path, *, n_ctx: int, threads: int = 0):
+        self.path = Path(path)
+        self._backend = OnnxBackend(self.path, n_ctx=None, threads=threads or None)
+        if n_ctx > self._backend.n_ctx:
+            raise OptionError(f"--ctx {n_ctx} exceeds the context length {self._backend.n_ctx} of {self.path}")
+        self.n_vocab = self._backend.n_vocab
+        self.bos_token = self._backend.bos_id if self._backend.adds_bos() else None
+
+    def tokenize(self, text: str) -> list[int]:
+        """BOS as the tokenizer adds it; special-token markup is plain text (as llama-perplexity does)."""
+        return self._backend.tokenize(text, add_special=True, parse_special=False)
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        self._backend.truncate(0)
+        return self._backend.eval_all(list(tokens))
+
+    def close(self) -> None:
+        self._backend.close()
+
+
+def onnx_size(path: Path) -> tuple[int, float]:
+    """(bytes of model.onnx + model.onnx.data, bits per weight from the recipe) of an ONNX folder."""
+    import onnx
+
+    folder = _folder(Path(path))
+    files = [folder / MODEL_FILE, folder / (MODEL_FILE + ".data")]
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    recipe = json.loads(props.get("edgeai.recipe", "{}"))
+    n_weights, weight_bytes = recipe.get("n_weights"), recipe.get("weight_bytes")
+    bpw = 8.0 * weight_bytes / n_weights if n_weights else float("nan")
+    return size, bpw

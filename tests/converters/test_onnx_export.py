@@ -1,0 +1,230 @@
+"""ONNX export: every family, tiny checkpoints -> ONNX folder -> onnxruntime, compared with transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import edgeai
+from edgeai.errors import OptionError, OutputError, UnsupportedArchitectureError
+from edgeai.runtimes.base import GREEDY
+from edgeai.runtimes.onnxrt import OnnxBackend
+from helpers import TINY_ARCHS, VARIED_TEXT, make_tiny_checkpoint
+
+PROMPT_LEN = 24
+N_DECODE = 16
+# onnxruntime's GroupQueryAttention needs head_dim % 16 == 0: the tiny Qwen3 gets 32 instead of 24
+ONNX_OVERRIDES = {"qwen3": {"head_dim": 32}}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-onnx")
+    return {a.name: make_tiny_checkpoint(root / a.name, a, **ONNX_OVERRIDES.get(a.name, {})) for a in TINY_ARCHS}
+
+
+def _prompt(n_vocab: int, seed: int = 1) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(3, n_vocab, PROMPT_LEN)]
+
+
+def _hf_steps(folder: Path, tokens: list[int], n: int) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
+    """transformers: prefill logits [T, V], then n greedy decode steps over its KV cache (logits, tokens)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(torch.tensor([tokens]), use_cache=True)
+        prefill = out.logits[0].numpy()
+        steps, chosen = [], []
+        for _ in range(n):
+            nxt = int(torch.argmax(out.logits[0, -1]))
+            chosen.append(nxt)
+            out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[0, -1].numpy())
+    return prefill, steps, chosen
+
+
+@pytest.mark.parametrize("arch", [a.name for a in TINY_ARCHS])
+def test_fp32_matches_transformers(arch, tiny_models, tmp_path):
+    folder = tiny_models[arch]
+    out = edgeai.convert(folder, tmp_path / arch, format="onnx", quant="fp32")
+    backend = OnnxBackend(out, threads=1)
+    tokens = _prompt(backend.n_vocab)
+    ref_prefill, ref_steps, ref_tokens = _hf_steps(folder, tokens, N_DECODE)
+
+    ours = backend.eval_all(tokens)  # prefill: one graph run, every position
+    assert ours.shape == ref_prefill.shape
+    assert np.abs(ours - ref_prefill).max() < 1e-3, f"{arch}: prefill logits differ"
+    backend.set_sampling(GREEDY)
+    nxt = int(np.argmax(ours[-1]))
+    for i in range(N_DECODE):  # decode: one token per run through the KV cache
+        assert nxt == ref_tokens[i], f"{arch}: greedy token {i} differs"
+        following = backend.step([nxt])
+        diff = np.abs(backend.logits() - ref_steps[i]).max()
+        assert diff < 1e-3, f"{arch}: decode step {i} logits differ by {diff}"
+        nxt = following
+    backend.close()
+
+
+@pytest.mark.parametrize("arch", [a.name for a in TINY_ARCHS])
+def test_int8_int4_load_run_generate(arch, tiny_models, tmp_path):
+    folder = tiny_models[arch]
+    errors = {}
+    for quant, bits in (("int8", 8), ("int4", 4)):
+        out = edgeai.convert(folder, tmp_path / quant, format="onnx", quant=quant)
+        model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+        ops = {n.op_type: n for n in model.graph.node}
+        assert {a.name: a.i for a in ops["MatMulNBits"].attribute}["bits"] == bits
+        assert {a.name: a.i for a in ops["GatherBlockQuantized"].attribute}["bits"] == bits
+        assert "GroupQueryAttention" in ops
+        backend = OnnxBackend(out, threads=1)
+        tokens = _prompt(backend.n_vocab)
+        logits = backend.eval_all(tokens)
+        assert np.isfinite(logits).all()
+        ref_prefill, _, _ = _hf_steps(folder, tokens, 0)
+        errors[quant] = float(np.abs(logits - ref_prefill).mean())
+        backend.set_sampling(GREEDY)
+        generated = [backend.step([int(np.argmax(logits[-1]))])]
+        for _ in range(7):
+            generated.append(backend.step([generated[-1]]))
+        assert backend.n_past == PROMPT_LEN + 8 and all(0 <= t < backend.n_vocab for t in generated)
+        backend.close()
+    spread = float(np.abs(ref_prefill - ref_prefill.mean()).mean())
+    # int8 lands closer to the float model than int4, and int4 is a perturbation, not noise
+    assert errors["int8"] < errors["int4"] < 0.5 * spread, (errors, spread)
+
+
+def test_folder_is_complete_and_self_describing(tiny_models, tmp_path):
+    out = edgeai.convert(tiny_models["smollm"], tmp_path / "m", format="onnx", quant="int4", block_size=32)
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja"):
+        assert (out / name).is_file(), name
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    recipe = json.loads({p.key: p.value for p in model.metadata_props}["edgeai.recipe"])
+    assert recipe["quant"] == "int4" and recipe["block_size"] == 32 and recipe["method"] == "rtn"
+    assert recipe["tensor_types"]["blk.0.attn_q.weight"] == "int4"
+    assert 4.0 < 8 * recipe["weight_bytes"] / recipe["n_weights"] < 6.0
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["num_hidden_layers"] == 2
+    # a tied output shares the embedding's codes: one copy on disk
+    assert sum(1 for t in model.graph.initializer if t.name.startswith("token_embd")) == 2  # codes + scales
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_block_size_64_falls_back_per_tensor(tiny_models, tmp_path):
+    # hidden 64 takes blocks of 64; the FFN's rows of 96 do not, and get blocks of 32 (recorded)
+    out = edgeai.convert(tiny_models["llama"], tmp_path / "b64", format="onnx", quant="int4", block_size=64)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    recipe = json.loads(model.metadata_props[0].value)
+    assert "blk.0.ffn_down.weight" in recipe["fallbacks"]
+    sizes = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert sizes == {32, 64}
+    backend = OnnxBackend(out, threads=1)
+    assert np.isfinite(backend.eval_all(_prompt(backend.n_vocab))).all()
+
+
+@pytest.mark.parametrize("method", ["imatrix", "gptq"])
+def test_calibrated_methods(method, tiny_models, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(VARIED_TEXT * 8, encoding="utf-8")
+    out = edgeai.convert(tiny_models["qwen2"], tmp_path / method, format="onnx", quant="int4", method=method,
+                         calib=calib, calib_ctx=64)
+    recipe = json.loads(onnx.load(str(out / "model.onnx"), load_external_data=False).metadata_props[0].value)
+    assert recipe["method"] == method and recipe["calibration"]["n_ctx"] == 64
+    backend = OnnxBackend(out, threads=1)
+    assert np.isfinite(backend.eval_all(_prompt(backend.n_vocab))).all()
+
+
+# ---- bad input: clear errors, nothing left behind ---------------------------------------------------
+
+
+def _nothing_written(folder: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")], "a temporary folder was left behind"
+
+
+def test_unsupported_architecture(tiny_models, tmp_path):
+    src = tmp_path / "gpt2"
+    src.mkdir()
+    config = json.loads((tiny_models["llama"] / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    (src / "tokenizer.json").write_text((tiny_models["llama"] / "tokenizer.json").read_text())
+    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM"):
+        edgeai.convert(src, tmp_path / "out", format="onnx")
+    _nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_head_dim_groupqueryattention_cannot_run(tmp_path):
+    arch = next(a for a in TINY_ARCHS if a.name == "qwen3")  # head_dim 24
+    src = make_tiny_checkpoint(tmp_path / "src", arch)
+    with pytest.raises(UnsupportedArchitectureError, match="head_dim 24 is not a multiple of 16"):
+        edgeai.convert(src, tmp_path / "out", format="onnx")
+    _nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_block_size_not_dividing_hidden_size(tiny_models, tmp_path):
+    with pytest.raises(OptionError, match="--block-size 128 does not divide the row length 64 of the hidden size"):
+        edgeai.convert(tiny_models["llama"], tmp_path / "out", format="onnx", quant="int4", block_size=128)
+    with pytest.raises(OptionError, match="--block-size 48 is not supported"):
+        edgeai.convert(tiny_models["llama"], tmp_path / "out", format="onnx", quant="int4", block_size=48)
+    _nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_onnxruntime_too_old(tiny_models, tmp_path, monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.16.3")
+    with pytest.raises(OptionError, match=r"onnxruntime 1\.16\.3 lacks .*RMSNormalization.*>= 1\.22"):
+        edgeai.convert(tiny_models["llama"], tmp_path / "out", format="onnx")
+    _nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_options_and_awq(tiny_models, tmp_path):
+    src = tiny_models["llama"]
+    with pytest.raises(OptionError, match="awq is not implemented"):
+        edgeai.convert(src, tmp_path / "out", format="onnx", quant="int4", method="awq")
+    with pytest.raises(OptionError, match="not an ONNX weight type"):
+        edgeai.convert(src, tmp_path / "out", format="onnx", quant="q4_k_m")
+    with pytest.raises(OptionError, match="gptq runs on .* 32-wide blocks"):
+        edgeai.convert(src, tmp_path / "out", format="onnx", quant="int4", block_size=64, method="gptq",
+                       calib=tmp_path / "x.txt")
+    with pytest.raises(OptionError, match="--format 'tflite' is not supported"):
+        edgeai.convert(src, tmp_path / "out", format="tflite")
+    _nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_failed_check_leaves_nothing_and_keeps_the_old_folder(tiny_models, tmp_path, monkeypatch):
+    out = edgeai.convert(tiny_models["llama"], tmp_path / "out", format="onnx")
+    before = (out / "model.onnx").read_bytes()
+    with pytest.raises(OutputError, match="exists; pass --force"):
+        edgeai.convert(tiny_models["llama"], out, format="onnx")
+
+    def broken(*args, **kwargs):
+        raise onnx.checker.ValidationError("simulated")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken)
+    with pytest.raises(OutputError, match="fails onnx.checker: simulated"):
+        edgeai.convert(tiny_models["llama"], out, format="onnx", quant="int8", force=True)
+    assert (out / "model.onnx").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_cli_convert_onnx(tiny_models, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeai.cli import app
+
+    result = CliRunner().invoke(app, ["convert", str(tiny_models["mistral"]), "-o", str(tmp_path / "cli"), "--format",
+                                      "onnx", "--quant", "int4", "--block-size", "32", "-q"])
+    assert result.exit_code == 0, result.output
+    assert OnnxBackend.can_run(tmp_path / "cli") is None
+    bad = CliRunner().invoke(app, ["convert", str(tiny_models["mistral"]), "-o", str(tmp_path / "bad"), "--format",
+                                   "onnx", "--quant", "int4", "--block-size", "100"])
+    assert bad.exit_code == 1 and "--block-size 100 is not supported" in bad.output
+    assert not (tmp_path / "bad").exists()
