@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 from gguf import GGUFReader
+from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 import edgeai
@@ -26,10 +27,23 @@ def models(tmp_path_factory):
     calib = root / "calib.txt"
     calib.write_text("\n".join(corpus()[:300]), encoding="utf-8")
     return {
-        "dense": make_tiny_checkpoint(root / "dense", ARCHS["smollm"], **WIDE),
+        "dense": _with_outlier_features(make_tiny_checkpoint(root / "dense", ARCHS["smollm"], **WIDE)),
         "moe": make_tiny_checkpoint(root / "moe", ARCHS["qwen3_moe"]),
         "calib": calib,
     }
+
+
+def _with_outlier_features(folder):
+    """Give the RMSNorm weights a log-normal spread. Trained LLMs have a few input features far
+    larger than the rest (what Wanda's activation term is for); a random model with unit norm
+    weights has none, and there Wanda and magnitude rank alike."""
+    tensors = load_file(folder / "model.safetensors")
+    rng = np.random.default_rng(0)
+    for name in tensors:
+        if name.endswith("layernorm.weight"):
+            tensors[name] = rng.lognormal(0.0, 1.0, tensors[name].shape).astype(np.float32)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
 
 
 def _tensors(path) -> dict[str, np.ndarray]:
@@ -100,7 +114,7 @@ def test_n_m_keeps_n_of_every_group(n, m):
 
 def test_wanda_has_lower_layer_output_error_than_magnitude(models):
     """On the tiny model's own calibration activations, ||(W' - W) X^T|| is lower for Wanda at the
-    same sparsity, for every prunable matrix of the model."""
+    same sparsity, for every prunable matrix of the model (by at least 3 %)."""
     from edgeai.converters.convert import open_plan
     from edgeai.quant.calibrate import collect_statistics
     from edgeai.quant.forward import RowRecorder
@@ -110,15 +124,12 @@ def test_wanda_has_lower_layer_output_error_than_magnitude(models):
         names = [t.name for t in plan.tensors if prunable(t.name)]
         recorder = RowRecorder(names, max_rows=1024)
         stats = collect_statistics(plan, models["calib"].read_text(), n_ctx=128, max_tokens=1024, observers=[recorder])
-        wins = []
         for name in names:
             w, x = plan.read(name), recorder.rows(name)
             norm = np.sqrt(stats.importance(name))
             err = {k: float(np.linalg.norm((p - w) @ x.T)) for k, p in (
                 ("magnitude", prune_magnitude(w, 0.5)), ("wanda", prune_wanda(w, norm, 0.5)))}
-            wins.append(err["wanda"] < err["magnitude"])
-            assert err["wanda"] < err["magnitude"] * 1.02, (name, err)
-        assert sum(wins) >= 0.75 * len(wins), wins
+            assert err["wanda"] < 0.97 * err["magnitude"], (name, err)
     finally:
         plan.close()
 
@@ -158,10 +169,11 @@ def test_unstructured_file_sparsity_per_tensor(models, tmp_path, spec):
     out = edgeai.convert(models["dense"], tmp_path / "u.gguf", outtype="f32", prune=spec, calib=models["calib"]
                          if spec.startswith("wanda") else None, calib_ctx=128, quiet=True)
     sparsity = float(spec.split(":")[1])
+    before = _tensors(edgeai.convert(models["dense"], tmp_path / "d.gguf", outtype="f32", quiet=True))
     for name, data in _tensors(out).items():
         zeros = np.count_nonzero(data == 0)
         if not prunable(name):
-            assert zeros == 0, name
+            np.testing.assert_array_equal(data, before[name])
         elif spec.startswith("wanda"):
             assert (np.count_nonzero(data == 0, axis=1) == round(sparsity * data.shape[1])).all(), name
         else:
