@@ -300,7 +300,7 @@ def convert(
         method: how block types choose their codes: rtn (no calibration data), imatrix (the
             squared error of each input column weighted by its mean x^2 on the calibration text) or
             gptq (column-by-column rounding with Hessian error feedback, `edgeai.quant.gptq`).
-        calib: a UTF-8 text file for the methods that need calibration.
+        calib: a UTF-8 text file for the methods and pruning steps that need calibration.
         calib_ctx: tokens per calibration chunk.
         target_bpw: choose each weight matrix's type (Q4_0 ... Q8_0) so the file has this many bits
             per weight with the least measured error (`edgeai.quant.allocate`); `quant` then only

@@ -207,6 +207,15 @@ def test_expert_pruning_slices_experts_and_router(models, tmp_path):
     assert len(llama_cpp_greedy(llama_cpp_model(out, n_ctx=64), list(range(3, 30)), 8)) == 8
 
 
+def test_expert_used_count_follows_when_fewer_experts_remain(models, tmp_path):
+    out = edgeai.convert(models["moe"], tmp_path / "one.gguf", outtype="f16", prune="experts:0.75",
+                         calib=models["calib"], calib_ctx=64, quiet=True)
+    fields = _fields(out)
+    assert fields["qwen3moe.expert_count"] == 1 and fields["qwen3moe.expert_used_count"] == 1
+    assert json.loads(fields["edgeai.recipe"])["pruning"]["experts"]["expert_used_count"] == [2, 1]
+    assert len(llama_cpp_greedy(llama_cpp_model(out, n_ctx=64), list(range(3, 30)), 8)) == 8
+
+
 def test_cli_prune_then_quantize(models, tmp_path):
     from edgeai.cli import app
 
