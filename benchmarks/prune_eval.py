@@ -11,8 +11,8 @@ is the mean of its neurons' gate rows, top-4 of 8 experts run per token (Mixtral
 llama.cpp runs it as `llama` with experts) and each expert's down projection is multiplied by 4 so
 that 4 experts of weight ~1/4 add up to about the dense FFN. It is a working language model whose
 routing means something, not a trained MoE. Expert pruning at 25 % and 50 % (by calibration routing
-weight) is compared with dropping the same number of experts per block at random (seeded), which
-the benchmark writes as a Hugging Face folder itself.
+weight, and by output lost) is compared with dropping the same number of experts per block at
+random (seeded), which the benchmark writes as a Hugging Face folder itself.
 
 Each file's reference is its own unpruned model converted to F32 once. Texts (as quant_vs_llamacpp.py
 makes them, offline): calibration = standard-library docstrings, cut to --calib-tokens; evaluation =
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quant_vs_llamacpp import site_packages_licenses, stdlib_docstrings, write_text  # noqa: E402
 
 DENSE_STEPS = ["magnitude:0.3", "wanda:0.3", "magnitude:0.5", "wanda:0.5", "2:4", "wanda:2:4", "layers:2", "layers:4"]
-MOE_STEPS = ["experts:0.25", "experts:0.5"]
+MOE_STEPS = ["experts:0.25", "experts:0.5", "experts:0.25:loss", "experts:0.5:loss"]
 N_EXPERT, TOP_K = 8, 4
 MIB = 2**20
 
@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=8, help="evaluation chunks")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-moe", action="store_true")
+    parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--steps", help="comma-separated --prune steps to run (default: all of DENSE_STEPS, MOE_STEPS)")
     args = parser.parse_args(argv)
     if not (args.checkpoint / "config.json").is_file():
         sys.exit(f"{args.checkpoint} is not a checkpoint folder; make it with tests/helpers.py smollm2_hf_checkpoint "
@@ -214,12 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     cli = edgeai_cli()
     calib = write_text(work / "calib.txt", args.calib, lambda: stdlib_docstrings()[: args.calib_chars])
     text = write_text(work / "eval.txt", args.text, site_packages_licenses)
-    rows = model_rows(cli, args.checkpoint, "smollm2", DENSE_STEPS, calib, text, args, work)
+    wanted = set(args.steps.split(",")) if args.steps else set(DENSE_STEPS + MOE_STEPS)
+    rows = []
+    if not args.skip_dense:
+        steps = [s for s in DENSE_STEPS if s in wanted]
+        rows += model_rows(cli, args.checkpoint, "smollm2", steps, calib, text, args, work)
     if not args.skip_moe:
         moe = make_moe(args.checkpoint, work / "smollm2-moe8x4")
-        extra = [(f"random:{f:g}", drop_random_experts(moe, work / f"smollm2-moe-random-{f:g}", f)) for f in (0.25, 0.5)]
-        rows += model_rows(cli, moe, "moe8x4", MOE_STEPS, calib, text, args, work, extra)
-    (work / "report.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
+        extra = [] if args.steps else [
+            (f"random:{f:g}", drop_random_experts(moe, work / f"smollm2-moe-random-{f:g}", f)) for f in (0.25, 0.5)]
+        rows += model_rows(cli, moe, "moe8x4", [s for s in MOE_STEPS if s in wanted], calib, text, args, work, extra)
+    report = work / ("report.json" if not args.steps else "report-steps.json")
+    report.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
                                                  indent=2))
     print()
     print(f"eval: {rows[0]['n_tokens']:,} scored tokens ({rows[0]['n_chunks']} chunks of {rows[0]['n_ctx']}) of {text}; "

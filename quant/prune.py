@@ -18,8 +18,9 @@ Methods (one public function each; the pure ones work on one float32 matrix [n_o
   rest are renumbered and `block_count` follows.
 - `prune_experts`: in every MoE block drop the experts the calibration tokens gave the least
   routing weight (sum over tokens of the weight the router gives the expert when it is among the
-  top k, so frequency and weight both count); the router rows go with them, `expert_count`
-  follows, and `expert_used_count` is lowered if fewer experts remain.
+  top k, so frequency and weight both count), or (`experts:F:loss`) whose removal loses the least
+  of the block's output, sum over tokens of ||g_te * expert_e(x_t)||^2; the router rows go with
+  them, `expert_count` follows, and `expert_used_count` is lowered if fewer experts remain.
 
 All statistics (per-column activation norms, block influence, routing weight) come from one pass
 of the numpy forward pass (`edgeai.quant.calibrate.collect_statistics`), on the unpruned model.
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BlockInfluence",
     "ExpertRouting",
+    "ExpertScore",
     "PruneKind",
     "PruneSpec",
     "Score",
@@ -74,6 +76,13 @@ class Score(str, enum.Enum):
     WANDA = "wanda"  # |W| * ||X_col||_2 (needs calibration)
 
 
+class ExpertScore(str, enum.Enum):
+    """What ranks the experts of a block."""
+
+    ROUTING = "routing"  # routing weight the calibration tokens gave it (frequency x weight)
+    LOSS = "loss"  # squared norm of its weighted output: the reconstruction error of dropping it
+
+
 class PruneKind(str, enum.Enum):
     UNSTRUCTURED = "unstructured"
     N_M = "n:m"
@@ -91,6 +100,7 @@ class PruneSpec:
     n: int = 0  # N_M: weights kept in every group of m
     m: int = 0
     count: int = 0  # LAYERS: blocks dropped
+    expert_score: ExpertScore = ExpertScore.ROUTING  # EXPERTS
 
     @property
     def needs_calibration(self) -> bool:
@@ -103,13 +113,15 @@ class PruneSpec:
             return f"{self.score.value}:{self.n}:{self.m}"
         if self.kind is PruneKind.LAYERS:
             return f"layers:{self.count}"
-        return f"experts:{self.sparsity:g}"
+        loss = ":loss" if self.expert_score is ExpertScore.LOSS else ""
+        return f"experts:{self.sparsity:g}{loss}"
 
 
 GRAMMAR = (
     "magnitude:S | wanda:S (S in (0,1): fraction of weights zeroed) | N:M, magnitude:N:M, wanda:N:M "
     "(N of every M weights of a row kept; plain N:M ranks by magnitude) | layers:K (drop K blocks) | "
-    "experts:F (drop fraction F of each MoE block's experts); join steps with commas, e.g. layers:2,wanda:0.5"
+    "experts:F[:routing|:loss] (drop fraction F of each MoE block's experts, least routing weight or "
+    "least output lost); join steps with commas, e.g. layers:2,wanda:0.5"
 )
 
 
@@ -151,9 +163,10 @@ def _parse_one(text: str) -> PruneSpec:
             raise _bad(text, "dropping 0 layers prunes nothing")
         return PruneSpec(PruneKind.LAYERS, count=count)
     if head == "experts":
-        if len(parts) != 2:
-            raise _bad(text, "experts takes one fraction")
-        return PruneSpec(PruneKind.EXPERTS, sparsity=_fraction(text, parts[1], "expert fraction"))
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in (e.value for e in ExpertScore)):
+            raise _bad(text, "experts takes a fraction and optionally routing or loss")
+        return PruneSpec(PruneKind.EXPERTS, sparsity=_fraction(text, parts[1], "expert fraction"),
+                         expert_score=ExpertScore(parts[2]) if len(parts) == 3 else ExpertScore.ROUTING)
     if len(parts) == 2 and head.isdigit():
         return _n_m(text, Score.MAGNITUDE, parts[0], parts[1])
     raise _bad(text, f"unknown method {head!r}")
@@ -263,19 +276,25 @@ class BlockInfluence:
 
 
 class ExpertRouting:
-    """Observer: per MoE block and expert, how many tokens chose it and the routing weight they gave it."""
+    """Observer: per MoE block and expert, how many tokens chose it and the routing weight they gave
+    it; with `loss`, also the squared norm of its weighted output (what dropping it would lose)."""
 
-    def __init__(self, cfg: ForwardConfig) -> None:
+    def __init__(self, cfg: ForwardConfig, loss: bool = False) -> None:
         self.cfg = cfg
+        self.track_loss = loss
         self._inputs: dict[int, list[np.ndarray]] = {}  # router input rows of the running block
+        self._down: dict[tuple[int, int], list[np.ndarray]] = {}  # (block, expert) -> ffn_down_exps input rows
         self.frequency: dict[int, np.ndarray] = {}  # block -> [n_expert] tokens routed
         self.weight: dict[int, np.ndarray] = {}  # block -> [n_expert] sum of routing weights
+        self.loss: dict[int, np.ndarray] = {}  # block -> [n_expert] sum_t ||g_te * expert_e(x_t)||^2
 
     def observe(self, inp: LinearInput) -> None:
         for name in inp.weights:
             match = _BLOCK.fullmatch(name)
             if match and match.group(2) == "ffn_gate_inp.weight":
                 self._inputs.setdefault(int(match.group(1)), []).append(np.array(inp.x))
+            elif self.track_loss and match and match.group(2) == "ffn_down_exps.weight" and inp.expert:
+                self._down.setdefault((int(match.group(1)), inp.expert.index), []).append(np.array(inp.x))
 
     def observe_block(self, out: BlockOutput) -> None:
         rows = self._inputs.pop(out.index, None)
@@ -286,6 +305,20 @@ class ExpertRouting:
         n = self.cfg.n_expert
         self.frequency[out.index] = np.bincount(chosen.ravel(), minlength=n)
         self.weight[out.index] = np.bincount(chosen.ravel(), weights=route.ravel().astype(np.float64), minlength=n)
+        if not self.track_loss:
+            return
+        down = out.weights["ffn_down_exps.weight"]  # [n_expert, n_embd, n_ff_exp]
+        loss = np.zeros(n)
+        for e in range(n):
+            parts = self._down.pop((out.index, e), None)
+            if not parts:
+                continue
+            # the forward pass sends an expert's rows span by span, tokens in order: the same
+            # order as np.nonzero over the whole batch
+            rows, slot = np.nonzero(chosen == e)
+            y = route[rows, slot][:, None] * (np.concatenate(parts) @ down[e].T)  # [n_rows, n_embd]
+            loss[e] = float(np.square(y, dtype=np.float64).sum())
+        self.loss[out.index] = loss
 
 
 # ---- re-wiring the plan ----------------------------------------------------------------------
@@ -461,11 +494,12 @@ def check_plan(plan: ConversionPlan, steps: Sequence[PruneSpec]) -> None:
                                   f"give a fraction that drops between 1 and {hp.n_expert - 1} experts")
 
 
-def _experts_to_keep(routing: ExpertRouting, n_expert: int, n_drop: int) -> dict[int, np.ndarray]:
+def _experts_to_keep(routing: ExpertRouting, score: ExpertScore, n_expert: int, n_drop: int) -> dict[int, np.ndarray]:
     keep = {}
     for block, weight in sorted(routing.weight.items()):
-        # least routing weight first; ties (e.g. experts never chosen) by frequency, then by id
-        order = np.lexsort((np.arange(n_expert), routing.frequency[block], weight))
+        primary = routing.loss[block] if score is ExpertScore.LOSS else weight
+        # lowest score first; ties (e.g. experts never chosen) by frequency, then by id
+        order = np.lexsort((np.arange(n_expert), routing.frequency[block], primary))
         keep[block] = np.sort(order[n_drop:])
     return keep
 
@@ -502,7 +536,8 @@ def prune_plan(plan: ConversionPlan, steps: Sequence[PruneSpec], text: str | Non
             influence = BlockInfluence()
             observers.append(influence)
         if any(s.kind is PruneKind.EXPERTS for s in steps):
-            routing = ExpertRouting(ForwardConfig.from_plan(plan))
+            loss = any(s.kind is PruneKind.EXPERTS and s.expert_score is ExpertScore.LOSS for s in steps)
+            routing = ExpertRouting(ForwardConfig.from_plan(plan), loss=loss)
             observers.append(routing)
         stats = collect_statistics(plan, text, n_ctx=n_ctx, max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
                                    observers=observers)
@@ -515,10 +550,10 @@ def prune_plan(plan: ConversionPlan, steps: Sequence[PruneSpec], text: str | Non
     for spec in steps:
         if spec.kind is PruneKind.EXPERTS:
             hp = plan.hparams
-            keep = _experts_to_keep(routing, hp.n_expert, int(round(spec.sparsity * hp.n_expert)))
+            keep = _experts_to_keep(routing, spec.expert_score, hp.n_expert, int(round(spec.sparsity * hp.n_expert)))
             prune_experts(plan, keep)
             record["experts"] = {
-                "step": str(spec), "expert_count": [hp.n_expert, plan.hparams.n_expert],
+                "step": str(spec), "score": spec.expert_score.value, "expert_count": [hp.n_expert, plan.hparams.n_expert],
                 "expert_used_count": [hp.n_expert_used, plan.hparams.n_expert_used],
                 "dropped": {str(b): sorted(set(range(hp.n_expert)) - set(k.tolist())) for b, k in keep.items()},
             }

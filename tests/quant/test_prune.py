@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import edgeai
 from edgeai.errors import OptionError
-from edgeai.quant.prune import PruneKind, Score, parse_prune, prunable, prune_magnitude, prune_n_m, prune_wanda
+from edgeai.quant.prune import ExpertRouting, ExpertScore, PruneKind, Score, parse_prune, prunable, prune_magnitude, prune_n_m, prune_wanda
 from helpers import TINY_ARCHS, corpus, llama_cpp_greedy, llama_cpp_model, make_tiny_checkpoint
 
 ARCHS = {a.name: a for a in TINY_ARCHS}
@@ -65,12 +65,14 @@ def test_spec_grammar():
     assert (s.kind, s.score, s.n, s.m, s.needs_calibration) == (PruneKind.N_M, Score.MAGNITUDE, 2, 4, False)
     steps = parse_prune("layers:2, wanda:4:8 ,experts:0.25")
     assert [str(s) for s in steps] == ["layers:2", "wanda:4:8", "experts:0.25"]
+    (s,) = parse_prune("experts:0.5:loss")
+    assert s.expert_score is ExpertScore.LOSS and str(s) == "experts:0.5:loss"
 
 
 @pytest.mark.parametrize("text, why", [
     ("wanda:1.5", r"outside \(0, 1\)"), ("magnitude:0", r"outside \(0, 1\)"), ("experts:1", r"outside \(0, 1\)"),
     ("4:4", "0 < N < M"), ("wanda:2:x", "not a positive integer"), ("layers:-1", "not a positive integer"),
-    ("sparsegpt:0.5", "unknown method"), ("wanda:0.5,2:4", "at most one weight step"), ("", "no pruning step"),
+    ("sparsegpt:0.5", "unknown method"), ("experts:0.5:often", "routing or loss"), ("wanda:0.5,2:4", "at most one weight step"), ("", "no pruning step"),
 ])
 def test_bad_spec_names_the_grammar(text, why):
     with pytest.raises(OptionError, match=why) as err:
@@ -134,6 +136,42 @@ def test_wanda_has_lower_layer_output_error_than_magnitude(models):
         plan.close()
 
 
+def test_expert_loss_is_the_block_output_lost_by_dropping_it(models):
+    """The loss score of expert e equals ||block output - block output with expert e's down
+    projection zeroed||^2, measured by running the block again."""
+    from edgeai.converters.convert import open_plan
+    from edgeai.quant.calibrate import collect_statistics
+    from edgeai.quant.forward import BlockWeights, ForwardConfig, RopeTables, run_block
+
+    class FirstBlock:
+        def observe(self, inp):
+            pass
+
+        def observe_block(self, out):
+            if out.index == 0:
+                self.out = out
+                self.before, self.after = np.array(out.before), np.array(out.after)
+
+    plan = open_plan(models["moe"], "f32")
+    try:
+        cfg = ForwardConfig.from_plan(plan)
+        routing, first = ExpertRouting(cfg, loss=True), FirstBlock()
+        collect_statistics(plan, models["calib"].read_text(), n_ctx=64, max_tokens=512, observers=[routing, first])
+        batch = first.out.batch
+        rope = RopeTables.build(cfg, batch.positions, None)
+        assert (routing.frequency[0] > 0).all()
+        for e in range(cfg.n_expert):
+            tensors = dict(first.out.weights.tensors)
+            tensors["ffn_down_exps.weight"] = tensors["ffn_down_exps.weight"].copy()
+            tensors["ffn_down_exps.weight"][e] = 0.0
+            hidden = first.before.copy()
+            run_block(cfg, BlockWeights(0, tensors), hidden, batch, rope)
+            lost = float(np.square(first.after.astype(np.float64) - hidden).sum())
+            assert routing.loss[0][e] == pytest.approx(lost, rel=1e-3), e
+    finally:
+        plan.close()
+
+
 # ---- files --------------------------------------------------------------------------------------
 
 
@@ -181,14 +219,15 @@ def test_unstructured_file_sparsity_per_tensor(models, tmp_path, spec):
     assert len(llama_cpp_greedy(llama_cpp_model(out, n_ctx=64), list(range(3, 30)), 8)) == 8
 
 
-def test_expert_pruning_slices_experts_and_router(models, tmp_path):
+@pytest.mark.parametrize("spec", ["experts:0.5", "experts:0.5:loss"])
+def test_expert_pruning_slices_experts_and_router(models, tmp_path, spec):
     """experts:0.5 on a 4-expert top-2 model, from the checkpoint and from its GGUF: 2 experts
     per block, the kept experts' and router rows' data unchanged, the same file either way."""
     moe, calib = models["moe"], models["calib"]
     full = edgeai.convert(moe, tmp_path / "full.gguf", outtype="f32", quiet=True)
-    out = edgeai.convert(moe, tmp_path / "e.gguf", outtype="f32", prune="experts:0.5", calib=calib, calib_ctx=64,
+    out = edgeai.convert(moe, tmp_path / "e.gguf", outtype="f32", prune=spec, calib=calib, calib_ctx=64,
                          quiet=True)
-    from_gguf = edgeai.convert(full, tmp_path / "g.gguf", outtype="f32", prune="experts:0.5", calib=calib,
+    from_gguf = edgeai.convert(full, tmp_path / "g.gguf", outtype="f32", prune=spec, calib=calib,
                                calib_ctx=64, quiet=True)
     fields = _fields(out)
     assert fields["qwen3moe.expert_count"] == 2 and fields["qwen3moe.expert_used_count"] == 2
