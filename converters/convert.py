@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 from gguf import GGUFValueType, LlamaFileType
@@ -29,6 +29,9 @@ from edgeai.paths import atomic_output, default_model_path
 from edgeai.quant.formats import QuantFormat, quantize
 from edgeai.quant.formats import Fit
 from edgeai.quant.recipes import Method, OutType, Recipe, get_recipe, parse_method, parse_outtype, tensor_type, validate
+
+if TYPE_CHECKING:
+    from edgeai.quant.prune import PruneSpec
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +286,7 @@ def convert(
     calib: str | Path | None = None,
     calib_ctx: int = 512,
     target_bpw: float | None = None,
-    prune: str | None = None,
+    prune: str | Sequence[PruneSpec] | None = None,
     force: bool = False,
     quiet: bool | None = None,
     trust_pickle: bool = False,
@@ -326,7 +329,9 @@ def convert(
         raise OptionError(f"--target-bpw {target_bpw} is outside (1, 32]")
     recipe = get_recipe(quant) if quant is not None else get_recipe(parse_outtype(outtype or OutType.F16).value)
     method = parse_method(method)
-    prune_steps = _parse_prune(prune)
+    from edgeai.quant.prune import parse_prune
+
+    prune_steps = parse_prune(prune)
     calib_text = _calibration_text(calib, method, prune_steps)
     if output.exists() and not force:  # fail before any reading
         raise OutputError(f"{output} exists; pass --force (force=True) to overwrite it")
@@ -352,7 +357,7 @@ def convert(
         plan.close()
 
 
-def _calibration_text(calib: str | Path | None, method: Method, prune_steps: tuple = ()) -> str | None:
+def _calibration_text(calib: str | Path | None, method: Method, prune_steps: Sequence[PruneSpec] = ()) -> str | None:
     pruning = next((s for s in prune_steps if s.needs_calibration), None)
     needed_by = f"--method {method.value}" if method.needs_calibration else f"--prune {pruning}" if pruning else None
     if needed_by is None:
@@ -370,15 +375,7 @@ def _calibration_text(calib: str | Path | None, method: Method, prune_steps: tup
         raise OptionError(f"calibration text {path} cannot be read as UTF-8: {exc}") from exc
 
 
-def _parse_prune(prune) -> tuple:
-    if prune is None:
-        return ()
-    from edgeai.quant.prune import parse_prune
-
-    return parse_prune(prune)
-
-
-def _prune(plan: ConversionPlan, recipe: Recipe, steps: tuple, text: str | None, n_ctx: int,
+def _prune(plan: ConversionPlan, recipe: Recipe, steps: Sequence[PruneSpec], text: str | None, n_ctx: int,
            calib: str | Path | None) -> None:
     """Prune the plan (edgeai.quant.prune), record it, and re-type tensors whose block moved."""
     from edgeai.quant.prune import prune_plan
