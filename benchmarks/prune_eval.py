@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += model_rows(cli, args.checkpoint, "smollm2", steps, calib, text, args, work)
     if not args.skip_moe:
         moe = make_moe(args.checkpoint, work / "smollm2-moe8x4")
-        extra = [] if args.steps else [
-            (f"random:{f:g}", drop_random_experts(moe, work / f"smollm2-moe-random-{f:g}", f)) for f in (0.25, 0.5)]
+        fractions = sorted({float(s.split(":")[1]) for s in MOE_STEPS if s in wanted})
+        extra = [(f"random:{f:g}", drop_random_experts(moe, work / f"smollm2-moe-random-{f:g}", f)) for f in fractions]
         rows += model_rows(cli, moe, "moe8x4", [s for s in MOE_STEPS if s in wanted], calib, text, args, work, extra)
     report = work / ("report.json" if not args.steps else "report-steps.json")
     report.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
