@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 from gguf import GGUFValueType, LlamaFileType
@@ -29,6 +29,9 @@ from edgeai.paths import atomic_output, default_model_path
 from edgeai.quant.formats import QuantFormat, quantize
 from edgeai.quant.formats import Fit
 from edgeai.quant.recipes import Method, OutType, Recipe, get_recipe, parse_method, parse_outtype, tensor_type, validate
+
+if TYPE_CHECKING:
+    from edgeai.quant.prune import PruneSpec
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +286,7 @@ def convert(
     calib: str | Path | None = None,
     calib_ctx: int = 512,
     target_bpw: float | None = None,
+    prune: str | Sequence[PruneSpec] | None = None,
     force: bool = False,
     quiet: bool | None = None,
     trust_pickle: bool = False,
@@ -302,11 +306,13 @@ def convert(
         method: how block types choose their codes: rtn (no calibration data), imatrix (the
             squared error of each input column weighted by its mean x^2 on the calibration text) or
             gptq (column-by-column rounding with Hessian error feedback, `edgeai.quant.gptq`).
-        calib: a UTF-8 text file for the methods that need calibration.
+        calib: a UTF-8 text file for the methods and pruning steps that need calibration.
         calib_ctx: tokens per calibration chunk.
         target_bpw: choose each weight matrix's type (Q4_0 ... Q8_0) so the file has this many bits
             per weight with the least measured error (`edgeai.quant.allocate`); `quant` then only
             sets what stays F32.
+        prune: pruning before quantization (`edgeai.quant.prune.parse_prune`), e.g. "wanda:0.5",
+            "2:4", "layers:4", "experts:0.25", or steps joined by commas ("layers:2,wanda:0.5").
         force: overwrite `output` if it exists.
         quiet: hide the progress bar; None shows it only on a terminal.
         trust_pickle: allow PyTorch `.bin` checkpoints (loaded with weights_only=True).
@@ -339,11 +345,16 @@ def convert(
         raise OptionError(f"--target-bpw {target_bpw} is outside (1, 32]")
     recipe = get_recipe(quant) if quant is not None else get_recipe(parse_outtype(outtype or OutType.F16).value)
     method = parse_method(method)
-    calib_text = _calibration_text(calib, method)
+    from edgeai.quant.prune import parse_prune
+
+    prune_steps = parse_prune(prune)
+    calib_text = _calibration_text(calib, method, prune_steps)
     if output.exists() and not force:  # fail before any reading
         raise OutputError(f"{output} exists; pass --force (force=True) to overwrite it")
     plan = open_plan(src, recipe, trust_pickle=trust_pickle)
     try:
+        if prune_steps:  # before calibration for quantization: that sees the pruned model
+            _prune(plan, recipe, prune_steps, calib_text, calib_ctx, calib)
         importance, encoded = None, None
         if method is Method.IMATRIX or (method.needs_calibration and target_bpw is not None):
             from edgeai.quant.calibrate import collect_statistics
@@ -362,13 +373,15 @@ def convert(
         plan.close()
 
 
-def _calibration_text(calib: str | Path | None, method: Method) -> str | None:
-    if not method.needs_calibration:
+def _calibration_text(calib: str | Path | None, method: Method, prune_steps: Sequence[PruneSpec] = ()) -> str | None:
+    pruning = next((s for s in prune_steps if s.needs_calibration), None)
+    needed_by = f"--method {method.value}" if method.needs_calibration else f"--prune {pruning}" if pruning else None
+    if needed_by is None:
         if calib is not None:
-            raise OptionError(f"--calib is only used by calibrated methods; --method {method.value} ignores it")
+            raise OptionError(f"--calib is only used by calibrated methods and pruning; --method {method.value} ignores it")
         return None
     if calib is None:
-        raise OptionError(f"--method {method.value} needs a calibration text: pass --calib FILE")
+        raise OptionError(f"{needed_by} needs a calibration text: pass --calib FILE")
     path = Path(calib)
     try:
         return path.read_text(encoding="utf-8")
@@ -376,6 +389,23 @@ def _calibration_text(calib: str | Path | None, method: Method) -> str | None:
         raise OptionError(f"calibration text {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise OptionError(f"calibration text {path} cannot be read as UTF-8: {exc}") from exc
+
+
+def _prune(plan: ConversionPlan, recipe: Recipe, steps: Sequence[PruneSpec], text: str | None, n_ctx: int,
+           calib: str | Path | None) -> None:
+    """Prune the plan (edgeai.quant.prune), record it, and re-type tensors whose block moved."""
+    from edgeai.quant.prune import prune_plan
+
+    record = prune_plan(plan, steps, text, n_ctx=n_ctx)
+    if "calibration" in record:
+        record["calibration"] = {**record["calibration"], "file": Path(calib).name}
+    plan.extra_recipe["pruning"] = record
+    if plan.hparams is not None:  # the recipe's per-layer rules count blocks: choose again
+        has_output = any(t.name == "output.weight" for t in plan.tensors)
+        for t in plan.tensors:
+            choice = tensor_type(t.name, t.shape, recipe, n_blocks=plan.hparams.n_layer,
+                                 has_experts=plan.hparams.n_expert > 0, has_output=has_output)
+            t.fmt, t.fallback = choice.fmt, choice.fallback
 
 
 def _allocate(plan: ConversionPlan, target_bpw: float, importance: ImportanceLookup | None) -> None:

@@ -43,6 +43,7 @@ def convert(
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text file (UTF-8)."),
     calib_ctx: int = typer.Option(512, "--calib-ctx", help="Tokens per calibration chunk."),
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="Mix types to reach this many bits per weight, least measured error first."),
+    prune: Optional[str] = typer.Option(None, "--prune", help="Prune before quantizing: wanda:0.5, magnitude:0.3, 2:4, wanda:2:4, layers:4, experts:0.25 (wanda, layers and experts need --calib); join steps with commas."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow PyTorch .bin checkpoints (weights_only=True)."),
@@ -55,7 +56,7 @@ def convert(
 
     try:
         path = run_convert(src, output, outtype=outtype, quant=quant, method=method, calib=calib, calib_ctx=calib_ctx,
-                           target_bpw=target_bpw, format=format, block_size=block_size,
+                           target_bpw=target_bpw, format=format, block_size=block_size, prune=prune,
                            force=force, quiet=True if quiet else None, trust_pickle=trust_pickle, threads=threads)
     except EdgeAIError as exc:
         _fail(exc)

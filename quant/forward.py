@@ -16,6 +16,9 @@ share theirs), tagged with the expert for stacked expert tensors. `StatsCollecto
 to per-column statistics (the imatrix statistic mean(x^2), and mean |x|); `RowRecorder` keeps
 raw rows of chosen weights. Both are plain observers: anything with an `observe` method is one.
 
+Observers with an `observe_block` method (`BlockObserver`) also see each block's input and output
+hidden states and weights after it ran (`BlockOutput`: layer pruning's block influence, expert routing).
+
 `forward` is `embed`, then `load_block` + `run_block` per block, then `head`; callers that change
 a block's weights before the next block runs (GPTQ quantizes block i, then computes block i+1's
 inputs from the quantized block) call those pieces themselves.
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Batch",
+    "BlockObserver",
+    "BlockOutput",
     "BlockWeights",
     "ColumnStats",
     "ExpertIndex",
@@ -56,6 +61,7 @@ __all__ = [
     "head",
     "load_block",
     "rms_norm",
+    "route_tokens",
     "run_block",
 ]
 
@@ -87,6 +93,24 @@ class Observer(Protocol):
     """Anything that wants to see the inputs of linear layers during `forward`."""
 
     def observe(self, inp: LinearInput) -> None: ...
+
+
+@dataclass(frozen=True)
+class BlockOutput:
+    """One block's input and output hidden states, sent by `forward` to observers that have an
+    `observe_block` method (`BlockObserver`). Arrays are read-only and valid only during the call."""
+
+    index: int
+    weights: BlockWeights  # the block's tensors, as the pass ran them
+    before: np.ndarray  # [n_tokens, n_embd] float32: the block's input (the residual stream)
+    after: np.ndarray  # [n_tokens, n_embd] float32: its output
+    batch: Batch
+
+
+class BlockObserver(Observer, Protocol):
+    """An observer that also sees whole blocks (layer pruning's block influence, expert routing)."""
+
+    def observe_block(self, out: BlockOutput) -> None: ...
 
 
 # ---- statistics observers ------------------------------------------------------------------
@@ -399,10 +423,8 @@ class _Emitter:
     def __call__(self, roles: tuple[str, ...], x: np.ndarray, expert: ExpertIndex | None = None) -> None:
         if not self.observers:
             return
-        view = x.view()
-        view.flags.writeable = False
         weights = tuple(self.block.name(r) for r in roles) if self.block else roles
-        event = LinearInput(weights, view, expert)
+        event = LinearInput(weights, _read_only(x), expert)
         for obs in self.observers:
             obs.observe(event)
 
@@ -455,19 +477,31 @@ def _dense_ffn(w: BlockWeights, h: np.ndarray, emit: _Emitter) -> np.ndarray:
     return _linear(w, "ffn_down", a)
 
 
+def route_tokens(cfg: ForwardConfig, router: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which experts each token runs and with what weight, as llama.cpp routes them.
+
+    router [n_expert, n_embd], h [T, n_embd] -> (chosen [T, top_k] expert ids in any order,
+    route [T, top_k] their weights: softmax over all experts, renormalized over the top k where
+    the family does so).
+    """
+    assert cfg.moe is not None
+    top_k = cfg.n_expert_used
+    probs = _softmax(h @ router.T)  # [T, n_expert], over all experts
+    chosen = np.argpartition(-probs, top_k - 1, axis=1)[:, :top_k]  # [T, top_k]
+    route = np.take_along_axis(probs, chosen, axis=1)  # [T, top_k]
+    if cfg.moe.renormalizes_top_k:
+        route = route / route.sum(axis=1, keepdims=True)
+    return chosen, route
+
+
 def _moe_ffn(cfg: ForwardConfig, w: BlockWeights, h: np.ndarray, emit: _Emitter) -> np.ndarray:
     """Routed experts (plus the gated shared expert): h [T, n_embd] -> [T, n_embd]."""
     moe = cfg.moe
     assert moe is not None
-    top_k = cfg.n_expert_used
     shared_roles = ("ffn_gate_inp_shexp.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight") if moe.shared_expert else ()
     emit(("ffn_gate_inp.weight", *shared_roles), h)
 
-    probs = _softmax(h @ w["ffn_gate_inp.weight"].T)  # [T, n_expert], over all experts
-    chosen = np.argpartition(-probs, top_k - 1, axis=1)[:, :top_k]  # [T, top_k] expert ids (any order)
-    route = np.take_along_axis(probs, chosen, axis=1)  # [T, top_k] weight of each chosen expert
-    if moe.renormalizes_top_k:
-        route = route / route.sum(axis=1, keepdims=True)
+    chosen, route = route_tokens(cfg, w["ffn_gate_inp.weight"], h)  # [T, top_k] each
 
     gate = w["ffn_gate_exps.weight"]  # [n_expert, n_ff_exp, n_embd]
     up = w["ffn_up_exps.weight"]  # [n_expert, n_ff_exp, n_embd]
@@ -508,6 +542,12 @@ def run_block(
         h = rms_norm(x, weights["ffn_norm.weight"], cfg.rms_eps)  # [T, n_embd]
         ffn = _dense_ffn(weights, h, emit) if cfg.moe is None else _moe_ffn(cfg, weights, h, emit)
         hidden[rows] = x + ffn
+
+
+def _read_only(x: np.ndarray) -> np.ndarray:
+    view = x.view()
+    view.flags.writeable = False
+    return view
 
 
 def embed(plan: ConversionPlan, batch: Batch) -> np.ndarray:
@@ -572,10 +612,16 @@ def forward(
     rope = RopeTables.build(cfg, batch.positions, rope_freqs)
     hidden = embed(plan, batch)  # [n_tokens, n_embd]
     log.info("forward: %d sequence(s), %d tokens, %d blocks", len(batch.spans()), batch.n_tokens, cfg.n_layer)
+    block_observers = [obs for obs in observers if hasattr(obs, "observe_block")]
     for index in range(cfg.n_layer):
         weights = load_block(plan, index)
+        before = hidden.copy() if block_observers else None  # [n_tokens, n_embd]
         run_block(cfg, weights, hidden, batch, rope, observers)
-        del weights  # released before the next block is read
+        if block_observers:
+            event = BlockOutput(index, weights, _read_only(before), _read_only(hidden), batch)
+            for obs in block_observers:
+                obs.observe_block(event)
+        del weights, before  # released before the next block is read
         log.debug("forward: block %d/%d done", index + 1, cfg.n_layer)
     result = head(plan, cfg, hidden, batch, logits, observers)
     log.info("forward: done in %.1f s", time.perf_counter() - started)
