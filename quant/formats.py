@@ -110,6 +110,12 @@ _NATIVE_BLOCK_TYPES = {name: getattr(native.BlockType, name.upper()) for name in
 _BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 
 
+def takes_importance(fmt: QuantFormat) -> bool:
+    """Whether `quantize(..., fit=Fit.SEARCH, importance=...)` uses the importance for this format
+    (Q8_0, like llama.cpp's, and the float types are encoded the same with or without it)."""
+    return fmt.name in _NATIVE_BLOCK_TYPES
+
+
 def format_by_name(name: str) -> QuantFormat:
     """The format called `name` (case-insensitive); an OptionError lists the known ones."""
     try:

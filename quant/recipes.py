@@ -33,6 +33,7 @@ class Method(str, enum.Enum):
 
     RTN = "rtn"  # no calibration data: scales searched for the least squared error of the weights
     IMATRIX = "imatrix"  # error weighted per input column by the mean x^2 of calibration activations
+    AWQ = "awq"  # activation-aware input-channel scales folded into the layer before (quant/awq.py), then IMATRIX
     GPTQ = "gptq"  # column-by-column rounding with Hessian-weighted error feedback (quant/gptq.py)
 
     @property

@@ -19,6 +19,10 @@ constexpr int QK_K = 256;  // K-quant super-block
 constexpr int kSearchSteps = 20;
 
 inline int nearest_int(float v) { return static_cast<int>(std::roundf(v)); }
+// Round half to even in one instruction (cvtss2si): for the trial codes of scale searches, where ties
+// do not matter and roundf (a library call without SSE4.1) dominated the time. RTN paths keep
+// nearest_int: their bytes must equal the numpy reference's.
+inline int nearest_int_fast(float v) { return static_cast<int>(std::lrintf(v)); }
 inline int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 inline void put_f16(uint8_t *dst, float v) {
@@ -62,25 +66,30 @@ float fit_symmetric(const float *x, const float *w, int n, int nmax, Fit fit, in
         for (int i = 0; i < n; ++i) L[i] = static_cast<int8_t>(clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1));
     }
     if (fit == Fit::RTN) return best_scale;
+    // Each trial's error comes from its sums: for the least-squares scale of codes l,
+    // sum w (x - scale l)^2 = sum w x^2 - (sum w x l)^2 / sum w l^2; the codes are rebuilt once at the end.
+    float sxx = 0.0f;
+    for (int i = 0; i < n; ++i) sxx += w[i] * x[i] * x[i];
     float best_err = weighted_error(x, w, L, n, best_scale, 0.0f);
-    int8_t trial[QK_K];
+    float best_iscale = 0.0f;
     for (int step = -kSearchSteps / 2; step <= kSearchSteps / 2; ++step) {
         const float iscale = -(static_cast<float>(nmax) + 0.1f * static_cast<float>(step)) / max;
         float sumlx = 0.0f, suml2 = 0.0f;
         for (int i = 0; i < n; ++i) {
-            const int l = clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1);
-            trial[i] = static_cast<int8_t>(l);
-            sumlx += w[i] * x[i] * static_cast<float>(l);
-            suml2 += w[i] * static_cast<float>(l * l);
+            const float l = static_cast<float>(clampi(nearest_int_fast(iscale * x[i]), -nmax, nmax - 1));
+            sumlx += w[i] * x[i] * l;
+            suml2 += w[i] * l * l;
         }
         if (suml2 <= 0.0f) continue;
-        const float scale = sumlx / suml2;  // least squares for these codes
-        const float err = weighted_error(x, w, trial, n, scale, 0.0f);
+        const float err = sxx - sumlx * sumlx / suml2;
         if (err < best_err) {
             best_err = err;
-            best_scale = scale;
-            std::copy(trial, trial + n, L);
+            best_scale = sumlx / suml2;  // least squares for these codes
+            best_iscale = iscale;
         }
+    }
+    if (best_iscale != 0.0f) {
+        for (int i = 0; i < n; ++i) L[i] = static_cast<int8_t>(clampi(nearest_int_fast(best_iscale * x[i]), -nmax, nmax - 1));
     }
     return best_scale;
 }
@@ -107,19 +116,22 @@ void fit_affine(const float *x, const float *w, int n, int nmax, bool offset_non
         for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(clampi(nearest_int(iscale * (x[i] - min)), 0, nmax));
     }
     if (fit == Fit::SEARCH) {
+        // As in fit_symmetric, each trial's error from its sums (no second pass over the block).
+        float sw = 0, sx = 0, sxx = 0;
+        for (int i = 0; i < n; ++i) {
+            sw += w[i];
+            sx += w[i] * x[i];
+            sxx += w[i] * x[i] * x[i];
+        }
         float best_err = weighted_error(x, w, L, n, best_scale, best_offset);
-        uint8_t trial[QK];
+        float best_iscale = 0.0f;
         for (int step = 0; step <= kSearchSteps; ++step) {
             const float iscale = (-1.0f + 0.1f * static_cast<float>(step) + static_cast<float>(nmax)) / (max - min);
-            float sw = 0, sl = 0, sll = 0, sx = 0, slx = 0;
+            float sl = 0, sll = 0, slx = 0;
             for (int i = 0; i < n; ++i) {
-                const int l = clampi(nearest_int(iscale * (x[i] - min)), 0, nmax);
-                trial[i] = static_cast<uint8_t>(l);
-                const float fl = static_cast<float>(l);
-                sw += w[i];
+                const float fl = static_cast<float>(clampi(nearest_int_fast(iscale * (x[i] - min)), 0, nmax));
                 sl += w[i] * fl;
                 sll += w[i] * fl * fl;
-                sx += w[i] * x[i];
                 slx += w[i] * fl * x[i];
             }
             const float det = sw * sll - sl * sl;
@@ -131,13 +143,18 @@ void fit_affine(const float *x, const float *w, int n, int nmax, bool offset_non
                 scale = sll > 0.0f ? slx / sll : 0.0f;
             }
             if (scale <= 0.0f) continue;
-            const float err = weighted_error(x, w, trial, n, scale, offset);
+            // sum w (x - scale l - offset)^2 expanded
+            const float err = sxx - 2.0f * scale * slx - 2.0f * offset * sx + scale * scale * sll +
+                              2.0f * scale * offset * sl + offset * offset * sw;
             if (err < best_err) {
                 best_err = err;
                 best_scale = scale;
                 best_offset = offset;
-                std::copy(trial, trial + n, L);
+                best_iscale = iscale;
             }
+        }
+        if (best_iscale != 0.0f) {
+            for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(clampi(nearest_int_fast(best_iscale * (x[i] - min)), 0, nmax));
         }
     }
     *scale_out = best_scale;
