@@ -156,3 +156,19 @@ def test_calibration_options_checked(wide_llama, calib_file, tmp_path):
     with pytest.raises(CalibrationError, match="tokens long"):
         edgeai.convert(wide_llama, tmp_path / "a.gguf", quant="q4_0", method="imatrix", calib=short, quiet=True)
     assert not (tmp_path / "a.gguf").exists()
+
+
+def test_imatrix_is_skipped_when_no_type_uses_it(wide_llama, calib_file, tmp_path):
+    """Q8_0 ignores importance (as llama.cpp's does): no calibration pass, the same bytes as RTN."""
+    import time
+
+    start = time.perf_counter()
+    out = edgeai.convert(wide_llama, tmp_path / "im.gguf", quant="q8_0", method="imatrix", calib=calib_file,
+                         calib_ctx=128, quiet=True, threads=1)
+    took = time.perf_counter() - start
+    rtn = edgeai.convert(wide_llama, tmp_path / "rtn.gguf", quant="q8_0", quiet=True, threads=1)
+    recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
+    assert recipe["method"] == "imatrix" and "skipped" in recipe["calibration"]
+    a, b = ({t.name: bytes(t.data) for t in GGUFReader(p).tensors} for p in (out, rtn))
+    assert a == b
+    assert took < 10, took  # the calibration pass of this model alone takes longer
