@@ -84,6 +84,7 @@ import convert_vs_llamacpp as base  # noqa: E402  (the checkpoint and the llama-
 EDGEAI_CONFIGS: tuple[tuple[str, str], ...] = (
     ("q4_k_m", "rtn"), ("q4_k_m", "imatrix"), ("q4_k_m", "awq"),
     ("q4_0", "rtn"), ("q4_0", "imatrix"), ("q4_0", "awq"),
+    ("iq4_nl", "imatrix"), ("iq4_xs", "imatrix"),
     ("q8_0", "rtn"), ("q8_0", "imatrix"),
 )
 # llama.cpp: (llama-quantize type, with the importance matrix).
@@ -94,7 +95,7 @@ LLAMA_CPP_CONFIGS: tuple[tuple[str, bool], ...] = (
 # Block types that cannot reproduce a Q4_1 block exactly. The default checkpoint's weights are a Q4_1
 # GGUF dequantized, so Q4_1 (and Q5_1, whose grid contains Q4_1's) would win by undoing that
 # rounding, not by quantizing better: mixes limited to these types are the fair comparison.
-FAIR_TYPES = ("q4_0", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
+FAIR_TYPES = ("q4_0", "iq4_nl", "iq4_xs", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
 # With `edgeai convert --target-bpw`: edgeai at the exact bpw of llama.cpp's (type, imatrix) file, by
 # method, choosing among FAIR_TYPES (True) or every type edgeai writes (False).
 TARGET_BPW: tuple[tuple[tuple[str, bool], str, bool], ...] = (
@@ -565,6 +566,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "same target), or the float32 checkpoint")
     parser.add_argument("--no-llama-cpp", action="store_true",
                         help="reuse llama.cpp's files and imatrix of an earlier run in --work instead of making them")
+    parser.add_argument("--targets", choices=("all", "fair", "none"), default="all",
+                        help="which TARGET_BPW runs: all, only those among FAIR_TYPES, or none")
     parser.add_argument("--no-ppl-check", action="store_true", help="skip llama-perplexity on the reference")
     parser.add_argument("--show", type=Path, metavar="REPORT_JSON",
                         help="only print a saved report (WORK/report.json of an earlier run) and exit")
@@ -644,10 +647,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_llama_cpp:  # the files and times of the earlier run (they are evaluated again below)
         earlier = json.loads((work / "report.json").read_text())
         imatrix_s = earlier["setup"]["imatrix_s"]
+        same_eval = (earlier["setup"]["text"]["sha256"] == eval_info.sha256
+                     and earlier["setup"]["eval_chunks"] == eval_chunks and earlier["setup"]["ctx"] == args.ctx)
         for r in earlier["rows"]:
             if r["tool"] == "llama.cpp" and (r["type"], r["method"] == "imatrix") in LLAMA_CPP_CONFIGS:
-                keep = ("tool", "type", "method", "path", "command", "quant_s", "calib_s")
-                rows.append(Row(**{k: r[k] for k in keep}))
+                # same file, same text, same chunks: the evaluator would print the same numbers
+                rows.append(Row(**r) if same_eval else Row(**{k: r[k] for k in (
+                    "tool", "type", "method", "path", "command", "quant_s", "calib_s")}))
     else:
         imatrix_file.unlink(missing_ok=True)
         imatrix_s, error = bench.run(imatrix_argv, "llama-imatrix.log")
@@ -655,60 +661,69 @@ def main(argv: list[str] | None = None) -> int:
         for qtype, use_imatrix in LLAMA_CPP_CONFIGS:
             rows.append(quantize_llama_cpp(bench, tools, ref, imatrix, qtype, use_imatrix, imatrix_s))
 
-    # edgeai
-    source = ref if args.edgeai_source == "reference" else checkpoint
-    for recipe, method in args.edgeai or EDGEAI_CONFIGS:
-        rows.append(quantize_edgeai(bench, cli, source, calib, recipe, method))
-    target_note = ""
-    if edgeai_has_option(cli, "--target-bpw"):
-        from edgeai.quant.evaluate import gguf_size
-
-        for (qtype, use_imatrix), method, fair in TARGET_BPW:
-            if args.edgeai and method not in {m for _, m in args.edgeai}:
-                continue  # --edgeai given: only the methods it names
-            theirs = next((r for r in rows if r.tool == "llama.cpp" and r.type == qtype
-                           and (r.method == "imatrix") == use_imatrix and not r.error), None)
-            if theirs is not None:
-                bpw = gguf_size(Path(theirs.path))[1]
-                rows.append(quantize_edgeai(bench, cli, source, calib, None, method, bpw, fair))
-    else:
-        target_note = "edgeai convert has no --target-bpw yet: no runs at llama.cpp's exact bpw"
-
-    # evaluation
-    for row in rows:
-        if not row.error:
-            evaluate(bench, cli, row, ref, text, args.ctx, args.chunks)
-    for row in rows:
-        commands.append(row.command)
-        if row.eval_command:
-            commands.append(row.eval_command)
-    ppl_ref, ppl_command = (None, "")
-    if not args.no_ppl_check:
-        ppl_ref, ppl_command = reference_perplexity(bench, tools, ref, text, args.ctx, args.chunks)
-        commands.append(ppl_command)
-
     from edgeai.quant.evaluate import gguf_size
 
     ref_size, ref_bpw = gguf_size(ref)
-    ref_ppl = next((r.ref_ppl for r in rows if r.ref_ppl is not None), None)
-    report = {
-        "rows": [asdict(r) for r in rows],
-        "closest": closest(rows, fair_only=True) + closest(rows),
-        "reference": {"path": str(ref), "size_bytes": ref_size, "bpw": ref_bpw, "ppl": ref_ppl, "convert_s": convert_s},
-        "setup": {
-            "checkpoint": str(checkpoint), "threads": args.threads, "ctx": args.ctx,
-            "eval_chunks": eval_chunks, "eval_tokens_scored": eval_chunks * (args.ctx - args.ctx // 2 - 1),
-            "calib_ctx": CALIB_CTX, "calib_chunks": calib_chunks,
-            "calib": asdict(calib_info), "text": asdict(eval_info),
-            "imatrix_s": imatrix_s, "llama_perplexity_ref": ppl_ref,
-            "llama_cpp_build": build_note, "llama_cpp_build_s": build_s,
-            "target_bpw_note": target_note,
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "versions": base.versions(sdist),
-        },
-        "commands": commands,
-    }
-    (work / "report.json").write_text(json.dumps(report, indent=2))
+    target_note = ""
+    ppl_ref = None
+    source = ref if args.edgeai_source == "reference" else checkpoint
+
+    def write_report() -> dict:
+        """report.json of the rows so far (written after each row: a long run can be read while it goes)."""
+        listed = list(commands)
+        for row in rows:
+            listed += [c for c in (row.command, row.eval_command) if c]
+        report = {
+            "rows": [asdict(r) for r in rows],
+            "closest": closest(rows, fair_only=True) + closest(rows),
+            "reference": {"path": str(ref), "size_bytes": ref_size, "bpw": ref_bpw,
+                          "ppl": next((r.ref_ppl for r in rows if r.ref_ppl is not None), None), "convert_s": convert_s},
+            "setup": {
+                "checkpoint": str(checkpoint), "edgeai_source": str(source), "threads": args.threads, "ctx": args.ctx,
+                "eval_chunks": eval_chunks, "eval_tokens_scored": eval_chunks * (args.ctx - args.ctx // 2 - 1),
+                "calib_ctx": CALIB_CTX, "calib_chunks": calib_chunks,
+                "calib": asdict(calib_info), "text": asdict(eval_info),
+                "imatrix_s": imatrix_s, "llama_perplexity_ref": ppl_ref,
+                "llama_cpp_build": build_note, "llama_cpp_build_s": build_s,
+                "target_bpw_note": target_note,
+                "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                "versions": base.versions(sdist),
+            },
+            "commands": listed,
+        }
+        (work / "report.json").write_text(json.dumps(report, indent=2))
+        return report
+
+    for row in rows:  # llama.cpp's (rows reused by --no-llama-cpp may be evaluated already)
+        if not row.error and row.kld_mean is None:
+            evaluate(bench, cli, row, ref, text, args.ctx, args.chunks)
+    write_report()
+
+    # edgeai, each file evaluated as soon as it is written
+    jobs: list[tuple[str | None, str, float | None, bool]] = [(r, m, None, True) for r, m in args.edgeai or EDGEAI_CONFIGS]
+    if edgeai_has_option(cli, "--target-bpw"):
+        for (qtype, use_imatrix), method, fair in TARGET_BPW:
+            if args.edgeai and method not in {m for _, m in args.edgeai}:
+                continue  # --edgeai given: only the methods it names
+            if args.targets == "none" or (args.targets == "fair" and not fair):
+                continue
+            theirs = next((r for r in rows if r.tool == "llama.cpp" and r.type == qtype
+                           and (r.method == "imatrix") == use_imatrix and not r.error), None)
+            if theirs is not None:
+                jobs.append((None, method, gguf_size(Path(theirs.path))[1], fair))
+    else:
+        target_note = "edgeai convert has no --target-bpw yet: no runs at llama.cpp's exact bpw"
+    for recipe, method, bpw, fair in jobs:
+        row = quantize_edgeai(bench, cli, source, calib, recipe, method, bpw, fair)
+        rows.append(row)
+        if not row.error:
+            evaluate(bench, cli, row, ref, text, args.ctx, args.chunks)
+        write_report()
+
+    if not args.no_ppl_check:
+        ppl_ref, ppl_command = reference_perplexity(bench, tools, ref, text, args.ctx, args.chunks)
+        commands.append(ppl_command)
+    report = write_report()
     if args.json:
         print(json.dumps(report, indent=2))
     else:
