@@ -566,6 +566,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "same target), or the float32 checkpoint")
     parser.add_argument("--no-llama-cpp", action="store_true",
                         help="reuse llama.cpp's files and imatrix of an earlier run in --work instead of making them")
+    parser.add_argument("--no-recipes", dest="edgeai", action="store_const", const=[],
+                        help="no edgeai recipe runs (only TARGET_BPW ones)")
+    parser.add_argument("--target-method", action="append", metavar="METHOD",
+                        help="only the TARGET_BPW runs of this method; repeat it (default: the --edgeai methods, or all)")
+    parser.add_argument("--keep-edgeai", action="store_true",
+                        help="with --no-llama-cpp: keep the evaluated edgeai rows of the earlier run too")
     parser.add_argument("--targets", choices=("all", "fair", "none"), default="all",
                         help="which TARGET_BPW runs: all, only those among FAIR_TYPES, or none")
     parser.add_argument("--no-ppl-check", action="store_true", help="skip llama-perplexity on the reference")
@@ -650,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
         same_eval = (earlier["setup"]["text"]["sha256"] == eval_info.sha256
                      and earlier["setup"]["eval_chunks"] == eval_chunks and earlier["setup"]["ctx"] == args.ctx)
         for r in earlier["rows"]:
+            if args.keep_edgeai and r["tool"] == "edgeai" and r.get("kld_mean") is not None and same_eval:
+                rows.append(Row(**r))  # edgeai files of the earlier run, already evaluated
             if r["tool"] == "llama.cpp" and (r["type"], r["method"] == "imatrix") in LLAMA_CPP_CONFIGS:
                 # same file, same text, same chunks: the evaluator would print the same numbers
                 rows.append(Row(**r) if same_eval else Row(**{k: r[k] for k in (
@@ -700,10 +708,13 @@ def main(argv: list[str] | None = None) -> int:
     write_report()
 
     # edgeai, each file evaluated as soon as it is written
-    jobs: list[tuple[str | None, str, float | None, bool]] = [(r, m, None, True) for r, m in args.edgeai or EDGEAI_CONFIGS]
+    recipes = [] if args.edgeai == [] else args.edgeai or EDGEAI_CONFIGS
+    jobs: list[tuple[str | None, str, float | None, bool]] = [(r, m, None, True) for r, m in recipes]
     if edgeai_has_option(cli, "--target-bpw"):
         for (qtype, use_imatrix), method, fair in TARGET_BPW:
-            if args.edgeai and method not in {m for _, m in args.edgeai}:
+            if args.target_method is not None and method not in args.target_method:
+                continue
+            if args.target_method is None and args.edgeai and method not in {m for _, m in args.edgeai}:
                 continue  # --edgeai given: only the methods it names
             if args.targets == "none" or (args.targets == "fair" and not fair):
                 continue

@@ -150,3 +150,13 @@ def test_awq_file_runs_in_llama_cpp(arch, calib, tmp_path):
     recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
     assert recipe["method"] == "awq" and recipe["calibration"]["n_ctx"] == 128 and "alphas" in recipe["awq"]
     assert len(llama_cpp_greedy(llama_cpp_model(out, n_ctx=64), list(range(3, 30)), 8)) == 8
+
+
+def test_awq_with_a_size_target(calib, tmp_path):
+    """--target-bpw sizes the mix on the unscaled weights, then AWQ scales within the chosen types."""
+    folder = make_tiny_checkpoint(tmp_path / "m", ARCHS["qwen2"])
+    out = edgeai.convert(folder, tmp_path / "t.gguf", target_bpw=6.0, target_types=["q4_0", "iq4_nl", "q8_0"],
+                         method="awq", calib=calib, calib_ctx=64, quiet=True, threads=1)
+    recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
+    assert recipe["method"] == "awq" and recipe["bits_per_weight"] <= 6.0 and "alphas" in recipe["awq"]
+    assert len(llama_cpp_greedy(llama_cpp_model(out, n_ctx=64), list(range(3, 30)), 8)) == 8
