@@ -8,17 +8,20 @@ the calibration text.
 * reference: `edgeai convert CHECKPOINT -o ref-f16.gguf --outtype f16`;
 * llama.cpp: `llama-imatrix` on the reference and the calibration text, then `llama-quantize` from
   the reference for each of `LLAMA_CPP_CONFIGS` (a type, with or without the importance matrix);
-* edgeai: `edgeai convert CHECKPOINT --quant RECIPE --method METHOD [--calib calib.txt]` for each of
-  `EDGEAI_CONFIGS`; when `edgeai convert --help` offers `--target-bpw`, also once at the exact bits
-  per weight of each of llama.cpp's files named in `TARGET_BPW`.
+* edgeai: `edgeai convert ref-f16.gguf --quant RECIPE --method METHOD [--calib calib.txt]` for each of
+  `EDGEAI_CONFIGS` (the same input llama.cpp quantizes, so Q8_0 can match it byte for byte;
+  `--edgeai-source checkpoint` starts from the float32 checkpoint instead); when `edgeai convert
+  --help` offers `--target-bpw`, also at the exact bits per weight of each of llama.cpp's files named
+  in `TARGET_BPW`, choosing among FAIR_TYPES (no Q4_1/Q5_1, see there) or among every type.
 
 The report is one table (tool, type or recipe, method, size, bits per weight, wall time of the
 quantization, PPL, KLD mean, KLD p99, top-1), sorted by size; then, for each llama.cpp file made with
 the importance matrix, the edgeai file closest in size (ties: the lower KLD) and the KLD ratio
-ours / theirs (below 1: edgeai loses less). Every command is printed so that anyone can rerun it.
+ours / theirs (below 1: edgeai loses less), once among edgeai's fair files (no Q4_1/Q5_1) and once
+among all. Every command is printed so that anyone can rerun it.
 
 Times: the wall time of each quantizing command. llama.cpp's rows start from the F16 reference
-(converted once, its time printed), edgeai's from the checkpoint. llama-imatrix runs once and its
+(converted once, its time printed), and so do edgeai's (unless --edgeai-source checkpoint). llama-imatrix runs once and its
 time is shown after the '+' of the rows that use its matrix; edgeai's calibration runs inside each
 `edgeai convert`, so its rows include it. Everything gets the same thread count (--threads).
 
@@ -79,20 +82,26 @@ import convert_vs_llamacpp as base  # noqa: E402  (the checkpoint and the llama-
 
 # edgeai: (recipe for --quant, --method). Calibrated methods get --calib.
 EDGEAI_CONFIGS: tuple[tuple[str, str], ...] = (
-    ("q4_k_m", "rtn"), ("q4_k_m", "imatrix"),
-    ("q4_0", "rtn"), ("q4_0", "imatrix"),
+    ("q4_k_m", "rtn"), ("q4_k_m", "imatrix"), ("q4_k_m", "awq"),
+    ("q4_0", "rtn"), ("q4_0", "imatrix"), ("q4_0", "awq"),
+    ("iq4_nl", "imatrix"), ("iq4_xs", "imatrix"),
     ("q8_0", "rtn"), ("q8_0", "imatrix"),
-    # ("q4_k_m", "gptq"), ("q4_k_m", "awq"),  # when edgeai has them
 )
 # llama.cpp: (llama-quantize type, with the importance matrix).
 LLAMA_CPP_CONFIGS: tuple[tuple[str, bool], ...] = (
     ("Q4_K_M", True), ("IQ4_XS", True), ("Q4_0", True), ("Q8_0", True),
     ("Q4_K_M", False), ("Q8_0", False),
 )
-# With `edgeai convert --target-bpw`: edgeai at the exact bpw of llama.cpp's (type, imatrix) file, by method.
-TARGET_BPW: tuple[tuple[tuple[str, bool], str], ...] = (
-    (("Q4_K_M", True), "imatrix"),
-    (("IQ4_XS", True), "imatrix"),
+# Block types that cannot reproduce a Q4_1 block exactly. The default checkpoint's weights are a Q4_1
+# GGUF dequantized, so Q4_1 (and Q5_1, whose grid contains Q4_1's) would win by undoing that
+# rounding, not by quantizing better: mixes limited to these types are the fair comparison.
+FAIR_TYPES = ("q4_0", "iq4_nl", "iq4_xs", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
+# With `edgeai convert --target-bpw`: edgeai at the exact bpw of llama.cpp's (type, imatrix) file, by
+# method, choosing among FAIR_TYPES (True) or every type edgeai writes (False).
+TARGET_BPW: tuple[tuple[tuple[str, bool], str, bool], ...] = (
+    (("Q4_K_M", True), "imatrix", True), (("Q4_K_M", True), "awq", True),
+    (("IQ4_XS", True), "imatrix", True), (("IQ4_XS", True), "awq", True),
+    (("Q4_K_M", True), "imatrix", False), (("IQ4_XS", True), "imatrix", False),
 )
 RTN_METHODS = ("rtn",)  # methods that take no --calib
 
@@ -312,6 +321,7 @@ class Row:
     eval_command: str = ""
     error: str = ""
     target_bpw: float | None = None
+    fair: bool = True  # no Q4_1/Q5_1 (see FAIR_TYPES)
 
     @property
     def label(self) -> str:
@@ -381,19 +391,21 @@ def quantize_llama_cpp(bench: Bench, tools: dict[str, Path], ref: Path, imatrix:
 
 
 def quantize_edgeai(bench: Bench, cli: Path, checkpoint: Path, calib: Path, recipe: str | None, method: str,
-                    target_bpw: float | None = None) -> Row:
+                    target_bpw: float | None = None, fair: bool = True) -> Row:
     if target_bpw is None:
         name, shown = f"edgeai-{recipe}-{method}.gguf", recipe
         quant = ["--quant", recipe]
+        fair = recipe not in ("q4_1", "q5_1")
     else:
-        name, shown = f"edgeai-bpw{target_bpw:.4f}-{method}.gguf", f"bpw {target_bpw:.4f}"
-        quant = ["--target-bpw", f"{target_bpw:.4f}"]
+        types = "fair" if fair else "all"
+        name, shown = f"edgeai-bpw{target_bpw:.4f}-{types}-{method}.gguf", f"bpw {target_bpw:.4f} {types} types"
+        quant = ["--target-bpw", f"{target_bpw:.4f}"] + (["--target-types", ",".join(FAIR_TYPES)] if fair else [])
     out = bench.work / name
     argv = [str(cli), "convert", str(checkpoint), "-o", str(out), *quant, "--method", method]
     if method not in RTN_METHODS:
         argv += ["--calib", str(calib), "--calib-ctx", str(CALIB_CTX)]
     argv += ["--threads", str(bench.threads), "--force", "--quiet"]
-    row = Row("edgeai", shown, method, str(out), shlex.join(argv), target_bpw=target_bpw)
+    row = Row("edgeai", shown, method, str(out), shlex.join(argv), target_bpw=target_bpw, fair=fair)
     row.quant_s, row.error = bench.run(argv, Path(name).with_suffix(".log").name)
     return row
 
@@ -438,9 +450,10 @@ def reference_perplexity(bench: Bench, tools: dict[str, Path], ref: Path, text: 
     return (float(match.group(1)) if match else None), shlex.join(argv)
 
 
-def closest(rows: list[Row]) -> list[dict]:
-    """For each llama.cpp imatrix row, the edgeai row closest in size (ties within 0.5 %: the lower KLD)."""
-    ours = [r for r in rows if r.tool == "edgeai" and r.kld_mean is not None]
+def closest(rows: list[Row], fair_only: bool = False) -> list[dict]:
+    """For each llama.cpp imatrix row, the edgeai row closest in size (ties within 0.5 %: the lower KLD);
+    with `fair_only`, among edgeai's rows that use no Q4_1/Q5_1."""
+    ours = [r for r in rows if r.tool == "edgeai" and r.kld_mean is not None and (r.fair or not fair_only)]
     pairs = []
     for theirs in rows:
         if theirs.tool != "llama.cpp" or theirs.method != "imatrix" or theirs.kld_mean is None or not ours:
@@ -453,6 +466,7 @@ def closest(rows: list[Row]) -> list[dict]:
             "llama.cpp_mib": theirs.size_bytes / MIB, "edgeai_mib": mine.size_bytes / MIB,
             "llama.cpp_kld": theirs.kld_mean, "edgeai_kld": mine.kld_mean,
             "kld_ratio": mine.kld_mean / theirs.kld_mean if theirs.kld_mean > 0 else float("nan"),
+            "fair_only": fair_only,
         })
     return pairs
 
@@ -491,7 +505,7 @@ def print_report(report: dict) -> None:
 
     for pair in report["closest"]:
         console.print(
-            f"{pair['llama.cpp']} ({pair['llama.cpp_mib']:.1f} MiB, KLD {pair['llama.cpp_kld']:.5f})  ~  "
+            f"{'[fair types] ' if pair.get('fair_only') else '[any type]   '}{pair['llama.cpp']} ({pair['llama.cpp_mib']:.1f} MiB, KLD {pair['llama.cpp_kld']:.5f})  ~  "
             f"{pair['edgeai']} ({pair['edgeai_mib']:.1f} MiB, KLD {pair['edgeai_kld']:.5f}):  "
             f"KLD ours/theirs = {pair['kld_ratio']:.3f}", highlight=False, markup=False,
         )
@@ -547,6 +561,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="threads for every tool (default: every core)")
     parser.add_argument("--edgeai", type=parse_edgeai, action="append", metavar="RECIPE:METHOD",
                         help="an edgeai configuration; repeat it; replaces EDGEAI_CONFIGS")
+    parser.add_argument("--edgeai-source", choices=("reference", "checkpoint"), default="reference",
+                        help="what edgeai quantizes: the F16 reference llama.cpp quantizes too (default: same input, "
+                             "same target), or the float32 checkpoint")
+    parser.add_argument("--no-llama-cpp", action="store_true",
+                        help="reuse llama.cpp's files and imatrix of an earlier run in --work instead of making them")
+    parser.add_argument("--no-recipes", dest="edgeai", action="store_const", const=[],
+                        help="no edgeai recipe runs (only TARGET_BPW ones)")
+    parser.add_argument("--target-method", action="append", metavar="METHOD",
+                        help="only the TARGET_BPW runs of this method; repeat it (default: the --edgeai methods, or all)")
+    parser.add_argument("--keep-edgeai", action="store_true",
+                        help="with --no-llama-cpp: keep the evaluated edgeai rows of the earlier run too")
+    parser.add_argument("--targets", choices=("all", "fair", "none"), default="all",
+                        help="which TARGET_BPW runs: all, only those among FAIR_TYPES, or none")
     parser.add_argument("--no-ppl-check", action="store_true", help="skip llama-perplexity on the reference")
     parser.add_argument("--show", type=Path, metavar="REPORT_JSON",
                         help="only print a saved report (WORK/report.json of an earlier run) and exit")
@@ -592,9 +619,12 @@ def main(argv: list[str] | None = None) -> int:
     # reference and texts
     ref = work / "ref-f16.gguf"
     ref_argv = [str(cli), "convert", str(checkpoint), "-o", str(ref), "--outtype", "f16", "--force", "--quiet"]
-    convert_s, error = bench.run(ref_argv, "ref-f16.log")
-    if error:
-        sys.exit(f"converting the reference failed: {error}")
+    if args.no_llama_cpp and ref.is_file():  # llama.cpp's files were made from this one: keep it
+        convert_s = json.loads((work / "report.json").read_text())["reference"]["convert_s"]
+    else:
+        convert_s, error = bench.run(ref_argv, "ref-f16.log")
+        if error:
+            sys.exit(f"converting the reference failed: {error}")
     commands.append(shlex.join(ref_argv))
     calib = write_text(work / "calib.txt", args.calib, stdlib_docstrings)
     text = write_text(work / "eval.txt", args.text, site_packages_licenses)
@@ -618,65 +648,93 @@ def main(argv: list[str] | None = None) -> int:
     imatrix_file = work / "imatrix.gguf"
     imatrix_argv = [str(tools["llama-imatrix"]), "-m", str(ref), "-f", str(calib), "-o", str(imatrix_file),
                     "-c", str(CALIB_CTX), "--chunks", str(calib_chunks), "-t", str(args.threads)]
-    imatrix_file.unlink(missing_ok=True)
-    imatrix_s, error = bench.run(imatrix_argv, "llama-imatrix.log")
-    commands.append(shlex.join(imatrix_argv))
-    imatrix = None if error or not imatrix_file.is_file() else imatrix_file
     rows: list[Row] = []
-    for qtype, use_imatrix in LLAMA_CPP_CONFIGS:
-        rows.append(quantize_llama_cpp(bench, tools, ref, imatrix, qtype, use_imatrix, imatrix_s))
-
-    # edgeai
-    for recipe, method in args.edgeai or EDGEAI_CONFIGS:
-        rows.append(quantize_edgeai(bench, cli, checkpoint, calib, recipe, method))
-    target_note = ""
-    if edgeai_has_option(cli, "--target-bpw"):
-        from edgeai.quant.evaluate import gguf_size
-
-        for (qtype, use_imatrix), method in TARGET_BPW:
-            theirs = next((r for r in rows if r.tool == "llama.cpp" and r.type == qtype
-                           and (r.method == "imatrix") == use_imatrix and not r.error), None)
-            if theirs is not None:
-                bpw = gguf_size(Path(theirs.path))[1]
-                rows.append(quantize_edgeai(bench, cli, checkpoint, calib, None, method, bpw))
+    commands.append(shlex.join(imatrix_argv))
+    if args.no_llama_cpp:  # the files and times of the earlier run (they are evaluated again below)
+        earlier = json.loads((work / "report.json").read_text())
+        imatrix_s = earlier["setup"]["imatrix_s"]
+        same_eval = (earlier["setup"]["text"]["sha256"] == eval_info.sha256
+                     and earlier["setup"]["eval_chunks"] == eval_chunks and earlier["setup"]["ctx"] == args.ctx)
+        for r in earlier["rows"]:
+            if args.keep_edgeai and r["tool"] == "edgeai" and r.get("kld_mean") is not None and same_eval:
+                rows.append(Row(**r))  # edgeai files of the earlier run, already evaluated
+            if r["tool"] == "llama.cpp" and (r["type"], r["method"] == "imatrix") in LLAMA_CPP_CONFIGS:
+                # same file, same text, same chunks: the evaluator would print the same numbers
+                rows.append(Row(**r) if same_eval else Row(**{k: r[k] for k in (
+                    "tool", "type", "method", "path", "command", "quant_s", "calib_s")}))
     else:
-        target_note = "edgeai convert has no --target-bpw yet: no runs at llama.cpp's exact bpw"
-
-    # evaluation
-    for row in rows:
-        if not row.error:
-            evaluate(bench, cli, row, ref, text, args.ctx, args.chunks)
-    for row in rows:
-        commands.append(row.command)
-        if row.eval_command:
-            commands.append(row.eval_command)
-    ppl_ref, ppl_command = (None, "")
-    if not args.no_ppl_check:
-        ppl_ref, ppl_command = reference_perplexity(bench, tools, ref, text, args.ctx, args.chunks)
-        commands.append(ppl_command)
+        imatrix_file.unlink(missing_ok=True)
+        imatrix_s, error = bench.run(imatrix_argv, "llama-imatrix.log")
+        imatrix = None if error or not imatrix_file.is_file() else imatrix_file
+        for qtype, use_imatrix in LLAMA_CPP_CONFIGS:
+            rows.append(quantize_llama_cpp(bench, tools, ref, imatrix, qtype, use_imatrix, imatrix_s))
 
     from edgeai.quant.evaluate import gguf_size
 
     ref_size, ref_bpw = gguf_size(ref)
-    ref_ppl = next((r.ref_ppl for r in rows if r.ref_ppl is not None), None)
-    report = {
-        "rows": [asdict(r) for r in rows],
-        "closest": closest(rows),
-        "reference": {"path": str(ref), "size_bytes": ref_size, "bpw": ref_bpw, "ppl": ref_ppl, "convert_s": convert_s},
-        "setup": {
-            "checkpoint": str(checkpoint), "threads": args.threads, "ctx": args.ctx,
-            "eval_chunks": eval_chunks, "eval_tokens_scored": eval_chunks * (args.ctx - args.ctx // 2 - 1),
-            "calib_ctx": CALIB_CTX, "calib_chunks": calib_chunks,
-            "calib": asdict(calib_info), "text": asdict(eval_info),
-            "imatrix_s": imatrix_s, "llama_perplexity_ref": ppl_ref,
-            "llama_cpp_build": build_note, "llama_cpp_build_s": build_s,
-            "target_bpw_note": target_note,
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "versions": base.versions(sdist),
-        },
-        "commands": commands,
-    }
-    (work / "report.json").write_text(json.dumps(report, indent=2))
+    target_note = ""
+    ppl_ref = None
+    source = ref if args.edgeai_source == "reference" else checkpoint
+
+    def write_report() -> dict:
+        """report.json of the rows so far (written after each row: a long run can be read while it goes)."""
+        listed = list(commands)
+        for row in rows:
+            listed += [c for c in (row.command, row.eval_command) if c]
+        report = {
+            "rows": [asdict(r) for r in rows],
+            "closest": closest(rows, fair_only=True) + closest(rows),
+            "reference": {"path": str(ref), "size_bytes": ref_size, "bpw": ref_bpw,
+                          "ppl": next((r.ref_ppl for r in rows if r.ref_ppl is not None), None), "convert_s": convert_s},
+            "setup": {
+                "checkpoint": str(checkpoint), "edgeai_source": str(source), "threads": args.threads, "ctx": args.ctx,
+                "eval_chunks": eval_chunks, "eval_tokens_scored": eval_chunks * (args.ctx - args.ctx // 2 - 1),
+                "calib_ctx": CALIB_CTX, "calib_chunks": calib_chunks,
+                "calib": asdict(calib_info), "text": asdict(eval_info),
+                "imatrix_s": imatrix_s, "llama_perplexity_ref": ppl_ref,
+                "llama_cpp_build": build_note, "llama_cpp_build_s": build_s,
+                "target_bpw_note": target_note,
+                "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                "versions": base.versions(sdist),
+            },
+            "commands": listed,
+        }
+        (work / "report.json").write_text(json.dumps(report, indent=2))
+        return report
+
+    for row in rows:  # llama.cpp's (rows reused by --no-llama-cpp may be evaluated already)
+        if not row.error and row.kld_mean is None:
+            evaluate(bench, cli, row, ref, text, args.ctx, args.chunks)
+    write_report()
+
+    # edgeai, each file evaluated as soon as it is written
+    recipes = [] if args.edgeai == [] else args.edgeai or EDGEAI_CONFIGS
+    jobs: list[tuple[str | None, str, float | None, bool]] = [(r, m, None, True) for r, m in recipes]
+    if edgeai_has_option(cli, "--target-bpw"):
+        for (qtype, use_imatrix), method, fair in TARGET_BPW:
+            if args.target_method is not None and method not in args.target_method:
+                continue
+            if args.target_method is None and args.edgeai and method not in {m for _, m in args.edgeai}:
+                continue  # --edgeai given: only the methods it names
+            if args.targets == "none" or (args.targets == "fair" and not fair):
+                continue
+            theirs = next((r for r in rows if r.tool == "llama.cpp" and r.type == qtype
+                           and (r.method == "imatrix") == use_imatrix and not r.error), None)
+            if theirs is not None:
+                jobs.append((None, method, gguf_size(Path(theirs.path))[1], fair))
+    else:
+        target_note = "edgeai convert has no --target-bpw yet: no runs at llama.cpp's exact bpw"
+    for recipe, method, bpw, fair in jobs:
+        row = quantize_edgeai(bench, cli, source, calib, recipe, method, bpw, fair)
+        rows.append(row)
+        if not row.error:
+            evaluate(bench, cli, row, ref, text, args.ctx, args.chunks)
+        write_report()
+
+    if not args.no_ppl_check:
+        ppl_ref, ppl_command = reference_perplexity(bench, tools, ref, text, args.ctx, args.chunks)
+        commands.append(ppl_command)
+    report = write_report()
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from gguf import GGUFValueType, LlamaFileType
@@ -287,6 +287,7 @@ def convert(
     calib_ctx: int = 512,
     target_bpw: float | None = None,
     prune: str | Sequence[PruneSpec] | None = None,
+    target_types: Sequence[str] | None = None,
     force: bool = False,
     quiet: bool | None = None,
     trust_pickle: bool = False,
@@ -304,8 +305,11 @@ def convert(
         outtype: one element type for every weight matrix: f32, f16 (default), bf16 or q8_0.
         quant: a quantization recipe instead (see `edgeai.quant.recipes.RECIPES`: q4_0, q4_k_m, ...).
         method: how block types choose their codes: rtn (no calibration data), imatrix (the
-            squared error of each input column weighted by its mean x^2 on the calibration text) or
-            gptq (column-by-column rounding with Hessian error feedback, `edgeai.quant.gptq`).
+            squared error of each input column weighted by its mean x^2 on the calibration text;
+            skipped when no type of the recipe uses it, e.g. q8_0), awq (activation-aware input
+            channel scales folded into the norm or projection before, then imatrix,
+            `edgeai.quant.awq`) or gptq (column-by-column rounding with Hessian error feedback,
+            `edgeai.quant.gptq`).
         calib: a UTF-8 text file for the methods and pruning steps that need calibration.
         calib_ctx: tokens per calibration chunk.
         target_bpw: choose each weight matrix's type (Q4_0 ... Q8_0) so the file has this many bits
@@ -313,6 +317,7 @@ def convert(
             sets what stays F32.
         prune: pruning before quantization (`edgeai.quant.prune.parse_prune`), e.g. "wanda:0.5",
             "2:4", "layers:4", "experts:0.25", or steps joined by commas ("layers:2,wanda:0.5").
+        target_types: the block types `target_bpw` may choose from (default: every one edgeai writes).
         force: overwrite `output` if it exists.
         quiet: hide the progress bar; None shows it only on a terminal.
         trust_pickle: allow PyTorch `.bin` checkpoints (loaded with weights_only=True).
@@ -325,8 +330,10 @@ def convert(
     """
     # ---- ONNX export (edgeai.converters.onnx_export) ----
     if str(format).lower() == "onnx":
-        if outtype is not None or target_bpw is not None:
-            raise OptionError("--format onnx takes --quant fp32|fp16|int8|int4; drop --outtype / --target-bpw")
+        if outtype is not None or target_bpw is not None or target_types is not None:
+            raise OptionError("--format onnx takes --quant fp32|fp16|int8|int4; drop --outtype / --target-bpw / --target-types")
+        if prune:
+            raise OptionError("--prune is not applied to ONNX exports yet: prune to a GGUF, or export unpruned")
         from edgeai.converters.onnx_export import export_onnx
 
         return export_onnx(src, output, quant=quant or "fp32", block_size=block_size, method=method, calib=calib,
@@ -343,6 +350,8 @@ def convert(
         raise OptionError("--target-bpw chooses the types itself; drop --outtype")
     if target_bpw is not None and not 1.0 < target_bpw <= 32.0:
         raise OptionError(f"--target-bpw {target_bpw} is outside (1, 32]")
+    if target_types is not None:
+        target_types = _target_types(target_types, target_bpw)
     recipe = get_recipe(quant) if quant is not None else get_recipe(parse_outtype(outtype or OutType.F16).value)
     method = parse_method(method)
     from edgeai.quant.prune import parse_prune
@@ -355,22 +364,41 @@ def convert(
     try:
         if prune_steps:  # before calibration for quantization: that sees the pruned model
             _prune(plan, recipe, prune_steps, calib_text, calib_ctx, calib)
+        return _convert_plan(plan, output, recipe, method, calib, calib_text, calib_ctx, target_bpw, target_types, force,
+                             quiet, threads)
+    finally:
+        plan.close()
+
+
+def _convert_plan(plan: ConversionPlan, output: Path, recipe: Recipe, method: Method, calib: str | Path | None,
+                  calib_text: str | None, calib_ctx: int, target_bpw: float | None, target_types: Sequence[str] | None,
+                  force: bool, quiet: bool | None, threads: int) -> Path:
+    from threadpoolctl import threadpool_limits
+
+    # numpy's BLAS (the calibration forward pass, GPTQ, AWQ) gets the threads asked for: its default,
+    # one thread per core, spin-waits and runs small products many times slower on a busy machine
+    with threadpool_limits(limits=threads if threads > 0 else None, user_api="blas"):
         importance, encoded = None, None
-        if method is Method.IMATRIX or (method.needs_calibration and target_bpw is not None):
+        if method is Method.IMATRIX and target_bpw is None and not _uses_importance(plan):
+            # every type ignores importance (e.g. q8_0): calibrating would change no byte
+            log.info("--method %s: no tensor type of this recipe uses calibration data; skipping it", method.value)
+            plan.extra_recipe["calibration"] = {"skipped": "no tensor type of the recipe uses it",
+                                                "file": Path(calib).name}
+        elif method is Method.IMATRIX or (method.needs_calibration and target_bpw is not None):
             from edgeai.quant.calibrate import collect_statistics
 
             stats = collect_statistics(plan, calib_text, n_ctx=calib_ctx)
             plan.extra_recipe["calibration"] = {**stats.recipe(), "file": Path(calib).name}
-            importance = _importance_lookup(stats)
+            importance = _importance_lookup({name: stats.importance(name) for name in stats.columns})
         if target_bpw is not None:
-            _allocate(plan, target_bpw, importance)
+            _allocate(plan, target_bpw, importance, target_types)
         if method is Method.GPTQ:
             encoded = _gptq(plan, calib_text, calib_ctx, Path(calib).name, threads)
-        if method is not Method.IMATRIX:
+        if method is Method.AWQ:
+            importance = _awq(plan, calib_text, calib_ctx, Path(calib).name, threads)
+        if method not in (Method.IMATRIX, Method.AWQ):
             importance = None  # statistics gathered only to size the mix
         return _write(plan, output, recipe, method, force, quiet, threads, importance, encoded)
-    finally:
-        plan.close()
 
 
 def _calibration_text(calib: str | Path | None, method: Method, prune_steps: Sequence[PruneSpec] = ()) -> str | None:
@@ -408,16 +436,32 @@ def _prune(plan: ConversionPlan, recipe: Recipe, steps: Sequence[PruneSpec], tex
             t.fmt, t.fallback = choice.fmt, choice.fallback
 
 
-def _allocate(plan: ConversionPlan, target_bpw: float, importance: ImportanceLookup | None) -> None:
+def _target_types(names: Sequence[str], target_bpw: float | None) -> tuple[str, ...]:
+    """The --target-types names, checked: known block types, and only with --target-bpw."""
+    from edgeai.quant.formats import format_by_name
+
+    if target_bpw is None:
+        raise OptionError("--target-types only narrows what --target-bpw chooses from; give --target-bpw too")
+    types = tuple(format_by_name(n.strip()).name for n in names if n.strip())
+    not_blocks = [t for t in types if format_by_name(t).block_size == 1]
+    if not types or not_blocks:
+        raise OptionError(f"--target-types needs block types such as q4_0,q4_k,q6_k,q8_0; got {', '.join(names)}")
+    return types
+
+
+def _allocate(plan: ConversionPlan, target_bpw: float, importance: ImportanceLookup | None,
+              types: Sequence[str] | None = None) -> None:
     """Re-type the plan's weight matrices for the size target (see edgeai.quant.allocate)."""
-    from edgeai.quant.allocate import allocate
+    from edgeai.quant.allocate import DEFAULT_CANDIDATES, allocate
     from edgeai.quant.formats import FORMATS
 
-    result = allocate(plan, target_bpw, importance=importance)
+    result = allocate(plan, target_bpw, importance=importance, candidates=types or DEFAULT_CANDIDATES)
     for t in plan.tensors:
         t.fmt = FORMATS[result.types[t.name]]
         t.fallback = ""
     plan.extra_recipe["target_bpw"] = target_bpw
+    if types:
+        plan.extra_recipe["target_types"] = list(types)
     plan.extra_recipe["bits_per_weight"] = round(result.bits_per_weight, 4)
 
 
@@ -431,19 +475,41 @@ def _gptq(plan: ConversionPlan, text: str, n_ctx: int, calib_name: str, threads:
     return gptq_model(plan, calib.chunks, n_threads=threads, progress=lambda what: log.info("GPTQ: %s", what))
 
 
+def _awq(plan: ConversionPlan, text: str, n_ctx: int, calib_name: str, threads: int) -> ImportanceLookup:
+    """Search AWQ scales on the calibration text and fold them into the plan's tensors; returns the
+    importance of the scaled inputs for the writer's search."""
+    from edgeai.quant.awq import awq_model
+    from edgeai.quant.calibrate import calibration_set
+
+    calib = calibration_set(plan, text, n_ctx=n_ctx)
+    plan.extra_recipe["calibration"] = {**calib.recipe(), "file": calib_name}
+    result = awq_model(plan, calib.chunks, n_threads=threads, progress=lambda what: log.info("AWQ: %s", what))
+    result.apply(plan)
+    plan.extra_recipe["awq"] = result.recipe()
+    return _importance_lookup(result.importance)
+
+
+def _uses_importance(plan: ConversionPlan) -> bool:
+    """Whether any tensor is written in a type whose encoder weighs its error by importance."""
+    from edgeai.quant.formats import takes_importance
+
+    return any(takes_importance(t.fmt) for t in plan.tensors)
+
+
 ImportanceLookup = Callable[[str, int], "np.ndarray | None"]
 
 
-def _importance_lookup(stats) -> ImportanceLookup:
+def _importance_lookup(importance: Mapping[str, np.ndarray]) -> ImportanceLookup:
     """(weight name, expert index) -> per-column weights for the block quantizer, or None (uniform).
 
+    `importance`: weight name -> mean x^2 of its input, [n_in] ([n_expert, n_in] for stacked experts).
     An expert that no calibration token reached has no statistic: it is quantized unweighted.
     """
 
     def lookup(name: str, expert: int) -> np.ndarray | None:
-        if name not in stats:
+        if name not in importance:
             return None
-        imp = stats.importance(name)
+        imp = importance[name]
         if imp.ndim == 2:
             imp = imp[expert]
         total = float(imp.sum())

@@ -38,11 +38,12 @@ def convert(
     src: Optional[Path] = typer.Argument(None, help="Hugging Face folder or .gguf file (default: the bundled SmolLM2)."),
     output: Path = typer.Option(..., "--output", "-o", help="GGUF file (or, with --format onnx, folder) to write."),
     outtype: Optional[str] = typer.Option(None, "--outtype", help="One type for all weights: f32, f16 (default), bf16, q8_0."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="A recipe instead: q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (--format onnx: fp32, fp16, int8, int4)."),
-    method: str = typer.Option("rtn", "--method", help="rtn (no data), imatrix or gptq (these need --calib)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="A recipe instead: q4_0, q4_1, q5_0, q5_1, iq4_nl, iq4_xs, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (--format onnx: fp32, fp16, int8, int4)."),
+    method: str = typer.Option("rtn", "--method", help="rtn (no data), imatrix, awq or gptq (these need --calib)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text file (UTF-8)."),
     calib_ctx: int = typer.Option(512, "--calib-ctx", help="Tokens per calibration chunk."),
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="Mix types to reach this many bits per weight, least measured error first."),
+    target_types: Optional[str] = typer.Option(None, "--target-types", help="Comma-separated block types --target-bpw may use (default: q4_0,q4_1,iq4_nl,iq4_xs,q4_k,q5_0,q5_1,q5_k,q6_k,q8_0)."),
     prune: Optional[str] = typer.Option(None, "--prune", help="Prune before quantizing: wanda:0.5, magnitude:0.3, 2:4, wanda:2:4, layers:4, experts:0.25 (wanda, layers and experts need --calib); join steps with commas."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -56,7 +57,8 @@ def convert(
 
     try:
         path = run_convert(src, output, outtype=outtype, quant=quant, method=method, calib=calib, calib_ctx=calib_ctx,
-                           target_bpw=target_bpw, format=format, block_size=block_size, prune=prune,
+                           target_bpw=target_bpw, target_types=target_types.split(",") if target_types else None,
+                           format=format, block_size=block_size, prune=prune,
                            force=force, quiet=True if quiet else None, trust_pickle=trust_pickle, threads=threads)
     except EdgeAIError as exc:
         _fail(exc)

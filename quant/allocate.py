@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CANDIDATES = ("q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0")
+DEFAULT_CANDIDATES = ("q4_0", "q4_1", "iq4_nl", "iq4_xs", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0")
 
 Importance = Callable[[str, int], "np.ndarray | None"]  # (weight, expert) -> per-column weights
 

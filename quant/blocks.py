@@ -299,3 +299,67 @@ def pack_codes(name: str, raw: np.ndarray, codes: np.ndarray) -> np.ndarray:
     else:
         raise ValueError(f"no codes to pack for {name}")
     return out
+
+
+# ---- IQ4_NL / IQ4_XS: x = d * KVALUES[q], a non-uniform 4-bit grid ------------------------------------
+# RTN: the largest magnitude maps to the grid's end (-127), each value to its nearest grid point
+# (ties: the lower one). IQ4_XS adds 6-bit sub-block scales under one fp16 d per 256.
+IQ4_KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+
+
+def _nearest_kvalue(v: np.ndarray) -> np.ndarray:
+    """Index of the nearest IQ4 grid point of each value (ties: the lower index)."""
+    return np.abs(v[..., None] - IQ4_KVALUES).argmin(axis=-1).astype(np.int32)
+
+
+def _iq4_block_scale(blocks: np.ndarray) -> np.ndarray:
+    """(n, k) -> (n, 1): the scale that puts each block's largest magnitude on -127."""
+    imax = np.abs(blocks).argmax(axis=1)[:, None]
+    return np.take_along_axis(blocks, imax, axis=1) / np.float32(-127)
+
+
+def _iq4_codes(blocks: np.ndarray, d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        inv_d = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    return _nearest_kvalue((blocks * inv_d).astype(np.float32))
+
+
+def quantize_iq4_nl(blocks: np.ndarray) -> np.ndarray:
+    d = _iq4_block_scale(blocks)
+    return np.concatenate([_f16_bytes(d), _pack_nibbles(_iq4_codes(blocks, d))], axis=1)
+
+
+def dequantize_iq4_nl(blocks: np.ndarray) -> np.ndarray:
+    return _f16_field(blocks, 0) * IQ4_KVALUES[_unpack_nibbles(blocks[:, 2:])]
+
+
+def quantize_iq4_xs(blocks: np.ndarray) -> np.ndarray:
+    # (n, 256) -> (n, 136): fp16 d, uint16 scales_h (2 high bits of each 6-bit scale), 4 bytes
+    # scales_l (low nibbles, sub-block 2j in the low half of byte j), then 8 x 16 bytes of nibbles
+    n = blocks.shape[0]
+    sub = blocks.reshape(n * 8, QK)
+    scales = _iq4_block_scale(sub).reshape(n, 8)  # [n, 8]
+    imax = np.abs(scales).argmax(axis=1)[:, None]
+    d = np.take_along_axis(scales, imax, axis=1) / np.float32(-32)  # [n, 1]
+    with np.errstate(divide="ignore"):
+        inv_d = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    ls = np.clip(round_half_away(inv_d * scales), -32, 31).astype(np.int32)  # [n, 8]
+    dl = (_f16_value(d) * ls).astype(np.float32)
+    codes = _iq4_codes(sub, dl.reshape(-1, 1)).reshape(n * 8, QK)
+    u = (ls + 32).astype(np.uint32)
+    scales_h = ((u >> 4) << (2 * np.arange(8, dtype=np.uint32))).sum(axis=1, dtype=np.uint32).astype(np.uint16)
+    scales_l = ((u[:, 0::2] & 15) | ((u[:, 1::2] & 15) << 4)).astype(np.uint8)  # [n, 4]
+    qs = _pack_nibbles(codes).reshape(n, 128)
+    return np.concatenate([_f16_bytes(d), scales_h.reshape(-1, 1).view(np.uint8), scales_l, qs], axis=1)
+
+
+def dequantize_iq4_xs(blocks: np.ndarray) -> np.ndarray:
+    n = blocks.shape[0]
+    d = _f16_field(blocks, 0)  # [n, 1]
+    scales_h = blocks[:, 2:4].copy().view(np.uint16).astype(np.int32)  # [n, 1]
+    low = blocks[:, 4:8].astype(np.int32)
+    scales_l = np.stack([low & 15, low >> 4], axis=2).reshape(n, 8)
+    ls = scales_l | (((scales_h >> (2 * np.arange(8))) & 3) << 4)
+    dl = d * (ls - 32).astype(np.float32)  # [n, 8]
+    codes = _unpack_nibbles(blocks[:, 8:].reshape(n * 8, 16))  # [n*8, 32]
+    return (dl.reshape(n * 8, 1) * IQ4_KVALUES[codes]).reshape(n, QK_K)

@@ -103,11 +103,19 @@ FORMATS: dict[str, QuantFormat] = {
         QuantFormat("q4_k", GGMLQuantizationType.Q4_K, 256, 144, B.quantize_q4_k, B.dequantize_q4_k),
         QuantFormat("q5_k", GGMLQuantizationType.Q5_K, 256, 176, B.quantize_q5_k, B.dequantize_q5_k),
         QuantFormat("q6_k", GGMLQuantizationType.Q6_K, 256, 210, B.quantize_q6_k, B.dequantize_q6_k),
+        QuantFormat("iq4_nl", GGMLQuantizationType.IQ4_NL, 32, 18, B.quantize_iq4_nl, B.dequantize_iq4_nl),
+        QuantFormat("iq4_xs", GGMLQuantizationType.IQ4_XS, 256, 136, B.quantize_iq4_xs, B.dequantize_iq4_xs),
     )
 }
 # formats the C++ block quantizer implements (both fits)
-_NATIVE_BLOCK_TYPES = {name: getattr(native.BlockType, name.upper()) for name in ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")}
+_NATIVE_BLOCK_TYPES = {name: getattr(native.BlockType, name.upper()) for name in ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs")}
 _BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
+
+
+def takes_importance(fmt: QuantFormat) -> bool:
+    """Whether `quantize(..., fit=Fit.SEARCH, importance=...)` uses the importance for this format
+    (Q8_0, like llama.cpp's, and the float types are encoded the same with or without it)."""
+    return fmt.name in _NATIVE_BLOCK_TYPES
 
 
 def format_by_name(name: str) -> QuantFormat:

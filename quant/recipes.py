@@ -6,7 +6,7 @@ Rules shared by every recipe (the ones llama.cpp's own tools follow):
 - 1-D tensors (norms, biases, the shared-expert gate) stay F32: tiny and precision-critical;
 - MoE routers (`ffn_gate_inp`) stay F32: a rounding there changes which experts run;
 - a tensor whose rows do not fill whole blocks of the chosen type falls back along
-  `FALLBACK` (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, 32-blocks -> F16), as llama.cpp does.
+  `FALLBACK` (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, 32-blocks -> F16), as llama.cpp does.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class Method(str, enum.Enum):
 
     RTN = "rtn"  # no calibration data: scales searched for the least squared error of the weights
     IMATRIX = "imatrix"  # error weighted per input column by the mean x^2 of calibration activations
+    AWQ = "awq"  # activation-aware input-channel scales folded into the layer before (quant/awq.py), then IMATRIX
     GPTQ = "gptq"  # column-by-column rounding with Hessian-weighted error feedback (quant/gptq.py)
 
     @property
@@ -80,7 +81,7 @@ class TypeChoice:
 
 
 F32_ROLES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "rope_freqs.weight")
-FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q4_0": "f16", "q4_1": "f16", "q5_0": "f16",
+FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl", "iq4_nl": "f16", "q4_0": "f16", "q4_1": "f16", "q5_0": "f16",
             "q5_1": "f16", "q8_0": "f16", "f16": "f32", "bf16": "f32"}
 
 _OUTPUT = Rule(r"(output|token_embd)\.weight", "q6_k")  # applied to token_embd only when it doubles as output
@@ -96,6 +97,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("q5_0", "q5_0", (_OUTPUT,), "Q5_0, output Q6_K"),
     Recipe("q5_1", "q5_1", (_OUTPUT,), "Q5_1, output Q6_K"),
     Recipe("q6_k", "q6_k", description="Q6_K everywhere"),
+    Recipe("iq4_nl", "iq4_nl", (_OUTPUT,), "IQ4_NL (non-uniform 4-bit grid, 4.5 bits), output Q6_K"),
+    Recipe("iq4_xs", "iq4_xs", (_OUTPUT,), "IQ4_XS (IQ4_NL with 6-bit sub-block scales, 4.25 bits), output Q6_K"),
     Recipe("q4_k_s", "q4_k", (_OUTPUT, _MOE_ATTENTION, Rule(r"ffn_down(_exps)?\.weight", "q5_k", Layers.FIRST_EIGHTH)),
            "Q4_K, FFN down of the first eighth Q5_K, output Q6_K"),
     Recipe("q4_k_m", "q4_k", (_OUTPUT, _MOE_ATTENTION, Rule(r"attn_v\.weight", "q6_k", Layers.MORE_BITS),

@@ -19,6 +19,10 @@ constexpr int QK_K = 256;  // K-quant super-block
 constexpr int kSearchSteps = 20;
 
 inline int nearest_int(float v) { return static_cast<int>(std::roundf(v)); }
+// Round half to even in one instruction (cvtss2si): for the trial codes of scale searches, where ties
+// do not matter and roundf (a library call without SSE4.1) dominated the time. RTN paths keep
+// nearest_int: their bytes must equal the numpy reference's.
+inline int nearest_int_fast(float v) { return static_cast<int>(std::lrintf(v)); }
 inline int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 inline void put_f16(uint8_t *dst, float v) {
@@ -62,25 +66,30 @@ float fit_symmetric(const float *x, const float *w, int n, int nmax, Fit fit, in
         for (int i = 0; i < n; ++i) L[i] = static_cast<int8_t>(clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1));
     }
     if (fit == Fit::RTN) return best_scale;
+    // Each trial's error comes from its sums: for the least-squares scale of codes l,
+    // sum w (x - scale l)^2 = sum w x^2 - (sum w x l)^2 / sum w l^2; the codes are rebuilt once at the end.
+    float sxx = 0.0f;
+    for (int i = 0; i < n; ++i) sxx += w[i] * x[i] * x[i];
     float best_err = weighted_error(x, w, L, n, best_scale, 0.0f);
-    int8_t trial[QK_K];
+    float best_iscale = 0.0f;
     for (int step = -kSearchSteps / 2; step <= kSearchSteps / 2; ++step) {
         const float iscale = -(static_cast<float>(nmax) + 0.1f * static_cast<float>(step)) / max;
         float sumlx = 0.0f, suml2 = 0.0f;
         for (int i = 0; i < n; ++i) {
-            const int l = clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1);
-            trial[i] = static_cast<int8_t>(l);
-            sumlx += w[i] * x[i] * static_cast<float>(l);
-            suml2 += w[i] * static_cast<float>(l * l);
+            const float l = static_cast<float>(clampi(nearest_int_fast(iscale * x[i]), -nmax, nmax - 1));
+            sumlx += w[i] * x[i] * l;
+            suml2 += w[i] * l * l;
         }
         if (suml2 <= 0.0f) continue;
-        const float scale = sumlx / suml2;  // least squares for these codes
-        const float err = weighted_error(x, w, trial, n, scale, 0.0f);
+        const float err = sxx - sumlx * sumlx / suml2;
         if (err < best_err) {
             best_err = err;
-            best_scale = scale;
-            std::copy(trial, trial + n, L);
+            best_scale = sumlx / suml2;  // least squares for these codes
+            best_iscale = iscale;
         }
+    }
+    if (best_iscale != 0.0f) {
+        for (int i = 0; i < n; ++i) L[i] = static_cast<int8_t>(clampi(nearest_int_fast(best_iscale * x[i]), -nmax, nmax - 1));
     }
     return best_scale;
 }
@@ -107,19 +116,22 @@ void fit_affine(const float *x, const float *w, int n, int nmax, bool offset_non
         for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(clampi(nearest_int(iscale * (x[i] - min)), 0, nmax));
     }
     if (fit == Fit::SEARCH) {
+        // As in fit_symmetric, each trial's error from its sums (no second pass over the block).
+        float sw = 0, sx = 0, sxx = 0;
+        for (int i = 0; i < n; ++i) {
+            sw += w[i];
+            sx += w[i] * x[i];
+            sxx += w[i] * x[i] * x[i];
+        }
         float best_err = weighted_error(x, w, L, n, best_scale, best_offset);
-        uint8_t trial[QK];
+        float best_iscale = 0.0f;
         for (int step = 0; step <= kSearchSteps; ++step) {
             const float iscale = (-1.0f + 0.1f * static_cast<float>(step) + static_cast<float>(nmax)) / (max - min);
-            float sw = 0, sl = 0, sll = 0, sx = 0, slx = 0;
+            float sl = 0, sll = 0, slx = 0;
             for (int i = 0; i < n; ++i) {
-                const int l = clampi(nearest_int(iscale * (x[i] - min)), 0, nmax);
-                trial[i] = static_cast<uint8_t>(l);
-                const float fl = static_cast<float>(l);
-                sw += w[i];
+                const float fl = static_cast<float>(clampi(nearest_int_fast(iscale * (x[i] - min)), 0, nmax));
                 sl += w[i] * fl;
                 sll += w[i] * fl * fl;
-                sx += w[i] * x[i];
                 slx += w[i] * fl * x[i];
             }
             const float det = sw * sll - sl * sl;
@@ -131,13 +143,18 @@ void fit_affine(const float *x, const float *w, int n, int nmax, bool offset_non
                 scale = sll > 0.0f ? slx / sll : 0.0f;
             }
             if (scale <= 0.0f) continue;
-            const float err = weighted_error(x, w, trial, n, scale, offset);
+            // sum w (x - scale l - offset)^2 expanded
+            const float err = sxx - 2.0f * scale * slx - 2.0f * offset * sx + scale * scale * sll +
+                              2.0f * scale * offset * sl + offset * offset * sw;
             if (err < best_err) {
                 best_err = err;
                 best_scale = scale;
                 best_offset = offset;
-                std::copy(trial, trial + n, L);
+                best_iscale = iscale;
             }
+        }
+        if (best_iscale != 0.0f) {
+            for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(clampi(nearest_int_fast(best_iscale * (x[i] - min)), 0, nmax));
         }
     }
     *scale_out = best_scale;
@@ -365,6 +382,139 @@ void quantize_q6_k(const float *x, const float *w, uint8_t *out, Fit fit) {
     put_f16(out + 208, d);
 }
 
+// ---- IQ4_NL / IQ4_XS: x ~= scale * kIQ4[L], a non-uniform 4-bit grid ------------------------------
+constexpr float kIQ4[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+constexpr int kIQ4Zero = 8;  // the grid point nearest 0 (the code of an all-zero block)
+
+// The nearest grid point (ties: the lower one), as the numpy reference's argmin.
+inline int iq4_index(float v) {
+    int best = 0;
+    float best_dist = std::fabs(v - kIQ4[0]);
+    for (int k = 1; k < 16; ++k) {
+        const float dist = std::fabs(v - kIQ4[k]);
+        if (dist < best_dist) {
+            best_dist = dist;
+            best = k;
+        }
+    }
+    return best;
+}
+
+inline void iq4_codes(const float *x, int n, float scale, uint8_t *L) {
+    const float id = scale != 0.0f ? 1.0f / scale : 0.0f;
+    for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(iq4_index(x[i] * id));
+}
+
+// RTN: the value of largest magnitude lands on -127. SEARCH: llama.cpp's trials of inverse scales
+// around that one, each scored by its weighted least-squares scale.
+float fit_iq4(const float *x, const float *w, int n, Fit fit, uint8_t *L) {
+    float amax = 0.0f, max = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        if (std::fabs(x[i]) > amax) {
+            amax = std::fabs(x[i]);
+            max = x[i];
+        }
+    }
+    if (amax == 0.0f) {
+        std::fill(L, L + n, kIQ4Zero);
+        return max / kIQ4[0];  // -0, as the numpy reference writes it
+    }
+    const float scale = max / kIQ4[0];
+    iq4_codes(x, n, scale, L);
+    if (fit == Fit::RTN) return scale;
+    float best_scale = scale, best_score = -1.0f, best_id = 1.0f / scale;
+    for (int step = -7; step <= 8; ++step) {  // step 8: the RTN codes themselves, refit
+        const float id = step == 8 ? 1.0f / scale : (static_cast<float>(step) + kIQ4[0]) / max;
+        float sumqx = 0.0f, sumq2 = 0.0f;
+        for (int i = 0; i < n; ++i) {
+            const float q = kIQ4[iq4_index(x[i] * id)];
+            sumqx += w[i] * q * x[i];
+            sumq2 += w[i] * q * q;
+        }
+        if (sumq2 <= 0.0f) continue;
+        const float score = sumqx * sumqx / sumq2;  // error reduction of the least-squares scale
+        if (score > best_score) {
+            best_score = score;
+            best_scale = sumqx / sumq2;
+            best_id = id;
+        }
+    }
+    for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(iq4_index(x[i] * best_id));
+    return best_scale;
+}
+
+void pack_iq4_nibbles(const uint8_t *L, uint8_t *dst) {
+    for (int j = 0; j < QK / 2; ++j) dst[j] = static_cast<uint8_t>((L[j] & 15) | ((L[j + QK / 2] & 15) << 4));
+}
+
+void quantize_iq4_nl(const float *x, const float *w, uint8_t *out, Fit fit) {
+    uint8_t L[QK];
+    const float scale = fit_iq4(x, w, QK, fit, L);
+    const float d = fp16_to_fp32(fp32_to_fp16(scale));
+    if (fit == Fit::SEARCH) iq4_codes(x, QK, d, L);  // codes for the scale the decoder sees
+    put_f16(out, scale);
+    pack_iq4_nibbles(L, out + 2);
+}
+
+float iq4_xs_codes(const float *x, const float *w, float d, const int *ls, uint8_t *L) {
+    float err = 0.0f;
+    for (int j = 0; j < QK_K / QK; ++j) {
+        const float dl = d * static_cast<float>(ls[j]);
+        iq4_codes(x + j * QK, QK, dl, L + j * QK);
+        for (int i = j * QK; i < (j + 1) * QK; ++i) {
+            const float diff = dl * kIQ4[L[i]] - x[i];
+            err += w[i] * diff * diff;
+        }
+    }
+    return err;
+}
+
+void quantize_iq4_xs(const float *x, const float *w, uint8_t *out, Fit fit) {
+    constexpr int NS = QK_K / QK;
+    float scales[NS];
+    uint8_t L[QK_K];
+    float max_abs = 0.0f, max_scale = 0.0f;
+    for (int j = 0; j < NS; ++j) {
+        scales[j] = fit_iq4(x + j * QK, w + j * QK, QK, fit, L + j * QK);
+        if (j == 0 || std::fabs(scales[j]) > max_abs) {  // the first of the largest, as numpy's argmax
+            max_abs = std::fabs(scales[j]);
+            max_scale = scales[j];
+        }
+    }
+    const float d_raw = max_scale / -32.0f;
+    const float id = d_raw != 0.0f ? 1.0f / d_raw : 0.0f;
+    int ls[NS];
+    for (int j = 0; j < NS; ++j) ls[j] = clampi(nearest_int(id * scales[j]), -32, 31);
+    float d = fp16_to_fp32(fp32_to_fp16(d_raw));
+    float err = iq4_xs_codes(x, w, d, ls, L);
+    if (fit == Fit::SEARCH && d != 0.0f) {  // refit d by weighted least squares for these codes
+        float saa = 0, sax = 0;
+        for (int i = 0; i < QK_K; ++i) {
+            const float a = static_cast<float>(ls[i / QK]) * kIQ4[L[i]];
+            saa += w[i] * a * a;
+            sax += w[i] * a * x[i];
+        }
+        if (saa > 0.0f) {
+            const float d2 = fp16_to_fp32(fp32_to_fp16(sax / saa));
+            uint8_t L2[QK_K];
+            if (iq4_xs_codes(x, w, d2, ls, L2) < err) {
+                d = d2;
+                std::copy(L2, L2 + QK_K, L);
+            }
+        }
+    }
+    put_f16(out, fit == Fit::SEARCH ? d : d_raw);
+    uint16_t scales_h = 0;
+    for (int j = 0; j < NS; ++j) {
+        const int u = ls[j] + 32;  // 0..63
+        scales_h = static_cast<uint16_t>(scales_h | ((u >> 4) << (2 * j)));
+        if (j % 2 == 0) out[4 + j / 2] = static_cast<uint8_t>(u & 15);
+        else out[4 + j / 2] = static_cast<uint8_t>(out[4 + j / 2] | ((u & 15) << 4));
+    }
+    std::memcpy(out + 2, &scales_h, 2);
+    for (int j = 0; j < NS; ++j) pack_iq4_nibbles(L + j * QK, out + 8 + 16 * j);
+}
+
 void quantize_block(BlockType t, Fit fit, const float *x, const float *w, uint8_t *out) {
     switch (t) {
         case BlockType::Q4_0: return quantize_q4_0_q5_0(x, w, out, fit, false);
@@ -374,6 +524,8 @@ void quantize_block(BlockType t, Fit fit, const float *x, const float *w, uint8_
         case BlockType::Q4_K: return quantize_q45_k(x, w, out, fit, false);
         case BlockType::Q5_K: return quantize_q45_k(x, w, out, fit, true);
         case BlockType::Q6_K: return quantize_q6_k(x, w, out, fit);
+        case BlockType::IQ4_NL: return quantize_iq4_nl(x, w, out, fit);
+        case BlockType::IQ4_XS: return quantize_iq4_xs(x, w, out, fit);
     }
 }
 
@@ -454,6 +606,29 @@ void dequantize_block(BlockType t, const uint8_t *in, float *y) {
             }
             return;
         }
+        case BlockType::IQ4_NL: {
+            const float d = get_f16(in);
+            for (int j = 0; j < QK / 2; ++j) {
+                y[j] = d * kIQ4[in[2 + j] & 15];
+                y[j + QK / 2] = d * kIQ4[in[2 + j] >> 4];
+            }
+            return;
+        }
+        case BlockType::IQ4_XS: {
+            const float d = get_f16(in);
+            uint16_t scales_h;
+            std::memcpy(&scales_h, in + 2, 2);
+            for (int sb = 0; sb < 8; ++sb) {
+                const int ls = ((in[4 + sb / 2] >> (4 * (sb % 2))) & 15) | (((scales_h >> (2 * sb)) & 3) << 4);
+                const float dl = d * static_cast<float>(ls - 32);
+                const uint8_t *qs = in + 8 + 16 * sb;
+                for (int j = 0; j < QK / 2; ++j) {
+                    y[sb * QK + j] = dl * kIQ4[qs[j] & 15];
+                    y[sb * QK + j + QK / 2] = dl * kIQ4[qs[j] >> 4];
+                }
+            }
+            return;
+        }
     }
 }
 
@@ -468,6 +643,8 @@ BlockInfo block_info(BlockType t) {
         case BlockType::Q4_K: return {256, 144};
         case BlockType::Q5_K: return {256, 176};
         case BlockType::Q6_K: return {256, 210};
+        case BlockType::IQ4_NL: return {32, 18};
+        case BlockType::IQ4_XS: return {256, 136};
     }
     throw std::invalid_argument("unknown block type");
 }

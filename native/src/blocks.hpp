@@ -1,5 +1,5 @@
-// Block formats written by edgeai: ggml's legacy (Q4_0, Q4_1, Q5_0, Q5_1) and K-quants
-// (Q4_K, Q5_K, Q6_K). Byte layouts are ggml's; the numpy reference in quant/blocks.py decodes
+// Block formats written by edgeai: ggml's legacy (Q4_0, Q4_1, Q5_0, Q5_1), K-quants
+// (Q4_K, Q5_K, Q6_K) and the non-uniform IQ4_NL / IQ4_XS. Byte layouts are ggml's; the numpy reference in quant/blocks.py decodes
 // and (in RTN mode) encodes them identically, and gguf-py decodes them identically.
 #pragma once
 #include <cstddef>
@@ -7,7 +7,7 @@
 
 namespace edgeai {
 
-enum class BlockType : int { Q4_0 = 0, Q4_1 = 1, Q5_0 = 2, Q5_1 = 3, Q4_K = 4, Q5_K = 5, Q6_K = 6 };
+enum class BlockType : int { Q4_0 = 0, Q4_1 = 1, Q5_0 = 2, Q5_1 = 3, Q4_K = 4, Q5_K = 5, Q6_K = 6, IQ4_NL = 7, IQ4_XS = 8 };
 
 struct BlockInfo {
     int block_size;  // weights per block

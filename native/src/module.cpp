@@ -81,7 +81,11 @@ NB_MODULE(_native, m) {
         .value("Q5_1", edgeai::BlockType::Q5_1)
         .value("Q4_K", edgeai::BlockType::Q4_K)
         .value("Q5_K", edgeai::BlockType::Q5_K)
-        .value("Q6_K", edgeai::BlockType::Q6_K);
+        .value("Q6_K", edgeai::BlockType::Q6_K)
+        // --- quant3: non-uniform 4-bit grids ---
+        .value("IQ4_NL", edgeai::BlockType::IQ4_NL)
+        .value("IQ4_XS", edgeai::BlockType::IQ4_XS);
+        // --- end quant3 ---
     nb::enum_<edgeai::Fit>(m, "Fit", "How codes and scales are chosen.")
         .value("RTN", edgeai::Fit::RTN)
         .value("SEARCH", edgeai::Fit::SEARCH);

@@ -55,3 +55,18 @@ def test_unreachable_target_names_the_smallest(wide, tmp_path):
     assert not (tmp_path / "t.gguf").exists()
     with pytest.raises(OptionError, match="drop --outtype"):
         edgeai.convert(wide, tmp_path / "t.gguf", outtype="f16", target_bpw=5.0)
+
+
+def test_target_types_limit_the_mix(wide, tmp_path):
+    out = edgeai.convert(wide, tmp_path / "t.gguf", quant="q4_0", target_bpw=5.5, target_types=["q4_0", "q8_0"],
+                         quiet=True, threads=1)
+    recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
+    assert recipe["target_types"] == ["q4_0", "q8_0"]
+    assert {v for k, v in recipe["tensor_types"].items() if v != "f32"} == {"q4_0", "q8_0"}
+    with pytest.raises(OptionError, match="unknown tensor type 'q9_9'"):
+        edgeai.convert(wide, tmp_path / "u.gguf", target_bpw=5.5, target_types=["q9_9"], quiet=True)
+    with pytest.raises(OptionError, match="needs block types"):
+        edgeai.convert(wide, tmp_path / "u.gguf", target_bpw=5.5, target_types=["f16"], quiet=True)
+    with pytest.raises(OptionError, match="give --target-bpw too"):
+        edgeai.convert(wide, tmp_path / "u.gguf", quant="q4_0", target_types=["q4_0"], quiet=True)
+    assert not (tmp_path / "u.gguf").exists()

@@ -11,6 +11,7 @@ from edgeai.quant.formats import FORMATS, Fit, dequantize, quantize
 
 LEGACY = ["q4_0", "q4_1", "q5_0", "q5_1"]
 KQUANTS = ["q4_k", "q5_k", "q6_k"]
+IQUANTS = ["iq4_nl", "iq4_xs"]  # gguf-py decodes these but has no encoder: checked against our numpy reference
 
 
 def _cases(rng) -> dict[str, np.ndarray]:
@@ -35,7 +36,7 @@ def test_legacy_rtn_bytes_identical_to_gguf_py(name):
         assert quantize(x, fmt).tobytes() == quants.quantize(x, fmt.ggml_type).tobytes(), case
 
 
-@pytest.mark.parametrize("name", LEGACY + KQUANTS)
+@pytest.mark.parametrize("name", LEGACY + KQUANTS + IQUANTS)
 def test_native_rtn_identical_to_numpy_reference(name):
     fmt = FORMATS[name]
     for case, x in _cases(np.random.default_rng(1)).items():
@@ -45,7 +46,7 @@ def test_native_rtn_identical_to_numpy_reference(name):
 
 
 @pytest.mark.parametrize("fit", [Fit.RTN, Fit.SEARCH])
-@pytest.mark.parametrize("name", LEGACY + KQUANTS)
+@pytest.mark.parametrize("name", LEGACY + KQUANTS + IQUANTS)
 def test_decoders_agree_with_gguf_py(name, fit):
     """Our numpy decoder, our C++ decoder and gguf-py's read the same values from the same bytes."""
     fmt = FORMATS[name]
@@ -60,10 +61,11 @@ def test_decoders_agree_with_gguf_py(name, fit):
 
 
 # Largest RMS error / RMS of the data on N(0, 1) rows, per format (RTN and SEARCH).
-ERROR_BOUNDS = {"q4_0": 0.16, "q4_1": 0.14, "q5_0": 0.08, "q5_1": 0.07, "q4_k": 0.14, "q5_k": 0.07, "q6_k": 0.035}
+ERROR_BOUNDS = {"q4_0": 0.16, "q4_1": 0.14, "q5_0": 0.08, "q5_1": 0.07, "q4_k": 0.14, "q5_k": 0.07, "q6_k": 0.035,
+                "iq4_nl": 0.14, "iq4_xs": 0.14}
 
 
-@pytest.mark.parametrize("name", LEGACY + KQUANTS)
+@pytest.mark.parametrize("name", LEGACY + KQUANTS + IQUANTS)
 def test_round_trip_error_bounds_and_search_is_better(name):
     fmt = FORMATS[name]
     x = np.random.default_rng(3).standard_normal((64, 1024)).astype(np.float32)
@@ -73,7 +75,7 @@ def test_round_trip_error_bounds_and_search_is_better(name):
     assert search < rtn * 0.97, f"search {search} not clearly better than RTN {rtn}"
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("name", ["q4_0", "q4_k", "q6_k", "iq4_nl", "iq4_xs"])
 def test_importance_moves_error_to_unimportant_columns(name):
     fmt = FORMATS[name]
     rng = np.random.default_rng(4)
@@ -96,3 +98,11 @@ def test_importance_length_checked():
     x = np.zeros((2, 256), np.float32)
     with pytest.raises(ValueError, match="importance: expected 256"):
         quantize(x, FORMATS["q4_k"], fit=Fit.SEARCH, importance=np.ones(255, np.float32))
+
+
+def test_iq4_nl_beats_q4_0_at_the_same_size():
+    """The non-uniform grid fits normal weights better than Q4_0's uniform one (both 4.5 bits)."""
+    x = np.random.default_rng(7).standard_normal((64, 1024)).astype(np.float32)
+    mse = lambda name: float(np.mean((dequantize(quantize(x, FORMATS[name], fit=Fit.SEARCH), FORMATS[name]) - x.reshape(-1)) ** 2))  # noqa: E731
+    assert FORMATS["iq4_nl"].bits_per_weight == FORMATS["q4_0"].bits_per_weight
+    assert mse("iq4_nl") < 0.9 * mse("q4_0") and mse("iq4_xs") < mse("q4_0")

@@ -82,17 +82,19 @@ def test_every_preset_loads_and_generates_in_llama_cpp(name, wide_llama, tmp_pat
 
 
 def test_quantized_logits_stay_close_in_llama_cpp(wide_llama, tmp_path):
-    """More bits, less error (q8_0 < q6_k < q5_k_m < q4_k_m; q4_0 above q5_k_m), measured by llama.cpp.
+    """More bits, less error (q8_0 < q6_k < q5_k_m < q4_k_m; q4_0 above q5_k_m), measured by llama.cpp;
+    IQ4_NL's grid below Q4_0's at the same size (llama.cpp reads our IQ4 blocks as we mean them).
     A random 8-layer model amplifies weight noise, so only the order is meaningful here."""
     tokens = list(range(3, 60))
     ref = llama_cpp_logits(llama_cpp_model(edgeai.convert(wide_llama, tmp_path / "f32.gguf", outtype="f32", quiet=True)), tokens)
     errors = {}
-    for name in ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"):
+    for name in ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "iq4_nl", "iq4_xs"):
         out = edgeai.convert(wide_llama, tmp_path / f"{name}.gguf", quant=name, quiet=True)
         errors[name] = float(np.sqrt(np.mean((llama_cpp_logits(llama_cpp_model(out), tokens) - ref) ** 2)))
     ordered = [errors[n] for n in ("q8_0", "q6_k", "q5_k_m", "q4_k_m")]
     assert ordered == sorted(ordered), errors
     assert errors["q4_0"] > errors["q5_k_m"], errors
+    assert errors["q5_k_m"] < errors["iq4_xs"] and errors["iq4_nl"] < errors["q4_0"], errors
 
 
 def _layer_output_error(plan, stats_rows, name, raw, fmt):
@@ -156,3 +158,19 @@ def test_calibration_options_checked(wide_llama, calib_file, tmp_path):
     with pytest.raises(CalibrationError, match="tokens long"):
         edgeai.convert(wide_llama, tmp_path / "a.gguf", quant="q4_0", method="imatrix", calib=short, quiet=True)
     assert not (tmp_path / "a.gguf").exists()
+
+
+def test_imatrix_is_skipped_when_no_type_uses_it(wide_llama, calib_file, tmp_path):
+    """Q8_0 ignores importance (as llama.cpp's does): no calibration pass, the same bytes as RTN."""
+    import time
+
+    start = time.perf_counter()
+    out = edgeai.convert(wide_llama, tmp_path / "im.gguf", quant="q8_0", method="imatrix", calib=calib_file,
+                         calib_ctx=128, quiet=True, threads=1)
+    took = time.perf_counter() - start
+    rtn = edgeai.convert(wide_llama, tmp_path / "rtn.gguf", quant="q8_0", quiet=True, threads=1)
+    recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
+    assert recipe["method"] == "imatrix" and "skipped" in recipe["calibration"]
+    a, b = ({t.name: bytes(t.data) for t in GGUFReader(p).tensors} for p in (out, rtn))
+    assert a == b
+    assert took < 10, took  # the calibration pass of this model alone takes longer
