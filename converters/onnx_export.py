@@ -615,7 +615,7 @@ def export_onnx(
 
             stats = collect_statistics(plan, calib_text, n_ctx=calib_ctx)
             plan.extra_recipe["calibration"] = {**stats.recipe(), "file": Path(calib).name}
-            importance = _importance_lookup(stats)
+            importance = _importance_lookup({name: stats.importance(name) for name in stats.columns})
         elif method is OnnxMethod.GPTQ:
             from edgeai.quant import nbits
             from edgeai.quant.formats import FORMATS
