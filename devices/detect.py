@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeai.devices import GB, DeviceProfile, profiles
+from edgeai.devices import DeviceProfile, profiles
 
 log = logging.getLogger(__name__)
 
@@ -152,4 +152,4 @@ def closest_profile(me: DeviceProfile) -> tuple[DeviceProfile, float]:
     return best, distance(best)
 
 
-__all__ = ["GB", "closest_profile", "detect", "isa_features", "probe_memory_bandwidth", "probe_storage_read"]
+__all__ = ["closest_profile", "detect", "isa_features", "probe_memory_bandwidth", "probe_storage_read"]

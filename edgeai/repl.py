@@ -174,14 +174,13 @@ class Repl:
             self.console.print(f"[yellow]{notice}[/]", soft_wrap=True)
         sampling = {k: v for k, v in s.options.items() if k != "max_tokens"}
         pieces: list[str] = []
-        out = self.console.file
         chunks = None
         try:
             chunks = s.model.chat(kept, stream=True, max_tokens=max_tokens, **sampling)
             for chunk in chunks:
                 pieces.append(chunk.text)
-                out.write(chunk.text)
-                out.flush()
+                # soft_wrap: pieces are printed as they come, never re-wrapped mid-word
+                self.console.print(chunk.text, style="cyan", end="", soft_wrap=True, markup=False, highlight=False)
                 s.last = chunk.timings
                 if chunk.finish_reason is not None and chunk.finish_reason.value != "stop":
                     self.console.print(f"\n[dim]\\[{chunk.finish_reason.value}][/]", end="")

@@ -1,10 +1,10 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 # Test helpers live beside the tests (tests/helpers.py), not in the package.
 sys.path.insert(0, str(Path(__file__).parent))
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
