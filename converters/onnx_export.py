@@ -28,8 +28,8 @@ loads); int8/int4 as block-wise symmetric `MatMulNBits` (`edgeai.quant.nbits`) w
 from the shared quantizer (32-wide blocks are GGUF's Q4_0/Q8_0 grids, so imatrix search and GPTQ
 apply unchanged). The embedding is `GatherBlockQuantized` with the same codes; a tied output
 matrix shares the embedding's bytes on disk. MoE layers run every expert on every token and
-weight the outputs by the router's (zero outside the top k): correct, but n_expert times the
-dense compute; onnxruntime's MoE contrib op takes no block-quantized experts on CPU.
+weight the outputs by the router's (zero outside the top k), with standard ops: correct, but
+n_expert times the expert compute; onnxruntime's MoE/QMoE contrib ops are not used yet.
 """
 
 from __future__ import annotations
