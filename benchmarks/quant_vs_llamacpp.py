@@ -99,8 +99,8 @@ FAIR_TYPES = ("q4_0", "iq4_nl", "iq4_xs", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0"
 # With `edgeai convert --target-bpw`: edgeai at the exact bpw of llama.cpp's (type, imatrix) file, by
 # method, choosing among FAIR_TYPES (True) or every type edgeai writes (False).
 TARGET_BPW: tuple[tuple[tuple[str, bool], str, bool], ...] = (
-    (("Q4_K_M", True), "imatrix", True), (("Q4_K_M", True), "awq", True),
     (("IQ4_XS", True), "imatrix", True), (("IQ4_XS", True), "awq", True),
+    (("Q4_K_M", True), "imatrix", True), (("Q4_K_M", True), "awq", True),
     (("Q4_K_M", True), "imatrix", False), (("IQ4_XS", True), "imatrix", False),
 )
 RTN_METHODS = ("rtn",)  # methods that take no --calib

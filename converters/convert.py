@@ -393,6 +393,10 @@ def _convert_plan(plan: ConversionPlan, output: Path, recipe: Recipe, method: Me
         if target_bpw is not None:
             _allocate(plan, target_bpw, importance, target_types)
         if method is Method.GPTQ:
+            gridless = sorted({t.fmt.name for t in plan.tensors if t.fmt.name in ("iq4_nl", "iq4_xs")})
+            if gridless:  # GPTQ rounds each column on a uniform grid; IQ4's is not
+                raise OptionError(f"--method gptq does not write {', '.join(gridless)}; use --method imatrix or awq "
+                                  "for them, or a recipe (or --target-types) without IQ4 types")
             encoded = _gptq(plan, calib_text, calib_ctx, Path(calib).name, threads)
         if method is Method.AWQ:
             importance = _awq(plan, calib_text, calib_ctx, Path(calib).name, threads)

@@ -174,10 +174,11 @@ class AwqResult:
     importance: dict[str, np.ndarray] = field(default_factory=dict)  # name -> mean x^2 of its input, [n_in]
     alphas: dict[str, float] = field(default_factory=dict)  # "blk.i.<producer>" -> alpha
     gain: float = 0.0  # summed calibration error at alpha 0 / with AWQ's alphas
+    grid: int = DEFAULT_GRID
 
     def recipe(self) -> dict[str, object]:
         """What an artifact's recipe records about the scaling."""
-        return {"grid": DEFAULT_GRID, "alphas": {k: round(v, 3) for k, v in self.alphas.items()},
+        return {"grid": self.grid, "alphas": {k: round(v, 3) for k, v in self.alphas.items()},
                 "error_ratio": round(1.0 / self.gain, 4) if self.gain else None}
 
     def apply(self, plan: ConversionPlan) -> None:
@@ -224,7 +225,7 @@ def awq_model(plan: ConversionPlan, sequences: Sequence[np.ndarray], *, grid: in
     batch = Batch.of(sequences, cfg.n_vocab)
     rope_freqs = plan.read("rope_freqs.weight") if cfg.has_rope_freqs else None
     rope = RopeTables.build(cfg, batch.positions, rope_freqs)
-    result = AwqResult()
+    result = AwqResult(grid=grid)
     tie = _tie_index(cfg)
     total_base, total = 0.0, 0.0
     hidden = embed(plan, batch)  # [n_tokens, n_embd]

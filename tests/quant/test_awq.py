@@ -160,3 +160,4 @@ def test_awq_with_a_size_target(calib, tmp_path):
     recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
     assert recipe["method"] == "awq" and recipe["bits_per_weight"] <= 6.0 and "alphas" in recipe["awq"]
     assert len(llama_cpp_greedy(llama_cpp_model(out, n_ctx=64), list(range(3, 30)), 8)) == 8
+

@@ -85,3 +85,14 @@ def test_gptq_file_runs_in_llama_cpp(arch, wide, tmp_path):
     recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
     assert recipe["method"] == "gptq" and recipe["calibration"]["n_ctx"] == 128
     assert len(llama_cpp_greedy(llama_cpp_model(out, n_ctx=64), list(range(3, 30)), 8)) == 8
+
+
+def test_gptq_refuses_iq4_types(tmp_path):
+    from edgeai.errors import OptionError
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(corpus()[:60]), encoding="utf-8")
+    folder = make_tiny_checkpoint(tmp_path / "m", ARCHS["smollm"])
+    with pytest.raises(OptionError, match="--method gptq does not write iq4_nl"):
+        edgeai.convert(folder, tmp_path / "g.gguf", quant="iq4_nl", method="gptq", calib=calib, calib_ctx=64, quiet=True)
+    assert not (tmp_path / "g.gguf").exists()
