@@ -109,7 +109,7 @@ def test_bad_paths_and_backends(tmp_path, tiny_chat_gguf):
         edgeai.load(tmp_path / "folder")
     with pytest.raises(OptionError, match="unknown backend 'tensorrt'; choose one of auto, native, llama.cpp"):
         edgeai.load(tiny_chat_gguf, backend="tensorrt")
-    with pytest.raises(BackendError, match="backend onnxruntime cannot run .*--backend llama.cpp"):
+    with pytest.raises(BackendError, match="backend onnxruntime cannot run .*--backend native or llama.cpp"):
         edgeai.load(tiny_chat_gguf, backend="onnxruntime")
 
 
