@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--rebuild", action="store_true", help="Export both folders again even if they exist.")
+    p.add_argument("--speed-only", action="store_true",
+                   help="Measure speed only; keep the quality figures of the last report.json (same folders).")
     args = p.parse_args(argv)
 
     from edgeai.quant.evaluate import evaluate
@@ -132,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict = {"checkpoint": str(ckpt), "reference": str(ref), "text": str(text), "calib": str(calib),
                     "method": args.method, "block_size": args.block_size, "export_seconds": export_seconds, "models": {}}
+    if args.speed_only:
+        report["models"] = json.loads((work / "report.json").read_text())["models"]
     for key, folder in folders.items():
+        if args.speed_only:
+            report["models"][key]["size_bytes"] = folder_size(folder)
+            continue
         r = evaluate(folder, ref, text, n_ctx=args.ctx, n_chunks=args.chunks, threads=max(args.threads))
         report["models"][key] = {"folder": str(folder), "size_bytes": folder_size(folder), "ppl": r.ppl,
                                  "ref_ppl": r.ref_ppl, "kld_mean": r.kld_mean, "kld_p99": r.kld_p99, "top1": r.top1,

@@ -226,7 +226,7 @@ class _Weights:
         self.importance, self.encoded, self.threads = importance, encoded, threads
         self.types: dict[str, str] = {}
         self.fallbacks: dict[str, str] = {}
-        self.embedding_q: tuple[str, str, tuple[int, ...]] | None = None  # int: (codes [V, kb*blob], scales [V, kb], 3-D shape)
+        self.embedding_q: tuple[str, str, int] | None = None  # int: (codes [V, kb, blob], scales [V, kb], block size)
         self.embedding_f: str | None = None  # float: the table's initializer
 
     # -- encoding
@@ -323,13 +323,16 @@ class _Weights:
         w = self.plan.read(name)  # [n_vocab, n_embd]
         v, e = w.shape
         if q.bits is not None:
+            # stored as MatMulNBits wants them ([V, kb, blob], prepacked when a tied output uses them);
+            # the gather reads a 2-D view made by a Reshape that onnxruntime folds at load
             enc = self._nbits(name, w, None)
-            codes = g.initializer(name + ".qweight", enc.codes.reshape(v, -1), weights=v * e)  # [V, kb*blob]
+            codes = g.initializer(name + ".qweight", enc.codes, weights=v * e)  # [V, kb, blob]
             scales = g.initializer(name + ".scales", enc.scales, weights=0)  # [V, kb]
             self.types[name] = f"int{q.bits}"
-            self.embedding_q = (codes, scales, enc.codes.shape)
-            return g.one("GatherBlockQuantized", [codes, ids, scales], domain=MS, bits=q.bits,
-                         block_size=self.opts.block_size, gather_axis=0, quantize_axis=1)
+            self.embedding_q = (codes, scales, enc.block_size)
+            rows = g.one("Reshape", [codes, g.const("shape", np.array([v, -1], np.int64))])  # [V, kb*blob]
+            return g.one("GatherBlockQuantized", [rows, ids, scales], domain=MS, bits=q.bits,
+                         block_size=enc.block_size, gather_axis=0, quantize_axis=1)
         dtype = np.float16 if q is OnnxQuant.FP16 else np.float32
         table = g.initializer(name, w.astype(dtype), weights=v * e)
         self.types[name] = q.value
@@ -341,11 +344,9 @@ class _Weights:
         """x @ token_embd.T from the embedding's own initializers (no second copy on disk)."""
         g, q = self.g, self.opts.quant
         if self.embedding_q is not None:
-            codes, scales, shape3 = self.embedding_q
-            codes3 = g.one("Reshape", [codes, g.const("shape", np.array(shape3, np.int64))])
-            scales1 = g.one("Reshape", [scales, g.const("shape", np.array([-1], np.int64))])
-            return g.one("MatMulNBits", [x, codes3, scales1], domain=MS, K=n_embd, N=n_vocab, bits=q.bits,
-                         block_size=self.opts.block_size, accuracy_level=self.opts.accuracy_level)
+            codes, scales, block_size = self.embedding_q
+            return g.one("MatMulNBits", [x, codes, scales], domain=MS, K=n_embd, N=n_vocab, bits=q.bits,
+                         block_size=block_size, accuracy_level=self.opts.accuracy_level)
         table = self.embedding_f
         if q is OnnxQuant.FP16:
             table = g.one("Cast", [table], to=1)
