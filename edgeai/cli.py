@@ -239,13 +239,15 @@ def bench(
     n_prompt: int = typer.Option(128, "--prompt-tokens", help="Prompt length for prefill."),
     n_gen: int = typer.Option(32, "--gen-tokens", help="Tokens decoded per run."),
     repeats: int = typer.Option(3, "--repeats", help="Runs per backend (medians are shown)."),
+    memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"],
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Prefill/decode tokens/s, time to first token and peak memory of backends on the same file."""
     from edgeai.show import show_bench
 
     try:
-        show_bench(model, backend, threads=threads, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats, json_output=json_output)
+        show_bench(model, backend, threads=threads, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats,
+                   memory_budget=memory_budget, json_output=json_output)
     except EdgeAIError as exc:
         _fail(exc)
 

@@ -35,15 +35,17 @@ def run_once(model: Model, prompt: str, *, max_tokens: int, temperature: float, 
 
 
 def show_bench(path: Path, backends: list[str], *, threads: int | None, n_prompt: int, n_gen: int, repeats: int,
-               json_output: bool) -> None:
+               memory_budget: str | None, json_output: bool) -> None:
     from dataclasses import asdict
 
+    from edgeai.budget import parse_budget
     from edgeai.runtimes.bench import bench, roofline
     from edgeai.runtimes.registry import resolve
 
     # "auto" means the backend auto would pick: the table names the real one
     names = [resolve(path).name if b == "auto" else b for b in backends]
-    results = bench(path, names, threads=threads, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats)
+    results = bench(path, names, threads=threads, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats,
+                    memory_budget=parse_budget(memory_budget))
     roof = roofline(path, n_prompt + n_gen // 2)
     base = results[0]
 
@@ -55,7 +57,8 @@ def show_bench(path: Path, backends: list[str], *, threads: int | None, n_prompt
         print(json.dumps({"results": [{**r.to_json(), "ratio_vs_first": ratios(r)} for r in results],
                           "roofline": asdict(roof) if roof else None}))
         return
-    table = Table(title=f"{Path(path).name}: {n_prompt}-token prompt, {n_gen} decoded, {base.threads} threads, "
+    threads_label = f"{base.threads} thread{'s' if base.threads > 1 else ''}"
+    table = Table(title=f"{Path(path).name}: {n_prompt}-token prompt, {n_gen} decoded, {threads_label}, "
                         f"median of {repeats} runs")
     for col in ("backend", "prefill tok/s", "decode tok/s", "of roofline", "first token", "peak memory"):
         table.add_column(col, justify="left" if col == "backend" else "right")

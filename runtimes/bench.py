@@ -60,13 +60,14 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def measure(path: Path, backend: str, *, threads: int, n_prompt: int, n_gen: int, repeats: int) -> BenchResult:
+def measure(path: Path, backend: str, *, threads: int, n_prompt: int, n_gen: int, repeats: int,
+            memory_budget: int | None = None) -> BenchResult:
     """Run the benchmark of one backend in this process."""
     from edgeai.api import load
     from edgeai.runtimes.base import GREEDY
 
     before = _rss()
-    with load(path, backend=backend, threads=threads, n_ctx=n_prompt + n_gen + 16) as model:
+    with load(path, backend=backend, threads=threads, n_ctx=n_prompt + n_gen + 16, memory_budget=memory_budget) as model:
         be = model.backend
         text_tokens = model.tokenize(BENCH_TEXT, add_special=False)
         prompt = model.tokenize("", add_special=True)[:1]
@@ -115,8 +116,9 @@ def roofline(path: str | Path, n_past: int) -> Roofline | None:
 
 
 def bench(path: str | Path, backends: list[str], *, threads: int | None = None, n_prompt: int = 128, n_gen: int = 32,
-          repeats: int = 3) -> list[BenchResult]:
-    """Benchmark each backend in `backends` (same file, same threads), each in a fresh process."""
+          repeats: int = 3, memory_budget: int | None = None) -> list[BenchResult]:
+    """Benchmark each backend in `backends` (same file, same threads, same budget in bytes), each in
+    a fresh process."""
     from edgeai.devices import available_cores
     from edgeai.runtimes.registry import resolve
 
@@ -128,7 +130,7 @@ def bench(path: str | Path, backends: list[str], *, threads: int | None = None, 
     for name in backends:
         # -I: the worker must not import a source tree from the current folder
         cmd = [sys.executable, "-I", "-m", "edgeai.runtimes.bench", str(path), name, str(threads), str(n_prompt), str(n_gen),
-               str(repeats)]
+               str(repeats), str(memory_budget or 0)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -138,7 +140,7 @@ def bench(path: str | Path, backends: list[str], *, threads: int | None = None, 
 
 
 if __name__ == "__main__":  # the worker: one backend, one JSON line on stdout
-    file, name, n_threads, prompt_len, gen_len, n_runs = sys.argv[1:7]
+    file, name, n_threads, prompt_len, gen_len, n_runs, budget = sys.argv[1:8]
     res = measure(Path(file), name, threads=int(n_threads), n_prompt=int(prompt_len), n_gen=int(gen_len),
-                  repeats=int(n_runs))
+                  repeats=int(n_runs), memory_budget=int(budget) or None)
     print(json.dumps(res.to_json()))

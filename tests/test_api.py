@@ -22,7 +22,7 @@ def model(tiny_chat_gguf):
 
 
 def test_auto_picks_llama_cpp_for_gguf_and_the_default_model_loads():
-    with edgeai.load() as m:  # the bundled SmolLM2
+    with edgeai.load(n_ctx=512, threads=1) as m:  # the bundled SmolLM2
         assert m.backend.name in ("native", "llama.cpp")
         answer = m.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=8, temperature=0)
         assert answer.strip() and m.backend.n_past > 8

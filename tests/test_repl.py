@@ -130,7 +130,8 @@ def test_run_prints_the_generation(tiny_chat_gguf):
 
 def test_bench_compares_backends_on_one_file(tiny_chat_gguf):
     result = runner.invoke(app, ["bench", str(tiny_chat_gguf), "--backend", "llama.cpp", "--backend", "llama.cpp",
-                                 "-t", "1", "--prompt-tokens", "32", "--gen-tokens", "8", "--repeats", "2", "--json"])
+                                 "-t", "1", "--prompt-tokens", "32", "--gen-tokens", "8", "--repeats", "2",
+                                 "--memory-budget", "1GiB", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     rows = out["results"]
@@ -143,3 +144,5 @@ def test_bench_compares_backends_on_one_file(tiny_chat_gguf):
     assert rows[1]["ratio_vs_first"]["decode"] == pytest.approx(rows[1]["decode_tps"] / rows[0]["decode_tps"])
     result = runner.invoke(app, ["bench", str(tiny_chat_gguf), "--backend", "onnxruntime"])
     assert result.exit_code == 1 and "cannot run" in result.output
+    result = runner.invoke(app, ["bench", str(tiny_chat_gguf), "--memory-budget", "12 parsecs"])
+    assert result.exit_code == 1 and "unknown unit 'parsecs'" in result.output
