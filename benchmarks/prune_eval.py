@@ -181,6 +181,8 @@ def model_rows(cli: Path, model: Path, label: str, steps: list[str], calib: Path
         seconds = run(argv, work / f"{label}-{name.replace(':', '_')}.log")
         r = evaluate(cli, out, ref, text, args, work)
         rows.append({"model": label, "prune": name, "seconds": round(seconds, 1), **r})
+        with open(work / "rows.jsonl", "a") as fh:  # kept as they come: a long run stopped early keeps its rows
+            fh.write(json.dumps(rows[-1]) + "\n")
     return rows
 
 
