@@ -352,6 +352,13 @@ def convert(
         raise OptionError(f"--target-bpw {target_bpw} is outside (1, 32]")
     if target_types is not None:
         target_types = _target_types(target_types, target_bpw)
+    if parse_method(method) is Method.GPTQ and target_bpw is not None:  # GPTQ has no IQ4 (see _convert_plan)
+        from edgeai.quant.allocate import DEFAULT_CANDIDATES
+
+        if target_types is not None and any(t in _GRIDLESS for t in target_types):
+            raise OptionError(f"--method gptq does not write {', '.join(t for t in target_types if t in _GRIDLESS)}; "
+                              "leave them out of --target-types")
+        target_types = target_types or tuple(t for t in DEFAULT_CANDIDATES if t not in _GRIDLESS)
     recipe = get_recipe(quant) if quant is not None else get_recipe(parse_outtype(outtype or OutType.F16).value)
     method = parse_method(method)
     from edgeai.quant.prune import parse_prune
@@ -393,7 +400,7 @@ def _convert_plan(plan: ConversionPlan, output: Path, recipe: Recipe, method: Me
         if target_bpw is not None:
             _allocate(plan, target_bpw, importance, target_types)
         if method is Method.GPTQ:
-            gridless = sorted({t.fmt.name for t in plan.tensors if t.fmt.name in ("iq4_nl", "iq4_xs")})
+            gridless = sorted({t.fmt.name for t in plan.tensors if t.fmt.name in _GRIDLESS})
             if gridless:  # GPTQ rounds each column on a uniform grid; IQ4's is not
                 raise OptionError(f"--method gptq does not write {', '.join(gridless)}; use --method imatrix or awq "
                                   "for them, or a recipe (or --target-types) without IQ4 types")
@@ -403,6 +410,10 @@ def _convert_plan(plan: ConversionPlan, output: Path, recipe: Recipe, method: Me
         if method not in (Method.IMATRIX, Method.AWQ):
             importance = None  # statistics gathered only to size the mix
         return _write(plan, output, recipe, method, force, quiet, threads, importance, encoded)
+
+
+# Types whose grid GPTQ's column-by-column rounding cannot use (non-uniform).
+_GRIDLESS = ("iq4_nl", "iq4_xs")
 
 
 def _calibration_text(calib: str | Path | None, method: Method, prune_steps: Sequence[PruneSpec] = ()) -> str | None:

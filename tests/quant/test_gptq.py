@@ -95,4 +95,12 @@ def test_gptq_refuses_iq4_types(tmp_path):
     folder = make_tiny_checkpoint(tmp_path / "m", ARCHS["smollm"])
     with pytest.raises(OptionError, match="--method gptq does not write iq4_nl"):
         edgeai.convert(folder, tmp_path / "g.gguf", quant="iq4_nl", method="gptq", calib=calib, calib_ctx=64, quiet=True)
+    with pytest.raises(OptionError, match="leave them out of --target-types"):
+        edgeai.convert(folder, tmp_path / "g.gguf", target_bpw=5.0, target_types=["q4_0", "iq4_xs"], method="gptq",
+                       calib=calib, quiet=True)
     assert not (tmp_path / "g.gguf").exists()
+    # without --target-types, a size target under GPTQ picks among the types it can write
+    out = edgeai.convert(folder, tmp_path / "t.gguf", target_bpw=6.0, method="gptq", calib=calib, calib_ctx=64,
+                         quiet=True, threads=1)
+    types = set(json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())["tensor_types"].values())
+    assert not types & {"iq4_nl", "iq4_xs"}, types
