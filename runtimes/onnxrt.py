@@ -180,6 +180,10 @@ class OnnxBackend:
         if eos_text and self._tokenizer.token_to_id(eos_text) is not None:
             eog.add(self._tokenizer.token_to_id(eos_text))
         self.eog_ids = frozenset(int(e) for e in eog)
+        # the end-of-sequence token chat templates call eos_token: the tokenizer's own, else the config's first
+        eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        self.eos_id = (self._tokenizer.token_to_id(eos_text) if eos_text and self._tokenizer.token_to_id(eos_text) is not None
+                       else int(eos_ids[0]) if eos_ids else None)
         template_file = self.path / "chat_template.jinja"
         self.chat_template = (template_file.read_text(encoding="utf-8") if template_file.is_file()
                               else tok_config.get("chat_template"))
