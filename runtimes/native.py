@@ -69,7 +69,6 @@ def engine_config(meta: Mapping[str, object], tensors: Sequence[tuple], path: Pa
         "n_vocab": n_vocab,
         "n_embd": hp.n_embd,
         "n_layer": hp.n_layer,
-        "n_ff": hp.n_ff,
         "n_head": hp.n_head,
         "n_head_kv": hp.n_head_kv,
         "head_dim": hp.head_dim,
@@ -101,12 +100,17 @@ class NativeBackend:
             engine_config(meta, tensors, path)
         except EdgeAIError as exc:
             return str(exc)
-        names = {1: "F16", 0: "F32", 30: "BF16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
-                 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+        from gguf import GGMLQuantizationType
+
+        from edgeai import _native
+
+        runs = _native.engine_types()
         for name, ggml_type, *_ in tensors:
-            if ggml_type not in names:
-                return (f"{path}: tensor {name} has ggml type {ggml_type}, which the native engine does not run "
-                        f"(it runs {', '.join(sorted(set(names.values())))}); the llama.cpp backend can")
+            if ggml_type not in runs:
+                kind = GGMLQuantizationType(ggml_type).name if ggml_type in GGMLQuantizationType._value2member_map_ \
+                    else f"id {ggml_type}"
+                return (f"{path}: tensor {name} has type {kind}, which the native engine does not run "
+                        f"(it runs {', '.join(sorted(runs.values()))}); the llama.cpp backend can")
         return None
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,

@@ -6,24 +6,11 @@
 #include <cstring>
 
 #include "kernels.hpp"
+#include "quant.hpp"
 
 namespace edgeai::kern {
 
-inline float f16(uint16_t h) {
-    uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
-    if (exp == 0) {
-        float v = static_cast<float>(mant) * 5.9604644775390625e-08f;
-        std::memcpy(&bits, &v, 4);
-        bits |= sign;
-    } else if (exp == 0x1f) {
-        bits = sign | 0x7f800000u | (mant << 13);
-    } else {
-        bits = sign | ((exp + 112) << 23) | (mant << 13);
-    }
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
+inline float f16(uint16_t h) { return fp16_to_fp32(h); }
 inline float f16_at(const uint8_t *p) {
     uint16_t h;
     std::memcpy(&h, p, 2);

@@ -100,10 +100,9 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
     output_norm_ = vector("output_norm.weight", c.n_embd, true);
     output_ = matrix("output.weight", c.n_embd, c.n_vocab, false);
     if (!output_) output_ = tok_embd_;
-    if (const gguf::TensorInfo *rf = file_.tensor("rope_freqs.weight")) {
-        Matrix m = vector("rope_freqs.weight", c.head_dim / 2, true);
-        rope_freqs_.assign(reinterpret_cast<const float *>(m.data), reinterpret_cast<const float *>(m.data) + c.head_dim / 2);
-        (void)rf;
+    if (Matrix m = vector("rope_freqs.weight", c.head_dim / 2, false)) {
+        const float *f = reinterpret_cast<const float *>(m.data);
+        rope_freqs_.assign(f, f + c.head_dim / 2);
     }
     auto mmap_experts = std::make_unique<MmapExpertStore>();
     for (int i = 0; i < c.n_layer; ++i) {
@@ -130,6 +129,7 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
             L.gate = matrix(p + "ffn_gate.weight", c.n_embd, n_ff, true);
             L.up = matrix(p + "ffn_up.weight", c.n_embd, n_ff, true);
             L.down = matrix(p + "ffn_down.weight", n_ff, c.n_embd, true);
+            max_ff_ = std::max(max_ff_, n_ff);
         } else {
             L.router = matrix(p + "ffn_gate_inp.weight", c.n_embd, c.n_expert, true);
             const gguf::TensorInfo *g = file_.tensor(p + "ffn_gate_exps.weight");
@@ -139,6 +139,7 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
                                  matrix(p + "ffn_up_exps.weight", c.n_embd, n_ff * c.n_expert, true),
                                  matrix(p + "ffn_down_exps.weight", n_ff, int64_t(c.n_embd) * c.n_expert, true)};
             int64_t rows[3] = {n_ff, n_ff, c.n_embd};
+            max_ff_ = std::max(max_ff_, n_ff);
             mmap_experts->add_layer(stacked, rows);
             if (file_.tensor(p + "ffn_gate_shexp.weight")) {
                 const gguf::TensorInfo *s = file_.tensor(p + "ffn_gate_shexp.weight");
@@ -147,6 +148,7 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
                 L.up_shexp = matrix(p + "ffn_up_shexp.weight", c.n_embd, n_sh, true);
                 L.down_shexp = matrix(p + "ffn_down_shexp.weight", n_sh, c.n_embd, true);
                 L.shexp_gate = vector(p + "ffn_gate_inp_shexp.weight", c.n_embd, false);
+                max_ff_ = std::max(max_ff_, n_sh);
             }
         }
         layers_.push_back(L);
@@ -208,12 +210,7 @@ void Model::ensure_scratch(int T) {
     if (T <= scratch_T_) return;
     const ModelConfig &c = cfg_;
     const size_t q_dim = size_t(c.n_head) * c.head_dim, kv_dim = size_t(c.n_head_kv) * c.head_dim;
-    size_t ff = 0;
-    for (const Layer &L : layers_) {
-        ff = std::max<size_t>(ff, L.gate.rows);
-        ff = std::max<size_t>(ff, L.gate_shexp.rows);
-    }
-    if (c.n_expert) ff = std::max<size_t>(ff, experts_->acquire(0, ExpertStore::GATE, 0).rows);
+    const size_t ff = static_cast<size_t>(max_ff_);
     x_.assign(size_t(T) * c.n_embd, 0);
     xb_.assign(size_t(T) * std::max<size_t>(c.n_embd, q_dim), 0);
     q_.assign(size_t(T) * q_dim, 0);
@@ -227,16 +224,17 @@ void Model::ensure_scratch(int T) {
     scratch_T_ = T;
 }
 
-// y[T][w.rows] = x[T][w.cols] . w^T
-void Model::matmul(const Matrix &w, const float *x, float *y, int T) {
+void Model::matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_activations) {
     const kern::DotFn dot = ops_->dot[w.wtype];
     const int64_t rows = w.rows, cols = w.cols;
     const void *act = x;
     size_t stride_bytes = cols * sizeof(float);
     if (kern::takes_q8(w.wtype)) {
         const size_t nb = cols / kern::QA;
-        xq_.resize(nb * T);
-        for (int t = 0; t < T; ++t) ops_->quantize_act(x + size_t(t) * cols, xq_.data() + nb * t, cols);
+        if (!reuse_activations) {
+            xq_.resize(nb * T);
+            for (int t = 0; t < T; ++t) ops_->quantize_act(x + size_t(t) * cols, xq_.data() + nb * t, cols);
+        }
         act = xq_.data();
         stride_bytes = nb * sizeof(kern::BlockQ8A);
     }
@@ -269,8 +267,8 @@ void Model::attention(int layer, int T, int pos0) {
     const Layer &L = layers_[layer];
     const int hd = c.head_dim, q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd, group = c.n_head / c.n_head_kv;
     matmul(L.wq, xb_.data(), q_.data(), T);
-    matmul(L.wk, xb_.data(), k_.data(), T);
-    matmul(L.wv, xb_.data(), v_.data(), T);
+    matmul(L.wk, xb_.data(), k_.data(), T, kern::takes_q8(L.wq.wtype));
+    matmul(L.wv, xb_.data(), v_.data(), T, kern::takes_q8(L.wk.wtype));
     for (int t = 0; t < T; ++t) {
         float *q = q_.data() + size_t(t) * q_dim, *k = k_.data() + size_t(t) * kv_dim, *v = v_.data() + size_t(t) * kv_dim;
         if (L.bq) for (int i = 0; i < q_dim; ++i) q[i] += reinterpret_cast<const float *>(L.bq.data)[i];
@@ -322,7 +320,7 @@ void Model::attention(int layer, int T, int pos0) {
 void Model::ffn(const Layer &L, int, int T) {
     const int64_t n_ff = L.gate.rows;
     matmul(L.gate, xb_.data(), hb_.data(), T);
-    matmul(L.up, xb_.data(), hb2_.data(), T);
+    matmul(L.up, xb_.data(), hb2_.data(), T, kern::takes_q8(L.gate.wtype));
     for (size_t i = 0; i < size_t(T) * n_ff; ++i) hb_[i] = silu(hb_[i]) * hb2_[i];
     matmul(L.down, hb_.data(), tmp_.data(), T);
     for (size_t i = 0; i < size_t(T) * cfg_.n_embd; ++i) x_[i] += tmp_[i];
@@ -331,11 +329,15 @@ void Model::ffn(const Layer &L, int, int T) {
 void Model::moe(const Layer &L, int layer, int T) {
     const ModelConfig &c = cfg_;
     const int E = c.n_expert, K = c.n_expert_used, d = c.n_embd;
-    std::vector<float> router(size_t(T) * E);  // [T][E]
+    std::vector<float> &router = moe_router_;  // [T][E]
+    router.resize(size_t(T) * E);
     matmul(L.router, xb_.data(), router.data(), T);
     // routing: softmax over all experts, top-k by probability, optional renormalisation
-    std::vector<std::vector<std::pair<int, float>>> routed(E);  // expert -> (token, weight)
-    std::vector<int> idx(E);
+    auto &routed = moe_routed_;  // expert -> (token, weight)
+    routed.resize(E);
+    for (auto &r : routed) r.clear();
+    std::vector<int> &idx = moe_idx_;
+    idx.resize(E);
     for (int t = 0; t < T; ++t) {
         float *r = router.data() + size_t(t) * E;
         const float mx = *std::max_element(r, r + E);
@@ -349,7 +351,8 @@ void Model::moe(const Layer &L, int layer, int T) {
         for (int k = 0; k < K; ++k) wsum += r[idx[k]];
         for (int k = 0; k < K; ++k) routed[idx[k]].emplace_back(t, c.moe_renormalize ? r[idx[k]] / wsum : r[idx[k]]);
     }
-    std::vector<float> acc(size_t(T) * d, 0.0f), xin, out;
+    std::vector<float> &acc = moe_acc_, &xin = moe_xin_, &out = moe_out_;  // [T][d], [Te][d], [Te][d]
+    acc.assign(size_t(T) * d, 0.0f);
     for (int e = 0; e < E; ++e) {
         const auto &tokens = routed[e];
         if (tokens.empty()) continue;
@@ -360,7 +363,7 @@ void Model::moe(const Layer &L, int layer, int T) {
                      dn = experts_->acquire(layer, ExpertStore::DOWN, e);
         const int64_t n_ff = g.rows;
         matmul(g, xin.data(), hb_.data(), Te);
-        matmul(u, xin.data(), hb2_.data(), Te);
+        matmul(u, xin.data(), hb2_.data(), Te, kern::takes_q8(g.wtype));
         for (size_t i = 0; i < size_t(Te) * n_ff; ++i) hb_[i] = silu(hb_[i]) * hb2_[i];
         out.resize(size_t(Te) * d);
         matmul(dn, hb_.data(), out.data(), Te);
@@ -374,7 +377,7 @@ void Model::moe(const Layer &L, int layer, int T) {
     if (L.gate_shexp) {
         const int64_t n_sh = L.gate_shexp.rows;
         matmul(L.gate_shexp, xb_.data(), hb_.data(), T);
-        matmul(L.up_shexp, xb_.data(), hb2_.data(), T);
+        matmul(L.up_shexp, xb_.data(), hb2_.data(), T, kern::takes_q8(L.gate_shexp.wtype));
         for (size_t i = 0; i < size_t(T) * n_sh; ++i) hb_[i] = silu(hb_[i]) * hb2_[i];
         matmul(L.down_shexp, hb_.data(), tmp_.data(), T);
         const float *gw = reinterpret_cast<const float *>(L.shexp_gate.data);

@@ -26,7 +26,7 @@ class ModelError : public std::runtime_error {
 enum class QKNorm : int { NONE = 0, PER_HEAD = 1, FULL = 2 };
 
 struct ModelConfig {
-    int n_vocab = 0, n_embd = 0, n_layer = 0, n_ff = 0, n_head = 0, n_head_kv = 0, head_dim = 0;
+    int n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0;  // FFN widths come from the tensors
     int n_expert = 0, n_expert_used = 0;
     float rms_eps = 1e-6f, rope_theta = 10000.0f, rope_linear_factor = 1.0f;
     bool rope_neox = false;            // halves (NEOX) instead of adjacent pairs (NORM)
@@ -104,7 +104,9 @@ class Model {
     Matrix matrix(const std::string &name, int64_t cols, int64_t rows, bool required);
     Matrix vector(const std::string &name, int64_t n, bool required);
     void forward(const int32_t *tokens, int T, int pos0, float *logits_out, bool all);
-    void matmul(const Matrix &w, const float *x, float *y, int T);
+    // y[T][w.rows] = x[T][w.cols] . w^T. reuse_activations: x is the input the previous matmul
+    // quantized (same values, same width), so its int8 blocks are used again.
+    void matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_activations = false);
     void attention(int layer, int T, int pos0);
     void ffn(const Layer &L, int layer, int T);
     void moe(const Layer &L, int layer, int T);
@@ -117,6 +119,7 @@ class Model {
     const kern::Ops *ops_;
     ThreadPool pool_;
     size_t weight_bytes_ = 0;
+    int64_t max_ff_ = 0;  // widest FFN hidden layer (dense, expert or shared expert): scratch size
 
     Matrix tok_embd_, output_norm_, output_;
     std::vector<Layer> layers_;
@@ -133,6 +136,10 @@ class Model {
     std::vector<float> scores_;                                        // [threads][n_ctx]
     std::vector<kern::BlockQ8A> xq_;                                   // quantized activations
     std::vector<float> inv_freq_;                                      // [head_dim/2]
+    // MoE scratch, reused across layers and steps (no allocation per decode step)
+    std::vector<float> moe_router_, moe_acc_, moe_xin_, moe_out_;
+    std::vector<std::vector<std::pair<int, float>>> moe_routed_;
+    std::vector<int> moe_idx_;
 
     SamplingParams sampling_;
     std::mt19937_64 rng_;

@@ -60,7 +60,6 @@ edgeai::ModelConfig config_from(const nb::dict &d) {
     c.n_vocab = i("n_vocab");
     c.n_embd = i("n_embd");
     c.n_layer = i("n_layer");
-    c.n_ff = i("n_ff");
     c.n_head = i("n_head");
     c.n_head_kv = i("n_head_kv");
     c.head_dim = i("head_dim");
@@ -107,6 +106,14 @@ void bind_runtime(nb::module_ &m) {
           "Parse and validate a GGUF header: {version, alignment, metadata, tensors}. Arrays are "
           "given as ('array', element type, length); tensors as (name, ggml type, ggml shape, file offset, bytes).");
 
+    m.def("engine_types",
+          [] {
+              nb::dict out;
+              for (uint32_t t = 0; t < 64; ++t)
+                  if (edgeai::kern::wtype_of_ggml(t) >= 0) out[nb::int_(t)] = edgeai::gguf::type_info(t)->name;
+              return out;
+          },
+          "{ggml type id: name} of the tensor types the engine computes with.");
     m.def("kernel_isas", &edgeai::kern::available, "Kernel sets compiled in that this CPU runs, best last.");
     m.def("kernel_best", [] { return std::string(edgeai::kern::best().isa); }, "The kernel set the engine uses.");
     m.def("kernel_matvec",

@@ -48,18 +48,6 @@ uint16_t fp32_to_fp16(float f) {
     return static_cast<uint16_t>(sign | (a >> 13));
 }
 
-float fp16_to_fp32(uint16_t h) {
-    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-    const uint32_t exp = (h >> 10) & 0x1fu;
-    const uint32_t mant = h & 0x3ffu;
-    if (exp == 0) {  // zero or subnormal: mant * 2^-24
-        const float v = static_cast<float>(mant) * 5.9604644775390625e-08f;
-        return float_of(sign | bits_of(v));
-    }
-    if (exp == 0x1f) return float_of(sign | 0x7f800000u | (mant << 13));
-    return float_of(sign | ((exp + 127 - 15) << 23) | (mant << 13));
-}
-
 uint16_t fp32_to_bf16(float f) {
     uint32_t x = bits_of(f);
     if ((x & 0x7fffffffu) > 0x7f800000u) {

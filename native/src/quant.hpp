@@ -3,12 +3,29 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace edgeai {
 
 // IEEE binary16 <-> binary32, round to nearest even (what numpy's astype(float16) does).
 uint16_t fp32_to_fp16(float f);
-float fp16_to_fp32(uint16_t h);
+// Inline: the runtime's kernels decode f16 scales in their inner loops.
+inline float fp16_to_fp32(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {  // zero or subnormal: mant * 2^-24
+        const float v = static_cast<float>(mant) * 5.9604644775390625e-08f;
+        std::memcpy(&bits, &v, 4);
+        bits |= sign;
+    } else if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
 // bfloat16, round to nearest even; NaNs become quiet NaNs (ggml's rule).
 uint16_t fp32_to_bf16(float f);
 
