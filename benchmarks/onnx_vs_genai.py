@@ -67,6 +67,7 @@ def run(argv: list[str], log: Path) -> float:
 def speed(folders: dict[str, Path], threads: int, runs: int, prompt: list[int], n_decode: int) -> dict[str, dict]:
     """Median prefill and decode tokens/s of each folder at `threads`, runs alternating between folders."""
     from edgeai.runtimes.base import GREEDY
+    from edgeai.runtimes.bench import timed_generation
     from edgeai.runtimes.onnxrt import OnnxBackend
 
     backends = {k: OnnxBackend(p, threads=threads) for k, p in folders.items()}
@@ -77,15 +78,9 @@ def speed(folders: dict[str, Path], threads: int, runs: int, prompt: list[int], 
         b.step([1])
     for _ in range(runs):
         for key, b in backends.items():
-            b.truncate(0)
-            t0 = time.perf_counter()
-            nxt = b.step(prompt)
-            t1 = time.perf_counter()
-            for _ in range(n_decode):
-                nxt = b.step([nxt])
-            t2 = time.perf_counter()
-            samples[key]["prefill"].append(len(prompt) / (t1 - t0))
-            samples[key]["decode"].append(n_decode / (t2 - t1))
+            t_prefill, t_decode = timed_generation(b, prompt, n_decode)
+            samples[key]["prefill"].append(len(prompt) / t_prefill)
+            samples[key]["decode"].append(n_decode / t_decode)
     for b in backends.values():
         b.close()
     return {k: {m: statistics.median(v) for m, v in s.items()} | {"runs": runs} for k, s in samples.items()}

@@ -91,7 +91,7 @@ def balanced_kmeans(x: np.ndarray, k: int, iters: int = 10, seed: int = 0) -> np
 
 def make_moe(dense: Path, dest: Path) -> Path:
     """SmolLM2 as a Mixtral-layout MoE (see the module docstring)."""
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file
 
     if (dest / "model.safetensors").is_file():
         return dest
@@ -118,9 +118,16 @@ def make_moe(dense: Path, dest: Path) -> Path:
         out[f"{p}block_sparse_moe.gate.weight"] = np.stack(router).astype(np.float32)
     config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=N_EXPERT,
                   num_experts_per_tok=TOP_K, intermediate_size=n_ff // N_EXPERT, sliding_window=None)
+    return _save_checkpoint(dest, config, out, tokenizer_from=dense)
+
+
+def _save_checkpoint(dest: Path, config: dict, tensors: dict, tokenizer_from: Path) -> Path:
+    """Write a Hugging Face folder: config.json, one safetensors file, the tokenizer files of `tokenizer_from`."""
+    from safetensors.numpy import save_file
+
     (dest / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(out, dest / "model.safetensors", metadata={"format": "pt"})
-    for f in dense.iterdir():
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    for f in tokenizer_from.iterdir():
         if f.name.startswith("tokenizer") or f.suffix == ".jinja":
             shutil.copy(f, dest / f.name)
     return dest
@@ -128,7 +135,7 @@ def make_moe(dense: Path, dest: Path) -> Path:
 
 def drop_random_experts(moe: Path, dest: Path, fraction: float, seed: int = 0) -> Path:
     """`moe` with round(fraction * N_EXPERT) random experts removed from every block (the baseline)."""
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file
 
     if (dest / "model.safetensors").is_file():
         return dest
@@ -146,12 +153,7 @@ def drop_random_experts(moe: Path, dest: Path, fraction: float, seed: int = 0) -
             for w in ("w1", "w2", "w3"):
                 out[f"{p}experts.{new}.{w}.weight"] = tensors[f"{p}experts.{old}.{w}.weight"]
     config.update(num_local_experts=n_keep, num_experts_per_tok=min(TOP_K, n_keep))
-    (dest / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(out, dest / "model.safetensors", metadata={"format": "pt"})
-    for f in moe.iterdir():
-        if f.name.startswith("tokenizer") or f.suffix == ".jinja":
-            shutil.copy(f, dest / f.name)
-    return dest
+    return _save_checkpoint(dest, config, out, tokenizer_from=moe)
 
 
 # --- rows -------------------------------------------------------------------------------------------

@@ -60,6 +60,18 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
+def timed_generation(backend, prompt: list[int], n_gen: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one greedy generation from an empty cache: `prompt`
+    in one step, then `n_gen` single-token steps. The backend's sampling must already be set."""
+    backend.truncate(0)
+    t0 = time.perf_counter()
+    tok = backend.step(prompt)
+    t1 = time.perf_counter()
+    for _ in range(n_gen):
+        tok = backend.step([tok])
+    return t1 - t0, time.perf_counter() - t1
+
+
 def measure(path: Path, backend: str, *, threads: int, n_prompt: int, n_gen: int, repeats: int,
             memory_budget: int | None = None) -> BenchResult:
     """Run the benchmark of one backend in this process."""
@@ -76,17 +88,11 @@ def measure(path: Path, backend: str, *, threads: int, n_prompt: int, n_gen: int
         be.set_sampling(GREEDY)
         prefill, decode, ttft = [], [], []
         for run in range(repeats + 1):  # run 0 warms caches and page faults in, and is not counted
-            be.truncate(0)
-            t0 = time.perf_counter()
-            tok = be.step(prompt)
-            t1 = time.perf_counter()
-            for _ in range(n_gen):
-                tok = be.step([tok])
-            t2 = time.perf_counter()
+            t_prefill, t_decode = timed_generation(be, prompt, n_gen)
             if run:
-                ttft.append(t1 - t0)
-                prefill.append(n_prompt / (t1 - t0))
-                decode.append(n_gen / (t2 - t1))
+                ttft.append(t_prefill)
+                prefill.append(n_prompt / t_prefill)
+                decode.append(n_gen / t_decode)
         return BenchResult(be.name, str(path), threads, n_prompt, n_gen, repeats, statistics.median(prefill),
                            statistics.median(decode), statistics.median(ttft), _peak_rss(), _rss() - before)
 
