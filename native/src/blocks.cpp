@@ -46,9 +46,8 @@ float weighted_error(const float *x, const float *w, const Code *L, int n, float
     return err;
 }
 
-// ---- symmetric fit: x ~= scale * L, L in [-nmax, nmax-1] ------------------------------------
-// The value of largest magnitude maps to -nmax, the level that has no positive twin.
-float fit_symmetric(const float *x, const float *w, int n, int nmax, Fit fit, int8_t *L) {
+// The value of largest magnitude, with its sign (the first one on ties, as ggml picks it).
+float signed_absmax(const float *x, int n) {
     float amax = 0.0f, max = 0.0f;
     for (int i = 0; i < n; ++i) {
         if (std::fabs(x[i]) > amax) {
@@ -56,6 +55,13 @@ float fit_symmetric(const float *x, const float *w, int n, int nmax, Fit fit, in
             max = x[i];
         }
     }
+    return max;
+}
+
+// ---- symmetric fit: x ~= scale * L, L in [-nmax, nmax-1] ------------------------------------
+// The value of largest magnitude maps to -nmax, the level that has no positive twin.
+float fit_symmetric(const float *x, const float *w, int n, int nmax, Fit fit, int8_t *L) {
+    const float max = signed_absmax(x, n), amax = std::fabs(max);
     if (amax == 0.0f) {
         std::fill(L, L + n, 0);
         return 0.0f;
@@ -179,13 +185,7 @@ void quantize_q4_0_q5_0(const float *x, const float *w, uint8_t *out, Fit fit, b
     int q[QK];
     float d;
     if (fit == Fit::RTN) {
-        float amax = 0.0f, max = 0.0f;
-        for (int i = 0; i < QK; ++i) {
-            if (std::fabs(x[i]) > amax) {
-                amax = std::fabs(x[i]);
-                max = x[i];
-            }
-        }
+        const float max = signed_absmax(x, QK);
         d = max / static_cast<float>(-nmax);
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         const float bias = static_cast<float>(nmax) + 0.5f;
@@ -408,13 +408,7 @@ inline void iq4_codes(const float *x, int n, float scale, uint8_t *L) {
 // RTN: the value of largest magnitude lands on -127. SEARCH: llama.cpp's trials of inverse scales
 // around that one, each scored by its weighted least-squares scale.
 float fit_iq4(const float *x, const float *w, int n, Fit fit, uint8_t *L) {
-    float amax = 0.0f, max = 0.0f;
-    for (int i = 0; i < n; ++i) {
-        if (std::fabs(x[i]) > amax) {
-            amax = std::fabs(x[i]);
-            max = x[i];
-        }
-    }
+    const float max = signed_absmax(x, n), amax = std::fabs(max);
     if (amax == 0.0f) {
         std::fill(L, L + n, kIQ4Zero);
         return max / kIQ4[0];  // -0, as the numpy reference writes it
