@@ -6,6 +6,9 @@
 #include <cstring>
 #include <numeric>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include "kernels_common.hpp"
 #include "quant.hpp"
 
@@ -14,28 +17,6 @@ namespace edgeai {
 namespace {
 
 constexpr int kBatch = 64;  // prefill tokens per forward call (bounds scratch memory)
-
-// Experts read in place from the stacked tensors [n_expert][rows][cols] of the memory map.
-class MmapExpertStore : public ExpertStore {
-  public:
-    void add_layer(const Matrix stacked[3], int64_t rows_per_expert[3]) {
-        std::array<Matrix, 3> l;
-        for (int p = 0; p < 3; ++p) {
-            l[p] = stacked[p];
-            l[p].rows = rows_per_expert[p];
-        }
-        layers_.push_back(l);
-    }
-    Matrix acquire(int layer, Proj proj, int expert) override {
-        Matrix m = layers_[layer][proj];
-        m.data += static_cast<size_t>(expert) * static_cast<size_t>(m.rows) * m.row_bytes;
-        return m;
-    }
-    void release(int, Proj, int) override {}
-
-  private:
-    std::vector<std::array<Matrix, 3>> layers_;
-};
 
 void rmsnorm(const float *x, const float *w, float *y, int n, float eps) {
     double ss = 0.0;
@@ -83,7 +64,8 @@ std::string shape_str(const gguf::TensorInfo &t) {
 
 }  // namespace
 
-Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int n_threads, const std::string &isa)
+Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int n_threads, const std::string &isa,
+             const StreamConfig *stream)
     : file_(path), cfg_(config), n_ctx_(n_ctx), ops_(isa.empty() ? &kern::best() : kern::named(isa)), pool_(n_threads) {
     if (!ops_) throw ModelError("instruction set '" + isa + "' is not available on this CPU or in this build");
     const ModelConfig &c = cfg_;
@@ -96,6 +78,7 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
                          std::to_string(c.n_expert));
 
     const int64_t q_dim = int64_t(c.n_head) * c.head_dim, kv_dim = int64_t(c.n_head_kv) * c.head_dim;
+    if (stream) copy_resident(path);
     tok_embd_ = matrix("token_embd.weight", c.n_embd, c.n_vocab, true);
     output_norm_ = vector("output_norm.weight", c.n_embd, true);
     output_ = matrix("output.weight", c.n_embd, c.n_vocab, false);
@@ -104,7 +87,7 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
         const float *f = reinterpret_cast<const float *>(m.data);
         rope_freqs_.assign(f, f + c.head_dim / 2);
     }
-    auto mmap_experts = std::make_unique<MmapExpertStore>();
+    std::vector<ExpertLayer> expert_layers;
     for (int i = 0; i < c.n_layer; ++i) {
         const std::string p = "blk." + std::to_string(i) + ".";
         Layer L;
@@ -135,12 +118,16 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
             const gguf::TensorInfo *g = file_.tensor(p + "ffn_gate_exps.weight");
             if (!g || g->ne.size() != 3) throw ModelError(path + ": tensor " + p + "ffn_gate_exps.weight is missing or not 3-D");
             const int64_t n_ff = static_cast<int64_t>(g->ne[1]);
-            Matrix stacked[3] = {matrix(p + "ffn_gate_exps.weight", c.n_embd, n_ff * c.n_expert, true),
-                                 matrix(p + "ffn_up_exps.weight", c.n_embd, n_ff * c.n_expert, true),
-                                 matrix(p + "ffn_down_exps.weight", n_ff, int64_t(c.n_embd) * c.n_expert, true)};
-            int64_t rows[3] = {n_ff, n_ff, c.n_embd};
+            ExpertLayer el;
+            const char *names[3] = {"ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"};
+            const int64_t cols[3] = {c.n_embd, c.n_embd, n_ff}, rows[3] = {n_ff, n_ff, c.n_embd};
+            for (int k = 0; k < 3; ++k) {
+                el.stacked[k] = matrix(p + names[k], cols[k], rows[k] * c.n_expert, true);
+                el.stacked[k].rows = rows[k];  // one expert's
+                el.file_offset[k] = file_.tensor(p + names[k])->offset;
+            }
             max_ff_ = std::max(max_ff_, n_ff);
-            mmap_experts->add_layer(stacked, rows);
+            expert_layers.push_back(el);
             if (file_.tensor(p + "ffn_gate_shexp.weight")) {
                 const gguf::TensorInfo *s = file_.tensor(p + "ffn_gate_shexp.weight");
                 const int64_t n_sh = static_cast<int64_t>(s->ne.size() == 2 ? s->ne[1] : 0);
@@ -153,7 +140,10 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
         }
         layers_.push_back(L);
     }
-    experts_ = std::move(mmap_experts);
+    if (stream && c.n_expert)
+        experts_ = std::make_unique<StreamingExpertStore>(path, std::move(expert_layers), c.n_expert, *stream);
+    else
+        experts_ = std::make_unique<MmapExpertStore>(std::move(expert_layers));
     for (const gguf::TensorInfo &t : file_.tensors()) weight_bytes_ += t.nbytes;
 
     const size_t kv = static_cast<size_t>(c.n_layer) * n_ctx * kv_dim;
@@ -171,6 +161,49 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
 Model::~Model() = default;
 
 size_t Model::kv_bytes() const { return (k_cache_.size() + v_cache_.size()) * sizeof(uint16_t); }
+
+static bool is_expert_tensor(const std::string &name) { return name.find("_exps.") != std::string::npos; }
+
+// Streaming: every tensor but the stacked experts is read once into memory, so after loading the
+// memory map is never touched again (its pages are not charged to the process, and a file that
+// shrinks under us gives read errors instead of SIGBUS).
+void Model::copy_resident(const std::string &path) {
+    size_t total = 0;
+    for (const gguf::TensorInfo &t : file_.tensors())
+        if (!is_expert_tensor(t.name)) {
+            resident_at_.emplace_back(t.offset, total);
+            total += (t.nbytes + 63) & ~size_t(63);  // tensors 64 bytes apart, as in the file's alignment
+        }
+    std::sort(resident_at_.begin(), resident_at_.end());
+    resident_.resize(total);
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw ModelError(path + ": cannot open: " + std::strerror(errno));
+    for (const gguf::TensorInfo &t : file_.tensors()) {
+        if (is_expert_tensor(t.name)) continue;
+        uint8_t *dst = resident_.data() + std::lower_bound(resident_at_.begin(), resident_at_.end(), std::make_pair(t.offset, size_t(0)))->second;
+        size_t got = 0;
+        while (got < t.nbytes) {
+            const ssize_t r = ::pread(fd, dst + got, t.nbytes - got, static_cast<off_t>(t.offset + got));
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) {
+                const std::string why = r < 0 ? std::strerror(errno) : "the file ended early";
+                ::close(fd);
+                throw ModelError(path + ": reading tensor " + t.name + " failed: " + why);
+            }
+            got += static_cast<size_t>(r);
+        }
+#if defined(POSIX_FADV_DONTNEED)
+        ::posix_fadvise(fd, static_cast<off_t>(t.offset), static_cast<off_t>(t.nbytes), POSIX_FADV_DONTNEED);
+#endif
+    }
+    ::close(fd);
+}
+
+const uint8_t *Model::tensor_data(const gguf::TensorInfo &t) const {
+    if (resident_at_.empty() || is_expert_tensor(t.name)) return file_.data(t);
+    const auto it = std::lower_bound(resident_at_.begin(), resident_at_.end(), std::make_pair(t.offset, size_t(0)));
+    return resident_.data() + it->second;
+}
 
 // A weight matrix of `rows` rows of `cols` (ggml shape [cols, rows], or [cols, r, n] stacked).
 Matrix Model::matrix(const std::string &name, int64_t cols, int64_t rows, bool required) {
@@ -191,7 +224,7 @@ Matrix Model::matrix(const std::string &name, int64_t cols, int64_t rows, bool r
                          ", which the native engine does not run; the llama.cpp backend can (backend=\"llama.cpp\")");
     }
     Matrix m;
-    m.data = file_.data(*t);
+    m.data = tensor_data(*t);
     m.wtype = w;
     m.rows = rows;
     m.cols = cols;
@@ -351,27 +384,33 @@ void Model::moe(const Layer &L, int layer, int T) {
         for (int k = 0; k < K; ++k) wsum += r[idx[k]];
         for (int k = 0; k < K; ++k) routed[idx[k]].emplace_back(t, c.moe_renormalize ? r[idx[k]] / wsum : r[idx[k]]);
     }
+    std::vector<int> &order = moe_order_;  // the experts this batch routes to, each read once
+    order.clear();
+    for (int e = 0; e < E; ++e)
+        if (!routed[e].empty()) order.push_back(e);
+    experts_->request(layer, order);
+    // Decode: while this layer computes, read what the next layer's router would pick for the
+    // current state (a prediction; prefill reads whole batches and needs none).
+    if (T == 1 && experts_->streams() && layer + 1 < c.n_layer) prefetch_experts(layer + 1);
     std::vector<float> &acc = moe_acc_, &xin = moe_xin_, &out = moe_out_;  // [T][d], [Te][d], [Te][d]
     acc.assign(size_t(T) * d, 0.0f);
-    for (int e = 0; e < E; ++e) {
+    for (int e : order) {
         const auto &tokens = routed[e];
-        if (tokens.empty()) continue;
         const int Te = static_cast<int>(tokens.size());
         xin.resize(size_t(Te) * d);
         for (int i = 0; i < Te; ++i) std::memcpy(&xin[size_t(i) * d], &xb_[size_t(tokens[i].first) * d], d * sizeof(float));
-        const Matrix g = experts_->acquire(layer, ExpertStore::GATE, e), u = experts_->acquire(layer, ExpertStore::UP, e),
-                     dn = experts_->acquire(layer, ExpertStore::DOWN, e);
-        const int64_t n_ff = g.rows;
-        matmul(g, xin.data(), hb_.data(), Te);
-        matmul(u, xin.data(), hb2_.data(), Te, kern::takes_q8(g.wtype));
+        const ExpertWeights w = experts_->acquire(layer, e);
+        const int64_t n_ff = w.gate.rows;
+        matmul(w.gate, xin.data(), hb_.data(), Te);
+        matmul(w.up, xin.data(), hb2_.data(), Te, kern::takes_q8(w.gate.wtype));
         for (size_t i = 0; i < size_t(Te) * n_ff; ++i) hb_[i] = silu(hb_[i]) * hb2_[i];
         out.resize(size_t(Te) * d);
-        matmul(dn, hb_.data(), out.data(), Te);
-        for (int p = 0; p < 3; ++p) experts_->release(layer, static_cast<ExpertStore::Proj>(p), e);
+        matmul(w.down, hb_.data(), out.data(), Te);
+        experts_->release(layer, e);
         for (int i = 0; i < Te; ++i) {
             float *a = &acc[size_t(tokens[i].first) * d];
-            const float w = tokens[i].second;
-            for (int j = 0; j < d; ++j) a[j] += w * out[size_t(i) * d + j];
+            const float wt = tokens[i].second;
+            for (int j = 0; j < d; ++j) a[j] += wt * out[size_t(i) * d + j];
         }
     }
     if (L.gate_shexp) {
@@ -392,6 +431,22 @@ void Model::moe(const Layer &L, int layer, int T) {
         }
     }
     for (size_t i = 0; i < size_t(T) * d; ++i) x_[i] += acc[i];
+}
+
+void Model::prefetch_experts(int layer) {
+    const ModelConfig &c = cfg_;
+    const Layer &N = layers_[layer];
+    moe_pred_in_.resize(c.n_embd);
+    moe_pred_.resize(c.n_expert);
+    // x_ is the residual stream after this layer's attention: normalised as the next layer will.
+    rmsnorm(x_.data(), reinterpret_cast<const float *>(N.ffn_norm.data), moe_pred_in_.data(), c.n_embd, c.rms_eps);
+    matmul(N.router, moe_pred_in_.data(), moe_pred_.data(), 1);
+    std::vector<int> &idx = moe_idx_;
+    idx.resize(c.n_expert);
+    std::iota(idx.begin(), idx.end(), 0);
+    std::partial_sort(idx.begin(), idx.begin() + c.n_expert_used, idx.end(),
+                      [&](int a, int b) { return moe_pred_[a] > moe_pred_[b] || (moe_pred_[a] == moe_pred_[b] && a < b); });
+    experts_->prefetch(layer, std::vector<int>(idx.begin(), idx.begin() + c.n_expert_used));
 }
 
 void Model::forward(const int32_t *tokens, int T, int pos0, float *logits_out, bool all) {

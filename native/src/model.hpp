@@ -12,16 +12,12 @@
 #include <string>
 #include <vector>
 
+#include "expert_store.hpp"
 #include "gguf.hpp"
 #include "kernels.hpp"
 #include "pool.hpp"
 
 namespace edgeai {
-
-class ModelError : public std::runtime_error {
-  public:
-    using std::runtime_error::runtime_error;
-};
 
 enum class QKNorm : int { NONE = 0, PER_HEAD = 1, FULL = 2 };
 
@@ -32,28 +28,6 @@ struct ModelConfig {
     bool rope_neox = false;            // halves (NEOX) instead of adjacent pairs (NORM)
     QKNorm qk_norm = QKNorm::NONE;
     bool moe_renormalize = false;      // renormalise the top-k routing weights to sum to 1
-};
-
-// A weight matrix in place: rows of `cols` weights, each `row_bytes` long, of kernel type wtype.
-struct Matrix {
-    const uint8_t *data = nullptr;
-    int wtype = -1;
-    int64_t rows = 0, cols = 0;
-    size_t row_bytes = 0;
-    const uint8_t *row(int64_t r) const { return data + static_cast<size_t>(r) * row_bytes; }
-    explicit operator bool() const { return data != nullptr; }
-};
-
-// Where expert weights come from. The forward pass asks for one expert's matrix at a time, so a
-// store that streams experts from disk into a budgeted cache replaces the memory-mapped one
-// without touching the forward pass.
-class ExpertStore {
-  public:
-    enum Proj { GATE = 0, UP = 1, DOWN = 2 };
-    virtual ~ExpertStore() = default;
-    // The matrix stays valid until release() of the same (layer, proj, expert).
-    virtual Matrix acquire(int layer, Proj proj, int expert) = 0;
-    virtual void release(int layer, Proj proj, int expert) = 0;
 };
 
 struct SamplingParams {
@@ -73,7 +47,11 @@ int sample_token(std::vector<float> logits, const std::vector<int32_t> &history,
 
 class Model {
   public:
-    Model(const std::string &path, const ModelConfig &config, int n_ctx, int n_threads, const std::string &isa);
+    // stream: nullptr reads experts in place from the memory map; else they are streamed into a
+    // cache of stream->slots experts, and every other tensor is copied into memory at load (the
+    // map is then no longer read, so a file truncated while running is a read error, not a SIGBUS).
+    Model(const std::string &path, const ModelConfig &config, int n_ctx, int n_threads, const std::string &isa,
+          const StreamConfig *stream = nullptr);
     ~Model();
 
     const ModelConfig &config() const { return cfg_; }
@@ -84,6 +62,8 @@ class Model {
     int threads() const { return pool_.size(); }
     size_t weight_bytes() const { return weight_bytes_; }
     size_t kv_bytes() const;
+    size_t resident_bytes() const { return resident_.size(); }  // tensors copied into memory (streaming)
+    ExpertStore &experts() { return *experts_; }
 
     // Appends tokens to the KV cache (in batches of at most n_batch). Logits of the last token are
     // kept; with all_logits, out receives [tokens.size()][n_vocab].
@@ -102,6 +82,9 @@ class Model {
     };
 
     Matrix matrix(const std::string &name, int64_t cols, int64_t rows, bool required);
+    const uint8_t *tensor_data(const gguf::TensorInfo &t) const;
+    void copy_resident(const std::string &path);  // every non-expert tensor into resident_
+    void prefetch_experts(int layer);             // the experts `layer`'s router picks for the current state
     Matrix vector(const std::string &name, int64_t n, bool required);
     void forward(const int32_t *tokens, int T, int pos0, float *logits_out, bool all);
     // y[T][w.rows] = x[T][w.cols] . w^T. reuse_activations: x is the input the previous matmul
@@ -125,6 +108,8 @@ class Model {
     std::vector<Layer> layers_;
     std::vector<float> rope_freqs_;  // [head_dim/2] divisors (Llama 3.1), empty when absent
     std::unique_ptr<ExpertStore> experts_;
+    std::vector<uint8_t> resident_;                        // streaming: non-expert tensors
+    std::vector<std::pair<uint64_t, size_t>> resident_at_;  // (file offset, offset in resident_), sorted
 
     std::vector<uint16_t> k_cache_, v_cache_;  // [n_layer][n_ctx][n_head_kv * head_dim] f16
     std::vector<int32_t> history_;
@@ -139,7 +124,8 @@ class Model {
     // MoE scratch, reused across layers and steps (no allocation per decode step)
     std::vector<float> moe_router_, moe_acc_, moe_xin_, moe_out_;
     std::vector<std::vector<std::pair<int, float>>> moe_routed_;
-    std::vector<int> moe_idx_;
+    std::vector<int> moe_idx_, moe_order_;
+    std::vector<float> moe_pred_in_, moe_pred_;  // [n_embd], [n_expert]: next layer's router on this state
 
     SamplingParams sampling_;
     std::mt19937_64 rng_;

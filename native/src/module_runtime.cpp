@@ -8,6 +8,7 @@
 
 #include <cstring>
 #include <memory>
+#include <optional>
 
 #include "gguf.hpp"
 #include "kernels.hpp"
@@ -72,6 +73,22 @@ edgeai::ModelConfig config_from(const nb::dict &d) {
     c.qk_norm = static_cast<edgeai::QKNorm>(i("qk_norm"));
     c.moe_renormalize = nb::cast<bool>(d["moe_renormalize"]);
     return c;
+}
+
+edgeai::StreamConfig stream_config_from(const nb::dict &d) {
+    edgeai::StreamConfig s;
+    for (auto [k, v] : d) {
+        const std::string key = nb::cast<std::string>(k);
+        if (key == "slots") s.slots = nb::cast<int>(v);
+        else if (key == "policy") s.policy = nb::cast<std::string>(v);
+        else if (key == "io_threads") s.io_threads = nb::cast<int>(v);
+        else if (key == "direct") s.direct = nb::cast<bool>(v);
+        else if (key == "trace") s.trace = nb::cast<bool>(v);
+        else if (key == "retries") s.retries = nb::cast<int>(v);
+        else if (key == "inject_read_faults") s.inject_read_faults = nb::cast<int>(v);
+        else throw nb::value_error(("unknown stream option '" + key + "'").c_str());
+    }
+    return s;
 }
 
 }  // namespace
@@ -191,12 +208,46 @@ void bind_runtime(nb::module_ &m) {
     nb::class_<edgeai::Model>(m, "Engine", "One model and one sequence (KV cache) in the native engine.")
         .def("__init__",
              [](edgeai::Model *self, const std::string &path, const nb::dict &config, int n_ctx, int n_threads,
-                const std::string &isa) {
+                const std::string &isa, const nb::object &stream) {
                  edgeai::ModelConfig c = config_from(config);
+                 std::optional<edgeai::StreamConfig> sc;
+                 if (!stream.is_none()) sc = stream_config_from(nb::cast<nb::dict>(stream));
                  nb::gil_scoped_release release;
-                 new (self) edgeai::Model(path, c, n_ctx, n_threads, isa);
+                 new (self) edgeai::Model(path, c, n_ctx, n_threads, isa, sc ? &*sc : nullptr);
              },
-             nb::arg("path"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("isa") = "")
+             nb::arg("path"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("isa") = "",
+             nb::arg("stream") = nb::none(),
+             "stream: None (experts read in place from the memory map) or {slots, policy, io_threads, direct, "
+             "trace, retries, inject_read_faults}: experts streamed into a cache of `slots` experts.")
+        .def("store_stats",
+             [](edgeai::Model &self) {
+                 const edgeai::ExpertStoreStats s = self.experts().stats();
+                 nb::dict d;
+                 d["streaming"] = s.streaming;
+                 d["direct"] = s.direct;
+                 d["policy"] = s.policy;
+                 d["slots"] = s.slots;
+                 d["peak_slots_used"] = s.peak_slots_used;
+                 d["slot_bytes"] = self.experts().slot_bytes();
+                 d["hits"] = s.hits;
+                 d["misses"] = s.misses;
+                 d["bytes_read"] = s.bytes_read;
+                 d["reads"] = s.reads;
+                 d["read_retries"] = s.read_retries;
+                 d["read_failures"] = s.read_failures;
+                 d["read_seconds"] = s.read_seconds;
+                 d["stall_seconds"] = s.stall_seconds;
+                 d["prefetch_issued"] = s.prefetch_issued;
+                 d["prefetch_used"] = s.prefetch_used;
+                 d["layer_hits"] = s.layer_hits;
+                 d["layer_misses"] = s.layer_misses;
+                 return d;
+             },
+             "Counters of the expert store since the last reset_store_stats() (zeros for the memory-mapped store).")
+        .def("reset_store_stats", [](edgeai::Model &self) { self.experts().reset_stats(); })
+        .def("store_trace", [](edgeai::Model &self) { return self.experts().trace(); },
+             "Demand accesses (layer * n_expert + expert) in order, when the store traces.")
+        .def_prop_ro("resident_bytes", &edgeai::Model::resident_bytes)
         .def("eval",
              [](edgeai::Model &self, const std::vector<int32_t> &tokens, bool all_logits) -> nb::object {
                  std::vector<float> all;

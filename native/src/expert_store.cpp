@@ -1,0 +1,385 @@
+#include "expert_store.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+namespace edgeai {
+
+namespace {
+
+// Direct reads need the file offset, length and buffer aligned to the device's logical block;
+// 4 KiB covers every disk in use (512 B and 4 KiB sectors).
+constexpr uint64_t kAlign = 4096;
+
+uint64_t align_down(uint64_t v) { return v & ~(kAlign - 1); }
+uint64_t align_up(uint64_t v) { return (v + kAlign - 1) & ~(kAlign - 1); }
+
+double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+const char *kProj[3] = {"gate", "up", "down"};
+
+}  // namespace
+
+ExpertWeights MmapExpertStore::acquire(int layer, int expert) {
+    const ExpertLayer &l = layers_[layer];
+    Matrix m[3];
+    for (int p = 0; p < 3; ++p) {
+        m[p] = l.stacked[p];
+        m[p].data += static_cast<size_t>(expert) * l.slice_bytes(p);
+    }
+    return {m[0], m[1], m[2]};
+}
+
+size_t stream_slot_bytes(const std::vector<ExpertLayer> &layers) {
+    size_t total = 0;
+    for (int p = 0; p < 3; ++p) {
+        size_t widest = 0;
+        for (const ExpertLayer &l : layers) widest = std::max(widest, l.slice_bytes(p));
+        total += align_up(widest) + kAlign;  // + one block: a slice may start anywhere in a block
+    }
+    return total;
+}
+
+StreamingExpertStore::StreamingExpertStore(const std::string &path, std::vector<ExpertLayer> layers, int n_expert,
+                                           const StreamConfig &cfg)
+    : path_(path), layers_(std::move(layers)), n_expert_(n_expert), cfg_(cfg) {
+    if (cfg_.slots < 2)
+        throw ModelError("the expert cache needs at least 2 slots (one expert computed while the next is read); got " +
+                         std::to_string(cfg_.slots));
+    if (cfg_.policy != "lru" && cfg_.policy != "lfu" && cfg_.policy != "layer")
+        throw ModelError("unknown expert cache policy '" + cfg_.policy + "' (use lru, lfu or layer)");
+    cfg_.io_threads = std::max(1, cfg_.io_threads);
+#ifdef O_DIRECT
+    if (cfg_.direct) {
+        fd_ = ::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+        direct_ = fd_ >= 0;
+    }
+#endif
+    if (fd_ < 0) fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);  // no O_DIRECT (tmpfs, macOS)
+    if (fd_ < 0) throw ModelError(path + ": cannot open for expert reads: " + std::strerror(errno));
+#ifdef F_NOCACHE
+    if (cfg_.direct && !direct_) direct_ = ::fcntl(fd_, F_NOCACHE, 1) == 0;  // macOS: uncached reads
+#endif
+    for (int p = 0; p < 3; ++p) {
+        size_t widest = 0;
+        for (const ExpertLayer &l : layers_) widest = std::max(widest, l.slice_bytes(p));
+        region_[p] = align_up(widest) + kAlign;
+    }
+    slot_bytes_ = region_[0] + region_[1] + region_[2];
+    void *arena = nullptr;
+    if (posix_memalign(&arena, kAlign, slot_bytes_ * cfg_.slots) != 0) {
+        ::close(fd_);
+        throw ModelError("cannot allocate the expert cache (" + std::to_string(cfg_.slots) + " slots of " +
+                         std::to_string(slot_bytes_) + " bytes)");
+    }
+    arena_ = static_cast<uint8_t *>(arena);
+    slots_.resize(cfg_.slots);
+    for (int i = 0; i < cfg_.slots; ++i) slots_[i].buf = arena_ + slot_bytes_ * i;
+    where_.assign(layers_.size() * n_expert_, -1);
+    faults_left_ = cfg_.inject_read_faults;
+    reset_stats();
+    for (int i = 0; i < cfg_.io_threads; ++i) readers_.emplace_back([this] { reader(); });
+}
+
+StreamingExpertStore::~StreamingExpertStore() {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        stop_ = true;
+        queue_.clear();
+    }
+    work_.notify_all();
+    for (std::thread &t : readers_) t.join();  // a read in flight finishes first: no thread outlives the store
+    ::close(fd_);
+    std::free(arena_);
+}
+
+// Replacement: the slot with the lowest keep-value among those that are neither pinned, loading,
+// nor wanted by the layer being computed.
+//  lru:   the least recently used.
+//  lfu:   the lowest use count, decayed with a half-life of one cache turnover (`slots` accesses),
+//         so experts that were hot long ago age out.
+//  layer: decode visits layers in a cycle, so an expert of the layer just computed is needed again
+//         only after every other layer: evict the expert whose layer comes back last, and among
+//         those the least (decayed) frequently used. LRU does the opposite under a cyclic scan.
+int StreamingExpertStore::victim() {
+    const int L = static_cast<int>(layers_.size());
+    int best = -1;
+    double best_keep = 0;
+    for (int i = 0; i < static_cast<int>(slots_.size()); ++i) {
+        const Slot &s = slots_[i];
+        if (s.state == State::EMPTY || s.state == State::FAILED) return i;
+        if (s.pins || s.wanted || s.state == State::LOADING) continue;
+        const double age = static_cast<double>(clock_ - s.last_use);
+        const double freq = s.freq * std::exp2(-age / slots_.size());
+        double keep;
+        if (cfg_.policy == "lru") {
+            keep = static_cast<double>(s.last_use);
+        } else if (cfg_.policy == "lfu") {
+            keep = freq;
+        } else {
+            // layers computed before it is needed again: 0 for the next layer, L-1 for the current one
+            const int distance = (s.key / n_expert_ - current_layer_ + L - 1) % L;
+            keep = -distance * 1e9 + freq;
+        }
+        if (best < 0 || keep < best_keep) best = i, best_keep = keep;
+    }
+    return best;
+}
+
+void StreamingExpertStore::touch(Slot &s) {
+    const double age = static_cast<double>(clock_ - s.last_use);
+    s.freq = s.freq * std::exp2(-age / slots_.size()) + 1.0;
+    s.last_use = ++clock_;
+}
+
+int StreamingExpertStore::load(int key, bool demand) {
+    const int i = victim();
+    if (i < 0) return -1;
+    Slot &s = slots_[i];
+    if (s.key >= 0) where_[s.key] = -1;
+    s = Slot{key, State::LOADING, 0, false, !demand, demand, clock_, 0.0, s.buf, {}};
+    where_[key] = i;
+    if (demand) queue_.emplace_front(i, key);
+    else queue_.emplace_back(i, key);
+    int used = 0;
+    for (const Slot &x : slots_) used += x.state != State::EMPTY;
+    stats_.peak_slots_used = std::max(stats_.peak_slots_used, used);
+    work_.notify_one();
+    return i;
+}
+
+void StreamingExpertStore::count_access(int key, int slot) {
+    const int layer = key / n_expert_;
+    if (slot >= 0 && slots_[slot].state != State::FAILED) {
+        ++stats_.hits;
+        ++stats_.layer_hits[layer];
+        if (slots_[slot].prefetched) {
+            ++stats_.prefetch_used;
+            slots_[slot].prefetched = false;
+        }
+    } else {
+        ++stats_.misses;
+        ++stats_.layer_misses[layer];
+    }
+    if (cfg_.trace) trace_.push_back(key);
+}
+
+void StreamingExpertStore::request(int layer, const std::vector<int> &experts) {
+    std::lock_guard<std::mutex> lock(mu_);
+    current_layer_ = layer;
+    for (Slot &s : slots_) s.wanted = false;  // a previous layer that failed midway leaves none behind
+    announced_.clear();
+    for (int e : experts) {
+        const int key = layer * n_expert_ + e;
+        int i = find(key);
+        count_access(key, i);
+        announced_.push_back(key);
+        if (i >= 0 && slots_[i].state == State::FAILED) i = -1;
+        if (i < 0) i = load(key, true);
+        if (i < 0) continue;  // the cache is full of wanted experts: read when acquired
+        slots_[i].wanted = true;
+        touch(slots_[i]);
+        if (slots_[i].state == State::LOADING && !slots_[i].demand) {  // a queued prefetch is now needed first
+            auto it = std::find(queue_.begin(), queue_.end(), std::make_pair(i, key));
+            if (it != queue_.end()) {
+                queue_.erase(it);
+                queue_.emplace_front(i, key);
+            }
+            slots_[i].demand = true;
+        }
+    }
+}
+
+void StreamingExpertStore::prefetch(int layer, const std::vector<int> &experts) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (int e : experts) {
+        const int key = layer * n_expert_ + e;
+        if (find(key) >= 0) continue;
+        if (load(key, false) < 0) break;
+        ++stats_.prefetch_issued;
+    }
+}
+
+ExpertWeights StreamingExpertStore::acquire(int layer, int expert) {
+    const int key = layer * n_expert_ + expert;
+    std::unique_lock<std::mutex> lock(mu_);
+    int i = find(key);
+    const auto announced = std::find(announced_.begin(), announced_.end(), key);
+    if (announced != announced_.end()) {
+        announced_.erase(announced);
+    } else {  // not announced by request(): count it here
+        count_access(key, i);
+        if (i >= 0 && slots_[i].state != State::FAILED) touch(slots_[i]);
+    }
+    const double t0 = now();
+    for (;;) {
+        if (i >= 0 && slots_[i].state == State::READY) break;
+        if (i >= 0 && slots_[i].state == State::FAILED) {
+            const std::string error = slots_[i].error;
+            slots_[i] = Slot{-1, State::EMPTY, 0, false, false, false, 0, 0.0, slots_[i].buf, {}};
+            where_[key] = -1;
+            throw ModelError(error);
+        }
+        if (i < 0) {
+            i = load(key, true);
+            if (i >= 0) touch(slots_[i]);
+        }
+        if (i < 0 || slots_[i].state == State::LOADING) ready_.wait(lock);
+        i = find(key);
+    }
+    stats_.stall_seconds += now() - t0;
+    Slot &s = slots_[i];
+    ++s.pins;
+    s.prefetched = false;
+    return weights(i, key);
+}
+
+void StreamingExpertStore::release(int layer, int expert) {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        const int i = find(layer * n_expert_ + expert);
+        if (i < 0 || slots_[i].pins == 0) return;
+        --slots_[i].pins;
+        slots_[i].wanted = false;
+    }
+    ready_.notify_all();  // a slot may have become evictable
+}
+
+ExpertWeights StreamingExpertStore::weights(int slot, int key) const {
+    const ExpertLayer &l = layers_[key / n_expert_];
+    const int e = key % n_expert_;
+    Matrix m[3];
+    const uint8_t *region = slots_[slot].buf;
+    for (int p = 0; p < 3; ++p) {
+        const uint64_t start = l.file_offset[p] + static_cast<uint64_t>(e) * l.slice_bytes(p);
+        m[p] = l.stacked[p];
+        m[p].data = region + (start - align_down(start));
+        region += region_[p];
+    }
+    return {m[0], m[1], m[2]};
+}
+
+// Reads [offset, offset+len) into dst (aligned), retrying after errors; returns the bytes read.
+// Fewer than `need` bytes after the retries (the file ended: truncated while running) is an error.
+size_t StreamingExpertStore::pread_full(uint64_t offset, uint8_t *dst, size_t len, size_t need) {
+    std::string why;
+    for (int attempt = 0; attempt <= cfg_.retries; ++attempt) {
+        if (attempt) {
+            std::lock_guard<std::mutex> lock(mu_);
+            ++stats_.read_retries;
+        }
+        if (attempt) std::this_thread::sleep_for(std::chrono::milliseconds(1 << std::min(attempt, 8)));
+        size_t got = 0;
+        bool injected = false;
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            if (faults_left_ > 0) --faults_left_, injected = true;
+        }
+        if (injected) {
+            why = std::string("injected fault: ") + std::strerror(EIO);
+            continue;
+        }
+        while (got < len) {
+            const ssize_t r = ::pread(fd_, dst + got, len - got, static_cast<off_t>(offset + got));
+            if (r < 0 && errno == EINTR) continue;
+            if (r < 0) {
+                why = std::strerror(errno);
+                break;
+            }
+            if (r == 0) break;  // end of file
+            got += static_cast<size_t>(r);
+            if (direct_ && got % kAlign) break;  // a short direct read ends at end of file
+        }
+        if (got >= need) return got;
+        if (why.empty()) why = "the file ends at byte " + std::to_string(offset + got) + " (truncated while running?)";
+    }
+    throw ModelError(why);
+}
+
+void StreamingExpertStore::read_slot(int slot, int key) {
+    const ExpertLayer &l = layers_[key / n_expert_];
+    const int e = key % n_expert_;
+    uint8_t *region = slots_[slot].buf;
+    for (int p = 0; p < 3; ++p) {
+        const uint64_t start = l.file_offset[p] + static_cast<uint64_t>(e) * l.slice_bytes(p);
+        const uint64_t from = align_down(start), to = align_up(start + l.slice_bytes(p));
+        try {
+            const size_t got = pread_full(from, region, to - from, start + l.slice_bytes(p) - from);
+            std::lock_guard<std::mutex> lock(mu_);
+            stats_.bytes_read += got;
+            ++stats_.reads;
+        } catch (const ModelError &err) {
+            throw ModelError(path_ + ": reading expert " + std::to_string(e) + " of layer " + std::to_string(key / n_expert_) +
+                             " (" + kProj[p] + ", bytes " + std::to_string(start) + ".." +
+                             std::to_string(start + l.slice_bytes(p)) + ") failed after " + std::to_string(cfg_.retries + 1) +
+                             " attempts: " + err.what());
+        }
+#if defined(POSIX_FADV_DONTNEED)
+        if (!direct_) ::posix_fadvise(fd_, static_cast<off_t>(from), static_cast<off_t>(to - from), POSIX_FADV_DONTNEED);
+#endif
+        region += region_[p];
+    }
+}
+
+void StreamingExpertStore::reader() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+        work_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (stop_) return;
+        const auto [slot, key] = queue_.front();
+        queue_.pop_front();
+        lock.unlock();
+        const double t0 = now();
+        std::string error;
+        try {
+            read_slot(slot, key);
+        } catch (const ModelError &err) {
+            error = err.what();
+        }
+        lock.lock();
+        stats_.read_seconds += now() - t0;
+        Slot &s = slots_[slot];
+        if (error.empty()) {
+            s.state = State::READY;
+        } else {
+            ++stats_.read_failures;
+            s.state = State::FAILED;
+            s.error = error;
+        }
+        ready_.notify_all();
+    }
+}
+
+ExpertStoreStats StreamingExpertStore::stats() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stats_;
+}
+
+void StreamingExpertStore::reset_stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    const int peak = stats_.peak_slots_used;
+    stats_ = ExpertStoreStats{};
+    stats_.streaming = true;
+    stats_.direct = direct_;
+    stats_.policy = cfg_.policy;
+    stats_.slots = cfg_.slots;
+    stats_.peak_slots_used = peak;
+    stats_.layer_hits.assign(layers_.size(), 0);
+    stats_.layer_misses.assign(layers_.size(), 0);
+    trace_.clear();
+}
+
+std::vector<int32_t> StreamingExpertStore::trace() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return trace_;
+}
+
+}  // namespace edgeai

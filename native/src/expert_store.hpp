@@ -1,0 +1,170 @@
+// Where MoE expert weights come from.
+//
+// The forward pass reaches experts only through ExpertStore: it says which experts a layer needs
+// (request), which the next layer will probably need (prefetch), then acquires and releases them
+// one at a time. Two stores implement it:
+//  - MmapExpertStore: the experts in place in the memory map (the whole file is resident or paged
+//    by the kernel, as llama.cpp does);
+//  - StreamingExpertStore: a fixed number of expert slots in memory, filled by direct reads
+//    (O_DIRECT, or F_NOCACHE on macOS, so the page cache keeps no second copy) from the stacked
+//    expert tensors of the GGUF by a pool of reader threads. Slot count comes from the planner
+//    (runtimes/plan.py); the replacement policy is an option.
+#pragma once
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace edgeai {
+
+class ModelError : public std::runtime_error {
+  public:
+    using std::runtime_error::runtime_error;
+};
+
+// A weight matrix in place: rows of `cols` weights, each `row_bytes` long, of kernel type wtype.
+struct Matrix {
+    const uint8_t *data = nullptr;
+    int wtype = -1;
+    int64_t rows = 0, cols = 0;
+    size_t row_bytes = 0;
+    const uint8_t *row(int64_t r) const { return data + static_cast<size_t>(r) * row_bytes; }
+    explicit operator bool() const { return data != nullptr; }
+};
+
+// One expert's three projections.
+struct ExpertWeights {
+    Matrix gate, up, down;
+};
+
+// One layer's stacked expert tensors [n_expert][rows][cols]: gate, up, down.
+struct ExpertLayer {
+    Matrix stacked[3];            // data: in the memory map (row count: one expert's)
+    uint64_t file_offset[3] = {};  // absolute file offset of expert 0's slice
+    size_t slice_bytes(int p) const { return static_cast<size_t>(stacked[p].rows) * stacked[p].row_bytes; }
+};
+
+struct ExpertStoreStats {
+    bool streaming = false, direct = false;
+    std::string policy;
+    int slots = 0, peak_slots_used = 0;            // slots holding or loading an expert, at most `slots`
+    uint64_t hits = 0, misses = 0;                 // demand accesses: resident (or being prefetched) or not
+    uint64_t bytes_read = 0, reads = 0;            // reads issued to the file (alignment included)
+    uint64_t read_retries = 0, read_failures = 0;
+    double read_seconds = 0, stall_seconds = 0;    // summed over readers; forward pass waiting on reads
+    uint64_t prefetch_issued = 0, prefetch_used = 0;  // expert loads the prefetcher issued / that a demand then used
+    std::vector<uint64_t> layer_hits, layer_misses;
+};
+
+class ExpertStore {
+  public:
+    virtual ~ExpertStore() = default;
+    // The experts `layer` needs now, in the order they will be acquired.
+    virtual void request(int, const std::vector<int> &) {}
+    // Experts `layer` will probably need soon (speculative; never displaces a requested expert).
+    virtual void prefetch(int, const std::vector<int> &) {}
+    // Blocks until the expert is in memory; valid until release(). Throws ModelError when reads fail.
+    virtual ExpertWeights acquire(int layer, int expert) = 0;
+    virtual void release(int layer, int expert) = 0;
+    virtual bool streams() const { return false; }
+    virtual size_t slot_bytes() const { return 0; }  // memory one cached expert takes (streaming)
+    virtual ExpertStoreStats stats() const { return {}; }
+    virtual void reset_stats() {}
+    // Demand accesses as layer * n_expert + expert, in order (when tracing is on): for replays.
+    virtual std::vector<int32_t> trace() const { return {}; }
+};
+
+class MmapExpertStore : public ExpertStore {
+  public:
+    explicit MmapExpertStore(std::vector<ExpertLayer> layers) : layers_(std::move(layers)) {}
+    ExpertWeights acquire(int layer, int expert) override;
+    void release(int, int) override {}
+
+  private:
+    std::vector<ExpertLayer> layers_;
+};
+
+struct StreamConfig {
+    int slots = 0;                 // experts held in memory at once
+    std::string policy = "layer";  // lru | lfu | layer (see expert_store.cpp)
+    int io_threads = 4;            // reads in flight
+    bool direct = true;            // bypass the page cache (falls back when the file system refuses)
+    bool trace = false;            // record demand accesses (replays, benchmarks)
+    int retries = 3;               // attempts after a failed or short read, before the error is reported
+    int inject_read_faults = 0;    // tests: the first N reads fail with EIO
+};
+
+// Bytes one slot takes: every projection's largest slice, rounded out to the read alignment.
+size_t stream_slot_bytes(const std::vector<ExpertLayer> &layers);
+
+class StreamingExpertStore : public ExpertStore {
+  public:
+    StreamingExpertStore(const std::string &path, std::vector<ExpertLayer> layers, int n_expert, const StreamConfig &cfg);
+    ~StreamingExpertStore() override;
+
+    void request(int layer, const std::vector<int> &experts) override;
+    void prefetch(int layer, const std::vector<int> &experts) override;
+    ExpertWeights acquire(int layer, int expert) override;
+    void release(int layer, int expert) override;
+    bool streams() const override { return true; }
+    size_t slot_bytes() const override { return slot_bytes_; }
+    ExpertStoreStats stats() const override;
+    void reset_stats() override;
+    std::vector<int32_t> trace() const override;
+
+  private:
+    enum class State { EMPTY, LOADING, READY, FAILED };
+    struct Slot {
+        int key = -1;  // layer * n_expert + expert
+        State state = State::EMPTY;
+        int pins = 0;
+        bool wanted = false;      // requested for the layer being computed, not yet released
+        bool prefetched = false;  // loaded by the prefetcher and not yet used
+        bool demand = false;      // queued ahead of prefetches
+        uint64_t last_use = 0;
+        double freq = 0;
+        uint8_t *buf = nullptr;
+        std::string error;
+    };
+
+    int find(int key) const { return where_[key]; }
+    int victim();                              // an evictable slot, -1 if none (lock held)
+    int load(int key, bool demand);            // assigns a slot and queues the read; -1 if no slot free (lock held)
+    void touch(Slot &s);                       // policy bookkeeping on a demand access (lock held)
+    void count_access(int key, int slot);      // hit/miss accounting (lock held)
+    void reader();                             // reader thread body
+    void read_slot(int slot, int key);         // reads outside the lock; throws ModelError
+    ExpertWeights weights(int slot, int key) const;
+    size_t pread_full(uint64_t offset, uint8_t *dst, size_t len, size_t need);
+
+    std::string path_;
+    int fd_ = -1;
+    bool direct_ = false;
+    std::vector<ExpertLayer> layers_;
+    int n_expert_;
+    StreamConfig cfg_;
+    size_t region_[3] = {}, slot_bytes_ = 0;
+    uint8_t *arena_ = nullptr;
+
+    mutable std::mutex mu_;
+    std::condition_variable ready_, work_;
+    std::vector<Slot> slots_;
+    std::vector<int> where_;  // key -> slot, -1 when not held
+    std::deque<std::pair<int, int>> queue_;  // (slot, key): demand reads at the front
+    std::vector<std::thread> readers_;
+    bool stop_ = false;
+    uint64_t clock_ = 0;
+    int current_layer_ = 0;
+    int faults_left_ = 0;
+    ExpertStoreStats stats_;
+    std::vector<int32_t> trace_;
+    std::vector<int> announced_;  // keys request() counted that acquire() has not yet taken
+};
+
+}  // namespace edgeai
