@@ -46,3 +46,11 @@ class ContextOverflowError(EdgeAIError):
 
 class DeviceError(EdgeAIError):
     """An unknown device profile, or a profile file that cannot be read."""
+
+
+class BudgetError(OptionError):
+    """A model cannot run within the memory budget; ``minimum`` is the smallest budget that would work."""
+
+    def __init__(self, message: str, minimum: int) -> None:
+        super().__init__(message)
+        self.minimum = minimum

@@ -114,8 +114,16 @@ class NativeBackend:
         return None
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
-                 memory_budget: int | None = None, isa: str = "") -> None:
+                 memory_budget: int | None = None, isa: str = "", expert_store: Mapping | None = None) -> None:
+        """Load `path` (a GGUF the engine runs, see `can_run`).
+
+        memory_budget: bytes for the whole process; the planner (`runtimes.plan`) splits it and
+        streams MoE experts from the file when they do not fit, or raises BudgetError.
+        expert_store: options of the streaming expert store (policy: lru|lfu|layer, io_threads,
+        direct, trace, retries; slots: stream with this many slots whatever the budget).
+        """
         from edgeai import _native
+        from edgeai.runtimes.plan import IO_THREADS, plan_memory
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -132,13 +140,23 @@ class NativeBackend:
         if self.threads < 1:
             raise OptionError(f"threads must be >= 1, got {self.threads}")
         self.memory_budget = memory_budget
-        try:
-            self._engine = _native.Engine(str(self.path), config, n_ctx, self.threads, isa)
-        except _native.ModelError as exc:
-            raise CheckpointError(str(exc)) from exc
         from edgeai.runtimes.vocab import GGUFVocab
 
-        self._vocab = GGUFVocab(self.path)
+        self._engine = None
+        self._vocab = GGUFVocab(self.path)  # first: the planner counts it in the process's memory
+        try:
+            self.plan = plan_memory(self.path, config, budget=memory_budget, n_ctx=n_ctx, threads=self.threads)
+            options = dict(expert_store or {})
+            stream = self.plan.stream_config(**options)
+            if stream is None and "slots" in options:
+                stream = {"io_threads": IO_THREADS, **options}
+            try:
+                self._engine = _native.Engine(str(self.path), config, n_ctx, self.threads, isa, stream)
+            except _native.ModelError as exc:
+                raise CheckpointError(str(exc)) from exc
+        except BaseException:
+            self._vocab.close()
+            raise
         self.n_ctx = n_ctx
         self.n_vocab = int(config["n_vocab"])
         self.bos_id = self._vocab.bos_id
@@ -205,7 +223,16 @@ class NativeBackend:
     def stats(self):
         e = self._live()
         return BackendStats(backend=self.name, n_ctx=self.n_ctx, n_past=e.n_past, threads=e.threads,
-                            weights_bytes=e.weight_bytes, extra={"kv_bytes": e.kv_bytes, "isa": e.isa})
+                            weights_bytes=e.weight_bytes,
+                            extra={"kv_bytes": e.kv_bytes, "isa": e.isa, "memory_budget": self.memory_budget,
+                                   "expert_store": e.store_stats()})
+
+    def expert_trace(self) -> list[int]:
+        """Demand expert accesses (layer * n_expert + expert) in order, when traced (expert_store={"trace": True})."""
+        return list(self._live().store_trace())
+
+    def reset_expert_stats(self) -> None:
+        self._live().reset_store_stats()
 
     def close(self) -> None:
         if getattr(self, "_engine", None) is not None:

@@ -38,14 +38,21 @@ ExpertWeights MmapExpertStore::acquire(int layer, int expert) {
     return {m[0], m[1], m[2]};
 }
 
-size_t stream_slot_bytes(const std::vector<ExpertLayer> &layers) {
-    size_t total = 0;
+// Each projection's region in a slot: its widest slice rounded up, plus one block because a slice
+// may start anywhere in a block.
+static std::array<size_t, 3> slot_regions(const std::vector<std::array<size_t, 3>> &slices) {
+    std::array<size_t, 3> region{};
     for (int p = 0; p < 3; ++p) {
         size_t widest = 0;
-        for (const ExpertLayer &l : layers) widest = std::max(widest, l.slice_bytes(p));
-        total += align_up(widest) + kAlign;  // + one block: a slice may start anywhere in a block
+        for (const auto &l : slices) widest = std::max(widest, l[p]);
+        region[p] = align_up(widest) + kAlign;
     }
-    return total;
+    return region;
+}
+
+size_t stream_slot_bytes(const std::vector<std::array<size_t, 3>> &slices) {
+    const std::array<size_t, 3> r = slot_regions(slices);
+    return r[0] + r[1] + r[2];
 }
 
 StreamingExpertStore::StreamingExpertStore(const std::string &path, std::vector<ExpertLayer> layers, int n_expert,
@@ -68,11 +75,9 @@ StreamingExpertStore::StreamingExpertStore(const std::string &path, std::vector<
 #ifdef F_NOCACHE
     if (cfg_.direct && !direct_) direct_ = ::fcntl(fd_, F_NOCACHE, 1) == 0;  // macOS: uncached reads
 #endif
-    for (int p = 0; p < 3; ++p) {
-        size_t widest = 0;
-        for (const ExpertLayer &l : layers_) widest = std::max(widest, l.slice_bytes(p));
-        region_[p] = align_up(widest) + kAlign;
-    }
+    std::vector<std::array<size_t, 3>> slices;
+    for (const ExpertLayer &l : layers_) slices.push_back({l.slice_bytes(0), l.slice_bytes(1), l.slice_bytes(2)});
+    region_ = slot_regions(slices);
     slot_bytes_ = region_[0] + region_[1] + region_[2];
     void *arena = nullptr;
     if (posix_memalign(&arena, kAlign, slot_bytes_ * cfg_.slots) != 0) {

@@ -10,6 +10,7 @@
 //    expert tensors of the GGUF by a pool of reader threads. Slot count comes from the planner
 //    (runtimes/plan.py); the replacement policy is an option.
 #pragma once
+#include <array>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -100,8 +101,12 @@ struct StreamConfig {
     int inject_read_faults = 0;    // tests: the first N reads fail with EIO
 };
 
-// Bytes one slot takes: every projection's largest slice, rounded out to the read alignment.
-size_t stream_slot_bytes(const std::vector<ExpertLayer> &layers);
+// Bytes one slot takes, from each layer's (gate, up, down) bytes of one expert: every
+// projection's largest slice, rounded out to the read alignment.
+size_t stream_slot_bytes(const std::vector<std::array<size_t, 3>> &slices);
+
+// The stacked expert tensors (ffn_{gate,up,down}_exps), the ones a streaming store reads from disk.
+inline bool is_expert_tensor(const std::string &name) { return name.find("_exps.") != std::string::npos; }
 
 class StreamingExpertStore : public ExpertStore {
   public:
@@ -149,7 +154,8 @@ class StreamingExpertStore : public ExpertStore {
     std::vector<ExpertLayer> layers_;
     int n_expert_;
     StreamConfig cfg_;
-    size_t region_[3] = {}, slot_bytes_ = 0;
+    std::array<size_t, 3> region_{};  // bytes of each projection's part of a slot
+    size_t slot_bytes_ = 0;
     uint8_t *arena_ = nullptr;
 
     mutable std::mutex mu_;

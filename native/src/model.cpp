@@ -16,7 +16,6 @@ namespace edgeai {
 
 namespace {
 
-constexpr int kBatch = 64;  // prefill tokens per forward call (bounds scratch memory)
 
 void rmsnorm(const float *x, const float *w, float *y, int n, float eps) {
     double ss = 0.0;
@@ -162,7 +161,7 @@ Model::~Model() = default;
 
 size_t Model::kv_bytes() const { return (k_cache_.size() + v_cache_.size()) * sizeof(uint16_t); }
 
-static bool is_expert_tensor(const std::string &name) { return name.find("_exps.") != std::string::npos; }
+size_t Model::scratch_bytes() const { return scratch_sizes(cfg_, max_ff_, n_ctx_, pool_.size(), kBatch).bytes(cfg_, kBatch); }
 
 // Streaming: every tensor but the stacked experts is read once into memory, so after loading the
 // memory map is never touched again (its pages are not charged to the process, and a file that
@@ -239,21 +238,67 @@ Matrix Model::vector(const std::string &name, int64_t n, bool required) {
     return m;
 }
 
+Model::Scratch Model::scratch_sizes(const ModelConfig &c, int64_t max_ff, int n_ctx, int threads, int T) {
+    const size_t q_dim = size_t(c.n_head) * c.head_dim, kv_dim = size_t(c.n_head_kv) * c.head_dim;
+    Scratch s;
+    s.x = size_t(T) * c.n_embd;
+    s.xb = size_t(T) * std::max<size_t>(c.n_embd, q_dim);
+    s.q = s.att = size_t(T) * q_dim;
+    s.kv = size_t(T) * kv_dim;
+    s.ff = size_t(T) * static_cast<size_t>(max_ff);
+    s.tmp = size_t(T) * std::max<size_t>({size_t(c.n_embd), size_t(c.n_expert), q_dim});
+    s.scores = size_t(threads) * n_ctx;
+    return s;
+}
+
+size_t Model::Scratch::bytes(const ModelConfig &c, int T) const {
+    const size_t floats = x + xb + q + 2 * kv + att + 2 * ff + tmp + scores;
+    const size_t widest = std::max<size_t>(std::max<size_t>(c.n_embd, size_t(c.n_head) * c.head_dim), ff / std::max(1, T));
+    const size_t act_blocks = size_t(T) * (widest / kern::QA + 1);                 // xq_
+    const size_t moe = c.n_expert ? size_t(T) * (c.n_expert + 3 * size_t(c.n_embd)) + c.n_embd + c.n_expert : 0;
+    const size_t logits = 2 * size_t(c.n_vocab);                                      // logits_ + one batch's last row
+    return (floats + moe + logits) * sizeof(float) + act_blocks * sizeof(kern::BlockQ8A);
+}
+
+size_t Model::kv_bytes_for(const ModelConfig &c, int n_ctx) {
+    return 2 * size_t(c.n_layer) * n_ctx * size_t(c.n_head_kv) * c.head_dim * sizeof(uint16_t);
+}
+
+MemorySizes Model::memory_sizes(const std::string &path, const ModelConfig &c, int n_ctx, int threads) {
+    const gguf::File f(path);
+    MemorySizes m;
+    int64_t max_ff = 0;
+    std::vector<std::array<size_t, 3>> slices(c.n_layer, {0, 0, 0});
+    const char *exps[3] = {"ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"};
+    for (const gguf::TensorInfo &t : f.tensors()) {
+        (is_expert_tensor(t.name) ? m.experts : m.dense) += t.nbytes;
+        const bool ff = t.name.find(".ffn_gate.weight") != std::string::npos ||
+                        t.name.find(".ffn_gate_exps.weight") != std::string::npos ||
+                        t.name.find(".ffn_gate_shexp.weight") != std::string::npos;
+        if (ff && t.ne.size() >= 2) max_ff = std::max<int64_t>(max_ff, static_cast<int64_t>(t.ne[1]));
+    }
+    for (int i = 0; c.n_expert && i < c.n_layer; ++i)
+        for (int p = 0; p < 3; ++p)
+            if (const gguf::TensorInfo *t = f.tensor("blk." + std::to_string(i) + "." + exps[p])) slices[i][p] = t->nbytes / c.n_expert;
+    m.slot = c.n_expert ? stream_slot_bytes(slices) : 0;
+    m.kv = kv_bytes_for(c, n_ctx);
+    m.scratch = scratch_sizes(c, max_ff, n_ctx, threads, kBatch).bytes(c, kBatch);
+    return m;
+}
+
 void Model::ensure_scratch(int T) {
     if (T <= scratch_T_) return;
-    const ModelConfig &c = cfg_;
-    const size_t q_dim = size_t(c.n_head) * c.head_dim, kv_dim = size_t(c.n_head_kv) * c.head_dim;
-    const size_t ff = static_cast<size_t>(max_ff_);
-    x_.assign(size_t(T) * c.n_embd, 0);
-    xb_.assign(size_t(T) * std::max<size_t>(c.n_embd, q_dim), 0);
-    q_.assign(size_t(T) * q_dim, 0);
-    k_.assign(size_t(T) * kv_dim, 0);
-    v_.assign(size_t(T) * kv_dim, 0);
-    att_out_.assign(size_t(T) * q_dim, 0);
-    hb_.assign(size_t(T) * ff, 0);
-    hb2_.assign(size_t(T) * ff, 0);
-    tmp_.assign(size_t(T) * std::max<size_t>({size_t(c.n_embd), size_t(c.n_expert), q_dim}), 0);
-    scores_.assign(size_t(pool_.size()) * n_ctx_, 0);
+    const Scratch s = scratch_sizes(cfg_, max_ff_, n_ctx_, pool_.size(), T);
+    x_.assign(s.x, 0);
+    xb_.assign(s.xb, 0);
+    q_.assign(s.q, 0);
+    k_.assign(s.kv, 0);
+    v_.assign(s.kv, 0);
+    att_out_.assign(s.att, 0);
+    hb_.assign(s.ff, 0);
+    hb2_.assign(s.ff, 0);
+    tmp_.assign(s.tmp, 0);
+    scores_.assign(s.scores, 0);
     scratch_T_ = T;
 }
 

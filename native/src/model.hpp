@@ -30,6 +30,14 @@ struct ModelConfig {
     bool moe_renormalize = false;      // renormalise the top-k routing weights to sum to 1
 };
 
+// What a model of a given file and context needs in memory, in bytes (for the planner).
+struct MemorySizes {
+    size_t dense = 0;    // every tensor but the stacked experts (resident)
+    size_t experts = 0;  // all stacked expert tensors
+    size_t slot = 0;     // one expert-cache slot of a streaming store
+    size_t kv = 0, scratch = 0;
+};
+
 struct SamplingParams {
     float temperature = 0.8f;
     int top_k = 40;
@@ -47,6 +55,16 @@ int sample_token(std::vector<float> logits, const std::vector<int32_t> &history,
 
 class Model {
   public:
+    static constexpr int kBatch = 64;  // prefill tokens per forward call (bounds scratch memory)
+    // Element counts of the compute buffers for a batch of T tokens (ensure_scratch allocates these).
+    struct Scratch {
+        size_t x = 0, xb = 0, q = 0, kv = 0, att = 0, ff = 0, tmp = 0, scores = 0;
+        size_t bytes(const ModelConfig &c, int T) const;  // + activation blocks, MoE buffers, logits
+    };
+    static Scratch scratch_sizes(const ModelConfig &c, int64_t max_ff, int n_ctx, int threads, int T);
+    static size_t kv_bytes_for(const ModelConfig &c, int n_ctx);
+    static MemorySizes memory_sizes(const std::string &path, const ModelConfig &c, int n_ctx, int threads);
+
     // stream: nullptr reads experts in place from the memory map; else they are streamed into a
     // cache of stream->slots experts, and every other tensor is copied into memory at load (the
     // map is then no longer read, so a file truncated while running is a read error, not a SIGBUS).
@@ -62,6 +80,7 @@ class Model {
     int threads() const { return pool_.size(); }
     size_t weight_bytes() const { return weight_bytes_; }
     size_t kv_bytes() const;
+    size_t scratch_bytes() const;  // compute buffers at a full prefill batch
     size_t resident_bytes() const { return resident_.size(); }  // tensors copied into memory (streaming)
     ExpertStore &experts() { return *experts_; }
 

@@ -123,6 +123,24 @@ void bind_runtime(nb::module_ &m) {
           "Parse and validate a GGUF header: {version, alignment, metadata, tensors}. Arrays are "
           "given as ('array', element type, length); tensors as (name, ggml type, ggml shape, file offset, bytes).");
 
+    m.def("memory_sizes",
+          [](const std::string &path, const nb::dict &config, int n_ctx, int n_threads) {
+              const edgeai::ModelConfig c = config_from(config);
+              edgeai::MemorySizes s;
+              {
+                  nb::gil_scoped_release release;
+                  s = edgeai::Model::memory_sizes(path, c, n_ctx, n_threads);
+              }
+              nb::dict d;
+              d["dense"] = s.dense;
+              d["experts"] = s.experts;
+              d["slot"] = s.slot;
+              d["kv"] = s.kv;
+              d["scratch"] = s.scratch;
+              return d;
+          },
+          nb::arg("path"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"),
+          "Bytes the engine would need for this file: {dense, experts, slot, kv, scratch} (the planner's inputs).");
     m.def("engine_types",
           [] {
               nb::dict out;
@@ -248,6 +266,7 @@ void bind_runtime(nb::module_ &m) {
         .def("store_trace", [](edgeai::Model &self) { return self.experts().trace(); },
              "Demand accesses (layer * n_expert + expert) in order, when the store traces.")
         .def_prop_ro("resident_bytes", &edgeai::Model::resident_bytes)
+        .def_prop_ro("scratch_bytes", &edgeai::Model::scratch_bytes)
         .def("eval",
              [](edgeai::Model &self, const std::vector<int32_t> &tokens, bool all_logits) -> nb::object {
                  std::vector<float> all;
