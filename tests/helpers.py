@@ -237,3 +237,94 @@ def smollm2_hf_checkpoint(folder: Path) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def write_random_moe_gguf(path: Path, *, n_embd: int = 256, n_layer: int = 4, n_expert: int = 16, n_expert_used: int = 4,
+                          n_ff: int = 128, n_head: int = 4, n_head_kv: int = 2, head_dim: int = 64,
+                          alignment: int = 4096, seed: int = 0) -> Path:
+    """A Qwen3-MoE GGUF with random Q4_0 weights (F32 norms and router) and SmolLM2's tokenizer.
+
+    Written expert by expert, so a file of several GB needs little memory; llama.cpp loads it.
+    Scales are 1/(4.6 sqrt(fan_in)) (embeddings: 1/4.6) so that a random Q4_0 row (codes -8..7, std ~4.6) has
+    weights of std 1/sqrt(fan_in) and activations stay finite. alignment: GGUF's tensor data
+    alignment (4096 puts every expert slice on a page; 32 is the usual).
+    Used by the expert-streaming tests and benchmarks/expert_streaming.py.
+    """
+    from gguf import GGMLQuantizationType, GGUFValueType
+
+    from edgeai.converters.gguf_writer import GGUFWriter
+    from edgeai.converters.sources import GGUFSource
+    from edgeai.paths import default_model_path
+
+    rng = np.random.default_rng(seed)
+    q4 = GGMLQuantizationType.Q4_0
+
+    def q4_0(rows: int, cols: int, std: float | None = None) -> bytes:
+        blocks = np.frombuffer(rng.bytes(rows * cols // 32 * 18), np.uint8).reshape(-1, 18).copy()
+        scale = (1 / np.sqrt(cols) if std is None else std) / 4.6
+        blocks[:, :2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)
+        return blocks.tobytes()
+
+    def f32(*shape: int, scale: float = 1.0, offset: float = 0.0) -> bytes:
+        return (offset + scale * rng.standard_normal(shape)).astype(np.float32).tobytes()
+
+    source = GGUFSource(default_model_path())
+    meta = source.metadata()
+    n_vocab = len(meta["tokenizer.ggml.tokens"])
+    path = Path(path)
+    q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
+    tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationType, object]] = [
+        # embeddings of std 1 (as large as a layer's output), else every token looks alike after the layers
+        ("token_embd.weight", (n_embd, n_vocab), q4, lambda: q4_0(n_vocab, n_embd, std=1.0)),
+        ("output_norm.weight", (n_embd,), GGMLQuantizationType.F32, lambda: f32(n_embd, scale=0.0, offset=1.0)),
+    ]
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        tensors += [
+            (p + "attn_norm.weight", (n_embd,), GGMLQuantizationType.F32, lambda: f32(n_embd, scale=0.0, offset=1.0)),
+            (p + "attn_q.weight", (n_embd, q_dim), q4, lambda: q4_0(q_dim, n_embd)),
+            (p + "attn_k.weight", (n_embd, kv_dim), q4, lambda: q4_0(kv_dim, n_embd)),
+            (p + "attn_v.weight", (n_embd, kv_dim), q4, lambda: q4_0(kv_dim, n_embd)),
+            (p + "attn_output.weight", (q_dim, n_embd), q4, lambda: q4_0(n_embd, q_dim)),
+            (p + "attn_q_norm.weight", (head_dim,), GGMLQuantizationType.F32, lambda: f32(head_dim, scale=0.0, offset=1.0)),
+            (p + "attn_k_norm.weight", (head_dim,), GGMLQuantizationType.F32, lambda: f32(head_dim, scale=0.0, offset=1.0)),
+            (p + "ffn_norm.weight", (n_embd,), GGMLQuantizationType.F32, lambda: f32(n_embd, scale=0.0, offset=1.0)),
+            (p + "ffn_gate_inp.weight", (n_embd, n_expert), GGMLQuantizationType.F32,
+             lambda: f32(n_expert, n_embd, scale=1 / np.sqrt(n_embd))),
+            (p + "ffn_gate_exps.weight", (n_embd, n_ff, n_expert), q4, lambda: (q4_0(n_ff, n_embd) for _ in range(n_expert))),
+            (p + "ffn_up_exps.weight", (n_embd, n_ff, n_expert), q4, lambda: (q4_0(n_ff, n_embd) for _ in range(n_expert))),
+            (p + "ffn_down_exps.weight", (n_ff, n_embd, n_expert), q4, lambda: (q4_0(n_embd, n_ff) for _ in range(n_expert))),
+        ]
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as out:
+        w = GGUFWriter(out, alignment=alignment)
+        a = "qwen3moe"
+        w.add("general.architecture", a)
+        w.add("general.name", f"random qwen3moe {n_layer}x{n_expert}x{n_ff}")
+        for key, value in (("context_length", 4096), ("embedding_length", n_embd), ("block_count", n_layer),
+                           ("feed_forward_length", n_ff), ("attention.head_count", n_head),
+                           ("attention.head_count_kv", n_head_kv), ("attention.key_length", head_dim),
+                           ("attention.value_length", head_dim), ("expert_count", n_expert),
+                           ("expert_used_count", n_expert_used), ("expert_feed_forward_length", n_ff)):
+            w.add(f"{a}.{key}", value, GGUFValueType.UINT32)
+        w.add(f"{a}.rope.freq_base", 1e6, GGUFValueType.FLOAT32)
+        w.add(f"{a}.attention.layer_norm_rms_epsilon", 1e-6, GGUFValueType.FLOAT32)
+        for key, value in meta.items():
+            if key.startswith("tokenizer."):
+                vtype, sub = source.value_type(key)
+                w.add(key, value, vtype, sub if vtype == GGUFValueType.ARRAY else None)
+        for name, shape, kind, _ in tensors:
+            n = int(np.prod(shape))
+            nbytes = n * 4 if kind == GGMLQuantizationType.F32 else n // 32 * 18
+            w.add_tensor(name, tuple(reversed(shape)), kind, nbytes)  # shapes above in ggml order, the writer's numpy order
+        w.write_header()
+        for name, _, _, make in tensors:
+            data = make()
+            if isinstance(data, bytes):
+                w.write_tensor(name, data)
+            else:
+                w.write_tensor_chunks(name, data)
+        w.finish()
+    source.close()
+    tmp.replace(path)
+    return path
