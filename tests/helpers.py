@@ -261,6 +261,12 @@ def write_random_moe_gguf(path: Path, *, n_embd: int = 256, n_layer: int = 4, n_
 
     def q4_0(rows: int, cols: int, std: float | None = None) -> bytes:
         blocks = np.frombuffer(rng.bytes(rows * cols // 32 * 18), np.uint8).reshape(-1, 18).copy()
+        # codes 0..15 mean -0.5 after the -8 offset: a shared shift that grows through the layers until
+        # every input gives the same output. Code 0 (-8) becomes 8 (0): mean exactly 0.
+        lo, hi = blocks[:, 2:] & 0x0F, blocks[:, 2:] >> 4
+        lo[lo == 0] = 8
+        hi[hi == 0] = 8
+        blocks[:, 2:] = lo | (hi << 4)
         scale = (1 / np.sqrt(cols) if std is None else std) / 4.6
         blocks[:, :2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)
         return blocks.tobytes()
@@ -277,6 +283,8 @@ def write_random_moe_gguf(path: Path, *, n_embd: int = 256, n_layer: int = 4, n_
         # embeddings of std 1 (as large as a layer's output), else every token looks alike after the layers
         ("token_embd.weight", (n_embd, n_vocab), q4, lambda: q4_0(n_vocab, n_embd, std=1.0)),
         ("output_norm.weight", (n_embd,), GGMLQuantizationType.F32, lambda: f32(n_embd, scale=0.0, offset=1.0)),
+        # untied: with the embedding as output matrix, a random model predicts its input token forever
+        ("output.weight", (n_embd, n_vocab), q4, lambda: q4_0(n_vocab, n_embd)),
     ]
     for i in range(n_layer):
         p = f"blk.{i}."
