@@ -206,16 +206,26 @@ class NativeBackend:
         if bad:
             raise OptionError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.n_vocab - 1})")
 
+    def _call(self, method: str, *args):
+        """An engine call whose C++ errors (an expert read that failed, the file truncated while
+        running) reach the caller as CheckpointError; the engine stays usable."""
+        from edgeai import _native
+
+        try:
+            return getattr(self._live(), method)(*args)
+        except _native.ModelError as exc:
+            raise CheckpointError(str(exc)) from exc
+
     def step(self, tokens: Sequence[int]) -> int:
         tokens = [int(t) for t in tokens]
         self._check_room(tokens)
-        return int(self._live().step(tokens))
+        return int(self._call("step", tokens))
 
     def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Append tokens and return their logits [len(tokens), n_vocab] (tests, evaluation)."""
         tokens = [int(t) for t in tokens]
         self._check_room(tokens)
-        return self._live().eval(tokens, True)
+        return self._call("eval", tokens, True)
 
     def logits(self) -> np.ndarray:
         return self._live().logits()

@@ -138,11 +138,11 @@ def _refusal(plan: MemoryPlan, budget: int) -> str:
     parts = ", ".join(f"{name} {format_bytes(size)}" for name, size, _ in plan.rows() if name != "experts")
     if plan.experts:
         parts += f", {plan.min_slots} expert slots {format_bytes(plan.min_slots * plan.slot_bytes)}"
-    levers = [f"a context of {plan.n_ctx // 2} positions (--ctx) saves {format_bytes(plan.kv // 2)}"] if plan.n_ctx > 256 else []
+    levers = [f"a context of {plan.n_ctx // 2} positions (--ctx) saves {format_bytes(plan.kv // 2)}"] if plan.n_ctx >= 128 else []
     levers.append(f"a smaller quantization (edgeai convert --quant q4_k_m) shrinks the {format_bytes(plan.dense)} of "
                   "resident weights" + (" and the expert slots" if plan.experts else ""))
     if not plan.experts:
         levers.append("dense weights are not streamed: the resident weights must fit")
-    return (f"{plan.path.name} needs at least {format_bytes(plan.minimum)} at n_ctx={plan.n_ctx}, more than the "
-            f"memory budget of {format_bytes(budget)} ({parts}). To run it: raise the budget to "
-            f"{format_bytes(plan.minimum)}, or " + "; ".join(levers) + ".")
+    return (f"{plan.path.name} needs at least {format_bytes(plan.minimum)} ({plan.minimum:,} bytes) at n_ctx={plan.n_ctx}, "
+            f"more than the memory budget of {format_bytes(budget)} ({budget:,} bytes): {parts}. To run it: raise the "
+            f"budget to {format_bytes(plan.minimum)}, or " + "; ".join(levers) + ".")
