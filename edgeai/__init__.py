@@ -13,11 +13,12 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from edgeai.api import load as load
+    from edgeai.api import plan as plan
     from edgeai.converters.convert import convert as convert
     from edgeai.model import Chunk as Chunk
     from edgeai.model import Model as Model
 
-__all__ = ["Chunk", "EdgeAIError", "Model", "__version__", "convert", "load"]
+__all__ = ["Chunk", "EdgeAIError", "Model", "__version__", "convert", "load", "plan"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,10 +26,10 @@ def __getattr__(name: str) -> Any:
         from edgeai.converters.convert import convert
 
         return convert
-    if name == "load":
-        from edgeai.api import load
+    if name in ("load", "plan"):
+        from edgeai import api
 
-        return load
+        return getattr(api, name)
     if name in ("Model", "Chunk"):
         from edgeai import model
 

@@ -17,8 +17,32 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
     device profile's budget when `device` is given, else none.
     device: a profile name (`edgeai devices`): sets the default threads and memory budget.
     """
-    from edgeai.budget import parse_budget
     from edgeai.runtimes.registry import resolve
+
+    path, budget, threads, profile = _resolve(path, memory_budget, device, threads)
+    cls = resolve(Path(path), backend)
+    engine = cls(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget)
+    return Model(engine, device=profile, memory_budget=budget)
+
+
+def plan(path: str | Path | None = None, *, memory_budget: str | int | None = None, device: str | None = None,
+         n_ctx: int | None = None, threads: int | None = None):
+    """How loading `path` in the native engine would split the memory budget, without loading it
+    (`edgeai run --plan`): a `runtimes.plan.MemoryPlan`. Raises BudgetError when it cannot fit.
+    Arguments as for `load`."""
+    from edgeai.errors import BackendError
+    from edgeai.runtimes.native import NativeBackend
+
+    path, budget, threads, _ = _resolve(path, memory_budget, device, threads)
+    reason = NativeBackend.can_run(Path(path))
+    if reason:
+        raise BackendError(f"memory plans are made for the native engine, which cannot run this file: {reason}")
+    return NativeBackend.plan_for(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget)
+
+
+def _resolve(path, memory_budget, device, threads):
+    """(path, budget in bytes or None, threads or None, device profile or None) from load()'s arguments."""
+    from edgeai.budget import parse_budget
 
     profile = None
     if device is not None:
@@ -39,6 +63,4 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
         from edgeai.errors import OptionError
 
         raise OptionError(f"threads must be >= 1, got {threads}")
-    cls = resolve(Path(path), backend)
-    engine = cls(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget)
-    return Model(engine, device=profile, memory_budget=budget)
+    return path, budget, threads, profile

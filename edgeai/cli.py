@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from edgeai.errors import EdgeAIError
+from edgeai.errors import EdgeAIError, OptionError
 
 app = typer.Typer(
     name="edgeai",
@@ -197,18 +197,30 @@ def _load(model, backend, memory_budget, device, n_ctx, threads):
 @app.command()
 def run(
     model: Path = typer.Argument(..., help="A .gguf file or ONNX folder."),
-    prompt: str = typer.Argument(..., help="The prompt (plain text, no chat template)."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt (plain text, no chat template)."),
     max_tokens: int = typer.Option(256, "-n", "--max-tokens", help="Tokens to generate at most."),
     temp: float = typer.Option(0.8, "--temp", help="Temperature (0: greedy)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (text, tokens, timings)."),
+    plan: bool = typer.Option(False, "--plan", help="Show how the memory budget is split (native engine), without running."),
     backend: str = _MODEL_OPTS["backend"], memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"],
     device: Optional[str] = _MODEL_OPTS["device"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
     threads: Optional[int] = _MODEL_OPTS["threads"],
 ) -> None:
     """Generate from PROMPT once and print it (for scripts)."""
-    from edgeai.show import run_once
+    from edgeai.show import run_once, show_plan
 
+    if plan:
+        try:
+            from edgeai.api import plan as make_plan
+
+            show_plan(make_plan(model, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads),
+                      json_output=json_output)
+        except EdgeAIError as exc:
+            _fail(exc)
+        return
+    if prompt is None:
+        _fail(OptionError("PROMPT is missing: edgeai run MODEL PROMPT (or --plan to show the memory plan)"))
     with _load(model, backend, memory_budget, device, n_ctx, threads) as m:
         try:
             run_once(m, prompt, max_tokens=max_tokens, temperature=temp, seed=seed, json_output=json_output)

@@ -165,3 +165,25 @@ def show_fit(path: Path | None, device: str, *, memory_budget: str | None, n_ctx
             "the rest streamed from storage")
         console.print(f"[green]fits[/]: {how}; about {best.decode_tps:.0f} tokens/s decode "
                       f"({format_bytes(best.bytes_per_token_memory + best.bytes_per_token_storage)} read per token)")
+
+
+def show_plan(plan, *, json_output: bool) -> None:
+    """Print a memory plan (`runtimes.plan.MemoryPlan`): each part, its size and how it is held."""
+    if json_output:
+        print(json.dumps(plan.to_json()))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    budget = f"budget {format_bytes(plan.budget)}" if plan.budget is not None else "no budget"
+    table = Table(title=f"{plan.path.name}: memory plan ({budget}, n_ctx {plan.n_ctx})", title_justify="left")
+    for col, justify in (("part", "left"), ("bytes", "right"), ("how", "left")):
+        table.add_column(col, justify=justify)
+    for name, size, how in plan.rows():
+        table.add_row(name, format_bytes(size), how)
+    table.add_row("[bold]total[/]", f"[bold]{format_bytes(plan.total)}[/]", f"smallest budget that runs: {format_bytes(plan.minimum)}")
+    console = Console()
+    console.print(table)
+    if plan.streaming:
+        console.print(f"Experts are streamed from {plan.path.name}: a token that misses the cache reads "
+                      f"{format_bytes(plan.slot_bytes)} per expert from disk, so decode runs at the disk's speed.")

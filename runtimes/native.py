@@ -84,6 +84,32 @@ def engine_config(meta: Mapping[str, object], tensors: Sequence[tuple], path: Pa
     }
 
 
+def _prepare(path: Path, n_ctx: int | None, threads: int | None) -> tuple[Path, dict, int, int]:
+    """(path, engine config with n_ctx_train, n_ctx, threads) for a file, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    meta, tensors = read_gguf(path)
+    config = engine_config(meta, tensors, path)
+    n_ctx_train = int(config["n_ctx_train"])
+    n_ctx = int(n_ctx or min(DEFAULT_N_CTX, n_ctx_train))
+    if not 0 < n_ctx <= n_ctx_train:
+        raise OptionError(f"n_ctx={n_ctx} is outside what {path.name} allows (1..{n_ctx_train})")
+    from edgeai.devices import available_cores
+
+    threads = int(threads or available_cores())
+    if threads < 1:
+        raise OptionError(f"threads must be >= 1, got {threads}")
+    return path, config, n_ctx, threads
+
+
+def _plan(path: Path, config: dict, budget: int | None, n_ctx: int, threads: int):
+    from edgeai.runtimes.plan import plan_memory
+
+    return plan_memory(path, {k: v for k, v in config.items() if k != "n_ctx_train"}, budget=budget, n_ctx=n_ctx,
+                       threads=threads)
+
+
 class NativeBackend:
     """A GGUF in edgeai's C++ engine: one model, one sequence (see `runtimes.base.Backend`)."""
 
@@ -113,6 +139,20 @@ class NativeBackend:
                         f"(it runs {', '.join(sorted(runs.values()))}); the llama.cpp backend can")
         return None
 
+    @classmethod
+    def plan_for(cls, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
+                 memory_budget: int | None = None):
+        """The memory plan loading `path` would follow (`runtimes.plan.MemoryPlan`), without loading
+        it; raises BudgetError as loading would."""
+        from edgeai.runtimes.vocab import GGUFVocab
+
+        path, config, n_ctx, threads = _prepare(path, n_ctx, threads)
+        vocab = GGUFVocab(path)  # held while planning, as when loading
+        try:
+            return _plan(path, config, memory_budget, n_ctx, threads)
+        finally:
+            vocab.close()
+
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
                  memory_budget: int | None = None, isa: str = "", expert_store: Mapping | None = None) -> None:
         """Load `path` (a GGUF the engine runs, see `can_run`).
@@ -123,29 +163,17 @@ class NativeBackend:
         direct, trace, retries; slots: stream with this many slots whatever the budget).
         """
         from edgeai import _native
-        from edgeai.runtimes.plan import IO_THREADS, plan_memory
+        from edgeai.runtimes.plan import IO_THREADS
 
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path} does not exist" if not self.path.exists() else f"{self.path} is not a file")
-        meta, tensors = read_gguf(self.path)
-        config = engine_config(meta, tensors, self.path)
+        self.path, config, n_ctx, self.threads = _prepare(path, n_ctx, threads)
         self.n_ctx_train = int(config.pop("n_ctx_train"))
-        n_ctx = int(n_ctx or min(DEFAULT_N_CTX, self.n_ctx_train))
-        if not 0 < n_ctx <= self.n_ctx_train:
-            raise OptionError(f"n_ctx={n_ctx} is outside what {self.path.name} allows (1..{self.n_ctx_train})")
-        from edgeai.devices import available_cores
-
-        self.threads = int(threads or available_cores())
-        if self.threads < 1:
-            raise OptionError(f"threads must be >= 1, got {self.threads}")
         self.memory_budget = memory_budget
         from edgeai.runtimes.vocab import GGUFVocab
 
         self._engine = None
         self._vocab = GGUFVocab(self.path)  # first: the planner counts it in the process's memory
         try:
-            self.plan = plan_memory(self.path, config, budget=memory_budget, n_ctx=n_ctx, threads=self.threads)
+            self.plan = _plan(self.path, config, memory_budget, n_ctx, self.threads)
             options = dict(expert_store or {})
             stream = self.plan.stream_config(**options)
             if stream is None and "slots" in options:
