@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeai.budget import format_bytes
 from edgeai.devices import available_cores
-from edgeai.errors import CheckpointError, ContextOverflowError, OptionError
+from edgeai.errors import BudgetError, CheckpointError, ContextOverflowError, OptionError
 from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling
 from edgeai.runtimes.sampling import make_rng, sample
 from edgeai.runtimes.vocab import GGUFVocab, llama_cpp
@@ -65,7 +66,15 @@ class LlamaCppBackend:
         self._ll = ll
         self._model = self._ctx = self._batch = None
         self.threads = threads or available_cores()
-        self.memory_budget = memory_budget  # enforced by the planner (issue 7); recorded for stats
+        self.memory_budget = memory_budget
+        size = self.path.stat().st_size
+        if memory_budget is not None and size > memory_budget:
+            # llama.cpp maps the whole file and leaves paging to the kernel: it has no way to stay
+            # within a budget smaller than the weights, so refuse instead of thrashing the disk
+            raise BudgetError(f"{self.path.name} is {format_bytes(size)}, more than the memory budget of "
+                              f"{format_bytes(memory_budget)}; llama.cpp keeps every weight mapped. The native backend "
+                              "streams MoE experts within a budget (backend='native', `edgeai run --plan` shows the split)",
+                              size)
 
         mparams = ll.llama_model_default_params()
         mparams.n_gpu_layers = 0

@@ -167,15 +167,20 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_budget_holds_under_a_memory_cgroup(tmp_path):
+@pytest.fixture(scope="module")
+def random_moe(tmp_path_factory):
+    """~215 MB Qwen3-MoE, almost all experts (24 x 8 layers of 0.86 MiB): larger than the process."""
+    return write_random_moe_gguf(tmp_path_factory.mktemp("moe-big") / "moe.gguf", n_embd=1024, n_ff=512, n_expert=24,
+                                 n_expert_used=4, n_layer=8, n_head=8, n_head_kv=2, head_dim=128)
+
+
+def test_budget_holds_under_a_memory_cgroup(random_moe, tmp_path):
     from edgeai.devices.cgroup import drop_file_cache, run_limited, unavailable
 
     why = unavailable()
     if why:
         pytest.skip(f"cannot enforce a memory limit here: {why}")
-    # ~215 MB, almost all experts (24 x 8 layers of 0.86 MiB)
-    path = write_random_moe_gguf(tmp_path / "moe.gguf", n_embd=1024, n_ff=512, n_expert=24, n_expert_used=4,
-                                 n_layer=8, n_head=8, n_head_kv=2, head_dim=128)
+    path = random_moe
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     free = subprocess.run([sys.executable, str(script), str(path), "0"], capture_output=True, text=True, check=True)
@@ -191,3 +196,27 @@ def test_budget_holds_under_a_memory_cgroup(tmp_path):
     assert limited["tokens"] == unlimited["tokens"]
     assert r.peak <= budget
     assert limited["rss"] <= limited["planned"]  # the process's own memory stayed within the plan
+
+
+def test_cli_plan_and_budgets_the_other_engines_cannot_keep(random_moe):
+    from typer.testing import CliRunner
+
+    from edgeai.cli import app
+    from edgeai.runtimes.llamacpp import LlamaCppBackend
+
+    path = random_moe
+    runner = CliRunner()
+    shown = runner.invoke(app, ["run", str(path), "--plan", "--json", "--ctx", "128"])
+    assert shown.exit_code == 0, shown.output
+    plan = json.loads(shown.output)
+    assert not plan["streaming"] and plan["parts"]["experts"] > 100 << 20
+    half = plan["total"] - plan["parts"]["experts"] // 2
+    tight = runner.invoke(app, ["run", str(path), "--plan", "--json", "--ctx", "128", "--memory-budget", str(half)])
+    assert tight.exit_code == 0, tight.output
+    tight = json.loads(tight.output)
+    assert tight["streaming"] and tight["total"] <= half and 0.3 < tight["slots"] / (24 * 8) < 0.7
+    refused = runner.invoke(app, ["run", str(path), "--plan", "--ctx", "128", "--memory-budget", "20MB"],
+                            env={"COLUMNS": "300"})
+    assert refused.exit_code == 1 and "needs at least" in refused.output and "raise the budget" in refused.output
+    with pytest.raises(BudgetError, match="backend='native'"):
+        LlamaCppBackend(path, n_ctx=128, memory_budget=path.stat().st_size - 1)
