@@ -90,8 +90,26 @@ StreamingExpertStore::StreamingExpertStore(const std::string &path, std::vector<
     for (int i = 0; i < cfg_.slots; ++i) slots_[i].buf = arena_ + slot_bytes_ * i;
     where_.assign(layers_.size() * n_expert_, -1);
     faults_left_ = cfg_.inject_read_faults;
+    if (cfg_.io != "auto" && cfg_.io != "uring" && cfg_.io != "pread") {
+        ::close(fd_);
+        std::free(arena_);
+        throw ModelError("unknown expert read method '" + cfg_.io + "' (use auto, uring or pread)");
+    }
+    if (cfg_.io != "pread") {
+        uring_ = std::make_unique<Uring>();
+        if (!uring_->open(static_cast<unsigned>(3 * cfg_.io_threads))) {
+            const std::string why = std::strerror(errno);
+            uring_.reset();
+            if (cfg_.io == "uring") {
+                ::close(fd_);
+                std::free(arena_);
+                throw ModelError("io_uring is not available here (" + why + "); use io='pread' or 'auto'");
+            }
+        }
+    }
     reset_stats();
-    for (int i = 0; i < cfg_.io_threads; ++i) readers_.emplace_back([this] { reader(); });
+    if (uring_) readers_.emplace_back([this] { uring_reader(); });
+    else for (int i = 0; i < cfg_.io_threads; ++i) readers_.emplace_back([this] { reader(); });
 }
 
 StreamingExpertStore::~StreamingExpertStore() {
@@ -351,15 +369,120 @@ void StreamingExpertStore::reader() {
         }
         lock.lock();
         stats_.read_seconds += now() - t0;
-        Slot &s = slots_[slot];
-        if (error.empty()) {
-            s.state = State::READY;
-        } else {
-            ++stats_.read_failures;
-            s.state = State::FAILED;
-            s.error = error;
+        finish(slot, error);
+    }
+}
+
+void StreamingExpertStore::finish(int slot, const std::string &error) {
+    Slot &s = slots_[slot];
+    if (error.empty()) {
+        s.state = State::READY;
+    } else {
+        ++stats_.read_failures;
+        s.state = State::FAILED;
+        s.error = error;
+    }
+    ready_.notify_all();
+}
+
+// One thread keeps up to capacity() reads in flight through io_uring: each queued slot becomes
+// three reads (gate, up, down). A read that fails or comes back short is redone with pread,
+// which retries and reports (the same path as without io_uring); so are reads while faults are
+// injected. On stop, reads in flight are waited for: the kernel writes into the slot buffers.
+void StreamingExpertStore::uring_reader() {
+    struct Part {
+        int slot, key, proj;
+        uint64_t from;
+        size_t len, need;
+    };
+    struct Job {
+        int remaining;
+        double t0;
+        std::string error;
+    };
+    std::vector<Part> parts(uring_->capacity());
+    std::vector<uint64_t> free_tags;
+    for (uint64_t t = 0; t < parts.size(); ++t) free_tags.push_back(t);
+    std::vector<Job> jobs(slots_.size());
+    unsigned inflight = 0;
+    std::vector<std::pair<int, int>> by_pread;
+    std::vector<int> done;
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+        if (inflight == 0) work_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (stop_ && inflight == 0) return;
+        by_pread.clear();
+        while (!stop_ && !queue_.empty() && free_tags.size() >= 3) {
+            const auto [slot, key] = queue_.front();
+            queue_.pop_front();
+            if (faults_left_ > 0) {
+                by_pread.emplace_back(slot, key);
+                continue;
+            }
+            jobs[slot] = Job{3, now(), {}};
+            const ExpertLayer &l = layers_[key / n_expert_];
+            uint8_t *region = slots_[slot].buf;
+            for (int p = 0; p < 3; ++p) {
+                const uint64_t start = l.file_offset[p] + static_cast<uint64_t>(key % n_expert_) * l.slice_bytes(p);
+                const uint64_t from = align_down(start), to = align_up(start + l.slice_bytes(p));
+                const uint64_t tag = free_tags.back();
+                free_tags.pop_back();
+                parts[tag] = Part{slot, key, p, from, size_t(to - from), size_t(start + l.slice_bytes(p) - from)};
+                uring_->read(fd_, region, static_cast<unsigned>(to - from), from, tag);
+                region += region_[p];
+                ++inflight;
+            }
         }
-        ready_.notify_all();
+        lock.unlock();
+        for (const auto &[slot, key] : by_pread) {  // outside the ring: injected faults are counted there
+            const double t0 = now();
+            std::string error;
+            try {
+                read_slot(slot, key);
+            } catch (const ModelError &err) {
+                error = err.what();
+            }
+            std::lock_guard<std::mutex> g(mu_);
+            stats_.read_seconds += now() - t0;
+            finish(slot, error);
+        }
+        done.clear();
+        if (inflight) {
+            int r;
+            while ((r = uring_->submit(1)) == -EAGAIN || r == -EBUSY) std::this_thread::sleep_for(std::chrono::microseconds(200));
+            uint64_t tag;
+            int res;
+            uint64_t bytes = 0;
+            while (uring_->reap(&tag, &res)) {
+                const Part pt = parts[tag];
+                free_tags.push_back(tag);
+                --inflight;
+                Job &job = jobs[pt.slot];
+                if (res >= 0 && static_cast<size_t>(res) >= pt.need) {
+                    bytes += static_cast<uint64_t>(res);
+                } else {  // failed or short: pread retries it and names what went wrong
+                    uint8_t *region = slots_[pt.slot].buf;
+                    for (int p = 0; p < pt.proj; ++p) region += region_[p];
+                    try {
+                        bytes += pread_full(pt.from, region, pt.len, pt.need);
+                    } catch (const ModelError &err) {
+                        job.error = path_ + ": reading expert " + std::to_string(pt.key % n_expert_) + " of layer " +
+                                    std::to_string(pt.key / n_expert_) + " (" + kProj[pt.proj] + ") failed after " +
+                                    std::to_string(cfg_.retries + 1) + " attempts: " + err.what();
+                    }
+                }
+                if (--job.remaining == 0) done.push_back(pt.slot);
+            }
+            lock.lock();
+            stats_.bytes_read += bytes;
+            for (int slot : done) {
+                stats_.reads += 3;
+                stats_.read_seconds += now() - jobs[slot].t0;
+                finish(slot, jobs[slot].error);
+            }
+        } else {
+            lock.lock();
+        }
     }
 }
 
@@ -375,6 +498,7 @@ void StreamingExpertStore::reset_stats() {
     stats_.streaming = true;
     stats_.direct = direct_;
     stats_.policy = cfg_.policy;
+    stats_.io = uring_ ? "io_uring" : "pread";
     stats_.slots = cfg_.slots;
     stats_.peak_slots_used = peak;
     stats_.layer_hits.assign(layers_.size(), 0);

@@ -22,6 +22,8 @@
 #include <thread>
 #include <vector>
 
+#include "uring.hpp"
+
 namespace edgeai {
 
 class ModelError : public std::runtime_error {
@@ -53,7 +55,7 @@ struct ExpertLayer {
 
 struct ExpertStoreStats {
     bool streaming = false, direct = false;
-    std::string policy;
+    std::string policy, io;  // replacement policy; "io_uring" or "pread"
     int slots = 0, peak_slots_used = 0;            // slots holding or loading an expert, at most `slots`
     uint64_t hits = 0, misses = 0;                 // demand accesses: resident (or being prefetched) or not
     uint64_t bytes_read = 0, reads = 0;            // reads issued to the file (alignment included)
@@ -94,7 +96,8 @@ class MmapExpertStore : public ExpertStore {
 struct StreamConfig {
     int slots = 0;                 // experts held in memory at once
     std::string policy = "layer";  // lru | lfu | layer (see expert_store.cpp)
-    int io_threads = 4;            // reads in flight
+    int io_threads = 4;            // reads in flight (pread threads; io_uring: 3x this many reads)
+    std::string io = "auto";       // auto (io_uring where the kernel allows it, else pread) | uring | pread
     bool direct = true;            // bypass the page cache (falls back when the file system refuses)
     bool trace = false;            // record demand accesses (replays, benchmarks)
     int retries = 3;               // attempts after a failed or short read, before the error is reported
@@ -143,7 +146,9 @@ class StreamingExpertStore : public ExpertStore {
     int load(int key, bool demand);            // assigns a slot and queues the read; -1 if no slot free (lock held)
     void touch(Slot &s);                       // policy bookkeeping on a demand access (lock held)
     void count_access(int key, int slot);      // hit/miss accounting (lock held)
-    void reader();                             // reader thread body
+    void reader();                             // pread thread body
+    void uring_reader();                       // the io_uring thread body
+    void finish(int slot, const std::string &error);  // a slot's read is over (lock held)
     void read_slot(int slot, int key);         // reads outside the lock; throws ModelError
     ExpertWeights weights(int slot, int key) const;
     size_t pread_full(uint64_t offset, uint8_t *dst, size_t len, size_t need);
@@ -164,6 +169,7 @@ class StreamingExpertStore : public ExpertStore {
     std::vector<int> where_;  // key -> slot, -1 when not held
     std::deque<std::pair<int, int>> queue_;  // (slot, key): demand reads at the front
     std::vector<std::thread> readers_;
+    std::unique_ptr<Uring> uring_;  // set when reads go through io_uring
     bool stop_ = false;
     uint64_t clock_ = 0;
     int current_layer_ = 0;

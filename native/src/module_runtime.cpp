@@ -82,6 +82,7 @@ edgeai::StreamConfig stream_config_from(const nb::dict &d) {
         if (key == "slots") s.slots = nb::cast<int>(v);
         else if (key == "policy") s.policy = nb::cast<std::string>(v);
         else if (key == "io_threads") s.io_threads = nb::cast<int>(v);
+        else if (key == "io") s.io = nb::cast<std::string>(v);
         else if (key == "direct") s.direct = nb::cast<bool>(v);
         else if (key == "trace") s.trace = nb::cast<bool>(v);
         else if (key == "retries") s.retries = nb::cast<int>(v);
@@ -244,6 +245,7 @@ void bind_runtime(nb::module_ &m) {
                  d["streaming"] = s.streaming;
                  d["direct"] = s.direct;
                  d["policy"] = s.policy;
+                 d["io"] = s.io;
                  d["slots"] = s.slots;
                  d["peak_slots_used"] = s.peak_slots_used;
                  d["slot_bytes"] = self.experts().slot_bytes();

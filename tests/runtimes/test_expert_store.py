@@ -83,9 +83,11 @@ def test_unaligned_slices_and_buffered_reads(moe_ggufs):
     ref = NativeBackend(path, n_ctx=128, threads=1)
     ref_logits, _ = run(ref, 1)
     for direct in (True, False):
-        b = NativeBackend(path, n_ctx=128, threads=1, expert_store={"slots": 3, "direct": direct})
-        np.testing.assert_array_equal(run(b, 1)[0], ref_logits)
-        b.close()
+        for io in ("pread", "auto"):  # auto: io_uring where the kernel allows it
+            b = NativeBackend(path, n_ctx=128, threads=1, expert_store={"slots": 3, "direct": direct, "io": io})
+            np.testing.assert_array_equal(run(b, 1)[0], ref_logits)
+            assert b.stats().extra["expert_store"]["io"] in (("pread",) if io == "pread" else ("pread", "io_uring"))
+            b.close()
 
 
 def test_planner_splits_streams_and_refuses(moe_ggufs):
