@@ -222,3 +222,45 @@ def test_cli_plan_and_budgets_the_other_engines_cannot_keep(random_moe):
     assert refused.exit_code == 1 and "needs at least" in refused.output and "raise the budget" in refused.output
     with pytest.raises(BudgetError, match="backend='native'"):
         LlamaCppBackend(path, n_ctx=128, memory_budget=path.stat().st_size - 1)
+
+
+INTERRUPTED = textwrap.dedent("""
+    import json, os, sys
+    from edgeai.runtimes.base import GREEDY
+    from edgeai.runtimes.native import NativeBackend
+    threads = len(os.listdir("/proc/self/task"))
+    b = NativeBackend(sys.argv[1], n_ctx=4096, threads=2, expert_store={"slots": 4})
+    b.set_sampling(GREEDY)
+    token = b.step([1, 2, 3])
+    print("ready", flush=True)
+    steps = 0
+    try:
+        while True:  # every step misses the cache: the interrupt lands during reads
+            token = b.step([token])
+            steps += 1
+            if b.n_past > 4000:
+                b.truncate(3)
+    except KeyboardInterrupt:
+        b.close()
+        print(json.dumps({"steps": steps, "threads_before": threads, "threads_after": len(os.listdir("/proc/self/task"))}))
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc (Linux)")
+def test_ctrl_c_during_reads(random_moe, tmp_path):
+    import signal
+    import time
+
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED)
+    before = sorted(os.listdir(tmp_path))
+    child = subprocess.Popen([sys.executable, str(script), str(random_moe)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(1.0)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err[-2000:]  # no crash: the interrupt surfaced as KeyboardInterrupt
+    report = json.loads(out)
+    assert report["threads_after"] == report["threads_before"]  # reader and worker threads joined
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
