@@ -5,19 +5,21 @@ tokenizer), the tensors kept in memory, the KV cache, the engine's compute buffe
 cache. Sizes come from the engine itself (`_native.memory_sizes`: the same arithmetic its
 allocations use), the process from its resident set measured at planning time.
 
-Three outcomes:
+Four outcomes, the first that fits:
 - everything fits: weights are read in place from the memory map (no streaming);
 - an MoE whose experts do not fit: dense tensors are copied into memory and experts are streamed
   from the file into as many cache slots as the rest of the budget holds;
+- dense weights do not fit either: each layer's matrices are streamed too, through two layer slots
+  (the layer computed and the next one, read meanwhile). Every token then reads every layer from
+  disk: decode runs at the disk's speed, not memory's;
 - not even that fits: refused (BudgetError) before anything is loaded, with the smallest budget
   that would work and what would lower it.
-Dense weights that do not fit are refused too: streaming them layer by layer is not implemented.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeai.budget import format_bytes
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 # the planned parts) and rounded up.
 ENGINE_OVERHEAD = 24 * 2**20
 IO_THREADS = 4  # reads in flight: enough to keep an NVMe queue busy with 1-4 MB expert slices
+LAYER_SLOTS = 2  # dense streaming: the layer being computed and the next one
 
 
 @dataclass(frozen=True)
@@ -49,15 +52,25 @@ class MemoryPlan:
     slots: int  # expert cache slots; 0 = experts read in place from the memory map
     n_expert_used: int
     n_experts: int  # n_layer * n_expert: slots beyond this would hold nothing
+    n_layer: int = 0
+    layer_matrices: int = 0  # the part of `dense` that can be streamed layer by layer
+    layer_slot: int = 0  # one layer's slot
+    layer_slots: int = 0  # 0: dense weights resident; else streamed through this many slots
 
     @property
     def streaming(self) -> bool:
-        return self.slots > 0
+        return self.slots > 0 or self.layer_slots > 0
+
+    @property
+    def dense_memory(self) -> int:
+        if self.layer_slots:
+            return self.dense - self.layer_matrices + self.layer_slots * self.layer_slot
+        return self.dense
 
     @property
     def fixed(self) -> int:
         """Everything but the experts."""
-        return self.process + self.dense + self.kv + self.scratch + ENGINE_OVERHEAD
+        return self.process + self.dense_memory + self.kv + self.scratch + ENGINE_OVERHEAD
 
     @property
     def expert_memory(self) -> int:
@@ -74,14 +87,15 @@ class MemoryPlan:
 
     @property
     def minimum(self) -> int:
-        """The smallest budget this file runs in at this context."""
-        return self.fixed + (self.min_slots * self.slot_bytes if self.experts else 0)
+        """The smallest budget this file runs in at this context (streaming layers if that is smaller)."""
+        streamed = replace(self, layer_slots=LAYER_SLOTS) if self.layer_matrices else self
+        return min(self.fixed, streamed.fixed) + (self.min_slots * self.slot_bytes if self.experts else 0)
 
     def stream_config(self, **options) -> dict | None:
-        """The engine's `stream` argument: None when experts stay in the memory map."""
+        """The engine's `stream` argument: None when every weight stays in the memory map."""
         if not self.streaming:
             return None
-        return {"slots": self.slots, "io_threads": IO_THREADS, **options}
+        return {"slots": self.slots, "layer_slots": self.layer_slots, "io_threads": IO_THREADS, **options}
 
     def rows(self) -> list[tuple[str, int, str]]:
         """(part, bytes, how) for printing."""
@@ -92,8 +106,13 @@ class MemoryPlan:
             experts = "experts: all in memory (memory-mapped)"
         else:
             experts = ""
-        rows = [("process", self.process, "interpreter, libraries, tokenizer (measured)"),
-                ("weights", self.dense, "copied into memory" if self.streaming else "memory-mapped"),
+        if self.layer_slots:
+            weights = ("weights", self.dense_memory,
+                       f"norms, embeddings, routers in memory; layer matrices streamed through {self.layer_slots} slots "
+                       f"of {format_bytes(self.layer_slot)} (every token reads all {self.n_layer} layers from disk)")
+        else:
+            weights = ("weights", self.dense, "copied into memory" if self.streaming else "memory-mapped")
+        rows = [("process", self.process, "interpreter, libraries, tokenizer (measured)"), weights,
                 ("KV cache", self.kv, f"f16, {self.n_ctx} positions"),
                 ("compute buffers", self.scratch + ENGINE_OVERHEAD, "activations, logits, threads")]
         if experts:
@@ -102,7 +121,8 @@ class MemoryPlan:
 
     def to_json(self) -> dict:
         return {"path": str(self.path), "budget": self.budget, "n_ctx": self.n_ctx, "streaming": self.streaming,
-                "slots": self.slots, "slot_bytes": self.slot_bytes, "total": self.total, "minimum": self.minimum,
+                "slots": self.slots, "slot_bytes": self.slot_bytes, "layer_slots": self.layer_slots,
+                "layer_slot_bytes": self.layer_slot, "total": self.total, "minimum": self.minimum,
                 "parts": {name: size for name, size, _ in self.rows()}}
 
 
@@ -122,16 +142,24 @@ def plan_memory(path: Path, config: dict, *, budget: int | None, n_ctx: int, thr
     sizes = _native.memory_sizes(str(path), config, n_ctx, threads)
     n_experts = int(config["n_layer"]) * int(config["n_expert"])
     plan = MemoryPlan(Path(path), budget, n_ctx, process_bytes, sizes["dense"], sizes["experts"], sizes["kv"],
-                      sizes["scratch"], sizes["slot"], 0, int(config["n_expert_used"]), n_experts)
+                      sizes["scratch"], sizes["slot"], 0, int(config["n_expert_used"]), n_experts,
+                      int(config["n_layer"]), sizes["layer_matrices"], sizes["layer_slot"], 0)
     if budget is None or plan.total <= budget:
         return plan
-    if plan.experts and budget >= plan.minimum:
-        slots = min(n_experts, (budget - plan.fixed) // plan.slot_bytes)
-        plan = MemoryPlan(**{**plan.__dict__, "slots": int(slots)})
-        log.info("%s: %d of %d experts cached in %s; the rest streamed from disk", Path(path).name, slots, n_experts,
-                 format_bytes(plan.expert_memory))
-        return plan
-    raise BudgetError(_refusal(plan, budget), plan.minimum)
+    candidates = [plan]
+    if plan.layer_matrices:
+        candidates.append(replace(plan, layer_slots=LAYER_SLOTS))
+    for candidate in candidates:
+        if not plan.experts and candidate.fixed <= budget:
+            log.info("%s: dense layers streamed from disk through %d slots", Path(path).name, candidate.layer_slots)
+            return candidate
+        if plan.experts and budget - candidate.fixed >= candidate.min_slots * plan.slot_bytes:
+            slots = min(n_experts, (budget - candidate.fixed) // plan.slot_bytes)
+            log.info("%s: %d of %d experts cached in %s; the rest streamed from disk%s", Path(path).name, slots,
+                     n_experts, format_bytes(slots * plan.slot_bytes),
+                     ", dense layers too" if candidate.layer_slots else "")
+            return replace(candidate, slots=int(slots))
+    raise BudgetError(_refusal(min(candidates, key=lambda c: c.fixed), budget), plan.minimum)
 
 
 def _refusal(plan: MemoryPlan, budget: int) -> str:
@@ -141,8 +169,6 @@ def _refusal(plan: MemoryPlan, budget: int) -> str:
     levers = [f"a context of {plan.n_ctx // 2} positions (--ctx) saves {format_bytes(plan.kv // 2)}"] if plan.n_ctx >= 128 else []
     levers.append(f"a smaller quantization (edgeai convert --quant q4_k_m) shrinks the {format_bytes(plan.dense)} of "
                   "resident weights" + (" and the expert slots" if plan.experts else ""))
-    if not plan.experts:
-        levers.append("dense weights are not streamed: the resident weights must fit")
     return (f"{plan.path.name} needs at least {format_bytes(plan.minimum)} ({plan.minimum:,} bytes) at n_ctx={plan.n_ctx}, "
             f"more than the memory budget of {format_bytes(budget)} ({budget:,} bytes): {parts}. To run it: raise the "
             f"budget to {format_bytes(plan.minimum)}, or " + "; ".join(levers) + ".")

@@ -24,8 +24,6 @@ uint64_t align_up(uint64_t v) { return (v + kAlign - 1) & ~(kAlign - 1); }
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
-const char *kProj[3] = {"gate", "up", "down"};
-
 }  // namespace
 
 ExpertWeights MmapExpertStore::acquire(int layer, int expert) {
@@ -38,28 +36,66 @@ ExpertWeights MmapExpertStore::acquire(int layer, int expert) {
     return {m[0], m[1], m[2]};
 }
 
-// Each projection's region in a slot: its widest slice rounded up, plus one block because a slice
-// may start anywhere in a block.
-static std::array<size_t, 3> slot_regions(const std::vector<std::array<size_t, 3>> &slices) {
-    std::array<size_t, 3> region{};
-    for (int p = 0; p < 3; ++p) {
-        size_t widest = 0;
-        for (const auto &l : slices) widest = std::max(widest, l[p]);
-        region[p] = align_up(widest) + kAlign;
+// A range's region in a slot: its bytes rounded up, plus one block because it may start anywhere
+// in a block.
+static size_t region_bytes(size_t bytes) { return align_up(bytes) + kAlign; }
+
+size_t stream_slot_bytes(const std::vector<std::vector<size_t>> &unit_range_bytes) {
+    size_t widest = 0;
+    for (const auto &unit : unit_range_bytes) {
+        size_t total = 0;
+        for (size_t b : unit) total += region_bytes(b);
+        widest = std::max(widest, total);
     }
-    return region;
+    return widest;
 }
 
-size_t stream_slot_bytes(const std::vector<std::array<size_t, 3>> &slices) {
-    const std::array<size_t, 3> r = slot_regions(slices);
-    return r[0] + r[1] + r[2];
+std::vector<Unit> StreamingExpertStore::units(const std::vector<ExpertLayer> &layers, int n_expert) {
+    std::vector<Unit> out;
+    for (size_t l = 0; l < layers.size(); ++l)
+        for (int e = 0; e < n_expert; ++e) {
+            Unit u;
+            u.layer = static_cast<int>(l);
+            u.name = "expert " + std::to_string(e) + " of layer " + std::to_string(l);
+            for (int p = 0; p < 3; ++p)
+                u.ranges.push_back({layers[l].file_offset[p] + static_cast<uint64_t>(e) * layers[l].slice_bytes(p),
+                                    layers[l].slice_bytes(p)});
+            out.push_back(std::move(u));
+        }
+    return out;
 }
 
 StreamingExpertStore::StreamingExpertStore(const std::string &path, std::vector<ExpertLayer> layers, int n_expert,
                                            const StreamConfig &cfg)
-    : path_(path), layers_(std::move(layers)), n_expert_(n_expert), cfg_(cfg) {
+    : layers_(std::move(layers)), n_expert_(n_expert),
+      store_(path, units(layers_, n_expert), static_cast<int>(layers_.size()), cfg) {}
+
+void StreamingExpertStore::request(int layer, const std::vector<int> &experts) {
+    keys_.clear();
+    for (int e : experts) keys_.push_back(layer * n_expert_ + e);
+    store_.request(layer, keys_);
+}
+
+void StreamingExpertStore::prefetch(int layer, const std::vector<int> &experts) {
+    keys_.clear();
+    for (int e : experts) keys_.push_back(layer * n_expert_ + e);
+    store_.prefetch(keys_);
+}
+
+ExpertWeights StreamingExpertStore::acquire(int layer, int expert) {
+    const std::vector<const uint8_t *> at = store_.acquire(layer * n_expert_ + expert);
+    Matrix m[3];
+    for (int p = 0; p < 3; ++p) {
+        m[p] = layers_[layer].stacked[p];
+        m[p].data = at[p];
+    }
+    return {m[0], m[1], m[2]};
+}
+
+StreamingStore::StreamingStore(const std::string &path, std::vector<Unit> units, int n_layers, const StreamConfig &cfg)
+    : path_(path), units_(std::move(units)), n_layers_(n_layers), cfg_(cfg) {
     if (cfg_.slots < 2)
-        throw ModelError("the expert cache needs at least 2 slots (one expert computed while the next is read); got " +
+        throw ModelError("a streaming cache needs at least 2 slots (one unit computed while the next is read); got " +
                          std::to_string(cfg_.slots));
     if (cfg_.policy != "lru" && cfg_.policy != "lfu" && cfg_.policy != "layer")
         throw ModelError("unknown expert cache policy '" + cfg_.policy + "' (use lru, lfu or layer)");
@@ -75,10 +111,18 @@ StreamingExpertStore::StreamingExpertStore(const std::string &path, std::vector<
 #ifdef F_NOCACHE
     if (cfg_.direct && !direct_) direct_ = ::fcntl(fd_, F_NOCACHE, 1) == 0;  // macOS: uncached reads
 #endif
-    std::vector<std::array<size_t, 3>> slices;
-    for (const ExpertLayer &l : layers_) slices.push_back({l.slice_bytes(0), l.slice_bytes(1), l.slice_bytes(2)});
-    region_ = slot_regions(slices);
-    slot_bytes_ = region_[0] + region_[1] + region_[2];
+    size_t max_ranges = 0;
+    for (const Unit &u : units_) {
+        std::vector<size_t> at;
+        size_t offset = 0;
+        for (const Range &r : u.ranges) {
+            at.push_back(offset);
+            offset += region_bytes(r.bytes);
+        }
+        slot_bytes_ = std::max(slot_bytes_, offset);
+        max_ranges = std::max(max_ranges, u.ranges.size());
+        region_.push_back(std::move(at));
+    }
     void *arena = nullptr;
     if (posix_memalign(&arena, kAlign, slot_bytes_ * cfg_.slots) != 0) {
         ::close(fd_);
@@ -88,7 +132,7 @@ StreamingExpertStore::StreamingExpertStore(const std::string &path, std::vector<
     arena_ = static_cast<uint8_t *>(arena);
     slots_.resize(cfg_.slots);
     for (int i = 0; i < cfg_.slots; ++i) slots_[i].buf = arena_ + slot_bytes_ * i;
-    where_.assign(layers_.size() * n_expert_, -1);
+    where_.assign(units_.size(), -1);
     faults_left_ = cfg_.inject_read_faults;
     if (cfg_.io != "auto" && cfg_.io != "uring" && cfg_.io != "pread") {
         ::close(fd_);
@@ -97,7 +141,7 @@ StreamingExpertStore::StreamingExpertStore(const std::string &path, std::vector<
     }
     if (cfg_.io != "pread") {
         uring_ = std::make_unique<Uring>();
-        if (!uring_->open(static_cast<unsigned>(3 * cfg_.io_threads))) {
+        if (!uring_->open(static_cast<unsigned>(std::max<size_t>(3 * cfg_.io_threads, max_ranges)))) {
             const std::string why = std::strerror(errno);
             uring_.reset();
             if (cfg_.io == "uring") {
@@ -112,7 +156,7 @@ StreamingExpertStore::StreamingExpertStore(const std::string &path, std::vector<
     else for (int i = 0; i < cfg_.io_threads; ++i) readers_.emplace_back([this] { reader(); });
 }
 
-StreamingExpertStore::~StreamingExpertStore() {
+StreamingStore::~StreamingStore() {
     {
         std::lock_guard<std::mutex> lock(mu_);
         stop_ = true;
@@ -132,8 +176,8 @@ StreamingExpertStore::~StreamingExpertStore() {
 //  layer: decode visits layers in a cycle, so an expert of the layer just computed is needed again
 //         only after every other layer: evict the expert whose layer comes back last, and among
 //         those the least (decayed) frequently used. LRU does the opposite under a cyclic scan.
-int StreamingExpertStore::victim() {
-    const int L = static_cast<int>(layers_.size());
+int StreamingStore::victim() {
+    const int L = n_layers_;
     int best = -1;
     double best_keep = 0;
     for (int i = 0; i < static_cast<int>(slots_.size()); ++i) {
@@ -149,7 +193,7 @@ int StreamingExpertStore::victim() {
             keep = freq;
         } else {
             // layers computed before it is needed again: 0 for the next layer, L-1 for the current one
-            const int distance = (s.key / n_expert_ - current_layer_ + L - 1) % L;
+            const int distance = (units_[s.key].layer - current_layer_ + L - 1) % L;
             keep = -distance * 1e9 + freq;
         }
         if (best < 0 || keep < best_keep) best = i, best_keep = keep;
@@ -157,13 +201,13 @@ int StreamingExpertStore::victim() {
     return best;
 }
 
-void StreamingExpertStore::touch(Slot &s) {
+void StreamingStore::touch(Slot &s) {
     const double age = static_cast<double>(clock_ - s.last_use);
     s.freq = s.freq * std::exp2(-age / slots_.size()) + 1.0;
     s.last_use = ++clock_;
 }
 
-int StreamingExpertStore::load(int key, bool demand) {
+int StreamingStore::load(int key, bool demand) {
     const int i = victim();
     if (i < 0) return -1;
     Slot &s = slots_[i];
@@ -179,8 +223,8 @@ int StreamingExpertStore::load(int key, bool demand) {
     return i;
 }
 
-void StreamingExpertStore::count_access(int key, int slot) {
-    const int layer = key / n_expert_;
+void StreamingStore::count_access(int key, int slot) {
+    const int layer = units_[key].layer;
     if (slot >= 0 && slots_[slot].state != State::FAILED) {
         ++stats_.hits;
         ++stats_.layer_hits[layer];
@@ -195,13 +239,12 @@ void StreamingExpertStore::count_access(int key, int slot) {
     if (cfg_.trace) trace_.push_back(key);
 }
 
-void StreamingExpertStore::request(int layer, const std::vector<int> &experts) {
+void StreamingStore::request(int layer, const std::vector<int> &keys) {
     std::lock_guard<std::mutex> lock(mu_);
     current_layer_ = layer;
     for (Slot &s : slots_) s.wanted = false;  // a previous layer that failed midway leaves none behind
     announced_.clear();
-    for (int e : experts) {
-        const int key = layer * n_expert_ + e;
+    for (int key : keys) {
         int i = find(key);
         count_access(key, i);
         announced_.push_back(key);
@@ -221,18 +264,16 @@ void StreamingExpertStore::request(int layer, const std::vector<int> &experts) {
     }
 }
 
-void StreamingExpertStore::prefetch(int layer, const std::vector<int> &experts) {
+void StreamingStore::prefetch(const std::vector<int> &keys) {
     std::lock_guard<std::mutex> lock(mu_);
-    for (int e : experts) {
-        const int key = layer * n_expert_ + e;
+    for (int key : keys) {
         if (find(key) >= 0) continue;
         if (load(key, false) < 0) break;
         ++stats_.prefetch_issued;
     }
 }
 
-ExpertWeights StreamingExpertStore::acquire(int layer, int expert) {
-    const int key = layer * n_expert_ + expert;
+std::vector<const uint8_t *> StreamingStore::acquire(int key) {
     std::unique_lock<std::mutex> lock(mu_);
     int i = find(key);
     const auto announced = std::find(announced_.begin(), announced_.end(), key);
@@ -262,13 +303,16 @@ ExpertWeights StreamingExpertStore::acquire(int layer, int expert) {
     Slot &s = slots_[i];
     ++s.pins;
     s.prefetched = false;
-    return weights(i, key);
+    std::vector<const uint8_t *> at;
+    for (size_t r = 0; r < units_[key].ranges.size(); ++r)
+        at.push_back(s.buf + region_[key][r] + (units_[key].ranges[r].offset - align_down(units_[key].ranges[r].offset)));
+    return at;
 }
 
-void StreamingExpertStore::release(int layer, int expert) {
+void StreamingStore::release(int key) {
     {
         std::lock_guard<std::mutex> lock(mu_);
-        const int i = find(layer * n_expert_ + expert);
+        const int i = find(key);
         if (i < 0 || slots_[i].pins == 0) return;
         --slots_[i].pins;
         slots_[i].wanted = false;
@@ -276,23 +320,9 @@ void StreamingExpertStore::release(int layer, int expert) {
     ready_.notify_all();  // a slot may have become evictable
 }
 
-ExpertWeights StreamingExpertStore::weights(int slot, int key) const {
-    const ExpertLayer &l = layers_[key / n_expert_];
-    const int e = key % n_expert_;
-    Matrix m[3];
-    const uint8_t *region = slots_[slot].buf;
-    for (int p = 0; p < 3; ++p) {
-        const uint64_t start = l.file_offset[p] + static_cast<uint64_t>(e) * l.slice_bytes(p);
-        m[p] = l.stacked[p];
-        m[p].data = region + (start - align_down(start));
-        region += region_[p];
-    }
-    return {m[0], m[1], m[2]};
-}
-
 // Reads [offset, offset+len) into dst (aligned), retrying after errors; returns the bytes read.
 // Fewer than `need` bytes after the retries (the file ended: truncated while running) is an error.
-size_t StreamingExpertStore::pread_full(uint64_t offset, uint8_t *dst, size_t len, size_t need) {
+size_t StreamingStore::pread_full(uint64_t offset, uint8_t *dst, size_t len, size_t need) {
     std::string why;
     for (int attempt = 0; attempt <= cfg_.retries; ++attempt) {
         if (attempt) {
@@ -327,32 +357,32 @@ size_t StreamingExpertStore::pread_full(uint64_t offset, uint8_t *dst, size_t le
     throw ModelError(why);
 }
 
-void StreamingExpertStore::read_slot(int slot, int key) {
-    const ExpertLayer &l = layers_[key / n_expert_];
-    const int e = key % n_expert_;
-    uint8_t *region = slots_[slot].buf;
-    for (int p = 0; p < 3; ++p) {
-        const uint64_t start = l.file_offset[p] + static_cast<uint64_t>(e) * l.slice_bytes(p);
-        const uint64_t from = align_down(start), to = align_up(start + l.slice_bytes(p));
+std::string StreamingStore::read_error(int key, int range, const std::string &why) const {
+    const Range &r = units_[key].ranges[range];
+    return path_ + ": reading " + units_[key].name + " (bytes " + std::to_string(r.offset) + ".." +
+           std::to_string(r.offset + r.bytes) + ") failed after " + std::to_string(cfg_.retries + 1) + " attempts: " + why;
+}
+
+void StreamingStore::read_slot(int slot, int key) {
+    const Unit &u = units_[key];
+    for (size_t p = 0; p < u.ranges.size(); ++p) {
+        const Range &r = u.ranges[p];
+        const uint64_t from = align_down(r.offset), to = align_up(r.offset + r.bytes);
         try {
-            const size_t got = pread_full(from, region, to - from, start + l.slice_bytes(p) - from);
+            const size_t got = pread_full(from, slots_[slot].buf + region_[key][p], to - from, r.offset + r.bytes - from);
             std::lock_guard<std::mutex> lock(mu_);
             stats_.bytes_read += got;
             ++stats_.reads;
         } catch (const ModelError &err) {
-            throw ModelError(path_ + ": reading expert " + std::to_string(e) + " of layer " + std::to_string(key / n_expert_) +
-                             " (" + kProj[p] + ", bytes " + std::to_string(start) + ".." +
-                             std::to_string(start + l.slice_bytes(p)) + ") failed after " + std::to_string(cfg_.retries + 1) +
-                             " attempts: " + err.what());
+            throw ModelError(read_error(key, static_cast<int>(p), err.what()));
         }
 #if defined(POSIX_FADV_DONTNEED)
         if (!direct_) ::posix_fadvise(fd_, static_cast<off_t>(from), static_cast<off_t>(to - from), POSIX_FADV_DONTNEED);
 #endif
-        region += region_[p];
     }
 }
 
-void StreamingExpertStore::reader() {
+void StreamingStore::reader() {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
         work_.wait(lock, [&] { return stop_ || !queue_.empty(); });
@@ -373,7 +403,7 @@ void StreamingExpertStore::reader() {
     }
 }
 
-void StreamingExpertStore::finish(int slot, const std::string &error) {
+void StreamingStore::finish(int slot, const std::string &error) {
     Slot &s = slots_[slot];
     if (error.empty()) {
         s.state = State::READY;
@@ -389,7 +419,7 @@ void StreamingExpertStore::finish(int slot, const std::string &error) {
 // three reads (gate, up, down). A read that fails or comes back short is redone with pread,
 // which retries and reports (the same path as without io_uring); so are reads while faults are
 // injected. On stop, reads in flight are waited for: the kernel writes into the slot buffers.
-void StreamingExpertStore::uring_reader() {
+void StreamingStore::uring_reader() {
     struct Part {
         int slot, key, proj;
         uint64_t from;
@@ -412,24 +442,22 @@ void StreamingExpertStore::uring_reader() {
         if (inflight == 0) work_.wait(lock, [&] { return stop_ || !queue_.empty(); });
         if (stop_ && inflight == 0) return;
         by_pread.clear();
-        while (!stop_ && !queue_.empty() && free_tags.size() >= 3) {
+        while (!stop_ && !queue_.empty() && free_tags.size() >= units_[queue_.front().second].ranges.size()) {
             const auto [slot, key] = queue_.front();
             queue_.pop_front();
             if (faults_left_ > 0) {
                 by_pread.emplace_back(slot, key);
                 continue;
             }
-            jobs[slot] = Job{3, now(), {}};
-            const ExpertLayer &l = layers_[key / n_expert_];
-            uint8_t *region = slots_[slot].buf;
-            for (int p = 0; p < 3; ++p) {
-                const uint64_t start = l.file_offset[p] + static_cast<uint64_t>(key % n_expert_) * l.slice_bytes(p);
-                const uint64_t from = align_down(start), to = align_up(start + l.slice_bytes(p));
+            const Unit &u = units_[key];
+            jobs[slot] = Job{static_cast<int>(u.ranges.size()), now(), {}};
+            for (size_t p = 0; p < u.ranges.size(); ++p) {
+                const Range &r = u.ranges[p];
+                const uint64_t from = align_down(r.offset), to = align_up(r.offset + r.bytes);
                 const uint64_t tag = free_tags.back();
                 free_tags.pop_back();
-                parts[tag] = Part{slot, key, p, from, size_t(to - from), size_t(start + l.slice_bytes(p) - from)};
-                uring_->read(fd_, region, static_cast<unsigned>(to - from), from, tag);
-                region += region_[p];
+                parts[tag] = Part{slot, key, static_cast<int>(p), from, size_t(to - from), size_t(r.offset + r.bytes - from)};
+                uring_->read(fd_, slots_[slot].buf + region_[key][p], static_cast<unsigned>(to - from), from, tag);
                 ++inflight;
             }
         }
@@ -461,14 +489,10 @@ void StreamingExpertStore::uring_reader() {
                 if (res >= 0 && static_cast<size_t>(res) >= pt.need) {
                     bytes += static_cast<uint64_t>(res);
                 } else {  // failed or short: pread retries it and names what went wrong
-                    uint8_t *region = slots_[pt.slot].buf;
-                    for (int p = 0; p < pt.proj; ++p) region += region_[p];
                     try {
-                        bytes += pread_full(pt.from, region, pt.len, pt.need);
+                        bytes += pread_full(pt.from, slots_[pt.slot].buf + region_[pt.key][pt.proj], pt.len, pt.need);
                     } catch (const ModelError &err) {
-                        job.error = path_ + ": reading expert " + std::to_string(pt.key % n_expert_) + " of layer " +
-                                    std::to_string(pt.key / n_expert_) + " (" + kProj[pt.proj] + ") failed after " +
-                                    std::to_string(cfg_.retries + 1) + " attempts: " + err.what();
+                        job.error = read_error(pt.key, pt.proj, err.what());
                     }
                 }
                 if (--job.remaining == 0) done.push_back(pt.slot);
@@ -476,7 +500,7 @@ void StreamingExpertStore::uring_reader() {
             lock.lock();
             stats_.bytes_read += bytes;
             for (int slot : done) {
-                stats_.reads += 3;
+                stats_.reads += units_[slots_[slot].key].ranges.size();
                 stats_.read_seconds += now() - jobs[slot].t0;
                 finish(slot, jobs[slot].error);
             }
@@ -486,12 +510,12 @@ void StreamingExpertStore::uring_reader() {
     }
 }
 
-ExpertStoreStats StreamingExpertStore::stats() const {
+ExpertStoreStats StreamingStore::stats() const {
     std::lock_guard<std::mutex> lock(mu_);
     return stats_;
 }
 
-void StreamingExpertStore::reset_stats() {
+void StreamingStore::reset_stats() {
     std::lock_guard<std::mutex> lock(mu_);
     const int peak = stats_.peak_slots_used;
     stats_ = ExpertStoreStats{};
@@ -501,12 +525,12 @@ void StreamingExpertStore::reset_stats() {
     stats_.io = uring_ ? "io_uring" : "pread";
     stats_.slots = cfg_.slots;
     stats_.peak_slots_used = peak;
-    stats_.layer_hits.assign(layers_.size(), 0);
-    stats_.layer_misses.assign(layers_.size(), 0);
+    stats_.layer_hits.assign(n_layers_, 0);
+    stats_.layer_misses.assign(n_layers_, 0);
     trace_.clear();
 }
 
-std::vector<int32_t> StreamingExpertStore::trace() const {
+std::vector<int32_t> StreamingStore::trace() const {
     std::lock_guard<std::mutex> lock(mu_);
     return trace_;
 }

@@ -95,6 +95,7 @@ class MmapExpertStore : public ExpertStore {
 
 struct StreamConfig {
     int slots = 0;                 // experts held in memory at once
+    int layer_slots = 0;           // dense layers held at once when they are streamed too (0: resident)
     std::string policy = "layer";  // lru | lfu | layer (see expert_store.cpp)
     int io_threads = 4;            // reads in flight (pread threads; io_uring: 3x this many reads)
     std::string io = "auto";       // auto (io_uring where the kernel allows it, else pread) | uring | pread
@@ -104,32 +105,52 @@ struct StreamConfig {
     int inject_read_faults = 0;    // tests: the first N reads fail with EIO
 };
 
-// Bytes one slot takes, from each layer's (gate, up, down) bytes of one expert: every
-// projection's largest slice, rounded out to the read alignment.
-size_t stream_slot_bytes(const std::vector<std::array<size_t, 3>> &slices);
+// One contiguous byte range of the file a cache unit needs (a projection of one expert, or one
+// matrix of a layer).
+struct Range {
+    uint64_t offset = 0;
+    size_t bytes = 0;
+};
+
+// What a streaming store caches: units (an expert, or a layer's dense matrices), each a few ranges
+// of the file, each unit belonging to a layer (for the layer-aware policy and per-layer counts).
+struct Unit {
+    int layer = 0;
+    std::vector<Range> ranges;
+    std::string name;  // for errors: "expert 3 of layer 2", "layer 5"
+};
+
+// Bytes one slot takes for these units: the largest unit, each range rounded out to the read alignment.
+size_t stream_slot_bytes(const std::vector<std::vector<size_t>> &unit_range_bytes);
 
 // The stacked expert tensors (ffn_{gate,up,down}_exps), the ones a streaming store reads from disk.
 inline bool is_expert_tensor(const std::string &name) { return name.find("_exps.") != std::string::npos; }
 
-class StreamingExpertStore : public ExpertStore {
+// A fixed number of slots filled by direct reads of units, shared by the expert store and the
+// dense-layer streamer. Thread-safe between the forward pass (one thread) and its readers.
+class StreamingStore {
   public:
-    StreamingExpertStore(const std::string &path, std::vector<ExpertLayer> layers, int n_expert, const StreamConfig &cfg);
-    ~StreamingExpertStore() override;
+    StreamingStore(const std::string &path, std::vector<Unit> units, int n_layers, const StreamConfig &cfg);
+    ~StreamingStore();
+    StreamingStore(const StreamingStore &) = delete;
+    StreamingStore &operator=(const StreamingStore &) = delete;
 
-    void request(int layer, const std::vector<int> &experts) override;
-    void prefetch(int layer, const std::vector<int> &experts) override;
-    ExpertWeights acquire(int layer, int expert) override;
-    void release(int layer, int expert) override;
-    bool streams() const override { return true; }
-    size_t slot_bytes() const override { return slot_bytes_; }
-    ExpertStoreStats stats() const override;
-    void reset_stats() override;
-    std::vector<int32_t> trace() const override;
+    // The units the layer being computed needs now, in the order they will be acquired.
+    void request(int layer, const std::vector<int> &keys);
+    // Units probably needed soon (speculative; never displaces a requested unit).
+    void prefetch(const std::vector<int> &keys);
+    // Blocks until the unit is in memory: one pointer per range, valid until release(key).
+    std::vector<const uint8_t *> acquire(int key);
+    void release(int key);
+    size_t slot_bytes() const { return slot_bytes_; }
+    ExpertStoreStats stats() const;
+    void reset_stats();
+    std::vector<int32_t> trace() const;
 
   private:
     enum class State { EMPTY, LOADING, READY, FAILED };
     struct Slot {
-        int key = -1;  // layer * n_expert + expert
+        int key = -1;  // unit index
         State state = State::EMPTY;
         int pins = 0;
         bool wanted = false;      // requested for the layer being computed, not yet released
@@ -150,16 +171,16 @@ class StreamingExpertStore : public ExpertStore {
     void uring_reader();                       // the io_uring thread body
     void finish(int slot, const std::string &error);  // a slot's read is over (lock held)
     void read_slot(int slot, int key);         // reads outside the lock; throws ModelError
-    ExpertWeights weights(int slot, int key) const;
+    std::string read_error(int key, int range, const std::string &why) const;
     size_t pread_full(uint64_t offset, uint8_t *dst, size_t len, size_t need);
 
     std::string path_;
     int fd_ = -1;
     bool direct_ = false;
-    std::vector<ExpertLayer> layers_;
-    int n_expert_;
+    std::vector<Unit> units_;
+    std::vector<std::vector<size_t>> region_;  // per unit: offset of each range's region in a slot
+    int n_layers_;
     StreamConfig cfg_;
-    std::array<size_t, 3> region_{};  // bytes of each projection's part of a slot
     size_t slot_bytes_ = 0;
     uint8_t *arena_ = nullptr;
 
@@ -177,6 +198,29 @@ class StreamingExpertStore : public ExpertStore {
     ExpertStoreStats stats_;
     std::vector<int32_t> trace_;
     std::vector<int> announced_;  // keys request() counted that acquire() has not yet taken
+};
+
+// Experts streamed through a StreamingStore: unit layer * n_expert + expert = its three slices.
+class StreamingExpertStore : public ExpertStore {
+  public:
+    StreamingExpertStore(const std::string &path, std::vector<ExpertLayer> layers, int n_expert, const StreamConfig &cfg);
+    void request(int layer, const std::vector<int> &experts) override;
+    void prefetch(int layer, const std::vector<int> &experts) override;
+    ExpertWeights acquire(int layer, int expert) override;
+    void release(int layer, int expert) override { store_.release(layer * n_expert_ + expert); }
+    bool streams() const override { return true; }
+    size_t slot_bytes() const override { return store_.slot_bytes(); }
+    ExpertStoreStats stats() const override { return store_.stats(); }
+    void reset_stats() override { store_.reset_stats(); }
+    std::vector<int32_t> trace() const override { return store_.trace(); }
+
+    static std::vector<Unit> units(const std::vector<ExpertLayer> &layers, int n_expert);
+
+  private:
+    std::vector<ExpertLayer> layers_;
+    int n_expert_;
+    std::vector<int> keys_;  // scratch
+    StreamingStore store_;
 };
 
 }  // namespace edgeai

@@ -16,6 +16,23 @@ namespace edgeai {
 
 namespace {
 
+// Matrices of a layer that are streamed with it when dense weights do not fit the budget (the
+// norms, biases and the router stay resident: small, and the router of the next layer is used
+// for expert prefetch while the current layer's weights occupy the slots).
+const char *kLayerMatrices[] = {"attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                                       "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "ffn_gate_shexp.weight",
+                                       "ffn_up_shexp.weight", "ffn_down_shexp.weight"};
+
+bool is_layer_matrix(const std::string &name) {
+    if (name.rfind("blk.", 0) != 0) return false;
+    const size_t dot = name.find('.', 4);
+    if (dot == std::string::npos) return false;
+    for (const char *m : kLayerMatrices)
+        if (name.compare(dot + 1, std::string::npos, m) == 0) return true;
+    return false;
+}
+
+
 
 void rmsnorm(const float *x, const float *w, float *y, int n, float eps) {
     double ss = 0.0;
@@ -77,7 +94,8 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
                          std::to_string(c.n_expert));
 
     const int64_t q_dim = int64_t(c.n_head) * c.head_dim, kv_dim = int64_t(c.n_head_kv) * c.head_dim;
-    if (stream) copy_resident(path);
+    const bool stream_layers = stream && stream->layer_slots > 0;
+    if (stream) copy_resident(path, stream_layers);
     tok_embd_ = matrix("token_embd.weight", c.n_embd, c.n_vocab, true);
     output_norm_ = vector("output_norm.weight", c.n_embd, true);
     output_ = matrix("output.weight", c.n_embd, c.n_vocab, false);
@@ -87,6 +105,7 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
         rope_freqs_.assign(f, f + c.head_dim / 2);
     }
     std::vector<ExpertLayer> expert_layers;
+    std::vector<Unit> layer_units;
     for (int i = 0; i < c.n_layer; ++i) {
         const std::string p = "blk." + std::to_string(i) + ".";
         Layer L;
@@ -138,6 +157,27 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
             }
         }
         layers_.push_back(L);
+        if (stream_layers) {  // this layer's matrices, in the order of kLayerMatrices, as one unit
+            Unit u;
+            u.layer = i;
+            u.name = "layer " + std::to_string(i);
+            Matrix Layer::*members[] = {&Layer::wq, &Layer::wk, &Layer::wv, &Layer::wo, &Layer::gate, &Layer::up,
+                                        &Layer::down, &Layer::gate_shexp, &Layer::up_shexp, &Layer::down_shexp};
+            layer_members_.emplace_back();
+            for (size_t k = 0; k < std::size(kLayerMatrices); ++k)
+                if (const gguf::TensorInfo *t = file_.tensor(p + kLayerMatrices[k])) {
+                    u.ranges.push_back({t->offset, t->nbytes});
+                    layer_members_.back().push_back(members[k]);
+                }
+            layer_units.push_back(std::move(u));
+        }
+    }
+    if (stream_layers) {
+        if (stream->layer_slots < 2) throw ModelError("streaming dense layers needs at least 2 layer slots");
+        StreamConfig lc = *stream;
+        lc.slots = stream->layer_slots;
+        lc.policy = "layer";
+        layer_store_ = std::make_unique<StreamingStore>(path, std::move(layer_units), c.n_layer, lc);
     }
     if (stream && c.n_expert)
         experts_ = std::make_unique<StreamingExpertStore>(path, std::move(expert_layers), c.n_expert, *stream);
@@ -166,10 +206,11 @@ size_t Model::scratch_bytes() const { return scratch_sizes(cfg_, max_ff_, n_ctx_
 // Streaming: every tensor but the stacked experts is read once into memory, so after loading the
 // memory map is never touched again (its pages are not charged to the process, and a file that
 // shrinks under us gives read errors instead of SIGBUS).
-void Model::copy_resident(const std::string &path) {
+void Model::copy_resident(const std::string &path, bool stream_layers) {
+    auto streamed = [&](const gguf::TensorInfo &t) { return is_expert_tensor(t.name) || (stream_layers && is_layer_matrix(t.name)); };
     size_t total = 0;
     for (const gguf::TensorInfo &t : file_.tensors())
-        if (!is_expert_tensor(t.name)) {
+        if (!streamed(t)) {
             resident_at_.emplace_back(t.offset, total);
             total += (t.nbytes + 63) & ~size_t(63);  // tensors 64 bytes apart, as in the file's alignment
         }
@@ -178,7 +219,7 @@ void Model::copy_resident(const std::string &path) {
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) throw ModelError(path + ": cannot open: " + std::strerror(errno));
     for (const gguf::TensorInfo &t : file_.tensors()) {
-        if (is_expert_tensor(t.name)) continue;
+        if (streamed(t)) continue;
         uint8_t *dst = resident_.data() + std::lower_bound(resident_at_.begin(), resident_at_.end(), std::make_pair(t.offset, size_t(0)))->second;
         size_t got = 0;
         while (got < t.nbytes) {
@@ -198,9 +239,12 @@ void Model::copy_resident(const std::string &path) {
     ::close(fd);
 }
 
+// Streamed tensors keep their place in the memory map as a placeholder that is never read: the
+// forward pass reads them from the slots of their store.
 const uint8_t *Model::tensor_data(const gguf::TensorInfo &t) const {
-    if (resident_at_.empty() || is_expert_tensor(t.name)) return file_.data(t);
+    if (resident_at_.empty()) return file_.data(t);
     const auto it = std::lower_bound(resident_at_.begin(), resident_at_.end(), std::make_pair(t.offset, size_t(0)));
+    if (it == resident_at_.end() || it->first != t.offset) return file_.data(t);
     return resident_.data() + it->second;
 }
 
@@ -280,7 +324,17 @@ MemorySizes Model::memory_sizes(const std::string &path, const ModelConfig &c, i
     for (int i = 0; c.n_expert && i < c.n_layer; ++i)
         for (int p = 0; p < 3; ++p)
             if (const gguf::TensorInfo *t = f.tensor("blk." + std::to_string(i) + "." + exps[p])) slices[i][p] = t->nbytes / c.n_expert;
-    m.slot = c.n_expert ? stream_slot_bytes(slices) : 0;
+    std::vector<std::vector<size_t>> units;
+    for (int i = 0; c.n_expert && i < c.n_layer; ++i) units.push_back({slices[i][0], slices[i][1], slices[i][2]});
+    m.slot = c.n_expert ? stream_slot_bytes(units) : 0;
+    std::vector<std::vector<size_t>> layer_units(c.n_layer);
+    for (const gguf::TensorInfo &t : f.tensors())
+        if (is_layer_matrix(t.name)) {
+            m.layer_matrices += t.nbytes;
+            const int layer = std::atoi(t.name.c_str() + 4);
+            if (layer >= 0 && layer < c.n_layer) layer_units[layer].push_back(t.nbytes);
+        }
+    m.layer_slot = stream_slot_bytes(layer_units);
     m.kv = kv_bytes_for(c, n_ctx);
     m.scratch = scratch_sizes(c, max_ff, n_ctx, threads, kBatch).bytes(c, kBatch);
     return m;
@@ -340,9 +394,8 @@ void Model::rope(float *x, int n_heads, int pos) const {
     }
 }
 
-void Model::attention(int layer, int T, int pos0) {
+void Model::attention(const Layer &L, int layer, int T, int pos0) {
     const ModelConfig &c = cfg_;
-    const Layer &L = layers_[layer];
     const int hd = c.head_dim, q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd, group = c.n_head / c.n_head_kv;
     matmul(L.wq, xb_.data(), q_.data(), T);
     matmul(L.wk, xb_.data(), k_.data(), T, kern::takes_q8(L.wq.wtype));
@@ -494,6 +547,17 @@ void Model::prefetch_experts(int layer) {
     experts_->prefetch(layer, std::vector<int>(idx.begin(), idx.begin() + c.n_expert_used));
 }
 
+// Dense streaming: this layer's matrices from the layer store (the next layer, in the cycle, is
+// read meanwhile), as a view of the layer with its matrices pointing into the slot.
+const Model::Layer &Model::acquire_layer(int l) {
+    layer_store_->request(l, {l});
+    layer_store_->prefetch({(l + 1) % cfg_.n_layer});
+    const std::vector<const uint8_t *> at = layer_store_->acquire(l);
+    layer_view_ = layers_[l];
+    for (size_t k = 0; k < at.size(); ++k) (layer_view_.*layer_members_[l][k]).data = at[k];
+    return layer_view_;
+}
+
 void Model::forward(const int32_t *tokens, int T, int pos0, float *logits_out, bool all) {
     const ModelConfig &c = cfg_;
     const int d = c.n_embd;
@@ -501,14 +565,15 @@ void Model::forward(const int32_t *tokens, int T, int pos0, float *logits_out, b
     for (int t = 0; t < T; ++t) decode_row(tok_embd_, tokens[t], x_.data() + size_t(t) * d);
     const float *out_norm = reinterpret_cast<const float *>(output_norm_.data);
     for (int l = 0; l < c.n_layer; ++l) {
-        const Layer &L = layers_[l];
+        const Layer &L = layer_store_ ? acquire_layer(l) : layers_[l];
         for (int t = 0; t < T; ++t)
             rmsnorm(&x_[size_t(t) * d], reinterpret_cast<const float *>(L.attn_norm.data), &xb_[size_t(t) * d], d, c.rms_eps);
-        attention(l, T, pos0);
+        attention(L, l, T, pos0);
         for (int t = 0; t < T; ++t)
             rmsnorm(&x_[size_t(t) * d], reinterpret_cast<const float *>(L.ffn_norm.data), &xb_[size_t(t) * d], d, c.rms_eps);
         if (c.n_expert) moe(L, l, T);
         else ffn(L, l, T);
+        if (layer_store_) layer_store_->release(l);
     }
     const int first = all ? 0 : T - 1, n_out = T - first;
     for (int t = first; t < T; ++t) rmsnorm(&x_[size_t(t) * d], out_norm, &xb_[size_t(t - first) * d], d, c.rms_eps);

@@ -35,6 +35,7 @@ struct MemorySizes {
     size_t dense = 0;    // every tensor but the stacked experts (resident)
     size_t experts = 0;  // all stacked expert tensors
     size_t slot = 0;     // one expert-cache slot of a streaming store
+    size_t layer_matrices = 0, layer_slot = 0;  // dense layer matrices (streamable) and one layer's slot
     size_t kv = 0, scratch = 0;
 };
 
@@ -83,6 +84,7 @@ class Model {
     size_t scratch_bytes() const;  // compute buffers at a full prefill batch
     size_t resident_bytes() const { return resident_.size(); }  // tensors copied into memory (streaming)
     ExpertStore &experts() { return *experts_; }
+    StreamingStore *layer_store() { return layer_store_.get(); }  // nullptr unless dense layers are streamed
 
     // Appends tokens to the KV cache (in batches of at most n_batch). Logits of the last token are
     // kept; with all_logits, out receives [tokens.size()][n_vocab].
@@ -102,14 +104,15 @@ class Model {
 
     Matrix matrix(const std::string &name, int64_t cols, int64_t rows, bool required);
     const uint8_t *tensor_data(const gguf::TensorInfo &t) const;
-    void copy_resident(const std::string &path);  // every non-expert tensor into resident_
+    void copy_resident(const std::string &path, bool stream_layers);  // every tensor not streamed into resident_
+    const Layer &acquire_layer(int l);
     void prefetch_experts(int layer);             // the experts `layer`'s router picks for the current state
     Matrix vector(const std::string &name, int64_t n, bool required);
     void forward(const int32_t *tokens, int T, int pos0, float *logits_out, bool all);
     // y[T][w.rows] = x[T][w.cols] . w^T. reuse_activations: x is the input the previous matmul
     // quantized (same values, same width), so its int8 blocks are used again.
     void matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_activations = false);
-    void attention(int layer, int T, int pos0);
+    void attention(const Layer &L, int layer, int T, int pos0);
     void ffn(const Layer &L, int layer, int T);
     void moe(const Layer &L, int layer, int T);
     void rope(float *x, int n_heads, int pos) const;
@@ -127,6 +130,9 @@ class Model {
     std::vector<Layer> layers_;
     std::vector<float> rope_freqs_;  // [head_dim/2] divisors (Llama 3.1), empty when absent
     std::unique_ptr<ExpertStore> experts_;
+    std::unique_ptr<StreamingStore> layer_store_;           // dense layers, when they are streamed too
+    std::vector<std::vector<Matrix Layer::*>> layer_members_;  // per layer: the matrix of each streamed range
+    Layer layer_view_;                                        // the layer being computed, pointing into its slot
     std::vector<uint8_t> resident_;                        // streaming: non-expert tensors
     std::vector<std::pair<uint64_t, size_t>> resident_at_;  // (file offset, offset in resident_), sorted
 

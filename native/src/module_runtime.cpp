@@ -80,6 +80,7 @@ edgeai::StreamConfig stream_config_from(const nb::dict &d) {
     for (auto [k, v] : d) {
         const std::string key = nb::cast<std::string>(k);
         if (key == "slots") s.slots = nb::cast<int>(v);
+        else if (key == "layer_slots") s.layer_slots = nb::cast<int>(v);
         else if (key == "policy") s.policy = nb::cast<std::string>(v);
         else if (key == "io_threads") s.io_threads = nb::cast<int>(v);
         else if (key == "io") s.io = nb::cast<std::string>(v);
@@ -136,12 +137,15 @@ void bind_runtime(nb::module_ &m) {
               d["dense"] = s.dense;
               d["experts"] = s.experts;
               d["slot"] = s.slot;
+              d["layer_matrices"] = s.layer_matrices;
+              d["layer_slot"] = s.layer_slot;
               d["kv"] = s.kv;
               d["scratch"] = s.scratch;
               return d;
           },
           nb::arg("path"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"),
-          "Bytes the engine would need for this file: {dense, experts, slot, kv, scratch} (the planner's inputs).");
+          "Bytes the engine would need for this file: {dense, experts, slot, layer_matrices, layer_slot, kv, scratch} "
+          "(the planner's inputs).");
     m.def("engine_types",
           [] {
               nb::dict out;
@@ -261,10 +265,25 @@ void bind_runtime(nb::module_ &m) {
                  d["prefetch_used"] = s.prefetch_used;
                  d["layer_hits"] = s.layer_hits;
                  d["layer_misses"] = s.layer_misses;
+                 if (edgeai::StreamingStore *ls = self.layer_store()) {  // dense layers streamed too
+                     const edgeai::ExpertStoreStats l = ls->stats();
+                     nb::dict ld;
+                     ld["slots"] = l.slots;
+                     ld["slot_bytes"] = ls->slot_bytes();
+                     ld["hits"] = l.hits;
+                     ld["misses"] = l.misses;
+                     ld["bytes_read"] = l.bytes_read;
+                     ld["stall_seconds"] = l.stall_seconds;
+                     d["layers"] = ld;
+                 }
                  return d;
              },
              "Counters of the expert store since the last reset_store_stats() (zeros for the memory-mapped store).")
-        .def("reset_store_stats", [](edgeai::Model &self) { self.experts().reset_stats(); })
+        .def("reset_store_stats",
+             [](edgeai::Model &self) {
+                 self.experts().reset_stats();
+                 if (edgeai::StreamingStore *ls = self.layer_store()) ls->reset_stats();
+             })
         .def("store_trace", [](edgeai::Model &self) { return self.experts().trace(); },
              "Demand accesses (layer * n_expert + expert) in order, when the store traces.")
         .def_prop_ro("resident_bytes", &edgeai::Model::resident_bytes)

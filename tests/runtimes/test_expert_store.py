@@ -264,3 +264,40 @@ def test_ctrl_c_during_reads(random_moe, tmp_path):
     report = json.loads(out)
     assert report["threads_after"] == report["threads_before"]  # reader and worker threads joined
     assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+@pytest.fixture(scope="module")
+def dense_gguf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dense-stream")
+    arch = next(a for a in TINY_ARCHS if a.name == "qwen2")
+    return convert(make_tiny_checkpoint(root / "qwen2", arch, num_hidden_layers=8), root / "qwen2.gguf",
+                   outtype="q8_0", quiet=True)
+
+
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_dense_layers_streamed_when_they_do_not_fit(dense_gguf, moe_ggufs, which):
+    """A budget below the dense weights streams each layer's matrices through two slots: same
+    logits; the planner picks it only when keeping them resident does not fit."""
+    path = dense_gguf if which == "dense" else moe_ggufs["qwen2_moe"]
+    ref = NativeBackend(path, n_ctx=128, threads=1)
+    ref_logits, ref_tokens = run(ref, 8)
+    b = NativeBackend(path, n_ctx=128, threads=1, expert_store={"slots": 0 if which == "dense" else 3, "layer_slots": 2})
+    logits, tokens = run(b, 8)
+    np.testing.assert_array_equal(logits, ref_logits)
+    assert tokens == ref_tokens
+    layers = b.stats().extra["expert_store"]["layers"]
+    assert layers["misses"] > 0 and layers["bytes_read"] > 0
+    b.close()
+    if which == "moe":  # 3 layers: two layer slots hold as much as all layers, nothing to plan
+        return
+    meta, tensors = read_gguf(path)
+    config = engine_config(meta, tensors, path)
+    plan = plan_memory(path, config, budget=None, n_ctx=128, threads=1, process_bytes=10 << 20)
+    assert plan.layer_matrices > 0
+    budget = plan.minimum
+    streamed = plan_memory(path, config, budget=budget, n_ctx=128, threads=1, process_bytes=10 << 20)
+    assert streamed.layer_slots == 2 and streamed.total <= budget < plan.total
+    assert streamed.stream_config()["layer_slots"] == 2
+    assert not plan_memory(path, config, budget=plan.total, n_ctx=128, threads=1, process_bytes=10 << 20).streaming
+    with pytest.raises(BudgetError):
+        plan_memory(path, config, budget=budget - 1, n_ctx=128, threads=1, process_bytes=10 << 20)
