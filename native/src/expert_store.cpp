@@ -390,17 +390,22 @@ void StreamingStore::reader() {
         const auto [slot, key] = queue_.front();
         queue_.pop_front();
         lock.unlock();
-        const double t0 = now();
-        std::string error;
-        try {
-            read_slot(slot, key);
-        } catch (const ModelError &err) {
-            error = err.what();
-        }
+        read_and_finish(slot, key);
         lock.lock();
-        stats_.read_seconds += now() - t0;
-        finish(slot, error);
     }
+}
+
+void StreamingStore::read_and_finish(int slot, int key) {
+    const double t0 = now();
+    std::string error;
+    try {
+        read_slot(slot, key);
+    } catch (const ModelError &err) {
+        error = err.what();
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.read_seconds += now() - t0;
+    finish(slot, error);
 }
 
 void StreamingStore::finish(int slot, const std::string &error) {
@@ -462,18 +467,7 @@ void StreamingStore::uring_reader() {
             }
         }
         lock.unlock();
-        for (const auto &[slot, key] : by_pread) {  // outside the ring: injected faults are counted there
-            const double t0 = now();
-            std::string error;
-            try {
-                read_slot(slot, key);
-            } catch (const ModelError &err) {
-                error = err.what();
-            }
-            std::lock_guard<std::mutex> g(mu_);
-            stats_.read_seconds += now() - t0;
-            finish(slot, error);
-        }
+        for (const auto &[slot, key] : by_pread) read_and_finish(slot, key);  // injected faults are counted there
         done.clear();
         if (inflight) {
             int r;

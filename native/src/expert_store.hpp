@@ -171,6 +171,7 @@ class StreamingStore {
     void uring_reader();                       // the io_uring thread body
     void finish(int slot, const std::string &error);  // a slot's read is over (lock held)
     void read_slot(int slot, int key);         // reads outside the lock; throws ModelError
+    void read_and_finish(int slot, int key);   // read_slot, then the slot is READY or FAILED (lock not held)
     std::string read_error(int key, int range, const std::string &why) const;
     size_t pread_full(uint64_t offset, uint8_t *dst, size_t len, size_t need);
 

@@ -75,6 +75,30 @@ edgeai::ModelConfig config_from(const nb::dict &d) {
     return c;
 }
 
+nb::dict stats_dict(const edgeai::ExpertStoreStats &s, size_t slot_bytes) {
+    nb::dict d;
+    d["streaming"] = s.streaming;
+    d["direct"] = s.direct;
+    d["policy"] = s.policy;
+    d["io"] = s.io;
+    d["slots"] = s.slots;
+    d["peak_slots_used"] = s.peak_slots_used;
+    d["slot_bytes"] = slot_bytes;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    d["bytes_read"] = s.bytes_read;
+    d["reads"] = s.reads;
+    d["read_retries"] = s.read_retries;
+    d["read_failures"] = s.read_failures;
+    d["read_seconds"] = s.read_seconds;
+    d["stall_seconds"] = s.stall_seconds;
+    d["prefetch_issued"] = s.prefetch_issued;
+    d["prefetch_used"] = s.prefetch_used;
+    d["layer_hits"] = s.layer_hits;
+    d["layer_misses"] = s.layer_misses;
+    return d;
+}
+
 edgeai::StreamConfig stream_config_from(const nb::dict &d) {
     edgeai::StreamConfig s;
     for (auto [k, v] : d) {
@@ -244,41 +268,13 @@ void bind_runtime(nb::module_ &m) {
              "trace, retries, inject_read_faults}: experts streamed into a cache of `slots` experts.")
         .def("store_stats",
              [](edgeai::Model &self) {
-                 const edgeai::ExpertStoreStats s = self.experts().stats();
-                 nb::dict d;
-                 d["streaming"] = s.streaming;
-                 d["direct"] = s.direct;
-                 d["policy"] = s.policy;
-                 d["io"] = s.io;
-                 d["slots"] = s.slots;
-                 d["peak_slots_used"] = s.peak_slots_used;
-                 d["slot_bytes"] = self.experts().slot_bytes();
-                 d["hits"] = s.hits;
-                 d["misses"] = s.misses;
-                 d["bytes_read"] = s.bytes_read;
-                 d["reads"] = s.reads;
-                 d["read_retries"] = s.read_retries;
-                 d["read_failures"] = s.read_failures;
-                 d["read_seconds"] = s.read_seconds;
-                 d["stall_seconds"] = s.stall_seconds;
-                 d["prefetch_issued"] = s.prefetch_issued;
-                 d["prefetch_used"] = s.prefetch_used;
-                 d["layer_hits"] = s.layer_hits;
-                 d["layer_misses"] = s.layer_misses;
-                 if (edgeai::StreamingStore *ls = self.layer_store()) {  // dense layers streamed too
-                     const edgeai::ExpertStoreStats l = ls->stats();
-                     nb::dict ld;
-                     ld["slots"] = l.slots;
-                     ld["slot_bytes"] = ls->slot_bytes();
-                     ld["hits"] = l.hits;
-                     ld["misses"] = l.misses;
-                     ld["bytes_read"] = l.bytes_read;
-                     ld["stall_seconds"] = l.stall_seconds;
-                     d["layers"] = ld;
-                 }
+                 nb::dict d = stats_dict(self.experts().stats(), self.experts().slot_bytes());
+                 if (edgeai::StreamingStore *ls = self.layer_store())  // dense layers streamed too
+                     d["layers"] = stats_dict(ls->stats(), ls->slot_bytes());
                  return d;
              },
-             "Counters of the expert store since the last reset_store_stats() (zeros for the memory-mapped store).")
+             "Counters of the expert store since the last reset_store_stats() (zeros for the memory-mapped "
+             "store); with dense layers streamed, the layer store's under 'layers'.")
         .def("reset_store_stats",
              [](edgeai::Model &self) {
                  self.experts().reset_stats();
