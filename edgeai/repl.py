@@ -271,7 +271,8 @@ class Repl:
         table.add_row("context", f"{st.n_past} of {st.n_ctx} positions in the KV cache"
                       + (f" ({format_bytes(st.extra['kv_bytes'])} allocated)" if "kv_bytes" in st.extra else ""))
         if "expert_cache_hit_rate" in st.extra:
-            table.add_row("expert cache", f"{100 * st.extra['expert_cache_hit_rate']:.1f}% hits")
+            table.add_row("expert cache", f"{100 * st.extra['expert_cache_hit_rate']:.1f}% hits"
+                          + (f", {st.extra['expert_cache']}" if "expert_cache" in st.extra else ""))
         table.add_row("backend", f"{st.backend}, {st.threads} thread{'s' if st.threads > 1 else ''}")
         self.console.print(table)
 

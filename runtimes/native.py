@@ -260,10 +260,13 @@ class NativeBackend:
 
     def stats(self):
         e = self._live()
+        store = e.store_stats()
+        extra = {"kv_bytes": e.kv_bytes, "isa": e.isa, "memory_budget": self.memory_budget, "expert_store": store}
+        if store["streaming"] and store["hits"] + store["misses"]:
+            extra["expert_cache_hit_rate"] = store["hits"] / (store["hits"] + store["misses"])
+            extra["expert_cache"] = f"{store['slots']} slots, {store['bytes_read'] / 2**20:.1f} MiB read ({store['io']})"
         return BackendStats(backend=self.name, n_ctx=self.n_ctx, n_past=e.n_past, threads=e.threads,
-                            weights_bytes=e.weight_bytes,
-                            extra={"kv_bytes": e.kv_bytes, "isa": e.isa, "memory_budget": self.memory_budget,
-                                   "expert_store": e.store_stats()})
+                            weights_bytes=e.weight_bytes, extra=extra)
 
     def expert_trace(self) -> list[int]:
         """Demand expert accesses (layer * n_expert + expert) in order, when traced (expert_store={"trace": True})."""
