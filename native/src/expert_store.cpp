@@ -97,8 +97,8 @@ StreamingStore::StreamingStore(const std::string &path, std::vector<Unit> units,
     if (cfg_.slots < 2)
         throw ModelError("a streaming cache needs at least 2 slots (one unit computed while the next is read); got " +
                          std::to_string(cfg_.slots));
-    if (cfg_.policy != "lru" && cfg_.policy != "lfu" && cfg_.policy != "layer")
-        throw ModelError("unknown expert cache policy '" + cfg_.policy + "' (use lru, lfu or layer)");
+    if (cfg_.policy != "lru" && cfg_.policy != "lfu" && cfg_.policy != "layer" && cfg_.policy != "next-use")
+        throw ModelError("unknown expert cache policy '" + cfg_.policy + "' (use lru, lfu, layer or next-use)");
     cfg_.io_threads = std::max(1, cfg_.io_threads);
 #ifdef O_DIRECT
     if (cfg_.direct) {
@@ -133,6 +133,11 @@ StreamingStore::StreamingStore(const std::string &path, std::vector<Unit> units,
     slots_.resize(cfg_.slots);
     for (int i = 0; i < cfg_.slots; ++i) slots_[i].buf = arena_ + slot_bytes_ * i;
     where_.assign(units_.size(), -1);
+    layer_units_.resize(n_layers_);
+    for (size_t k = 0; k < units_.size(); ++k) layer_units_[units_[k].layer].push_back(static_cast<int>(k));
+    use_rate_.resize(units_.size());
+    for (size_t k = 0; k < units_.size(); ++k) use_rate_[k] = 1.0 / layer_units_[units_[k].layer].size();
+    used_now_.assign(units_.size(), 0);
     faults_left_ = cfg_.inject_read_faults;
     if (cfg_.io != "auto" && cfg_.io != "uring" && cfg_.io != "pread") {
         ::close(fd_);
@@ -176,6 +181,10 @@ StreamingStore::~StreamingStore() {
 //  layer: decode visits layers in a cycle, so an expert of the layer just computed is needed again
 //         only after every other layer: evict the expert whose layer comes back last, and among
 //         those the least (decayed) frequently used. LRU does the opposite under a cyclic scan.
+//  next-use: Belady's rule with the future estimated: a unit used at a fraction p of its layer's
+//         visits (moving average) is next needed, in layer steps, after d + L (1 - p) / p, d being
+//         the layers computed before its own comes back; evict the farthest. It weighs frequency
+//         (hot experts stay even in the layer just computed) against the cyclic order.
 int StreamingStore::victim() {
     const int L = n_layers_;
     int best = -1;
@@ -191,6 +200,10 @@ int StreamingStore::victim() {
             keep = static_cast<double>(s.last_use);
         } else if (cfg_.policy == "lfu") {
             keep = freq;
+        } else if (cfg_.policy == "next-use") {
+            const int distance = (units_[s.key].layer - current_layer_ + L - 1) % L;
+            const double p = std::max(use_rate_[s.key], 1e-3);
+            keep = -(distance + L * (1.0 - p) / p);
         } else {
             // layers computed before it is needed again: 0 for the next layer, L-1 for the current one
             const int distance = (units_[s.key].layer - current_layer_ + L - 1) % L;
@@ -244,6 +257,12 @@ void StreamingStore::request(int layer, const std::vector<int> &keys) {
     current_layer_ = layer;
     for (Slot &s : slots_) s.wanted = false;  // a previous layer that failed midway leaves none behind
     announced_.clear();
+    // how often each unit of this layer is used per visit (for next-use); a 1/8 moving average
+    for (int key : keys) used_now_[key] = 1;
+    for (int key : layer_units_[layer]) {
+        use_rate_[key] += 0.125 * (used_now_[key] - use_rate_[key]);
+        used_now_[key] = 0;
+    }
     for (int key : keys) {
         int i = find(key);
         count_access(key, i);

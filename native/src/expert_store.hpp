@@ -96,7 +96,7 @@ class MmapExpertStore : public ExpertStore {
 struct StreamConfig {
     int slots = 0;                 // experts held in memory at once
     int layer_slots = 0;           // dense layers held at once when they are streamed too (0: resident)
-    std::string policy = "layer";  // lru | lfu | layer (see expert_store.cpp)
+    std::string policy = "layer";  // lru | lfu | layer | next-use (see expert_store.cpp)
     int io_threads = 4;            // reads in flight (pread threads; io_uring: 3x this many reads)
     std::string io = "auto";       // auto (io_uring where the kernel allows it, else pread) | uring | pread
     bool direct = true;            // bypass the page cache (falls back when the file system refuses)
@@ -199,6 +199,9 @@ class StreamingStore {
     ExpertStoreStats stats_;
     std::vector<int32_t> trace_;
     std::vector<int> announced_;  // keys request() counted that acquire() has not yet taken
+    std::vector<std::vector<int>> layer_units_;  // per layer: its units
+    std::vector<double> use_rate_;               // per unit: fraction of its layer's visits that used it
+    std::vector<char> used_now_;                 // scratch for request()
 };
 
 // Experts streamed through a StreamingStore: unit layer * n_expert + expert = its three slices.

@@ -56,7 +56,8 @@ def test_streamed_experts_give_the_same_tokens_and_logits(moe_ggufs, arch):
     ref_logits, ref_tokens = run(with_mmap)
     with_mmap.close()
     # 2 slots: below one token's experts over the 3 layers (6); every policy
-    for store in ({"slots": 2}, {"slots": 5, "policy": "lru"}, {"slots": 5, "policy": "lfu"}, {"slots": 5, "policy": "layer"}):
+    for store in ({"slots": 2}, {"slots": 5, "policy": "lru"}, {"slots": 5, "policy": "lfu"}, {"slots": 5, "policy": "layer"},
+                  {"slots": 5, "policy": "next-use"}):
         b = NativeBackend(path, n_ctx=128, threads=1, expert_store={**store, "trace": True})
         logits, tokens = run(b)
         stats = b.stats().extra["expert_store"]
