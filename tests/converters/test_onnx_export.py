@@ -358,3 +358,15 @@ def test_accuracy_level_follows_the_device(device, level, tiny_models, tmp_path)
     assert levels == {level}
     recipe = _recipe(out)
     assert recipe["accuracy_level"] == level and recipe["device"] == device
+
+
+def test_onnxruntime_without_the_moe_kernels(tiny_models, tmp_path, monkeypatch):
+    import onnxruntime
+
+    def no_qmoe(*args, **kwargs):
+        raise RuntimeError("Could not find an implementation for QMoE(1) node with name ''")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", no_qmoe)
+    with pytest.raises(OptionError, match=r"cannot run the QMoE contrib op .*Could not find.*onnxruntime >= 1\.31"):
+        edgeai.convert(tiny_models["mixtral"], tmp_path / "out", format="onnx", quant="int4")
+    _nothing_written(tmp_path, tmp_path / "out")
