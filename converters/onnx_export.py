@@ -52,6 +52,7 @@ import numpy as np
 import edgeai
 from edgeai.errors import CheckpointError, OptionError, OutputError, UnsupportedArchitectureError
 from edgeai.paths import atomic_output_dir
+from edgeai.quant.recipes import Method, parse_method
 
 if TYPE_CHECKING:
     from edgeai.quant.prune import PruneSpec
@@ -92,30 +93,12 @@ class OnnxQuant(str, enum.Enum):
         return {"int8": 8, "int4": 4}.get(self.value)
 
 
-class OnnxMethod(str, enum.Enum):
-    """How int8/int4 codes are chosen (`--method`): the GGUF path's methods (`edgeai.quant.recipes.Method`)."""
-
-    RTN = "rtn"
-    IMATRIX = "imatrix"
-    AWQ = "awq"
-    GPTQ = "gptq"
-
-
 def parse_quant(value: str | OnnxQuant) -> OnnxQuant:
     try:
         return OnnxQuant(value.lower() if isinstance(value, str) else value)
     except ValueError:
         raise OptionError(f"--quant {value!r} is not an ONNX weight type; choose one of "
                           f"{', '.join(q.value for q in OnnxQuant)}") from None
-
-
-def parse_method(value: str | OnnxMethod) -> OnnxMethod:
-    name = value.value if isinstance(value, enum.Enum) else str(value).lower()
-    try:
-        return OnnxMethod(name)
-    except ValueError:
-        raise OptionError(f"--method {value!r} is not supported for ONNX; choose one of "
-                          f"{', '.join(m.value for m in OnnxMethod)}") from None
 
 
 def check_onnxruntime() -> str:
@@ -668,7 +651,7 @@ def export_onnx(
     *,
     quant: str | OnnxQuant = OnnxQuant.FP32,
     block_size: int = 32,
-    method: str | OnnxMethod = OnnxMethod.RTN,
+    method: str | Method = Method.RTN,
     calib: str | Path | None = None,
     calib_ctx: int = 512,
     prune: str | Sequence[PruneSpec] | None = None,
@@ -710,15 +693,15 @@ def export_onnx(
 
     from edgeai.converters.convert import _awq, _calibration_text, _gptq, _importance_lookup, _prune, open_plan
     from edgeai.quant.prune import parse_prune
-    from edgeai.quant.recipes import Method, get_recipe
+    from edgeai.quant.recipes import get_recipe
 
     if output is None:
         raise OptionError("an output folder is needed (-o OUT_DIR)")
     output = Path(output)
     quant, method = parse_quant(quant), parse_method(method)
-    if quant.bits is None and method is not OnnxMethod.RTN:
+    if quant.bits is None and method is not Method.RTN:
         raise OptionError(f"--method {method.value} only applies to int8/int4; --quant {quant.value} has no codes to choose")
-    if method is OnnxMethod.GPTQ and block_size != 32:
+    if method is Method.GPTQ and block_size != 32:
         raise OptionError("--method gptq runs on the Q4_0/Q8_0 grids of 32-wide blocks; use --block-size 32 "
                           "(or --method imatrix / awq for 64/128)")
     device_name, device_level = _device_accuracy(device)
@@ -727,7 +710,7 @@ def export_onnx(
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise OptionError(f"accuracy_level {accuracy_level} must be 0..4 (MatMulNBits)")
     prune_steps = parse_prune(prune)
-    calib_text = _calibration_text(calib, Method(method.value), prune_steps)
+    calib_text = _calibration_text(calib, method, prune_steps)
     ort_version = check_onnxruntime()
     if output.exists() and not force:
         raise OutputError(f"{output} exists; pass --force (force=True) to replace it")
@@ -759,16 +742,16 @@ def export_onnx(
         with threadpool_limits(limits=threads if threads > 0 else None, user_api="blas"):
             if prune_steps:  # before calibrating for quantization, which then sees the pruned model
                 _prune(plan, recipe, prune_steps, calib_text, calib_ctx, calib)
-            if method is OnnxMethod.IMATRIX:
+            if method is Method.IMATRIX:
                 from edgeai.quant.calibrate import collect_statistics
 
                 stats = collect_statistics(plan, calib_text, n_ctx=calib_ctx)
                 plan.extra_recipe["calibration"] = {**stats.recipe(), "file": Path(calib).name}
                 importance = _importance_lookup({name: stats.importance(name) for name in stats.columns})
-            elif method is OnnxMethod.AWQ:
+            elif method is Method.AWQ:
                 _grid_formats(plan, quant)  # what the scale search quantizes with
                 importance = _awq(plan, calib_text, calib_ctx, Path(calib).name, threads)
-            elif method is OnnxMethod.GPTQ:
+            elif method is Method.GPTQ:
                 _grid_formats(plan, quant)  # the grids GPTQ fills: Q4_0/Q8_0 == MatMulNBits at block 32
                 encoded = _gptq(plan, calib_text, calib_ctx, Path(calib).name, threads)
         opts = _Options(quant, block_size, accuracy_level)
@@ -781,7 +764,7 @@ def export_onnx(
         plan.close()
 
 
-def _write_folder(folder: Path, plan, opts: _Options, method: OnnxMethod, importance, encoded, threads: int,
+def _write_folder(folder: Path, plan, opts: _Options, method: Method, importance, encoded, threads: int,
                   ort_version: str) -> None:
     import onnx
     from onnx import helper

@@ -155,8 +155,9 @@ def test_awq_folds_scales_without_changing_the_float_model(tiny_models, tmp_path
     ONNX graph computes what transformers does; only the int4 rounding sees the scaling."""
     calib = tmp_path / "calib.txt"
     calib.write_text(VARIED_TEXT * 8, encoding="utf-8")
-    from edgeai.converters.onnx_export import OnnxQuant, _grid_formats, _write_folder, _Options, OnnxMethod
     from edgeai.converters.convert import _awq, open_plan
+    from edgeai.converters.onnx_export import OnnxQuant, _grid_formats, _Options, _write_folder
+    from edgeai.quant.recipes import Method
 
     src = tiny_models["llama"]
     plan = open_plan(src, "f32")
@@ -164,7 +165,7 @@ def test_awq_folds_scales_without_changing_the_float_model(tiny_models, tmp_path
     _awq(plan, calib.read_text(), 64, calib.name, 1)
     assert plan.extra_recipe["awq"]["alphas"]
     (tmp_path / "awq-fp32").mkdir()
-    _write_folder(tmp_path / "awq-fp32", plan, _Options(OnnxQuant.FP32, 32, 0), OnnxMethod.AWQ, None, None, 1, "test")
+    _write_folder(tmp_path / "awq-fp32", plan, _Options(OnnxQuant.FP32, 32, 0), Method.AWQ, None, None, 1, "test")
     plan.close()
     backend = OnnxBackend(tmp_path / "awq-fp32", threads=1)
     tokens = _prompt(backend.n_vocab)
