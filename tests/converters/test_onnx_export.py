@@ -311,10 +311,15 @@ def test_qmoe_int4_matches_the_numpy_reference_on_the_same_codes(arch, tiny_mode
     assert np.abs(ours - ref).max() < 1e-3 * np.abs(ref).max()
 
 
-def test_moe_fp32_uses_the_moe_op(tiny_models, tmp_path):
+def test_moe_fp16_runs_the_moe_op(tiny_models, tmp_path):
+    """fp16 experts: stored half, cast to float32 for the float MoE node; close to transformers."""
     out = edgeai.convert(tiny_models["olmoe"], tmp_path / "olmoe", format="onnx", quant="fp16")
     ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("MoE") == 2 and "QMoE" not in ops
+    backend = OnnxBackend(out, threads=1)
+    tokens = _prompt(backend.n_vocab)
+    ref, _, _ = _hf_steps(tiny_models["olmoe"], tokens, 0)
+    assert np.abs(backend.eval_all(tokens) - ref).max() < 1e-2 * np.abs(ref).max()
 
 
 # ---- pruning and the device ---------------------------------------------------------------------------
