@@ -2,7 +2,7 @@
 
 Run by hand (never by tests); needs `pip install onnxruntime-genai onnx-ir` in the venv (the builder):
 
-    .venv/bin/python benchmarks/onnx_vs_genai.py [--method gptq] [--runs 5] [--threads 1 2]
+    .venv/bin/python benchmarks/onnx_vs_genai.py [--method rtn|imatrix|awq|gptq] [--runs 5] [--threads 1 2]
 
 Both folders are made from the same F32 Hugging Face checkpoint (`tests/helpers.py`
 `smollm2_hf_checkpoint`, cached in ~/.cache/edgeai-bench/smollm2-hf-f32):
@@ -15,7 +15,8 @@ and measured the same way: size (model.onnx + external data), KL divergence / pe
 against an F16 GGUF reference (`edgeai.quant.evaluate`: llama.cpp runs the reference, onnxruntime
 runs both ONNX folders), and prefill / decode tokens per second through the same loop
 (`edgeai.runtimes.onnxrt.OnnxBackend`: IO-bound KV cache, one graph run per step) at each thread
-count; the medians of --runs runs, the two models alternating run by run.
+count; the medians of --runs runs, the two models alternating run by run. Each method's figures go to
+report-METHOD.json in the work folder (the genai folder is shared by every method).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, default=BENCH / "smollm2-hf-f32")
     p.add_argument("--work", type=Path, default=BENCH / "onnx-vs-genai")
-    p.add_argument("--method", default="gptq", choices=["rtn", "imatrix", "gptq"])
+    p.add_argument("--method", default="gptq", choices=["rtn", "imatrix", "awq", "gptq"])
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, default=16)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--rebuild", action="store_true", help="Export both folders again even if they exist.")
     p.add_argument("--speed-only", action="store_true",
-                   help="Measure speed only; keep the quality figures of the last report.json (same folders).")
+                   help="Measure speed only; keep the quality figures of the last report-METHOD.json (same folders).")
     args = p.parse_args(argv)
 
     from edgeai.quant.evaluate import evaluate
@@ -126,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
                "-e", "cpu", "-c", str(work / "genai-cache"), "--extra_options", f"block_size={args.block_size}"]
         export_seconds["genai"] = run(cmd, work / "logs" / "genai.log")
     folders = {"edgeai": ours, "genai": theirs}
+    report_file = work / f"report-{args.method}.json"
 
     report: dict = {"checkpoint": str(ckpt), "reference": str(ref), "text": str(text), "calib": str(calib),
                     "method": args.method, "block_size": args.block_size, "export_seconds": export_seconds, "models": {}}
     if args.speed_only:
-        report["models"] = json.loads((work / "report.json").read_text())["models"]
+        report["models"] = json.loads(report_file.read_text())["models"]
     for key, folder in folders.items():
         if args.speed_only:
             report["models"][key]["size_bytes"] = folder_size(folder)
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in args.threads:
         for key, s in speed(folders, t, args.runs, prompt, args.decode_tokens).items():
             report["models"][key][f"threads_{t}"] = s
-    (work / "report.json").write_text(json.dumps(report, indent=2))
+    report_file.write_text(json.dumps(report, indent=2))
 
     e, g = report["models"]["edgeai"], report["models"]["genai"]
     print(f"\nSmolLM2-135M int4 (block {args.block_size}), ours --method {args.method}; KLD vs F16 on {args.chunks} "
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                  (f"decode tok/s, {t} thread(s)", e[f"threads_{t}"]["decode"], g[f"threads_{t}"]["decode"], "{:.1f}")]
     for label, a, b, f in rows:
         print(f"{label:26}{f.format(a):>12}{f.format(b):>15}{a / b:>8.3f}")
-    print(f"reference PPL (F16, llama.cpp): {e['ref_ppl']:.3f}; report: {work / 'report.json'}")
+    print(f"reference PPL (F16, llama.cpp): {e['ref_ppl']:.3f}; report: {report_file}")
     return 0
 
 

@@ -294,6 +294,7 @@ def convert(
     threads: int = 0,
     format: str = "gguf",
     block_size: int = 32,
+    device: str | None = None,
 ) -> Path:
     """Convert a checkpoint to a GGUF file that llama.cpp and edgeai's runtime load, or (format="onnx")
     to an ONNX folder that onnxruntime runs (`edgeai.converters.onnx_export.export_onnx`).
@@ -324,6 +325,8 @@ def convert(
         threads: threads for quantization; 0 uses every core.
         format: "gguf" (a file) or "onnx" (a folder; `quant` is then fp32, fp16, int8 or int4).
         block_size: weights per scale of ONNX int8/int4 weights (32, 64 or 128).
+        device: ONNX only: the device profile whose CPU sets MatMulNBits' accuracy_level (None:
+            this machine; `edgeai.converters.onnx_export.accuracy_level_for`).
 
     Returns:
         The path written.
@@ -332,14 +335,16 @@ def convert(
     if str(format).lower() == "onnx":
         if outtype is not None or target_bpw is not None or target_types is not None:
             raise OptionError("--format onnx takes --quant fp32|fp16|int8|int4; drop --outtype / --target-bpw / --target-types")
-        if prune:
-            raise OptionError("--prune is not applied to ONNX exports yet: prune to a GGUF, or export unpruned")
         from edgeai.converters.onnx_export import export_onnx
 
         return export_onnx(src, output, quant=quant or "fp32", block_size=block_size, method=method, calib=calib,
-                           calib_ctx=calib_ctx, force=force, quiet=quiet, trust_pickle=trust_pickle, threads=threads)
+                           calib_ctx=calib_ctx, prune=prune, device=device, force=force, quiet=quiet,
+                           trust_pickle=trust_pickle, threads=threads)
     if str(format).lower() != "gguf":
         raise OptionError(f"--format {format!r} is not supported; choose gguf or onnx")
+    if device is not None:
+        raise OptionError("--device chooses the ONNX MatMulNBits compute type; a GGUF file is the same for every "
+                          "device: drop --device (or give --format onnx)")
     # ---- end ONNX export ----
     if output is None:
         raise OptionError("an output path is needed (-o OUT.gguf)")

@@ -14,7 +14,7 @@ The graph, per position batch [batch, seq] (prefill and decode are the same grap
     per block: h = rms_norm(x)                            RMSNormalization / SkipSimplifiedLayerNormalization
                q, k, v = h @ Wq, Wk, Wv (+ bias, qk-norm)  MatMul | MatMulNBits
                a = attention(q, k, v, past) with RoPE      GroupQueryAttention (rotary inside)
-               x += a @ Wo; x += ffn(rms_norm(x))          SwiGLU, or MoE with standard ops
+               x += a @ Wo; x += ffn(rms_norm(x))          SwiGLU, or MoE / QMoE (routed experts)
     logits = rms_norm(x) @ Wout                           -> logits [batch, seq, n_vocab], present.{i}.*
 
 Weights keep the GGUF (internal) layout of `converters.specs`: for NORM-RoPE families (Llama,
@@ -25,11 +25,13 @@ only the order of the head dimensions inside the cached keys differs from transf
 
 Weights: fp32; fp16 (stored as float16, computed in float32: onnxruntime folds the casts when it
 loads); int8/int4 as block-wise symmetric `MatMulNBits` (`edgeai.quant.nbits`) whose scales come
-from the shared quantizer (32-wide blocks are GGUF's Q4_0/Q8_0 grids, so imatrix search and GPTQ
-apply unchanged). The embedding is `GatherBlockQuantized` with the same codes; a tied output
-matrix shares the embedding's bytes on disk. MoE layers run every expert on every token and
-weight the outputs by the router's (zero outside the top k), with standard ops: correct, but
-n_expert times the expert compute; onnxruntime's MoE/QMoE contrib ops are not used yet.
+from the shared quantizer (32-wide blocks are GGUF's Q4_0/Q8_0 grids, so imatrix search, AWQ and
+GPTQ apply unchanged). The embedding is `GatherBlockQuantized` with the same codes; a tied output
+matrix shares the embedding's bytes on disk. `accuracy_level` (int8 or float32 activations) follows
+the CPU of the device the folder is for (`accuracy_level_for`). Pruning (`--prune`) runs on the plan
+first, as for GGUF. MoE layers: the routed experts are one onnxruntime `MoE` (float) or `QMoE`
+(int8/int4, block-wise) node per layer, which runs only each token's top-k experts; the router and a
+shared expert are standard ops.
 """
 
 from __future__ import annotations
@@ -43,13 +45,17 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 import edgeai
 from edgeai.errors import CheckpointError, OptionError, OutputError, UnsupportedArchitectureError
 from edgeai.paths import atomic_output_dir
+from edgeai.quant.recipes import Method, parse_method
+
+if TYPE_CHECKING:
+    from edgeai.quant.prune import PruneSpec
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,9 @@ IR_VERSION = 10
 MS = "com.microsoft"
 # onnxruntime versions that run every op the graph uses on CPU (RMSNormalization is opset 23)
 MIN_ORT = (1, 22)
+# the onnxruntime release the MoE layers' CPU MoE / QMoE nodes (interleaved SwiGLU, block-wise
+# int4/int8 experts, accuracy_level) were tested with; the export checks by running one tiny node
+MIN_ORT_MOE = (1, 31)
 ORT_OPS = ("GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized", "SkipSimplifiedLayerNormalization",
            "RMSNormalization (opset 23)")
 # files copied from the checkpoint folder when present (tokenizer, chat template, configs)
@@ -84,31 +93,12 @@ class OnnxQuant(str, enum.Enum):
         return {"int8": 8, "int4": 4}.get(self.value)
 
 
-class OnnxMethod(str, enum.Enum):
-    """How int8/int4 codes are chosen (`--method`); AWQ is not implemented in `edgeai.quant` yet."""
-
-    RTN = "rtn"
-    IMATRIX = "imatrix"
-    GPTQ = "gptq"
-
-
 def parse_quant(value: str | OnnxQuant) -> OnnxQuant:
     try:
         return OnnxQuant(value.lower() if isinstance(value, str) else value)
     except ValueError:
         raise OptionError(f"--quant {value!r} is not an ONNX weight type; choose one of "
                           f"{', '.join(q.value for q in OnnxQuant)}") from None
-
-
-def parse_method(value: str | OnnxMethod) -> OnnxMethod:
-    name = value.value if isinstance(value, enum.Enum) else str(value).lower()
-    if name == "awq":
-        raise OptionError("--method awq is not implemented in edgeai.quant yet; use rtn, imatrix or gptq")
-    try:
-        return OnnxMethod(name)
-    except ValueError:
-        raise OptionError(f"--method {value!r} is not supported for ONNX; choose one of "
-                          f"{', '.join(m.value for m in OnnxMethod)}") from None
 
 
 def check_onnxruntime() -> str:
@@ -160,7 +150,7 @@ class _ExternalData:
 class _Graph:
     """Nodes and initializers of the decoder graph, with unique value names."""
 
-    data: _ExternalData
+    data: _ExternalData | None
     nodes: list = field(default_factory=list)
     initializers: list = field(default_factory=list)
     counter: int = 0
@@ -192,7 +182,7 @@ class _Graph:
         t.name = name
         t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
         t.dims.extend(array.shape)
-        if array.nbytes < _EXTERNAL_MIN_BYTES:
+        if self.data is None or array.nbytes < _EXTERNAL_MIN_BYTES:  # no data file: a graph kept in memory
             t.raw_data = array.tobytes()
         else:
             offset, length = self.data.write(array)
@@ -230,15 +220,16 @@ class _Weights:
         self.embedding_f: str | None = None  # float: the table's initializer
 
     # -- encoding
-    def _nbits(self, name: str, w: np.ndarray, expert: int | None):
-        """w [N, K] float32 -> NBits, from GPTQ's bytes, the shared block quantizer (32) or nbits.encode."""
+    def _nbits(self, name: str, w: np.ndarray, expert: int | None, block: int | None = None):
+        """w [N, K] float32 -> NBits (blocks of `block`, default the export's for rows of K), from
+        GPTQ's bytes, the shared block quantizer (32) or nbits.encode."""
         from edgeai.quant import nbits
         from edgeai.quant.formats import FORMATS, Fit, quantize
 
         bits = self.opts.quant.bits
         n, k = w.shape
-        bs = block_for(k, self.opts.block_size)
-        if self.encoded is not None and name in self.encoded:
+        bs = block or block_for(k, self.opts.block_size)
+        if self.encoded is not None and name in self.encoded and bs == 32:
             return nbits.from_gguf_blocks(self.encoded[name][expert or 0], bits, n, k)
         imp = self.importance(name, expert or 0) if self.importance else None
         if bs == 32:
@@ -258,17 +249,14 @@ class _Weights:
         return b is not None
 
     # -- operands
-    def linear(self, x: str, name: str, *, expert: int | None = None, w: np.ndarray | None = None) -> str:
-        """x [.., K] @ W.T for planned weight `name` [N, K] (one expert's slice of a stacked one)."""
+    def linear(self, x: str, name: str) -> str:
+        """x [.., K] @ W.T for planned weight `name` [N, K]."""
         g, q = self.g, self.opts.quant
-        if w is None:
-            w = self.plan.read(name)
-        if expert is not None:
-            w = w[expert]
+        w = self.plan.read(name)
         n, k = w.shape
-        label = name if expert is None else f"{name}.{expert}"
+        label = name
         if self._quantized(name, k):
-            enc = self._nbits(name, w, expert)
+            enc = self._nbits(name, w, None)
             codes = g.initializer(label + ".qweight", enc.codes, weights=n * k)
             scales = g.initializer(label + ".scales", enc.scales.reshape(-1), weights=0)
             self.types[name] = f"int{q.bits}"
@@ -315,6 +303,44 @@ class _Weights:
         t = self.plan.read(name).astype(np.float32)
         self.types[name] = "fp32"
         return self.g.initializer(name, t, weights=t.size)
+
+    def experts(self, x: str, probs: str, blk: str, k: int) -> str:
+        """A block's routed experts as one onnxruntime MoE (float) or QMoE (int8/int4) node:
+        x [b, s, n_embd], probs [b*s, n_expert] router logits -> [b, s, n_embd]. The node takes the
+        softmax over all experts, keeps the top k, renormalizes their weights to sum to 1 and runs
+        SwiGLU experts whose gate and up rows are interleaved in one matrix (the layout its CPU
+        kernels take)."""
+        g, q = self.g, self.opts.quant
+        names = [f"{blk}ffn_{r}_exps.weight" for r in ("gate", "up", "down")]
+        gate, up, down = (self.plan.read(n) for n in names)  # [E, F, H], [E, F, H], [E, H, F]
+        n_expert, n_ff, n_embd = gate.shape
+        # one block size for both matrices: it must divide the rows of both (n_embd and n_ff)
+        block = block_for(math.gcd(n_embd, n_ff), self.opts.block_size) if q.bits else None
+        if q.bits and block is None:
+            self.fallbacks.update({n: f"rows of {n_embd} and {n_ff} share no block size >= 16: kept float32" for n in names})
+        elif q.bits and block != self.opts.block_size:
+            self.fallbacks.update({n: f"rows of {n_embd} and {n_ff} share no multiple of {self.opts.block_size}: "
+                                      f"blocks of {block}" for n in names})
+        if block is None:  # float experts: fc1 [E, 2F, H] (gate, up interleaved), fc2 [E, H, F]
+            fc1 = np.empty((n_expert, 2 * n_ff, n_embd), np.float32)
+            fc1[:, 0::2], fc1[:, 1::2] = gate, up
+            kind = "fp16" if q is OnnxQuant.FP16 else "fp32"
+            self.types.update({n: kind for n in names})
+            fc, fc2 = (fc1, down) if q is not OnnxQuant.FP16 else (fc1.astype(np.float16), down.astype(np.float16))
+            op, attrs, inputs = _moe_node(self.g, blk + "ffn_exps", k, fc, fc2)
+        else:
+            encoded = [[self._nbits(n, w[e], e, block) for e in range(n_expert)] for n, w in zip(names, (gate, up, down))]
+            codes = [np.stack([e.codes.reshape(e.codes.shape[0], -1) for e in m]) for m in encoded]  # [E, N, K*bits/8]
+            scales = [np.stack([e.scales for e in m]) for m in encoded]  # [E, N, K/block]
+            fc1 = (np.empty((n_expert, 2 * n_ff, codes[0].shape[2]), np.uint8),
+                   np.empty((n_expert, 2 * n_ff, scales[0].shape[2]), np.float32))
+            fc1[0][:, 0::2], fc1[0][:, 1::2] = codes[0], codes[1]
+            fc1[1][:, 0::2], fc1[1][:, 1::2] = scales[0], scales[1]
+            self.types.update({n: f"int{q.bits}" for n in names})
+            op, attrs, inputs = _moe_node(self.g, blk + "ffn_exps", k, fc1, (codes[2], scales[2]),
+                                          bits=q.bits, block_size=block, accuracy_level=self.opts.accuracy_level)
+        del gate, up, down
+        return g.one(op, [x, probs, *inputs], domain=MS, **attrs)
 
     def embedding(self, ids: str) -> str:
         """input_ids [batch, seq] -> [batch, seq, n_embd]; keeps the codes for a tied output."""
@@ -411,11 +437,10 @@ def _build_graph(g: _Graph, plan, w: _Weights, max_pos: int):
             y = g.one("Add", [y, w.vector(f"{blk}{role}.bias")])
         return y
 
-    def swiglu(h: str, gate: str, up: str, down: str, expert: int | None = None, stacked=None) -> str:
-        a = w.linear(h, gate, expert=expert, w=stacked[0] if stacked else None)
-        b = w.linear(h, up, expert=expert, w=stacked[1] if stacked else None)
+    def swiglu(h: str, gate: str, up: str, down: str) -> str:
+        a, b = w.linear(h, gate), w.linear(h, up)
         act = g.one("Mul", [g.one("Mul", [a, g.one("Sigmoid", [a])]), b])
-        return w.linear(act, down, expert=expert, w=stacked[2] if stacked else None)
+        return w.linear(act, down)
 
     for i in range(hp.n_layer):
         blk = f"blk.{i}."
@@ -448,25 +473,18 @@ def _build_graph(g: _Graph, plan, w: _Weights, max_pos: int):
 
 
 def _moe(g: _Graph, w: _Weights, moe, hp, h: str, blk: str, swiglu: Callable) -> str:
-    """Routed experts (every expert on every token, weighted by the router, zero outside the top k),
-    plus the gated shared expert: h [batch, seq, n_embd] -> [batch, seq, n_embd]."""
+    """Routed experts (onnxruntime's MoE / QMoE node) plus the gated shared expert (standard ops):
+    h [batch, seq, n_embd] -> [batch, seq, n_embd]."""
     logits = w.linear(h, blk + "ffn_gate_inp.weight")  # [b, s, n_expert], float32 router
-    probs = g.one("Softmax", [logits], axis=-1)
-    top_w, top_i = g.node("TopK", [probs, g.const("k", np.array([hp.n_expert_used], np.int64))], 2, axis=-1)
-    if moe.renormalizes_top_k:
-        top_w = g.one("Div", [top_w, g.one("ReduceSum", [top_w, g.const("axes", np.array([-1], np.int64))], keepdims=1)])
-    zeros = g.one("Mul", [probs, g.const("zero", np.array(0.0, np.float32))])
-    route = g.one("ScatterElements", [zeros, top_i, top_w], axis=-1)  # [b, s, n_expert]
-    stacked = [w.plan.read(f"{blk}ffn_{r}_exps.weight") for r in ("gate", "up", "down")]  # one layer's experts
-    out = None
-    for e in range(hp.n_expert):
-        y = swiglu(h, f"{blk}ffn_gate_exps.weight", f"{blk}ffn_up_exps.weight", f"{blk}ffn_down_exps.weight",
-                   expert=e, stacked=stacked)
-        weight = g.one("Slice", [route, g.const("s", np.array([e], np.int64)), g.const("e", np.array([e + 1], np.int64)),
-                                 g.const("axis", np.array([-1], np.int64))])
-        y = g.one("Mul", [y, weight])
-        out = y if out is None else g.one("Add", [out, y])
-    del stacked
+    probs = g.one("Reshape", [logits, g.const("shape", np.array([-1, hp.n_expert], np.int64))])  # [b*s, n_expert]
+    out = w.experts(h, probs, blk, hp.n_expert_used)  # top-k weights renormalized to sum to 1
+    if not moe.renormalizes_top_k:
+        # the family weights each expert by its softmax over all experts: scale by the top k's
+        # mass. (onnxruntime 1.31's normalize_routing_weights=0 gives wrong outputs whenever the
+        # node's output reuses its input's buffer, so the node always renormalizes.)
+        top = g.node("TopK", [g.one("Softmax", [logits], axis=-1), g.const("k", np.array([hp.n_expert_used], np.int64))],
+                     2, axis=-1)[0]  # [b, s, k]
+        out = g.one("Mul", [out, g.one("ReduceSum", [top, g.const("axes", np.array([-1], np.int64))], keepdims=1)])
     if moe.shared_expert:
         shared = swiglu(h, blk + "ffn_gate_shexp.weight", blk + "ffn_up_shexp.weight", blk + "ffn_down_shexp.weight")
         gate_w = w.plan.read(blk + "ffn_gate_inp_shexp.weight").reshape(-1, 1)  # [n_embd, 1]
@@ -474,6 +492,27 @@ def _moe(g: _Graph, w: _Weights, moe, hp, h: str, blk: str, swiglu: Callable) ->
         gate = g.one("Sigmoid", [g.one("MatMul", [h, gate_t])])
         out = g.one("Add", [out, g.one("Mul", [shared, gate])])
     return out
+
+
+def _moe_node(g: _Graph, label: str, k: int, fc1, fc2, *, bits: int | None = None,
+              block_size: int = 0, accuracy_level: int = 0) -> tuple[str, dict, list[str]]:
+    """(op, attributes, weight inputs) of one routed-experts node. Float (MoE): fc1 [E, 2F, H] with
+    gate and up rows interleaved, fc2 [E, H, F] (float16 ones are cast to float32 at load). Int
+    (QMoE): fc1, fc2 = (codes [E, N, K*bits/8] uint8 in MatMulNBits' nibble order, scales
+    [E, N, K/block_size] float32), symmetric (the default zero point 2^(bits-1))."""
+    # SwiGLU as SiLU-gated: gate * sigmoid(1.0 * gate) * (up + 0.0), no clamp
+    attrs = dict(k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                 normalize_routing_weights=1)
+    if bits is None:
+        inputs = []
+        for name, t in ((label + ".fc1", fc1), (label + ".fc2", fc2)):
+            init = g.initializer(name, t, weights=t.size)
+            inputs.append(g.one("Cast", [init], to=1) if t.dtype == np.float16 else init)
+        return "MoE", attrs, [inputs[0], "", inputs[1]]
+    n1, n2 = fc1[1].size * block_size, fc2[1].size * block_size  # weights each encodes
+    inputs = [g.initializer(label + ".fc1.qweight", fc1[0], weights=n1), g.initializer(label + ".fc1.scales", fc1[1], weights=0),
+              "", g.initializer(label + ".fc2.qweight", fc2[0], weights=n2), g.initializer(label + ".fc2.scales", fc2[1], weights=0)]
+    return "QMoE", {**attrs, "expert_weight_bits": bits, "block_size": block_size, "accuracy_level": accuracy_level}, inputs
 
 
 # ---- the export --------------------------------------------------------------------------------
@@ -535,16 +574,89 @@ def _genai_config(plan, hp, n_ctx: int) -> dict:
     }
 
 
+# ISA features (as `edgeai.devices` profiles name them) with int8 dot products, which onnxruntime's
+# MatMulNBits kernels use at accuracy_level 4: x86 AVX2 (vpmaddubsw) and VNNI, Armv8.2 dotprod
+INT8_DOT_ISA = ("avx2", "avx_vnni", "avx512_vnni", "dotprod")
+
+
+def accuracy_level_for(isa: tuple[str, ...] | list[str]) -> int:
+    """MatMulNBits' `accuracy_level` for a CPU with these ISA features: 4 (int8 activations) where
+    onnxruntime has int8 dot-product kernels for it, else 0 (float32 activations: onnxruntime has no
+    int8 kernel there and computes in float32 anyway, e.g. a Raspberry Pi 4's Cortex-A72)."""
+    return 4 if any(f in isa for f in INT8_DOT_ISA) else 0
+
+
+def _device_accuracy(device: str | None) -> tuple[str, int]:
+    """(device name, accuracy_level) for `--device` (None or "this": this machine's CPU flags)."""
+    if device is None or device.strip().lower() in ("this", "this-machine"):
+        from edgeai.devices.detect import isa_features
+
+        return "this-machine", accuracy_level_for(isa_features())
+    from edgeai.devices import get_profile
+
+    profile = get_profile(device)
+    return profile.name, accuracy_level_for(profile.isa)
+
+
+def _grid_formats(plan, quant: OnnxQuant) -> None:
+    """Give the plan's weight matrices the GGUF type with MatMulNBits' block-32 grid (Q4_0 / Q8_0),
+    the types GPTQ fills and AWQ's scale search quantizes with; routers and vectors stay F32."""
+    from edgeai.quant import nbits
+    from edgeai.quant.formats import FORMATS
+
+    for t in plan.tensors:
+        quantized = len(t.shape) >= 2 and not t.name.endswith("ffn_gate_inp.weight") and t.shape[-1] % 32 == 0
+        t.fmt = FORMATS[nbits.GGUF_TYPE[quant.bits] if quantized else "f32"]
+
+
+def _check_moe_ops(quant: OnnxQuant, ort_version: str) -> None:
+    """OptionError unless the installed onnxruntime runs the MoE / QMoE node the export writes
+    (one tiny node, run once: the CPU kernels and their attributes came in several releases)."""
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    e, h, f = 2, 32, 32
+    g = _Graph(None)  # initializers kept in the graph
+    if quant.bits is None:
+        op, attrs, inputs = _moe_node(g, "probe", 1, np.zeros((e, 2 * f, h), np.float32), np.zeros((e, h, f), np.float32))
+    else:
+        def zeros(n: int, k: int):
+            return np.zeros((e, n, k * quant.bits // 8), np.uint8), np.ones((e, n, k // 32), np.float32)
+
+        op, attrs, inputs = _moe_node(g, "probe", 1, zeros(2 * f, h), zeros(h, f), bits=quant.bits, block_size=32,
+                                      accuracy_level=4)
+    node = helper.make_node(op, ["x", "r", *inputs], ["y"], domain=MS, **attrs)
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, h]),
+                                                 helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, e])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              ir_version=IR_VERSION)
+    try:
+        opts = onnxruntime.SessionOptions()
+        opts.log_severity_level = 4
+        session = onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session.run(None, {"x": np.zeros((1, h), np.float32), "r": np.zeros((1, e), np.float32)})
+    except Exception as exc:  # onnxruntime's Fail / NotImplemented / InvalidGraph
+        raise OptionError(
+            f"the installed onnxruntime {ort_version} cannot run the {op} contrib op the MoE layers are exported with "
+            f"({str(exc).splitlines()[0][:200]}); onnxruntime >= {'.'.join(map(str, MIN_ORT_MOE))} runs it: "
+            "`pip install -U onnxruntime`"
+        ) from exc
+
+
 def export_onnx(
     src: str | Path | None,
     output: str | Path | None,
     *,
     quant: str | OnnxQuant = OnnxQuant.FP32,
     block_size: int = 32,
-    method: str | OnnxMethod = OnnxMethod.RTN,
+    method: str | Method = Method.RTN,
     calib: str | Path | None = None,
     calib_ctx: int = 512,
-    accuracy_level: int = 4,
+    prune: str | Sequence[PruneSpec] | None = None,
+    device: str | None = None,
+    accuracy_level: int | None = None,
     force: bool = False,
     quiet: bool | None = None,
     trust_pickle: bool = False,
@@ -558,12 +670,17 @@ def export_onnx(
         quant: fp32, fp16 (stored half, computed float32), int8 or int4 (`MatMulNBits`).
         block_size: weights per scale for int8/int4: 32, 64 or 128; must divide every row.
         method: rtn (least-squares scale search, no data), imatrix (the search weighted by the
-            calibration text's mean x^2 per column) or gptq (32-wide blocks only). AWQ is not
-            implemented in `edgeai.quant` yet.
-        calib: calibration text (UTF-8) for imatrix and gptq.
+            calibration text's mean x^2 per column), awq (activation-aware input-channel scales
+            folded into the layer before, `edgeai.quant.awq`, then imatrix; the scale search
+            measures its error on the 32-wide grid) or gptq (32-wide blocks only).
+        calib: calibration text (UTF-8) for imatrix, awq, gptq and the pruning steps that need data.
         calib_ctx: tokens per calibration chunk.
-        accuracy_level: MatMulNBits' compute type: 4 quantizes activations to int8 (fastest on CPUs
-            with int8 dot products: AVX2/AVX-512 VNNI, ARM dotprod), 0 computes in float32.
+        prune: pruning before quantization, as for GGUF (`edgeai.quant.prune.parse_prune`):
+            "wanda:0.5", "2:4", "layers:2", "experts:0.25", steps joined by commas.
+        device: the device profile (`edgeai devices`) the folder is for: its CPU sets MatMulNBits'
+            accuracy_level (`accuracy_level_for`); None or "this" means this machine.
+        accuracy_level: MatMulNBits' compute type, overriding the device's: 4 quantizes activations
+            to int8 (CPUs with int8 dot products: AVX2/VNNI, Arm dotprod), 0 computes in float32.
         force: replace `output` if it exists.
         quiet: unused by the export (no progress bar); accepted for the same call as `convert`.
         trust_pickle: allow PyTorch `.bin` checkpoints.
@@ -572,21 +689,28 @@ def export_onnx(
     Returns:
         The folder written.
     """
-    from edgeai.converters.convert import _calibration_text, _gptq, _importance_lookup, open_plan
-    from edgeai.quant.recipes import Method
+    from threadpoolctl import threadpool_limits
+
+    from edgeai.converters.convert import _awq, _calibration_text, _gptq, _importance_lookup, _prune, open_plan
+    from edgeai.quant.prune import parse_prune
+    from edgeai.quant.recipes import get_recipe
 
     if output is None:
         raise OptionError("an output folder is needed (-o OUT_DIR)")
     output = Path(output)
     quant, method = parse_quant(quant), parse_method(method)
-    if quant.bits is None and method is not OnnxMethod.RTN:
+    if quant.bits is None and method is not Method.RTN:
         raise OptionError(f"--method {method.value} only applies to int8/int4; --quant {quant.value} has no codes to choose")
-    if method is OnnxMethod.GPTQ and block_size != 32:
+    if method is Method.GPTQ and block_size != 32:
         raise OptionError("--method gptq runs on the Q4_0/Q8_0 grids of 32-wide blocks; use --block-size 32 "
-                          "(or --method imatrix for 64/128)")
+                          "(or --method imatrix / awq for 64/128)")
+    device_name, device_level = _device_accuracy(device)
+    if accuracy_level is None:
+        accuracy_level = device_level
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise OptionError(f"accuracy_level {accuracy_level} must be 0..4 (MatMulNBits)")
-    calib_text = _calibration_text(calib, Method(method.value))
+    prune_steps = parse_prune(prune)
+    calib_text = _calibration_text(calib, method, prune_steps)
     ort_version = check_onnxruntime()
     if output.exists() and not force:
         raise OutputError(f"{output} exists; pass --force (force=True) to replace it")
@@ -599,7 +723,8 @@ def export_onnx(
     if not (src_path / "tokenizer.json").is_file():
         raise CheckpointError(f"{src_path} has no tokenizer.json, which the ONNX folder's runtimes read; "
                               "save the tokenizer with transformers' save_pretrained() first")
-    plan = open_plan(src_path, "f32", trust_pickle=trust_pickle)
+    recipe = get_recipe("f32")
+    plan = open_plan(src_path, recipe, trust_pickle=trust_pickle)
     try:
         if plan.spec is None or plan.hparams is None:
             raise UnsupportedArchitectureError(f"{src_path}: architecture {plan.arch!r} has no ONNX graph")
@@ -609,23 +734,28 @@ def export_onnx(
                 f"{src_path}: head_dim {plan.hparams.head_dim} is not a multiple of 16, which onnxruntime's "
                 "GroupQueryAttention needs on CPU; the ONNX path does not cover this configuration yet (GGUF does)"
             )
+        if plan.spec.moe is not None:
+            _check_moe_ops(quant, ort_version)
         started = time.perf_counter()
         importance, encoded = None, None
-        if method is OnnxMethod.IMATRIX:
-            from edgeai.quant.calibrate import collect_statistics
+        # numpy's BLAS (calibration forward pass, AWQ, GPTQ) gets the threads asked for, as in convert
+        with threadpool_limits(limits=threads if threads > 0 else None, user_api="blas"):
+            if prune_steps:  # before calibrating for quantization, which then sees the pruned model
+                _prune(plan, recipe, prune_steps, calib_text, calib_ctx, calib)
+            if method is Method.IMATRIX:
+                from edgeai.quant.calibrate import collect_statistics
 
-            stats = collect_statistics(plan, calib_text, n_ctx=calib_ctx)
-            plan.extra_recipe["calibration"] = {**stats.recipe(), "file": Path(calib).name}
-            importance = _importance_lookup({name: stats.importance(name) for name in stats.columns})
-        elif method is OnnxMethod.GPTQ:
-            from edgeai.quant import nbits
-            from edgeai.quant.formats import FORMATS
-
-            for t in plan.tensors:  # the grids GPTQ fills: Q4_0/Q8_0 == MatMulNBits at block 32
-                quantized = len(t.shape) >= 2 and not t.name.endswith("ffn_gate_inp.weight") and t.shape[-1] % 32 == 0
-                t.fmt = FORMATS[nbits.GGUF_TYPE[quant.bits] if quantized else "f32"]
-            encoded = _gptq(plan, calib_text, calib_ctx, Path(calib).name, threads)
+                stats = collect_statistics(plan, calib_text, n_ctx=calib_ctx)
+                plan.extra_recipe["calibration"] = {**stats.recipe(), "file": Path(calib).name}
+                importance = _importance_lookup({name: stats.importance(name) for name in stats.columns})
+            elif method is Method.AWQ:
+                _grid_formats(plan, quant)  # what the scale search quantizes with
+                importance = _awq(plan, calib_text, calib_ctx, Path(calib).name, threads)
+            elif method is Method.GPTQ:
+                _grid_formats(plan, quant)  # the grids GPTQ fills: Q4_0/Q8_0 == MatMulNBits at block 32
+                encoded = _gptq(plan, calib_text, calib_ctx, Path(calib).name, threads)
         opts = _Options(quant, block_size, accuracy_level)
+        plan.extra_recipe["device"] = device_name
         with atomic_output_dir(output, force=force) as tmp:
             _write_folder(tmp, plan, opts, method, importance, encoded, threads, ort_version)
         log.info("exported %s in %.1f s", output, time.perf_counter() - started)
@@ -634,7 +764,7 @@ def export_onnx(
         plan.close()
 
 
-def _write_folder(folder: Path, plan, opts: _Options, method: OnnxMethod, importance, encoded, threads: int,
+def _write_folder(folder: Path, plan, opts: _Options, method: Method, importance, encoded, threads: int,
                   ort_version: str) -> None:
     import onnx
     from onnx import helper

@@ -51,6 +51,7 @@ def convert(
     threads: int = typer.Option(0, "--threads", "-t", help="Quantization threads (0: all cores)."),
     format: str = typer.Option("gguf", "--format", help="gguf (a file) or onnx (a folder; --quant fp32|fp16|int8|int4)."),
     block_size: int = typer.Option(32, "--block-size", help="ONNX int8/int4: weights per scale (32, 64, 128)."),
+    device: Optional[str] = typer.Option(None, "--device", help="ONNX: the device profile (`edgeai devices`) whose CPU sets MatMulNBits' accuracy_level (default: this machine)."),
 ) -> None:
     """Convert a checkpoint to GGUF, or to an ONNX folder for onnxruntime."""
     from edgeai.converters.convert import convert as run_convert
@@ -58,7 +59,7 @@ def convert(
     try:
         path = run_convert(src, output, outtype=outtype, quant=quant, method=method, calib=calib, calib_ctx=calib_ctx,
                            target_bpw=target_bpw, target_types=target_types.split(",") if target_types else None,
-                           format=format, block_size=block_size, prune=prune,
+                           format=format, block_size=block_size, prune=prune, device=device,
                            force=force, quiet=True if quiet else None, trust_pickle=trust_pickle, threads=threads)
     except EdgeAIError as exc:
         _fail(exc)

@@ -195,6 +195,12 @@ class OnnxBackend:
         data = self.path / (MODEL_FILE + ".data")
         self._weights_bytes = data.stat().st_size if data.is_file() else (self.path / MODEL_FILE).stat().st_size
 
+    def _live(self):
+        """The session; OptionError once the backend is closed."""
+        if self._session is None:
+            raise OptionError(f"the onnxruntime backend for {self.path.name} is closed")
+        return self._session
+
     # ---- the cache ---------------------------------------------------------------------------
     def _empty(self):
         return self._ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self.n_head_kv, 0, self.head_dim), self._kv_dtype))
@@ -214,6 +220,7 @@ class OnnxBackend:
 
     def truncate(self, n: int) -> None:
         """Keep the first `n` positions of the KV cache."""
+        self._live()
         if not 0 <= n <= self.n_past:
             raise OptionError(f"cannot keep {n} positions: the cache holds {self.n_past}")
         if n == self.n_past:
@@ -229,7 +236,8 @@ class OnnxBackend:
     # ---- running -------------------------------------------------------------------------------
     def _run(self, tokens: Sequence[int]) -> np.ndarray:
         """Append `tokens` (one graph run) and return their logits [len(tokens), n_vocab] (a view)."""
-        binding = self._session.io_binding()
+        session = self._live()
+        binding = session.io_binding()
         ids = np.asarray([tokens], dtype=np.int64)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", np.ones((1, self.n_past + ids.shape[1]), np.int64))
@@ -240,13 +248,14 @@ class OnnxBackend:
         binding.bind_output(self._logits_name)
         for name in self._present_names:
             binding.bind_output(name)
-        self._session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         outs = binding.get_outputs()
         self._kv = list(outs[1:])  # present.* become the next run's past_key_values.*
         self._history.extend(int(t) for t in tokens)
         return outs[0].numpy()[0].astype(np.float32, copy=False)
 
     def _check_tokens(self, tokens: Sequence[int]) -> None:
+        self._live()
         if len(tokens) == 0:
             raise OptionError("step() needs at least one token")
         if self.n_past + len(tokens) > self.n_ctx:
@@ -281,10 +290,12 @@ class OnnxBackend:
 
     # ---- text ----------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        self._live()
         self._tokenizer.encode_special_tokens = not parse_special
         return list(self._tokenizer.encode(text, add_special_tokens=add_special).ids)
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
+        self._live()
         return b"".join(self._token_bytes(int(t)) for t in tokens)
 
     def adds_bos(self) -> bool:

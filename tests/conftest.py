@@ -16,3 +16,12 @@ def tiny_chat_gguf(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_chat")
     folder = make_tiny_checkpoint(root / "hf", next(a for a in TINY_ARCHS if a.name == "smollm"))
     return edgeai.convert(folder, root / "tiny-f32.gguf", outtype="f32", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_onnx(tiny_chat_gguf):
+    """The same tiny chat model (the checkpoint beside tiny_chat_gguf) as an fp32 ONNX folder (onnxruntime)."""
+    import edgeai
+
+    return edgeai.convert(tiny_chat_gguf.parent / "hf", tiny_chat_gguf.parent / "tiny-fp32-onnx", format="onnx",
+                          quant="fp32")

@@ -10,10 +10,10 @@ import onnx
 import pytest
 
 import edgeai
-from edgeai.errors import OptionError, OutputError, UnsupportedArchitectureError
+from edgeai.errors import EdgeAIError, OptionError, OutputError, UnsupportedArchitectureError
 from edgeai.runtimes.base import GREEDY
 from edgeai.runtimes.onnxrt import OnnxBackend
-from helpers import TINY_ARCHS, VARIED_TEXT, make_tiny_checkpoint
+from helpers import TINY_ARCHS, VARIED_TEXT, corpus, llama_cpp_logits, llama_cpp_model, make_tiny_checkpoint
 
 PROMPT_LEN = 24
 N_DECODE = 16
@@ -82,6 +82,8 @@ def test_int8_int4_load_run_generate(arch, tiny_models, tmp_path):
         assert {a.name: a.i for a in ops["MatMulNBits"].attribute}["bits"] == bits
         assert {a.name: a.i for a in ops["GatherBlockQuantized"].attribute}["bits"] == bits
         assert "GroupQueryAttention" in ops
+        if any(name.endswith("_exps.weight") for name in _recipe(out)["tensor_types"]):  # MoE: routed experts in QMoE
+            assert {a.name: a.i for a in ops["QMoE"].attribute}["expert_weight_bits"] == bits
         backend = OnnxBackend(out, threads=1)
         tokens = _prompt(backend.n_vocab)
         logits = backend.eval_all(tokens)
@@ -129,7 +131,7 @@ def test_block_size_64_falls_back_per_tensor(tiny_models, tmp_path):
     assert np.isfinite(backend.eval_all(_prompt(backend.n_vocab))).all()
 
 
-@pytest.mark.parametrize("method", ["imatrix", "gptq"])
+@pytest.mark.parametrize("method", ["imatrix", "awq", "gptq"])
 def test_calibrated_methods(method, tiny_models, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(VARIED_TEXT * 8, encoding="utf-8")
@@ -139,6 +141,36 @@ def test_calibrated_methods(method, tiny_models, tmp_path):
     assert recipe["method"] == method and recipe["calibration"]["n_ctx"] == 64
     backend = OnnxBackend(out, threads=1)
     assert np.isfinite(backend.eval_all(_prompt(backend.n_vocab))).all()
+    if method == "awq":  # the scales were searched and folded (alpha > 0 somewhere), and recorded
+        assert recipe["awq"]["alphas"] and any(a > 0 for a in recipe["awq"]["alphas"].values())
+
+
+def _recipe(folder: Path) -> dict:
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return json.loads({p.key: p.value for p in model.metadata_props}["edgeai.recipe"])
+
+
+def test_awq_folds_scales_without_changing_the_float_model(tiny_models, tmp_path):
+    """AWQ divides norms / rows by s and multiplies the next weights' columns by s: in float the
+    ONNX graph computes what transformers does; only the int4 rounding sees the scaling."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(VARIED_TEXT * 8, encoding="utf-8")
+    from edgeai.converters.convert import _awq, open_plan
+    from edgeai.converters.onnx_export import OnnxQuant, _grid_formats, _Options, _write_folder
+    from edgeai.quant.recipes import Method
+
+    src = tiny_models["llama"]
+    plan = open_plan(src, "f32")
+    _grid_formats(plan, OnnxQuant.INT4)
+    _awq(plan, calib.read_text(), 64, calib.name, 1)
+    assert plan.extra_recipe["awq"]["alphas"]
+    (tmp_path / "awq-fp32").mkdir()
+    _write_folder(tmp_path / "awq-fp32", plan, _Options(OnnxQuant.FP32, 32, 0), Method.AWQ, None, None, 1, "test")
+    plan.close()
+    backend = OnnxBackend(tmp_path / "awq-fp32", threads=1)
+    tokens = _prompt(backend.n_vocab)
+    ref, _, _ = _hf_steps(src, tokens, 0)
+    assert np.abs(backend.eval_all(tokens) - ref).max() < 1e-3
 
 
 # ---- bad input: clear errors, nothing left behind ---------------------------------------------------
@@ -185,10 +217,20 @@ def test_onnxruntime_too_old(tiny_models, tmp_path, monkeypatch):
     _nothing_written(tmp_path, tmp_path / "out")
 
 
-def test_options_and_awq(tiny_models, tmp_path):
+def test_options(tiny_models, tmp_path):
     src = tiny_models["llama"]
-    with pytest.raises(OptionError, match="awq is not implemented"):
+    with pytest.raises(OptionError, match="--method awq needs a calibration text"):
         edgeai.convert(src, tmp_path / "out", format="onnx", quant="int4", method="awq")
+    with pytest.raises(OptionError, match="--method awq only applies to int8/int4"):
+        edgeai.convert(src, tmp_path / "out", format="onnx", quant="fp16", method="awq", calib=tmp_path / "x.txt")
+    with pytest.raises(OptionError, match="--prune wanda:0.5 needs a calibration text"):
+        edgeai.convert(src, tmp_path / "out", format="onnx", quant="int4", prune="wanda:0.5")
+    with pytest.raises(OptionError, match="dense model"):
+        edgeai.convert(src, tmp_path / "out", format="onnx", prune="experts:0.5", calib=__file__)
+    with pytest.raises(EdgeAIError, match="unknown device 'pi9'"):
+        edgeai.convert(src, tmp_path / "out", format="onnx", quant="int4", device="pi9")
+    with pytest.raises(OptionError, match="--device chooses the ONNX MatMulNBits compute type"):
+        edgeai.convert(src, tmp_path / "out.gguf", outtype="f32", device="pi5-8gb-sd")
     with pytest.raises(OptionError, match="not an ONNX weight type"):
         edgeai.convert(src, tmp_path / "out", format="onnx", quant="q4_k_m")
     with pytest.raises(OptionError, match="gptq runs on .* 32-wide blocks"):
@@ -228,3 +270,109 @@ def test_cli_convert_onnx(tiny_models, tmp_path):
                                    "onnx", "--quant", "int4", "--block-size", "100"])
     assert bad.exit_code == 1 and "--block-size 100 is not supported" in bad.output
     assert not (tmp_path / "bad").exists()
+
+
+# ---- MoE through onnxruntime's MoE / QMoE contrib ops -----------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_qmoe_int4_matches_the_numpy_reference_on_the_same_codes(arch, tiny_models, tmp_path):
+    """int4 with float32 activations (accuracy_level 0): onnxruntime's QMoE and MatMulNBits on our
+    codes compute what edgeai's numpy forward pass computes on the same codes dequantized: the
+    expert layout (interleaved gate/up, nibble order, block scales) and the routing (renormalized
+    top k for Mixtral; softmax over all experts for Qwen2-MoE) are onnxruntime's."""
+    from edgeai.converters.convert import open_plan
+    from edgeai.quant import nbits
+    from edgeai.quant.formats import FORMATS, Fit, decode, quantize
+    from edgeai.quant.forward import Logits, forward
+
+    src = tiny_models[arch]
+    out = edgeai.convert(src, tmp_path / arch, format="onnx", quant="int4", device="pi4-4gb")  # accuracy_level 0
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QMoE") == 2 and "MoE" not in ops
+    assert ("TopK" in ops) == (arch == "qwen2_moe")  # the top k's probability mass, for a family that does not renormalize
+    recipe = _recipe(out)
+    plan = open_plan(src, "f32")
+
+    def rounded(m: np.ndarray) -> np.ndarray:  # [N, K] as the exporter rounds it: Q4_0's grid, else 16-wide blocks
+        if m.shape[1] % 32 == 0:
+            return decode(quantize(m, FORMATS["q4_0"], fit=Fit.SEARCH), FORMATS["q4_0"]).reshape(m.shape)
+        return nbits.encode(m, 4, 16).dequantize()
+
+    for t in plan.tensors:  # every int4 matrix (every expert)
+        if recipe["tensor_types"].get(t.name) == "int4":
+            t.chunks = (lambda c=t.chunks, shape=t.shape: (
+                np.stack([rounded(m) for m in chunk.reshape(-1, *shape[-2:])]) for chunk in c()))
+    tokens = _prompt(plan.hparams.n_vocab)
+    ref = forward(plan, [np.array(tokens)], logits=Logits.ALL)
+    plan.close()
+    ours = OnnxBackend(out, threads=1).eval_all(tokens)
+    assert np.abs(ours - ref).max() < 1e-3 * np.abs(ref).max()
+
+
+def test_moe_fp16_runs_the_moe_op(tiny_models, tmp_path):
+    """fp16 experts: stored half, cast to float32 for the float MoE node; close to transformers."""
+    out = edgeai.convert(tiny_models["olmoe"], tmp_path / "olmoe", format="onnx", quant="fp16")
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MoE") == 2 and "QMoE" not in ops
+    backend = OnnxBackend(out, threads=1)
+    tokens = _prompt(backend.n_vocab)
+    ref, _, _ = _hf_steps(tiny_models["olmoe"], tokens, 0)
+    assert np.abs(backend.eval_all(tokens) - ref).max() < 1e-2 * np.abs(ref).max()
+
+
+# ---- pruning and the device ---------------------------------------------------------------------------
+
+
+def test_prune_matches_the_pruned_gguf(tiny_models, tmp_path):
+    """--prune runs the GGUF path's pruning on the plan: the fp32 ONNX folder and the F32 GGUF pruned
+    the same way give the same logits (onnxruntime vs llama.cpp)."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(corpus()[:200]), encoding="utf-8")
+    src, steps = tiny_models["smollm"], "layers:1,wanda:2:4"
+    onnx_out = edgeai.convert(src, tmp_path / "pruned", format="onnx", quant="fp32", prune=steps, calib=calib, calib_ctx=64)
+    gguf = edgeai.convert(src, tmp_path / "pruned.gguf", outtype="f32", prune=steps, calib=calib, calib_ctx=64, quiet=True)
+    recipe = _recipe(onnx_out)
+    assert recipe["pruning"]["layers"]["block_count"] == [2, 1] and recipe["pruning"]["weights"]["pattern"] == "2:4"
+    assert json.loads((onnx_out / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == 1
+    backend = OnnxBackend(onnx_out, threads=1)
+    tokens = _prompt(backend.n_vocab)
+    ours = backend.eval_all(tokens)
+    ref = llama_cpp_logits(llama_cpp_model(gguf), tokens)
+    assert np.abs(ours - ref).max() < 1e-3
+
+
+def test_prune_experts_int4(tiny_models, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(corpus()[:200]), encoding="utf-8")
+    out = edgeai.convert(tiny_models["mixtral"], tmp_path / "mx", format="onnx", quant="int4", prune="experts:0.5",
+                         calib=calib, calib_ctx=64)
+    qmoe = next(n for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node if n.op_type == "QMoE")
+    weights = next(t for t in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer
+                   if t.name == qmoe.input[2])
+    assert weights.dims[0] == 2 and _recipe(out)["pruning"]["experts"]["expert_count"] == [4, 2]
+    backend = OnnxBackend(out, threads=1)
+    assert np.isfinite(backend.eval_all(_prompt(backend.n_vocab))).all()
+
+
+@pytest.mark.parametrize(("device", "level"), [("pi4-4gb", 0), ("pi5-8gb-sd", 4), ("x86-avx2-8gb", 4)])
+def test_accuracy_level_follows_the_device(device, level, tiny_models, tmp_path):
+    out = edgeai.convert(tiny_models["smollm"], tmp_path / "m", format="onnx", quant="int4", device=device)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {level}
+    recipe = _recipe(out)
+    assert recipe["accuracy_level"] == level and recipe["device"] == device
+
+
+def test_onnxruntime_without_the_moe_kernels(tiny_models, tmp_path, monkeypatch):
+    import onnxruntime
+
+    def no_qmoe(*args, **kwargs):
+        raise RuntimeError("Could not find an implementation for QMoE(1) node with name ''")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", no_qmoe)
+    with pytest.raises(OptionError, match=r"cannot run the QMoE contrib op .*Could not find.*onnxruntime >= 1\.31"):
+        edgeai.convert(tiny_models["mixtral"], tmp_path / "out", format="onnx", quant="int4")
+    _nothing_written(tmp_path, tmp_path / "out")

@@ -19,6 +19,7 @@ from helpers import VARIED_TEXT
 ARTIFACTS = {
     "llama.cpp": "tiny_chat_gguf",
     "native": "tiny_chat_gguf",
+    "onnxruntime": "tiny_chat_onnx",
 }
 
 PROMPT = "def fib(n):\n    return n if n < 2 else"
