@@ -78,6 +78,7 @@ TEXT = ("The printing press changed how knowledge travelled across Europe. Befor
         "them. Pamphlets, calendars, maps and news sheets followed, and with them new readers, new arguments "
         "and new ways of checking what others had written.")
 LIMITS = (0.75, 0.5, 0.2)
+POLICY_LIMITS = (0.5, 0.2)  # where every replacement policy runs
 POLICIES = ("lru", "lfu", "layer")
 ENGINES = {"ours": "ours", "llama": "llama.cpp", "llama-mmap": "llama.cpp mmap"}  # child name -> row name
 N_CTX = 256
@@ -409,12 +410,22 @@ def figures(r: dict, disk_bw: float) -> dict:
                  prefetch_precision=d["prefetch_used"] / d["prefetch_issued"] if d["prefetch_issued"] else float("nan"),
                  prefetch_recall=d["prefetch_used"] / (d["prefetch_used"] + d["misses"])
                  if d["prefetch_used"] + d["misses"] else float("nan"),
-                 peak_slots_used=st1["peak_slots_used"])
+                 peak_slots_used=st1["peak_slots_used"],
+                 # loads never used: prefetches the forward pass did not ask for (loads = misses + prefetches)
+                 pf_waste_share=(d["prefetch_issued"] - d["prefetch_used"]) / (d["misses"] + d["prefetch_issued"])
+                 if d["misses"] + d["prefetch_issued"] else float("nan"))
         f["store_bw_of_disk"] = f["store_bw"] / disk_bw
         lh = np.array(st1["layer_hits"]) - np.array(st0.get("layer_hits", [0] * len(st1["layer_hits"])))
         lm = np.array(st1["layer_misses"]) - np.array(st0.get("layer_misses", [0] * len(st1["layer_misses"])))
         f["layer_hit_rates"] = [float(h / (h + m)) if h + m else float("nan") for h, m in zip(lh, lm)]
         trace, start = r["trace"], r["trace_prefill"]
+        decode_keys = np.array(trace[start:])
+        counts = np.bincount(decode_keys, minlength=len(lh) * SHAPE["n_expert"]).reshape(len(lh), -1)
+        top = np.sort(counts, axis=1)[:, ::-1]
+        # how concentrated the routing is: experts used during decode, and the share of accesses that
+        # go to each layer's n_expert_used most used experts
+        f["distinct_experts"] = int((counts > 0).sum())
+        f["top_k_share"] = float(top[:, :SHAPE["n_expert_used"]].sum() / max(1, counts.sum()))
         f["replay"] = {name: expert_replay.hit_rate(fn(trace, st1["slots"]), start)
                        for name, fn in expert_replay.REPLAYS.items()}
     return f
@@ -458,13 +469,13 @@ def print_report(rep: dict) -> None:
               f"4 threads {disk['4']['bandwidth'] / 2**20:,.0f} MiB/s")
     t = Table(title="decode under hard memory limits (cgroup), median of runs")
     for col in ("limit", "engine", "tok/s", "x llama", "MiB read/tok", "read MiB/s", "% disk", "cgroup peak MiB",
-                "RSS peak", "OOM", "hit", "hit w/o pf", "Belady", "LRU", "LFU", "pf prec", "pf recall", "stall %"):
+                "RSS peak", "OOM", "hit", "hit w/o pf", "Belady", "LRU", "LFU", "pf prec", "pf recall", "pf waste", "stall %"):
         t.add_column(col, justify="right")
     for row in rep["rows"]:
         s = row["summary"]
         if not s.get("ok"):
             t.add_row(row["label"], row["engine"], "failed", "", "", "", "", _mb(s["peak_max"]), "",
-                      str(s["oom_kills"]), *[""] * 8)
+                      str(s["oom_kills"]), *[""] * 9)
             continue
         peers = [x["summary"]["tok_s"] for x in rep["rows"] if x["label"].split()[0] == row["label"].split()[0]
                  and x["engine"].startswith("llama.cpp") and x["summary"].get("ok")]
@@ -481,6 +492,7 @@ def print_report(rep: dict) -> None:
                   pct(s["replay"]["belady"]) if streaming else "",
                   pct(s["replay"]["lru"]) if streaming else "", pct(s["replay"]["lfu"]) if streaming else "",
                   pct(s["prefetch_precision"]) if streaming else "", pct(s["prefetch_recall"]) if streaming else "",
+                  pct(s["pf_waste_share"]) if streaming else "",
                   pct(s["stall_share"]) if streaming else "")
     con.print(t)
     lt = Table(title="ours: per-layer decode hit rate (%) of the median run")
@@ -488,16 +500,20 @@ def print_report(rep: dict) -> None:
     n_layer = SHAPE["n_layer"]
     for i in range(n_layer):
         lt.add_column(str(i), justify="right")
+    lt.add_column("experts used", justify="right")
+    lt.add_column(f"top-{SHAPE['n_expert_used']} share %", justify="right")
     for row in rep["rows"]:
         s = row["summary"]
         if row["engine"] == "ours" and "layer_hit_rates" in s:
-            lt.add_row(f"{row['label']} {s.get('policy', '')}", *[f"{100 * v:.0f}" for v in s["layer_hit_rates"]])
+            lt.add_row(f"{row['label']} {s.get('policy', '')}", *[f"{100 * v:.0f}" for v in s["layer_hit_rates"]],
+                       str(s["distinct_experts"]), f"{100 * s['top_k_share']:.0f}")
     con.print(lt)
     con.print("ours: MiB read/tok and read MiB/s are the store's own reads (/proc/self/io read_bytes, in the JSON as "
               "io_bytes_per_tok, agrees); llama.cpp's are /proc/self/io read_bytes. % disk: against the better "
               "of the 1- and 4-reader disk figures. hit: demand accesses found resident or already being read "
               "(prefetched included); hit w/o pf: those not brought in by a prefetch, the figure comparable to "
-              "the replays (Belady, LRU, LFU: demand-only, same slot count, same trace). 'none' rows: no limit, "
+              "the replays (Belady, LRU, LFU: demand-only, same slot count, same trace). pf waste: share of the "
+              "store's loads (misses + prefetches) that no demand used. 'none' rows: no limit, "
               "file in the page cache beforehand (charged to the parent's cgroup, hence the small cgroup peak); "
               "RSS peak counts the memory-mapped file pages too.")
 
@@ -640,7 +656,7 @@ def main() -> None:
         limit = int(size * frac)
         for engine in ("ours", *llamas):
             measure(label, engine, aligned, limit)
-        if frac == 0.5 and not args.skip_policies:
+        if frac in POLICY_LIMITS and not args.skip_policies:
             default = next(r["policy"] for r in rep["rows"] if r["label"] == label and r["engine"] == "ours")
             for policy in POLICIES:
                 if policy != default:  # the default ran above
