@@ -5,6 +5,7 @@ cgroups, about 5 GB of disk and 20-30 minutes):
 
     sudo .venv/bin/python benchmarks/expert_streaming.py            # everything, table + JSON
     .venv/bin/python benchmarks/expert_streaming.py --show           # print the last report again
+    sudo .venv/bin/python benchmarks/expert_streaming.py --alignment-ab   # 4 KiB- vs 32-byte-aligned file
 
 What it does:
 1. Model: writes an MoE GGUF of about 2.2 GB in Qwen3-MoE shape (architecture `qwen3moe`: n_embd
@@ -567,6 +568,22 @@ def check_model(path: Path, args: argparse.Namespace, n: int = 8, n_text: int = 
                                         and greedy["ours"] == greedy["ours streaming"])}
 
 
+def alignment_ab(args: argparse.Namespace) -> None:
+    """Ours at 50 % on both files, runs interleaved (the machine's load drifts between rows)."""
+    args.work.mkdir(parents=True, exist_ok=True)
+    tok_s: dict[int, list[float]] = {4096: [], 32: []}
+    for i in range(args.runs):
+        for alignment in tok_s:
+            path = make_model(model_path(args.work, alignment), alignment)
+            r = run_child("ours", path, path.stat().st_size // 2, args, tokens=args.tokens, cap=args.cap)
+            f = figures(r, float("nan"))
+            tok_s[alignment].append(f["tok_s"])
+            print(f"alignment {alignment} run {i}: {f['tok_s']:.2f} tok/s, {f['store_bytes_per_tok'] / 2**20:.1f} MiB "
+                  f"read/tok, stall {1000 * f['stall_s_per_tok']:.1f} ms/tok", flush=True)
+    for alignment, values in tok_s.items():
+        print(f"alignment {alignment}: median {statistics.median(values):.2f} tok/s ({', '.join(f'{v:.2f}' for v in values)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=WORK)
@@ -581,6 +598,8 @@ def main() -> None:
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--skip-policies", action="store_true")
     ap.add_argument("--skip-unaligned", action="store_true")
+    ap.add_argument("--alignment-ab", action="store_true",
+                    help="only: ours at 50%% on the 4096- and the 32-byte-aligned file, runs interleaved")
     ap.add_argument("--skip-check", action="store_true", help="skip the llama.cpp/ours agreement check")
     ap.add_argument("--show", action="store_true", help="print the last report again")
     # child mode (internal)
@@ -591,6 +610,9 @@ def main() -> None:
     ap.add_argument("--policy", default="")
     args = ap.parse_args()
 
+    if args.alignment_ab:
+        alignment_ab(args)
+        return
     if args.child:
         result = (child_ours if args.child == "ours" else child_llama)(args)
         Path(args.out).write_text(json.dumps(result))
