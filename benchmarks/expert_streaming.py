@@ -32,8 +32,8 @@ What it does:
    their time to waiting for a descheduled worker). Each child evaluates the prompt, then
    decodes one token per step (see --decode) and times every step; llama.cpp stops at --llama-cap
    seconds of decoding. Bytes read: /proc/self/io read_bytes of the child (both engines; O_DIRECT
-   reads are counted there too), and for ours the store's own count. At 50 % ours also runs under
-   each replacement policy (lru, lfu, layer). Unconstrained runs (no limit, file in the page cache)
+   reads are counted there too), and for ours the store's own count. At 50 % and 20 % ours also runs
+   under each replacement policy (--policies). Unconstrained runs (no limit, file in the page cache)
    give the reference speed of each engine.
 4. For ours: hit rate of decode against offline replays (runtimes/expert_replay.py: Belady, LRU,
    LFU) of its own demand trace at the same slot count, replayed from the start of the run (prefill
@@ -80,7 +80,7 @@ TEXT = ("The printing press changed how knowledge travelled across Europe. Befor
         "and new ways of checking what others had written.")
 LIMITS = (0.75, 0.5, 0.2)
 POLICY_LIMITS = (0.5, 0.2)  # where every replacement policy runs
-POLICIES = ("lru", "lfu", "layer")
+POLICIES = ("lru", "lfu", "layer", "next-use")  # next-use: on main since 5f9bd0e (a failed row on older engines)
 ENGINES = {"ours": "ours", "llama": "llama.cpp", "llama-mmap": "llama.cpp mmap"}  # child name -> row name
 N_CTX = 256
 Q4_RMS = math.sqrt(17.5)  # rms of the weights -7..7 (and 0 twice) that q4_blocks writes, in units of the scale
@@ -597,6 +597,7 @@ def main() -> None:
     ap.add_argument("--limits", default=",".join(str(x) for x in LIMITS))
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--skip-policies", action="store_true")
+    ap.add_argument("--policies", default=",".join(POLICIES), help="replacement policies compared at POLICY_LIMITS")
     ap.add_argument("--skip-unaligned", action="store_true")
     ap.add_argument("--alignment-ab", action="store_true",
                     help="only: ours at 50%% on the 4096- and the 32-byte-aligned file, runs interleaved")
@@ -680,7 +681,7 @@ def main() -> None:
             measure(label, engine, aligned, limit)
         if frac in POLICY_LIMITS and not args.skip_policies:
             default = next(r["policy"] for r in rep["rows"] if r["label"] == label and r["engine"] == "ours")
-            for policy in POLICIES:
+            for policy in args.policies.split(","):
                 if policy != default:  # the default ran above
                     measure(label, "ours", aligned, limit, policy=policy)
         if frac == 0.5 and unaligned is not None:
