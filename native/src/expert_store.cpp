@@ -166,6 +166,7 @@ StreamingStore::~StreamingStore() {
         std::lock_guard<std::mutex> lock(mu_);
         stop_ = true;
         queue_.clear();
+        n_demand_ = 0;
     }
     work_.notify_all();
     for (std::thread &t : readers_) t.join();  // a read in flight finishes first: no thread outlives the store
@@ -176,7 +177,7 @@ StreamingStore::~StreamingStore() {
 // Replacement: the slot with the lowest keep-value among those that are neither pinned, loading,
 // nor wanted by the layer being computed.
 //  lru:   the least recently used.
-//  lfu:   the lowest use count, decayed with a half-life of one cache turnover (`slots` accesses),
+//  lfu:   the lowest use count, decayed with a half-life of 16 tokens (16 visits of every layer),
 //         so experts that were hot long ago age out.
 //  layer: decode visits layers in a cycle, so an expert of the layer just computed is needed again
 //         only after every other layer: evict the expert whose layer comes back last, and among
@@ -185,7 +186,7 @@ StreamingStore::~StreamingStore() {
 //         visits (moving average) is next needed, in layer steps, after d + L (1 - p) / p, d being
 //         the layers computed before its own comes back; evict the farthest. It weighs frequency
 //         (hot experts stay even in the layer just computed) against the cyclic order.
-int StreamingStore::victim() {
+int StreamingStore::victim(bool for_prefetch) {
     const int L = n_layers_;
     int best = -1;
     double best_keep = 0;
@@ -193,8 +194,7 @@ int StreamingStore::victim() {
         const Slot &s = slots_[i];
         if (s.state == State::EMPTY || s.state == State::FAILED) return i;
         if (s.pins || s.wanted || s.state == State::LOADING) continue;
-        const double age = static_cast<double>(clock_ - s.last_use);
-        const double freq = s.freq * std::exp2(-age / slots_.size());
+        const double freq = s.freq * std::exp2(-static_cast<double>(visits_ - s.last_visit) / half_life());
         double keep;
         if (cfg_.policy == "lru") {
             keep = static_cast<double>(s.last_use);
@@ -203,7 +203,10 @@ int StreamingStore::victim() {
         } else if (cfg_.policy == "next-use") {
             const int distance = (units_[s.key].layer - current_layer_ + L - 1) % L;
             const double p = std::max(use_rate_[s.key], 1e-3);
-            keep = -(distance + L * (1.0 - p) / p);
+            const double next_use = distance + L * (1.0 - p) / p;
+            // a guess must not push out what will probably be needed within the next token
+            if (for_prefetch && next_use < L) continue;
+            keep = -next_use;
         } else {
             // layers computed before it is needed again: 0 for the next layer, L-1 for the current one
             const int distance = (units_[s.key].layer - current_layer_ + L - 1) % L;
@@ -215,19 +218,19 @@ int StreamingStore::victim() {
 }
 
 void StreamingStore::touch(Slot &s) {
-    const double age = static_cast<double>(clock_ - s.last_use);
-    s.freq = s.freq * std::exp2(-age / slots_.size()) + 1.0;
+    s.freq = s.freq * std::exp2(-static_cast<double>(visits_ - s.last_visit) / half_life()) + 1.0;
+    s.last_visit = visits_;
     s.last_use = ++clock_;
 }
 
 int StreamingStore::load(int key, bool demand) {
-    const int i = victim();
+    const int i = victim(!demand);
     if (i < 0) return -1;
     Slot &s = slots_[i];
     if (s.key >= 0) where_[s.key] = -1;
-    s = Slot{key, State::LOADING, 0, false, !demand, demand, clock_, 0.0, s.buf, {}};
+    s = Slot{key, State::LOADING, 0, false, !demand, demand, clock_, visits_, 0.0, s.buf, {}};
     where_[key] = i;
-    if (demand) queue_.emplace_front(i, key);
+    if (demand) queue_.insert(queue_.begin() + n_demand_++, {i, key});  // behind earlier demands: acquire order
     else queue_.emplace_back(i, key);
     int used = 0;
     for (const Slot &x : slots_) used += x.state != State::EMPTY;
@@ -255,6 +258,7 @@ void StreamingStore::count_access(int key, int slot) {
 void StreamingStore::request(int layer, const std::vector<int> &keys) {
     std::lock_guard<std::mutex> lock(mu_);
     current_layer_ = layer;
+    ++visits_;
     for (Slot &s : slots_) s.wanted = false;  // a previous layer that failed midway leaves none behind
     announced_.clear();
     // how often each unit of this layer is used per visit (for next-use); a 1/8 moving average
@@ -273,10 +277,10 @@ void StreamingStore::request(int layer, const std::vector<int> &keys) {
         slots_[i].wanted = true;
         touch(slots_[i]);
         if (slots_[i].state == State::LOADING && !slots_[i].demand) {  // a queued prefetch is now needed first
-            auto it = std::find(queue_.begin(), queue_.end(), std::make_pair(i, key));
+            auto it = std::find(queue_.begin() + n_demand_, queue_.end(), std::make_pair(i, key));
             if (it != queue_.end()) {
                 queue_.erase(it);
-                queue_.emplace_front(i, key);
+                queue_.insert(queue_.begin() + n_demand_++, {i, key});
             }
             slots_[i].demand = true;
         }
@@ -307,7 +311,7 @@ std::vector<const uint8_t *> StreamingStore::acquire(int key) {
         if (i >= 0 && slots_[i].state == State::READY) break;
         if (i >= 0 && slots_[i].state == State::FAILED) {
             const std::string error = slots_[i].error;
-            slots_[i] = Slot{-1, State::EMPTY, 0, false, false, false, 0, 0.0, slots_[i].buf, {}};
+            slots_[i] = Slot{-1, State::EMPTY, 0, false, false, false, 0, 0, 0.0, slots_[i].buf, {}};
             where_[key] = -1;
             throw ModelError(error);
         }
@@ -406,12 +410,18 @@ void StreamingStore::reader() {
     for (;;) {
         work_.wait(lock, [&] { return stop_ || !queue_.empty(); });
         if (stop_) return;
-        const auto [slot, key] = queue_.front();
-        queue_.pop_front();
+        const auto [slot, key] = pop_job();
         lock.unlock();
         read_and_finish(slot, key);
         lock.lock();
     }
+}
+
+std::pair<int, int> StreamingStore::pop_job() {
+    const std::pair<int, int> job = queue_.front();
+    queue_.pop_front();
+    if (n_demand_) --n_demand_;
+    return job;
 }
 
 void StreamingStore::read_and_finish(int slot, int key) {
@@ -467,8 +477,7 @@ void StreamingStore::uring_reader() {
         if (stop_ && inflight == 0) return;
         by_pread.clear();
         while (!stop_ && !queue_.empty() && free_tags.size() >= units_[queue_.front().second].ranges.size()) {
-            const auto [slot, key] = queue_.front();
-            queue_.pop_front();
+            const auto [slot, key] = pop_job();
             if (faults_left_ > 0) {
                 by_pread.emplace_back(slot, key);
                 continue;

@@ -156,14 +156,17 @@ class StreamingStore {
         bool wanted = false;      // requested for the layer being computed, not yet released
         bool prefetched = false;  // loaded by the prefetcher and not yet used
         bool demand = false;      // queued ahead of prefetches
-        uint64_t last_use = 0;
+        uint64_t last_use = 0;    // demand accesses so far, at the last one (lru)
+        uint64_t last_visit = 0;  // layer visits so far, at the last use (frequency decay)
         double freq = 0;
         uint8_t *buf = nullptr;
         std::string error;
     };
 
     int find(int key) const { return where_[key]; }
-    int victim();                              // an evictable slot, -1 if none (lock held)
+    int victim(bool for_prefetch);             // an evictable slot, -1 if none (lock held)
+    std::pair<int, int> pop_job();             // next (slot, key) to read (lock held)
+    double half_life() const { return 16.0 * n_layers_; }  // frequency decay: 16 tokens' layer visits
     int load(int key, bool demand);            // assigns a slot and queues the read; -1 if no slot free (lock held)
     void touch(Slot &s);                       // policy bookkeeping on a demand access (lock held)
     void count_access(int key, int slot);      // hit/miss accounting (lock held)
@@ -193,7 +196,8 @@ class StreamingStore {
     std::vector<std::thread> readers_;
     std::unique_ptr<Uring> uring_;  // set when reads go through io_uring
     bool stop_ = false;
-    uint64_t clock_ = 0;
+    uint64_t clock_ = 0, visits_ = 0;
+    size_t n_demand_ = 0;  // demand reads at the front of queue_, in acquire order
     int current_layer_ = 0;
     int faults_left_ = 0;
     ExpertStoreStats stats_;
