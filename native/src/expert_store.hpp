@@ -96,7 +96,7 @@ class MmapExpertStore : public ExpertStore {
 struct StreamConfig {
     int slots = 0;                 // experts held in memory at once
     int layer_slots = 0;           // dense layers held at once when they are streamed too (0: resident)
-    std::string policy = "layer";  // lru | lfu | layer | next-use (see expert_store.cpp)
+    std::string policy = "next-use";  // lru | lfu | layer | next-use (see expert_store.cpp; chosen by benchmarks/expert_streaming.py)
     int io_threads = 4;            // reads in flight (pread threads; io_uring: 3x this many reads)
     std::string io = "auto";       // auto (io_uring where the kernel allows it, else pread) | uring | pread
     bool direct = true;            // bypass the page cache (falls back when the file system refuses)
