@@ -611,7 +611,16 @@ void Model::set_sampling(const SamplingParams &p) {
     rng_.seed(p.seed);
 }
 
-int Model::sample() { return sample_token(logits_, history_, sampling_, rng_); }
+int Model::sample() {
+    const int token = sample_token(logits_, history_, sampling_, rng_);
+    // Streaming: the next step starts with layer 0, which no earlier layer can predict; its router
+    // applied to the sampled token's embedding guesses its experts while the caller takes the token.
+    if (experts_->streams() && scratch_T_ > 0) {
+        decode_row(tok_embd_, token, x_.data());
+        prefetch_experts(0);
+    }
+    return token;
+}
 
 // Same chain and semantics as runtimes/sampling.py: penalty -> top-k -> top-p -> min-p -> temperature.
 int sample_token(std::vector<float> z, const std::vector<int32_t> &history, const SamplingParams &s, std::mt19937_64 &rng) {
