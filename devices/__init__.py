@@ -4,7 +4,6 @@ with its source), and detection of the current machine in the same terms (`devic
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -81,9 +80,9 @@ def get_profile(name: str) -> DeviceProfile:
     return table[key]
 
 
-def available_cores() -> int:
-    """Cores this process may use (the affinity mask where the OS has one): the default thread count."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
+def default_threads() -> int:
+    """Threads a model runs with when nobody says: one per physical performance core this process
+    may use (`devices.cores`: hybrid CPUs' efficiency cores and second hyper-threads left out)."""
+    from edgeai.devices.cores import core_layout
+
+    return core_layout().threads

@@ -98,7 +98,8 @@ def show_devices(*, detect: bool, json_output: bool) -> None:
             return
         table = Table(title="this machine", show_header=False)
         table.add_row("cpu", f"{me.cpu} ({me.arch})")
-        table.add_row("cores", f"{me.performance_cores} physical")
+        table.add_row("cores", f"{me.performance_cores} performance + {me.efficiency_cores} efficiency (physical; "
+                                f"{me.threads} threads by default)")
         table.add_row("memory", f"{format_bytes(me.memory_bytes)} ({format_bytes(me.memory_bytes - me.os_reserve_bytes)} available)")
         table.add_row("ISA features", ", ".join(me.isa) or "none of the listed")
         table.add_row("memory bandwidth", f"{me.memory_bandwidth / 1e9:.1f} GB/s ({me.sources['memory_bandwidth_gbs']})")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeai.devices import available_cores
+from edgeai.devices import default_threads
 from edgeai.errors import CheckpointError, ContextOverflowError, OptionError
 from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling
 from edgeai.runtimes.sampling import make_rng, sample
@@ -64,7 +64,7 @@ class LlamaCppBackend:
         ll = llama_cpp()
         self._ll = ll
         self._model = self._ctx = self._batch = None
-        self.threads = threads or available_cores()
+        self.threads = threads or default_threads()
         self.memory_budget = memory_budget  # enforced by the planner (issue 7); recorded for stats
 
         mparams = ll.llama_model_default_params()

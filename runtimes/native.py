@@ -126,9 +126,9 @@ class NativeBackend:
         n_ctx = int(n_ctx or min(DEFAULT_N_CTX, self.n_ctx_train))
         if not 0 < n_ctx <= self.n_ctx_train:
             raise OptionError(f"n_ctx={n_ctx} is outside what {self.path.name} allows (1..{self.n_ctx_train})")
-        from edgeai.devices import available_cores
+        from edgeai.devices import default_threads
 
-        self.threads = int(threads or available_cores())
+        self.threads = int(threads or default_threads())
         if self.threads < 1:
             raise OptionError(f"threads must be >= 1, got {self.threads}")
         self.memory_budget = memory_budget
