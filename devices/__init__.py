@@ -27,6 +27,7 @@ class DeviceProfile:
     efficiency_cores: int
     isa: tuple[str, ...]
     memory_bandwidth: float  # bytes/s, the figure in `sources`
+    decode_bandwidth_fraction: float  # of memory_bandwidth, what LLM decode reaches on this device (`sources`)
     storage: str  # "sd" | "nvme" | ...
     storage_read: float  # bytes/s, sequential
     os_reserve_bytes: int  # what the OS and a typical session keep for themselves
@@ -36,6 +37,11 @@ class DeviceProfile:
     def threads(self) -> int:
         """Threads for token generation: the performance cores (efficiency cores slow the slowest thread down)."""
         return self.performance_cores
+
+    @property
+    def decode_bandwidth(self) -> float:
+        """Bytes/s a decode step streams weights at: the memory bandwidth times the measured fraction."""
+        return self.memory_bandwidth * self.decode_bandwidth_fraction
 
     @property
     def default_budget(self) -> int:
@@ -62,7 +68,8 @@ def profiles() -> dict[str, DeviceProfile]:
                     name=v["name"], title=v["title"], family=fam["family"], arch=fam["arch"], cpu=fam["cpu"],
                     memory_bytes=_memory_bytes(v["memory_gb"]), performance_cores=int(fam["performance_cores"]),
                     efficiency_cores=int(fam["efficiency_cores"]), isa=tuple(fam["isa"]),
-                    memory_bandwidth=float(fam["memory_bandwidth_gbs"]) * GB, storage=v["storage"],
+                    memory_bandwidth=float(fam["memory_bandwidth_gbs"]) * GB,
+                    decode_bandwidth_fraction=float(fam["decode_bandwidth_fraction"]), storage=v["storage"],
                     storage_read=float(v["storage_read_gbs"]) * GB,
                     os_reserve_bytes=_memory_bytes(fam["os_reserve_gb"]), sources=dict(fam["sources"]),
                 )
