@@ -4,7 +4,6 @@ with its source), and detection of the current machine in the same terms (`devic
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -28,6 +27,7 @@ class DeviceProfile:
     efficiency_cores: int
     isa: tuple[str, ...]
     memory_bandwidth: float  # bytes/s, the figure in `sources`
+    decode_bandwidth_fraction: float  # of memory_bandwidth, what LLM decode reaches on this device (`sources`)
     storage: str  # "sd" | "nvme" | ...
     storage_read: float  # bytes/s, sequential
     os_reserve_bytes: int  # what the OS and a typical session keep for themselves
@@ -37,6 +37,11 @@ class DeviceProfile:
     def threads(self) -> int:
         """Threads for token generation: the performance cores (efficiency cores slow the slowest thread down)."""
         return self.performance_cores
+
+    @property
+    def decode_bandwidth(self) -> float:
+        """Bytes/s a decode step streams weights at: the memory bandwidth times the measured fraction."""
+        return self.memory_bandwidth * self.decode_bandwidth_fraction
 
     @property
     def default_budget(self) -> int:
@@ -63,7 +68,8 @@ def profiles() -> dict[str, DeviceProfile]:
                     name=v["name"], title=v["title"], family=fam["family"], arch=fam["arch"], cpu=fam["cpu"],
                     memory_bytes=_memory_bytes(v["memory_gb"]), performance_cores=int(fam["performance_cores"]),
                     efficiency_cores=int(fam["efficiency_cores"]), isa=tuple(fam["isa"]),
-                    memory_bandwidth=float(fam["memory_bandwidth_gbs"]) * GB, storage=v["storage"],
+                    memory_bandwidth=float(fam["memory_bandwidth_gbs"]) * GB,
+                    decode_bandwidth_fraction=float(fam["decode_bandwidth_fraction"]), storage=v["storage"],
                     storage_read=float(v["storage_read_gbs"]) * GB,
                     os_reserve_bytes=_memory_bytes(fam["os_reserve_gb"]), sources=dict(fam["sources"]),
                 )
@@ -81,9 +87,9 @@ def get_profile(name: str) -> DeviceProfile:
     return table[key]
 
 
-def available_cores() -> int:
-    """Cores this process may use (the affinity mask where the OS has one): the default thread count."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
+def default_threads() -> int:
+    """Threads a model runs with when nobody says: one per physical performance core this process
+    may use (`devices.cores`: hybrid CPUs' efficiency cores and second hyper-threads left out)."""
+    from edgeai.devices.cores import core_layout
+
+    return core_layout().threads

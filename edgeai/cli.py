@@ -182,7 +182,7 @@ _MODEL_OPTS = dict(
     memory_budget=typer.Option(None, "--memory-budget", help="e.g. 1.5GiB, 800MB, 60% (default: the device's)."),
     device=typer.Option(None, "--device", help="A profile from `edgeai devices`: sets threads and budget."),
     n_ctx=typer.Option(None, "--ctx", help="Context positions (default 2048, at most the model's)."),
-    threads=typer.Option(None, "--threads", "-t", help="Threads (default: the device's, else all cores)."),
+    threads=typer.Option(None, "--threads", "-t", help="Threads (default: the device's, else one per performance core)."),
 )
 
 
@@ -248,7 +248,7 @@ def chat(
 def bench(
     model: Path = typer.Argument(..., help="A .gguf file (or ONNX folder) every backend runs."),
     backend: list[str] = typer.Option(["auto"], "--backend", help="Repeat to compare: native, llama.cpp, onnxruntime."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads for every backend (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads for every backend (default: one per performance core)."),
     n_prompt: int = typer.Option(128, "--prompt-tokens", help="Prompt length for prefill."),
     n_gen: int = typer.Option(32, "--gen-tokens", help="Tokens decoded per run."),
     repeats: int = typer.Option(3, "--repeats", help="Runs per backend (medians are shown)."),

@@ -3,7 +3,9 @@
 Memory = resident weights + KV cache (F16, n_ctx positions) + scratch (the engine's compute
 buffers, sized for a prefill batch of n_batch tokens). Speed: decode reads every weight once per
 token (but only one row of the embedding table, and only the routed experts of an MoE), plus
-the KV cache of a half-full context: tokens/s = usable memory bandwidth / bytes per token.
+the KV cache of a half-full context: tokens/s = decode bandwidth / bytes per token, where the
+decode bandwidth is the profile's memory bandwidth times the fraction llama.cpp decode was
+measured to reach on that device (`decode_bandwidth_fraction`, sourced in the profile).
 Experts that do not fit the budget are streamed from storage (cache hit rate = the fraction of
 expert bytes that fit, as if routing were uniform).
 
@@ -20,10 +22,6 @@ from edgeai.devices import DeviceProfile
 from edgeai.errors import CheckpointError
 from edgeai.runtimes.base import DEFAULT_N_CTX
 
-# Decode on CPUs reaches about this fraction of a memory system's theoretical peak (llama.cpp
-# on DDR4/LPDDR laptops and Raspberry Pis commonly shows 50-70%); a measured copy bandwidth
-# (`edgeai devices --detect`) is already what can be reached and is used as it is.
-PEAK_BANDWIDTH_REACHED = 0.6
 N_BATCH = 512  # the prefill batch the scratch is sized for (the llama.cpp backend's n_batch)
 KV_BYTES = 2  # F16 cache elements
 # Buffers besides weights, KV cache and activations (graph, batch, sampler, the Python side):
@@ -143,7 +141,7 @@ def estimate(shape: ModelShape, weights: WeightBytes, device: DeviceProfile, *, 
     total_per_token = bytes_per_token(shape, weights, n_ctx // 2)
     per_token_storage = routed_expert_bytes(shape, weights) * (1 - hit)
     per_token_memory = total_per_token - per_token_storage
-    reached = device.memory_bandwidth * (1.0 if device.family == "detected" else PEAK_BANDWIDTH_REACHED)
+    reached = device.decode_bandwidth  # the profile's peak times the fraction decode was measured to reach
     tps = 0.0  # unknown without bandwidth figures (a detection without the probe)
     if reached > 0 and (device.storage_read > 0 or not per_token_storage):
         tps = 1.0 / (per_token_memory / reached + (per_token_storage / device.storage_read if per_token_storage else 0.0))

@@ -80,7 +80,7 @@ def show_bench(path: Path, backends: list[str], *, threads: int | None, n_prompt
 def _profile_json(p) -> dict:
     return {"name": p.name, "title": p.title, "arch": p.arch, "cpu": p.cpu, "memory": p.memory_bytes,
             "performance_cores": p.performance_cores, "efficiency_cores": p.efficiency_cores, "isa": list(p.isa),
-            "memory_bandwidth": p.memory_bandwidth, "storage": p.storage, "storage_read": p.storage_read,
+            "memory_bandwidth": p.memory_bandwidth, "decode_bandwidth": p.decode_bandwidth, "storage": p.storage, "storage_read": p.storage_read,
             "threads": p.threads, "default_budget": p.default_budget, "sources": p.sources}
 
 
@@ -98,7 +98,8 @@ def show_devices(*, detect: bool, json_output: bool) -> None:
             return
         table = Table(title="this machine", show_header=False)
         table.add_row("cpu", f"{me.cpu} ({me.arch})")
-        table.add_row("cores", f"{me.performance_cores} physical")
+        table.add_row("cores", f"{me.performance_cores} performance + {me.efficiency_cores} efficiency (physical; "
+                                f"{me.threads} threads by default)")
         table.add_row("memory", f"{format_bytes(me.memory_bytes)} ({format_bytes(me.memory_bytes - me.os_reserve_bytes)} available)")
         table.add_row("ISA features", ", ".join(me.isa) or "none of the listed")
         table.add_row("memory bandwidth", f"{me.memory_bandwidth / 1e9:.1f} GB/s ({me.sources['memory_bandwidth_gbs']})")
@@ -111,11 +112,11 @@ def show_devices(*, detect: bool, json_output: bool) -> None:
         print(json.dumps([_profile_json(p) for p in table_data.values()]))
         return
     table = Table(title="device profiles (sources: devices/profiles/*.json)")
-    for col in ("name", "device", "memory", "cores P+E", "ISA", "memory GB/s", "storage GB/s", "threads", "budget"):
+    for col in ("name", "device", "memory", "cores P+E", "ISA", "memory GB/s (decode)", "storage GB/s", "threads", "budget"):
         table.add_column(col)
     for p in table_data.values():
         table.add_row(p.name, p.title, format_bytes(p.memory_bytes), f"{p.performance_cores}+{p.efficiency_cores}",
-                      " ".join(p.isa), f"{p.memory_bandwidth / 1e9:.1f}", f"{p.storage_read / 1e9:.2f} ({p.storage})",
+                      " ".join(p.isa), f"{p.memory_bandwidth / 1e9:.1f} ({p.decode_bandwidth / 1e9:.1f})", f"{p.storage_read / 1e9:.2f} ({p.storage})",
                       str(p.threads), format_bytes(p.default_budget))
     console.print(table)
 

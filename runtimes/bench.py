@@ -125,11 +125,11 @@ def bench(path: str | Path, backends: list[str], *, threads: int | None = None, 
           repeats: int = 3, memory_budget: int | None = None) -> list[BenchResult]:
     """Benchmark each backend in `backends` (same file, same threads, same budget in bytes), each in
     a fresh process."""
-    from edgeai.devices import available_cores
+    from edgeai.devices import default_threads
     from edgeai.runtimes.registry import resolve
 
     path = Path(path)
-    threads = threads or available_cores()
+    threads = threads or default_threads()
     for name in backends:
         resolve(path, name)  # a clear error now, before any process is started
     results = []

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeai.budget import format_bytes
-from edgeai.devices import available_cores
+from edgeai.devices import default_threads
 from edgeai.errors import BudgetError, CheckpointError, ContextOverflowError, OptionError
 from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling
 from edgeai.runtimes.sampling import make_rng, sample
@@ -65,7 +65,7 @@ class LlamaCppBackend:
         ll = llama_cpp()
         self._ll = ll
         self._model = self._ctx = self._batch = None
-        self.threads = threads or available_cores()
+        self.threads = threads or default_threads()
         self.memory_budget = memory_budget
         size = self.path.stat().st_size
         if memory_budget is not None and size > memory_budget:

@@ -95,9 +95,9 @@ def _prepare(path: Path, n_ctx: int | None, threads: int | None) -> tuple[Path, 
     n_ctx = int(n_ctx or min(DEFAULT_N_CTX, n_ctx_train))
     if not 0 < n_ctx <= n_ctx_train:
         raise OptionError(f"n_ctx={n_ctx} is outside what {path.name} allows (1..{n_ctx_train})")
-    from edgeai.devices import available_cores
+    from edgeai.devices import default_threads
 
-    threads = int(threads or available_cores())
+    threads = int(threads or default_threads())
     if threads < 1:
         raise OptionError(f"threads must be >= 1, got {threads}")
     return path, config, n_ctx, threads

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -133,7 +132,9 @@ class OnnxBackend:
         if n_ctx is not None and not 0 < n_ctx <= context:
             raise OptionError(f"n_ctx {n_ctx} is outside 1..{context}, the context length of {self.path}")
         self.n_ctx = n_ctx or context
-        self.threads = threads or os.cpu_count() or 1
+        from edgeai.devices import default_threads
+
+        self.threads = threads or default_threads()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1

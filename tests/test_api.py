@@ -132,8 +132,9 @@ def test_device_profiles_have_sources_and_set_threads_and_budget(tiny_chat_gguf)
     for name in ("pi4-4gb", "pi4-8gb", "pi5-8gb-sd", "pi5-8gb-nvme", "pi5-16gb-sd", "pi5-16gb-nvme", "m1-8gb",
                  "m1-16gb", "m2-24gb", "m3-8gb", "m4-24gb", "x86-avx2-8gb", "x86-avx2-16gb", "x86-avx512-16gb"):
         p = table[name]
-        assert p.memory_bandwidth > 0 and p.storage_read > 0 and p.threads >= 1 and 0 < p.default_budget < p.memory_bytes
-        for figure in ("cpu", "isa", "memory", "memory_bandwidth_gbs", "storage_read_gbs", "os_reserve_gb"):
+        assert 0 < p.decode_bandwidth < p.memory_bandwidth and p.storage_read > 0 and p.threads >= 1 and 0 < p.default_budget < p.memory_bytes
+        for figure in ("cpu", "isa", "memory", "memory_bandwidth_gbs", "decode_bandwidth_fraction", "storage_read_gbs",
+                       "os_reserve_gb"):
             assert len(p.sources[figure]) > 20, (name, figure)
     with pytest.raises(DeviceError, match="unknown device 'pi9'; known devices: m1-8gb, .*pi4-4gb"):
         get_profile("pi9")

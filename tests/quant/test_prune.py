@@ -1,5 +1,5 @@
 """Pruning: the sparsity asked is the sparsity written, Wanda beats magnitude on real activations,
-structurally pruned files agree with themselves and run in llama.cpp, bad input is refused."""
+structurally pruned files agree with themselves and run in llama.cpp and the native engine, bad input is refused."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import edgeai
 from edgeai.errors import OptionError
 from edgeai.quant.prune import ExpertRouting, ExpertScore, PruneKind, Score, parse_prune, prunable, prune_magnitude, prune_n_m, prune_wanda
-from helpers import TINY_ARCHS, corpus, llama_cpp_greedy, llama_cpp_model, make_tiny_checkpoint
+from helpers import TINY_ARCHS, corpus, llama_cpp_greedy, llama_cpp_logits, llama_cpp_model, make_tiny_checkpoint
 
 ARCHS = {a.name: a for a in TINY_ARCHS}
 WIDE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4)
@@ -53,6 +53,29 @@ def _tensors(path) -> dict[str, np.ndarray]:
 
 def _fields(path) -> dict[str, object]:
     return {k: f.contents() for k, f in GGUFReader(path).fields.items()}
+
+
+PROMPT = list(range(3, 30))
+
+
+def runs_in_llama_cpp_and_native(path) -> None:
+    """The pruned file generates in llama.cpp, and the native engine loads it and computes the same
+    logits (KL divergence from llama.cpp's below 1e-3, as for unpruned files)."""
+    from edgeai.runtimes.native import NativeBackend
+
+    llm = llama_cpp_model(path, n_ctx=64)
+    assert len(llama_cpp_greedy(llm, PROMPT, 8)) == 8
+    ref = llama_cpp_logits(llm, PROMPT).astype(np.float64)
+    native = NativeBackend(path, n_ctx=64, threads=1)
+    try:
+        ours = native.eval_logits(PROMPT).astype(np.float64)
+    finally:
+        native.close()
+    p = ref - ref.max(-1, keepdims=True)
+    p -= np.log(np.exp(p).sum(-1, keepdims=True))
+    q = ours - ours.max(-1, keepdims=True)
+    q -= np.log(np.exp(q).sum(-1, keepdims=True))
+    assert float((np.exp(p) * (p - q)).sum(-1).mean()) < 1e-3
 
 
 # ---- the spec -----------------------------------------------------------------------------------
@@ -199,7 +222,7 @@ def test_wanda_n_m_and_layers_file_agrees_and_runs(models, tmp_path):
             np.testing.assert_array_equal(data[data != 0], before[old][data != 0])
         else:
             np.testing.assert_array_equal(data, before[old])
-    assert len(llama_cpp_greedy(llama_cpp_model(out, n_ctx=64), list(range(3, 30)), 8)) == 8
+    runs_in_llama_cpp_and_native(out)
 
 
 @pytest.mark.parametrize("spec", ["magnitude:0.3", "wanda:0.5"])
@@ -216,7 +239,7 @@ def test_unstructured_file_sparsity_per_tensor(models, tmp_path, spec):
             assert (np.count_nonzero(data == 0, axis=1) == round(sparsity * data.shape[1])).all(), name
         else:
             assert zeros == round(sparsity * data.size), name
-    assert len(llama_cpp_greedy(llama_cpp_model(out, n_ctx=64), list(range(3, 30)), 8)) == 8
+    runs_in_llama_cpp_and_native(out)
 
 
 @pytest.mark.parametrize("spec", ["experts:0.5", "experts:0.5:loss"])
@@ -243,7 +266,7 @@ def test_expert_pruning_slices_experts_and_router(models, tmp_path, spec):
         else:
             np.testing.assert_array_equal(data, before[name])
         np.testing.assert_array_equal(again[name], data)
-    assert len(llama_cpp_greedy(llama_cpp_model(out, n_ctx=64), list(range(3, 30)), 8)) == 8
+    runs_in_llama_cpp_and_native(out)
 
 
 def test_expert_used_count_follows_when_fewer_experts_remain(models, tmp_path):
@@ -252,7 +275,7 @@ def test_expert_used_count_follows_when_fewer_experts_remain(models, tmp_path):
     fields = _fields(out)
     assert fields["qwen3moe.expert_count"] == 1 and fields["qwen3moe.expert_used_count"] == 1
     assert json.loads(fields["edgeai.recipe"])["pruning"]["experts"]["expert_used_count"] == [2, 1]
-    assert len(llama_cpp_greedy(llama_cpp_model(out, n_ctx=64), list(range(3, 30)), 8)) == 8
+    runs_in_llama_cpp_and_native(out)
 
 
 def test_cli_prune_then_quantize(models, tmp_path):
@@ -267,7 +290,12 @@ def test_cli_prune_then_quantize(models, tmp_path):
     assert fields["qwen3moe.expert_count"] == 3 and fields["qwen3moe.expert_used_count"] == 2
     recipe = json.loads(fields["edgeai.recipe"])
     assert recipe["pruning"]["spec"] == "experts:0.25,magnitude:2:4" and recipe["recipe"] == "q4_0"
-    assert len(llama_cpp_greedy(llama_cpp_model(out, n_ctx=64), list(range(3, 30)), 8)) == 8
+    runs_in_llama_cpp_and_native(out)
+    result = CliRunner().invoke(app, ["run", str(out), "Once upon a time", "-n", "4", "--temp", "0", "--backend",
+                                      "native", "--json"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["backend"] == "native" and answer["generated_tokens"] >= 1
 
 
 # ---- bad input ----------------------------------------------------------------------------------
