@@ -25,11 +25,28 @@ struct BlockQ8A {
 // BlockQ8A[n/32] for quantized types, float[n] for F32/F16/BF16.
 using DotFn = float (*)(const uint8_t *row, const void *x, size_t n);
 
+// A block of the product Y = X W^T (prefill): y[t * ldy + r] = dot(row r, activations of token t)
+// for r < n_rows, t < T. Row r starts at w + r * row_bytes; token t's activations (as for DotFn)
+// x_stride bytes after token t-1's; n weights per row.
+struct Gemm {
+    const uint8_t *w;
+    size_t row_bytes;
+    int n_rows;
+    const uint8_t *x;
+    size_t x_stride;
+    int T;
+    float *y;
+    size_t ldy;
+    size_t n;
+};
+using GemmFn = void (*)(const Gemm &g);
+
 enum WType : int { W_F32, W_F16, W_BF16, W_Q4_0, W_Q4_1, W_Q5_0, W_Q5_1, W_Q8_0, W_Q4_K, W_Q5_K, W_Q6_K, W_COUNT };
 
 struct Ops {
     const char *isa;
     DotFn dot[W_COUNT];
+    GemmFn gemm[W_COUNT];  // tiled kernels share weight and activation loads across rows x tokens
     void (*quantize_act)(const float *x, BlockQ8A *y, size_t n);  // n a multiple of 32
     float (*dot_f16)(const uint16_t *a, const float *x, size_t n);  // attention scores over an f16 K cache
     void (*axpy_f16)(float alpha, const uint16_t *v, float *y, size_t n);  // y += alpha * v (f16 V cache)

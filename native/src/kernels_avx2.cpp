@@ -226,10 +226,242 @@ void quantize_act(const float *x, BlockQ8A *y, size_t n) {
     }
 }
 
+
+// ---- Tiled kernels (prefill): an RM-row x RN-token tile keeps RM*RN float accumulators, unpacks
+// each weight block once for RN tokens and loads each activation block once for RM rows.
+
+inline float f16c(const uint8_t *p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+inline const BlockQ8A *xblocks(const uint8_t *x, size_t stride, int t) {
+    return reinterpret_cast<const BlockQ8A *>(x + size_t(t) * stride);
+}
+
+template <int RM, int RN> inline void store_tile(__m256 (&acc)[RM][RN], float *y, size_t ldy) {
+    for (int r = 0; r < RM; ++r)
+        for (int t = 0; t < RN; ++t) y[size_t(t) * ldy + r] = hsum(acc[r][t]);
+}
+
+// Q4_0 / Q5_0: codes 0..15 (0..31) against signed activations; the -8 (-16) offset is taken off
+// in int16 per pair of products (maddubs(q, x) - maddubs(8, x), exact: |values| <= 7874).
+template <bool FIVE> struct TileQ40_50 {
+    template <int RM, int RN>
+    static void run(const uint8_t *w, size_t rb, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t n) {
+        constexpr int BYTES = FIVE ? 22 : 18;
+        __m256 acc[RM][RN];
+        for (auto &a : acc)
+            for (auto &v : a) v = _mm256_setzero_ps();
+        const __m256i ones = _mm256_set1_epi16(1), mid = _mm256_set1_epi8(FIVE ? 16 : 8);
+        for (size_t b = 0; b < n / 32; ++b) {
+            __m256i q[RM];
+            __m256 dw[RM];
+            for (int r = 0; r < RM; ++r) {
+                const uint8_t *blk = w + r * rb + b * BYTES;
+                q[r] = nibbles32(blk + (FIVE ? 6 : 2));
+                if (FIVE) q[r] = _mm256_or_si256(q[r], fifth_bits(blk + 2));
+                dw[r] = _mm256_set1_ps(f16c(blk));
+            }
+            for (int t = 0; t < RN; ++t) {
+                const BlockQ8A *xb = xblocks(x, xs, t) + b;
+                const __m256i xv = load_x(xb), c = _mm256_maddubs_epi16(mid, xv);
+                const __m256 dx = _mm256_set1_ps(xb->d);
+                for (int r = 0; r < RM; ++r) {
+                    const __m256i p = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(q[r], xv), c), ones);
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw[r], dx), acc[r][t]);
+                }
+            }
+        }
+        store_tile<RM, RN>(acc, y, ldy);
+    }
+};
+
+// Q8_0: signed codes by the sign trick, |q| once per row block and sign(x, q) per pair.
+struct TileQ8_0 {
+    template <int RM, int RN>
+    static void run(const uint8_t *w, size_t rb, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t n) {
+        __m256 acc[RM][RN];
+        for (auto &a : acc)
+            for (auto &v : a) v = _mm256_setzero_ps();
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (size_t b = 0; b < n / 32; ++b) {
+            __m256i q[RM], aq[RM];
+            __m256 dw[RM];
+            for (int r = 0; r < RM; ++r) {
+                const uint8_t *blk = w + r * rb + b * 34;
+                q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2));
+                aq[r] = _mm256_sign_epi8(q[r], q[r]);
+                dw[r] = _mm256_set1_ps(f16c(blk));
+            }
+            for (int t = 0; t < RN; ++t) {
+                const BlockQ8A *xb = xblocks(x, xs, t) + b;
+                const __m256i xv = load_x(xb);
+                const __m256 dx = _mm256_set1_ps(xb->d);
+                for (int r = 0; r < RM; ++r) {
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq[r], _mm256_sign_epi8(xv, q[r])), ones);
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw[r], dx), acc[r][t]);
+                }
+            }
+        }
+        store_tile<RM, RN>(acc, y, ldy);
+    }
+};
+
+// Sum of the two half sums of 8 consecutive activation blocks, one per lane.
+inline __m256 block_sums8(const BlockQ8A *x) {
+    return _mm256_setr_ps(x[0].hs[0] + x[0].hs[1], x[1].hs[0] + x[1].hs[1], x[2].hs[0] + x[2].hs[1],
+                          x[3].hs[0] + x[3].hs[1], x[4].hs[0] + x[4].hs[1], x[5].hs[0] + x[5].hs[1],
+                          x[6].hs[0] + x[6].hs[1], x[7].hs[0] + x[7].hs[1]);
+}
+
+// Q4_K: per 32-weight sub-block a float scale d*sc; the mins (dmin*mn per sub-block against the
+// activation block sums) go into the same accumulator as one 8-lane product per super-block.
+struct TileQ4_K {
+    template <int RM, int RN>
+    static void run(const uint8_t *w, size_t rb, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t n) {
+        __m256 acc[RM][RN];
+        for (auto &a : acc)
+            for (auto &v : a) v = _mm256_setzero_ps();
+        const __m256i m4 = _mm256_set1_epi8(0x0F);
+        for (size_t blk = 0; blk < n / 256; ++blk) {
+            alignas(32) float rs[RM][8];
+            __m256 rmin[RM];
+            for (int r = 0; r < RM; ++r) {
+                const uint8_t *row = w + r * rb + blk * 144;
+                uint8_t sc[8], mn[8];
+                k4_scales(row + 4, sc, mn);
+                const __m256 d = _mm256_set1_ps(f16c(row)), dmin = _mm256_set1_ps(f16c(row + 2));
+                uint64_t s8, m8;
+                std::memcpy(&s8, sc, 8);
+                std::memcpy(&m8, mn, 8);
+                _mm256_store_ps(rs[r], _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(s8))))));
+                rmin[r] = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(m8)))));
+            }
+            for (int t = 0; t < RN; ++t) {
+                const __m256 s = block_sums8(xblocks(x, xs, t) + blk * 8);
+                for (int r = 0; r < RM; ++r) acc[r][t] = _mm256_fnmadd_ps(rmin[r], s, acc[r][t]);
+            }
+            for (int c = 0; c < 4; ++c) {
+                __m256i q0[RM], q1[RM];
+                for (int r = 0; r < RM; ++r) {
+                    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + r * rb + blk * 144 + 16 + 32 * c));
+                    q0[r] = _mm256_and_si256(bytes, m4);
+                    q1[r] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m4);
+                }
+                for (int t = 0; t < RN; ++t) {
+                    const BlockQ8A *xb = xblocks(x, xs, t) + blk * 8 + 2 * c;
+                    const __m256i x0 = load_x(xb), x1 = load_x(xb + 1);
+                    const __m256 d0 = _mm256_set1_ps(xb[0].d), d1 = _mm256_set1_ps(xb[1].d);
+                    for (int r = 0; r < RM; ++r) {
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(q0[r], x0)),
+                                                    _mm256_mul_ps(_mm256_set1_ps(rs[r][2 * c]), d0), acc[r][t]);
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(q1[r], x1)),
+                                                    _mm256_mul_ps(_mm256_set1_ps(rs[r][2 * c + 1]), d1), acc[r][t]);
+                    }
+                }
+            }
+        }
+        store_tile<RM, RN>(acc, y, ldy);
+    }
+};
+
+// Q6_K: the int8 scale of each 16-weight half multiplies in int16 (madd with the scale in place
+// of ones), so one float scale d * x.d per sub-block remains; the -32 offset goes through the
+// activation half sums as two 8-lane products per super-block.
+struct TileQ6_K {
+    template <int RM, int RN>
+    static void run(const uint8_t *w, size_t rb, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t n) {
+        __m256 acc[RM][RN];
+        for (auto &a : acc)
+            for (auto &v : a) v = _mm256_setzero_ps();
+        const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+        for (size_t blk = 0; blk < n / 256; ++blk) {
+            __m256 dw[RM], off_lo[RM], off_hi[RM];
+            alignas(32) int16_t sc16[RM][8][16];
+            for (int r = 0; r < RM; ++r) {
+                const uint8_t *row = w + r * rb + blk * 210;
+                const int8_t *sc = reinterpret_cast<const int8_t *>(row + 192);
+                const float d = f16c(row + 208);
+                dw[r] = _mm256_set1_ps(d);
+                const __m128i s16 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(sc));
+                const __m256 m32d = _mm256_set1_ps(32.0f * d);
+                off_lo[r] = _mm256_mul_ps(m32d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s16)));
+                off_hi[r] = _mm256_mul_ps(m32d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s16, 8))));
+                for (int g = 0; g < 8; ++g) {
+                    const __m256i v = _mm256_set_m128i(_mm_set1_epi16(sc[2 * g + 1]), _mm_set1_epi16(sc[2 * g]));
+                    _mm256_store_si256(reinterpret_cast<__m256i *>(sc16[r][g]), v);
+                }
+            }
+            for (int t = 0; t < RN; ++t) {
+                const BlockQ8A *xb = xblocks(x, xs, t) + blk * 8;
+                const __m256 h_lo = _mm256_setr_ps(xb[0].hs[0], xb[0].hs[1], xb[1].hs[0], xb[1].hs[1], xb[2].hs[0],
+                                                   xb[2].hs[1], xb[3].hs[0], xb[3].hs[1]);
+                const __m256 h_hi = _mm256_setr_ps(xb[4].hs[0], xb[4].hs[1], xb[5].hs[0], xb[5].hs[1], xb[6].hs[0],
+                                                   xb[6].hs[1], xb[7].hs[0], xb[7].hs[1]);
+                for (int r = 0; r < RM; ++r)
+                    acc[r][t] = _mm256_fnmadd_ps(off_hi[r], h_hi, _mm256_fnmadd_ps(off_lo[r], h_lo, acc[r][t]));
+            }
+            for (int h = 0; h < 2; ++h) {
+                for (int k = 0; k < 4; ++k) {
+                    const int g = 4 * h + k;
+                    __m256i q[RM];
+                    for (int r = 0; r < RM; ++r) {
+                        const uint8_t *row = w + r * rb + blk * 210;
+                        const __m256i src = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(row + 64 * h + 32 * (k & 1)));
+                        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(row + 128 + 32 * h));
+                        const __m256i lo = k < 2 ? _mm256_and_si256(src, m4) : _mm256_and_si256(_mm256_srli_epi16(src, 4), m4);
+                        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), m2);
+                        q[r] = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+                    }
+                    for (int t = 0; t < RN; ++t) {
+                        const BlockQ8A *xb = xblocks(x, xs, t) + blk * 8 + g;
+                        const __m256i xv = load_x(xb);
+                        const __m256 dx = _mm256_set1_ps(xb->d);
+                        for (int r = 0; r < RM; ++r) {
+                            const __m256i s = _mm256_load_si256(reinterpret_cast<const __m256i *>(sc16[r][g]));
+                            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[r], xv), s);
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw[r], dx), acc[r][t]);
+                        }
+                    }
+                }
+            }
+        }
+        store_tile<RM, RN>(acc, y, ldy);
+    }
+};
+
+constexpr int kTileRows = 4, kTileTokens = 3;
+
+// All tokens for the RM rows at w: full RN-token tiles, then one narrower tile for the rest.
+template <class K, int RM> void row_block(const Gemm &g, const uint8_t *w, float *y) {
+    constexpr int RN = kTileTokens;
+    int t = 0;
+    for (; t + RN <= g.T; t += RN) K::template run<RM, RN>(w, g.row_bytes, g.x + t * g.x_stride, g.x_stride, y + t * g.ldy, g.ldy, g.n);
+    const uint8_t *x = g.x + t * g.x_stride;
+    float *yt = y + t * g.ldy;
+    switch (g.T - t) {
+        case 1: K::template run<RM, 1>(w, g.row_bytes, x, g.x_stride, yt, g.ldy, g.n); break;
+        case 2: K::template run<RM, 2>(w, g.row_bytes, x, g.x_stride, yt, g.ldy, g.n); break;
+        default: break;
+    }
+    static_assert(kTileTokens == 3, "the switch above covers remainders 1..kTileTokens-1");
+}
+
+template <class K> void gemm_tiled(const Gemm &g) {
+    int r = 0;
+    for (; r + kTileRows <= g.n_rows; r += kTileRows) row_block<K, kTileRows>(g, g.w + size_t(r) * g.row_bytes, g.y + r);
+    for (; r < g.n_rows; ++r) row_block<K, 1>(g, g.w + size_t(r) * g.row_bytes, g.y + r);
+}
+
 const Ops OPS = {
     "avx2",
     {dot_f32, dot_f16_row, dot_bf16, dot_legacy<false, false>, dot_legacy<false, true>, dot_legacy<true, false>,
      dot_legacy<true, true>, dot_q8_0, dot_q45_k<false>, dot_q45_k<true>, dot_q6_k},
+    {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>, gemm_tiled<TileQ40_50<false>>,
+     gemm_by_dot<dot_legacy<false, true>>, gemm_tiled<TileQ40_50<true>>, gemm_by_dot<dot_legacy<true, true>>,
+     gemm_tiled<TileQ8_0>, gemm_tiled<TileQ4_K>, gemm_by_dot<dot_q45_k<true>>, gemm_tiled<TileQ6_K>},
     quantize_act,
     dot_f16v,
     axpy_f16v,

@@ -225,7 +225,6 @@ void Model::ensure_scratch(int T) {
 }
 
 void Model::matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_activations) {
-    const kern::DotFn dot = ops_->dot[w.wtype];
     const int64_t rows = w.rows, cols = w.cols;
     const void *act = x;
     size_t stride_bytes = cols * sizeof(float);
@@ -238,12 +237,13 @@ void Model::matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_
         act = xq_.data();
         stride_bytes = nb * sizeof(kern::BlockQ8A);
     }
+    const kern::GemmFn gemm = ops_->gemm[w.wtype];
     const uint8_t *a = static_cast<const uint8_t *>(act);
-    pool_.range(rows, [&](size_t r0, size_t r1) {
-        for (size_t r = r0; r < r1; ++r) {
-            const uint8_t *wr = w.row(r);
-            for (int t = 0; t < T; ++t) y[size_t(t) * rows + r] = dot(wr, a + t * stride_bytes, cols);
-        }
+    // rows split in multiples of 4 (the tiled kernels' row block) between the threads
+    const size_t groups = (rows + 3) / 4;
+    pool_.run([&](int i, int n) {
+        const size_t r0 = std::min<size_t>(rows, groups * i / n * 4), r1 = std::min<size_t>(rows, groups * (i + 1) / n * 4);
+        if (r0 < r1) gemm({w.row(r0), w.row_bytes, int(r1 - r0), a, stride_bytes, T, y + r0, size_t(rows), size_t(cols)});
     });
 }
 

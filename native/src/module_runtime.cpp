@@ -19,6 +19,7 @@ namespace {
 
 using F32Array = nb::ndarray<nb::numpy, float, nb::ndim<1>>;
 using F32In = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using F32In2 = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using U16In = nb::ndarray<const uint16_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using U8In = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
@@ -142,6 +143,34 @@ void bind_runtime(nb::module_ &m) {
           },
           nb::arg("isa"), nb::arg("ggml_type"), nb::arg("rows"), nb::arg("x"), nb::arg("n_rows"),
           "y = W x with one kernel set (tests): W is n_rows rows of the type's bytes.");
+    m.def("kernel_gemm",
+          [](const std::string &isa, uint32_t ggml_type, U8In rows, F32In2 x, size_t n_rows) {
+              const edgeai::kern::Ops &ops = ops_or_throw(isa);
+              const int w = edgeai::kern::wtype_of_ggml(ggml_type);
+              if (w < 0) throw nb::value_error("the engine does not compute with this type");
+              const size_t T = x.shape(0), n = x.shape(1);
+              const edgeai::gguf::TypeInfo *ti = edgeai::gguf::type_info(ggml_type);
+              if (n % ti->block_size || (edgeai::kern::takes_q8(w) && n % 32))
+                  throw nb::value_error("x rows are not a multiple of the block size");
+              const size_t row_bytes = n / ti->block_size * ti->type_size;
+              if (rows.shape(0) != row_bytes * n_rows) throw nb::value_error("rows has the wrong number of bytes");
+              std::vector<float> y(T * n_rows);
+              {
+                  nb::gil_scoped_release release;
+                  std::vector<edgeai::kern::BlockQ8A> xq(T * (n / 32) + 1);
+                  const uint8_t *act = reinterpret_cast<const uint8_t *>(x.data());
+                  size_t stride = n * sizeof(float);
+                  if (edgeai::kern::takes_q8(w)) {
+                      for (size_t t = 0; t < T; ++t) ops.quantize_act(x.data() + t * n, xq.data() + t * (n / 32), n);
+                      act = reinterpret_cast<const uint8_t *>(xq.data());
+                      stride = (n / 32) * sizeof(edgeai::kern::BlockQ8A);
+                  }
+                  ops.gemm[w]({rows.data(), row_bytes, static_cast<int>(n_rows), act, stride, static_cast<int>(T), y.data(), n_rows, n});
+              }
+              return to_numpy(std::move(y), {T, n_rows});
+          },
+          nb::arg("isa"), nb::arg("ggml_type"), nb::arg("rows"), nb::arg("x"), nb::arg("n_rows"),
+          "Y = X W^T with one kernel set's tiled kernel (tests): X is [T, n] tokens, W n_rows rows of the type's bytes.");
     m.def("kernel_quantize_act",
           [](const std::string &isa, F32In x) {
               const edgeai::kern::Ops &ops = ops_or_throw(isa);

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgeai import _native
-from kernel_cases import make_cases
+from kernel_cases import make_cases, tolerance
 
 ISAS = _native.kernel_isas()
 CASES = make_cases()
@@ -26,6 +26,27 @@ def test_matvec_matches_numpy_reference(isa, case):
     y = _native.kernel_matvec(isa, case.ggml_type, case.rows, case.x, case.n_rows)
     err = np.abs(y.astype(np.float64) - case.expected)
     assert np.all(err <= case.tolerance), f"{isa} {case.fmt}: error {err.max()} > tolerance {case.tolerance[err.argmax()]}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.fmt}-{c.x.size}")
+def test_gemm_matches_numpy_reference(isa, case):
+    """The prefill kernels (rows x tokens tiles): every token count from 1 to 8 (full tiles and
+    remainders); tokens are the case's activations permuted and rescaled, plus an all-zero one."""
+    rng = np.random.default_rng(case.x.size)
+    tokens = [case.x]
+    for k in range(7):
+        tokens.append(np.zeros_like(case.x) if k == 3 else rng.permutation(case.x) * np.float32(10.0 ** rng.integers(-2, 3)))
+    X = np.stack(tokens).astype(np.float32)
+    quantized = case.fmt not in ("f32", "f16", "bf16")
+    for T in range(1, len(tokens) + 1):
+        Y = _native.kernel_gemm(isa, case.ggml_type, case.rows, np.ascontiguousarray(X[:T]), case.n_rows)
+        assert Y.shape == (T, case.n_rows)
+        for t in range(T):
+            expected = case.weights @ X[t].astype(np.float64)
+            err = np.abs(Y[t].astype(np.float64) - expected)
+            tol = tolerance(case.weights, X[t], quantized)
+            assert np.all(err <= tol), f"{isa} {case.fmt} T={T} token {t}: error {err.max()} > tolerance {tol[err.argmax()]}"
 
 
 @pytest.mark.parametrize("isa", ISAS)
