@@ -230,6 +230,14 @@ void quantize_act(const float *x, BlockQ8A *y, size_t n) {
 // ---- Tiled kernels (prefill): an RM-row x RN-token tile keeps RM*RN float accumulators, unpacks
 // each weight block once for RN tokens and loads each activation block once for RM rows.
 
+// Decode (one token) streams the weights once: each row block prefetches the block kPrefetchRows
+// rows further on, which short rows (a few hundred bytes) give the hardware prefetcher no time for.
+constexpr int kPrefetchRows = 8;
+
+template <int BYTES> inline void prefetch_lines(const uint8_t *p) {
+    for (int o = 0; o < BYTES; o += 64) _mm_prefetch(reinterpret_cast<const char *>(p + o), _MM_HINT_T0);
+}
+
 inline float f16c(const uint8_t *p) {
     uint16_t h;
     std::memcpy(&h, p, 2);
@@ -260,6 +268,7 @@ template <bool FIVE> struct TileQ40_50 {
             __m256 dw[RM];
             for (int r = 0; r < RM; ++r) {
                 const uint8_t *blk = w + r * rb + b * BYTES;
+                if (RN == 1) _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
                 q[r] = nibbles32(blk + (FIVE ? 6 : 2));
                 if (FIVE) q[r] = _mm256_or_si256(q[r], fifth_bits(blk + 2));
                 dw[r] = _mm256_set1_ps(f16c(blk));
@@ -291,6 +300,7 @@ struct TileQ8_0 {
             __m256 dw[RM];
             for (int r = 0; r < RM; ++r) {
                 const uint8_t *blk = w + r * rb + b * 34;
+                if (RN == 1) _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
                 q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2));
                 aq[r] = _mm256_sign_epi8(q[r], q[r]);
                 dw[r] = _mm256_set1_ps(f16c(blk));
@@ -330,6 +340,7 @@ struct TileQ4_K {
             __m256 rmin[RM];
             for (int r = 0; r < RM; ++r) {
                 const uint8_t *row = w + r * rb + blk * 144;
+                if (RN == 1) prefetch_lines<144>(row + kPrefetchRows * rb);
                 uint8_t sc[8], mn[8];
                 k4_scales(row + 4, sc, mn);
                 const __m256 d = _mm256_set1_ps(f16c(row)), dmin = _mm256_set1_ps(f16c(row + 2));
@@ -382,6 +393,7 @@ struct TileQ6_K {
             alignas(32) int16_t sc16[RM][8][16];
             for (int r = 0; r < RM; ++r) {
                 const uint8_t *row = w + r * rb + blk * 210;
+                if (RN == 1) prefetch_lines<210>(row + kPrefetchRows * rb);
                 const int8_t *sc = reinterpret_cast<const int8_t *>(row + 192);
                 const float d = f16c(row + 208);
                 dw[r] = _mm256_set1_ps(d);
