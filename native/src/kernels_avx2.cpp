@@ -287,6 +287,45 @@ template <bool FIVE> struct TileQ40_50 {
     }
 };
 
+// Lane r = sum of the 8 lanes of v[r]: one vector of 8 row results, so the float work (convert,
+// scale, accumulate) is done once per 8 rows instead of once per row.
+inline __m256i reduce8(const __m256i v[8]) {
+    const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+}
+
+// The f16 at the same offset of 8 rows rb bytes apart, as 8 floats.
+inline __m256 f16x8(const uint8_t *p, size_t rb) {
+    uint16_t h[8];
+    for (int r = 0; r < 8; ++r) std::memcpy(&h[r], p + r * rb, 2);
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(h)));
+}
+
+// Decode (one token) over 8 rows of Q4_0 / Q5_0: integer dots reduced to one lane per row; the
+// -8 (-16) offset is d_w * -mid * (sum of x), through the activation block sums.
+template <bool FIVE> void gemv8_q40_50(const uint8_t *w, size_t rb, const BlockQ8A *x, float *y, size_t n) {
+    constexpr int BYTES = FIVE ? 22 : 18;
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (size_t b = 0; b < n / 32; ++b, ++x) {
+        const __m256i xv = load_x(x);
+        __m256i p[8];
+        for (int r = 0; r < 8; ++r) {
+            const uint8_t *blk = w + r * rb + b * BYTES;
+            _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
+            __m256i q = nibbles32(blk + (FIVE ? 6 : 2));
+            if (FIVE) q = _mm256_or_si256(q, fifth_bits(blk + 2));
+            p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
+        }
+        const __m256 dw = f16x8(w + b * BYTES, rb);
+        const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_set1_ps(x->d),
+                                             _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (x->hs[0] + x->hs[1])));
+        acc = _mm256_fmadd_ps(dw, inner, acc);
+    }
+    _mm256_storeu_ps(y, acc);
+}
+
 // Q8_0: signed codes by the sign trick, |q| once per row block and sign(x, q) per pair.
 struct TileQ8_0 {
     template <int RM, int RN>
@@ -461,6 +500,17 @@ template <class K, int RM> void row_block(const Gemm &g, const uint8_t *w, float
     static_assert(kTileTokens == 3, "the switch above covers remainders 1..kTileTokens-1");
 }
 
+template <class K> void gemm_tiled(const Gemm &g);
+
+// Q4_0 / Q5_0: decode by 8-row groups (gemv8), prefill by tiles.
+template <bool FIVE> void gemm_q40_50(const Gemm &g) {
+    if (g.T != 1) return gemm_tiled<TileQ40_50<FIVE>>(g);
+    int r = 0;
+    for (; r + 8 <= g.n_rows; r += 8)
+        gemv8_q40_50<FIVE>(g.w + size_t(r) * g.row_bytes, g.row_bytes, reinterpret_cast<const BlockQ8A *>(g.x), g.y + r, g.n);
+    for (; r < g.n_rows; ++r) TileQ40_50<FIVE>::template run<1, 1>(g.w + size_t(r) * g.row_bytes, g.row_bytes, g.x, 0, g.y + r, g.ldy, g.n);
+}
+
 template <class K> void gemm_tiled(const Gemm &g) {
     int r = 0;
     for (; r + kTileRows <= g.n_rows; r += kTileRows) row_block<K, kTileRows>(g, g.w + size_t(r) * g.row_bytes, g.y + r);
@@ -471,8 +521,8 @@ const Ops OPS = {
     "avx2",
     {dot_f32, dot_f16_row, dot_bf16, dot_legacy<false, false>, dot_legacy<false, true>, dot_legacy<true, false>,
      dot_legacy<true, true>, dot_q8_0, dot_q45_k<false>, dot_q45_k<true>, dot_q6_k},
-    {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>, gemm_tiled<TileQ40_50<false>>,
-     gemm_by_dot<dot_legacy<false, true>>, gemm_tiled<TileQ40_50<true>>, gemm_by_dot<dot_legacy<true, true>>,
+    {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>, gemm_q40_50<false>,
+     gemm_by_dot<dot_legacy<false, true>>, gemm_q40_50<true>, gemm_by_dot<dot_legacy<true, true>>,
      gemm_tiled<TileQ8_0>, gemm_tiled<TileQ4_K>, gemm_by_dot<dot_q45_k<true>>, gemm_tiled<TileQ6_K>},
     quantize_act,
     dot_f16v,
