@@ -302,26 +302,97 @@ inline __m256 f16x8(const uint8_t *p, size_t rb) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(h)));
 }
 
-// Decode (one token) over 8 rows of Q4_0 / Q5_0: integer dots reduced to one lane per row; the
-// -8 (-16) offset is d_w * -mid * (sum of x), through the activation block sums.
-template <bool FIVE> void gemv8_q40_50(const uint8_t *w, size_t rb, const BlockQ8A *x, float *y, size_t n) {
+// 8 rows x RN tokens of Q4_0 / Q5_0 with one lane per row: each token's integer dots against the 8
+// rows are reduced to one vector, so converting, scaling and accumulating cost one instruction per
+// 8 rows; the -8 (-16) offset is d_w * -mid * (sum of x) through the activation block sums.
+template <bool FIVE, int RN> void rows8_q40_50(const uint8_t *w, size_t rb, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t n) {
     constexpr int BYTES = FIVE ? 22 : 18;
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[RN];
+    for (auto &v : acc) v = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
-    for (size_t b = 0; b < n / 32; ++b, ++x) {
-        const __m256i xv = load_x(x);
-        __m256i p[8];
+    for (size_t b = 0; b < n / 32; ++b) {
+        __m256i q[8];
         for (int r = 0; r < 8; ++r) {
             const uint8_t *blk = w + r * rb + b * BYTES;
-            _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
-            __m256i q = nibbles32(blk + (FIVE ? 6 : 2));
-            if (FIVE) q = _mm256_or_si256(q, fifth_bits(blk + 2));
-            p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
+            if (RN == 1) _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
+            q[r] = nibbles32(blk + (FIVE ? 6 : 2));
+            if (FIVE) q[r] = _mm256_or_si256(q[r], fifth_bits(blk + 2));
         }
         const __m256 dw = f16x8(w + b * BYTES, rb);
-        const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_set1_ps(x->d),
+        for (int t = 0; t < RN; ++t) {
+            const BlockQ8A *xb = xblocks(x, xs, t) + b;
+            const __m256i xv = load_x(xb);
+            __m256i p[8];
+            for (int r = 0; r < 8; ++r) p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(q[r], xv), ones);
+            const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_set1_ps(xb->d),
+                                                 _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (xb->hs[0] + xb->hs[1])));
+            acc[t] = _mm256_fmadd_ps(dw, inner, acc[t]);
+        }
+    }
+    for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
+}
+
+// Prefill over 8 rows of Q4_0 / Q5_0 for many tokens: the 8 rows' codes are first transposed
+// into a buffer (per block, register k holds weights 4k..4k+3 of rows 0..7), so each token
+// multiplies them with its 4-byte activation groups broadcast and the products land directly in
+// one lane per row: no horizontal reduction per token. Sums of up to 8 (Q4) / 4 (Q5) maddubs
+// stay exact in int16 (<= 30480 / 31496).
+struct Packed8 {
+    std::vector<__m256i> codes;  // [block][k]
+    std::vector<float> scales;   // [block][row]
+};
+
+inline void transpose8x32(const __m256i r[8], __m256i *out) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {  // rows 4h..4h+3
+        const __m256i *tt = t + 4 * h;
+        u[4 * h + 0] = _mm256_unpacklo_epi64(tt[0], tt[2]);
+        u[4 * h + 1] = _mm256_unpackhi_epi64(tt[0], tt[2]);
+        u[4 * h + 2] = _mm256_unpacklo_epi64(tt[1], tt[3]);
+        u[4 * h + 3] = _mm256_unpackhi_epi64(tt[1], tt[3]);
+    }
+    for (int k = 0; k < 4; ++k) {
+        out[k] = _mm256_permute2x128_si256(u[k], u[4 + k], 0x20);
+        out[k + 4] = _mm256_permute2x128_si256(u[k], u[4 + k], 0x31);
+    }
+}
+
+template <bool FIVE> void pack8_q40_50(const uint8_t *w, size_t rb, size_t nb, Packed8 &pk) {
+    constexpr int BYTES = FIVE ? 22 : 18;
+    pk.codes.resize(nb * 8);
+    pk.scales.resize(nb * 8);
+    for (size_t b = 0; b < nb; ++b) {
+        __m256i q[8];
+        for (int r = 0; r < 8; ++r) {
+            const uint8_t *blk = w + r * rb + b * BYTES;
+            q[r] = nibbles32(blk + (FIVE ? 6 : 2));
+            if (FIVE) q[r] = _mm256_or_si256(q[r], fifth_bits(blk + 2));
+        }
+        transpose8x32(q, &pk.codes[b * 8]);
+        _mm256_storeu_ps(&pk.scales[b * 8], f16x8(w + b * BYTES, rb));
+    }
+}
+
+template <bool FIVE> void packed8_token(const Packed8 &pk, const BlockQ8A *x, float *y, size_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (size_t b = 0; b < nb; ++b, ++x) {
+        const __m256i *W = &pk.codes[b * 8];
+        // activation bytes 4k..4k+3 in every lane (a broadcast load: no shuffle)
+        auto xg = [x](int k) { return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(x->qs + 4 * k))); };
+        __m256i s0 = _mm256_maddubs_epi16(W[0], xg(0));
+        for (int k = 1; k < 4; ++k) s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(W[k], xg(k)));
+        __m256i s1 = _mm256_maddubs_epi16(W[4], xg(4));
+        for (int k = 5; k < 8; ++k) s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(W[k], xg(k)));
+        const __m256i dots = FIVE ? _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones))
+                                  : _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones);
+        const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(x->d),
                                              _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (x->hs[0] + x->hs[1])));
-        acc = _mm256_fmadd_ps(dw, inner, acc);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(&pk.scales[b * 8]), inner, acc);
     }
     _mm256_storeu_ps(y, acc);
 }
@@ -484,6 +555,7 @@ struct TileQ6_K {
 };
 
 constexpr int kTileRows = 4, kTileTokens = 3;
+constexpr int kPackMinTokens = 8;  // from this many tokens on, transposing 8 rows' codes pays
 
 // All tokens for the RM rows at w: full RN-token tiles, then one narrower tile for the rest.
 template <class K, int RM> void row_block(const Gemm &g, const uint8_t *w, float *y) {
@@ -500,22 +572,41 @@ template <class K, int RM> void row_block(const Gemm &g, const uint8_t *w, float
     static_assert(kTileTokens == 3, "the switch above covers remainders 1..kTileTokens-1");
 }
 
-template <class K> void gemm_tiled(const Gemm &g);
-
-// Q4_0 / Q5_0: decode by 8-row groups (gemv8), prefill by tiles.
-template <bool FIVE> void gemm_q40_50(const Gemm &g) {
-    if (g.T != 1) return gemm_tiled<TileQ40_50<FIVE>>(g);
-    int r = 0;
-    for (; r + 8 <= g.n_rows; r += 8)
-        gemv8_q40_50<FIVE>(g.w + size_t(r) * g.row_bytes, g.row_bytes, reinterpret_cast<const BlockQ8A *>(g.x), g.y + r, g.n);
-    for (; r < g.n_rows; ++r) TileQ40_50<FIVE>::template run<1, 1>(g.w + size_t(r) * g.row_bytes, g.row_bytes, g.x, 0, g.y + r, g.ldy, g.n);
-}
-
 template <class K> void gemm_tiled(const Gemm &g) {
     int r = 0;
     for (; r + kTileRows <= g.n_rows; r += kTileRows) row_block<K, kTileRows>(g, g.w + size_t(r) * g.row_bytes, g.y + r);
     for (; r < g.n_rows; ++r) row_block<K, 1>(g, g.w + size_t(r) * g.row_bytes, g.y + r);
 }
+
+// Q4_0 / Q5_0: groups of 8 rows with one lane per row (rows8), 4 tokens at a time; the last rows
+// (fewer than 8) by row tiles.
+template <bool FIVE> void gemm_q40_50(const Gemm &g) {
+    constexpr int RN = 4;
+    int r = 0;
+    if (g.T >= kPackMinTokens) {
+        thread_local Packed8 pk;
+        for (; r + 8 <= g.n_rows; r += 8) {
+            pack8_q40_50<FIVE>(g.w + size_t(r) * g.row_bytes, g.row_bytes, g.n / 32, pk);
+            for (int t = 0; t < g.T; ++t)
+                packed8_token<FIVE>(pk, xblocks(g.x, g.x_stride, t), g.y + t * g.ldy + r, g.n / 32);
+        }
+    }
+    for (; r + 8 <= g.n_rows; r += 8) {
+        const uint8_t *w = g.w + size_t(r) * g.row_bytes;
+        int t = 0;
+        for (; t + RN <= g.T; t += RN) rows8_q40_50<FIVE, RN>(w, g.row_bytes, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, g.n);
+        const uint8_t *x = g.x + t * g.x_stride;
+        float *y = g.y + t * g.ldy + r;
+        switch (g.T - t) {
+            case 1: rows8_q40_50<FIVE, 1>(w, g.row_bytes, x, g.x_stride, y, g.ldy, g.n); break;
+            case 2: rows8_q40_50<FIVE, 2>(w, g.row_bytes, x, g.x_stride, y, g.ldy, g.n); break;
+            case 3: rows8_q40_50<FIVE, 3>(w, g.row_bytes, x, g.x_stride, y, g.ldy, g.n); break;
+            default: break;
+        }
+    }
+    for (; r < g.n_rows; ++r) row_block<TileQ40_50<FIVE>, 1>(g, g.w + size_t(r) * g.row_bytes, g.y + r);
+}
+
 
 const Ops OPS = {
     "avx2",
