@@ -377,24 +377,45 @@ template <bool FIVE> void pack8_q40_50(const uint8_t *w, size_t rb, size_t nb, P
     }
 }
 
-template <bool FIVE> void packed8_token(const Packed8 &pk, const BlockQ8A *x, float *y, size_t nb) {
-    __m256 acc = _mm256_setzero_ps();
+// RN tokens against one transposed 8-row group: each code register is loaded once for RN tokens.
+template <bool FIVE, int RN>
+void packed8_tokens(const Packed8 &pk, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb) {
+    __m256 acc[RN];
+    for (auto &v : acc) v = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
-    for (size_t b = 0; b < nb; ++b, ++x) {
+    for (size_t b = 0; b < nb; ++b) {
         const __m256i *W = &pk.codes[b * 8];
+        const BlockQ8A *xb[RN];
+        for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + b;
         // activation bytes 4k..4k+3 in every lane (a broadcast load: no shuffle)
-        auto xg = [x](int k) { return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(x->qs + 4 * k))); };
-        __m256i s0 = _mm256_maddubs_epi16(W[0], xg(0));
-        for (int k = 1; k < 4; ++k) s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(W[k], xg(k)));
-        __m256i s1 = _mm256_maddubs_epi16(W[4], xg(4));
-        for (int k = 5; k < 8; ++k) s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(W[k], xg(k)));
-        const __m256i dots = FIVE ? _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones))
-                                  : _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones);
-        const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(x->d),
-                                             _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (x->hs[0] + x->hs[1])));
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(&pk.scales[b * 8]), inner, acc);
+        auto xg = [&](int t, int k) {
+            return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(xb[t]->qs + 4 * k)));
+        };
+        __m256i s0[RN], s1[RN];
+        {
+            const __m256i w0 = _mm256_load_si256(W), w4 = _mm256_load_si256(W + 4);
+            for (int t = 0; t < RN; ++t) {
+                s0[t] = _mm256_maddubs_epi16(w0, xg(t, 0));
+                s1[t] = _mm256_maddubs_epi16(w4, xg(t, 4));
+            }
+        }
+        for (int k = 1; k < 4; ++k) {
+            const __m256i wl = _mm256_load_si256(W + k), wh = _mm256_load_si256(W + 4 + k);
+            for (int t = 0; t < RN; ++t) {
+                s0[t] = _mm256_add_epi16(s0[t], _mm256_maddubs_epi16(wl, xg(t, k)));
+                s1[t] = _mm256_add_epi16(s1[t], _mm256_maddubs_epi16(wh, xg(t, 4 + k)));
+            }
+        }
+        const __m256 dw = _mm256_loadu_ps(&pk.scales[b * 8]);
+        for (int t = 0; t < RN; ++t) {
+            const __m256i dots = FIVE ? _mm256_add_epi32(_mm256_madd_epi16(s0[t], ones), _mm256_madd_epi16(s1[t], ones))
+                                      : _mm256_madd_epi16(_mm256_add_epi16(s0[t], s1[t]), ones);
+            const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(xb[t]->d),
+                                                 _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (xb[t]->hs[0] + xb[t]->hs[1])));
+            acc[t] = _mm256_fmadd_ps(dw, inner, acc[t]);
+        }
     }
-    _mm256_storeu_ps(y, acc);
+    for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
 }
 
 // Q8_0: signed codes by the sign trick, |q| once per row block and sign(x, q) per pair.
@@ -584,11 +605,13 @@ template <bool FIVE> void gemm_q40_50(const Gemm &g) {
     constexpr int RN = 4;
     int r = 0;
     if (g.T >= kPackMinTokens) {
-        thread_local Packed8 pk;
+        Packed8 pk;  // per call, not thread_local: TLS lookups in a shared library cost a call each
+        const size_t nb = g.n / 32;
         for (; r + 8 <= g.n_rows; r += 8) {
-            pack8_q40_50<FIVE>(g.w + size_t(r) * g.row_bytes, g.row_bytes, g.n / 32, pk);
-            for (int t = 0; t < g.T; ++t)
-                packed8_token<FIVE>(pk, xblocks(g.x, g.x_stride, t), g.y + t * g.ldy + r, g.n / 32);
+            pack8_q40_50<FIVE>(g.w + size_t(r) * g.row_bytes, g.row_bytes, nb, pk);
+            int t = 0;
+            for (; t + 4 <= g.T; t += 4) packed8_tokens<FIVE, 4>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
+            for (; t < g.T; ++t) packed8_tokens<FIVE, 1>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
         }
     }
     for (; r + 8 <= g.n_rows; r += 8) {

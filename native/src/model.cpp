@@ -239,12 +239,16 @@ void Model::matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_
     }
     const kern::GemmFn gemm = ops_->gemm[w.wtype];
     const uint8_t *a = static_cast<const uint8_t *>(act);
-    // rows split in multiples of 4 (the tiled kernels' row block) between the threads
-    const size_t groups = (rows + 3) / 4;
-    pool_.run([&](int i, int n) {
-        const size_t r0 = std::min<size_t>(rows, groups * i / n * 4), r1 = std::min<size_t>(rows, groups * (i + 1) / n * 4);
-        if (r0 < r1) gemm({w.row(r0), w.row_bytes, int(r1 - r0), a, stride_bytes, T, y + r0, size_t(rows), size_t(cols)});
-    });
+    // rows in chunks of whole 8-row groups (the kernels' row blocks), a few chunks per thread so a
+    // thread the OS runs late leaves its share to the others
+    const size_t groups = (rows + 7) / 8;
+    const int chunks = static_cast<int>(std::min<size_t>(groups, size_t(pool_.size()) * 4));
+    pool_.run(
+        [&](int i, int n) {
+            const size_t r0 = std::min<size_t>(rows, groups * i / n * 8), r1 = std::min<size_t>(rows, groups * (i + 1) / n * 8);
+            if (r0 < r1) gemm({w.row(r0), w.row_bytes, int(r1 - r0), a, stride_bytes, T, y + r0, size_t(rows), size_t(cols)});
+        },
+        chunks);
 }
 
 void Model::rope(float *x, int n_heads, int pos) const {
