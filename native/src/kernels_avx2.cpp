@@ -450,6 +450,45 @@ struct TileQ8_0 {
     }
 };
 
+// Q8_0 prefill over 8 transposed rows (as Packed8 for Q4_0): per block 8 registers of |codes| then
+// 8 of the signed codes; each token's broadcast activations take the codes' signs (sign trick).
+void pack8_q8_0(const uint8_t *w, size_t rb, size_t nb, Packed8 &pk) {
+    pk.codes.resize(nb * 16);
+    pk.scales.resize(nb * 8);
+    for (size_t b = 0; b < nb; ++b) {
+        __m256i q[8];
+        for (int r = 0; r < 8; ++r) q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + r * rb + b * 34 + 2));
+        __m256i *out = &pk.codes[b * 16];
+        transpose8x32(q, out + 8);
+        for (int k = 0; k < 8; ++k) out[k] = _mm256_sign_epi8(out[8 + k], out[8 + k]);
+        _mm256_storeu_ps(&pk.scales[b * 8], f16x8(w + b * 34, rb));
+    }
+}
+
+template <int RN> void packed8_q8_0_tokens(const Packed8 &pk, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb) {
+    __m256 acc[RN];
+    for (auto &v : acc) v = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (size_t b = 0; b < nb; ++b) {
+        const __m256i *W = &pk.codes[b * 16];
+        const BlockQ8A *xb[RN];
+        for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + b;
+        __m256i s[RN];
+        for (int t = 0; t < RN; ++t) s[t] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; ++k) {
+            const __m256i aw = _mm256_load_si256(W + k), sw = _mm256_load_si256(W + 8 + k);
+            for (int t = 0; t < RN; ++t) {
+                const __m256i xv = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(xb[t]->qs + 4 * k)));
+                s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, sw)), ones));
+            }
+        }
+        const __m256 dw = _mm256_loadu_ps(&pk.scales[b * 8]);
+        for (int t = 0; t < RN; ++t)
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xb[t]->d)), _mm256_cvtepi32_ps(s[t]), acc[t]);
+    }
+    for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
+}
+
 // Sum of the two half sums of 8 consecutive activation blocks, one per lane.
 inline __m256 block_sums8(const BlockQ8A *x) {
     return _mm256_setr_ps(x[0].hs[0] + x[0].hs[1], x[1].hs[0] + x[1].hs[1], x[2].hs[0] + x[2].hs[1],
@@ -631,13 +670,29 @@ template <bool FIVE> void gemm_q40_50(const Gemm &g) {
 }
 
 
+// Q8_0: prefill over transposed 8-row groups, 4 tokens per pass; decode and the last rows by tiles.
+void gemm_q8_0(const Gemm &g) {
+    int r = 0;
+    if (g.T >= kPackMinTokens) {
+        Packed8 pk;
+        const size_t nb = g.n / 32;
+        for (; r + 8 <= g.n_rows; r += 8) {
+            pack8_q8_0(g.w + size_t(r) * g.row_bytes, g.row_bytes, nb, pk);
+            int t = 0;
+            for (; t + 4 <= g.T; t += 4) packed8_q8_0_tokens<4>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
+            for (; t < g.T; ++t) packed8_q8_0_tokens<1>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
+        }
+    }
+    gemm_tiled<TileQ8_0>({g.w + size_t(r) * g.row_bytes, g.row_bytes, g.n_rows - r, g.x, g.x_stride, g.T, g.y + r, g.ldy, g.n});
+}
+
 const Ops OPS = {
     "avx2",
     {dot_f32, dot_f16_row, dot_bf16, dot_legacy<false, false>, dot_legacy<false, true>, dot_legacy<true, false>,
      dot_legacy<true, true>, dot_q8_0, dot_q45_k<false>, dot_q45_k<true>, dot_q6_k},
     {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>, gemm_q40_50<false>,
      gemm_by_dot<dot_legacy<false, true>>, gemm_q40_50<true>, gemm_by_dot<dot_legacy<true, true>>,
-     gemm_tiled<TileQ8_0>, gemm_tiled<TileQ4_K>, gemm_by_dot<dot_q45_k<true>>, gemm_tiled<TileQ6_K>},
+     gemm_q8_0, gemm_tiled<TileQ4_K>, gemm_by_dot<dot_q45_k<true>>, gemm_tiled<TileQ6_K>},
     quantize_act,
     dot_f16v,
     axpy_f16v,
