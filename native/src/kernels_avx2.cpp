@@ -670,6 +670,25 @@ template <bool FIVE> void gemm_q40_50(const Gemm &g) {
 }
 
 
+// Q8_0 decode over 8 rows with one lane per row (as rows8_q40_50).
+void rows8_q8_0(const uint8_t *w, size_t rb, const BlockQ8A *x, float *y, size_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (size_t b = 0; b < n / 32; ++b, ++x) {
+        const __m256i xv = load_x(x);
+        __m256i p[8];
+        for (int r = 0; r < 8; ++r) {
+            const uint8_t *blk = w + r * rb + b * 34;
+            _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
+            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2));
+            p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q)), ones);
+        }
+        const __m256 dw = f16x8(w + b * 34, rb);
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(x->d)), _mm256_cvtepi32_ps(reduce8(p)), acc);
+    }
+    _mm256_storeu_ps(y, acc);
+}
+
 // Q8_0: prefill over transposed 8-row groups, 4 tokens per pass; decode and the last rows by tiles.
 void gemm_q8_0(const Gemm &g) {
     int r = 0;
@@ -683,6 +702,8 @@ void gemm_q8_0(const Gemm &g) {
             for (; t < g.T; ++t) packed8_q8_0_tokens<1>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
         }
     }
+    if (g.T == 1)
+        for (; r + 8 <= g.n_rows; r += 8) rows8_q8_0(g.w + size_t(r) * g.row_bytes, g.row_bytes, reinterpret_cast<const BlockQ8A *>(g.x), g.y + r, g.n);
     gemm_tiled<TileQ8_0>({g.w + size_t(r) * g.row_bytes, g.row_bytes, g.n_rows - r, g.x, g.x_stride, g.T, g.y + r, g.ldy, g.n});
 }
 
