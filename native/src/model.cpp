@@ -166,6 +166,20 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
     }
     logits_.assign(c.n_vocab, 0.0f);
     set_sampling(SamplingParams{});
+    pack_weights();
+}
+
+void Model::pack_weights() {
+    auto pack = [&](Matrix &m) {
+        if (!m || !ops_->pack[m.wtype] || m.rows < 8) return;
+        const size_t rows = static_cast<size_t>(m.rows) / 8 * 8;
+        packed_.emplace_back(rows * m.row_bytes);
+        ops_->pack[m.wtype](m.data, m.row_bytes, rows, static_cast<size_t>(m.cols), packed_.back().data());
+        m.packed = packed_.back().data();
+    };
+    for (Layer &L : layers_)
+        for (Matrix *m : {&L.wq, &L.wk, &L.wv, &L.wo, &L.gate, &L.up, &L.down}) pack(*m);
+    pack(output_);
 }
 
 Model::~Model() = default;
@@ -237,7 +251,6 @@ void Model::matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_
         act = xq_.data();
         stride_bytes = nb * sizeof(kern::BlockQ8A);
     }
-    const kern::GemmFn gemm = ops_->gemm[w.wtype];
     const uint8_t *a = static_cast<const uint8_t *>(act);
     // rows in chunks of whole 8-row groups (the kernels' row blocks), a few chunks per thread so a
     // thread the OS runs late leaves its share to the others
@@ -246,7 +259,7 @@ void Model::matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_
     pool_.run(
         [&](int i, int n) {
             const size_t r0 = std::min<size_t>(rows, groups * i / n * 8), r1 = std::min<size_t>(rows, groups * (i + 1) / n * 8);
-            if (r0 < r1) gemm({w.row(r0), w.row_bytes, int(r1 - r0), a, stride_bytes, T, y + r0, size_t(rows), size_t(cols)});
+            if (r0 < r1) kern::gemm_rows(*ops_, w.wtype, w.data, w.row_bytes, w.packed, r0, r1, a, stride_bytes, T, y, size_t(rows), size_t(cols));
         },
         chunks);
 }

@@ -40,6 +40,7 @@ struct Matrix {
     int wtype = -1;
     int64_t rows = 0, cols = 0;
     size_t row_bytes = 0;
+    const uint8_t *packed = nullptr;  // the kernel set's load-time layout of whole 8-row groups, if any
     const uint8_t *row(int64_t r) const { return data + static_cast<size_t>(r) * row_bytes; }
     explicit operator bool() const { return data != nullptr; }
 };
@@ -112,6 +113,7 @@ class Model {
     void moe(const Layer &L, int layer, int T);
     void rope(float *x, int n_heads, int pos) const;
     void ensure_scratch(int T);
+    void pack_weights();  // dense layer matrices and the output into the kernel set's packed layout
 
     gguf::File file_;
     ModelConfig cfg_;
@@ -125,6 +127,7 @@ class Model {
     std::vector<Layer> layers_;
     std::vector<float> rope_freqs_;  // [head_dim/2] divisors (Llama 3.1), empty when absent
     std::unique_ptr<ExpertStore> experts_;
+    std::vector<std::vector<uint8_t>> packed_;  // storage of the Matrix::packed copies
 
     std::vector<uint16_t> k_cache_, v_cache_;  // [n_layer][n_ctx][n_head_kv * head_dim] f16
     std::vector<int32_t> history_;

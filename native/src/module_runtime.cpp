@@ -144,7 +144,7 @@ void bind_runtime(nb::module_ &m) {
           nb::arg("isa"), nb::arg("ggml_type"), nb::arg("rows"), nb::arg("x"), nb::arg("n_rows"),
           "y = W x with one kernel set (tests): W is n_rows rows of the type's bytes.");
     m.def("kernel_gemm",
-          [](const std::string &isa, uint32_t ggml_type, U8In rows, F32In2 x, size_t n_rows) {
+          [](const std::string &isa, uint32_t ggml_type, U8In rows, F32In2 x, size_t n_rows, bool packed) {
               const edgeai::kern::Ops &ops = ops_or_throw(isa);
               const int w = edgeai::kern::wtype_of_ggml(ggml_type);
               if (w < 0) throw nb::value_error("the engine does not compute with this type");
@@ -165,12 +165,19 @@ void bind_runtime(nb::module_ &m) {
                       act = reinterpret_cast<const uint8_t *>(xq.data());
                       stride = (n / 32) * sizeof(edgeai::kern::BlockQ8A);
                   }
-                  ops.gemm[w]({rows.data(), row_bytes, static_cast<int>(n_rows), act, stride, static_cast<int>(T), y.data(), n_rows, n});
+                  std::vector<uint8_t> pk;
+                  if (packed && ops.pack[w] && n_rows >= 8) {
+                      pk.resize(n_rows / 8 * 8 * row_bytes);
+                      ops.pack[w](rows.data(), row_bytes, n_rows / 8 * 8, n, pk.data());
+                  }
+                  edgeai::kern::gemm_rows(ops, w, rows.data(), row_bytes, pk.empty() ? nullptr : pk.data(), 0, n_rows, act, stride,
+                                          static_cast<int>(T), y.data(), n_rows, n);
               }
               return to_numpy(std::move(y), {T, n_rows});
           },
-          nb::arg("isa"), nb::arg("ggml_type"), nb::arg("rows"), nb::arg("x"), nb::arg("n_rows"),
-          "Y = X W^T with one kernel set's tiled kernel (tests): X is [T, n] tokens, W n_rows rows of the type's bytes.");
+          nb::arg("isa"), nb::arg("ggml_type"), nb::arg("rows"), nb::arg("x"), nb::arg("n_rows"), nb::arg("packed") = false,
+          "Y = X W^T with one kernel set's tiled kernels (tests): X is [T, n] tokens, W n_rows rows of the type's bytes; "
+          "packed: through the set's load-time layout where it has one for the type (as the engine does).");
     m.def("kernel_quantize_act",
           [](const std::string &isa, F32In x) {
               const edgeai::kern::Ops &ops = ops_or_throw(isa);

@@ -28,13 +28,15 @@ def test_matvec_matches_numpy_reference(isa, case):
     assert np.all(err <= case.tolerance), f"{isa} {case.fmt}: error {err.max()} > tolerance {case.tolerance[err.argmax()]}"
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.fmt}-{c.x.size}")
-def test_gemm_matches_numpy_reference(isa, case):
+def test_gemm_matches_numpy_reference(isa, case, packed):
     """The prefill/decode kernels (rows x tokens): 14 rows (the case's rows, repeated in another
     order: an 8-row group, a 4-row tile and single rows) and every token count from 1 to 9 (one
     token, tile remainders, and the transposed 8-row path from 8 tokens on). Tokens are the case's
-    activations permuted and rescaled, plus an all-zero one."""
+    activations permuted and rescaled, plus an all-zero one. packed: the first 8 rows through the
+    kernel set's load-time layout where it has one (the engine's path), the rest plain."""
     rng = np.random.default_rng(case.x.size)
     order = np.array([0, 1, 2, 3, 4, 5, 3, 1, 4, 0, 5, 2, 2, 5])
     rows = np.ascontiguousarray(case.rows.reshape(case.n_rows, -1)[order]).ravel()
@@ -45,7 +47,7 @@ def test_gemm_matches_numpy_reference(isa, case):
     X = np.stack(tokens).astype(np.float32)
     quantized = case.fmt not in ("f32", "f16", "bf16")
     for T in range(1, len(tokens) + 1):
-        Y = _native.kernel_gemm(isa, case.ggml_type, rows, np.ascontiguousarray(X[:T]), len(order))
+        Y = _native.kernel_gemm(isa, case.ggml_type, rows, np.ascontiguousarray(X[:T]), len(order), packed)
         assert Y.shape == (T, len(order))
         for t in range(T):
             expected = weights @ X[t].astype(np.float64)
