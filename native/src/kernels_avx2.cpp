@@ -671,58 +671,81 @@ template <bool FIVE> void gemm_q40_50(const Gemm &g) {
 }
 
 
-// Q4_0 packed at load time: per 8-row group and block, the 8 f16 scales, then 4 chunks of 32
-// bytes; chunk c holds bytes 4c..4c+3 of each row's 16 code bytes (rows 0..7), so its low
-// nibbles are weights 4c..4c+3 and its high nibbles weights 16+4c..16+4c+3 of the 8 rows.
-constexpr size_t kQ40Group = 8 * 18;  // bytes per 8-row group and block
+// Q4_0 / Q5_0 packed at load time: per 8-row group and block, the 8 f16 scales, then 4 chunks of
+// 32 bytes; chunk c holds bytes 4c..4c+3 of each row's 16 code bytes (rows 0..7), so its low
+// nibbles are weights 4c..4c+3 and its high nibbles weights 16+4c..16+4c+3 of the 8 rows. Q5_0
+// then has 8 words of fifth bits, word 2c+h bit 4r+i = fifth bit of row r's weight 16h+4c+i.
+template <bool FIVE> constexpr size_t kGroupBytes = 8 * (FIVE ? 22 : 18);  // per 8-row group and block
 
-void pack_q4_0(const uint8_t *w, size_t rb, size_t rows, size_t n, uint8_t *out) {
+template <bool FIVE> void pack_q40_50(const uint8_t *w, size_t rb, size_t rows, size_t n, uint8_t *out) {
+    constexpr int BYTES = FIVE ? 22 : 18, QS = FIVE ? 6 : 2;
     for (size_t g = 0; g < rows / 8; ++g)
-        for (size_t b = 0; b < n / 32; ++b, out += kQ40Group) {
+        for (size_t b = 0; b < n / 32; ++b, out += kGroupBytes<FIVE>) {
+            uint32_t masks[8] = {};
             for (int r = 0; r < 8; ++r) {
-                const uint8_t *blk = w + (g * 8 + r) * rb + b * 18;
+                const uint8_t *blk = w + (g * 8 + r) * rb + b * BYTES;
                 std::memcpy(out + 2 * r, blk, 2);
-                for (int c = 0; c < 4; ++c) std::memcpy(out + 16 + 32 * c + 4 * r, blk + 2 + 4 * c, 4);
+                for (int c = 0; c < 4; ++c) std::memcpy(out + 16 + 32 * c + 4 * r, blk + QS + 4 * c, 4);
+                if (FIVE) {
+                    uint32_t qh;
+                    std::memcpy(&qh, blk + 2, 4);
+                    for (int c = 0; c < 4; ++c)
+                        for (int h = 0; h < 2; ++h)
+                            for (int i = 0; i < 4; ++i) masks[2 * c + h] |= ((qh >> (16 * h + 4 * c + i)) & 1u) << (4 * r + i);
+                }
             }
+            if (FIVE) std::memcpy(out + 144, masks, 32);
         }
 }
 
-template <int RN> void packed_q4_0_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
+template <bool FIVE, int RN>
+void packed_q40_50_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
     __m256 acc[RN];
     for (auto &v : acc) v = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
-    for (size_t b = 0; b < nb; ++b, pw += kQ40Group) {
-        if (RN == 1) prefetch_lines<kQ40Group>(pw + kPrefetchGroups * group_bytes);
+    for (size_t b = 0; b < nb; ++b, pw += kGroupBytes<FIVE>) {
+        if (RN == 1) prefetch_lines<kGroupBytes<FIVE>>(pw + kPrefetchGroups * group_bytes);
         const BlockQ8A *xb[RN];
         for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + b;
         auto xg = [&](int t, int k) {
             return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(xb[t]->qs + 4 * k)));
         };
-        __m256i s[RN];
-        for (int t = 0; t < RN; ++t) s[t] = _mm256_setzero_si256();
+        // low-nibble and high-nibble products apart: 4 maddubs each stay exact in int16 (Q5: <= 31496)
+        __m256i s0[RN], s1[RN];
+        for (int t = 0; t < RN; ++t) s0[t] = s1[t] = _mm256_setzero_si256();
         for (int c = 0; c < 4; ++c) {
             const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(pw + 16 + 32 * c));
-            const __m256i lo = _mm256_and_si256(chunk, m4), hi = _mm256_and_si256(_mm256_srli_epi16(chunk, 4), m4);
-            for (int t = 0; t < RN; ++t)
-                s[t] = _mm256_add_epi16(s[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xg(t, c)), _mm256_maddubs_epi16(hi, xg(t, c + 4))));
+            __m256i lo = _mm256_and_si256(chunk, m4), hi = _mm256_and_si256(_mm256_srli_epi16(chunk, 4), m4);
+            if (FIVE) {
+                lo = _mm256_or_si256(lo, fifth_bits(pw + 144 + 8 * c));
+                hi = _mm256_or_si256(hi, fifth_bits(pw + 144 + 8 * c + 4));
+            }
+            for (int t = 0; t < RN; ++t) {
+                s0[t] = _mm256_add_epi16(s0[t], _mm256_maddubs_epi16(lo, xg(t, c)));
+                s1[t] = _mm256_add_epi16(s1[t], _mm256_maddubs_epi16(hi, xg(t, c + 4)));
+            }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(pw)));
         for (int t = 0; t < RN; ++t) {
-            const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s[t], ones)), _mm256_set1_ps(xb[t]->d),
-                                                 _mm256_set1_ps(-8.0f * (xb[t]->hs[0] + xb[t]->hs[1])));
+            const __m256i dots = FIVE ? _mm256_add_epi32(_mm256_madd_epi16(s0[t], ones), _mm256_madd_epi16(s1[t], ones))
+                                      : _mm256_madd_epi16(_mm256_add_epi16(s0[t], s1[t]), ones);
+            const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(xb[t]->d),
+                                                 _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (xb[t]->hs[0] + xb[t]->hs[1])));
             acc[t] = _mm256_fmadd_ps(dw, inner, acc[t]);
         }
     }
     for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
 }
 
-void gemm_packed_q4_0(const Gemm &g) {
-    const size_t nb = g.n / 32, group_bytes = nb * kQ40Group;
+template <bool FIVE> void gemm_packed_q40_50(const Gemm &g) {
+    const size_t nb = g.n / 32, group_bytes = nb * kGroupBytes<FIVE>;
     for (int r = 0; r + 8 <= g.n_rows; r += 8) {
         const uint8_t *pw = g.w + size_t(r / 8) * group_bytes;
         int t = 0;
-        for (; t + 4 <= g.T; t += 4) packed_q4_0_tokens<4>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
-        for (; t < g.T; ++t) packed_q4_0_tokens<1>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
+        for (; t + 4 <= g.T; t += 4)
+            packed_q40_50_tokens<FIVE, 4>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
+        for (; t < g.T; ++t)
+            packed_q40_50_tokens<FIVE, 1>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
     }
 }
 
@@ -773,8 +796,8 @@ const Ops OPS = {
     quantize_act,
     dot_f16v,
     axpy_f16v,
-    {nullptr, nullptr, nullptr, pack_q4_0},
-    {nullptr, nullptr, nullptr, gemm_packed_q4_0},
+    {nullptr, nullptr, nullptr, pack_q40_50<false>, nullptr, pack_q40_50<true>},
+    {nullptr, nullptr, nullptr, gemm_packed_q40_50<false>, nullptr, gemm_packed_q40_50<true>},
 };
 
 }  // namespace
