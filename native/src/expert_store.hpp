@@ -37,6 +37,7 @@ struct Matrix {
     int wtype = -1;
     int64_t rows = 0, cols = 0;
     size_t row_bytes = 0;
+    const uint8_t *packed = nullptr;  // the kernel set's load-time layout of whole 8-row groups, if any
     const uint8_t *row(int64_t r) const { return data + static_cast<size_t>(r) * row_bytes; }
     explicit operator bool() const { return data != nullptr; }
 };

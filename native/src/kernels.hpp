@@ -25,15 +25,50 @@ struct BlockQ8A {
 // BlockQ8A[n/32] for quantized types, float[n] for F32/F16/BF16.
 using DotFn = float (*)(const uint8_t *row, const void *x, size_t n);
 
+// A block of the product Y = X W^T (prefill): y[t * ldy + r] = dot(row r, activations of token t)
+// for r < n_rows, t < T. Row r starts at w + r * row_bytes; token t's activations (as for DotFn)
+// x_stride bytes after token t-1's; n weights per row.
+struct Gemm {
+    const uint8_t *w;
+    size_t row_bytes;
+    int n_rows;
+    const uint8_t *x;
+    size_t x_stride;
+    int T;
+    float *y;
+    size_t ldy;
+    size_t n;
+};
+using GemmFn = void (*)(const Gemm &g);
+
 enum WType : int { W_F32, W_F16, W_BF16, W_Q4_0, W_Q4_1, W_Q5_0, W_Q5_1, W_Q8_0, W_Q4_K, W_Q5_K, W_Q6_K, W_COUNT };
 
 struct Ops {
     const char *isa;
     DotFn dot[W_COUNT];
+    GemmFn gemm[W_COUNT];  // tiled kernels share weight and activation loads across rows x tokens
     void (*quantize_act)(const float *x, BlockQ8A *y, size_t n);  // n a multiple of 32
     float (*dot_f16)(const uint16_t *a, const float *x, size_t n);  // attention scores over an f16 K cache
     void (*axpy_f16)(float alpha, const uint16_t *v, float *y, size_t n);  // y += alpha * v (f16 V cache)
+    // Optional layout made once at load time (nullptr: none for the type): rows in whole 8-row
+    // groups, interleaved so that decode and prefill multiply 8 rows per register with no
+    // transposing per call. Same size as the plain rows (rows * row_bytes). gemm_packed takes
+    // Gemm.w = the packed data of its first group and n_rows a multiple of 8.
+    void (*pack[W_COUNT])(const uint8_t *w, size_t row_bytes, size_t rows, size_t n, uint8_t *out);
+    GemmFn gemm_packed[W_COUNT];
 };
+
+// Rows [r0, r1) of a matrix (r0 a multiple of 8): whole 8-row groups from the packed copy when
+// there is one, the other rows from the plain layout at w.
+inline void gemm_rows(const Ops &ops, int wtype, const uint8_t *w, size_t row_bytes, const uint8_t *packed, size_t r0,
+                      size_t r1, const uint8_t *x, size_t x_stride, int T, float *y, size_t ldy, size_t n) {
+    if (packed && ops.gemm_packed[wtype]) {
+        const size_t r8 = r0 + (r1 - r0) / 8 * 8;
+        if (r8 > r0) ops.gemm_packed[wtype]({packed + r0 * row_bytes, row_bytes, int(r8 - r0), x, x_stride, T, y + r0, ldy, n});
+        r0 = r8;
+    }
+    if (r0 < r1) ops.gemm[wtype]({w + r0 * row_bytes, row_bytes, int(r1 - r0), x, x_stride, T, y + r0, ldy, n});
+}
 
 // ggml type id -> WType, or -1 if the engine does not compute with it.
 int wtype_of_ggml(uint32_t ggml_type);

@@ -226,13 +226,578 @@ void quantize_act(const float *x, BlockQ8A *y, size_t n) {
     }
 }
 
+
+// ---- Tiled kernels (prefill): an RM-row x RN-token tile keeps RM*RN float accumulators, unpacks
+// each weight block once for RN tokens and loads each activation block once for RM rows.
+
+// Decode (one token) streams the weights once: each row block prefetches the block kPrefetchRows
+// rows further on, which short rows (a few hundred bytes) give the hardware prefetcher no time for.
+constexpr int kPrefetchRows = 8;
+constexpr int kPrefetchGroups = 1;  // the same, for packed 8-row groups
+
+template <int BYTES> inline void prefetch_lines(const uint8_t *p) {
+    for (int o = 0; o < BYTES; o += 64) _mm_prefetch(reinterpret_cast<const char *>(p + o), _MM_HINT_T0);
+}
+
+inline float f16c(const uint8_t *p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+inline const BlockQ8A *xblocks(const uint8_t *x, size_t stride, int t) {
+    return reinterpret_cast<const BlockQ8A *>(x + size_t(t) * stride);
+}
+
+template <int RM, int RN> inline void store_tile(__m256 (&acc)[RM][RN], float *y, size_t ldy) {
+    for (int r = 0; r < RM; ++r)
+        for (int t = 0; t < RN; ++t) y[size_t(t) * ldy + r] = hsum(acc[r][t]);
+}
+
+// Q4_0 / Q5_0: codes 0..15 (0..31) against signed activations; the -8 (-16) offset is taken off
+// in int16 per pair of products (maddubs(q, x) - maddubs(8, x), exact: |values| <= 7874).
+template <bool FIVE> struct TileQ40_50 {
+    template <int RM, int RN>
+    static void run(const uint8_t *w, size_t rb, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t n) {
+        constexpr int BYTES = FIVE ? 22 : 18;
+        __m256 acc[RM][RN];
+        for (auto &a : acc)
+            for (auto &v : a) v = _mm256_setzero_ps();
+        const __m256i ones = _mm256_set1_epi16(1), mid = _mm256_set1_epi8(FIVE ? 16 : 8);
+        for (size_t b = 0; b < n / 32; ++b) {
+            __m256i q[RM];
+            __m256 dw[RM];
+            for (int r = 0; r < RM; ++r) {
+                const uint8_t *blk = w + r * rb + b * BYTES;
+                if (RN == 1) _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
+                q[r] = nibbles32(blk + (FIVE ? 6 : 2));
+                if (FIVE) q[r] = _mm256_or_si256(q[r], fifth_bits(blk + 2));
+                dw[r] = _mm256_set1_ps(f16c(blk));
+            }
+            for (int t = 0; t < RN; ++t) {
+                const BlockQ8A *xb = xblocks(x, xs, t) + b;
+                const __m256i xv = load_x(xb), c = _mm256_maddubs_epi16(mid, xv);
+                const __m256 dx = _mm256_set1_ps(xb->d);
+                for (int r = 0; r < RM; ++r) {
+                    const __m256i p = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(q[r], xv), c), ones);
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw[r], dx), acc[r][t]);
+                }
+            }
+        }
+        store_tile<RM, RN>(acc, y, ldy);
+    }
+};
+
+// Lane r = sum of the 8 lanes of v[r]: one vector of 8 row results, so the float work (convert,
+// scale, accumulate) is done once per 8 rows instead of once per row.
+inline __m256i reduce8(const __m256i v[8]) {
+    const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+}
+
+// The f16 at the same offset of 8 rows rb bytes apart, as 8 floats.
+inline __m256 f16x8(const uint8_t *p, size_t rb) {
+    uint16_t h[8];
+    for (int r = 0; r < 8; ++r) std::memcpy(&h[r], p + r * rb, 2);
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(h)));
+}
+
+// 8 rows x RN tokens of Q4_0 / Q5_0 with one lane per row: each token's integer dots against the 8
+// rows are reduced to one vector, so converting, scaling and accumulating cost one instruction per
+// 8 rows; the -8 (-16) offset is d_w * -mid * (sum of x) through the activation block sums.
+template <bool FIVE, int RN> void rows8_q40_50(const uint8_t *w, size_t rb, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t n) {
+    constexpr int BYTES = FIVE ? 22 : 18;
+    __m256 acc[RN];
+    for (auto &v : acc) v = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (size_t b = 0; b < n / 32; ++b) {
+        __m256i q[8];
+        for (int r = 0; r < 8; ++r) {
+            const uint8_t *blk = w + r * rb + b * BYTES;
+            if (RN == 1) _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
+            q[r] = nibbles32(blk + (FIVE ? 6 : 2));
+            if (FIVE) q[r] = _mm256_or_si256(q[r], fifth_bits(blk + 2));
+        }
+        const __m256 dw = f16x8(w + b * BYTES, rb);
+        for (int t = 0; t < RN; ++t) {
+            const BlockQ8A *xb = xblocks(x, xs, t) + b;
+            const __m256i xv = load_x(xb);
+            __m256i p[8];
+            for (int r = 0; r < 8; ++r) p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(q[r], xv), ones);
+            const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_set1_ps(xb->d),
+                                                 _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (xb->hs[0] + xb->hs[1])));
+            acc[t] = _mm256_fmadd_ps(dw, inner, acc[t]);
+        }
+    }
+    for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
+}
+
+// Prefill over 8 rows of Q4_0 / Q5_0 for many tokens: the 8 rows' codes are first transposed
+// into a buffer (per block, register k holds weights 4k..4k+3 of rows 0..7), so each token
+// multiplies them with its 4-byte activation groups broadcast and the products land directly in
+// one lane per row: no horizontal reduction per token. Sums of up to 8 (Q4) / 4 (Q5) maddubs
+// stay exact in int16 (<= 30480 / 31496).
+struct Packed8 {
+    std::vector<__m256i> codes;  // [block][k]
+    std::vector<float> scales;   // [block][row]
+};
+
+inline void transpose8x32(const __m256i r[8], __m256i *out) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {  // rows 4h..4h+3
+        const __m256i *tt = t + 4 * h;
+        u[4 * h + 0] = _mm256_unpacklo_epi64(tt[0], tt[2]);
+        u[4 * h + 1] = _mm256_unpackhi_epi64(tt[0], tt[2]);
+        u[4 * h + 2] = _mm256_unpacklo_epi64(tt[1], tt[3]);
+        u[4 * h + 3] = _mm256_unpackhi_epi64(tt[1], tt[3]);
+    }
+    for (int k = 0; k < 4; ++k) {
+        out[k] = _mm256_permute2x128_si256(u[k], u[4 + k], 0x20);
+        out[k + 4] = _mm256_permute2x128_si256(u[k], u[4 + k], 0x31);
+    }
+}
+
+template <bool FIVE> void pack8_q40_50(const uint8_t *w, size_t rb, size_t nb, Packed8 &pk) {
+    constexpr int BYTES = FIVE ? 22 : 18;
+    pk.codes.resize(nb * 8);
+    pk.scales.resize(nb * 8);
+    for (size_t b = 0; b < nb; ++b) {
+        __m256i q[8];
+        for (int r = 0; r < 8; ++r) {
+            const uint8_t *blk = w + r * rb + b * BYTES;
+            q[r] = nibbles32(blk + (FIVE ? 6 : 2));
+            if (FIVE) q[r] = _mm256_or_si256(q[r], fifth_bits(blk + 2));
+        }
+        transpose8x32(q, &pk.codes[b * 8]);
+        _mm256_storeu_ps(&pk.scales[b * 8], f16x8(w + b * BYTES, rb));
+    }
+}
+
+// RN tokens against one transposed 8-row group: each code register is loaded once for RN tokens.
+template <bool FIVE, int RN>
+void packed8_tokens(const Packed8 &pk, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb) {
+    __m256 acc[RN];
+    for (auto &v : acc) v = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (size_t b = 0; b < nb; ++b) {
+        const __m256i *W = &pk.codes[b * 8];
+        const BlockQ8A *xb[RN];
+        for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + b;
+        // activation bytes 4k..4k+3 in every lane (a broadcast load: no shuffle)
+        auto xg = [&](int t, int k) {
+            return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(xb[t]->qs + 4 * k)));
+        };
+        __m256i s0[RN], s1[RN];
+        {
+            const __m256i w0 = _mm256_load_si256(W), w4 = _mm256_load_si256(W + 4);
+            for (int t = 0; t < RN; ++t) {
+                s0[t] = _mm256_maddubs_epi16(w0, xg(t, 0));
+                s1[t] = _mm256_maddubs_epi16(w4, xg(t, 4));
+            }
+        }
+        for (int k = 1; k < 4; ++k) {
+            const __m256i wl = _mm256_load_si256(W + k), wh = _mm256_load_si256(W + 4 + k);
+            for (int t = 0; t < RN; ++t) {
+                s0[t] = _mm256_add_epi16(s0[t], _mm256_maddubs_epi16(wl, xg(t, k)));
+                s1[t] = _mm256_add_epi16(s1[t], _mm256_maddubs_epi16(wh, xg(t, 4 + k)));
+            }
+        }
+        const __m256 dw = _mm256_loadu_ps(&pk.scales[b * 8]);
+        for (int t = 0; t < RN; ++t) {
+            const __m256i dots = FIVE ? _mm256_add_epi32(_mm256_madd_epi16(s0[t], ones), _mm256_madd_epi16(s1[t], ones))
+                                      : _mm256_madd_epi16(_mm256_add_epi16(s0[t], s1[t]), ones);
+            const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(xb[t]->d),
+                                                 _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (xb[t]->hs[0] + xb[t]->hs[1])));
+            acc[t] = _mm256_fmadd_ps(dw, inner, acc[t]);
+        }
+    }
+    for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
+}
+
+// Q8_0: signed codes by the sign trick, |q| once per row block and sign(x, q) per pair.
+struct TileQ8_0 {
+    template <int RM, int RN>
+    static void run(const uint8_t *w, size_t rb, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t n) {
+        __m256 acc[RM][RN];
+        for (auto &a : acc)
+            for (auto &v : a) v = _mm256_setzero_ps();
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (size_t b = 0; b < n / 32; ++b) {
+            __m256i q[RM], aq[RM];
+            __m256 dw[RM];
+            for (int r = 0; r < RM; ++r) {
+                const uint8_t *blk = w + r * rb + b * 34;
+                if (RN == 1) _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
+                q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2));
+                aq[r] = _mm256_sign_epi8(q[r], q[r]);
+                dw[r] = _mm256_set1_ps(f16c(blk));
+            }
+            for (int t = 0; t < RN; ++t) {
+                const BlockQ8A *xb = xblocks(x, xs, t) + b;
+                const __m256i xv = load_x(xb);
+                const __m256 dx = _mm256_set1_ps(xb->d);
+                for (int r = 0; r < RM; ++r) {
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq[r], _mm256_sign_epi8(xv, q[r])), ones);
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw[r], dx), acc[r][t]);
+                }
+            }
+        }
+        store_tile<RM, RN>(acc, y, ldy);
+    }
+};
+
+// Q8_0 prefill over 8 transposed rows (as Packed8 for Q4_0): per block 8 registers of |codes| then
+// 8 of the signed codes; each token's broadcast activations take the codes' signs (sign trick).
+void pack8_q8_0(const uint8_t *w, size_t rb, size_t nb, Packed8 &pk) {
+    pk.codes.resize(nb * 16);
+    pk.scales.resize(nb * 8);
+    for (size_t b = 0; b < nb; ++b) {
+        __m256i q[8];
+        for (int r = 0; r < 8; ++r) q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + r * rb + b * 34 + 2));
+        __m256i *out = &pk.codes[b * 16];
+        transpose8x32(q, out + 8);
+        for (int k = 0; k < 8; ++k) out[k] = _mm256_sign_epi8(out[8 + k], out[8 + k]);
+        _mm256_storeu_ps(&pk.scales[b * 8], f16x8(w + b * 34, rb));
+    }
+}
+
+template <int RN> void packed8_q8_0_tokens(const Packed8 &pk, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb) {
+    __m256 acc[RN];
+    for (auto &v : acc) v = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (size_t b = 0; b < nb; ++b) {
+        const __m256i *W = &pk.codes[b * 16];
+        const BlockQ8A *xb[RN];
+        for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + b;
+        __m256i s[RN];
+        for (int t = 0; t < RN; ++t) s[t] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; ++k) {
+            const __m256i aw = _mm256_load_si256(W + k), sw = _mm256_load_si256(W + 8 + k);
+            for (int t = 0; t < RN; ++t) {
+                const __m256i xv = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(xb[t]->qs + 4 * k)));
+                s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, sw)), ones));
+            }
+        }
+        const __m256 dw = _mm256_loadu_ps(&pk.scales[b * 8]);
+        for (int t = 0; t < RN; ++t)
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xb[t]->d)), _mm256_cvtepi32_ps(s[t]), acc[t]);
+    }
+    for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
+}
+
+// Sum of the two half sums of 8 consecutive activation blocks, one per lane.
+inline __m256 block_sums8(const BlockQ8A *x) {
+    return _mm256_setr_ps(x[0].hs[0] + x[0].hs[1], x[1].hs[0] + x[1].hs[1], x[2].hs[0] + x[2].hs[1],
+                          x[3].hs[0] + x[3].hs[1], x[4].hs[0] + x[4].hs[1], x[5].hs[0] + x[5].hs[1],
+                          x[6].hs[0] + x[6].hs[1], x[7].hs[0] + x[7].hs[1]);
+}
+
+// Q4_K: per 32-weight sub-block a float scale d*sc; the mins (dmin*mn per sub-block against the
+// activation block sums) go into the same accumulator as one 8-lane product per super-block.
+struct TileQ4_K {
+    template <int RM, int RN>
+    static void run(const uint8_t *w, size_t rb, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t n) {
+        __m256 acc[RM][RN];
+        for (auto &a : acc)
+            for (auto &v : a) v = _mm256_setzero_ps();
+        const __m256i m4 = _mm256_set1_epi8(0x0F);
+        for (size_t blk = 0; blk < n / 256; ++blk) {
+            alignas(32) float rs[RM][8];
+            __m256 rmin[RM];
+            for (int r = 0; r < RM; ++r) {
+                const uint8_t *row = w + r * rb + blk * 144;
+                if (RN == 1) prefetch_lines<144>(row + kPrefetchRows * rb);
+                uint8_t sc[8], mn[8];
+                k4_scales(row + 4, sc, mn);
+                const __m256 d = _mm256_set1_ps(f16c(row)), dmin = _mm256_set1_ps(f16c(row + 2));
+                uint64_t s8, m8;
+                std::memcpy(&s8, sc, 8);
+                std::memcpy(&m8, mn, 8);
+                _mm256_store_ps(rs[r], _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(s8))))));
+                rmin[r] = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(m8)))));
+            }
+            for (int t = 0; t < RN; ++t) {
+                const __m256 s = block_sums8(xblocks(x, xs, t) + blk * 8);
+                for (int r = 0; r < RM; ++r) acc[r][t] = _mm256_fnmadd_ps(rmin[r], s, acc[r][t]);
+            }
+            for (int c = 0; c < 4; ++c) {
+                __m256i q0[RM], q1[RM];
+                for (int r = 0; r < RM; ++r) {
+                    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + r * rb + blk * 144 + 16 + 32 * c));
+                    q0[r] = _mm256_and_si256(bytes, m4);
+                    q1[r] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m4);
+                }
+                for (int t = 0; t < RN; ++t) {
+                    const BlockQ8A *xb = xblocks(x, xs, t) + blk * 8 + 2 * c;
+                    const __m256i x0 = load_x(xb), x1 = load_x(xb + 1);
+                    const __m256 d0 = _mm256_set1_ps(xb[0].d), d1 = _mm256_set1_ps(xb[1].d);
+                    for (int r = 0; r < RM; ++r) {
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(q0[r], x0)),
+                                                    _mm256_mul_ps(_mm256_set1_ps(rs[r][2 * c]), d0), acc[r][t]);
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(q1[r], x1)),
+                                                    _mm256_mul_ps(_mm256_set1_ps(rs[r][2 * c + 1]), d1), acc[r][t]);
+                    }
+                }
+            }
+        }
+        store_tile<RM, RN>(acc, y, ldy);
+    }
+};
+
+// Q6_K: the int8 scale of each 16-weight half multiplies in int16 (madd with the scale in place
+// of ones), so one float scale d * x.d per sub-block remains; the -32 offset goes through the
+// activation half sums as two 8-lane products per super-block.
+struct TileQ6_K {
+    template <int RM, int RN>
+    static void run(const uint8_t *w, size_t rb, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t n) {
+        __m256 acc[RM][RN];
+        for (auto &a : acc)
+            for (auto &v : a) v = _mm256_setzero_ps();
+        const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+        for (size_t blk = 0; blk < n / 256; ++blk) {
+            __m256 dw[RM], off_lo[RM], off_hi[RM];
+            alignas(32) int16_t sc16[RM][8][16];
+            for (int r = 0; r < RM; ++r) {
+                const uint8_t *row = w + r * rb + blk * 210;
+                if (RN == 1) prefetch_lines<210>(row + kPrefetchRows * rb);
+                const int8_t *sc = reinterpret_cast<const int8_t *>(row + 192);
+                const float d = f16c(row + 208);
+                dw[r] = _mm256_set1_ps(d);
+                const __m128i s16 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(sc));
+                const __m256 m32d = _mm256_set1_ps(32.0f * d);
+                off_lo[r] = _mm256_mul_ps(m32d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s16)));
+                off_hi[r] = _mm256_mul_ps(m32d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s16, 8))));
+                for (int g = 0; g < 8; ++g) {
+                    const __m256i v = _mm256_set_m128i(_mm_set1_epi16(sc[2 * g + 1]), _mm_set1_epi16(sc[2 * g]));
+                    _mm256_store_si256(reinterpret_cast<__m256i *>(sc16[r][g]), v);
+                }
+            }
+            for (int t = 0; t < RN; ++t) {
+                const BlockQ8A *xb = xblocks(x, xs, t) + blk * 8;
+                const __m256 h_lo = _mm256_setr_ps(xb[0].hs[0], xb[0].hs[1], xb[1].hs[0], xb[1].hs[1], xb[2].hs[0],
+                                                   xb[2].hs[1], xb[3].hs[0], xb[3].hs[1]);
+                const __m256 h_hi = _mm256_setr_ps(xb[4].hs[0], xb[4].hs[1], xb[5].hs[0], xb[5].hs[1], xb[6].hs[0],
+                                                   xb[6].hs[1], xb[7].hs[0], xb[7].hs[1]);
+                for (int r = 0; r < RM; ++r)
+                    acc[r][t] = _mm256_fnmadd_ps(off_hi[r], h_hi, _mm256_fnmadd_ps(off_lo[r], h_lo, acc[r][t]));
+            }
+            for (int h = 0; h < 2; ++h) {
+                for (int k = 0; k < 4; ++k) {
+                    const int g = 4 * h + k;
+                    __m256i q[RM];
+                    for (int r = 0; r < RM; ++r) {
+                        const uint8_t *row = w + r * rb + blk * 210;
+                        const __m256i src = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(row + 64 * h + 32 * (k & 1)));
+                        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(row + 128 + 32 * h));
+                        const __m256i lo = k < 2 ? _mm256_and_si256(src, m4) : _mm256_and_si256(_mm256_srli_epi16(src, 4), m4);
+                        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), m2);
+                        q[r] = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+                    }
+                    for (int t = 0; t < RN; ++t) {
+                        const BlockQ8A *xb = xblocks(x, xs, t) + blk * 8 + g;
+                        const __m256i xv = load_x(xb);
+                        const __m256 dx = _mm256_set1_ps(xb->d);
+                        for (int r = 0; r < RM; ++r) {
+                            const __m256i s = _mm256_load_si256(reinterpret_cast<const __m256i *>(sc16[r][g]));
+                            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[r], xv), s);
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw[r], dx), acc[r][t]);
+                        }
+                    }
+                }
+            }
+        }
+        store_tile<RM, RN>(acc, y, ldy);
+    }
+};
+
+constexpr int kTileRows = 4, kTileTokens = 3;
+constexpr int kPackMinTokens = 8;  // from this many tokens on, transposing 8 rows' codes pays
+
+// All tokens for the RM rows at w: full RN-token tiles, then one narrower tile for the rest.
+template <class K, int RM> void row_block(const Gemm &g, const uint8_t *w, float *y) {
+    constexpr int RN = kTileTokens;
+    int t = 0;
+    for (; t + RN <= g.T; t += RN) K::template run<RM, RN>(w, g.row_bytes, g.x + t * g.x_stride, g.x_stride, y + t * g.ldy, g.ldy, g.n);
+    const uint8_t *x = g.x + t * g.x_stride;
+    float *yt = y + t * g.ldy;
+    switch (g.T - t) {
+        case 1: K::template run<RM, 1>(w, g.row_bytes, x, g.x_stride, yt, g.ldy, g.n); break;
+        case 2: K::template run<RM, 2>(w, g.row_bytes, x, g.x_stride, yt, g.ldy, g.n); break;
+        default: break;
+    }
+    static_assert(kTileTokens == 3, "the switch above covers remainders 1..kTileTokens-1");
+}
+
+template <class K> void gemm_tiled(const Gemm &g) {
+    int r = 0;
+    for (; r + kTileRows <= g.n_rows; r += kTileRows) row_block<K, kTileRows>(g, g.w + size_t(r) * g.row_bytes, g.y + r);
+    for (; r < g.n_rows; ++r) row_block<K, 1>(g, g.w + size_t(r) * g.row_bytes, g.y + r);
+}
+
+// Q4_0 / Q5_0: groups of 8 rows with one lane per row (rows8), 4 tokens at a time; the last rows
+// (fewer than 8) by row tiles.
+template <bool FIVE> void gemm_q40_50(const Gemm &g) {
+    constexpr int RN = 4;
+    int r = 0;
+    if (g.T >= kPackMinTokens) {
+        Packed8 pk;  // per call, not thread_local: TLS lookups in a shared library cost a call each
+        const size_t nb = g.n / 32;
+        for (; r + 8 <= g.n_rows; r += 8) {
+            pack8_q40_50<FIVE>(g.w + size_t(r) * g.row_bytes, g.row_bytes, nb, pk);
+            int t = 0;
+            for (; t + 4 <= g.T; t += 4) packed8_tokens<FIVE, 4>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
+            for (; t < g.T; ++t) packed8_tokens<FIVE, 1>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
+        }
+    }
+    for (; r + 8 <= g.n_rows; r += 8) {
+        const uint8_t *w = g.w + size_t(r) * g.row_bytes;
+        int t = 0;
+        for (; t + RN <= g.T; t += RN) rows8_q40_50<FIVE, RN>(w, g.row_bytes, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, g.n);
+        const uint8_t *x = g.x + t * g.x_stride;
+        float *y = g.y + t * g.ldy + r;
+        switch (g.T - t) {
+            case 1: rows8_q40_50<FIVE, 1>(w, g.row_bytes, x, g.x_stride, y, g.ldy, g.n); break;
+            case 2: rows8_q40_50<FIVE, 2>(w, g.row_bytes, x, g.x_stride, y, g.ldy, g.n); break;
+            case 3: rows8_q40_50<FIVE, 3>(w, g.row_bytes, x, g.x_stride, y, g.ldy, g.n); break;
+            default: break;
+        }
+    }
+    for (; r < g.n_rows; ++r) row_block<TileQ40_50<FIVE>, 1>(g, g.w + size_t(r) * g.row_bytes, g.y + r);
+}
+
+
+// Q4_0 / Q5_0 packed at load time: per 8-row group and block, the 8 f16 scales, then 4 chunks of
+// 32 bytes; chunk c holds bytes 4c..4c+3 of each row's 16 code bytes (rows 0..7), so its low
+// nibbles are weights 4c..4c+3 and its high nibbles weights 16+4c..16+4c+3 of the 8 rows. Q5_0
+// then has 8 words of fifth bits, word 2c+h bit 4r+i = fifth bit of row r's weight 16h+4c+i.
+template <bool FIVE> constexpr size_t kGroupBytes = 8 * (FIVE ? 22 : 18);  // per 8-row group and block
+
+template <bool FIVE> void pack_q40_50(const uint8_t *w, size_t rb, size_t rows, size_t n, uint8_t *out) {
+    constexpr int BYTES = FIVE ? 22 : 18, QS = FIVE ? 6 : 2;
+    for (size_t g = 0; g < rows / 8; ++g)
+        for (size_t b = 0; b < n / 32; ++b, out += kGroupBytes<FIVE>) {
+            uint32_t masks[8] = {};
+            for (int r = 0; r < 8; ++r) {
+                const uint8_t *blk = w + (g * 8 + r) * rb + b * BYTES;
+                std::memcpy(out + 2 * r, blk, 2);
+                for (int c = 0; c < 4; ++c) std::memcpy(out + 16 + 32 * c + 4 * r, blk + QS + 4 * c, 4);
+                if (FIVE) {
+                    uint32_t qh;
+                    std::memcpy(&qh, blk + 2, 4);
+                    for (int c = 0; c < 4; ++c)
+                        for (int h = 0; h < 2; ++h)
+                            for (int i = 0; i < 4; ++i) masks[2 * c + h] |= ((qh >> (16 * h + 4 * c + i)) & 1u) << (4 * r + i);
+                }
+            }
+            if (FIVE) std::memcpy(out + 144, masks, 32);
+        }
+}
+
+template <bool FIVE, int RN>
+void packed_q40_50_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
+    __m256 acc[RN];
+    for (auto &v : acc) v = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+    for (size_t b = 0; b < nb; ++b, pw += kGroupBytes<FIVE>) {
+        if (RN == 1) prefetch_lines<kGroupBytes<FIVE>>(pw + kPrefetchGroups * group_bytes);
+        const BlockQ8A *xb[RN];
+        for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + b;
+        auto xg = [&](int t, int k) {
+            return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(xb[t]->qs + 4 * k)));
+        };
+        // low-nibble and high-nibble products apart: 4 maddubs each stay exact in int16 (Q5: <= 31496)
+        __m256i s0[RN], s1[RN];
+        for (int t = 0; t < RN; ++t) s0[t] = s1[t] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; ++c) {
+            const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(pw + 16 + 32 * c));
+            __m256i lo = _mm256_and_si256(chunk, m4), hi = _mm256_and_si256(_mm256_srli_epi16(chunk, 4), m4);
+            if (FIVE) {
+                lo = _mm256_or_si256(lo, fifth_bits(pw + 144 + 8 * c));
+                hi = _mm256_or_si256(hi, fifth_bits(pw + 144 + 8 * c + 4));
+            }
+            for (int t = 0; t < RN; ++t) {
+                s0[t] = _mm256_add_epi16(s0[t], _mm256_maddubs_epi16(lo, xg(t, c)));
+                s1[t] = _mm256_add_epi16(s1[t], _mm256_maddubs_epi16(hi, xg(t, c + 4)));
+            }
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(pw)));
+        for (int t = 0; t < RN; ++t) {
+            const __m256i dots = FIVE ? _mm256_add_epi32(_mm256_madd_epi16(s0[t], ones), _mm256_madd_epi16(s1[t], ones))
+                                      : _mm256_madd_epi16(_mm256_add_epi16(s0[t], s1[t]), ones);
+            const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(xb[t]->d),
+                                                 _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (xb[t]->hs[0] + xb[t]->hs[1])));
+            acc[t] = _mm256_fmadd_ps(dw, inner, acc[t]);
+        }
+    }
+    for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
+}
+
+template <bool FIVE> void gemm_packed_q40_50(const Gemm &g) {
+    const size_t nb = g.n / 32, group_bytes = nb * kGroupBytes<FIVE>;
+    for (int r = 0; r + 8 <= g.n_rows; r += 8) {
+        const uint8_t *pw = g.w + size_t(r / 8) * group_bytes;
+        int t = 0;
+        for (; t + 4 <= g.T; t += 4)
+            packed_q40_50_tokens<FIVE, 4>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
+        for (; t < g.T; ++t)
+            packed_q40_50_tokens<FIVE, 1>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
+    }
+}
+
+// Q8_0 decode over 8 rows with one lane per row (as rows8_q40_50).
+void rows8_q8_0(const uint8_t *w, size_t rb, const BlockQ8A *x, float *y, size_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (size_t b = 0; b < n / 32; ++b, ++x) {
+        const __m256i xv = load_x(x);
+        __m256i p[8];
+        for (int r = 0; r < 8; ++r) {
+            const uint8_t *blk = w + r * rb + b * 34;
+            _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
+            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2));
+            p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q)), ones);
+        }
+        const __m256 dw = f16x8(w + b * 34, rb);
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(x->d)), _mm256_cvtepi32_ps(reduce8(p)), acc);
+    }
+    _mm256_storeu_ps(y, acc);
+}
+
+// Q8_0: prefill over transposed 8-row groups, 4 tokens per pass; decode and the last rows by tiles.
+void gemm_q8_0(const Gemm &g) {
+    int r = 0;
+    if (g.T >= kPackMinTokens) {
+        Packed8 pk;
+        const size_t nb = g.n / 32;
+        for (; r + 8 <= g.n_rows; r += 8) {
+            pack8_q8_0(g.w + size_t(r) * g.row_bytes, g.row_bytes, nb, pk);
+            int t = 0;
+            for (; t + 4 <= g.T; t += 4) packed8_q8_0_tokens<4>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
+            for (; t < g.T; ++t) packed8_q8_0_tokens<1>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
+        }
+    }
+    if (g.T == 1)
+        for (; r + 8 <= g.n_rows; r += 8) rows8_q8_0(g.w + size_t(r) * g.row_bytes, g.row_bytes, reinterpret_cast<const BlockQ8A *>(g.x), g.y + r, g.n);
+    gemm_tiled<TileQ8_0>({g.w + size_t(r) * g.row_bytes, g.row_bytes, g.n_rows - r, g.x, g.x_stride, g.T, g.y + r, g.ldy, g.n});
+}
+
 const Ops OPS = {
     "avx2",
     {dot_f32, dot_f16_row, dot_bf16, dot_legacy<false, false>, dot_legacy<false, true>, dot_legacy<true, false>,
      dot_legacy<true, true>, dot_q8_0, dot_q45_k<false>, dot_q45_k<true>, dot_q6_k},
+    {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>, gemm_q40_50<false>,
+     gemm_by_dot<dot_legacy<false, true>>, gemm_q40_50<true>, gemm_by_dot<dot_legacy<true, true>>,
+     gemm_q8_0, gemm_tiled<TileQ4_K>, gemm_by_dot<dot_q45_k<true>>, gemm_tiled<TileQ6_K>},
     quantize_act,
     dot_f16v,
     axpy_f16v,
+    {nullptr, nullptr, nullptr, pack_q40_50<false>, nullptr, pack_q40_50<true>},
+    {nullptr, nullptr, nullptr, gemm_packed_q40_50<false>, nullptr, gemm_packed_q40_50<true>},
 };
 
 }  // namespace

@@ -142,4 +142,10 @@ inline float dot_q_ref(int w, const uint8_t *row, const BlockQ8A *x, size_t n) {
     return acc;
 }
 
+// The gemm of a type with no tiled kernel in a set: one dot per (row, token).
+template <DotFn DOT> void gemm_by_dot(const Gemm &g) {
+    for (int r = 0; r < g.n_rows; ++r)
+        for (int t = 0; t < g.T; ++t) g.y[size_t(t) * g.ldy + r] = DOT(g.w + size_t(r) * g.row_bytes, g.x + size_t(t) * g.x_stride, g.n);
+}
+
 }  // namespace edgeai::kern

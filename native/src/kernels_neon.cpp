@@ -206,6 +206,9 @@ const Ops OPS = {
 #endif
     {dot_f32, dot_f16_row, dot_bf16, dot_legacy<false, false>, dot_legacy<false, true>, dot_legacy<true, false>,
      dot_legacy<true, true>, dot_q8_0, dot_q45_k<false>, dot_q45_k<true>, dot_q6_k},
+    {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>, gemm_by_dot<dot_legacy<false, false>>,
+     gemm_by_dot<dot_legacy<false, true>>, gemm_by_dot<dot_legacy<true, false>>, gemm_by_dot<dot_legacy<true, true>>,
+     gemm_by_dot<dot_q8_0>, gemm_by_dot<dot_q45_k<false>>, gemm_by_dot<dot_q45_k<true>>, gemm_by_dot<dot_q6_k>},
     quantize_act,
     dot_f16v,
     axpy_f16v,

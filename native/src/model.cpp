@@ -195,6 +195,34 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
     }
     logits_.assign(c.n_vocab, 0.0f);
     set_sampling(SamplingParams{});
+    pack_weights();
+}
+
+// Streaming mode packs in place: the tensors are our own copy (resident_), and a second copy would
+// spend memory the planner gave to the expert cache. Layers streamed from disk are not packed
+// (their bytes are read again for every token), nor an output matrix shared with the embedding
+// rows that decode_row reads.
+void Model::pack_weights() {
+    const bool in_place = !resident_.empty();
+    auto pack = [&](Matrix &m) {
+        if (!m || !ops_->pack[m.wtype] || m.rows < 8) return;
+        const size_t rows = static_cast<size_t>(m.rows) / 8 * 8;
+        if (in_place) {
+            if (m.data == tok_embd_.data) return;
+            std::vector<uint8_t> packed(rows * m.row_bytes);
+            ops_->pack[m.wtype](m.data, m.row_bytes, rows, static_cast<size_t>(m.cols), packed.data());
+            std::memcpy(const_cast<uint8_t *>(m.data), packed.data(), packed.size());  // rows past the groups stay plain
+            m.packed = m.data;
+            return;
+        }
+        packed_.emplace_back(rows * m.row_bytes);
+        ops_->pack[m.wtype](m.data, m.row_bytes, rows, static_cast<size_t>(m.cols), packed_.back().data());
+        m.packed = packed_.back().data();
+    };
+    if (!layer_store_)
+        for (Layer &L : layers_)
+            for (Matrix *m : {&L.wq, &L.wk, &L.wv, &L.wo, &L.gate, &L.up, &L.down}) pack(*m);
+    pack(output_);
 }
 
 Model::~Model() = default;
@@ -357,7 +385,6 @@ void Model::ensure_scratch(int T) {
 }
 
 void Model::matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_activations) {
-    const kern::DotFn dot = ops_->dot[w.wtype];
     const int64_t rows = w.rows, cols = w.cols;
     const void *act = x;
     size_t stride_bytes = cols * sizeof(float);
@@ -371,12 +398,16 @@ void Model::matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_
         stride_bytes = nb * sizeof(kern::BlockQ8A);
     }
     const uint8_t *a = static_cast<const uint8_t *>(act);
-    pool_.range(rows, [&](size_t r0, size_t r1) {
-        for (size_t r = r0; r < r1; ++r) {
-            const uint8_t *wr = w.row(r);
-            for (int t = 0; t < T; ++t) y[size_t(t) * rows + r] = dot(wr, a + t * stride_bytes, cols);
-        }
-    });
+    // rows in chunks of whole 8-row groups (the kernels' row blocks), a few chunks per thread so a
+    // thread the OS runs late leaves its share to the others
+    const size_t groups = (rows + 7) / 8;
+    const int chunks = static_cast<int>(std::min<size_t>(groups, size_t(pool_.size()) * 4));
+    pool_.run(
+        [&](int i, int n) {
+            const size_t r0 = std::min<size_t>(rows, groups * i / n * 8), r1 = std::min<size_t>(rows, groups * (i + 1) / n * 8);
+            if (r0 < r1) kern::gemm_rows(*ops_, w.wtype, w.data, w.row_bytes, w.packed, r0, r1, a, stride_bytes, T, y, size_t(rows), size_t(cols));
+        },
+        chunks);
 }
 
 void Model::rope(float *x, int n_heads, int pos) const {

@@ -117,6 +117,7 @@ class Model {
     void moe(const Layer &L, int layer, int T);
     void rope(float *x, int n_heads, int pos) const;
     void ensure_scratch(int T);
+    void pack_weights();  // dense layer matrices and the output into the kernel set's packed layout
 
     gguf::File file_;
     ModelConfig cfg_;
@@ -135,6 +136,7 @@ class Model {
     Layer layer_view_;                                        // the layer being computed, pointing into its slot
     std::vector<uint8_t> resident_;                        // streaming: non-expert tensors
     std::vector<std::pair<uint64_t, size_t>> resident_at_;  // (file offset, offset in resident_), sorted
+    std::vector<std::vector<uint8_t>> packed_;  // storage of the Matrix::packed copies
 
     std::vector<uint16_t> k_cache_, v_cache_;  // [n_layer][n_ctx][n_head_kv * head_dim] f16
     std::vector<int32_t> history_;

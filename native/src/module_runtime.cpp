@@ -20,6 +20,7 @@ namespace {
 
 using F32Array = nb::ndarray<nb::numpy, float, nb::ndim<1>>;
 using F32In = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using F32In2 = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using U16In = nb::ndarray<const uint16_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using U8In = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
@@ -206,6 +207,41 @@ void bind_runtime(nb::module_ &m) {
           },
           nb::arg("isa"), nb::arg("ggml_type"), nb::arg("rows"), nb::arg("x"), nb::arg("n_rows"),
           "y = W x with one kernel set (tests): W is n_rows rows of the type's bytes.");
+    m.def("kernel_gemm",
+          [](const std::string &isa, uint32_t ggml_type, U8In rows, F32In2 x, size_t n_rows, bool packed) {
+              const edgeai::kern::Ops &ops = ops_or_throw(isa);
+              const int w = edgeai::kern::wtype_of_ggml(ggml_type);
+              if (w < 0) throw nb::value_error("the engine does not compute with this type");
+              const size_t T = x.shape(0), n = x.shape(1);
+              const edgeai::gguf::TypeInfo *ti = edgeai::gguf::type_info(ggml_type);
+              if (n % ti->block_size || (edgeai::kern::takes_q8(w) && n % 32))
+                  throw nb::value_error("x rows are not a multiple of the block size");
+              const size_t row_bytes = n / ti->block_size * ti->type_size;
+              if (rows.shape(0) != row_bytes * n_rows) throw nb::value_error("rows has the wrong number of bytes");
+              std::vector<float> y(T * n_rows);
+              {
+                  nb::gil_scoped_release release;
+                  std::vector<edgeai::kern::BlockQ8A> xq(T * (n / 32) + 1);
+                  const uint8_t *act = reinterpret_cast<const uint8_t *>(x.data());
+                  size_t stride = n * sizeof(float);
+                  if (edgeai::kern::takes_q8(w)) {
+                      for (size_t t = 0; t < T; ++t) ops.quantize_act(x.data() + t * n, xq.data() + t * (n / 32), n);
+                      act = reinterpret_cast<const uint8_t *>(xq.data());
+                      stride = (n / 32) * sizeof(edgeai::kern::BlockQ8A);
+                  }
+                  std::vector<uint8_t> pk;
+                  if (packed && ops.pack[w] && n_rows >= 8) {
+                      pk.resize(n_rows / 8 * 8 * row_bytes);
+                      ops.pack[w](rows.data(), row_bytes, n_rows / 8 * 8, n, pk.data());
+                  }
+                  edgeai::kern::gemm_rows(ops, w, rows.data(), row_bytes, pk.empty() ? nullptr : pk.data(), 0, n_rows, act, stride,
+                                          static_cast<int>(T), y.data(), n_rows, n);
+              }
+              return to_numpy(std::move(y), {T, n_rows});
+          },
+          nb::arg("isa"), nb::arg("ggml_type"), nb::arg("rows"), nb::arg("x"), nb::arg("n_rows"), nb::arg("packed") = false,
+          "Y = X W^T with one kernel set's tiled kernels (tests): X is [T, n] tokens, W n_rows rows of the type's bytes; "
+          "packed: through the set's load-time layout where it has one for the type (as the engine does).");
     m.def("kernel_quantize_act",
           [](const std::string &isa, F32In x) {
               const edgeai::kern::Ops &ops = ops_or_throw(isa);

@@ -18,7 +18,7 @@ constexpr int kSpins = 1 << 16;
 }  // namespace
 
 ThreadPool::ThreadPool(int n_threads) : n_(n_threads < 1 ? 1 : n_threads) {
-    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+    for (int i = 1; i < n_; ++i) workers_.emplace_back([this] { loop(); });
 }
 
 ThreadPool::~ThreadPool() {
@@ -31,20 +31,31 @@ ThreadPool::~ThreadPool() {
     for (std::thread &t : workers_) t.join();
 }
 
-void ThreadPool::run(const std::function<void(int, int)> &fn) {
-    if (n_ == 1) {
-        fn(0, 1);
+void ThreadPool::work() {
+    for (int c; (c = next_.fetch_add(1, std::memory_order_relaxed)) < chunks_;) (*job_)(c, chunks_);
+}
+
+// The protocol (all seq_cst): the caller publishes job_/chunks_, opens, works, closes, then waits
+// for busy_ == 0. A worker raises busy_ before it looks at open_, so once the caller has seen
+// busy_ == 0 after closing, no worker can still read this job.
+void ThreadPool::run(const std::function<void(int, int)> &fn, int n_chunks) {
+    if (n_chunks <= 0) n_chunks = n_;
+    if (n_ == 1 || n_chunks == 1) {
+        for (int i = 0; i < n_chunks; ++i) fn(i, n_chunks);
         return;
     }
     job_ = &fn;
-    remaining_.store(n_ - 1, std::memory_order_relaxed);
+    chunks_ = n_chunks;
+    next_.store(0);
+    open_.store(true);
     {
         std::lock_guard<std::mutex> lock(mutex_);
-        generation_.fetch_add(1, std::memory_order_release);
+        generation_.fetch_add(1);
     }
     wake_.notify_all();
-    fn(0, n_);
-    while (remaining_.load(std::memory_order_acquire) != 0) EDGEAI_PAUSE();
+    work();
+    open_.store(false);
+    while (busy_.load() != 0) EDGEAI_PAUSE();
 }
 
 void ThreadPool::range(size_t count, const std::function<void(size_t, size_t)> &fn) {
@@ -54,7 +65,7 @@ void ThreadPool::range(size_t count, const std::function<void(size_t, size_t)> &
     });
 }
 
-void ThreadPool::loop(int index) {
+void ThreadPool::loop() {
     uint64_t seen = 0;
     for (;;) {
         uint64_t g = generation_.load(std::memory_order_acquire);
@@ -69,8 +80,9 @@ void ThreadPool::loop(int index) {
         }
         seen = g;
         if (stop_.load()) return;
-        (*job_)(index, n_);
-        remaining_.fetch_sub(1, std::memory_order_acq_rel);
+        busy_.fetch_add(1);
+        if (open_.load()) work();
+        busy_.fetch_sub(1);
     }
 }
 

@@ -47,13 +47,19 @@ int main(int argc, char **argv) {
                 ops->quantize_act(x.data(), xq.data(), n);
                 act = xq.data();
             }
-            for (uint32_t r = 0; r < n_rows; ++r, ++checks) {
-                const double y = ops->dot[w](rows.data() + r * row_bytes, act, n);
-                if (!(std::fabs(y - expected[r]) <= tol[r])) {
-                    std::printf("FAIL %s type=%u n=%u row=%u: %.9g vs %.9g (tolerance %.3g)\n", isa.c_str(), type, n, r, y,
-                                expected[r], tol[r]);
-                    ++failures;
-                }
+            // the same product by the dot kernel (decode) and by the gemm kernel (prefill), two equal tokens
+            std::vector<float> y2(2 * n_rows);
+            const size_t stride = 0;  // both tokens read the same activations
+            ops->gemm[w]({rows.data(), row_bytes, static_cast<int>(n_rows), static_cast<const uint8_t *>(act), stride, 2,
+                          y2.data(), n_rows, n});
+            for (uint32_t r = 0; r < n_rows; ++r) {
+                const double got[3] = {ops->dot[w](rows.data() + r * row_bytes, act, n), y2[r], y2[n_rows + r]};
+                for (int k = 0; k < 3; ++k, ++checks)
+                    if (!(std::fabs(got[k] - expected[r]) <= tol[r])) {
+                        std::printf("FAIL %s %s type=%u n=%u row=%u: %.9g vs %.9g (tolerance %.3g)\n", isa.c_str(),
+                                    k ? "gemm" : "dot", type, n, r, got[k], expected[r], tol[r]);
+                        ++failures;
+                    }
             }
         }
     }

@@ -25,9 +25,10 @@ class Case:
     n_rows: int
     expected: np.ndarray  # float64 [n_rows]: dequantized weights @ x
     tolerance: np.ndarray  # float64 [n_rows]
+    weights: np.ndarray  # float64 [n_rows, n]: the dequantized weights (for products with other activations)
 
 
-def _tolerance(w: np.ndarray, x: np.ndarray, quantized_activations: bool) -> np.ndarray:
+def tolerance(w: np.ndarray, x: np.ndarray, quantized_activations: bool) -> np.ndarray:
     """Per row: float rounding, plus for int8 activations the worst case of rounding each one by
     half a step (amax of its 32-block / 254) times the weights it meets."""
     mag = np.abs(w) @ np.abs(x.astype(np.float64))
@@ -47,7 +48,7 @@ def make_cases(seed: int = 0) -> list[Case]:
         fmt = FORMATS[name]
         block = max(fmt.block_size, 32)
         for n_blocks, scale in ((1, 1.0), (3, 1e-3), (5, 1e3), (2, 1.0)):
-            n, n_rows = block * n_blocks, 6
+            n, n_rows = block * n_blocks, 6  # one 4-row tile of the tiled kernels and two rows more
             w = rng.standard_normal((n_rows, n)).astype(np.float32) * np.float32(scale)
             w[1] = 0.0  # a zero row
             w[2] = np.float32(scale)  # a constant row
@@ -60,7 +61,7 @@ def make_cases(seed: int = 0) -> list[Case]:
             wd = dequantize(raw, fmt).reshape(n_rows, n).astype(np.float64)
             expected = wd @ x.astype(np.float64)
             cases.append(Case(name, int(fmt.ggml_type), raw, x, n_rows, expected,
-                              _tolerance(wd, x, quantized_activations=name not in ("f32", "f16", "bf16"))))
+                              tolerance(wd, x, quantized_activations=name not in ("f32", "f16", "bf16")), wd))
     return cases
 
 

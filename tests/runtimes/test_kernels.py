@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgeai import _native
-from kernel_cases import make_cases
+from kernel_cases import make_cases, tolerance
 
 ISAS = _native.kernel_isas()
 CASES = make_cases()
@@ -26,6 +26,34 @@ def test_matvec_matches_numpy_reference(isa, case):
     y = _native.kernel_matvec(isa, case.ggml_type, case.rows, case.x, case.n_rows)
     err = np.abs(y.astype(np.float64) - case.expected)
     assert np.all(err <= case.tolerance), f"{isa} {case.fmt}: error {err.max()} > tolerance {case.tolerance[err.argmax()]}"
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.fmt}-{c.x.size}")
+def test_gemm_matches_numpy_reference(isa, case, packed):
+    """The prefill/decode kernels (rows x tokens): 14 rows (the case's rows, repeated in another
+    order: an 8-row group, a 4-row tile and single rows) and every token count from 1 to 9 (one
+    token, tile remainders, and the transposed 8-row path from 8 tokens on). Tokens are the case's
+    activations permuted and rescaled, plus an all-zero one. packed: the first 8 rows through the
+    kernel set's load-time layout where it has one (the engine's path), the rest plain."""
+    rng = np.random.default_rng(case.x.size)
+    order = np.array([0, 1, 2, 3, 4, 5, 3, 1, 4, 0, 5, 2, 2, 5])
+    rows = np.ascontiguousarray(case.rows.reshape(case.n_rows, -1)[order]).ravel()
+    weights = case.weights[order]
+    tokens = [case.x]
+    for k in range(8):
+        tokens.append(np.zeros_like(case.x) if k == 3 else rng.permutation(case.x) * np.float32(10.0 ** rng.integers(-2, 3)))
+    X = np.stack(tokens).astype(np.float32)
+    quantized = case.fmt not in ("f32", "f16", "bf16")
+    for T in range(1, len(tokens) + 1):
+        Y = _native.kernel_gemm(isa, case.ggml_type, rows, np.ascontiguousarray(X[:T]), len(order), packed)
+        assert Y.shape == (T, len(order))
+        for t in range(T):
+            expected = weights @ X[t].astype(np.float64)
+            err = np.abs(Y[t].astype(np.float64) - expected)
+            tol = tolerance(weights, X[t], quantized)
+            assert np.all(err <= tol), f"{isa} {case.fmt} T={T} token {t}: error {err.max()} > tolerance {tol[err.argmax()]}"
 
 
 @pytest.mark.parametrize("isa", ISAS)
