@@ -20,7 +20,7 @@ from edgeai.devices import default_threads
 from edgeai.errors import BudgetError, CheckpointError, ContextOverflowError, OptionError
 from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling
 from edgeai.runtimes.sampling import make_rng, sample
-from edgeai.runtimes.vocab import GGUFVocab, llama_cpp
+from edgeai.runtimes.vocab import GGUFVocab, VocabText, llama_cpp
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class KVType(enum.Enum):
     F16 = 1
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(VocabText):
     """A GGUF in llama.cpp: one model, one context, one sequence (see `runtimes.base.Backend`)."""
 
     name = "llama.cpp"
@@ -131,15 +131,6 @@ class LlamaCppBackend:
         if self._ctx is None:
             raise OptionError(f"the llama.cpp backend for {self.path.name} is closed")
         return self._ll
-
-    # -- text ----------------------------------------------------------------------------------
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        self._live()
-        return self._vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
-
-    def detokenize(self, tokens: Sequence[int]) -> bytes:
-        self._live()
-        return self._vocab.detokenize(tokens)
 
     # -- sequence ------------------------------------------------------------------------------
     def truncate(self, n: int) -> None:

@@ -90,3 +90,16 @@ class GGUFVocab:
         if self._owned is not None:
             self._ll.llama_model_free(self._owned)
             self._owned = None
+
+
+class VocabText:
+    """tokenize/detokenize for a backend whose text work is a GGUFVocab (`self._vocab`) and whose
+    `_live()` raises once it is closed: the llama.cpp and native backends."""
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        self._live()
+        return self._vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        self._live()
+        return self._vocab.detokenize(tokens)
