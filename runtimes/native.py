@@ -20,6 +20,7 @@ import numpy as np
 
 from edgeai.errors import CheckpointError, ContextOverflowError, EdgeAIError, OptionError, UnsupportedArchitectureError
 from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling
+from edgeai.runtimes.vocab import VocabText
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,14 @@ def engine_config(meta: Mapping[str, object], tensors: Sequence[tuple], path: Pa
     }
 
 
-def _prepare(path: Path, n_ctx: int | None, threads: int | None) -> tuple[Path, dict, int, int]:
-    """(path, engine config with n_ctx_train, n_ctx, threads) for a file, checked."""
+def _prepare(path: Path, n_ctx: int | None, threads: int | None) -> tuple[Path, dict, int, int, int]:
+    """(path, engine config, n_ctx_train, n_ctx, threads) for a file, checked."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
     meta, tensors = read_gguf(path)
     config = engine_config(meta, tensors, path)
-    n_ctx_train = int(config["n_ctx_train"])
+    n_ctx_train = int(config.pop("n_ctx_train"))
     n_ctx = int(n_ctx or min(DEFAULT_N_CTX, n_ctx_train))
     if not 0 < n_ctx <= n_ctx_train:
         raise OptionError(f"n_ctx={n_ctx} is outside what {path.name} allows (1..{n_ctx_train})")
@@ -100,17 +101,10 @@ def _prepare(path: Path, n_ctx: int | None, threads: int | None) -> tuple[Path, 
     threads = int(threads or default_threads())
     if threads < 1:
         raise OptionError(f"threads must be >= 1, got {threads}")
-    return path, config, n_ctx, threads
+    return path, config, n_ctx_train, n_ctx, threads
 
 
-def _plan(path: Path, config: dict, budget: int | None, n_ctx: int, threads: int):
-    from edgeai.runtimes.plan import plan_memory
-
-    return plan_memory(path, {k: v for k, v in config.items() if k != "n_ctx_train"}, budget=budget, n_ctx=n_ctx,
-                       threads=threads)
-
-
-class NativeBackend:
+class NativeBackend(VocabText):
     """A GGUF in edgeai's C++ engine: one model, one sequence (see `runtimes.base.Backend`)."""
 
     name = "native"
@@ -144,12 +138,13 @@ class NativeBackend:
                  memory_budget: int | None = None):
         """The memory plan loading `path` would follow (`runtimes.plan.MemoryPlan`), without loading
         it; raises BudgetError as loading would."""
+        from edgeai.runtimes.plan import plan_memory
         from edgeai.runtimes.vocab import GGUFVocab
 
-        path, config, n_ctx, threads = _prepare(path, n_ctx, threads)
+        path, config, _, n_ctx, threads = _prepare(path, n_ctx, threads)
         vocab = GGUFVocab(path)  # held while planning, as when loading
         try:
-            return _plan(path, config, memory_budget, n_ctx, threads)
+            return plan_memory(path, config, budget=memory_budget, n_ctx=n_ctx, threads=threads)
         finally:
             vocab.close()
 
@@ -163,21 +158,19 @@ class NativeBackend:
         direct, trace, retries; slots: stream with this many slots whatever the budget).
         """
         from edgeai import _native
-        from edgeai.runtimes.plan import IO_THREADS
+        from edgeai.runtimes.plan import plan_memory
 
-        self.path, config, n_ctx, self.threads = _prepare(path, n_ctx, threads)
-        self.n_ctx_train = int(config.pop("n_ctx_train"))
+        self.path, config, self.n_ctx_train, n_ctx, self.threads = _prepare(path, n_ctx, threads)
         self.memory_budget = memory_budget
         from edgeai.runtimes.vocab import GGUFVocab
 
         self._engine = None
         self._vocab = GGUFVocab(self.path)  # first: the planner counts it in the process's memory
         try:
-            self.plan = _plan(self.path, config, memory_budget, n_ctx, self.threads)
+            self.plan = plan_memory(self.path, config, budget=memory_budget, n_ctx=n_ctx, threads=self.threads)
             options = dict(expert_store or {})
-            stream = self.plan.stream_config(**options)
-            if stream is None and "slots" in options:
-                stream = {"io_threads": IO_THREADS, **options}
+            # options with "slots" stream whatever the plan says (tests, benchmarks)
+            stream = self.plan.stream_config(**options) or (options if "slots" in options else None)
             try:
                 self._engine = _native.Engine(str(self.path), config, n_ctx, self.threads, isa, stream)
             except _native.ModelError as exc:
@@ -206,14 +199,6 @@ class NativeBackend:
     @property
     def history(self) -> list[int]:
         return list(self._live().history)
-
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        self._live()
-        return self._vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
-
-    def detokenize(self, tokens: Sequence[int]) -> bytes:
-        self._live()
-        return self._vocab.detokenize(tokens)
 
     def truncate(self, n: int) -> None:
         engine = self._live()
