@@ -575,7 +575,8 @@ void Model::prefetch_experts(int layer) {
     std::iota(idx.begin(), idx.end(), 0);
     std::partial_sort(idx.begin(), idx.begin() + c.n_expert_used, idx.end(),
                       [&](int a, int b) { return moe_pred_[a] > moe_pred_[b] || (moe_pred_[a] == moe_pred_[b] && a < b); });
-    experts_->prefetch(layer, std::vector<int>(idx.begin(), idx.begin() + c.n_expert_used));
+    idx.resize(c.n_expert_used);  // the predicted experts (moe_idx_ is refilled by the next routing)
+    experts_->prefetch(layer, idx);
 }
 
 // Dense streaming: this layer's matrices from the layer store (the next layer, in the cycle, is
