@@ -8,7 +8,8 @@ from edgeai.model import Model
 
 
 def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget: str | int | None = None,
-         device: str | None = None, n_ctx: int | None = None, threads: int | None = None) -> Model:
+         device: str | None = None, n_ctx: int | None = None, threads: int | None = None,
+         kv_cache: str | None = None) -> Model:
     """Load an artifact (a .gguf file or an ONNX folder; None: the bundled SmolLM2) as a `Model`.
 
     backend: "auto" (native where it runs the file, else llama.cpp for GGUF, onnxruntime for ONNX),
@@ -16,17 +17,19 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
     memory_budget: "1.5GiB", "800MB", "60%" (of the device's memory) or bytes; default: the
     device profile's budget when `device` is given, else none.
     device: a profile name (`edgeai devices`): sets the default threads and memory budget.
+    kv_cache: the KV cache's element type, "f16" (default) or "q8_0" (about half the memory; native
+    and llama.cpp backends).
     """
     from edgeai.runtimes.registry import resolve
 
     path, budget, threads, profile = _resolve(path, memory_budget, device, threads)
     cls = resolve(Path(path), backend)
-    engine = cls(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget)
+    engine = cls(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget, kv_cache=kv_cache)
     return Model(engine, device=profile, memory_budget=budget)
 
 
 def plan(path: str | Path | None = None, *, memory_budget: str | int | None = None, device: str | None = None,
-         n_ctx: int | None = None, threads: int | None = None):
+         n_ctx: int | None = None, threads: int | None = None, kv_cache: str | None = None):
     """How loading `path` in the native engine would split the memory budget, without loading it
     (`edgeai run --plan`): a `runtimes.plan.MemoryPlan`. Raises BudgetError when it cannot fit.
     Arguments as for `load`."""
@@ -37,7 +40,7 @@ def plan(path: str | Path | None = None, *, memory_budget: str | int | None = No
     reason = NativeBackend.can_run(Path(path))
     if reason:
         raise BackendError(f"memory plans are made for the native engine, which cannot run this file: {reason}")
-    return NativeBackend.plan_for(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget)
+    return NativeBackend.plan_for(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget, kv_cache=kv_cache)
 
 
 def _resolve(path, memory_budget, device, threads):

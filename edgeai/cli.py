@@ -183,14 +183,16 @@ _MODEL_OPTS = dict(
     device=typer.Option(None, "--device", help="A profile from `edgeai devices`: sets threads and budget."),
     n_ctx=typer.Option(None, "--ctx", help="Context positions (default 2048, at most the model's)."),
     threads=typer.Option(None, "--threads", "-t", help="Threads (default: the device's, else one per performance core)."),
+    kv_cache=typer.Option(None, "--kv-cache", help="KV cache type: f16 (default) or q8_0 (about half the memory)."),
 )
 
 
-def _load(model, backend, memory_budget, device, n_ctx, threads):
+def _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache):
     from edgeai.api import load
 
     try:
-        return load(model, backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads)
+        return load(model, backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
+                    kv_cache=kv_cache)
     except EdgeAIError as exc:
         _fail(exc)
 
@@ -206,7 +208,7 @@ def run(
     plan: bool = typer.Option(False, "--plan", help="Show how the memory budget is split (native engine), without running."),
     backend: str = _MODEL_OPTS["backend"], memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"],
     device: Optional[str] = _MODEL_OPTS["device"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
-    threads: Optional[int] = _MODEL_OPTS["threads"],
+    threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
 ) -> None:
     """Generate from PROMPT once and print it (for scripts)."""
     from edgeai.show import run_once, show_plan
@@ -215,14 +217,15 @@ def run(
         try:
             from edgeai.api import plan as make_plan
 
-            show_plan(make_plan(model, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads),
+            show_plan(make_plan(model, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
+                                kv_cache=kv_cache),
                       json_output=json_output)
         except EdgeAIError as exc:
             _fail(exc)
         return
     if prompt is None:
         _fail(OptionError("PROMPT is missing: edgeai run MODEL PROMPT (or --plan to show the memory plan)"))
-    with _load(model, backend, memory_budget, device, n_ctx, threads) as m:
+    with _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache) as m:
         try:
             run_once(m, prompt, max_tokens=max_tokens, temperature=temp, seed=seed, json_output=json_output)
         except EdgeAIError as exc:
@@ -235,12 +238,12 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     backend: str = _MODEL_OPTS["backend"], memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"],
     device: Optional[str] = _MODEL_OPTS["device"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
-    threads: Optional[int] = _MODEL_OPTS["threads"],
+    threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
 ) -> None:
     """Chat with a model in the terminal (/help inside lists the commands)."""
     from edgeai.repl import chat as run_chat
 
-    with _load(model, backend, memory_budget, device, n_ctx, threads) as m:
+    with _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache) as m:
         run_chat(m, system=system)
 
 
@@ -252,7 +255,7 @@ def bench(
     n_prompt: int = typer.Option(128, "--prompt-tokens", help="Prompt length for prefill."),
     n_gen: int = typer.Option(32, "--gen-tokens", help="Tokens decoded per run."),
     repeats: int = typer.Option(3, "--repeats", help="Runs per backend (medians are shown)."),
-    memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"],
+    memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Prefill/decode tokens/s, time to first token and peak memory of backends on the same file."""
@@ -260,7 +263,7 @@ def bench(
 
     try:
         show_bench(model, backend, threads=threads, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats,
-                   memory_budget=memory_budget, json_output=json_output)
+                   memory_budget=memory_budget, json_output=json_output, kv_cache=kv_cache)
     except EdgeAIError as exc:
         _fail(exc)
 

@@ -35,7 +35,7 @@ def run_once(model: Model, prompt: str, *, max_tokens: int, temperature: float, 
 
 
 def show_bench(path: Path, backends: list[str], *, threads: int | None, n_prompt: int, n_gen: int, repeats: int,
-               memory_budget: str | None, json_output: bool) -> None:
+               memory_budget: str | None, json_output: bool, kv_cache: str | None = None) -> None:
     from dataclasses import asdict
 
     from edgeai.budget import parse_budget
@@ -45,7 +45,7 @@ def show_bench(path: Path, backends: list[str], *, threads: int | None, n_prompt
     # "auto" means the backend auto would pick: the table names the real one
     names = [resolve(path).name if b == "auto" else b for b in backends]
     results = bench(path, names, threads=threads, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats,
-                    memory_budget=parse_budget(memory_budget))
+                    memory_budget=parse_budget(memory_budget), kv_cache=kv_cache)
     roof = roofline(path, n_prompt + n_gen // 2)
     base = results[0]
 

@@ -24,6 +24,20 @@ import numpy as np
 # trained for): enough for a chat, small enough for a Pi's KV cache.
 DEFAULT_N_CTX = 2048
 
+# Element types of the KV cache (llama.cpp's names, as in its --cache-type-k/v): q8_0 takes 34/64
+# of f16's memory (ggml's Q8_0 block: an f16 scale and 32 int8 values) for a small loss in accuracy.
+KV_CACHE_TYPES = ("f16", "q8_0")
+
+
+def kv_cache_type(value: str | None) -> str:
+    """The KV cache type a backend should use: `value` checked, "f16" when None."""
+    from edgeai.errors import OptionError
+
+    value = "f16" if value is None else str(value).lower()
+    if value not in KV_CACHE_TYPES:
+        raise OptionError(f"KV cache type {value!r} is not one of {', '.join(KV_CACHE_TYPES)} (--kv-cache)")
+    return value
+
 
 @dataclass(frozen=True)
 class Sampling:

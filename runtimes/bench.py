@@ -73,13 +73,14 @@ def timed_generation(backend, prompt: list[int], n_gen: int) -> tuple[float, flo
 
 
 def measure(path: Path, backend: str, *, threads: int, n_prompt: int, n_gen: int, repeats: int,
-            memory_budget: int | None = None) -> BenchResult:
+            memory_budget: int | None = None, kv_cache: str | None = None) -> BenchResult:
     """Run the benchmark of one backend in this process."""
     from edgeai.api import load
     from edgeai.runtimes.base import GREEDY
 
     before = _rss()
-    with load(path, backend=backend, threads=threads, n_ctx=n_prompt + n_gen + 16, memory_budget=memory_budget) as model:
+    with load(path, backend=backend, threads=threads, n_ctx=n_prompt + n_gen + 16, memory_budget=memory_budget,
+              kv_cache=kv_cache) as model:
         be = model.backend
         text_tokens = model.tokenize(BENCH_TEXT, add_special=False)
         prompt = model.tokenize("", add_special=True)[:1]
@@ -122,9 +123,9 @@ def roofline(path: str | Path, n_past: int) -> Roofline | None:
 
 
 def bench(path: str | Path, backends: list[str], *, threads: int | None = None, n_prompt: int = 128, n_gen: int = 32,
-          repeats: int = 3, memory_budget: int | None = None) -> list[BenchResult]:
-    """Benchmark each backend in `backends` (same file, same threads, same budget in bytes), each in
-    a fresh process."""
+          repeats: int = 3, memory_budget: int | None = None, kv_cache: str | None = None) -> list[BenchResult]:
+    """Benchmark each backend in `backends` (same file, same threads, same budget in bytes, same KV
+    cache type), each in a fresh process."""
     from edgeai.devices import default_threads
     from edgeai.runtimes.registry import resolve
 
@@ -136,7 +137,7 @@ def bench(path: str | Path, backends: list[str], *, threads: int | None = None, 
     for name in backends:
         # -I: the worker must not import a source tree from the current folder
         cmd = [sys.executable, "-I", "-m", "edgeai.runtimes.bench", str(path), name, str(threads), str(n_prompt), str(n_gen),
-               str(repeats), str(memory_budget or 0)]
+               str(repeats), str(memory_budget or 0), kv_cache or "f16"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -146,7 +147,7 @@ def bench(path: str | Path, backends: list[str], *, threads: int | None = None, 
 
 
 if __name__ == "__main__":  # the worker: one backend, one JSON line on stdout
-    file, name, n_threads, prompt_len, gen_len, n_runs, budget = sys.argv[1:8]
+    file, name, n_threads, prompt_len, gen_len, n_runs, budget, kv = sys.argv[1:9]
     res = measure(Path(file), name, threads=int(n_threads), n_prompt=int(prompt_len), n_gen=int(gen_len),
-                  repeats=int(n_runs), memory_budget=int(budget) or None)
+                  repeats=int(n_runs), memory_budget=int(budget) or None, kv_cache=kv)
     print(json.dumps(res.to_json()))

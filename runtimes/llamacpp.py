@@ -18,7 +18,7 @@ import numpy as np
 from edgeai.budget import format_bytes
 from edgeai.devices import default_threads
 from edgeai.errors import BudgetError, CheckpointError, ContextOverflowError, OptionError
-from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling
+from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling, kv_cache_type
 from edgeai.runtimes.sampling import make_rng, sample
 from edgeai.runtimes.vocab import GGUFVocab, VocabText, llama_cpp
 
@@ -32,6 +32,7 @@ class KVType(enum.Enum):
 
     F32 = 0
     F16 = 1
+    Q8_0 = 8
 
 
 class LlamaCppBackend(VocabText):
@@ -54,10 +55,18 @@ class LlamaCppBackend(VocabText):
         return None
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
-                 memory_budget: int | None = None, kv_type: KVType = KVType.F16, n_batch: int = 512,
-                 flash_attn: bool | None = None) -> None:
-        """`kv_type` F32 makes logits comparable to a float reference; `flash_attn` None lets llama.cpp
-        decide (its own default: on for CPUs), False matches llama-cpp-python's `Llama` default."""
+                 memory_budget: int | None = None, kv_cache: str | None = None, kv_type: KVType = KVType.F16,
+                 n_batch: int = 512, flash_attn: bool | None = None) -> None:
+        """kv_cache: "f16" or "q8_0" (`runtimes.base.KV_CACHE_TYPES`), the API's name for `kv_type`;
+        `kv_type` F32 makes logits comparable to a float reference. `flash_attn` None lets llama.cpp
+        decide (its own default: on for CPUs), False matches llama-cpp-python's `Llama` default; a
+        q8_0 V cache needs flash attention, so it is turned on for one."""
+        if kv_cache is not None:
+            kv_type = KVType[kv_cache_type(kv_cache).upper()]
+        if kv_type is KVType.Q8_0:
+            if flash_attn is False:
+                raise OptionError("llama.cpp needs flash attention for a q8_0 KV cache (flash_attn=False was given)")
+            flash_attn = True
         self.path = Path(path)
         reason = self.can_run(self.path)
         if reason:
@@ -212,10 +221,10 @@ class LlamaCppBackend(VocabText):
         arch = self._meta("general.architecture") or ""
         head_dim_k = int(self._meta(f"{arch}.attention.key_length") or ll.llama_model_n_embd(self._model) // n_head)
         head_dim_v = int(self._meta(f"{arch}.attention.value_length") or head_dim_k)
-        elem = 4 if self.kv_type is KVType.F32 else 2
+        elem = {KVType.F32: 4, KVType.F16: 2, KVType.Q8_0: 34 / 32}[self.kv_type]
         kv_bytes = n_layer * self.n_ctx * n_head_kv * (head_dim_k + head_dim_v) * elem
         return BackendStats(self.name, self.n_ctx, self.n_past, self.threads, int(ll.llama_model_size(self._model)),
-                            {"kv_bytes": kv_bytes, "kv_type": self.kv_type.name, "memory_budget": self.memory_budget})
+                            {"kv_bytes": kv_bytes, "kv_type": self.kv_type.name.lower(), "memory_budget": self.memory_budget})
 
     def close(self) -> None:
         ll = getattr(self, "_ll", None)

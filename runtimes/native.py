@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeai.errors import CheckpointError, ContextOverflowError, EdgeAIError, OptionError, UnsupportedArchitectureError
-from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling
+from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling, kv_cache_type
 from edgeai.runtimes.vocab import VocabText
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class NativeBackend(VocabText):
 
     @classmethod
     def plan_for(cls, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
-                 memory_budget: int | None = None):
+                 memory_budget: int | None = None, kv_cache: str | None = None):
         """The memory plan loading `path` would follow (`runtimes.plan.MemoryPlan`), without loading
         it; raises BudgetError as loading would."""
         from edgeai.runtimes.plan import plan_memory
@@ -144,14 +144,18 @@ class NativeBackend(VocabText):
         path, config, _, n_ctx, threads = _prepare(path, n_ctx, threads)
         vocab = GGUFVocab(path)  # held while planning, as when loading
         try:
-            return plan_memory(path, config, budget=memory_budget, n_ctx=n_ctx, threads=threads)
+            return plan_memory(path, config, budget=memory_budget, n_ctx=n_ctx, threads=threads,
+                               kv_cache=kv_cache_type(kv_cache))
         finally:
             vocab.close()
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
-                 memory_budget: int | None = None, isa: str = "", expert_store: Mapping | None = None) -> None:
+                 memory_budget: int | None = None, kv_cache: str | None = None, isa: str = "",
+                 expert_store: Mapping | None = None) -> None:
         """Load `path` (a GGUF the engine runs, see `can_run`).
 
+        kv_cache: "f16" (default) or "q8_0" (`runtimes.base.KV_CACHE_TYPES`; q8_0 needs a head size
+        that is a multiple of 32).
         memory_budget: bytes for the whole process; the planner (`runtimes.plan`) splits it and
         streams MoE experts from the file when they do not fit, or raises BudgetError.
         expert_store: options of the streaming expert store (policy: lru|lfu|layer, io_threads,
@@ -162,17 +166,22 @@ class NativeBackend(VocabText):
 
         self.path, config, self.n_ctx_train, n_ctx, self.threads = _prepare(path, n_ctx, threads)
         self.memory_budget = memory_budget
+        self.kv_cache = kv_cache_type(kv_cache)
+        if self.kv_cache == "q8_0" and config["head_dim"] % 32:
+            raise OptionError(f"a q8_0 KV cache needs a head size that is a multiple of 32; {self.path.name}'s is "
+                              f"{config['head_dim']}: use kv_cache='f16'")
         from edgeai.runtimes.vocab import GGUFVocab
 
         self._engine = None
         self._vocab = GGUFVocab(self.path)  # first: the planner counts it in the process's memory
         try:
-            self.plan = plan_memory(self.path, config, budget=memory_budget, n_ctx=n_ctx, threads=self.threads)
+            self.plan = plan_memory(self.path, config, budget=memory_budget, n_ctx=n_ctx, threads=self.threads,
+                                    kv_cache=self.kv_cache)
             options = dict(expert_store or {})
             # options with "slots" stream whatever the plan says (tests, benchmarks)
             stream = self.plan.stream_config(**options) or (options if "slots" in options else None)
             try:
-                self._engine = _native.Engine(str(self.path), config, n_ctx, self.threads, isa, stream)
+                self._engine = _native.Engine(str(self.path), config, n_ctx, self.threads, isa, stream, self.kv_cache)
             except _native.ModelError as exc:
                 raise CheckpointError(str(exc)) from exc
         except BaseException:
@@ -246,7 +255,7 @@ class NativeBackend(VocabText):
     def stats(self):
         e = self._live()
         store = e.store_stats()
-        extra = {"kv_bytes": e.kv_bytes, "isa": e.isa, "memory_budget": self.memory_budget, "expert_store": store}
+        extra = {"kv_bytes": e.kv_bytes, "kv_type": e.kv_type, "isa": e.isa, "memory_budget": self.memory_budget, "expert_store": store}
         if store["streaming"] and store["hits"] + store["misses"]:
             extra["expert_cache_hit_rate"] = store["hits"] / (store["hits"] + store["misses"])
             extra["expert_cache"] = f"{store['slots']} slots, {store['bytes_read'] / 2**20:.1f} MiB read ({store['io']})"

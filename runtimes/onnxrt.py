@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeai.errors import CheckpointError, OptionError
-from edgeai.runtimes.base import GREEDY, BackendStats, Sampling
+from edgeai.runtimes.base import GREEDY, BackendStats, Sampling, kv_cache_type
 from edgeai.runtimes.sampling import make_rng, sample
 
 log = logging.getLogger(__name__)
@@ -115,13 +115,17 @@ class OnnxBackend:
         return None
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
-                 memory_budget: int | None = None):
+                 memory_budget: int | None = None, kv_cache: str | None = None):
+        """kv_cache: only "f16"/None: the graph fixes its KV cache's type (its float type)."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
         reason = self.can_run(path)
         if reason:
             raise CheckpointError(reason)
+        if kv_cache_type(kv_cache) != "f16":
+            raise OptionError(f"onnxruntime keeps the KV cache in the graph's float type; a {kv_cache} KV cache is "
+                              "for the native and llama.cpp backends (--backend native)")
         self.path = _folder(Path(path))
         config = _read_json(self.path / GENAI_CONFIG)["model"]
         decoder = config["decoder"]

@@ -55,6 +55,8 @@ class MemoryPlan:
     layer_matrices: int = 0  # the part of `dense` that can be streamed layer by layer
     layer_slot: int = 0  # one layer's slot
     layer_slots: int = 0  # 0: dense weights resident; else streamed through this many slots
+    kv_cache: str = "f16"  # the KV cache's element type
+    head_dim: int = 0
 
     @property
     def streaming(self) -> bool:
@@ -110,20 +112,22 @@ class MemoryPlan:
                          f"({format_bytes(self.slot_bytes)} each), streamed from the file"))
         elif self.experts:
             rows.append(("experts", self.expert_memory, "all in memory (memory-mapped)"))
-        return rows + [("KV cache", self.kv, f"f16, {self.n_ctx} positions"),
+        return rows + [("KV cache", self.kv, f"{self.kv_cache}, {self.n_ctx} positions"),
                        ("compute buffers", self.scratch + ENGINE_OVERHEAD, "activations, logits, threads")]
 
     def to_json(self) -> dict:
-        return {"path": str(self.path), "budget": self.budget, "n_ctx": self.n_ctx, "streaming": self.streaming,
+        return {"path": str(self.path), "budget": self.budget, "n_ctx": self.n_ctx, "kv_cache": self.kv_cache,
+                "streaming": self.streaming,
                 "slots": self.slots, "slot_bytes": self.slot_bytes, "layer_slots": self.layer_slots,
                 "layer_slot_bytes": self.layer_slot, "total": self.total, "minimum": self.minimum,
                 "parts": {name: size for name, size, _ in self.rows()}}
 
 
-def plan_memory(path: Path, config: dict, *, budget: int | None, n_ctx: int, threads: int,
+def plan_memory(path: Path, config: dict, *, budget: int | None, n_ctx: int, threads: int, kv_cache: str = "f16",
                 process_bytes: int | None = None) -> MemoryPlan:
     """Split `budget` for `path` in the native engine (config: `runtimes.native.engine_config`).
 
+    kv_cache: the KV cache's element type ("f16" or "q8_0").
     process_bytes: what the process holds before the model (default: its resident set now).
     Raises BudgetError when the model cannot run within the budget.
     """
@@ -133,11 +137,12 @@ def plan_memory(path: Path, config: dict, *, budget: int | None, n_ctx: int, thr
         import psutil
 
         process_bytes = psutil.Process().memory_info().rss
-    sizes = _native.memory_sizes(str(path), config, n_ctx, threads)
+    sizes = _native.memory_sizes(str(path), config, n_ctx, threads, kv_cache)
     n_experts = int(config["n_layer"]) * int(config["n_expert"])
     plan = MemoryPlan(Path(path), budget, n_ctx, process_bytes, sizes["dense"], sizes["experts"], sizes["kv"],
                       sizes["scratch"], sizes["slot"], 0, int(config["n_expert_used"]), n_experts,
-                      int(config["n_layer"]), sizes["layer_matrices"], sizes["layer_slot"], 0)
+                      int(config["n_layer"]), sizes["layer_matrices"], sizes["layer_slot"], 0, kv_cache,
+                      int(config["head_dim"]))
     if budget is None or plan.total <= budget:
         return plan
     candidates = [plan]
@@ -161,6 +166,8 @@ def _refusal(plan: MemoryPlan, budget: int) -> str:
     if plan.experts:
         parts += f", {plan.min_slots} expert slots {format_bytes(plan.min_slots * plan.slot_bytes)}"
     levers = [f"a context of {plan.n_ctx // 2} positions (--ctx) saves {format_bytes(plan.kv // 2)}"] if plan.n_ctx >= 128 else []
+    if plan.kv_cache == "f16" and plan.head_dim % 32 == 0:  # Q8_0 blocks: 34 bytes for f16's 64
+        levers.append(f"a q8_0 KV cache (--kv-cache q8_0) saves {format_bytes(plan.kv - plan.kv * 34 // 64)}")
     levers.append(f"a smaller quantization (edgeai convert --quant q4_k_m) shrinks the {format_bytes(plan.dense)} of "
                   "resident weights" + (" and the expert slots" if plan.experts else ""))
     return (f"{plan.path.name} needs at least {format_bytes(plan.minimum)} ({plan.minimum:,} bytes) at n_ctx={plan.n_ctx}, "

@@ -4,7 +4,7 @@ Backends are imported lazily, on first use: a backend whose module is missing or
 (an engine not built, a package not installed) is simply unavailable, and says why.
 
 Every backend class has the constructor
-`Cls(path, *, n_ctx=None, threads=None, memory_budget=None)` and a classmethod
+`Cls(path, *, n_ctx=None, threads=None, memory_budget=None, kv_cache=None)` and a classmethod
 `can_run(path) -> str | None` (None: it can, else the reason it cannot).
 """
 

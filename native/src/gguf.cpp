@@ -215,6 +215,14 @@ File::File(const std::string &path) : path_(path) {
     }
 }
 
+void File::release(const uint8_t *p, size_t n) const {
+    const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+    const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + n) / page * page;
+    if (p >= base_ && p + n <= base_ + size_ && hi > lo)
+        ::madvise(reinterpret_cast<void *>(lo), hi - lo, MADV_DONTNEED);  // a hint: failure changes nothing
+}
+
 File::~File() {
     if (base_) ::munmap(const_cast<uint8_t *>(base_), size_);
     if (fd_ >= 0) ::close(fd_);

@@ -73,6 +73,10 @@ class File {
     const TensorInfo *tensor(const std::string &name) const;  // nullptr if absent
     const uint8_t *data(const TensorInfo &t) const { return base_ + t.offset; }
     const uint8_t *base() const { return base_; }
+    // Hint that the mapped bytes [p, p + n) will not be read again (a copy of them is used instead):
+    // the whole pages inside the range leave the process's resident set. Harmless if they are read
+    // after all (the mapping is read-only: they fault in again from the file).
+    void release(const uint8_t *p, size_t n) const;
 
     // Typed metadata access; a present key of the wrong kind is a FormatError naming the key.
     int64_t get_int(const std::string &key, int64_t fallback) const;

@@ -50,6 +50,11 @@ struct Ops {
     void (*quantize_act)(const float *x, BlockQ8A *y, size_t n);  // n a multiple of 32
     float (*dot_f16)(const uint16_t *a, const float *x, size_t n);  // attention scores over an f16 K cache
     void (*axpy_f16)(float alpha, const uint16_t *v, float *y, size_t n);  // y += alpha * v (f16 V cache)
+    // The q8_0 KV cache (rows of n/32 blocks of {f16 d, int8 q[32]}): scores over its keys with the
+    // query in float (not int8: quantizing the query too triples the cache's error), and
+    // y += alpha * v over its values.
+    float (*dot_q8_0_f32)(const uint8_t *k, const float *x, size_t n);
+    void (*axpy_q8_0)(float alpha, const uint8_t *v, float *y, size_t n);
     // Optional layout made once at load time (nullptr: none for the type): rows in whole 8-row
     // groups, interleaved so that decode and prefill multiply 8 rows per register with no
     // transposing per call. Same size as the plain rows (rows * row_bytes). gemm_packed takes

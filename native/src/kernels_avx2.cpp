@@ -190,6 +190,34 @@ void axpy_f16v(float alpha, const uint16_t *v, float *y, size_t n) {
     for (; i < n; ++i) y[i] += alpha * f16(v[i]);
 }
 
+float dot_q8_0_f32v(const uint8_t *k, const float *x, size_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (size_t b = 0; b < n / 32; ++b, k += 34, x += 32) {
+        uint16_t dh;
+        std::memcpy(&dh, k, 2);
+        __m256 s = _mm256_setzero_ps();
+        for (int j = 0; j < 4; ++j) {
+            const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i *>(k + 2 + 8 * j));
+            s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_loadu_ps(x + 8 * j), s);
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(dh)), s, acc);
+    }
+    return hsum(acc);
+}
+
+void axpy_q8_0v(float alpha, const uint8_t *v, float *y, size_t n) {
+    for (size_t b = 0; b < n / 32; ++b, v += 34, y += 32) {
+        uint16_t dh;
+        std::memcpy(&dh, v, 2);
+        const __m256 a = _mm256_set1_ps(alpha * f16(dh));
+        for (int k = 0; k < 4; ++k) {
+            const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i *>(v + 2 + 8 * k));
+            const __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+            _mm256_storeu_ps(y + 8 * k, _mm256_fmadd_ps(a, qf, _mm256_loadu_ps(y + 8 * k)));
+        }
+    }
+}
+
 // Same results as quantize_act_ref: x * (127/amax), rounded half to even by cvtps.
 void quantize_act(const float *x, BlockQ8A *y, size_t n) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -796,6 +824,8 @@ const Ops OPS = {
     quantize_act,
     dot_f16v,
     axpy_f16v,
+    dot_q8_0_f32v,
+    axpy_q8_0v,
     {nullptr, nullptr, nullptr, pack_q40_50<false>, nullptr, pack_q40_50<true>},
     {nullptr, nullptr, nullptr, gemm_packed_q40_50<false>, nullptr, gemm_packed_q40_50<true>},
 };

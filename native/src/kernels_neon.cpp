@@ -174,6 +174,39 @@ void axpy_f16v(float alpha, const uint16_t *v, float *y, size_t n) {
     for (; i < n; ++i) y[i] += alpha * f16(v[i]);
 }
 
+float dot_q8_0_f32v(const uint8_t *k, const float *x, size_t n) {
+    float32x4_t acc = vdupq_n_f32(0);
+    for (size_t b = 0; b < n / 32; ++b, k += 34, x += 32) {
+        uint16_t dh;
+        std::memcpy(&dh, k, 2);
+        float32x4_t s = vdupq_n_f32(0);
+        for (int j = 0; j < 4; ++j) {
+            const int16x8_t h = vmovl_s8(vld1_s8(reinterpret_cast<const int8_t *>(k + 2 + 8 * j)));
+            s = vfmaq_f32(s, vcvtq_f32_s32(vmovl_s16(vget_low_s16(h))), vld1q_f32(x + 8 * j));
+            s = vfmaq_f32(s, vcvtq_f32_s32(vmovl_s16(vget_high_s16(h))), vld1q_f32(x + 8 * j + 4));
+        }
+        acc = vfmaq_n_f32(acc, s, f16(dh));
+    }
+    return vaddvq_f32(acc);
+}
+
+void axpy_q8_0v(float alpha, const uint8_t *v, float *y, size_t n) {
+    for (size_t b = 0; b < n / 32; ++b, v += 34, y += 32) {
+        uint16_t dh;
+        std::memcpy(&dh, v, 2);
+        const float a = alpha * f16(dh);
+        const int8x16_t q0 = vld1q_s8(reinterpret_cast<const int8_t *>(v + 2)),
+                        q1 = vld1q_s8(reinterpret_cast<const int8_t *>(v + 18));
+        const int16x8_t h[4] = {vmovl_s8(vget_low_s8(q0)), vmovl_s8(vget_high_s8(q0)), vmovl_s8(vget_low_s8(q1)),
+                                vmovl_s8(vget_high_s8(q1))};
+        for (int k = 0; k < 4; ++k) {
+            float *yk = y + 8 * k;
+            vst1q_f32(yk, vfmaq_n_f32(vld1q_f32(yk), vcvtq_f32_s32(vmovl_s16(vget_low_s16(h[k]))), a));
+            vst1q_f32(yk + 4, vfmaq_n_f32(vld1q_f32(yk + 4), vcvtq_f32_s32(vmovl_s16(vget_high_s16(h[k]))), a));
+        }
+    }
+}
+
 void quantize_act(const float *x, BlockQ8A *y, size_t n) {
     for (size_t b = 0; b < n / QA; ++b, x += QA) {
         float32x4_t v[8];
@@ -212,6 +245,8 @@ const Ops OPS = {
     quantize_act,
     dot_f16v,
     axpy_f16v,
+    dot_q8_0_f32v,
+    axpy_q8_0v,
 };
 
 }  // namespace

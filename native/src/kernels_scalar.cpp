@@ -43,6 +43,29 @@ void axpy_f16_ref(float alpha, const uint16_t *v, float *y, size_t n) {
     for (size_t i = 0; i < n; ++i) y[i] += alpha * f16(v[i]);
 }
 
+float dot_q8_0_f32_ref(const uint8_t *k, const float *x, size_t n) {
+    float acc = 0.0f;
+    for (size_t b = 0; b < n / 32; ++b, k += 34, x += 32) {
+        uint16_t dh;
+        std::memcpy(&dh, k, 2);
+        const int8_t *q = reinterpret_cast<const int8_t *>(k + 2);
+        float s = 0.0f;
+        for (int i = 0; i < 32; ++i) s += static_cast<float>(q[i]) * x[i];
+        acc += f16(dh) * s;
+    }
+    return acc;
+}
+
+void axpy_q8_0_ref(float alpha, const uint8_t *v, float *y, size_t n) {
+    for (size_t b = 0; b < n / 32; ++b, v += 34, y += 32) {
+        uint16_t dh;
+        std::memcpy(&dh, v, 2);
+        const float a = alpha * f16(dh);
+        const int8_t *q = reinterpret_cast<const int8_t *>(v + 2);
+        for (int i = 0; i < 32; ++i) y[i] += a * static_cast<float>(q[i]);
+    }
+}
+
 const Ops OPS = {
     "scalar",
     {dot_f32, dot_f16_row, dot_bf16, dot_q<W_Q4_0>, dot_q<W_Q4_1>, dot_q<W_Q5_0>, dot_q<W_Q5_1>, dot_q<W_Q8_0>,
@@ -53,6 +76,8 @@ const Ops OPS = {
     quantize_act_ref,
     dot_f16_ref,
     axpy_f16_ref,
+    dot_q8_0_f32_ref,
+    axpy_q8_0_ref,
 };
 
 }  // namespace

@@ -81,13 +81,22 @@ std::string shape_str(const gguf::TensorInfo &t) {
 }  // namespace
 
 Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int n_threads, const std::string &isa,
-             const StreamConfig *stream)
-    : file_(path), cfg_(config), n_ctx_(n_ctx), ops_(isa.empty() ? &kern::best() : kern::named(isa)), pool_(n_threads) {
+             const StreamConfig *stream, KVType kv_type)
+    : file_(path), cfg_(config), n_ctx_(n_ctx), ops_(isa.empty() ? &kern::best() : kern::named(isa)), pool_(n_threads),
+      kv_type_(kv_type) {
     if (!ops_) throw ModelError("instruction set '" + isa + "' is not available on this CPU or in this build");
     const ModelConfig &c = cfg_;
     if (c.n_embd <= 0 || c.n_layer <= 0 || c.n_head <= 0 || c.n_head_kv <= 0 || c.head_dim <= 0 || c.head_dim % 2 ||
         c.n_head % c.n_head_kv || c.n_vocab <= 0)
         throw ModelError(path + ": inconsistent hyper-parameters (embedding, heads, head size or vocabulary)");
+    if (kv_type == KVType::Q8_0 && c.head_dim % kern::QA)
+        throw ModelError(path + ": a q8_0 KV cache needs a head size that is a multiple of 32 (this model's is " +
+                         std::to_string(c.head_dim) + "); use the f16 KV cache");
+    kv_row_ = kv_row_bytes(c, kv_type);
+    if (kv_type == KVType::Q8_0 && c.head_dim % 64 == 0) {  // keys: the largest power of 2 dividing head_dim; values: 64
+        for (rot_k_ = 64; c.head_dim % (2 * rot_k_) == 0;) rot_k_ *= 2;
+        rot_v_ = 64;
+    }
     if (n_ctx <= 0) throw ModelError("n_ctx must be positive");
     if ((c.n_expert > 0) != (c.n_expert_used > 0) || c.n_expert_used > c.n_expert)
         throw ModelError(path + ": expert_used_count " + std::to_string(c.n_expert_used) + " does not fit expert_count " +
@@ -185,9 +194,8 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
         experts_ = std::make_unique<MmapExpertStore>(std::move(expert_layers));
     for (const gguf::TensorInfo &t : file_.tensors()) weight_bytes_ += t.nbytes;
 
-    const size_t kv = static_cast<size_t>(c.n_layer) * n_ctx * kv_dim;
-    k_cache_.assign(kv, 0);
-    v_cache_.assign(kv, 0);
+    k_cache_.assign(kv_bytes_for(c, n_ctx, kv_type) / 2, 0);
+    v_cache_.assign(k_cache_.size(), 0);
     inv_freq_.resize(c.head_dim / 2);
     for (int i = 0; i < c.head_dim / 2; ++i) {
         inv_freq_[i] = std::pow(c.rope_theta, -2.0f * i / c.head_dim);
@@ -218,6 +226,9 @@ void Model::pack_weights() {
         packed_.emplace_back(rows * m.row_bytes);
         ops_->pack[m.wtype](m.data, m.row_bytes, rows, static_cast<size_t>(m.cols), packed_.back().data());
         m.packed = packed_.back().data();
+        // the packed copy replaces the mapped groups: drop their pages now, so that peak memory is
+        // the packed weights plus one matrix, not the file twice (the embedding rows stay: decode reads them)
+        if (m.data != tok_embd_.data) file_.release(m.data, rows * m.row_bytes);
     };
     if (!layer_store_)
         for (Layer &L : layers_)
@@ -227,7 +238,7 @@ void Model::pack_weights() {
 
 Model::~Model() = default;
 
-size_t Model::kv_bytes() const { return (k_cache_.size() + v_cache_.size()) * sizeof(uint16_t); }
+size_t Model::kv_bytes() const { return k_cache_.size() + v_cache_.size(); }
 
 size_t Model::scratch_bytes() const { return scratch_sizes(cfg_, max_ff_, n_ctx_, pool_.size(), kBatch).bytes(cfg_, kBatch); }
 
@@ -332,11 +343,16 @@ size_t Model::Scratch::bytes(const ModelConfig &c, int T) const {
     return (floats + moe + logits) * sizeof(float) + act_blocks * sizeof(kern::BlockQ8A);
 }
 
-size_t Model::kv_bytes_for(const ModelConfig &c, int n_ctx) {
-    return 2 * size_t(c.n_layer) * n_ctx * size_t(c.n_head_kv) * c.head_dim * sizeof(uint16_t);
+size_t Model::kv_row_bytes(const ModelConfig &c, KVType kv) {
+    const size_t kv_dim = size_t(c.n_head_kv) * c.head_dim;
+    return kv == KVType::Q8_0 ? kv_dim / QK8_0 * Q8_0_BLOCK_BYTES : kv_dim * sizeof(uint16_t);
 }
 
-MemorySizes Model::memory_sizes(const std::string &path, const ModelConfig &c, int n_ctx, int threads) {
+size_t Model::kv_bytes_for(const ModelConfig &c, int n_ctx, KVType kv) {
+    return 2 * size_t(c.n_layer) * n_ctx * kv_row_bytes(c, kv);
+}
+
+MemorySizes Model::memory_sizes(const std::string &path, const ModelConfig &c, int n_ctx, int threads, KVType kv) {
     const gguf::File f(path);
     MemorySizes m;
     int64_t max_ff = 0;
@@ -363,7 +379,7 @@ MemorySizes Model::memory_sizes(const std::string &path, const ModelConfig &c, i
             if (layer >= 0 && layer < c.n_layer) layer_units[layer].push_back(t.nbytes);
         }
     m.layer_slot = stream_slot_bytes(layer_units);
-    m.kv = kv_bytes_for(c, n_ctx);
+    m.kv = kv_bytes_for(c, n_ctx, kv);
     m.scratch = scratch_sizes(c, max_ff, n_ctx, threads, kBatch).bytes(c, kBatch);
     return m;
 }
@@ -425,6 +441,28 @@ void Model::rope(float *x, int n_heads, int pos) const {
     }
 }
 
+// In place: x[0..n) <- H x / sqrt(n), H the n x n Sylvester-Hadamard matrix (n a power of 2). The
+// transform is orthonormal and its own inverse, so it keeps dot products: rotating queries and
+// keys alike leaves the scores unchanged while spreading each head's outlier channels over all of
+// its values, so that int8 blocks lose less of them (a rotation of the q8_0 KV cache, as llama.cpp
+// does for quantized caches).
+static void hadamard(float *x, int n) {
+    for (int s = 1; s < n; s *= 2)
+        for (int i = 0; i < n; i += 2 * s)
+            for (int j = i; j < i + s; ++j) {
+                const float a = x[j], b = x[j + s];
+                x[j] = a + b;
+                x[j + s] = a - b;
+            }
+    const float norm = 1.0f / std::sqrt(static_cast<float>(n));
+    for (int i = 0; i < n; ++i) x[i] *= norm;
+}
+
+// hadamard() over consecutive chunks of `chunk` values of x[0..n).
+static void hadamard_chunks(float *x, int n, int chunk) {
+    for (int i = 0; i < n; i += chunk) hadamard(x + i, chunk);
+}
+
 void Model::attention(const Layer &L, int layer, int T, int pos0) {
     const ModelConfig &c = cfg_;
     const int hd = c.head_dim, q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd, group = c.n_head / c.n_head_kv;
@@ -446,35 +484,58 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
         }
         rope(q, c.n_head, pos0 + t);
         rope(k, c.n_head_kv, pos0 + t);
-        const size_t at = (size_t(layer) * n_ctx_ + pos0 + t) * kv_dim;
-        for (int i = 0; i < kv_dim; ++i) {
-            k_cache_[at + i] = fp32_to_fp16(k[i]);
-            v_cache_[at + i] = fp32_to_fp16(v[i]);
+        if (rot_k_) {
+            hadamard_chunks(q, q_dim, rot_k_);
+            hadamard_chunks(k, kv_dim, rot_k_);
+        }
+        if (rot_v_) hadamard_chunks(v, kv_dim, rot_v_);
+        const size_t at = (size_t(layer) * n_ctx_ + pos0 + t) * kv_row_;
+        if (kv_type_ == KVType::Q8_0) {
+            quantize_q8_0(k, k_cache_.data() + at, kv_dim / QK8_0, 1);
+            quantize_q8_0(v, v_cache_.data() + at, kv_dim / QK8_0, 1);
+        } else {
+            uint16_t *kd = reinterpret_cast<uint16_t *>(k_cache_.data() + at), *vd = reinterpret_cast<uint16_t *>(v_cache_.data() + at);
+            for (int i = 0; i < kv_dim; ++i) {
+                kd[i] = fp32_to_fp16(k[i]);
+                vd[i] = fp32_to_fp16(v[i]);
+            }
         }
     }
+    const bool q8 = kv_type_ == KVType::Q8_0;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const uint16_t *kc = k_cache_.data() + size_t(layer) * n_ctx_ * kv_dim;
-    const uint16_t *vc = v_cache_.data() + size_t(layer) * n_ctx_ * kv_dim;
+    const uint8_t *kc = k_cache_.data() + size_t(layer) * n_ctx_ * kv_row_;
+    const uint8_t *vc = v_cache_.data() + size_t(layer) * n_ctx_ * kv_row_;
+    const size_t head_bytes = kv_row_ / c.n_head_kv;  // one head's keys (or values) at one position
     const size_t items = size_t(T) * c.n_head;
     pool_.run([&](int ti, int nt) {
         float *sc = scores_.data() + size_t(ti) * n_ctx_;
         for (size_t it = items * ti / nt; it < items * (ti + 1) / nt; ++it) {
             const int t = static_cast<int>(it / c.n_head), h = static_cast<int>(it % c.n_head), kvh = h / group;
             const int n_keys = pos0 + t + 1;
-            const float *q = q_.data() + size_t(t) * q_dim + size_t(h) * hd;
+            const size_t q_at = size_t(t) * q_dim + size_t(h) * hd;
+            const float *q = q_.data() + q_at;
+            const uint8_t *kh = kc + size_t(kvh) * head_bytes, *vh = vc + size_t(kvh) * head_bytes;
             float mx = -INFINITY;
             for (int j = 0; j < n_keys; ++j) {
-                sc[j] = ops_->dot_f16(kc + size_t(j) * kv_dim + size_t(kvh) * hd, q, hd) * scale;
+                const uint8_t *key = kh + size_t(j) * kv_row_;
+                sc[j] = (q8 ? ops_->dot_q8_0_f32(key, q, hd) : ops_->dot_f16(reinterpret_cast<const uint16_t *>(key), q, hd)) * scale;
                 mx = std::max(mx, sc[j]);
             }
             float sum = 0.0f;
             for (int j = 0; j < n_keys; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
-            float *out = att_out_.data() + size_t(t) * q_dim + size_t(h) * hd;
+            float *out = att_out_.data() + q_at;
             std::fill(out, out + hd, 0.0f);
             const float inv = 1.0f / sum;
-            for (int j = 0; j < n_keys; ++j) ops_->axpy_f16(sc[j] * inv, vc + size_t(j) * kv_dim + size_t(kvh) * hd, out, hd);
+            for (int j = 0; j < n_keys; ++j) {
+                const uint8_t *value = vh + size_t(j) * kv_row_;
+                if (q8)
+                    ops_->axpy_q8_0(sc[j] * inv, value, out, hd);
+                else
+                    ops_->axpy_f16(sc[j] * inv, reinterpret_cast<const uint16_t *>(value), out, hd);
+            }
         }
     });
+    if (rot_v_) hadamard_chunks(att_out_.data(), T * q_dim, rot_v_);  // the values' rotation undone
     matmul(L.wo, att_out_.data(), tmp_.data(), T);
     for (size_t i = 0; i < size_t(T) * c.n_embd; ++i) x_[i] += tmp_[i];
 }

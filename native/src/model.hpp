@@ -1,5 +1,5 @@
 // The forward pass of the Llama family (Llama, SmolLM, Mistral, Qwen2, Qwen3) and the MoE families
-// (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) over a GGUF file, with an f16 KV cache and sampling.
+// (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) over a GGUF file, with an f16 or q8_0 KV cache and sampling.
 //
 // Weights are read in place from the memory map under their GGUF names. Family facts (rope style,
 // q/k norm kind, top-k renormalisation) come from the architecture table in converters/specs.py
@@ -20,6 +20,13 @@
 namespace edgeai {
 
 enum class QKNorm : int { NONE = 0, PER_HEAD = 1, FULL = 2 };
+
+// Element type of the KV cache. Q8_0 (ggml's block: f16 scale + 32 int8) takes 34/64 of F16's
+// memory; each head's keys and values are whole blocks, so head_dim must be a multiple of 32.
+// Scores multiply the int8 keys with the float query. Where head_dim is a multiple of 64, queries,
+// keys and values are rotated (model.cpp, hadamard) before the keys and values are quantized: half
+// the error on SmolLM2.
+enum class KVType : int { F16 = 0, Q8_0 = 1 };
 
 struct ModelConfig {
     int n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0;  // FFN widths come from the tensors
@@ -63,14 +70,15 @@ class Model {
         size_t bytes(const ModelConfig &c, int T) const;  // + activation blocks, MoE buffers, logits
     };
     static Scratch scratch_sizes(const ModelConfig &c, int64_t max_ff, int n_ctx, int threads, int T);
-    static size_t kv_bytes_for(const ModelConfig &c, int n_ctx);
-    static MemorySizes memory_sizes(const std::string &path, const ModelConfig &c, int n_ctx, int threads);
+    static size_t kv_row_bytes(const ModelConfig &c, KVType kv);  // one position of one layer's K (or V)
+    static size_t kv_bytes_for(const ModelConfig &c, int n_ctx, KVType kv);
+    static MemorySizes memory_sizes(const std::string &path, const ModelConfig &c, int n_ctx, int threads, KVType kv);
 
     // stream: nullptr reads experts in place from the memory map; else they are streamed into a
     // cache of stream->slots experts, and every other tensor is copied into memory at load (the
     // map is then no longer read, so a file truncated while running is a read error, not a SIGBUS).
     Model(const std::string &path, const ModelConfig &config, int n_ctx, int n_threads, const std::string &isa,
-          const StreamConfig *stream = nullptr);
+          const StreamConfig *stream = nullptr, KVType kv_type = KVType::F16);
     ~Model();
 
     const ModelConfig &config() const { return cfg_; }
@@ -81,6 +89,7 @@ class Model {
     int threads() const { return pool_.size(); }
     size_t weight_bytes() const { return weight_bytes_; }
     size_t kv_bytes() const;
+    KVType kv_type() const { return kv_type_; }
     size_t scratch_bytes() const;  // compute buffers at a full prefill batch
     size_t resident_bytes() const { return resident_.size(); }  // tensors copied into memory (streaming)
     ExpertStore &experts() { return *experts_; }
@@ -138,7 +147,10 @@ class Model {
     std::vector<std::pair<uint64_t, size_t>> resident_at_;  // (file offset, offset in resident_), sorted
     std::vector<std::vector<uint8_t>> packed_;  // storage of the Matrix::packed copies
 
-    std::vector<uint16_t> k_cache_, v_cache_;  // [n_layer][n_ctx][n_head_kv * head_dim] f16
+    KVType kv_type_;
+    size_t kv_row_;                           // bytes of one position's keys (or values) in one layer
+    int rot_k_ = 0, rot_v_ = 0;               // q8_0 cache: Hadamard rotation sizes of keys/queries and values (0: none)
+    std::vector<uint8_t> k_cache_, v_cache_;  // [n_layer][n_ctx][kv_row_]: n_head_kv * head_dim f16 or Q8_0
     std::vector<int32_t> history_;
     std::vector<float> logits_;  // [n_vocab] of the last evaluated token
 

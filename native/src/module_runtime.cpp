@@ -76,6 +76,12 @@ edgeai::ModelConfig config_from(const nb::dict &d) {
     return c;
 }
 
+edgeai::KVType kv_type_from(const std::string &name) {
+    if (name == "f16") return edgeai::KVType::F16;
+    if (name == "q8_0") return edgeai::KVType::Q8_0;
+    throw nb::value_error(("KV cache type '" + name + "' is not one of f16, q8_0").c_str());
+}
+
 nb::dict stats_dict(const edgeai::ExpertStoreStats &s, size_t slot_bytes) {
     nb::dict d;
     d["streaming"] = s.streaming;
@@ -151,12 +157,13 @@ void bind_runtime(nb::module_ &m) {
           "given as ('array', element type, length); tensors as (name, ggml type, ggml shape, file offset, bytes).");
 
     m.def("memory_sizes",
-          [](const std::string &path, const nb::dict &config, int n_ctx, int n_threads) {
+          [](const std::string &path, const nb::dict &config, int n_ctx, int n_threads, const std::string &kv_type) {
               const edgeai::ModelConfig c = config_from(config);
+              const edgeai::KVType kv = kv_type_from(kv_type);
               edgeai::MemorySizes s;
               {
                   nb::gil_scoped_release release;
-                  s = edgeai::Model::memory_sizes(path, c, n_ctx, n_threads);
+                  s = edgeai::Model::memory_sizes(path, c, n_ctx, n_threads, kv);
               }
               nb::dict d;
               d["dense"] = s.dense;
@@ -168,7 +175,7 @@ void bind_runtime(nb::module_ &m) {
               d["scratch"] = s.scratch;
               return d;
           },
-          nb::arg("path"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"),
+          nb::arg("path"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("kv_type") = "f16",
           "Bytes the engine would need for this file: {dense, experts, slot, layer_matrices, layer_slot, kv, scratch} "
           "(the planner's inputs).");
     m.def("engine_types",
@@ -260,6 +267,18 @@ void bind_runtime(nb::module_ &m) {
                                     to_numpy(std::move(qs), {n}));
           },
           nb::arg("isa"), nb::arg("x"), "Activation blocks (d, half sums, codes) as one kernel set makes them (tests).");
+    m.def("kernel_q8_0_kv",
+          [](const std::string &isa, U8In v, F32In x, float alpha) {
+              const edgeai::kern::Ops &ops = ops_or_throw(isa);
+              const size_t n = x.shape(0);
+              if (n % 32 || v.shape(0) != n / 32 * 34) throw nb::value_error("v must hold n/32 Q8_0 blocks of x's n (a multiple of 32)");
+              std::vector<float> y(x.data(), x.data() + n);
+              const float dot = ops.dot_q8_0_f32(v.data(), x.data(), n);
+              ops.axpy_q8_0(alpha, v.data(), y.data(), n);
+              return nb::make_tuple(dot, to_numpy(std::move(y), {n}));
+          },
+          nb::arg("isa"), nb::arg("v"), nb::arg("x"), nb::arg("alpha"),
+          "(dot(v, x), x + alpha*v) over a Q8_0 row v with one kernel set (tests of the q8_0 KV cache).");
     m.def("kernel_f16",
           [](const std::string &isa, U16In v, F32In x, float alpha) {
               const edgeai::kern::Ops &ops = ops_or_throw(isa);
@@ -291,16 +310,17 @@ void bind_runtime(nb::module_ &m) {
     nb::class_<edgeai::Model>(m, "Engine", "One model and one sequence (KV cache) in the native engine.")
         .def("__init__",
              [](edgeai::Model *self, const std::string &path, const nb::dict &config, int n_ctx, int n_threads,
-                const std::string &isa, const nb::object &stream) {
+                const std::string &isa, const nb::object &stream, const std::string &kv_type) {
                  edgeai::ModelConfig c = config_from(config);
+                 const edgeai::KVType kv = kv_type_from(kv_type);
                  std::optional<edgeai::StreamConfig> sc;
                  if (!stream.is_none()) sc = stream_config_from(nb::cast<nb::dict>(stream));
                  nb::gil_scoped_release release;
-                 new (self) edgeai::Model(path, c, n_ctx, n_threads, isa, sc ? &*sc : nullptr);
+                 new (self) edgeai::Model(path, c, n_ctx, n_threads, isa, sc ? &*sc : nullptr, kv);
              },
              nb::arg("path"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("isa") = "",
-             nb::arg("stream") = nb::none(),
-             "stream: None (experts read in place from the memory map) or {slots, policy, io_threads, direct, "
+             nb::arg("stream") = nb::none(), nb::arg("kv_type") = "f16",
+             "kv_type: 'f16' or 'q8_0' (the KV cache's element type). stream: None (experts read in place from the memory map) or {slots, policy, io_threads, direct, "
              "trace, retries, inject_read_faults}: experts streamed into a cache of `slots` experts.")
         .def("store_stats",
              [](edgeai::Model &self) {
@@ -360,5 +380,6 @@ void bind_runtime(nb::module_ &m) {
         .def_prop_ro("isa", [](const edgeai::Model &self) { return std::string(self.isa()); })
         .def_prop_ro("threads", &edgeai::Model::threads)
         .def_prop_ro("weight_bytes", &edgeai::Model::weight_bytes)
-        .def_prop_ro("kv_bytes", &edgeai::Model::kv_bytes);
+        .def_prop_ro("kv_bytes", &edgeai::Model::kv_bytes)
+        .def_prop_ro("kv_type", [](const edgeai::Model &self) { return self.kv_type() == edgeai::KVType::Q8_0 ? "q8_0" : "f16"; });
 }

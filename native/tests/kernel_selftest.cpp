@@ -61,6 +61,22 @@ int main(int argc, char **argv) {
                         ++failures;
                     }
             }
+            // Q8_0 rows are also the q8_0 KV cache: keys . float x, and x . (0 + 1 * row) through the
+            // values' axpy, are the same product
+            if (w == kern::W_Q8_0)
+                for (uint32_t r = 0; r < n_rows; ++r) {
+                    std::vector<float> v(n, 0.0f);
+                    ops->axpy_q8_0(1.0f, rows.data() + r * row_bytes, v.data(), n);
+                    double through_v = 0;
+                    for (uint32_t i = 0; i < n; ++i) through_v += double(v[i]) * x[i];
+                    const double got[2] = {ops->dot_q8_0_f32(rows.data() + r * row_bytes, x.data(), n), through_v};
+                    for (int k = 0; k < 2; ++k, ++checks)
+                        if (!(std::fabs(got[k] - expected[r]) <= tol[r])) {
+                            std::printf("FAIL %s %s n=%u row=%u: %.9g vs %.9g (tolerance %.3g)\n", isa.c_str(),
+                                        k ? "axpy_q8_0" : "dot_q8_0_f32", n, r, got[k], expected[r], tol[r]);
+                            ++failures;
+                        }
+                }
         }
     }
     std::printf("kernel sets:");

@@ -115,6 +115,33 @@ def test_planner_splits_streams_and_refuses(moe_ggufs):
         NativeBackend(path, n_ctx=128, memory_budget=16 << 20)
 
 
+def test_q8_0_kv_cache_in_the_plan_and_with_streamed_experts(tmp_path):
+    """The planner sizes a q8_0 KV cache at 34/64 of f16's, offers it as a lever when refusing, and
+    experts streamed beside a q8_0 cache give the same logits as the memory map."""
+    path = write_random_moe_gguf(tmp_path / "moe.gguf", n_layer=2, n_expert=8, n_expert_used=2, alignment=32)  # head_dim 64
+    meta, tensors = read_gguf(path)
+    config = engine_config(meta, tensors, path)
+
+    def plan(budget, kv_cache):
+        return plan_memory(path, config, budget=budget, n_ctx=2048, threads=2, kv_cache=kv_cache, process_bytes=50 << 20)
+
+    f16, q8 = plan(None, "f16"), plan(None, "q8_0")
+    assert q8.kv == f16.kv * 34 // 64 and q8.total == f16.total - (f16.kv - q8.kv)
+    assert ("KV cache", q8.kv, "q8_0, 2048 positions") in q8.rows()
+    with pytest.raises(BudgetError, match=r"--kv-cache q8_0\) saves"):
+        plan(f16.minimum - 1, "f16")
+    with pytest.raises(BudgetError) as err:
+        plan(q8.minimum - 1, "q8_0")
+    assert "--kv-cache" not in str(err.value)  # already taken
+
+    tokens = PROMPT[:12]
+    mapped = NativeBackend(path, n_ctx=64, threads=2, kv_cache="q8_0")
+    streamed = NativeBackend(path, n_ctx=64, threads=2, kv_cache="q8_0", expert_store={"slots": 2})
+    np.testing.assert_array_equal(mapped.eval_logits(tokens), streamed.eval_logits(tokens))
+    mapped.close()
+    streamed.close()
+
+
 def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
@@ -218,6 +245,10 @@ def test_cli_plan_and_budgets_the_other_engines_cannot_keep(random_moe):
     assert tight.exit_code == 0, tight.output
     tight = json.loads(tight.output)
     assert tight["streaming"] and tight["total"] <= half and 0.3 < tight["slots"] / (24 * 8) < 0.7
+    q8 = json.loads(runner.invoke(app, ["run", str(path), "--plan", "--json", "--ctx", "128", "--memory-budget",
+                                        str(half), "--kv-cache", "q8_0"]).output)
+    assert q8["kv_cache"] == "q8_0" and q8["parts"]["KV cache"] == tight["parts"]["KV cache"] * 34 // 64
+    assert q8["slots"] >= tight["slots"]  # the memory the cache gave back goes to experts
     refused = runner.invoke(app, ["run", str(path), "--plan", "--ctx", "128", "--memory-budget", "20MB"],
                             env={"COLUMNS": "300"})
     assert refused.exit_code == 1 and "needs at least" in refused.output and "raise the budget" in refused.output

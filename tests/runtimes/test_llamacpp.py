@@ -29,7 +29,7 @@ def test_logits_and_greedy_tokens_equal_llama_cpp(tiny_chat_gguf, N_BATCH):
         for _ in range(9):
             ours.append(be.step([ours[-1]]))
         assert ours == llama_cpp_greedy(ref, tokens, 10)
-        assert be.stats().extra["kv_type"] == "F32"
+        assert be.stats().extra["kv_type"] == "f32"
     finally:
         be.close()
         ref.close()

@@ -108,6 +108,8 @@ def test_can_run_and_bad_folders(exported, tmp_path):
         OnnxBackend(tmp_path)
     with pytest.raises(OptionError, match="outside 1..512"):
         OnnxBackend(exported["llama"]["fp32"], n_ctx=100000)
+    with pytest.raises(OptionError, match="q8_0 KV cache is for the native and llama.cpp backends"):
+        OnnxBackend(exported["llama"]["fp32"], kv_cache="q8_0")
 
 
 def test_eval_on_onnx(exported, tmp_path):
