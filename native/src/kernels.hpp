@@ -61,6 +61,9 @@ struct Ops {
     // Gemm.w = the packed data of its first group and n_rows a multiple of 8.
     void (*pack[W_COUNT])(const uint8_t *w, size_t row_bytes, size_t rows, size_t n, uint8_t *out);
     GemmFn gemm_packed[W_COUNT];
+    // The inverse of pack for one row: the plain bytes of row r (in a whole 8-row group) from the
+    // packed data (an output matrix tied to the embedding is looked up there, not kept twice).
+    void (*unpack_row[W_COUNT])(const uint8_t *packed, size_t row_bytes, size_t n, size_t r, uint8_t *row);
 };
 
 // Rows [r0, r1) of a matrix (r0 a multiple of 8): whole 8-row groups from the packed copy when

@@ -726,6 +726,24 @@ template <bool FIVE> void pack_q40_50(const uint8_t *w, size_t rb, size_t rows, 
         }
 }
 
+template <bool FIVE> void unpack_row_q40_50(const uint8_t *packed, size_t, size_t n, size_t r, uint8_t *row) {
+    constexpr int BYTES = FIVE ? 22 : 18, QS = FIVE ? 6 : 2;
+    const size_t nb = n / 32, l = r % 8;
+    const uint8_t *pw = packed + (r / 8) * nb * kGroupBytes<FIVE>;
+    for (size_t b = 0; b < nb; ++b, pw += kGroupBytes<FIVE>, row += BYTES) {
+        std::memcpy(row, pw + 2 * l, 2);
+        for (int c = 0; c < 4; ++c) std::memcpy(row + QS + 4 * c, pw + 16 + 32 * c + 4 * l, 4);
+        if (FIVE) {
+            uint32_t masks[8], qh = 0;
+            std::memcpy(masks, pw + 144, 32);
+            for (int c = 0; c < 4; ++c)
+                for (int h = 0; h < 2; ++h)
+                    for (int i = 0; i < 4; ++i) qh |= ((masks[2 * c + h] >> (4 * l + i)) & 1u) << (16 * h + 4 * c + i);
+            std::memcpy(row + 2, &qh, 4);
+        }
+    }
+}
+
 template <bool FIVE, int RN>
 void packed_q40_50_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
     __m256 acc[RN];
@@ -777,6 +795,67 @@ template <bool FIVE> void gemm_packed_q40_50(const Gemm &g) {
     }
 }
 
+// Q8_0 packed at load time: per 8-row group and block, the 8 f16 scales, then 8 chunks of 32
+// bytes; chunk k holds codes 4k..4k+3 of rows 0..7 (the transposed layout of Packed8, signed codes
+// only: the absolute values are taken per use, so the packed copy is the plain rows' size).
+constexpr size_t kGroupBytesQ8 = 8 * 34;
+
+void pack_q8_0(const uint8_t *w, size_t rb, size_t rows, size_t n, uint8_t *out) {
+    for (size_t g = 0; g < rows / 8; ++g)
+        for (size_t b = 0; b < n / 32; ++b, out += kGroupBytesQ8)
+            for (int r = 0; r < 8; ++r) {
+                const uint8_t *blk = w + (g * 8 + r) * rb + b * 34;
+                std::memcpy(out + 2 * r, blk, 2);
+                for (int k = 0; k < 8; ++k) std::memcpy(out + 16 + 32 * k + 4 * r, blk + 2 + 4 * k, 4);
+            }
+}
+
+void unpack_row_q8_0(const uint8_t *packed, size_t, size_t n, size_t r, uint8_t *row) {
+    const size_t nb = n / 32, l = r % 8;
+    const uint8_t *pw = packed + (r / 8) * nb * kGroupBytesQ8;
+    for (size_t b = 0; b < nb; ++b, pw += kGroupBytesQ8, row += 34) {
+        std::memcpy(row, pw + 2 * l, 2);
+        for (int k = 0; k < 8; ++k) std::memcpy(row + 2 + 4 * k, pw + 16 + 32 * k + 4 * l, 4);
+    }
+}
+
+template <int RN>
+void packed_q8_0_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
+    __m256 acc[RN];
+    for (auto &v : acc) v = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (size_t b = 0; b < nb; ++b, pw += kGroupBytesQ8) {
+        if (RN == 1) prefetch_lines<kGroupBytesQ8>(pw + kPrefetchGroups * group_bytes);
+        const BlockQ8A *xb[RN];
+        for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + b;
+        __m256i s[RN];
+        for (int t = 0; t < RN; ++t) s[t] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; ++k) {
+            const __m256i sw = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(pw + 16 + 32 * k));
+            const __m256i aw = _mm256_sign_epi8(sw, sw);
+            for (int t = 0; t < RN; ++t) {  // activation bytes 4k..4k+3 in every lane, with the codes' signs
+                const __m256i xv = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(xb[t]->qs + 4 * k)));
+                s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, sw)), ones));
+            }
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(pw)));
+        for (int t = 0; t < RN; ++t)
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xb[t]->d)), _mm256_cvtepi32_ps(s[t]), acc[t]);
+    }
+    for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
+}
+
+void gemm_packed_q8_0(const Gemm &g) {
+    const size_t nb = g.n / 32, group_bytes = nb * kGroupBytesQ8;
+    for (int r = 0; r + 8 <= g.n_rows; r += 8) {
+        const uint8_t *pw = g.w + size_t(r / 8) * group_bytes;
+        int t = 0;
+        for (; t + 4 <= g.T; t += 4)
+            packed_q8_0_tokens<4>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
+        for (; t < g.T; ++t) packed_q8_0_tokens<1>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
+    }
+}
+
 // Q8_0 decode over 8 rows with one lane per row (as rows8_q40_50).
 void rows8_q8_0(const uint8_t *w, size_t rb, const BlockQ8A *x, float *y, size_t n) {
     __m256 acc = _mm256_setzero_ps();
@@ -796,10 +875,13 @@ void rows8_q8_0(const uint8_t *w, size_t rb, const BlockQ8A *x, float *y, size_t
     _mm256_storeu_ps(y, acc);
 }
 
-// Q8_0: prefill over transposed 8-row groups, 4 tokens per pass; decode and the last rows by tiles.
+// Q8_0 on plain rows: 8-row groups transposed per call for any batch, one token by rows8_q8_0,
+// the last rows by tiles. Whole-block integer sums scaled once per block, as the load-time packed
+// kernel does, so that plain and packed rows give bit-identical results (dense layers streamed
+// from disk are not packed, and must compute what the resident layers compute).
 void gemm_q8_0(const Gemm &g) {
     int r = 0;
-    if (g.T >= kPackMinTokens) {
+    if (g.T >= 2) {
         Packed8 pk;
         const size_t nb = g.n / 32;
         for (; r + 8 <= g.n_rows; r += 8) {
@@ -826,8 +908,9 @@ const Ops OPS = {
     axpy_f16v,
     dot_q8_0_f32v,
     axpy_q8_0v,
-    {nullptr, nullptr, nullptr, pack_q40_50<false>, nullptr, pack_q40_50<true>},
-    {nullptr, nullptr, nullptr, gemm_packed_q40_50<false>, nullptr, gemm_packed_q40_50<true>},
+    {nullptr, nullptr, nullptr, pack_q40_50<false>, nullptr, pack_q40_50<true>, nullptr, pack_q8_0},
+    {nullptr, nullptr, nullptr, gemm_packed_q40_50<false>, nullptr, gemm_packed_q40_50<true>, nullptr, gemm_packed_q8_0},
+    {nullptr, nullptr, nullptr, unpack_row_q40_50<false>, nullptr, unpack_row_q40_50<true>, nullptr, unpack_row_q8_0},
 };
 
 }  // namespace

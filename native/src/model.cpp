@@ -208,15 +208,15 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
 
 // Streaming mode packs in place: the tensors are our own copy (resident_), and a second copy would
 // spend memory the planner gave to the expert cache. Layers streamed from disk are not packed
-// (their bytes are read again for every token), nor an output matrix shared with the embedding
-// rows that decode_row reads.
+// (their bytes are read again for every token). An output matrix tied to the embedding is packed
+// too where the kernel set can read a row back (embed), and the embedding then uses the packed copy.
 void Model::pack_weights() {
     const bool in_place = !resident_.empty();
     auto pack = [&](Matrix &m) {
         if (!m || !ops_->pack[m.wtype] || m.rows < 8) return;
+        if (m.data == tok_embd_.data && !ops_->unpack_row[m.wtype]) return;
         const size_t rows = static_cast<size_t>(m.rows) / 8 * 8;
         if (in_place) {
-            if (m.data == tok_embd_.data) return;
             std::vector<uint8_t> packed(rows * m.row_bytes);
             ops_->pack[m.wtype](m.data, m.row_bytes, rows, static_cast<size_t>(m.cols), packed.data());
             std::memcpy(const_cast<uint8_t *>(m.data), packed.data(), packed.size());  // rows past the groups stay plain
@@ -227,13 +227,29 @@ void Model::pack_weights() {
         ops_->pack[m.wtype](m.data, m.row_bytes, rows, static_cast<size_t>(m.cols), packed_.back().data());
         m.packed = packed_.back().data();
         // the packed copy replaces the mapped groups: drop their pages now, so that peak memory is
-        // the packed weights plus one matrix, not the file twice (the embedding rows stay: decode reads them)
-        if (m.data != tok_embd_.data) file_.release(m.data, rows * m.row_bytes);
+        // the packed weights plus one matrix, not the file twice
+        file_.release(m.data, rows * m.row_bytes);
     };
+    pack(output_);  // first: the largest matrix, so that its mapped pages are gone before the layers' copies exist
+    if (output_.data == tok_embd_.data) tok_embd_.packed = output_.packed;
     if (!layer_store_)
         for (Layer &L : layers_)
             for (Matrix *m : {&L.wq, &L.wk, &L.wv, &L.wo, &L.gate, &L.up, &L.down}) pack(*m);
-    pack(output_);
+}
+
+// The embedding of `token` into out[n_embd]: from the packed output matrix when the two are tied
+// and packed (the plain rows of its 8-row groups are then gone), else from the tensor.
+void Model::embed(int32_t token, float *out) {
+    const Matrix &m = tok_embd_;
+    if (m.packed && token < m.rows / 8 * 8) {
+        embd_row_.resize(m.row_bytes);
+        ops_->unpack_row[m.wtype](m.packed, m.row_bytes, static_cast<size_t>(m.cols), static_cast<size_t>(token), embd_row_.data());
+        Matrix row = m;
+        row.data = embd_row_.data();
+        decode_row(row, 0, out);
+        return;
+    }
+    decode_row(m, token, out);
 }
 
 Model::~Model() = default;
@@ -655,7 +671,7 @@ void Model::forward(const int32_t *tokens, int T, int pos0, float *logits_out, b
     const ModelConfig &c = cfg_;
     const int d = c.n_embd;
     ensure_scratch(T);
-    for (int t = 0; t < T; ++t) decode_row(tok_embd_, tokens[t], x_.data() + size_t(t) * d);
+    for (int t = 0; t < T; ++t) embed(tokens[t], x_.data() + size_t(t) * d);
     const float *out_norm = reinterpret_cast<const float *>(output_norm_.data);
     for (int l = 0; l < c.n_layer; ++l) {
         const Layer &L = layer_store_ ? acquire_layer(l) : layers_[l];
@@ -709,7 +725,7 @@ int Model::sample() {
     // Streaming: the next step starts with layer 0, which no earlier layer can predict; its router
     // applied to the sampled token's embedding guesses its experts while the caller takes the token.
     if (experts_->streams() && scratch_T_ > 0) {
-        decode_row(tok_embd_, token, x_.data());
+        embed(token, x_.data());
         prefetch_experts(0);
     }
     return token;

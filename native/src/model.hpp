@@ -127,6 +127,7 @@ class Model {
     void rope(float *x, int n_heads, int pos) const;
     void ensure_scratch(int T);
     void pack_weights();  // dense layer matrices and the output into the kernel set's packed layout
+    void embed(int32_t token, float *out);
 
     gguf::File file_;
     ModelConfig cfg_;
@@ -146,6 +147,7 @@ class Model {
     std::vector<uint8_t> resident_;                        // streaming: non-expert tensors
     std::vector<std::pair<uint64_t, size_t>> resident_at_;  // (file offset, offset in resident_), sorted
     std::vector<std::vector<uint8_t>> packed_;  // storage of the Matrix::packed copies
+    std::vector<uint8_t> embd_row_;             // one embedding row read back from the packed output
 
     KVType kv_type_;
     size_t kv_row_;                           // bytes of one position's keys (or values) in one layer

@@ -249,6 +249,21 @@ void bind_runtime(nb::module_ &m) {
           nb::arg("isa"), nb::arg("ggml_type"), nb::arg("rows"), nb::arg("x"), nb::arg("n_rows"), nb::arg("packed") = false,
           "Y = X W^T with one kernel set's tiled kernels (tests): X is [T, n] tokens, W n_rows rows of the type's bytes; "
           "packed: through the set's load-time layout where it has one for the type (as the engine does).");
+    m.def("kernel_packed_rows",
+          [](const std::string &isa, uint32_t ggml_type, U8In rows, size_t n_rows, size_t n) -> nb::object {
+              const edgeai::kern::Ops &ops = ops_or_throw(isa);
+              const int w = edgeai::kern::wtype_of_ggml(ggml_type);
+              if (w < 0 || !ops.pack[w] || !ops.unpack_row[w]) return nb::none();
+              const size_t row_bytes = rows.shape(0) / n_rows;
+              if (n_rows % 8 || row_bytes * n_rows != rows.shape(0)) throw nb::value_error("n_rows must be whole 8-row groups of rows");
+              std::vector<uint8_t> pk(rows.shape(0)), back(rows.shape(0));
+              ops.pack[w](rows.data(), row_bytes, n_rows, n, pk.data());
+              for (size_t r = 0; r < n_rows; ++r) ops.unpack_row[w](pk.data(), row_bytes, n, r, back.data() + r * row_bytes);
+              return nb::bytes(reinterpret_cast<const char *>(back.data()), back.size());
+          },
+          nb::arg("isa"), nb::arg("ggml_type"), nb::arg("rows"), nb::arg("n_rows"), nb::arg("n"),
+          "Every row read back from one kernel set's packed layout of `rows` (tests of unpack_row); None where the "
+          "set does not pack the type.");
     m.def("kernel_quantize_act",
           [](const std::string &isa, F32In x) {
               const edgeai::kern::Ops &ops = ops_or_throw(isa);

@@ -56,6 +56,20 @@ def test_gemm_matches_numpy_reference(isa, case, packed):
             assert np.all(err <= tol), f"{isa} {case.fmt} T={T} token {t}: error {err.max()} > tolerance {tol[err.argmax()]}"
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.fmt in ("q4_0", "q5_0", "q8_0")], ids=lambda c: f"{c.fmt}-{c.x.size}")
+def test_packed_rows_read_back_exactly(case):
+    """A row read back from the packed layout (the embedding of a tied, packed output matrix) is
+    the row that was packed, in every position of two 8-row groups, in every set that packs."""
+    rows = np.ascontiguousarray(np.concatenate([case.rows.reshape(case.n_rows, -1)[[0, 3, 5, 2, 4, 1, 3, 0]]] * 2)[::-1]).ravel()
+    packing = []
+    for isa in ISAS:
+        back = _native.kernel_packed_rows(isa, case.ggml_type, rows, 16, case.x.size)
+        if back is not None:  # None: this set keeps the type's rows plain
+            packing.append(isa)
+            assert back == rows.tobytes(), isa
+    assert ("avx2" in packing) == ("avx2" in ISAS)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_activation_quantizer_is_identical_across_isas(isa):
     rng = np.random.default_rng(3)
