@@ -33,7 +33,8 @@ What it does:
    decodes one token per step (see --decode) and times every step; llama.cpp stops at --llama-cap
    seconds of decoding. Bytes read: /proc/self/io read_bytes of the child (both engines; O_DIRECT
    reads are counted there too), and for ours the store's own count. At 50 % and 20 % ours also runs
-   under each replacement policy (--policies). Unconstrained runs (no limit, file in the page cache)
+   under each replacement policy (--policies; "next-use:demand" is next-use with prefetch off, the
+   run whose hit rate compares with Belady's on equal terms). Unconstrained runs (no limit, file in the page cache)
    give the reference speed of each engine.
 4. For ours: hit rate of decode against offline replays (runtimes/expert_replay.py: Belady, LRU,
    LFU) of its own demand trace at the same slot count, replayed from the start of the run (prefill
@@ -80,7 +81,10 @@ TEXT = ("The printing press changed how knowledge travelled across Europe. Befor
         "and new ways of checking what others had written.")
 LIMITS = (0.75, 0.5, 0.2)
 POLICY_LIMITS = (0.5, 0.2)  # where every replacement policy runs
-POLICIES = ("lru", "lfu", "layer", "next-use")  # next-use: on main since 5f9bd0e (a failed row on older engines)
+# next-use: on main since 5f9bd0e (a failed row on older engines); ":demand" runs a policy without
+# prefetching, so that its hit rate compares with the demand-only replays on equal terms; ":topN"
+# prefetches the N likeliest experts (the engine's default: half of the experts a token uses)
+POLICIES = ("lru", "lfu", "layer", "next-use", "next-use:demand", "next-use:top8")
 ENGINES = {"ours": "ours", "llama": "llama.cpp", "llama-mmap": "llama.cpp mmap"}  # child name -> row name
 N_CTX = 256
 Q4_RMS = math.sqrt(17.5)  # rms of the weights -7..7 (and 0 twice) that q4_blocks writes, in units of the scale
@@ -276,8 +280,14 @@ def child_ours(a: argparse.Namespace) -> dict:
 
     io0, t0 = _read_bytes(), time.perf_counter()
     store = {"trace": True}
-    if a.policy:
-        store["policy"] = a.policy
+    # "next-use:demand": no prefetch, demand reads only; "next-use:top2": prefetch the 2 likeliest experts
+    policy, _, mode = a.policy.partition(":")
+    if policy:
+        store["policy"] = policy
+    if mode == "demand":
+        store["prefetch"] = False
+    elif mode.startswith("top"):
+        store["prefetch_top"] = int(mode[3:])
     be = NativeBackend(Path(a.model), n_ctx=N_CTX, threads=a.threads, memory_budget=a.budget or None,
                        expert_store=store)
     be.set_sampling(Sampling(temperature=0))
@@ -512,8 +522,9 @@ def print_report(rep: dict) -> None:
     con.print("ours: MiB read/tok and read MiB/s are the store's own reads (/proc/self/io read_bytes, in the JSON as "
               "io_bytes_per_tok, agrees); llama.cpp's are /proc/self/io read_bytes. % disk: against the better "
               "of the 1- and 4-reader disk figures. hit: demand accesses found resident or already being read "
-              "(prefetched included); hit w/o pf: those not brought in by a prefetch, the figure comparable to "
-              "the replays (Belady, LRU, LFU: demand-only, same slot count, same trace). pf waste: share of the "
+              "(prefetched included); hit w/o pf: those not brought in by a prefetch; the replays (Belady, LRU, LFU) "
+              "are demand-only, same slot count, same trace: a ':demand' row (no prefetch) compares with them on "
+              "equal terms. pf waste: share of the "
               "store's loads (misses + prefetches) that no demand used. 'none' rows: no limit, "
               "file in the page cache beforehand (charged to the parent's cgroup, hence the small cgroup peak); "
               "RSS peak counts the memory-mapped file pages too.")

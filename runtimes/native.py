@@ -158,8 +158,9 @@ class NativeBackend(VocabText):
         that is a multiple of 32).
         memory_budget: bytes for the whole process; the planner (`runtimes.plan`) splits it and
         streams MoE experts from the file when they do not fit, or raises BudgetError.
-        expert_store: options of the streaming expert store (policy: lru|lfu|layer, io_threads,
-        direct, trace, retries; slots: stream with this many slots whatever the budget).
+        expert_store: options of the streaming expert store (policy: next-use|lru|lfu|layer, io_threads,
+        direct, trace, retries, prefetch (False: demand reads only); slots: stream with this many
+        slots whatever the budget).
         """
         from edgeai import _native
         from edgeai.runtimes.plan import plan_memory

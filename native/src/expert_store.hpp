@@ -102,6 +102,12 @@ struct StreamConfig {
     std::string io = "auto";       // auto (io_uring where the kernel allows it, else pread) | uring | pread
     bool direct = true;            // bypass the page cache (falls back when the file system refuses)
     bool trace = false;            // record demand accesses (replays, benchmarks)
+    bool prefetch = true;          // predict the next layer's experts and read them ahead (off: demand reads only)
+    // read ahead only this many of the likeliest experts (0: half of those a token uses). On the
+    // 2 GB benchmark (random router, prediction precision under 50%) reading all 8 predicted
+    // experts cost a third of the decode speed at 20% and 50% budgets: wasted reads compete with
+    // demand reads; 4 was as fast as no prefetch there (benchmarks/expert_streaming.py --policies).
+    int prefetch_top = 0;
     int retries = 3;               // attempts after a failed or short read, before the error is reported
     int inject_read_faults = 0;    // tests: the first N reads fail with EIO
 };

@@ -104,6 +104,9 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
 
     const int64_t q_dim = int64_t(c.n_head) * c.head_dim, kv_dim = int64_t(c.n_head_kv) * c.head_dim;
     const bool stream_layers = stream && stream->layer_slots > 0;
+    prefetch_ = !stream || stream->prefetch;
+    prefetch_top_ = stream && stream->prefetch_top > 0 ? std::min(stream->prefetch_top, c.n_expert_used)
+                                                       : (c.n_expert_used + 1) / 2;
     if (stream) copy_resident(path, stream_layers);
     tok_embd_ = matrix("token_embd.weight", c.n_embd, c.n_vocab, true);
     output_norm_ = vector("output_norm.weight", c.n_embd, true);
@@ -597,7 +600,7 @@ void Model::moe(const Layer &L, int layer, int T) {
     experts_->request(layer, order);
     // Decode: while this layer computes, read what the next layer's router would pick for the
     // current state (a prediction; prefill reads whole batches and needs none).
-    if (T == 1 && experts_->streams() && layer + 1 < c.n_layer) prefetch_experts(layer + 1);
+    if (T == 1 && experts_->streams() && prefetch_ && layer + 1 < c.n_layer) prefetch_experts(layer + 1);
     std::vector<float> &acc = moe_acc_, &xin = moe_xin_, &out = moe_out_;  // [T][d], [Te][d], [Te][d]
     acc.assign(size_t(T) * d, 0.0f);
     for (int e : order) {
@@ -650,9 +653,9 @@ void Model::prefetch_experts(int layer) {
     std::vector<int> &idx = moe_idx_;
     idx.resize(c.n_expert);
     std::iota(idx.begin(), idx.end(), 0);
-    std::partial_sort(idx.begin(), idx.begin() + c.n_expert_used, idx.end(),
+    std::partial_sort(idx.begin(), idx.begin() + prefetch_top_, idx.end(),
                       [&](int a, int b) { return moe_pred_[a] > moe_pred_[b] || (moe_pred_[a] == moe_pred_[b] && a < b); });
-    idx.resize(c.n_expert_used);  // the predicted experts (moe_idx_ is refilled by the next routing)
+    idx.resize(prefetch_top_);  // the most likely experts (moe_idx_ is refilled by the next routing)
     experts_->prefetch(layer, idx);
 }
 
@@ -724,7 +727,7 @@ int Model::sample() {
     const int token = sample_token(logits_, history_, sampling_, rng_);
     // Streaming: the next step starts with layer 0, which no earlier layer can predict; its router
     // applied to the sampled token's embedding guesses its experts while the caller takes the token.
-    if (experts_->streams() && scratch_T_ > 0) {
+    if (experts_->streams() && prefetch_ && scratch_T_ > 0) {
         embed(token, x_.data());
         prefetch_experts(0);
     }

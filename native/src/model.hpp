@@ -151,6 +151,8 @@ class Model {
 
     KVType kv_type_;
     size_t kv_row_;                           // bytes of one position's keys (or values) in one layer
+    bool prefetch_ = true;                    // streaming: read the experts the next layer's router predicts ahead
+    int prefetch_top_ = 0;                    // how many of them (the most likely)
     int rot_k_ = 0, rot_v_ = 0;               // q8_0 cache: Hadamard rotation sizes of keys/queries and values (0: none)
     std::vector<uint8_t> k_cache_, v_cache_;  // [n_layer][n_ctx][kv_row_]: n_head_kv * head_dim f16 or Q8_0
     std::vector<int32_t> history_;

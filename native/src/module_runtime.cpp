@@ -117,6 +117,8 @@ edgeai::StreamConfig stream_config_from(const nb::dict &d) {
         else if (key == "io") s.io = nb::cast<std::string>(v);
         else if (key == "direct") s.direct = nb::cast<bool>(v);
         else if (key == "trace") s.trace = nb::cast<bool>(v);
+        else if (key == "prefetch") s.prefetch = nb::cast<bool>(v);
+        else if (key == "prefetch_top") s.prefetch_top = nb::cast<int>(v);
         else if (key == "retries") s.retries = nb::cast<int>(v);
         else if (key == "inject_read_faults") s.inject_read_faults = nb::cast<int>(v);
         else throw nb::value_error(("unknown stream option '" + key + "'").c_str());
