@@ -80,8 +80,8 @@ def speed(folders: dict[str, Path], threads: int, runs: int, prompt: list[int], 
         b.step([1])
     pairs = list(backends.items())
     for i in range(runs):
-        # ABBA order: on a shared 2-core machine the second of two back-to-back runs measured 2-8 %
-        # faster even with the same folder twice, which a fixed order would credit to one model
+        # ABBA order: on a shared 2-core machine a run's place in a fixed rotation shifted its speed
+        # by up to ~5 % (the same folder loaded twice), which a fixed order credits to one model
         for key, b in pairs if i % 2 == 0 else pairs[::-1]:
             t_prefill, t_decode = timed_generation(b, prompt, n_decode)
             samples[key]["prefill"].append(len(prompt) / t_prefill)
