@@ -21,7 +21,7 @@ q/k rows are in the Hugging Face layout (each head's two halves rotate together)
 GroupQueryAttention runs with `rotary_interleaved=0` for every family: the plan's q/k rows of
 NORM-RoPE families (Llama, Mistral, Mixtral), permuted for GGUF so that adjacent pairs rotate, are
 put back after encoding (a row order: the codes and scales are the same). The cached keys are then
-transformers' too, and onnxruntime's rotary kernel takes its plain (faster) path.
+transformers' too (and the graph the one onnxruntime-genai's builder writes).
 
 Weights: fp32; fp16 (stored as float16, computed in float32: onnxruntime folds the casts when it
 loads); int8/int4 as block-wise symmetric `MatMulNBits` (`edgeai.quant.nbits`) whose scales come
