@@ -14,8 +14,9 @@ Both folders are made from the same F32 Hugging Face checkpoint (`tests/helpers.
 and measured the same way: size (model.onnx + external data), KL divergence / perplexity / top-1
 against an F16 GGUF reference (`edgeai.quant.evaluate`: llama.cpp runs the reference, onnxruntime
 runs both ONNX folders), and prefill / decode tokens per second through the same loop
-(`edgeai.runtimes.onnxrt.OnnxBackend`: IO-bound KV cache, one graph run per step) at each thread
-count; the medians of --runs runs, the two models alternating run by run. Each method's figures go to
+(`edgeai.runtimes.onnxrt.OnnxBackend`: the KV cache in place in shared past/present buffers, as
+both folders' genai_config.json allow; one graph run per step) at each thread count; the medians of
+--runs runs, the two models alternating run by run in ABBA order. Each method's figures go to
 report-METHOD.json in the work folder (the genai folder is shared by every method).
 """
 
@@ -77,8 +78,11 @@ def speed(folders: dict[str, Path], threads: int, runs: int, prompt: list[int], 
         b.set_sampling(GREEDY)
         b.step(prompt)
         b.step([1])
-    for _ in range(runs):
-        for key, b in backends.items():
+    pairs = list(backends.items())
+    for i in range(runs):
+        # ABBA order: on a shared 2-core machine a run's place in a fixed rotation shifted its speed
+        # by up to ~5 % (the same folder loaded twice), which a fixed order credits to one model
+        for key, b in pairs if i % 2 == 0 else pairs[::-1]:
             t_prefill, t_decode = timed_generation(b, prompt, n_decode)
             samples[key]["prefill"].append(len(prompt) / t_prefill)
             samples[key]["decode"].append(n_decode / t_decode)

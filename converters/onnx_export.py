@@ -17,11 +17,11 @@ The graph, per position batch [batch, seq] (prefill and decode are the same grap
                x += a @ Wo; x += ffn(rms_norm(x))          SwiGLU, or MoE / QMoE (routed experts)
     logits = rms_norm(x) @ Wout                           -> logits [batch, seq, n_vocab], present.{i}.*
 
-Weights keep the GGUF (internal) layout of `converters.specs`: for NORM-RoPE families (Llama,
-Mistral, Mixtral) q/k rows are permuted so that adjacent pairs rotate, and GroupQueryAttention
-runs with `rotary_interleaved=1`; NEOX families keep the Hugging Face layout with
-`rotary_interleaved=0`. Both rotate the same way Hugging Face does, so the logits are the same;
-only the order of the head dimensions inside the cached keys differs from transformers'.
+q/k rows are in the Hugging Face layout (each head's two halves rotate together), and
+GroupQueryAttention runs with `rotary_interleaved=0` for every family: the plan's q/k rows of
+NORM-RoPE families (Llama, Mistral, Mixtral), permuted for GGUF so that adjacent pairs rotate, are
+put back after encoding (a row order: the codes and scales are the same). The cached keys are then
+transformers' too (and the graph the one onnxruntime-genai's builder writes).
 
 Weights: fp32; fp16 (stored as float16, computed in float32: onnxruntime folds the casts when it
 loads); int8/int4 as block-wise symmetric `MatMulNBits` (`edgeai.quant.nbits`) whose scales come
@@ -43,7 +43,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -213,6 +213,7 @@ class _Weights:
     def __init__(self, g: _Graph, plan, opts: _Options, importance, encoded: dict[str, list[np.ndarray]] | None,
                  threads: int):
         self.g, self.plan, self.opts = g, plan, opts
+        self.row_orders = _hf_row_orders(plan)
         self.importance, self.encoded, self.threads = importance, encoded, threads
         self.types: dict[str, str] = {}
         self.fallbacks: dict[str, str] = {}
@@ -248,43 +249,62 @@ class _Weights:
                                     + (f"blocks of {b}" if b else "kept float32"))
         return b is not None
 
+    def _hf_rows(self, name: str, t):
+        """`t` (a planned tensor's rows [N, ...] or their NBits encoding) in Hugging Face row order."""
+        order = self.row_orders.get(name)
+        if order is None:
+            return t
+        if isinstance(t, np.ndarray):
+            return t[order]
+        return replace(t, codes=t.codes[order], scales=t.scales[order])
+
+    def _read(self, name: str) -> np.ndarray:
+        """A planned tensor as the graph uses it (float32 arrays from the plan, HF row order)."""
+        return self._hf_rows(name, self.plan.read(name))
+
+    def _encoded(self, name: str, w: np.ndarray):
+        """The NBits encoding of planned matrix `name` (`w`: its rows as the plan gives them), HF row order."""
+        return self._hf_rows(name, self._nbits(name, w, None))
+
     # -- operands
-    def linear(self, x: str, name: str) -> str:
-        """x [.., K] @ W.T for planned weight `name` [N, K]."""
+    def linear(self, x: str, name: str, output: str | None = None) -> str:
+        """x [.., K] @ W.T for planned weight `name` [N, K] (into value `output` if given)."""
         g, q = self.g, self.opts.quant
-        w = self.plan.read(name)
+        out = {"outputs": [output]} if output else {}
+        w = self.plan.read(name)  # plan order: GPTQ's codes and the importance follow it
         n, k = w.shape
         label = name
         if self._quantized(name, k):
-            enc = self._nbits(name, w, None)
+            enc = self._encoded(name, w)
             codes = g.initializer(label + ".qweight", enc.codes, weights=n * k)
             scales = g.initializer(label + ".scales", enc.scales.reshape(-1), weights=0)
             self.types[name] = f"int{q.bits}"
             return g.one("MatMulNBits", [x, codes, scales], domain=MS, K=k, N=n, bits=q.bits,
-                         block_size=enc.block_size, accuracy_level=self.opts.accuracy_level)
+                         block_size=enc.block_size, accuracy_level=self.opts.accuracy_level, **out)
+        w = self._hf_rows(name, w)
         if q is OnnxQuant.FP16 and not name.endswith("ffn_gate_inp.weight"):
             wt = g.initializer(label + ".weight_t", w.T.astype(np.float16), weights=n * k)
             self.types[name] = "fp16"
-            return g.one("MatMul", [x, g.one("Cast", [wt], to=1)])
+            return g.one("MatMul", [x, g.one("Cast", [wt], to=1)], **out)
         wt = g.initializer(label + ".weight_t", np.ascontiguousarray(w.T, np.float32), weights=n * k)
         self.types[name] = "fp32"
-        return g.one("MatMul", [x, wt])
+        return g.one("MatMul", [x, wt], **out)
 
     def fused(self, x: str, names: list[str], label: str) -> str:
         """x @ [W_1; W_2; ...].T as one node for weights that share their input (q, k, v): one
         MatMulNBits instead of three per layer (fewer kernel launches per decode step)."""
         g, q = self.g, self.opts.quant
-        ws = [self.plan.read(n) for n in names]  # [N_i, K] each
+        ws = [self.plan.read(n) for n in names]  # [N_i, K] each, plan order
         k, n_total = ws[0].shape[1], sum(w.shape[0] for w in ws)
         if all(self._quantized(n, k) for n in names):
-            encs = [self._nbits(n, w, None) for n, w in zip(names, ws)]
+            encs = [self._encoded(n, w) for n, w in zip(names, ws)]
             assert len({e.block_size for e in encs}) == 1
             codes = g.initializer(label + ".qweight", np.concatenate([e.codes for e in encs]), weights=n_total * k)
             scales = g.initializer(label + ".scales", np.concatenate([e.scales for e in encs]).reshape(-1), weights=0)
             self.types.update({n: f"int{q.bits}" for n in names})
             return g.one("MatMulNBits", [x, codes, scales], domain=MS, K=k, N=n_total, bits=q.bits,
                          block_size=encs[0].block_size, accuracy_level=self.opts.accuracy_level)
-        wt = np.concatenate([w.T for w in ws], axis=1)  # [K, N_total]
+        wt = np.concatenate([self._hf_rows(n, w).T for n, w in zip(names, ws)], axis=1)  # [K, N_total]
         kind = "fp16" if q is OnnxQuant.FP16 else "fp32"
         self.types.update({n: kind for n in names})
         if q is OnnxQuant.FP16:
@@ -294,13 +314,13 @@ class _Weights:
 
     def vectors(self, names: list[str], label: str) -> str:
         """1-D planned tensors concatenated (the q, k, v biases of a fused projection)."""
-        t = np.concatenate([self.plan.read(n).astype(np.float32) for n in names])
+        t = np.concatenate([self._read(n).astype(np.float32) for n in names])
         self.types.update({n: "fp32" for n in names})
         return self.g.initializer(label, t, weights=t.size)
 
     def vector(self, name: str) -> str:
         """A 1-D planned tensor (norm weight, bias) as a float32 initializer."""
-        t = self.plan.read(name).astype(np.float32)
+        t = self._read(name).astype(np.float32)
         self.types[name] = "fp32"
         return self.g.initializer(name, t, weights=t.size)
 
@@ -366,24 +386,43 @@ class _Weights:
         out = g.one("Gather", [table, ids], axis=0)
         return g.one("Cast", [out], to=1) if dtype == np.float16 else out
 
-    def tied_output(self, x: str, n_vocab: int, n_embd: int) -> str:
-        """x @ token_embd.T from the embedding's own initializers (no second copy on disk)."""
+    def tied_output(self, x: str, n_vocab: int, n_embd: int, output: str) -> str:
+        """x @ token_embd.T into value `output`, from the embedding's own initializers (no second copy on disk)."""
         g, q = self.g, self.opts.quant
         if self.embedding_q is not None:
             codes, scales, block_size = self.embedding_q
             return g.one("MatMulNBits", [x, codes, scales], domain=MS, K=n_embd, N=n_vocab, bits=q.bits,
-                         block_size=block_size, accuracy_level=self.opts.accuracy_level)
+                         block_size=block_size, accuracy_level=self.opts.accuracy_level, outputs=[output])
         table = self.embedding_f
         if q is OnnxQuant.FP16:
             table = g.one("Cast", [table], to=1)
-        return g.one("MatMul", [x, g.one("Transpose", [table], perm=[1, 0])])
+        return g.one("MatMul", [x, g.one("Transpose", [table], perm=[1, 0])], outputs=[output])
+
+
+def _hf_row_orders(plan) -> dict[str, np.ndarray]:
+    """Row index arrays that put the plan's q/k rows (and biases) back in Hugging Face order, for
+    NORM-RoPE families, whose plan permutes each head's rows [x_0, y_0, x_1, y_1, ...] for GGUF
+    (`converters.specs._permute_rows`): HF row h*d + s*d/2 + j is plan row h*d + 2j + s."""
+    from edgeai.converters.specs import RopeStyle
+
+    hp = plan.hparams
+    if plan.spec.rope is not RopeStyle.NORM:
+        return {}
+    names = {t.name for t in plan.tensors}
+    half = hp.head_dim // 2
+    orders = {}
+    for role, n_heads in (("attn_q", hp.n_head), ("attn_k", hp.n_head_kv)):
+        order = np.arange(n_heads * hp.head_dim).reshape(n_heads, half, 2).swapaxes(1, 2).reshape(-1)
+        for i in range(hp.n_layer):
+            orders.update({f"blk.{i}.{role}.{kind}": order for kind in ("weight", "bias") if f"blk.{i}.{role}.{kind}" in names})
+    return orders
 
 
 def _build_graph(g: _Graph, plan, w: _Weights, max_pos: int):
     """The decoder graph's nodes (weights streamed by `w`); returns (inputs, outputs) value infos."""
     from onnx import TensorProto, helper
 
-    from edgeai.converters.specs import QKNorm, RopeStyle
+    from edgeai.converters.specs import QKNorm
     from edgeai.quant.forward import ForwardConfig, RopeTables
 
     spec, hp = plan.spec, plan.hparams
@@ -413,14 +452,19 @@ def _build_graph(g: _Graph, plan, w: _Weights, max_pos: int):
     x = w.embedding("input_ids")
     residual, pending = None, None  # pending: the last sub-layer's output, not yet added to the residual
 
-    def norm(weight: str) -> str:
-        """rms_norm(residual + pending) with `weight`; updates the residual."""
+    def norm(weight: str, last: bool = False) -> str:
+        """rms_norm(residual + pending) with `weight`; updates the residual (unless `last`)."""
         nonlocal residual, pending
         if pending is None:
             residual = x
             return g.one("RMSNormalization", [x, w.vector(weight)], axis=-1, epsilon=eps)
-        out, summed = g.node("SkipSimplifiedLayerNormalization", [pending, residual, w.vector(weight)], 4,
-                             domain=MS, epsilon=eps)[::3]
+        inputs = [pending, residual, w.vector(weight)]
+        if last:  # no residual after the last block: the normed output only
+            return g.one("SkipSimplifiedLayerNormalization", inputs, domain=MS, epsilon=eps)
+        # outputs: normed, mean and inv_std_var (training only: left unnamed, so onnxruntime does
+        # not compute them), the sum (the next residual)
+        out, _, _, summed = g.node("SkipSimplifiedLayerNormalization", inputs, domain=MS, epsilon=eps,
+                                   outputs=[g.fresh("skipnorm/out"), "", "", g.fresh("skipnorm/sum")])
         residual, pending = summed, None
         return out
 
@@ -459,16 +503,18 @@ def _build_graph(g: _Graph, plan, w: _Weights, max_pos: int):
                       [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total, cos, sin],
                       domain=MS, name=f"attn{i}", outputs=[g.fresh(f"attn{i}"), f"present.{i}.key", f"present.{i}.value"],
                       num_heads=hp.n_head, kv_num_heads=hp.n_head_kv, do_rotary=1,
-                      rotary_interleaved=int(spec.rope is RopeStyle.NORM), scale=1.0 / math.sqrt(d))[0]
+                      rotary_interleaved=0, scale=1.0 / math.sqrt(d))[0]
         pending = w.linear(attn, blk + "attn_output.weight")
         h = norm(blk + "ffn_norm.weight")
         if spec.moe is None:
             pending = swiglu(h, blk + "ffn_gate.weight", blk + "ffn_up.weight", blk + "ffn_down.weight")
         else:
             pending = _moe(g, w, spec.moe, hp, h, blk, swiglu)
-    h = norm("output_norm.weight")
-    logits = w.tied_output(h, cfg.n_vocab, hp.n_embd) if tied else w.linear(h, "output.weight")
-    g.node("Identity", [logits], outputs=["logits"])
+    h = norm("output_norm.weight", last=True)
+    if tied:
+        w.tied_output(h, cfg.n_vocab, hp.n_embd, output="logits")
+    else:
+        w.linear(h, "output.weight", output="logits")
     return inputs, outputs
 
 
@@ -567,9 +613,11 @@ def _genai_config(plan, hp, n_ctx: int) -> dict:
             "type": plan.spec.gguf_arch if plan.spec.moe is None else "decoder",
             "vocab_size": int(hp.n_vocab),
         },
+        # past_present_share_buffer: GroupQueryAttention (every layer's attention here) updates a
+        # past buffer of max_length positions in place when it is also bound as the present
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
                    "max_length": n_ctx, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
 

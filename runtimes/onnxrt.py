@@ -1,8 +1,15 @@
 """The onnxruntime backend: an ONNX folder written by `edgeai convert --format onnx`, run on CPU.
 
     tokens -> one graph run per batch (input_ids, attention_mask, past_key_values.*) -> logits
-    the KV cache stays in onnxruntime's OrtValues between steps (IO binding: present.* of one
-    run are bound as past_key_values.* of the next, never copied through numpy)
+
+The KV cache never goes through Python between steps. Where the folder says its attention updates
+the cache in place (genai_config.json `past_present_share_buffer`, true for GroupQueryAttention
+graphs: ours and onnxruntime-genai's), each layer's past and present are one buffer of `capacity`
+positions, bound as both input and output: a step writes only its new positions, and the buffer
+grows (doubling, one copy) only when the context outgrows it. Otherwise present.* of one run are
+bound as past_key_values.* of the next (the graph copies the past into each new present).
+A decode step reuses one IO binding (token id, logits and cache bound once); only the attention
+mask, whose width is the context length, is bound anew.
 
 Sampling is the shared numpy sampler (`edgeai.runtimes.sampling`); the tokenizer is the folder's
 tokenizer.json (the `tokenizers` package). `OnnxLogits` gives the evaluator (`edgeai eval`)
@@ -29,6 +36,8 @@ GENAI_CONFIG = "genai_config.json"
 N_BATCH = 512  # prompt tokens per graph run: bounds the logits buffer to N_BATCH * n_vocab floats
 # below this memory budget onnxruntime's arena (which keeps peak allocations) is turned off
 SMALL_BUDGET = 4 << 30
+# positions a shared KV buffer holds at first; it doubles (up to n_ctx) when a step needs more
+KV_MIN_CAPACITY = 256
 
 
 def _folder(path: Path) -> Path:
@@ -170,6 +179,10 @@ class OnnxBackend:
             raise CheckpointError(f"{self.path / MODEL_FILE} has no input/output {missing[0]!r}; it is not a decoder "
                                   f"graph as {GENAI_CONFIG} describes it")
         self._has_positions = "position_ids" in inputs
+        logits_type = next(o.type for o in self._session.get_outputs() if o.name == self._logits_name)
+        self._logits_float32 = logits_type == "tensor(float)"
+        search = _read_json(self.path / GENAI_CONFIG).get("search", {})
+        self.shared_kv = bool(search.get("past_present_share_buffer", False))
         self._kv_dtype = np.float16 if "float16" in inputs[self._past_names[0]].type else np.float32
         self.n_vocab = int(config["vocab_size"])
 
@@ -194,7 +207,10 @@ class OnnxBackend:
                               else tok_config.get("chat_template"))
         self._sampling, self._rng = GREEDY, make_rng(GREEDY)
         self._history: list[int] = []
-        self._kv: list = []
+        self._kv: list = []  # OrtValues [1, n_head_kv, positions or capacity, head_dim], past/present order
+        self._kv_arrays: list[np.ndarray] = []  # shared mode: the numpy buffers those OrtValues wrap
+        self._decode = None  # shared mode: the decode step's IO binding, made once per buffer size
+        self._mask = np.ones((1, self.n_ctx), np.int64)  # attention_mask rows are prefixes of this
         self._last: np.ndarray | None = None
         self._reset_cache()
         data = self.path / (MODEL_FILE + ".data")
@@ -211,9 +227,37 @@ class OnnxBackend:
         return self._ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self.n_head_kv, 0, self.head_dim), self._kv_dtype))
 
     def _reset_cache(self) -> None:
-        self._kv = [self._empty() for _ in self._past_names]
+        if not self.shared_kv:
+            self._kv = [self._empty() for _ in self._past_names]
+        elif not self._kv:
+            self._reserve(KV_MIN_CAPACITY)
+        # a shared buffer keeps its size: positions past n_past are never read and get overwritten
         self._history = []
         self._last = None
+
+    @property
+    def capacity(self) -> int:
+        """Positions the shared KV buffers hold now (shared mode), else the positions cached."""
+        return self._kv_arrays[0].shape[2] if self.shared_kv else self.n_past
+
+    def _reserve(self, n: int) -> None:
+        """Shared mode: make the KV buffers hold at least `n` positions (doubling, at most n_ctx),
+        keeping the first n_past."""
+        if self._kv_arrays and n <= self._kv_arrays[0].shape[2]:
+            return
+        old = self._kv_arrays[0].shape[2] if self._kv_arrays else 0
+        size = min(self.n_ctx, max(n, 2 * old, KV_MIN_CAPACITY))
+        keep = self.n_past
+        arrays = []
+        for previous in self._kv_arrays or [None] * len(self._past_names):
+            a = np.zeros((1, self.n_head_kv, size, self.head_dim), self._kv_dtype)
+            if previous is not None and keep:
+                a[:, :, :keep] = previous[:, :, :keep]
+            arrays.append(a)
+        # the OrtValues share the arrays' memory (CPU): onnxruntime reads and writes them in place
+        self._kv_arrays = arrays
+        self._kv = [self._ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        self._decode = None
 
     @property
     def n_past(self) -> int:
@@ -233,29 +277,67 @@ class OnnxBackend:
         if n == 0:
             self._reset_cache()
             return
-        ort_value = self._ort.OrtValue.ortvalue_from_numpy
-        self._kv = [ort_value(np.ascontiguousarray(v.numpy()[:, :, :n])) for v in self._kv]
+        if not self.shared_kv:
+            ort_value = self._ort.OrtValue.ortvalue_from_numpy
+            self._kv = [ort_value(np.ascontiguousarray(v.numpy()[:, :, :n])) for v in self._kv]
         self._history = self._history[:n]
         self._last = None
 
     # ---- running -------------------------------------------------------------------------------
+    def _bind_cache(self, binding) -> None:
+        """Bind past_key_values.* (and, in shared mode, present.* to the same buffers)."""
+        for name, value in zip(self._past_names, self._kv):
+            binding.bind_ortvalue_input(name, value)
+        if self.shared_kv:
+            for name, value in zip(self._present_names, self._kv):
+                binding.bind_ortvalue_output(name, value)
+        else:
+            for name in self._present_names:
+                binding.bind_output(name)
+
+    def _decode_binding(self):
+        """(binding, token id and position arrays [1, 1], logits array [1, 1, n_vocab]) of a
+        shared-mode decode step: bound once; the token and position are written into, and the
+        logits read from, these arrays in place."""
+        if self._decode is None:
+            session, ort_value = self._live(), self._ort.OrtValue.ortvalue_from_numpy
+            ids, pos = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
+            logits = np.zeros((1, 1, self.n_vocab), np.float32)
+            binding = session.io_binding()
+            values = [ort_value(ids), ort_value(pos), ort_value(logits)]
+            binding.bind_ortvalue_input("input_ids", values[0])
+            if self._has_positions:
+                binding.bind_ortvalue_input("position_ids", values[1])
+            binding.bind_ortvalue_output(self._logits_name, values[2])
+            self._bind_cache(binding)
+            # the OrtValues stay with the binding: the arrays they wrap must outlive it
+            self._decode = (binding, ids, pos, logits, values)
+        return self._decode[:4]
+
     def _run(self, tokens: Sequence[int]) -> np.ndarray:
         """Append `tokens` (one graph run) and return their logits [len(tokens), n_vocab] (a view)."""
         session = self._live()
+        n, total = len(tokens), self.n_past + len(tokens)
+        if self.shared_kv:
+            self._reserve(total)
+        if self.shared_kv and n == 1 and self._logits_float32:
+            binding, ids, pos, logits = self._decode_binding()
+            ids[0, 0], pos[0, 0] = tokens[0], self.n_past
+            binding.bind_cpu_input("attention_mask", self._mask[:, :total])
+            session.run_with_iobinding(binding)
+            self._history.append(int(tokens[0]))
+            return logits[0]
         binding = session.io_binding()
-        ids = np.asarray([tokens], dtype=np.int64)
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", np.ones((1, self.n_past + ids.shape[1]), np.int64))
+        binding.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", self._mask[:, :total])
         if self._has_positions:
-            binding.bind_cpu_input("position_ids", np.arange(self.n_past, self.n_past + ids.shape[1], dtype=np.int64)[None])
-        for name, value in zip(self._past_names, self._kv):
-            binding.bind_ortvalue_input(name, value)
+            binding.bind_cpu_input("position_ids", np.arange(self.n_past, total, dtype=np.int64)[None])
         binding.bind_output(self._logits_name)
-        for name in self._present_names:
-            binding.bind_output(name)
+        self._bind_cache(binding)
         session.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        self._kv = list(outs[1:])  # present.* become the next run's past_key_values.*
+        if not self.shared_kv:
+            self._kv = list(outs[1:])  # present.* become the next run's past_key_values.*
         self._history.extend(int(t) for t in tokens)
         return outs[0].numpy()[0].astype(np.float32, copy=False)
 
@@ -314,7 +396,7 @@ class OnnxBackend:
                             {"kv_bytes": kv_bytes, "onnxruntime": self._ort.__version__})
 
     def close(self) -> None:
-        self._kv = []
+        self._kv, self._kv_arrays, self._decode = [], [], None
         self._session = None  # onnxruntime frees the session with its last reference
         self._history = []
 

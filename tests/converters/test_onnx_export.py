@@ -31,8 +31,9 @@ def _prompt(n_vocab: int, seed: int = 1) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(3, n_vocab, PROMPT_LEN)]
 
 
-def _hf_steps(folder: Path, tokens: list[int], n: int) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
-    """transformers: prefill logits [T, V], then n greedy decode steps over its KV cache (logits, tokens)."""
+def _hf_steps(folder: Path, tokens: list[int], n: int, keys: list | None = None) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
+    """transformers: prefill logits [T, V], then n greedy decode steps over its KV cache (logits,
+    tokens); `keys` gets the prefill's cached keys of every layer, [1, n_head_kv, T, head_dim] each."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -40,6 +41,8 @@ def _hf_steps(folder: Path, tokens: list[int], n: int) -> tuple[np.ndarray, list
     with torch.no_grad():
         out = model(torch.tensor([tokens]), use_cache=True)
         prefill = out.logits[0].numpy()
+        if keys is not None:
+            keys.extend(layer.keys.numpy().copy() for layer in out.past_key_values.layers)
         steps, chosen = [], []
         for _ in range(n):
             nxt = int(torch.argmax(out.logits[0, -1]))
@@ -50,16 +53,27 @@ def _hf_steps(folder: Path, tokens: list[int], n: int) -> tuple[np.ndarray, list
 
 
 @pytest.mark.parametrize("arch", [a.name for a in TINY_ARCHS])
-def test_fp32_matches_transformers(arch, tiny_models, tmp_path):
+def test_fp32_matches_transformers(arch, tiny_models, tmp_path, monkeypatch):
+    from edgeai.runtimes import onnxrt
+
     folder = tiny_models[arch]
     out = edgeai.convert(folder, tmp_path / arch, format="onnx", quant="fp32")
+    # the cache is one past/present buffer per layer, updated in place; it starts smaller than
+    # prompt + decode steps, so that it grows once on the way
+    monkeypatch.setattr(onnxrt, "KV_MIN_CAPACITY", PROMPT_LEN + N_DECODE // 2)
     backend = OnnxBackend(out, threads=1)
+    assert backend.shared_kv
     tokens = _prompt(backend.n_vocab)
-    ref_prefill, ref_steps, ref_tokens = _hf_steps(folder, tokens, N_DECODE)
+    ref_keys: list[np.ndarray] = []
+    ref_prefill, ref_steps, ref_tokens = _hf_steps(folder, tokens, N_DECODE, ref_keys)
 
     ours = backend.eval_all(tokens)  # prefill: one graph run, every position
     assert ours.shape == ref_prefill.shape
     assert np.abs(ours - ref_prefill).max() < 1e-3, f"{arch}: prefill logits differ"
+    # q/k rows are in Hugging Face order (rotary_interleaved=0): the cached keys are transformers'
+    for layer, ref in enumerate(ref_keys):
+        cached = backend._kv_arrays[2 * layer][:, :, :PROMPT_LEN]
+        assert np.abs(cached - ref).max() < 1e-4, f"{arch}: layer {layer} cached keys differ"
     backend.set_sampling(GREEDY)
     nxt = int(np.argmax(ours[-1]))
     for i in range(N_DECODE):  # decode: one token per run through the KV cache
@@ -68,6 +82,7 @@ def test_fp32_matches_transformers(arch, tiny_models, tmp_path):
         diff = np.abs(backend.logits() - ref_steps[i]).max()
         assert diff < 1e-3, f"{arch}: decode step {i} logits differ by {diff}"
         nxt = following
+    assert backend.capacity > PROMPT_LEN + N_DECODE // 2  # grown once, the prompt's positions kept
     backend.close()
 
 
@@ -114,6 +129,14 @@ def test_folder_is_complete_and_self_describing(tiny_models, tmp_path):
     assert 4.0 < 8 * recipe["weight_bytes"] / recipe["n_weights"] < 6.0
     genai = json.loads((out / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["num_hidden_layers"] == 2
+    assert genai["search"]["past_present_share_buffer"]  # onnxruntime-genai updates the cache in place too
+    # what a decode step does not need is not in the graph: no Identity before logits, no
+    # training outputs (mean, inv_std_var) of the skip norms, no residual sum after the last block
+    nodes = model.graph.node
+    assert not [n for n in nodes if n.op_type == "Identity"]
+    assert any(n.op_type == "MatMulNBits" and n.output[0] == "logits" for n in nodes)
+    skip = [list(n.output) for n in nodes if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert all(o[1:3] == ["", ""] and o[3] for o in skip[:-1]) and len(skip[-1]) == 1
     # a tied output shares the embedding's codes: one copy on disk
     assert sum(1 for t in model.graph.initializer if t.name.startswith("token_embd")) == 2  # codes + scales
     assert not list(tmp_path.glob(".*partial"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -27,6 +28,43 @@ def exported(tmp_path_factory):
                      "fp32": edgeai.convert(src, root / f"{name}-fp32", format="onnx", quant="fp32"),
                      "int4": edgeai.convert(src, root / f"{name}-int4", format="onnx", quant="int4")}
     return out
+
+
+def test_shared_kv_buffers_match_the_copying_cache(exported, tmp_path, monkeypatch):
+    """In-place past/present buffers (grown twice, truncated, reset) give the logits of the cache
+    that a folder without past_present_share_buffer gets (each run's present is a new value)."""
+    monkeypatch.setattr(onnxrt, "KV_MIN_CAPACITY", 16)
+    copying_folder = tmp_path / "copying"
+    shutil.copytree(exported["llama"]["int4"], copying_folder)
+    config = json.loads((copying_folder / "genai_config.json").read_text())
+    config["search"]["past_present_share_buffer"] = False
+    (copying_folder / "genai_config.json").write_text(json.dumps(config))
+    shared, copying = OnnxBackend(exported["llama"]["int4"], threads=1), OnnxBackend(copying_folder, threads=1)
+    assert shared.shared_kv and not copying.shared_kv and shared.capacity == 16
+    tokens = [int(t) for t in np.random.default_rng(3).integers(3, shared.n_vocab, 40)]
+
+    def same(steps) -> None:
+        for chunk in steps:
+            a, b = shared.step(chunk), copying.step(chunk)
+            assert a == b and np.abs(shared.logits() - copying.logits()).max() < 1e-5
+        assert shared.history == copying.history
+
+    for b in (shared, copying):
+        b.set_sampling(GREEDY)
+    same([tokens[:20]])  # prefill past the first size: 20 positions
+    assert shared.capacity == 32
+    same([[t] for t in tokens[20:]])  # decode: grows again at 33
+    assert shared.capacity == 64 and shared.n_past == 40
+    assert shared.stats().extra["kv_bytes"] == 2 * shared.n_layer * 64 * shared.n_head_kv * shared.head_dim * 4
+    for b in (shared, copying):
+        b.truncate(12)  # positions 12.. are overwritten, never read
+    same([tokens[30:35], [tokens[0]], [tokens[1]]])
+    for b in (shared, copying):
+        b.truncate(0)
+    same([tokens[5:9], [tokens[2]]])
+    assert shared.capacity == 64  # a reset keeps the buffers
+    shared.close()
+    copying.close()
 
 
 @pytest.mark.parametrize("name", ["smollm", "llama"])
