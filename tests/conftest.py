@@ -1,3 +1,4 @@
+import signal
 import sys
 from pathlib import Path
 
@@ -5,6 +6,12 @@ import pytest
 
 # Test helpers live beside the tests (tests/helpers.py), not in the package.
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Tests send Ctrl-C (SIGINT) to child processes. A shell without job control starts background
+# commands with SIGINT ignored, and children inherit that: Python then never raises KeyboardInterrupt
+# and those tests would hang. With a handler here (not SIG_IGN), children start with the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
