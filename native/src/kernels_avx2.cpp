@@ -361,6 +361,18 @@ template <bool FIVE, int RN> void rows8_q40_50(const uint8_t *w, size_t rb, cons
     for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
 }
 
+// The end of a Q4_0 / Q5_0 block for one token, one lane per row: the int16 sums of the low- and
+// high-nibble products (s0, s1) to int32, times the activation scale, with the -8 (-16) offset as
+// d_w * -mid * (sum of x) through the activation block sums, into acc.
+template <bool FIVE> inline __m256 q40_50_accumulate(__m256 acc, __m256 dw, __m256i s0, __m256i s1, const BlockQ8A *xb) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i dots = FIVE ? _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones))
+                              : _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones);
+    const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(xb->d),
+                                         _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (xb->hs[0] + xb->hs[1])));
+    return _mm256_fmadd_ps(dw, inner, acc);
+}
+
 // Prefill over 8 rows of Q4_0 / Q5_0 for many tokens: the 8 rows' codes are first transposed
 // into a buffer (per block, register k holds weights 4k..4k+3 of rows 0..7), so each token
 // multiplies them with its 4-byte activation groups broadcast and the products land directly in
@@ -411,7 +423,6 @@ template <bool FIVE, int RN>
 void packed8_tokens(const Packed8 &pk, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb) {
     __m256 acc[RN];
     for (auto &v : acc) v = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1);
     for (size_t b = 0; b < nb; ++b) {
         const __m256i *W = &pk.codes[b * 8];
         const BlockQ8A *xb[RN];
@@ -436,13 +447,7 @@ void packed8_tokens(const Packed8 &pk, const uint8_t *x, size_t xs, float *y, si
             }
         }
         const __m256 dw = _mm256_loadu_ps(&pk.scales[b * 8]);
-        for (int t = 0; t < RN; ++t) {
-            const __m256i dots = FIVE ? _mm256_add_epi32(_mm256_madd_epi16(s0[t], ones), _mm256_madd_epi16(s1[t], ones))
-                                      : _mm256_madd_epi16(_mm256_add_epi16(s0[t], s1[t]), ones);
-            const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(xb[t]->d),
-                                                 _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (xb[t]->hs[0] + xb[t]->hs[1])));
-            acc[t] = _mm256_fmadd_ps(dw, inner, acc[t]);
-        }
+        for (int t = 0; t < RN; ++t) acc[t] = q40_50_accumulate<FIVE>(acc[t], dw, s0[t], s1[t], xb[t]);
     }
     for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
 }
@@ -748,7 +753,7 @@ template <bool FIVE, int RN>
 void packed_q40_50_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
     __m256 acc[RN];
     for (auto &v : acc) v = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (size_t b = 0; b < nb; ++b, pw += kGroupBytes<FIVE>) {
         if (RN == 1) prefetch_lines<kGroupBytes<FIVE>>(pw + kPrefetchGroups * group_bytes);
         const BlockQ8A *xb[RN];
@@ -772,13 +777,7 @@ void packed_q40_50_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float 
             }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(pw)));
-        for (int t = 0; t < RN; ++t) {
-            const __m256i dots = FIVE ? _mm256_add_epi32(_mm256_madd_epi16(s0[t], ones), _mm256_madd_epi16(s1[t], ones))
-                                      : _mm256_madd_epi16(_mm256_add_epi16(s0[t], s1[t]), ones);
-            const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(xb[t]->d),
-                                                 _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (xb[t]->hs[0] + xb[t]->hs[1])));
-            acc[t] = _mm256_fmadd_ps(dw, inner, acc[t]);
-        }
+        for (int t = 0; t < RN; ++t) acc[t] = q40_50_accumulate<FIVE>(acc[t], dw, s0[t], s1[t], xb[t]);
     }
     for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
 }

@@ -21,7 +21,6 @@ namespace {
 using F32Array = nb::ndarray<nb::numpy, float, nb::ndim<1>>;
 using F32In = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using F32In2 = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
-using U16In = nb::ndarray<const uint16_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using U8In = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 // A float vector handed to numpy without a copy (the capsule owns it).
@@ -284,30 +283,25 @@ void bind_runtime(nb::module_ &m) {
                                     to_numpy(std::move(qs), {n}));
           },
           nb::arg("isa"), nb::arg("x"), "Activation blocks (d, half sums, codes) as one kernel set makes them (tests).");
-    m.def("kernel_q8_0_kv",
-          [](const std::string &isa, U8In v, F32In x, float alpha) {
+    m.def("kernel_kv",
+          [](const std::string &isa, const std::string &kv_type, U8In v, F32In x, float alpha) {
               const edgeai::kern::Ops &ops = ops_or_throw(isa);
+              const bool q8 = kv_type_from(kv_type) == edgeai::KVType::Q8_0;
               const size_t n = x.shape(0);
-              if (n % 32 || v.shape(0) != n / 32 * 34) throw nb::value_error("v must hold n/32 Q8_0 blocks of x's n (a multiple of 32)");
+              if (v.shape(0) != (q8 ? n / 32 * 34 : 2 * n) || (q8 && n % 32))
+                  throw nb::value_error("v must hold x's n values of the cache type (Q8_0: n a multiple of 32)");
+              const uint16_t *h = reinterpret_cast<const uint16_t *>(v.data());
               std::vector<float> y(x.data(), x.data() + n);
-              const float dot = ops.dot_q8_0_f32(v.data(), x.data(), n);
-              ops.axpy_q8_0(alpha, v.data(), y.data(), n);
+              const float dot = q8 ? ops.dot_q8_0_f32(v.data(), x.data(), n) : ops.dot_f16(h, x.data(), n);
+              if (q8)
+                  ops.axpy_q8_0(alpha, v.data(), y.data(), n);
+              else
+                  ops.axpy_f16(alpha, h, y.data(), n);
               return nb::make_tuple(dot, to_numpy(std::move(y), {n}));
           },
-          nb::arg("isa"), nb::arg("v"), nb::arg("x"), nb::arg("alpha"),
-          "(dot(v, x), x + alpha*v) over a Q8_0 row v with one kernel set (tests of the q8_0 KV cache).");
-    m.def("kernel_f16",
-          [](const std::string &isa, U16In v, F32In x, float alpha) {
-              const edgeai::kern::Ops &ops = ops_or_throw(isa);
-              const size_t n = v.shape(0);
-              if (x.shape(0) != n) throw nb::value_error("v and x differ in length");
-              std::vector<float> y(x.data(), x.data() + n);
-              const float dot = ops.dot_f16(v.data(), x.data(), n);
-              ops.axpy_f16(alpha, v.data(), y.data(), n);
-              return nb::make_tuple(dot, to_numpy(std::move(y), {n}));
-          },
-          nb::arg("isa"), nb::arg("v"), nb::arg("x"), nb::arg("alpha"),
-          "(dot(v, x), x + alpha*v) over f16 v with one kernel set (tests of the attention kernels).");
+          nb::arg("isa"), nb::arg("kv_type"), nb::arg("v"), nb::arg("x"), nb::arg("alpha"),
+          "(dot(v, x), x + alpha*v) over one row v of a KV cache of kv_type ('f16' or 'q8_0', as bytes) with one "
+          "kernel set (tests of the attention kernels).");
 
     m.def("sample_logits",
           [](F32In logits, const std::vector<int32_t> &history, float temperature, int top_k, float top_p, float min_p,

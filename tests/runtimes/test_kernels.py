@@ -92,7 +92,7 @@ def test_f16_attention_kernels(isa, n):
     rng = np.random.default_rng(n)
     v = (rng.standard_normal(n) * 4).astype(np.float16)
     x = rng.standard_normal(n).astype(np.float32)
-    dot, y = _native.kernel_f16(isa, v.view(np.uint16), x, 0.75)
+    dot, y = _native.kernel_kv(isa, "f16", v.view(np.uint8), x, 0.75)
     exact = v.astype(np.float64) @ x
     assert abs(dot - exact) <= 1e-5 * (np.abs(v.astype(np.float64)) @ np.abs(x)) + 1e-6
     np.testing.assert_allclose(y, x + 0.75 * v.astype(np.float32), rtol=1e-6, atol=1e-6)
@@ -110,6 +110,6 @@ def test_q8_0_kv_cache_kernels(isa, n):
     v = quantize(values, FORMATS["q8_0"])
     decoded = dequantize(v, FORMATS["q8_0"]).astype(np.float64)
     x = rng.standard_normal(n).astype(np.float32)
-    dot, y = _native.kernel_q8_0_kv(isa, v, x, -0.625)
+    dot, y = _native.kernel_kv(isa, "q8_0", v, x, -0.625)
     assert abs(dot - decoded @ x) <= 1e-5 * (np.abs(decoded) @ np.abs(x)) + 1e-6
     np.testing.assert_allclose(y, x - 0.625 * decoded, rtol=1e-5, atol=1e-5)
