@@ -154,8 +154,8 @@ class NativeBackend(VocabText):
                  expert_store: Mapping | None = None) -> None:
         """Load `path` (a GGUF the engine runs, see `can_run`).
 
-        kv_cache: "f16" (default) or "q8_0" (`runtimes.base.KV_CACHE_TYPES`; q8_0 needs a head size
-        that is a multiple of 32).
+        kv_cache: "f16" (default) or "q8_0" (`runtimes.base.KV_CACHE_TYPES`; the planner refuses q8_0
+        for a head size that is not a multiple of 32).
         memory_budget: bytes for the whole process; the planner (`runtimes.plan`) splits it and
         streams MoE experts from the file when they do not fit, or raises BudgetError.
         expert_store: options of the streaming expert store (policy: next-use|lru|lfu|layer, io_threads,
@@ -168,9 +168,6 @@ class NativeBackend(VocabText):
         self.path, config, self.n_ctx_train, n_ctx, self.threads = _prepare(path, n_ctx, threads)
         self.memory_budget = memory_budget
         self.kv_cache = kv_cache_type(kv_cache)
-        if self.kv_cache == "q8_0" and config["head_dim"] % 32:
-            raise OptionError(f"a q8_0 KV cache needs a head size that is a multiple of 32; {self.path.name}'s is "
-                              f"{config['head_dim']}: use kv_cache='f16'")
         from edgeai.runtimes.vocab import GGUFVocab
 
         self._engine = None

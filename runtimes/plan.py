@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeai.budget import format_bytes
-from edgeai.errors import BudgetError
+from edgeai.errors import BudgetError, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ class MemoryPlan:
     layer_slot: int = 0  # one layer's slot
     layer_slots: int = 0  # 0: dense weights resident; else streamed through this many slots
     kv_cache: str = "f16"  # the KV cache's element type
-    head_dim: int = 0
 
     @property
     def streaming(self) -> bool:
@@ -127,12 +126,17 @@ def plan_memory(path: Path, config: dict, *, budget: int | None, n_ctx: int, thr
                 process_bytes: int | None = None) -> MemoryPlan:
     """Split `budget` for `path` in the native engine (config: `runtimes.native.engine_config`).
 
-    kv_cache: the KV cache's element type ("f16" or "q8_0").
+    kv_cache: the KV cache's element type ("f16" or "q8_0"; q8_0 needs a head size that is a
+    multiple of 32, else OptionError).
     process_bytes: what the process holds before the model (default: its resident set now).
     Raises BudgetError when the model cannot run within the budget.
     """
     from edgeai import _native
 
+    head_dim = int(config["head_dim"])
+    if kv_cache == "q8_0" and head_dim % 32:
+        raise OptionError(f"a q8_0 KV cache needs a head size that is a multiple of 32; {Path(path).name}'s is "
+                          f"{head_dim}: use kv_cache='f16'")
     if process_bytes is None:
         import psutil
 
@@ -141,8 +145,7 @@ def plan_memory(path: Path, config: dict, *, budget: int | None, n_ctx: int, thr
     n_experts = int(config["n_layer"]) * int(config["n_expert"])
     plan = MemoryPlan(Path(path), budget, n_ctx, process_bytes, sizes["dense"], sizes["experts"], sizes["kv"],
                       sizes["scratch"], sizes["slot"], 0, int(config["n_expert_used"]), n_experts,
-                      int(config["n_layer"]), sizes["layer_matrices"], sizes["layer_slot"], 0, kv_cache,
-                      int(config["head_dim"]))
+                      int(config["n_layer"]), sizes["layer_matrices"], sizes["layer_slot"], 0, kv_cache)
     if budget is None or plan.total <= budget:
         return plan
     candidates = [plan]
@@ -158,16 +161,18 @@ def plan_memory(path: Path, config: dict, *, budget: int | None, n_ctx: int, thr
                      n_experts, format_bytes(slots * plan.slot_bytes),
                      ", dense layers too" if candidate.layer_slots else "")
             return replace(candidate, slots=int(slots))
-    raise BudgetError(_refusal(min(candidates, key=lambda c: c.fixed), budget), plan.minimum)
+    # what a q8_0 cache would save, when it is a lever left to pull
+    q8_saving = plan.kv - _native.kv_bytes(config, n_ctx, "q8_0") if kv_cache == "f16" and head_dim % 32 == 0 else 0
+    raise BudgetError(_refusal(min(candidates, key=lambda c: c.fixed), budget, q8_saving), plan.minimum)
 
 
-def _refusal(plan: MemoryPlan, budget: int) -> str:
+def _refusal(plan: MemoryPlan, budget: int, q8_saving: int) -> str:
     parts = ", ".join(f"{name} {format_bytes(size)}" for name, size, _ in plan.rows() if name != "experts")
     if plan.experts:
         parts += f", {plan.min_slots} expert slots {format_bytes(plan.min_slots * plan.slot_bytes)}"
     levers = [f"a context of {plan.n_ctx // 2} positions (--ctx) saves {format_bytes(plan.kv // 2)}"] if plan.n_ctx >= 128 else []
-    if plan.kv_cache == "f16" and plan.head_dim % 32 == 0:  # Q8_0 blocks: 34 bytes for f16's 64
-        levers.append(f"a q8_0 KV cache (--kv-cache q8_0) saves {format_bytes(plan.kv - plan.kv * 34 // 64)}")
+    if q8_saving:
+        levers.append(f"a q8_0 KV cache (--kv-cache q8_0) saves {format_bytes(q8_saving)}")
     levers.append(f"a smaller quantization (edgeai convert --quant q4_k_m) shrinks the {format_bytes(plan.dense)} of "
                   "resident weights" + (" and the expert slots" if plan.experts else ""))
     return (f"{plan.path.name} needs at least {format_bytes(plan.minimum)} ({plan.minimum:,} bytes) at n_ctx={plan.n_ctx}, "

@@ -179,6 +179,11 @@ void bind_runtime(nb::module_ &m) {
           nb::arg("path"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("kv_type") = "f16",
           "Bytes the engine would need for this file: {dense, experts, slot, layer_matrices, layer_slot, kv, scratch} "
           "(the planner's inputs).");
+    m.def("kv_bytes",
+          [](const nb::dict &config, int n_ctx, const std::string &kv_type) {
+              return edgeai::Model::kv_bytes_for(config_from(config), n_ctx, kv_type_from(kv_type));
+          },
+          nb::arg("config"), nb::arg("n_ctx"), nb::arg("kv_type"), "Bytes of the KV cache of n_ctx positions of this type.");
     m.def("engine_types",
           [] {
               nb::dict out;
