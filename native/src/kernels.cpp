@@ -21,10 +21,15 @@ namespace {
 bool cpu_has(const std::string &isa) {
     if (isa == "scalar") return true;
 #if defined(__x86_64__) || defined(__i386__)
-    if (isa == "avx2") {
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    }
+    // (__builtin_cpu_supports also checks that the OS saves the registers: XCR0 via xgetbv)
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (isa == "avx2") return avx2;
+    if (isa == "avx512") return avx512;
+    if (isa == "avx-vnni") return avx2 && __builtin_cpu_supports("avxvnni");
+    if (isa == "avx512-vnni") return avx512 && __builtin_cpu_supports("avx512vnni");
 #endif
 #if defined(__aarch64__)
     if (isa == "neon") return true;  // baseline on every AArch64 CPU
@@ -48,6 +53,15 @@ const Ops *compiled(const std::string &isa) {
 #if defined(EDGEAI_HAVE_AVX2)
     if (isa == "avx2") return ops_avx2();
 #endif
+#if defined(EDGEAI_HAVE_AVX512)
+    if (isa == "avx512") return ops_avx512();
+#endif
+#if defined(EDGEAI_HAVE_AVX_VNNI)
+    if (isa == "avx-vnni") return ops_avx_vnni();
+#endif
+#if defined(EDGEAI_HAVE_AVX512_VNNI)
+    if (isa == "avx512-vnni") return ops_avx512_vnni();
+#endif
 #if defined(EDGEAI_HAVE_NEON)
     if (isa == "neon") return ops_neon();
 #endif
@@ -57,7 +71,8 @@ const Ops *compiled(const std::string &isa) {
     return nullptr;
 }
 
-const char *const ORDER[] = {"scalar", "neon", "neon-dotprod", "avx2"};
+// worst to best: byte dot products in one instruction (VNNI) count for more than wider registers
+const char *const ORDER[] = {"scalar", "neon", "neon-dotprod", "avx2", "avx512", "avx-vnni", "avx512-vnni"};
 
 const Ops &choose() {
     if (const char *env = std::getenv("EDGEAI_ISA"); env && *env) {
@@ -71,23 +86,6 @@ const Ops &choose() {
 }
 
 }  // namespace
-
-int wtype_of_ggml(uint32_t t) {
-    switch (t) {
-        case gguf::F32: return W_F32;
-        case gguf::F16: return W_F16;
-        case gguf::BF16: return W_BF16;
-        case gguf::Q4_0: return W_Q4_0;
-        case gguf::Q4_1: return W_Q4_1;
-        case gguf::Q5_0: return W_Q5_0;
-        case gguf::Q5_1: return W_Q5_1;
-        case gguf::Q8_0: return W_Q8_0;
-        case gguf::Q4_K: return W_Q4_K;
-        case gguf::Q5_K: return W_Q5_K;
-        case gguf::Q6_K: return W_Q6_K;
-        default: return -1;
-    }
-}
 
 const Ops *named(const std::string &isa) { return cpu_has(isa) ? compiled(isa) : nullptr; }
 

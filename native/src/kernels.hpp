@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "gguf.hpp"
+
 namespace edgeai::kern {
 
 constexpr int QA = 32;  // activation block
@@ -79,10 +81,26 @@ inline void gemm_rows(const Ops &ops, int wtype, const uint8_t *w, size_t row_by
 }
 
 // ggml type id -> WType, or -1 if the engine does not compute with it.
-int wtype_of_ggml(uint32_t ggml_type);
+inline int wtype_of_ggml(uint32_t t) {
+    switch (t) {
+        case gguf::F32: return W_F32;
+        case gguf::F16: return W_F16;
+        case gguf::BF16: return W_BF16;
+        case gguf::Q4_0: return W_Q4_0;
+        case gguf::Q4_1: return W_Q4_1;
+        case gguf::Q5_0: return W_Q5_0;
+        case gguf::Q5_1: return W_Q5_1;
+        case gguf::Q8_0: return W_Q8_0;
+        case gguf::Q4_K: return W_Q4_K;
+        case gguf::Q5_K: return W_Q5_K;
+        case gguf::Q6_K: return W_Q6_K;
+        default: return -1;
+    }
+}
 inline bool takes_q8(int w) { return w >= W_Q4_0; }
 
-// The best set this CPU runs (EDGEAI_ISA=scalar|avx2|neon|neon-dotprod overrides, for tests).
+// The best set this CPU runs (EDGEAI_ISA=scalar|avx2|avx512|avx-vnni|avx512-vnni|neon|neon-dotprod
+// overrides, for tests).
 const Ops &best();
 // A named set, or nullptr when it is not compiled in or this CPU cannot run it.
 const Ops *named(const std::string &isa);
@@ -92,6 +110,9 @@ std::vector<std::string> available();
 // Per-ISA tables (defined in kernels_<isa>.cpp; only those compiled for the target exist).
 const Ops *ops_scalar();
 const Ops *ops_avx2();
+const Ops *ops_avx512();
+const Ops *ops_avx_vnni();
+const Ops *ops_avx512_vnni();
 const Ops *ops_neon();
 const Ops *ops_neon_dotprod();
 

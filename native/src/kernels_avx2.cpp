@@ -1,8 +1,19 @@
-// AVX2 + FMA + F16C kernel set (compiled with those flags; chosen only when the CPU has them).
+// The x86 kernel sets: AVX2 + FMA + F16C, and the same source compiled again for newer CPUs
+// (chosen only when the CPU has the instructions; CMakeLists.txt, kernels.cpp):
+//   avx2         -mavx2 -mfma -mf16c
+//   avx512       + -mavx512f/bw/vl/dq: EVEX encodings and 32 vector registers (Skylake-X)
+//   avx-vnni     + -mavxvnni, EDGEAI_AVX_VNNI: byte dot products in one instruction (VEX vpdpbusd;
+//                Alder Lake and later laptops, which have no AVX-512)
+//   avx512-vnni  + -mavx512vnni, EDGEAI_AVX512_VNNI: the same through EVEX (Ice Lake, Zen 4)
+// Vectors stay 256 bits wide in every set: decode is bound by memory, 512-bit operations are split
+// in two on Zen 4 and lower the clock of many Intel parts, and one layout serves every set (the
+// packed weights made at load time are the same whichever set runs).
 //
 // Weight codes are unpacked to unsigned bytes (0..63) and multiplied with the signed activation
-// bytes by maddubs; the per-half offsets of each type come from BlockQ8A::hs (see kernels.hpp).
-// Q8_0's codes are signed, so they use the sign trick (|q| * sign(x, q)).
+// bytes (maddubs, or vpdpbusd with VNNI); the per-half offsets of each type come from
+// BlockQ8A::hs (see kernels.hpp). Q8_0's codes are signed, so they use the sign trick
+// (|q| * sign(x, q)). The integer sums are exact in every set (no int16 pair sum of a caller
+// exceeds 32767), so all sets give bit-identical results.
 #include <immintrin.h>
 
 #include "kernels_common.hpp"
@@ -17,9 +28,28 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+#if defined(EDGEAI_AVX512_VNNI) || defined(EDGEAI_AVX_VNNI)
+#define EDGEAI_VNNI 1
+#endif
+
+// acc + (lane k: sum of elements 4k..4k+3 of q*x), q unsigned and x signed bytes, 8 int32 lanes.
+inline __m256i dpbusd(__m256i acc, __m256i q, __m256i x) {
+#if defined(EDGEAI_AVX512_VNNI)
+    return _mm256_dpbusd_epi32(acc, q, x);
+#elif defined(EDGEAI_AVX_VNNI)
+    return _mm256_dpbusd_avx_epi32(acc, q, x);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1)));
+#endif
+}
+
 // 8 int32 lanes, lane k = sum of elements 4k..4k+3 of q*x (q unsigned, x signed).
 inline __m256i dot_u8s8(__m256i q, __m256i x) {
+#if defined(EDGEAI_VNNI)
+    return dpbusd(_mm256_setzero_si256(), q, x);
+#else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
+#endif
 }
 
 inline __m256i load_x(const BlockQ8A *x) { return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x->qs)); }
@@ -291,7 +321,8 @@ template <bool FIVE> struct TileQ40_50 {
         __m256 acc[RM][RN];
         for (auto &a : acc)
             for (auto &v : a) v = _mm256_setzero_ps();
-        const __m256i ones = _mm256_set1_epi16(1), mid = _mm256_set1_epi8(FIVE ? 16 : 8);
+        [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+        const __m256i mid = _mm256_set1_epi8(FIVE ? 16 : 8);
         for (size_t b = 0; b < n / 32; ++b) {
             __m256i q[RM];
             __m256 dw[RM];
@@ -304,10 +335,18 @@ template <bool FIVE> struct TileQ40_50 {
             }
             for (int t = 0; t < RN; ++t) {
                 const BlockQ8A *xb = xblocks(x, xs, t) + b;
+#if defined(EDGEAI_VNNI)
+                const __m256i xv = load_x(xb), c = dot_u8s8(mid, xv);
+#else
                 const __m256i xv = load_x(xb), c = _mm256_maddubs_epi16(mid, xv);
+#endif
                 const __m256 dx = _mm256_set1_ps(xb->d);
                 for (int r = 0; r < RM; ++r) {
+#if defined(EDGEAI_VNNI)
+                    const __m256i p = _mm256_sub_epi32(dot_u8s8(q[r], xv), c);
+#else
                     const __m256i p = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(q[r], xv), c), ones);
+#endif
                     acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw[r], dx), acc[r][t]);
                 }
             }
@@ -338,7 +377,6 @@ template <bool FIVE, int RN> void rows8_q40_50(const uint8_t *w, size_t rb, cons
     constexpr int BYTES = FIVE ? 22 : 18;
     __m256 acc[RN];
     for (auto &v : acc) v = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1);
     for (size_t b = 0; b < n / 32; ++b) {
         __m256i q[8];
         for (int r = 0; r < 8; ++r) {
@@ -352,7 +390,7 @@ template <bool FIVE, int RN> void rows8_q40_50(const uint8_t *w, size_t rb, cons
             const BlockQ8A *xb = xblocks(x, xs, t) + b;
             const __m256i xv = load_x(xb);
             __m256i p[8];
-            for (int r = 0; r < 8; ++r) p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(q[r], xv), ones);
+            for (int r = 0; r < 8; ++r) p[r] = dot_u8s8(q[r], xv);
             const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_set1_ps(xb->d),
                                                  _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (xb->hs[0] + xb->hs[1])));
             acc[t] = _mm256_fmadd_ps(dw, inner, acc[t]);
@@ -361,13 +399,32 @@ template <bool FIVE, int RN> void rows8_q40_50(const uint8_t *w, size_t rb, cons
     for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
 }
 
-// The end of a Q4_0 / Q5_0 block for one token, one lane per row: the int16 sums of the low- and
-// high-nibble products (s0, s1) to int32, times the activation scale, with the -8 (-16) offset as
-// d_w * -mid * (sum of x) through the activation block sums, into acc.
-template <bool FIVE> inline __m256 q40_50_accumulate(__m256 acc, __m256 dw, __m256i s0, __m256i s1, const BlockQ8A *xb) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    const __m256i dots = FIVE ? _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones))
-                              : _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones);
+// The integer dot products of one Q4_0 / Q5_0 block with one token, one lane per row, summed over
+// the products of the low-nibble (half 0) and high-nibble (half 1) codes. AVX2 sums each half in
+// int16 (exact: 4 maddubs, <= 30480 for Q5) and widens once per block; VNNI sums in int32.
+template <bool FIVE> struct BlockSums {
+#if defined(EDGEAI_VNNI)
+    __m256i s = _mm256_setzero_si256();
+    void add(int, __m256i q, __m256i x) { s = dpbusd(s, q, x); }
+    __m256i dots() const { return s; }
+#else
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    void add(int half, __m256i q, __m256i x) {
+        __m256i &h = half ? s1 : s0;
+        h = _mm256_add_epi16(h, _mm256_maddubs_epi16(q, x));
+    }
+    __m256i dots() const {
+        const __m256i ones = _mm256_set1_epi16(1);
+        return FIVE ? _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones))
+                    : _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones);
+    }
+#endif
+};
+
+// The end of a Q4_0 / Q5_0 block for one token, one lane per row: the block's integer dots times
+// the activation scale, with the -8 (-16) offset as d_w * -mid * (sum of x) through the
+// activation block sums, into acc.
+template <bool FIVE> inline __m256 q40_50_accumulate(__m256 acc, __m256 dw, __m256i dots, const BlockQ8A *xb) {
     const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(xb->d),
                                          _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (xb->hs[0] + xb->hs[1])));
     return _mm256_fmadd_ps(dw, inner, acc);
@@ -431,23 +488,16 @@ void packed8_tokens(const Packed8 &pk, const uint8_t *x, size_t xs, float *y, si
         auto xg = [&](int t, int k) {
             return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(xb[t]->qs + 4 * k)));
         };
-        __m256i s0[RN], s1[RN];
-        {
-            const __m256i w0 = _mm256_load_si256(W), w4 = _mm256_load_si256(W + 4);
-            for (int t = 0; t < RN; ++t) {
-                s0[t] = _mm256_maddubs_epi16(w0, xg(t, 0));
-                s1[t] = _mm256_maddubs_epi16(w4, xg(t, 4));
-            }
-        }
-        for (int k = 1; k < 4; ++k) {
+        BlockSums<FIVE> s[RN];
+        for (int k = 0; k < 4; ++k) {
             const __m256i wl = _mm256_load_si256(W + k), wh = _mm256_load_si256(W + 4 + k);
             for (int t = 0; t < RN; ++t) {
-                s0[t] = _mm256_add_epi16(s0[t], _mm256_maddubs_epi16(wl, xg(t, k)));
-                s1[t] = _mm256_add_epi16(s1[t], _mm256_maddubs_epi16(wh, xg(t, 4 + k)));
+                s[t].add(0, wl, xg(t, k));
+                s[t].add(1, wh, xg(t, 4 + k));
             }
         }
         const __m256 dw = _mm256_loadu_ps(&pk.scales[b * 8]);
-        for (int t = 0; t < RN; ++t) acc[t] = q40_50_accumulate<FIVE>(acc[t], dw, s0[t], s1[t], xb[t]);
+        for (int t = 0; t < RN; ++t) acc[t] = q40_50_accumulate<FIVE>(acc[t], dw, s[t].dots(), xb[t]);
     }
     for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
 }
@@ -459,7 +509,6 @@ struct TileQ8_0 {
         __m256 acc[RM][RN];
         for (auto &a : acc)
             for (auto &v : a) v = _mm256_setzero_ps();
-        const __m256i ones = _mm256_set1_epi16(1);
         for (size_t b = 0; b < n / 32; ++b) {
             __m256i q[RM], aq[RM];
             __m256 dw[RM];
@@ -475,7 +524,7 @@ struct TileQ8_0 {
                 const __m256i xv = load_x(xb);
                 const __m256 dx = _mm256_set1_ps(xb->d);
                 for (int r = 0; r < RM; ++r) {
-                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq[r], _mm256_sign_epi8(xv, q[r])), ones);
+                    const __m256i p = dot_u8s8(aq[r], _mm256_sign_epi8(xv, q[r]));
                     acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw[r], dx), acc[r][t]);
                 }
             }
@@ -502,7 +551,6 @@ void pack8_q8_0(const uint8_t *w, size_t rb, size_t nb, Packed8 &pk) {
 template <int RN> void packed8_q8_0_tokens(const Packed8 &pk, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb) {
     __m256 acc[RN];
     for (auto &v : acc) v = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1);
     for (size_t b = 0; b < nb; ++b) {
         const __m256i *W = &pk.codes[b * 16];
         const BlockQ8A *xb[RN];
@@ -513,7 +561,7 @@ template <int RN> void packed8_q8_0_tokens(const Packed8 &pk, const uint8_t *x, 
             const __m256i aw = _mm256_load_si256(W + k), sw = _mm256_load_si256(W + 8 + k);
             for (int t = 0; t < RN; ++t) {
                 const __m256i xv = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(xb[t]->qs + 4 * k)));
-                s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, sw)), ones));
+                s[t] = dpbusd(s[t], aw, _mm256_sign_epi8(xv, sw));
             }
         }
         const __m256 dw = _mm256_loadu_ps(&pk.scales[b * 8]);
@@ -761,9 +809,7 @@ void packed_q40_50_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float 
         auto xg = [&](int t, int k) {
             return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(xb[t]->qs + 4 * k)));
         };
-        // low-nibble and high-nibble products apart: 4 maddubs each stay exact in int16 (Q5: <= 31496)
-        __m256i s0[RN], s1[RN];
-        for (int t = 0; t < RN; ++t) s0[t] = s1[t] = _mm256_setzero_si256();
+        BlockSums<FIVE> s[RN];
         for (int c = 0; c < 4; ++c) {
             const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(pw + 16 + 32 * c));
             __m256i lo = _mm256_and_si256(chunk, m4), hi = _mm256_and_si256(_mm256_srli_epi16(chunk, 4), m4);
@@ -772,12 +818,12 @@ void packed_q40_50_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float 
                 hi = _mm256_or_si256(hi, fifth_bits(pw + 144 + 8 * c + 4));
             }
             for (int t = 0; t < RN; ++t) {
-                s0[t] = _mm256_add_epi16(s0[t], _mm256_maddubs_epi16(lo, xg(t, c)));
-                s1[t] = _mm256_add_epi16(s1[t], _mm256_maddubs_epi16(hi, xg(t, c + 4)));
+                s[t].add(0, lo, xg(t, c));
+                s[t].add(1, hi, xg(t, c + 4));
             }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(pw)));
-        for (int t = 0; t < RN; ++t) acc[t] = q40_50_accumulate<FIVE>(acc[t], dw, s0[t], s1[t], xb[t]);
+        for (int t = 0; t < RN; ++t) acc[t] = q40_50_accumulate<FIVE>(acc[t], dw, s[t].dots(), xb[t]);
     }
     for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
 }
@@ -822,7 +868,6 @@ template <int RN>
 void packed_q8_0_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
     __m256 acc[RN];
     for (auto &v : acc) v = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1);
     for (size_t b = 0; b < nb; ++b, pw += kGroupBytesQ8) {
         if (RN == 1) prefetch_lines<kGroupBytesQ8>(pw + kPrefetchGroups * group_bytes);
         const BlockQ8A *xb[RN];
@@ -834,7 +879,7 @@ void packed_q8_0_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y
             const __m256i aw = _mm256_sign_epi8(sw, sw);
             for (int t = 0; t < RN; ++t) {  // activation bytes 4k..4k+3 in every lane, with the codes' signs
                 const __m256i xv = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(xb[t]->qs + 4 * k)));
-                s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, sw)), ones));
+                s[t] = dpbusd(s[t], aw, _mm256_sign_epi8(xv, sw));
             }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(pw)));
@@ -858,7 +903,6 @@ void gemm_packed_q8_0(const Gemm &g) {
 // Q8_0 decode over 8 rows with one lane per row (as rows8_q40_50).
 void rows8_q8_0(const uint8_t *w, size_t rb, const BlockQ8A *x, float *y, size_t n) {
     __m256 acc = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1);
     for (size_t b = 0; b < n / 32; ++b, ++x) {
         const __m256i xv = load_x(x);
         __m256i p[8];
@@ -866,7 +910,7 @@ void rows8_q8_0(const uint8_t *w, size_t rb, const BlockQ8A *x, float *y, size_t
             const uint8_t *blk = w + r * rb + b * 34;
             _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
             const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2));
-            p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q)), ones);
+            p[r] = dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
         }
         const __m256 dw = f16x8(w + b * 34, rb);
         acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(x->d)), _mm256_cvtepi32_ps(reduce8(p)), acc);
@@ -896,7 +940,15 @@ void gemm_q8_0(const Gemm &g) {
 }
 
 const Ops OPS = {
+#if defined(EDGEAI_AVX512_VNNI)
+    "avx512-vnni",
+#elif defined(EDGEAI_AVX_VNNI)
+    "avx-vnni",
+#elif defined(EDGEAI_AVX512)
+    "avx512",
+#else
     "avx2",
+#endif
     {dot_f32, dot_f16_row, dot_bf16, dot_legacy<false, false>, dot_legacy<false, true>, dot_legacy<true, false>,
      dot_legacy<true, true>, dot_q8_0, dot_q45_k<false>, dot_q45_k<true>, dot_q6_k},
     {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>, gemm_q40_50<false>,
@@ -914,6 +966,14 @@ const Ops OPS = {
 
 }  // namespace
 
+#if defined(EDGEAI_AVX512_VNNI)
+const Ops *ops_avx512_vnni() { return &OPS; }
+#elif defined(EDGEAI_AVX_VNNI)
+const Ops *ops_avx_vnni() { return &OPS; }
+#elif defined(EDGEAI_AVX512)
+const Ops *ops_avx512() { return &OPS; }
+#else
 const Ops *ops_avx2() { return &OPS; }
+#endif
 
 }  // namespace edgeai::kern

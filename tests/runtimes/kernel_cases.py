@@ -66,13 +66,14 @@ def make_cases(seed: int = 0) -> list[Case]:
 
 
 def write_cases(cases: list[Case], path: Path) -> None:
-    """Binary file for the C++ self-test: u32 count, then per case u32 ggml_type, n_rows, n,
-    row_bytes_total, rows bytes, x float32[n], expected float64[n_rows], tolerance float64[n_rows]."""
+    """Binary file for the C++ self-tests (native/tests/kernel_checks.hpp reads it): u32 count and
+    u32 0 (padding), then per case u32 ggml_type, n_rows, n, row_bytes_total, the rows' bytes
+    zero-padded to a multiple of 8, x float32[n], expected float64[n_rows], tolerance float64[n_rows]."""
     with open(path, "wb") as f:
-        f.write(struct.pack("<I", len(cases)))
+        f.write(struct.pack("<II", len(cases), 0))
         for c in cases:
             f.write(struct.pack("<IIII", c.ggml_type, c.n_rows, c.x.size, c.rows.size))
-            f.write(c.rows.tobytes())
+            f.write(c.rows.tobytes() + bytes(-c.rows.size % 8))
             f.write(c.x.astype("<f4").tobytes())
             f.write(c.expected.astype("<f8").tobytes())
             f.write(c.tolerance.astype("<f8").tobytes())
