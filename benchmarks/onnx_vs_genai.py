@@ -88,7 +88,15 @@ def speed(folders: dict[str, Path], threads: int, runs: int, prompt: list[int], 
             samples[key]["decode"].append(n_decode / t_decode)
     for b in backends.values():
         b.close()
-    return {k: {m: statistics.median(v) for m, v in s.items()} | {"runs": runs} for k, s in samples.items()}
+    out = {k: {m: statistics.median(v) for m, v in s.items()} | {"runs": runs} for k, s in samples.items()}
+    # the ratio of each run's pair (the two folders measured back to back): on a noisy machine its
+    # median and quartiles say more than the ratio of the two medians
+    first, second = list(folders)
+    for m in ("prefill", "decode"):
+        ratios = sorted(a / b for a, b in zip(samples[first][m], samples[second][m]))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else ratios * 3
+        out[first][f"{m}_ratio_paired"] = {"median": statistics.median(ratios), "q1": q[0], "q3": q[-1]}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
                  (f"decode tok/s, {t} thread(s)", e[f"threads_{t}"]["decode"], g[f"threads_{t}"]["decode"], "{:.1f}")]
     for label, a, b, f in rows:
         print(f"{label:26}{f.format(a):>12}{f.format(b):>15}{a / b:>8.3f}")
+    for t in args.threads:
+        for m in ("prefill", "decode"):
+            r = e[f"threads_{t}"][f"{m}_ratio_paired"]
+            print(f"{m} ratio of back-to-back pairs, {t} thread(s): median {r['median']:.3f} "
+                  f"(quartiles {r['q1']:.3f}-{r['q3']:.3f})")
     print(f"reference PPL (F16, llama.cpp): {e['ref_ppl']:.3f}; report: {report_file}")
     return 0
 

@@ -28,8 +28,13 @@ bool cpu_has(const std::string &isa) {
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     if (isa == "avx2") return avx2;
     if (isa == "avx512") return avx512;
+    // (the feature names only where the compiler built the set: older compilers know neither)
+#if defined(EDGEAI_HAVE_AVX_VNNI)
     if (isa == "avx-vnni") return avx2 && __builtin_cpu_supports("avxvnni");
+#endif
+#if defined(EDGEAI_HAVE_AVX512_VNNI)
     if (isa == "avx512-vnni") return avx512 && __builtin_cpu_supports("avx512vnni");
+#endif
 #endif
 #if defined(__aarch64__)
     if (isa == "neon") return true;  // baseline on every AArch64 CPU
