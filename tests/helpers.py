@@ -34,6 +34,15 @@ QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
 LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
+def kld(ref: np.ndarray, got: np.ndarray) -> float:
+    """Mean KL(ref || got) over positions, from logits [n, vocab]."""
+    def log_softmax(z):
+        z = z.astype(np.float64) - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+    p, q = log_softmax(ref), log_softmax(got)
+    return float((np.exp(p) * (p - q)).sum(-1).mean())
+
+
 def corpus() -> list[str]:
     """Training text for tiny tokenizers: standard-library sources plus the varied text."""
     import argparse

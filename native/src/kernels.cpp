@@ -10,6 +10,9 @@
 #ifndef HWCAP_ASIMDDP
 #define HWCAP_ASIMDDP (1 << 20)
 #endif
+#ifndef HWCAP2_I8MM
+#define HWCAP2_I8MM (1 << 13)
+#endif
 #elif defined(__aarch64__) && defined(__APPLE__)
 #include <sys/sysctl.h>
 #endif
@@ -38,13 +41,17 @@ bool cpu_has(const std::string &isa) {
 #endif
 #if defined(__aarch64__)
     if (isa == "neon") return true;  // baseline on every AArch64 CPU
-    if (isa == "neon-dotprod") {
+    if (isa == "neon-dotprod" || isa == "neon-i8mm") {
+        const bool i8mm = isa == "neon-i8mm";  // the i8mm set uses SDOT too
 #if defined(__linux__)
-        return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+        return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0 && (!i8mm || (getauxval(AT_HWCAP2) & HWCAP2_I8MM) != 0);
 #elif defined(__APPLE__)
-        int v = 0;
-        size_t len = sizeof(v);
-        return sysctlbyname("hw.optional.arm.FEAT_DotProd", &v, &len, nullptr, 0) == 0 && v != 0;
+        auto has = [](const char *name) {
+            int v = 0;
+            size_t len = sizeof(v);
+            return sysctlbyname(name, &v, &len, nullptr, 0) == 0 && v != 0;
+        };
+        return has("hw.optional.arm.FEAT_DotProd") && (!i8mm || has("hw.optional.arm.FEAT_I8MM"));
 #else
         return false;
 #endif
@@ -73,11 +80,14 @@ const Ops *compiled(const std::string &isa) {
 #if defined(EDGEAI_HAVE_NEON_DOTPROD)
     if (isa == "neon-dotprod") return ops_neon_dotprod();
 #endif
+#if defined(EDGEAI_HAVE_NEON_I8MM)
+    if (isa == "neon-i8mm") return ops_neon_i8mm();
+#endif
     return nullptr;
 }
 
 // worst to best: byte dot products in one instruction (VNNI) count for more than wider registers
-const char *const ORDER[] = {"scalar", "neon", "neon-dotprod", "avx2", "avx512", "avx-vnni", "avx512-vnni"};
+const char *const ORDER[] = {"scalar", "neon", "neon-dotprod", "neon-i8mm", "avx2", "avx512", "avx-vnni", "avx512-vnni"};
 
 const Ops &choose() {
     if (const char *env = std::getenv("EDGEAI_ISA"); env && *env) {

@@ -99,8 +99,8 @@ inline int wtype_of_ggml(uint32_t t) {
 }
 inline bool takes_q8(int w) { return w >= W_Q4_0; }
 
-// The best set this CPU runs (EDGEAI_ISA=scalar|avx2|avx512|avx-vnni|avx512-vnni|neon|neon-dotprod
-// overrides, for tests).
+// The best set this CPU runs (EDGEAI_ISA=scalar|avx2|avx512|avx-vnni|avx512-vnni|neon|neon-dotprod|
+// neon-i8mm overrides, for tests).
 const Ops &best();
 // A named set, or nullptr when it is not compiled in or this CPU cannot run it.
 const Ops *named(const std::string &isa);
@@ -115,5 +115,6 @@ const Ops *ops_avx_vnni();
 const Ops *ops_avx512_vnni();
 const Ops *ops_neon();
 const Ops *ops_neon_dotprod();
+const Ops *ops_neon_i8mm();
 
 }  // namespace edgeai::kern

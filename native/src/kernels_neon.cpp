@@ -1,6 +1,8 @@
-// AArch64 NEON kernel set. Compiled twice: plain (baseline NEON, widening multiplies) and with
-// EDGEAI_DOTPROD under -march=armv8.2-a+dotprod (SDOT), which is chosen when the CPU has it.
-// Codes stay below 64 except Q8_0's, so every type multiplies as signed bytes.
+// AArch64 NEON kernel set. Compiled three times: plain (baseline NEON, widening multiplies), with
+// EDGEAI_DOTPROD under -march=armv8.2-a+dotprod (SDOT), and with EDGEAI_DOTPROD + EDGEAI_I8MM under
+// -march=armv8.2-a+dotprod+i8mm (SMMLA: prefill of the 32-weight block types, 2 rows x 2 tokens per
+// instruction); each is chosen when the CPU has it. Codes stay below 64 except Q8_0's, so every type
+// multiplies as signed bytes.
 #include <arm_neon.h>
 
 #include "kernels_common.hpp"
@@ -52,6 +54,79 @@ template <bool FIVE, bool AFFINE> float dot_legacy(const uint8_t *row, const voi
     }
     return acc;
 }
+
+#if defined(EDGEAI_I8MM)
+// One 32-weight block of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 as codes (c[0]: weights 0-15, c[1]: 16-31) with
+// w = d*q + bias: the decoding of dot_legacy / dot_q8_0.
+template <bool FIVE, bool AFFINE, bool Q8> inline void block_codes(const uint8_t *blk, int8x16_t c[2], float &d, float &bias) {
+    d = f16_at(blk);
+    if (Q8) {
+        c[0] = vld1q_s8(reinterpret_cast<const int8_t *>(blk + 2));
+        c[1] = vld1q_s8(reinterpret_cast<const int8_t *>(blk + 18));
+        bias = 0.0f;
+        return;
+    }
+    constexpr int HEAD = AFFINE ? 4 : 2;
+    const uint8x16_t t = vld1q_u8(blk + HEAD + (FIVE ? 4 : 0));
+    c[0] = vreinterpretq_s8_u8(vandq_u8(t, vdupq_n_u8(15)));
+    c[1] = vreinterpretq_s8_u8(vshrq_n_u8(t, 4));
+    if (FIVE) {
+        c[0] = vorrq_s8(c[0], fifth_bits16(blk + HEAD, 0));
+        c[1] = vorrq_s8(c[1], fifth_bits16(blk + HEAD, 1));
+    }
+    bias = AFFINE ? f16_at(blk + 2) : -d * (FIVE ? 16.0f : 8.0f);
+}
+
+// Prefill of the 32-weight block types by SMMLA: vmmlaq_s32(s, a, b), a = 8 codes of row r then 8
+// of row r+1, b = 8 activations of token t then 8 of token t+1, adds the 2x2 integer products
+// [r.t, r.t+1, r+1.t, r+1.t+1]; four per block. Rows or tokens left over go one dot at a time.
+template <bool FIVE, bool AFFINE, bool Q8, DotFn DOT> void gemm_i8mm(const Gemm &g) {
+    constexpr size_t BYTES = Q8 ? 34 : (AFFINE ? 4 : 2) + (FIVE ? 4 : 0) + 16;
+    const size_t nb = g.n / 32;
+    int r = 0;
+    for (; r + 2 <= g.n_rows; r += 2) {
+        const uint8_t *w0 = g.w + size_t(r) * g.row_bytes, *w1 = w0 + g.row_bytes;
+        int t = 0;
+        for (; t + 2 <= g.T; t += 2) {
+            const BlockQ8A *x0 = reinterpret_cast<const BlockQ8A *>(g.x + size_t(t) * g.x_stride);
+            const BlockQ8A *x1 = reinterpret_cast<const BlockQ8A *>(g.x + size_t(t + 1) * g.x_stride);
+            float32x4_t acc = vdupq_n_f32(0.0f);
+            for (size_t b = 0; b < nb; ++b) {
+                int8x16_t c0[2], c1[2];
+                float d0, d1, b0, b1;
+                block_codes<FIVE, AFFINE, Q8>(w0 + b * BYTES, c0, d0, b0);
+                block_codes<FIVE, AFFINE, Q8>(w1 + b * BYTES, c1, d1, b1);
+                int32x4_t s = vdupq_n_s32(0);
+                for (int h = 0; h < 2; ++h) {
+                    s = vmmlaq_s32(s, vcombine_s8(vget_low_s8(c0[h]), vget_low_s8(c1[h])),
+                                   vcombine_s8(vld1_s8(x0[b].qs + 16 * h), vld1_s8(x1[b].qs + 16 * h)));
+                    s = vmmlaq_s32(s, vcombine_s8(vget_high_s8(c0[h]), vget_high_s8(c1[h])),
+                                   vcombine_s8(vld1_s8(x0[b].qs + 16 * h + 8), vld1_s8(x1[b].qs + 16 * h + 8)));
+                }
+                const float dw[4] = {d0 * x0[b].d, d0 * x1[b].d, d1 * x0[b].d, d1 * x1[b].d};
+                acc = vfmaq_f32(acc, vcvtq_f32_s32(s), vld1q_f32(dw));
+                if (!Q8) {
+                    const float xs0 = x0[b].hs[0] + x0[b].hs[1], xs1 = x1[b].hs[0] + x1[b].hs[1];
+                    const float off[4] = {b0 * xs0, b0 * xs1, b1 * xs0, b1 * xs1};
+                    acc = vaddq_f32(acc, vld1q_f32(off));
+                }
+            }
+            float out[4];
+            vst1q_f32(out, acc);
+            g.y[size_t(t) * g.ldy + r] = out[0];
+            g.y[size_t(t + 1) * g.ldy + r] = out[1];
+            g.y[size_t(t) * g.ldy + r + 1] = out[2];
+            g.y[size_t(t + 1) * g.ldy + r + 1] = out[3];
+        }
+        for (; t < g.T; ++t)
+            for (int k = 0; k < 2; ++k)
+                g.y[size_t(t) * g.ldy + r + k] = DOT(w0 + k * g.row_bytes, g.x + size_t(t) * g.x_stride, g.n);
+    }
+    for (; r < g.n_rows; ++r)
+        for (int t = 0; t < g.T; ++t)
+            g.y[size_t(t) * g.ldy + r] = DOT(g.w + size_t(r) * g.row_bytes, g.x + size_t(t) * g.x_stride, g.n);
+}
+#endif
 
 float dot_q8_0(const uint8_t *row, const void *xv, size_t n) {
     const BlockQ8A *x = static_cast<const BlockQ8A *>(xv);
@@ -232,16 +307,26 @@ void quantize_act(const float *x, BlockQ8A *y, size_t n) {
 }
 
 const Ops OPS = {
-#if defined(EDGEAI_DOTPROD)
+#if defined(EDGEAI_I8MM)
+    "neon-i8mm",
+#elif defined(EDGEAI_DOTPROD)
     "neon-dotprod",
 #else
     "neon",
 #endif
     {dot_f32, dot_f16_row, dot_bf16, dot_legacy<false, false>, dot_legacy<false, true>, dot_legacy<true, false>,
      dot_legacy<true, true>, dot_q8_0, dot_q45_k<false>, dot_q45_k<true>, dot_q6_k},
+#if defined(EDGEAI_I8MM)
+    {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>,
+     gemm_i8mm<false, false, false, dot_legacy<false, false>>, gemm_i8mm<false, true, false, dot_legacy<false, true>>,
+     gemm_i8mm<true, false, false, dot_legacy<true, false>>, gemm_i8mm<true, true, false, dot_legacy<true, true>>,
+     gemm_i8mm<false, false, true, dot_q8_0>, gemm_by_dot<dot_q45_k<false>>, gemm_by_dot<dot_q45_k<true>>,
+     gemm_by_dot<dot_q6_k>},
+#else
     {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>, gemm_by_dot<dot_legacy<false, false>>,
      gemm_by_dot<dot_legacy<false, true>>, gemm_by_dot<dot_legacy<true, false>>, gemm_by_dot<dot_legacy<true, true>>,
      gemm_by_dot<dot_q8_0>, gemm_by_dot<dot_q45_k<false>>, gemm_by_dot<dot_q45_k<true>>, gemm_by_dot<dot_q6_k>},
+#endif
     quantize_act,
     dot_f16v,
     axpy_f16v,
@@ -251,7 +336,9 @@ const Ops OPS = {
 
 }  // namespace
 
-#if defined(EDGEAI_DOTPROD)
+#if defined(EDGEAI_I8MM)
+const Ops *ops_neon_i8mm() { return &OPS; }
+#elif defined(EDGEAI_DOTPROD)
 const Ops *ops_neon_dotprod() { return &OPS; }
 #else
 const Ops *ops_neon() { return &OPS; }

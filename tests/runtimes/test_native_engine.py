@@ -17,16 +17,7 @@ from edgeai.paths import default_model_path
 from edgeai.runtimes.base import GREEDY, Sampling
 from edgeai.runtimes.native import NativeBackend
 from edgeai.runtimes.sampling import apply_repeat_penalty, candidates
-from helpers import TINY_ARCHS, llama_cpp_greedy, llama_cpp_logits, llama_cpp_model, make_tiny_checkpoint
-
-
-def kld(ref: np.ndarray, got: np.ndarray) -> float:
-    """Mean KL(ref || got) over positions, from logits [n, vocab]."""
-    def log_softmax(z):
-        z = z.astype(np.float64) - z.max(-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(-1, keepdims=True))
-    p, q = log_softmax(ref), log_softmax(got)
-    return float((np.exp(p) * (p - q)).sum(-1).mean())
+from helpers import TINY_ARCHS, kld, llama_cpp_greedy, llama_cpp_logits, llama_cpp_model, make_tiny_checkpoint
 
 
 def native_greedy(backend: NativeBackend, prompt: list[int], n: int) -> list[int]:
