@@ -5,6 +5,9 @@
 #include "gguf.hpp"
 #include "kernels.hpp"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include "cpu_x86.hpp"
+#endif
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
 #ifndef HWCAP_ASIMDDP
@@ -21,23 +24,15 @@ namespace edgeai::kern {
 
 namespace {
 
+
 bool cpu_has(const std::string &isa) {
     if (isa == "scalar") return true;
 #if defined(__x86_64__) || defined(__i386__)
-    // (__builtin_cpu_supports also checks that the OS saves the registers: XCR0 via xgetbv)
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if (isa == "avx2") return avx2;
-    if (isa == "avx512") return avx512;
-    // (the feature names only where the compiler built the set: older compilers know neither)
-#if defined(EDGEAI_HAVE_AVX_VNNI)
-    if (isa == "avx-vnni") return avx2 && __builtin_cpu_supports("avxvnni");
-#endif
-#if defined(EDGEAI_HAVE_AVX512_VNNI)
-    if (isa == "avx512-vnni") return avx512 && __builtin_cpu_supports("avx512vnni");
-#endif
+    const X86Features f = x86_features();
+    if (isa == "avx2") return f.avx2;
+    if (isa == "avx512") return f.avx512;
+    if (isa == "avx-vnni") return f.avx_vnni;
+    if (isa == "avx512-vnni") return f.avx512_vnni;
 #endif
 #if defined(__aarch64__)
     if (isa == "neon") return true;  // baseline on every AArch64 CPU

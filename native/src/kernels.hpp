@@ -68,9 +68,10 @@ struct Ops {
     void (*unpack_row[W_COUNT])(const uint8_t *packed, size_t row_bytes, size_t n, size_t r, uint8_t *row);
 };
 
+// (The inline functions here are static for the reason in kernels_common.hpp.)
 // Rows [r0, r1) of a matrix (r0 a multiple of 8): whole 8-row groups from the packed copy when
 // there is one, the other rows from the plain layout at w.
-inline void gemm_rows(const Ops &ops, int wtype, const uint8_t *w, size_t row_bytes, const uint8_t *packed, size_t r0,
+static inline void gemm_rows(const Ops &ops, int wtype, const uint8_t *w, size_t row_bytes, const uint8_t *packed, size_t r0,
                       size_t r1, const uint8_t *x, size_t x_stride, int T, float *y, size_t ldy, size_t n) {
     if (packed && ops.gemm_packed[wtype]) {
         const size_t r8 = r0 + (r1 - r0) / 8 * 8;
@@ -81,7 +82,7 @@ inline void gemm_rows(const Ops &ops, int wtype, const uint8_t *w, size_t row_by
 }
 
 // ggml type id -> WType, or -1 if the engine does not compute with it.
-inline int wtype_of_ggml(uint32_t t) {
+static inline int wtype_of_ggml(uint32_t t) {
     switch (t) {
         case gguf::F32: return W_F32;
         case gguf::F16: return W_F16;
@@ -97,7 +98,7 @@ inline int wtype_of_ggml(uint32_t t) {
         default: return -1;
     }
 }
-inline bool takes_q8(int w) { return w >= W_Q4_0; }
+static inline bool takes_q8(int w) { return w >= W_Q4_0; }
 
 // The best set this CPU runs (EDGEAI_ISA=scalar|avx2|avx512|avx-vnni|avx512-vnni|neon|neon-dotprod|
 // neon-i8mm overrides, for tests).

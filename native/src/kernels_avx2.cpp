@@ -16,6 +16,8 @@
 // exceeds 32767), so all sets give bit-identical results.
 #include <immintrin.h>
 
+#include <new>
+
 #include "kernels_common.hpp"
 
 namespace edgeai::kern {
@@ -435,9 +437,32 @@ template <bool FIVE> inline __m256 q40_50_accumulate(__m256 acc, __m256 dw, __m2
 // multiplies them with its 4-byte activation groups broadcast and the products land directly in
 // one lane per row: no horizontal reduction per token. Sums of up to 8 (Q4) / 4 (Q5) maddubs
 // stay exact in int16 (<= 30480 / 31496).
+// A growable array of this file's own (not std::vector: its members would be weak symbols that
+// every set's object defines, compiled with that set's flags, and the linker keeps one copy for
+// all callers: an AVX-512 copy would then run on CPUs without AVX-512). 32-byte aligned.
+template <class T> class Buffer {
+  public:
+    Buffer() = default;
+    Buffer(const Buffer &) = delete;
+    Buffer &operator=(const Buffer &) = delete;
+    ~Buffer() { ::operator delete(p_, std::align_val_t(32)); }
+    void resize(size_t n) {
+        if (n <= n_) return;
+        ::operator delete(p_, std::align_val_t(32));
+        p_ = static_cast<T *>(::operator new(n * sizeof(T), std::align_val_t(32)));
+        n_ = n;
+    }
+    T &operator[](size_t i) { return p_[i]; }
+    const T &operator[](size_t i) const { return p_[i]; }
+
+  private:
+    T *p_ = nullptr;
+    size_t n_ = 0;
+};
+
 struct Packed8 {
-    std::vector<__m256i> codes;  // [block][k]
-    std::vector<float> scales;   // [block][row]
+    Buffer<__m256i> codes;  // [block][k]
+    Buffer<float> scales;   // [block][row]
 };
 
 inline void transpose8x32(const __m256i r[8], __m256i *out) {

@@ -9,6 +9,9 @@
 #include "quant.hpp"
 
 namespace edgeai::kern {
+// Internal linkage (each kernel set's object keeps its own copies): inline functions with external
+// linkage would be weak symbols compiled with every set's flags, of which the linker keeps one.
+namespace {
 
 inline float f16(uint16_t h) { return fp16_to_fp32(h); }
 inline float f16_at(const uint8_t *p) {
@@ -148,4 +151,5 @@ template <DotFn DOT> void gemm_by_dot(const Gemm &g) {
         for (int t = 0; t < g.T; ++t) g.y[size_t(t) * g.ldy + r] = DOT(g.w + size_t(r) * g.row_bytes, g.x + size_t(t) * g.x_stride, g.n);
 }
 
+}  // namespace
 }  // namespace edgeai::kern

@@ -9,8 +9,9 @@ namespace edgeai {
 
 // IEEE binary16 <-> binary32, round to nearest even (what numpy's astype(float16) does).
 uint16_t fp32_to_fp16(float f);
-// Inline: the runtime's kernels decode f16 scales in their inner loops.
-inline float fp16_to_fp32(uint16_t h) {
+// Inline: the runtime's kernels decode f16 scales in their inner loops. Static: each object has its
+// own copy, so a kernel set compiled for AVX-512 never lends its copy to code run on other CPUs.
+static inline float fp16_to_fp32(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
     uint32_t bits;
     if (exp == 0) {  // zero or subnormal: mant * 2^-24

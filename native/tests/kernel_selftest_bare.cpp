@@ -1,6 +1,7 @@
 // The kernel self-test with no operating system, for an x86 emulator (tests/runtimes/x86emu.py):
 // the x86 kernel sets this CPU lacks (AVX-512, AVX-VNNI) are checked in an emulated CPU that has
-// them. Built freestanding (-ffreestanding -nostdlib -static) with one set, the one whose ops_*
+// them. Built without the C and C++ libraries (-nostdlib -static; not -ffreestanding, under which
+// newer libstdc++ refuses the headers the kernels include) with one set, the one whose ops_*
 // function EDGEAI_SET names. The emulator writes the cases file (kernel_cases.write_cases) into
 // memory and calls edgeai_selftest; the results come back through memory.
 #include <cpuid.h>
@@ -9,6 +10,7 @@
 #include <cstdint>
 #include <new>
 
+#include "cpu_x86.hpp"
 #include "kernel_checks.hpp"
 
 using namespace edgeai;
@@ -98,6 +100,13 @@ extern "C" void edgeai_selftest(const uint8_t *cases, uint8_t *scratch, selftest
     }
     out[0] = checks;
     out[1] = failed;
+}
+
+// The kernel sets the engine would choose on this CPU (cpu_x86.hpp): out[0..3] = avx2, avx512,
+// avx-vnni, avx512-vnni (1 or 0).
+extern "C" void edgeai_x86_sets(uint32_t *out) {
+    const kern::X86Features f = kern::x86_features();
+    out[0] = f.avx2, out[1] = f.avx512, out[2] = f.avx_vnni, out[3] = f.avx512_vnni;
 }
 
 // What the emulated CPU is: out[0..2] = CPUID leaf 7 EBX, ECX, EDX; out[3] = leaf 7.1 EAX; out[4..15]

@@ -31,6 +31,12 @@ SETS = {
     "avx512-vnni": (AVX512 + ["-mavx512vnni", "-DEDGEAI_AVX512_VNNI"], "ops_avx512_vnni", "sapphire_rapids",
                     ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni"]),
 }
+# what the engine's detection (native/src/cpu_x86.hpp) must allow on each emulated model
+ALLOWED = {
+    "skylake_x": ["avx2", "avx512"],
+    "arrow_lake": ["avx-vnni", "avx2"],
+    "sapphire_rapids": ["avx-vnni", "avx2", "avx512", "avx512-vnni"],
+}
 
 pytestmark = [
     pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or sys.platform != "linux",
@@ -44,7 +50,7 @@ pytestmark = [
 def build(out: Path, name: str) -> Path:
     flags, ops, _, _ = SETS[name]
     elf = out / f"{name}.elf"
-    cmd = ["g++", "-std=c++17", "-O2", "-ffreestanding", "-nostdlib", "-static", "-fno-pie", "-no-pie", "-fno-exceptions",
+    cmd = ["g++", "-std=c++17", "-O3", "-nostdlib", "-static", "-fno-pie", "-no-pie", "-fno-exceptions",
            "-fno-rtti", "-fno-asynchronous-unwind-tables", "-fno-stack-protector", "-Wno-ignored-attributes",
            f"-I{NATIVE / 'src'}", f"-I{NATIVE / 'tests'}", *flags, f"-DEDGEAI_SET={ops}",
            str(NATIVE / "tests/kernel_selftest_bare.cpp"), str(NATIVE / "src/kernels_avx2.cpp"), "-o", str(elf)]
@@ -76,6 +82,7 @@ def test_x86_kernel_set_matches_numpy_reference_in_emulated_cpu(work, name):
     result = json.loads(run.stdout)
     missing = [f for f in features if not result["cpu"][f]]
     assert not missing, f"the emulated {result['cpu']['brand']} lacks {missing}"
+    assert result["cpu"]["sets"] == ALLOWED[model], result["cpu"]
     assert result["failed"] == 0, result["failures"][:5]
     # every case of every type reached its kernels: dot, 2-token gemm, Q8_0's KV kernels, packed types
     assert result["checks"] >= 1200
@@ -98,3 +105,21 @@ def test_emulated_cpu_refuses_instructions_its_model_lacks(work):
     run = emulate(work, build(work, "avx512-vnni"), "arrow_lake")
     assert run.returncode != 0
     assert "#UD" in run.stderr
+
+
+@pytest.mark.parametrize("name", list(SETS))
+def test_kernel_set_objects_share_no_code(tmp_path, name):
+    """Each set's object defines no weak symbols: the linker keeps one copy of a weak symbol for
+    every caller, so a std::vector member or an inline helper compiled for AVX-512 would run on
+    CPUs without it (kernels_common.hpp keeps its helpers internal, Packed8 its own buffers)."""
+    if shutil.which("nm") is None:
+        pytest.skip("nm (binutils) is not installed")
+    flags, *_ = SETS[name]
+    obj = tmp_path / f"{name}.o"
+    subprocess.run(["g++", "-std=c++17", "-O3", "-fPIC", f"-I{NATIVE / 'src'}", *flags, "-c",
+                    str(NATIVE / "src/kernels_avx2.cpp"), "-o", str(obj)], check=True, capture_output=True)
+    symbols = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True, check=True).stdout.splitlines()
+    # nm lines: "ADDRESS TYPE NAME" when defined (TYPE W/V/v: weak, u: unique global), "U NAME" otherwise
+    weak = [line for line in symbols if len(line.split(maxsplit=2)) == 3 and line.split(maxsplit=2)[1] in ("W", "V", "v", "u")
+            and "DW.ref.__gxx_personality_v0" not in line]
+    assert not weak, weak

@@ -221,9 +221,14 @@ def cpu_features(machine: Machine) -> dict:
 
 
 def run_selftest(elf: Path, cases: Path) -> dict:
-    """Loads the program, runs edgeai_selftest over the cases; the CPU's features and the results."""
+    """Loads the program, runs edgeai_selftest over the cases; the CPU's features, the kernel sets
+    the engine's own detection allows there, and the results."""
     m = Machine(elf)
     cpu = cpu_features(m)
+    sets_at = m.alloc(16)
+    m.call("edgeai_x86_sets", sets_at)
+    allowed = dict(zip(("avx2", "avx512", "avx-vnni", "avx512-vnni"), struct.unpack("<4I", m.read(sets_at, 16))))
+    cpu["sets"] = sorted(k for k, v in allowed.items() if v)
     raw = cases.read_bytes()
     cases_at = m.alloc(raw)
     scratch = m.alloc(1 << 20)
