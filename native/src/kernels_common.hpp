@@ -3,6 +3,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "kernels.hpp"
@@ -125,8 +126,9 @@ inline void quantize_act_ref(const float *x, BlockQ8A *y, size_t n) {
     }
 }
 
-// Reference quantized dot: per sub-block integer sums, then the float terms.
-inline float dot_q_ref(int w, const uint8_t *row, const BlockQ8A *x, size_t n) {
+// Reference quantized dot: per sub-block integer sums, then the float terms. With magnitude, the
+// same sum of absolute values (the scale of its float rounding error, for tests).
+inline float dot_q_ref(int w, const uint8_t *row, const BlockQ8A *x, size_t n, bool magnitude = false) {
     const TypeLayout L = LAYOUT[w];
     const int subs = L.block / 32;
     float acc = 0.0f;
@@ -136,10 +138,14 @@ inline float dot_q_ref(int w, const uint8_t *row, const BlockQ8A *x, size_t n) {
         for (int s = 0; s < subs; ++s, ++x) {
             unpack_sub(w, row + blk * L.bytes, s, q, a, b);
             int i0 = 0, i1 = 0;
-            for (int j = 0; j < 16; ++j) i0 += q[j] * x->qs[j];
-            for (int j = 16; j < 32; ++j) i1 += q[j] * x->qs[j];
-            acc += a[0] * x->d * static_cast<float>(i0) + a[1] * x->d * static_cast<float>(i1) + b[0] * x->hs[0] +
-                   b[1] * x->hs[1];
+            for (int j = 0; j < 16; ++j) i0 += magnitude ? std::abs(q[j] * x->qs[j]) : q[j] * x->qs[j];
+            for (int j = 16; j < 32; ++j) i1 += magnitude ? std::abs(q[j] * x->qs[j]) : q[j] * x->qs[j];
+            if (magnitude)
+                acc += std::fabs(a[0] * x->d) * static_cast<float>(i0) + std::fabs(a[1] * x->d) * static_cast<float>(i1) +
+                       std::fabs(b[0] * x->hs[0]) + std::fabs(b[1] * x->hs[1]);
+            else
+                acc += a[0] * x->d * static_cast<float>(i0) + a[1] * x->d * static_cast<float>(i1) + b[0] * x->hs[0] +
+                       b[1] * x->hs[1];
         }
     }
     return acc;

@@ -48,11 +48,12 @@ def make_cases(seed: int = 0) -> list[Case]:
         fmt = FORMATS[name]
         block = max(fmt.block_size, 32)
         for n_blocks, scale in ((1, 1.0), (3, 1e-3), (5, 1e3), (2, 1.0)):
-            n, n_rows = block * n_blocks, 6  # one 4-row tile of the tiled kernels and two rows more
+            n, n_rows = block * n_blocks, 11  # an 8-row group, two 4-row tiles, odd rows left over
             w = rng.standard_normal((n_rows, n)).astype(np.float32) * np.float32(scale)
             w[1] = 0.0  # a zero row
             w[2] = np.float32(scale)  # a constant row
             w[3, :: max(1, n // 7)] *= 30  # weight outliers
+            w = np.clip(w, -6e4, 6e4)  # within f16's range (65504): F16 weights and the f16 block scales and mins
             x = rng.standard_normal(n).astype(np.float32)
             x[rng.integers(0, n, 3)] *= 100  # activation outliers, as LLM hidden states have
             if n_blocks == 2:
