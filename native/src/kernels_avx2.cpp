@@ -403,7 +403,7 @@ template <bool FIVE, int RN> void rows8_q40_50(const uint8_t *w, size_t rb, cons
 
 // The integer dot products of one Q4_0 / Q5_0 block with one token, one lane per row, summed over
 // the products of the low-nibble (half 0) and high-nibble (half 1) codes. AVX2 sums each half in
-// int16 (exact: 4 maddubs, <= 30480 for Q5) and widens once per block; VNNI sums in int32.
+// int16 (exact: 4 maddubs, <= 31496 for Q5) and widens once per block; VNNI sums in int32.
 template <bool FIVE> struct BlockSums {
 #if defined(EDGEAI_VNNI)
     __m256i s = _mm256_setzero_si256();

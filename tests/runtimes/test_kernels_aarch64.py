@@ -73,7 +73,7 @@ def cmake_sources(variable: str) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Path:
-    """The engine as a static AArch64 program (all its sources, both NEON kernel sets)."""
+    """The engine as a static AArch64 program (all its sources, the three NEON kernel sets)."""
     out = tmp_path_factory.mktemp("aarch64-engine")
     flags = ["-std=c++17", "-O2", "-fno-math-errno", f"-I{NATIVE / 'src'}"]
     objects = []
