@@ -80,6 +80,8 @@ template <bool FIVE, bool AFFINE, bool Q8> inline void block_codes(const uint8_t
 // Prefill of the 32-weight block types by SMMLA: vmmlaq_s32(s, a, b), a = 8 codes of row r then 8
 // of row r+1, b = 8 activations of token t then 8 of token t+1, adds the 2x2 integer products
 // [r.t, r.t+1, r+1.t, r+1.t+1]; four per block. Rows or tokens left over go one dot at a time.
+// The float steps differ from dot_legacy's, so prefill and decode differ in the last bits here (as
+// they do in llama.cpp); the integer sums are the same.
 template <bool FIVE, bool AFFINE, bool Q8, DotFn DOT> void gemm_i8mm(const Gemm &g) {
     constexpr size_t BYTES = Q8 ? 34 : (AFFINE ? 4 : 2) + (FIVE ? 4 : 0) + 16;
     const size_t nb = g.n / 32;
