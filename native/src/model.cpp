@@ -80,6 +80,33 @@ std::string shape_str(const gguf::TensorInfo &t) {
 
 }  // namespace
 
+KVType kv_type_named(const std::string &name) {
+    if (name == "f16") return KVType::F16;
+    if (name == "q8_0") return KVType::Q8_0;
+    throw ModelError("KV cache type '" + name + "' is not one of f16, q8_0");
+}
+
+const char *kv_type_name(KVType kv) { return kv == KVType::Q8_0 ? "q8_0" : "f16"; }
+
+const char *const CONFIG_FIELDS[14] = {"n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_expert",
+                                       "n_expert_used", "rms_eps", "rope_theta", "rope_linear_factor", "rope_neox",
+                                       "qk_norm", "moe_renormalize"};
+
+bool set_config_field(ModelConfig &c, const std::string &key, double v) {
+    int *const ints[] = {&c.n_vocab, &c.n_embd, &c.n_layer, &c.n_head, &c.n_head_kv, &c.head_dim, &c.n_expert, &c.n_expert_used};
+    float *const floats[] = {&c.rms_eps, &c.rope_theta, &c.rope_linear_factor};
+    for (int i = 0; i < 14; ++i) {
+        if (key != CONFIG_FIELDS[i]) continue;
+        if (i < 8) *ints[i] = static_cast<int>(v);
+        else if (i < 11) *floats[i - 8] = static_cast<float>(v);
+        else if (i == 11) c.rope_neox = v != 0;
+        else if (i == 12) c.qk_norm = static_cast<QKNorm>(static_cast<int>(v));
+        else c.moe_renormalize = v != 0;
+        return true;
+    }
+    return false;
+}
+
 Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int n_threads, const std::string &isa,
              const StreamConfig *stream, KVType kv_type)
     : file_(path), cfg_(config), n_ctx_(n_ctx), ops_(isa.empty() ? &kern::best() : kern::named(isa)), pool_(n_threads),

@@ -37,6 +37,16 @@ struct ModelConfig {
     bool moe_renormalize = false;      // renormalise the top-k routing weights to sum to 1
 };
 
+// The KV type of a name ("f16" | "q8_0", as runtimes.base.KV_CACHE_TYPES), else ModelError; and back.
+KVType kv_type_named(const std::string &name);
+const char *kv_type_name(KVType kv);
+
+// The ModelConfig field named `key` (the names of runtimes/native.py engine_config) set to
+// `value` (integers and booleans as numbers); false when no field has that name.
+bool set_config_field(ModelConfig &c, const std::string &key, double value);
+// Every field name set_config_field knows.
+extern const char *const CONFIG_FIELDS[14];
+
 // What a model of a given file and context needs in memory, in bytes (for the planner).
 struct MemorySizes {
     size_t dense = 0;    // every tensor but the stacked experts (resident)

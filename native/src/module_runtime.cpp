@@ -54,31 +54,11 @@ nb::object value_to_python(const edgeai::gguf::Value &v) {
     return nb::none();
 }
 
+// Every field from the dict engine_config makes (a missing key is a KeyError).
 edgeai::ModelConfig config_from(const nb::dict &d) {
     edgeai::ModelConfig c;
-    auto i = [&](const char *k) { return nb::cast<int>(d[k]); };
-    auto f = [&](const char *k) { return nb::cast<float>(d[k]); };
-    c.n_vocab = i("n_vocab");
-    c.n_embd = i("n_embd");
-    c.n_layer = i("n_layer");
-    c.n_head = i("n_head");
-    c.n_head_kv = i("n_head_kv");
-    c.head_dim = i("head_dim");
-    c.n_expert = i("n_expert");
-    c.n_expert_used = i("n_expert_used");
-    c.rms_eps = f("rms_eps");
-    c.rope_theta = f("rope_theta");
-    c.rope_linear_factor = f("rope_linear_factor");
-    c.rope_neox = nb::cast<bool>(d["rope_neox"]);
-    c.qk_norm = static_cast<edgeai::QKNorm>(i("qk_norm"));
-    c.moe_renormalize = nb::cast<bool>(d["moe_renormalize"]);
+    for (const char *key : edgeai::CONFIG_FIELDS) edgeai::set_config_field(c, key, nb::cast<double>(d[key]));
     return c;
-}
-
-edgeai::KVType kv_type_from(const std::string &name) {
-    if (name == "f16") return edgeai::KVType::F16;
-    if (name == "q8_0") return edgeai::KVType::Q8_0;
-    throw nb::value_error(("KV cache type '" + name + "' is not one of f16, q8_0").c_str());
 }
 
 nb::dict stats_dict(const edgeai::ExpertStoreStats &s, size_t slot_bytes) {
@@ -160,7 +140,7 @@ void bind_runtime(nb::module_ &m) {
     m.def("memory_sizes",
           [](const std::string &path, const nb::dict &config, int n_ctx, int n_threads, const std::string &kv_type) {
               const edgeai::ModelConfig c = config_from(config);
-              const edgeai::KVType kv = kv_type_from(kv_type);
+              const edgeai::KVType kv = edgeai::kv_type_named(kv_type);
               edgeai::MemorySizes s;
               {
                   nb::gil_scoped_release release;
@@ -181,7 +161,7 @@ void bind_runtime(nb::module_ &m) {
           "(the planner's inputs).");
     m.def("kv_bytes",
           [](const nb::dict &config, int n_ctx, const std::string &kv_type) {
-              return edgeai::Model::kv_bytes_for(config_from(config), n_ctx, kv_type_from(kv_type));
+              return edgeai::Model::kv_bytes_for(config_from(config), n_ctx, edgeai::kv_type_named(kv_type));
           },
           nb::arg("config"), nb::arg("n_ctx"), nb::arg("kv_type"), "Bytes of the KV cache of n_ctx positions of this type.");
     m.def("engine_types",
@@ -291,7 +271,7 @@ void bind_runtime(nb::module_ &m) {
     m.def("kernel_kv",
           [](const std::string &isa, const std::string &kv_type, U8In v, F32In x, float alpha) {
               const edgeai::kern::Ops &ops = ops_or_throw(isa);
-              const bool q8 = kv_type_from(kv_type) == edgeai::KVType::Q8_0;
+              const bool q8 = edgeai::kv_type_named(kv_type) == edgeai::KVType::Q8_0;
               const size_t n = x.shape(0);
               if (v.shape(0) != (q8 ? n / 32 * 34 : 2 * n) || (q8 && n % 32))
                   throw nb::value_error("v must hold x's n values of the cache type (Q8_0: n a multiple of 32)");
@@ -328,7 +308,7 @@ void bind_runtime(nb::module_ &m) {
              [](edgeai::Model *self, const std::string &path, const nb::dict &config, int n_ctx, int n_threads,
                 const std::string &isa, const nb::object &stream, const std::string &kv_type) {
                  edgeai::ModelConfig c = config_from(config);
-                 const edgeai::KVType kv = kv_type_from(kv_type);
+                 const edgeai::KVType kv = edgeai::kv_type_named(kv_type);
                  std::optional<edgeai::StreamConfig> sc;
                  if (!stream.is_none()) sc = stream_config_from(nb::cast<nb::dict>(stream));
                  nb::gil_scoped_release release;
@@ -336,8 +316,9 @@ void bind_runtime(nb::module_ &m) {
              },
              nb::arg("path"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("isa") = "",
              nb::arg("stream") = nb::none(), nb::arg("kv_type") = "f16",
-             "kv_type: 'f16' or 'q8_0' (the KV cache's element type). stream: None (experts read in place from the memory map) or {slots, policy, io_threads, direct, "
-             "trace, retries, inject_read_faults}: experts streamed into a cache of `slots` experts.")
+             "kv_type: 'f16' or 'q8_0' (the KV cache's element type). stream: None (experts read in place from the memory "
+             "map) or {slots, layer_slots, policy, io, io_threads, direct, trace, prefetch, prefetch_top, retries, "
+             "inject_read_faults}: experts streamed into a cache of `slots` experts.")
         .def("store_stats",
              [](edgeai::Model &self) {
                  nb::dict d = stats_dict(self.experts().stats(), self.experts().slot_bytes());
@@ -397,5 +378,5 @@ void bind_runtime(nb::module_ &m) {
         .def_prop_ro("threads", &edgeai::Model::threads)
         .def_prop_ro("weight_bytes", &edgeai::Model::weight_bytes)
         .def_prop_ro("kv_bytes", &edgeai::Model::kv_bytes)
-        .def_prop_ro("kv_type", [](const edgeai::Model &self) { return self.kv_type() == edgeai::KVType::Q8_0 ? "q8_0" : "f16"; });
+        .def_prop_ro("kv_type", [](const edgeai::Model &self) { return std::string(edgeai::kv_type_name(self.kv_type())); });
 }

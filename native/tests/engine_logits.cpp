@@ -23,28 +23,11 @@ int main(int argc, char **argv) {
         std::ifstream cfg(argv[2]);
         std::string key;
         double v;
-        while (cfg >> key >> v) {
-            if (key == "n_vocab") c.n_vocab = int(v);
-            else if (key == "n_embd") c.n_embd = int(v);
-            else if (key == "n_layer") c.n_layer = int(v);
-            else if (key == "n_head") c.n_head = int(v);
-            else if (key == "n_head_kv") c.n_head_kv = int(v);
-            else if (key == "head_dim") c.head_dim = int(v);
-            else if (key == "n_expert") c.n_expert = int(v);
-            else if (key == "n_expert_used") c.n_expert_used = int(v);
-            else if (key == "rms_eps") c.rms_eps = float(v);
-            else if (key == "rope_theta") c.rope_theta = float(v);
-            else if (key == "rope_linear_factor") c.rope_linear_factor = float(v);
-            else if (key == "rope_neox") c.rope_neox = v != 0;
-            else if (key == "qk_norm") c.qk_norm = static_cast<edgeai::QKNorm>(int(v));
-            else if (key == "moe_renormalize") c.moe_renormalize = v != 0;
-        }
+        while (cfg >> key >> v) edgeai::set_config_field(c, key, v);  // n_ctx_train and the like: not the engine's
         std::ifstream tok(argv[3], std::ios::binary);
         std::vector<int32_t> tokens;
         for (int32_t t; tok.read(reinterpret_cast<char *>(&t), 4);) tokens.push_back(t);
-        const std::string kv = argv[6];
-        edgeai::Model model(argv[1], c, 256, std::atoi(argv[5]), "", nullptr,
-                            kv == "q8_0" ? edgeai::KVType::Q8_0 : edgeai::KVType::F16);
+        edgeai::Model model(argv[1], c, 256, std::atoi(argv[5]), "", nullptr, edgeai::kv_type_named(argv[6]));
         std::vector<float> logits;
         model.eval(tokens, &logits);
         std::ofstream out(argv[4], std::ios::binary);
