@@ -79,8 +79,10 @@ constexpr uint32_t kVsScalar = 0x100;
 // with int8 activations every result is also held to the scalar reference on the same int8
 // activations within float rounding (the float64 reference's tolerance must allow for the
 // activations' rounding, which would hide small errors). Returns the number of checks;
-// report(Failure) is called for each that fails.
-template <class Report> int check(const kern::Ops &ops, const Case &c, uint8_t *scratch, Report report) {
+// report(Failure) is called for each that fails; seen(kernel, result) for every result (so that
+// sets can be compared with each other bit for bit).
+template <class Report, class Seen>
+int check(const kern::Ops &ops, const Case &c, uint8_t *scratch, Report report, Seen seen) {
     const int w = kern::wtype_of_ggml(c.type);
     if (w < 0) return 0;
     const size_t n = c.n, n_rows = c.n_rows, row_bytes = c.bytes / c.n_rows, nbq = n / 32 + 1;
@@ -120,6 +122,7 @@ template <class Report> int check(const kern::Ops &ops, const Case &c, uint8_t *
     // token t's product with row r
     auto expect = [&](uint32_t kernel, uint32_t r, double got, int t = 0) {
         ++checks;
+        seen(kernel, got);
         const double f = kFactor[t], e = f * c.expected[r], tol = (f < 0 ? -f : f) * c.tol[r];
         if (!(got - e <= tol && e - got <= tol))  // NaN fails too
             report(Failure{kernel, c.type, c.n, r, got, e, tol});

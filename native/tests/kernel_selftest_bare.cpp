@@ -81,7 +81,9 @@ void __throw_bad_array_new_length() { __builtin_trap(); }
 }  // namespace std
 
 // Runs every case of the cases file at `cases` against the set; writes up to max_failures
-// Failure records to `failures` and returns the number of checks (out[0]) and failures (out[1]).
+// Failure records to `failures`, the number of checks (out[0]) and failures (out[1]), and in
+// out[2..3] a 64-bit FNV-1a hash of the float bits of every result of the quantized kernels (sets
+// whose integer sums and float steps agree hash alike).
 extern "C" void edgeai_selftest(const uint8_t *cases, uint8_t *scratch, selftest::Failure *failures,
                                 uint32_t max_failures, uint32_t *out) {
     const kern::Ops &ops = *kern::EDGEAI_SET();
@@ -89,17 +91,29 @@ extern "C" void edgeai_selftest(const uint8_t *cases, uint8_t *scratch, selftest
     memcpy(&count, cases, 4);
     const uint8_t *p = cases + 8;
     uint32_t checks = 0, failed = 0;
+    uint64_t hash = 0xcbf29ce484222325ull;
     for (uint32_t i = 0; i < count; ++i) {
         selftest::Case c;
         p = selftest::read_case(p, c);
         g_used = 0;
-        checks += selftest::check(ops, c, scratch, [&](const selftest::Failure &f) {
-            if (failed < max_failures) failures[failed] = f;
-            ++failed;
-        });
+        checks += selftest::check(
+            ops, c, scratch,
+            [&](const selftest::Failure &f) {
+                if (failed < max_failures) failures[failed] = f;
+                ++failed;
+            },
+            [&](uint32_t kernel, double got) {
+                if (!kern::takes_q8(kern::wtype_of_ggml(c.type)) || kernel == selftest::AXPY_Q8_0) return;
+                const float v = static_cast<float>(got);
+                uint32_t bits;
+                memcpy(&bits, &v, 4);
+                for (int i = 0; i < 4; ++i) hash = (hash ^ ((bits >> (8 * i)) & 0xff)) * 0x100000001b3ull;
+            });
     }
     out[0] = checks;
     out[1] = failed;
+    out[2] = static_cast<uint32_t>(hash);
+    out[3] = static_cast<uint32_t>(hash >> 32);
 }
 
 // The kernel sets the engine would choose on this CPU (cpu_x86.hpp): out[0..3] = avx2, avx512,

@@ -53,7 +53,7 @@ def build(out: Path, name: str) -> Path:
     cmd = ["g++", "-std=c++17", "-O3", "-nostdlib", "-static", "-fno-pie", "-no-pie", "-fno-exceptions",
            "-fno-rtti", "-fno-asynchronous-unwind-tables", "-fno-stack-protector", "-Wno-ignored-attributes",
            f"-I{NATIVE / 'src'}", f"-I{NATIVE / 'tests'}", *flags, f"-DEDGEAI_SET={ops}",
-           str(NATIVE / "tests/kernel_selftest_bare.cpp"), str(NATIVE / "src/kernels_avx2.cpp"), "-o", str(elf)]
+           str(NATIVE / "tests/kernel_selftest_bare.cpp"), str(NATIVE / "src/kernels_x86.cpp"), "-o", str(elf)]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         pytest.fail(f"building the {name} self-test failed:\n{run.stderr[-3000:]}")
@@ -73,19 +73,35 @@ def emulate(work: Path, elf: Path, model: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture(scope="module")
+def results(work) -> dict[str, dict]:
+    """Each set's self-test in its emulated CPU: set -> result (x86emu.run_selftest)."""
+    out = {}
+    for name, (_, _, model, _) in SETS.items():
+        run = emulate(work, build(work, name), model)
+        assert run.returncode == 0, run.stdout + run.stderr
+        out[name] = json.loads(run.stdout)
+    return out
+
+
 @pytest.mark.parametrize("name", list(SETS))
-def test_x86_kernel_set_matches_numpy_reference_in_emulated_cpu(work, name):
-    elf = build(work, name)
+def test_x86_kernel_set_matches_numpy_reference_in_emulated_cpu(results, name):
     _, _, model, features = SETS[name]
-    run = emulate(work, elf, model)
-    assert run.returncode == 0, run.stdout + run.stderr
-    result = json.loads(run.stdout)
+    result = results[name]
     missing = [f for f in features if not result["cpu"][f]]
     assert not missing, f"the emulated {result['cpu']['brand']} lacks {missing}"
     assert result["cpu"]["sets"] == ALLOWED[model], result["cpu"]
     assert result["failed"] == 0, result["failures"][:5]
-    # every case of every type reached its kernels: dot, 2-token gemm, Q8_0's KV kernels, packed types
-    assert result["checks"] >= 1200
+    # every case of every type reached its kernels (dot, gemm at 1/2/3/9 tokens, Q8_0's KV kernels, packed types)
+    assert result["checks"] >= 14000
+
+
+def test_x86_kernel_sets_compute_bit_identical_results(results):
+    """The same integer sums and float steps in every set (kernels_x86.cpp): the quantized kernels'
+    results hash alike."""
+    hashes = {name: r["results_hash"] for name, r in results.items()}
+    assert len(set(hashes.values())) == 1, hashes
+    assert hashes["avx2"] != "cbf29ce484222325"  # FNV-1a of nothing: no result was hashed
 
 
 @pytest.mark.parametrize("name", ["avx-vnni", "avx512-vnni"])
@@ -117,7 +133,7 @@ def test_kernel_set_objects_share_no_code(tmp_path, name):
     flags, *_ = SETS[name]
     obj = tmp_path / f"{name}.o"
     subprocess.run(["g++", "-std=c++17", "-O3", "-fPIC", f"-I{NATIVE / 'src'}", *flags, "-c",
-                    str(NATIVE / "src/kernels_avx2.cpp"), "-o", str(obj)], check=True, capture_output=True)
+                    str(NATIVE / "src/kernels_x86.cpp"), "-o", str(obj)], check=True, capture_output=True)
     symbols = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True, check=True).stdout.splitlines()
     # nm lines: "ADDRESS TYPE NAME" when defined (TYPE W/V/v: weak, u: unique global), "U NAME" otherwise
     weak = [line for line in symbols if len(line.split(maxsplit=2)) == 3 and line.split(maxsplit=2)[1] in ("W", "V", "v", "u")

@@ -3,7 +3,8 @@
 
 Run as a script, in a process with the environment `prepare` returns (two work-arounds need it):
 
-    python x86emu.py PROGRAM.elf CASES.bin   ->  JSON {"cpu": {...}, "checks": N, "failed": K, "failures": [...]}
+    python x86emu.py PROGRAM.elf CASES.bin   ->  JSON {"cpu": {...}, "checks": N, "failed": K, "failures": [...],
+                                                      "results_hash": "..."}
 
 loads PROGRAM (a static, non-PIE ELF built from native/tests/kernel_selftest_bare.cpp) at its
 link addresses, writes the cases file (tests/runtimes/kernel_cases.py) into memory, calls
@@ -234,12 +235,13 @@ def run_selftest(elf: Path, cases: Path) -> dict:
     scratch = m.alloc(1 << 20)
     max_failures = 64
     failures_at = m.alloc(max_failures * 40)
-    out = m.alloc(8)
+    out = m.alloc(16)
     m.call("edgeai_selftest", cases_at, scratch, failures_at, max_failures, out)
-    checks, failed = struct.unpack("<II", m.read(out, 8))
+    checks, failed, hash_lo, hash_hi = struct.unpack("<IIII", m.read(out, 16))
     records = [struct.unpack_from("<IIIIddd", m.read(failures_at + 40 * i, 40)) for i in range(min(failed, max_failures))]
     keys = ("kernel", "type", "n", "row", "got", "expected", "tolerance")
-    return {"cpu": cpu, "checks": checks, "failed": failed, "failures": [dict(zip(keys, r)) for r in records]}
+    return {"cpu": cpu, "checks": checks, "failed": failed, "failures": [dict(zip(keys, r)) for r in records],
+            "results_hash": f"{hash_hi:08x}{hash_lo:08x}"}
 
 
 if __name__ == "__main__":

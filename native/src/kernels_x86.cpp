@@ -13,7 +13,7 @@
 // bytes (maddubs, or vpdpbusd with VNNI); the per-half offsets of each type come from
 // BlockQ8A::hs (see kernels.hpp). Q8_0's codes are signed, so they use the sign trick
 // (|q| * sign(x, q)). The integer sums are exact in every set (no int16 pair sum of a caller
-// exceeds 32767), so all sets give bit-identical results.
+// exceeds 32767), so every set computes the same integers; the float steps are the same source.
 #include <immintrin.h>
 
 #include <new>
