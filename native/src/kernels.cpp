@@ -24,7 +24,6 @@ namespace edgeai::kern {
 
 namespace {
 
-
 bool cpu_has(const std::string &isa) {
     if (isa == "scalar") return true;
 #if defined(__x86_64__) || defined(__i386__)

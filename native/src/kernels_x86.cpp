@@ -323,7 +323,6 @@ template <bool FIVE> struct TileQ40_50 {
         __m256 acc[RM][RN];
         for (auto &a : acc)
             for (auto &v : a) v = _mm256_setzero_ps();
-        [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
         const __m256i mid = _mm256_set1_epi8(FIVE ? 16 : 8);
         for (size_t b = 0; b < n / 32; ++b) {
             __m256i q[RM];
@@ -347,7 +346,7 @@ template <bool FIVE> struct TileQ40_50 {
 #if defined(EDGEAI_VNNI)
                     const __m256i p = _mm256_sub_epi32(dot_u8s8(q[r], xv), c);
 #else
-                    const __m256i p = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(q[r], xv), c), ones);
+                    const __m256i p = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(q[r], xv), c), _mm256_set1_epi16(1));
 #endif
                     acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw[r], dx), acc[r][t]);
                 }
@@ -432,11 +431,6 @@ template <bool FIVE> inline __m256 q40_50_accumulate(__m256 acc, __m256 dw, __m2
     return _mm256_fmadd_ps(dw, inner, acc);
 }
 
-// Prefill over 8 rows of Q4_0 / Q5_0 for many tokens: the 8 rows' codes are first transposed
-// into a buffer (per block, register k holds weights 4k..4k+3 of rows 0..7), so each token
-// multiplies them with its 4-byte activation groups broadcast and the products land directly in
-// one lane per row: no horizontal reduction per token. Sums of up to 8 (Q4) / 4 (Q5) maddubs
-// stay exact in int16 (<= 30480 / 31496).
 // A growable array of this file's own (not std::vector: its members would be weak symbols that
 // every set's object defines, compiled with that set's flags, and the linker keeps one copy for
 // all callers: an AVX-512 copy would then run on CPUs without AVX-512). 32-byte aligned.
@@ -460,6 +454,11 @@ template <class T> class Buffer {
     size_t n_ = 0;
 };
 
+// Prefill over 8 rows of Q4_0 / Q5_0 for many tokens: the 8 rows' codes are first transposed
+// into a buffer (per block, register k holds weights 4k..4k+3 of rows 0..7), so each token
+// multiplies them with its 4-byte activation groups broadcast and the products land directly in
+// one lane per row: no horizontal reduction per token. Sums of up to 8 (Q4) / 4 (Q5) maddubs
+// stay exact in int16 (<= 30480 / 31496).
 struct Packed8 {
     Buffer<__m256i> codes;  // [block][k]
     Buffer<float> scales;   // [block][row]

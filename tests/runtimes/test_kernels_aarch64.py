@@ -1,13 +1,15 @@
-"""The AArch64 build: the kernel sets (NEON, NEON + dot product, NEON + dot product + i8mm) cross-compiled with Debian's
-g++-aarch64-linux-gnu and run under qemu-aarch64 against the numpy reference cases, and the whole
-engine (native/tests/engine_logits.cpp) run there on tiny models against this machine's engine.
-`make test` installs both packages (Makefile: aarch64-tools)."""
+"""The AArch64 build: native/CMakeLists.txt cross-configured for AArch64 with Debian's
+g++-aarch64-linux-gnu (the project's own build description, so its kernel sets and flags are the
+ones tested), its runtime library linked into the kernel self-test, run under qemu-aarch64 against
+the numpy reference cases, and into the whole engine (native/tests/engine_logits.cpp), run there on
+tiny models against this machine's engine. `make test` installs both packages (Makefile:
+aarch64-tools); cmake comes with the test extras."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,33 +21,46 @@ from helpers import TINY_ARCHS, kld, make_tiny_checkpoint
 from kernel_cases import make_cases, write_cases
 
 NATIVE = Path(__file__).resolve().parents[2] / "native"
-I8MM = ["-march=armv8.2-a+dotprod+i8mm", "-DEDGEAI_DOTPROD", "-DEDGEAI_I8MM"]
-HAVE_SETS = ["-DEDGEAI_HAVE_NEON", "-DEDGEAI_HAVE_NEON_DOTPROD", "-DEDGEAI_HAVE_NEON_I8MM"]
 CXX = "aarch64-linux-gnu-g++"
 QEMU = "qemu-aarch64"
+# cmake from the test extras (PyPI), else the system's
+CMAKE = str(Path(sys.executable).parent / "cmake") if (Path(sys.executable).parent / "cmake").exists() else shutil.which("cmake")
 
 pytestmark = pytest.mark.skipif(
-    shutil.which(CXX) is None or shutil.which(QEMU) is None,
-    reason=f"{CXX} and {QEMU} are not installed (Debian: g++-aarch64-linux-gnu qemu-user; `make test` installs them as root)",
+    shutil.which(CXX) is None or shutil.which(QEMU) is None or CMAKE is None,
+    reason=f"{CXX}, {QEMU} or cmake is missing (Debian: g++-aarch64-linux-gnu qemu-user, which `make test` installs "
+           "as root; cmake: the test extras)",
 )
 
 
 @pytest.fixture(scope="module")
-def selftest(tmp_path_factory) -> tuple[Path, Path]:
+def runtime(tmp_path_factory) -> list[str]:
+    """The engine's static libraries (runtime with every NEON kernel set, core) built for AArch64 by
+    native/CMakeLists.txt."""
+    out = tmp_path_factory.mktemp("aarch64-build")
+    configure = [CMAKE, "-S", str(NATIVE), "-B", str(out), "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+                 f"-DCMAKE_CXX_COMPILER={shutil.which(CXX)}", f"-DPython_EXECUTABLE={sys.executable}",
+                 "-DCMAKE_BUILD_TYPE=Release"]
+    for cmd in (configure, [CMAKE, "--build", str(out), "--target", "edgeai_runtime", "-j", "2"]):
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return [str(out / "libedgeai_runtime.a"), str(out / "libedgeai_core.a")]
+
+
+def link(runtime: list[str], out: Path, main: str) -> Path:
+    """native/tests/MAIN linked with the AArch64 libraries into a static program."""
+    binary = out / Path(main).stem
+    subprocess.run([CXX, "-std=c++17", "-O2", f"-I{NATIVE / 'src'}", f"-I{NATIVE / 'tests'}", "-static", "-pthread",
+                    str(NATIVE / "tests" / main), *runtime, "-o", str(binary)], check=True, capture_output=True, text=True)
+    return binary
+
+
+@pytest.fixture(scope="module")
+def selftest(runtime, tmp_path_factory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("aarch64")
-    flags = ["-std=c++17", "-O2", f"-I{NATIVE / 'src'}"]
-    neon = [CXX, *flags, "-c", str(NATIVE / "src/kernels_neon.cpp"), "-o", str(out / "neon.o")]
-    dotprod = [CXX, *flags, "-march=armv8.2-a+dotprod", "-DEDGEAI_DOTPROD", "-c", str(NATIVE / "src/kernels_neon.cpp"),
-               "-o", str(out / "neon_dotprod.o")]
-    i8mm = [CXX, *flags, *I8MM, "-c", str(NATIVE / "src/kernels_neon.cpp"), "-o", str(out / "neon_i8mm.o")]
-    link = [CXX, *flags, f"-I{NATIVE / 'tests'}", "-static", *HAVE_SETS,
-            str(NATIVE / "tests/kernel_selftest.cpp"), str(NATIVE / "src/kernels.cpp"), str(NATIVE / "src/kernels_scalar.cpp"),
-            str(out / "neon.o"), str(out / "neon_dotprod.o"), str(out / "neon_i8mm.o"), "-o", str(out / "kernel_selftest")]
-    for cmd in (neon, dotprod, i8mm, link):
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
     cases = out / "cases.bin"
     write_cases(make_cases(), cases)
-    return out / "kernel_selftest", cases
+    return link(runtime, out, "kernel_selftest.cpp"), cases
 
 
 @pytest.mark.parametrize("cpu, expected_sets", [
@@ -61,34 +76,10 @@ def test_neon_kernels_match_numpy_reference_under_qemu(selftest, cpu, expected_s
     assert " 0 failures" in run.stdout
 
 
-def cmake_sources(variable: str) -> list[Path]:
-    """The sources a native/CMakeLists.txt list names (one list: the build and this test agree)."""
-    text = (NATIVE / "CMakeLists.txt").read_text()
-    if variable == "CORE":
-        found = re.search(r"add_library\(edgeai_core STATIC ([^)]*)\)", text)
-    else:
-        found = re.search(rf"set\({variable} ([^)]*)\)", text)
-    return [NATIVE / f for f in found.group(1).split()]
-
-
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Path:
+def engine(runtime, tmp_path_factory) -> Path:
     """The engine as a static AArch64 program (all its sources, the three NEON kernel sets)."""
-    out = tmp_path_factory.mktemp("aarch64-engine")
-    flags = ["-std=c++17", "-O2", "-fno-math-errno", f"-I{NATIVE / 'src'}"]
-    objects = []
-    for src, extra in ([(f, ["-ffp-contract=off"]) for f in cmake_sources("CORE")]
-                       + [(f, HAVE_SETS) for f in cmake_sources("RUNTIME_SOURCES")]
-                       + [(NATIVE / "src/kernels_neon.cpp", []),
-                          (NATIVE / "src/kernels_neon.cpp", ["-march=armv8.2-a+dotprod", "-DEDGEAI_DOTPROD"]),
-                          (NATIVE / "src/kernels_neon.cpp", I8MM)]):
-        obj = out / f"{src.stem}{'_i8mm' if '-DEDGEAI_I8MM' in extra else '_dotprod' if '-DEDGEAI_DOTPROD' in extra else ''}.o"
-        subprocess.run([CXX, *flags, *extra, "-c", str(src), "-o", str(obj)], check=True, capture_output=True, text=True)
-        objects.append(str(obj))
-    binary = out / "engine_logits"
-    subprocess.run([CXX, *flags, "-static", "-pthread", str(NATIVE / "tests/engine_logits.cpp"), *objects, "-o", str(binary)],
-                   check=True, capture_output=True, text=True)
-    return binary
+    return link(runtime, tmp_path_factory.mktemp("aarch64-engine"), "engine_logits.cpp")
 
 
 @pytest.mark.parametrize("arch, weights, kv", [
