@@ -38,26 +38,12 @@ inline int8x16_t fifth_bits16(const uint8_t *p, int half) {
     return vreinterpretq_s8_u8(vandq_u8(vtstq_u8(bytes, vld1q_u8(BIT)), vdupq_n_u8(0x10)));
 }
 
-template <bool FIVE, bool AFFINE> float dot_legacy(const uint8_t *row, const void *xv, size_t n) {
-    const BlockQ8A *x = static_cast<const BlockQ8A *>(xv);
-    constexpr int HEAD = AFFINE ? 4 : 2, BYTES = HEAD + (FIVE ? 4 : 0) + 16;
-    float acc = 0.0f;
-    for (size_t b = 0; b < n / 32; ++b, row += BYTES, ++x) {
-        const uint8x16_t t = vld1q_u8(row + HEAD + (FIVE ? 4 : 0));
-        int8x16_t q0 = vreinterpretq_s8_u8(vandq_u8(t, vdupq_n_u8(15))), q1 = vreinterpretq_s8_u8(vshrq_n_u8(t, 4));
-        if (FIVE) {
-            q0 = vorrq_s8(q0, fifth_bits16(row + HEAD, 0));
-            q1 = vorrq_s8(q1, fifth_bits16(row + HEAD, 1));
-        }
-        const float d = f16_at(row), bias = AFFINE ? f16_at(row + 2) : -d * (FIVE ? 16.0f : 8.0f);
-        acc += sub_dot(q0, q1, x, d, d, bias, bias);
-    }
-    return acc;
-}
+// Bytes of one block of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0.
+template <bool FIVE, bool AFFINE, bool Q8>
+constexpr size_t kBlock32Bytes = Q8 ? 34 : (AFFINE ? 4 : 2) + (FIVE ? 4 : 0) + 16;
 
-#if defined(EDGEAI_I8MM)
 // One 32-weight block of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 as codes (c[0]: weights 0-15, c[1]: 16-31) with
-// w = d*q + bias: the decoding of dot_legacy / dot_q8_0.
+// w = d*q + bias.
 template <bool FIVE, bool AFFINE, bool Q8> inline void block_codes(const uint8_t *blk, int8x16_t c[2], float &d, float &bias) {
     d = f16_at(blk);
     if (Q8) {
@@ -77,13 +63,29 @@ template <bool FIVE, bool AFFINE, bool Q8> inline void block_codes(const uint8_t
     bias = AFFINE ? f16_at(blk + 2) : -d * (FIVE ? 16.0f : 8.0f);
 }
 
+// Decode of the 32-weight block types: per block, the codes against one BlockQ8A.
+template <bool FIVE, bool AFFINE, bool Q8> float dot_block32(const uint8_t *row, const void *xv, size_t n) {
+    constexpr size_t BYTES = kBlock32Bytes<FIVE, AFFINE, Q8>;
+    const BlockQ8A *x = static_cast<const BlockQ8A *>(xv);
+    float acc = 0.0f;
+    for (size_t b = 0; b < n / 32; ++b, row += BYTES, ++x) {
+        int8x16_t c[2];
+        float d, bias;
+        block_codes<FIVE, AFFINE, Q8>(row, c, d, bias);
+        acc += sub_dot(c[0], c[1], x, d, d, bias, bias);
+    }
+    return acc;
+}
+
+#if defined(EDGEAI_I8MM)
 // Prefill of the 32-weight block types by SMMLA: vmmlaq_s32(s, a, b), a = 8 codes of row r then 8
 // of row r+1, b = 8 activations of token t then 8 of token t+1, adds the 2x2 integer products
 // [r.t, r.t+1, r+1.t, r+1.t+1]; four per block. Rows or tokens left over go one dot at a time.
-// The float steps differ from dot_legacy's, so prefill and decode differ in the last bits here (as
+// The float steps differ from dot_block32's, so prefill and decode differ in the last bits here (as
 // they do in llama.cpp); the integer sums are the same.
-template <bool FIVE, bool AFFINE, bool Q8, DotFn DOT> void gemm_i8mm(const Gemm &g) {
-    constexpr size_t BYTES = Q8 ? 34 : (AFFINE ? 4 : 2) + (FIVE ? 4 : 0) + 16;
+template <bool FIVE, bool AFFINE, bool Q8> void gemm_i8mm(const Gemm &g) {
+    constexpr DotFn DOT = dot_block32<FIVE, AFFINE, Q8>;
+    constexpr size_t BYTES = kBlock32Bytes<FIVE, AFFINE, Q8>;
     const size_t nb = g.n / 32;
     int r = 0;
     for (; r + 2 <= g.n_rows; r += 2) {
@@ -129,17 +131,6 @@ template <bool FIVE, bool AFFINE, bool Q8, DotFn DOT> void gemm_i8mm(const Gemm 
             g.y[size_t(t) * g.ldy + r] = DOT(g.w + size_t(r) * g.row_bytes, g.x + size_t(t) * g.x_stride, g.n);
 }
 #endif
-
-float dot_q8_0(const uint8_t *row, const void *xv, size_t n) {
-    const BlockQ8A *x = static_cast<const BlockQ8A *>(xv);
-    float acc = 0.0f;
-    for (size_t b = 0; b < n / 32; ++b, row += 34, ++x) {
-        const int8_t *qs = reinterpret_cast<const int8_t *>(row + 2);
-        const float d = f16_at(row);
-        acc += sub_dot(vld1q_s8(qs), vld1q_s8(qs + 16), x, d, d, 0.0f, 0.0f);
-    }
-    return acc;
-}
 
 template <bool FIVE> float dot_q45_k(const uint8_t *row, const void *xv, size_t n) {
     const BlockQ8A *x = static_cast<const BlockQ8A *>(xv);
@@ -316,18 +307,21 @@ const Ops OPS = {
 #else
     "neon",
 #endif
-    {dot_f32, dot_f16_row, dot_bf16, dot_legacy<false, false>, dot_legacy<false, true>, dot_legacy<true, false>,
-     dot_legacy<true, true>, dot_q8_0, dot_q45_k<false>, dot_q45_k<true>, dot_q6_k},
+    {dot_f32, dot_f16_row, dot_bf16, dot_block32<false, false, false>, dot_block32<false, true, false>,
+     dot_block32<true, false, false>, dot_block32<true, true, false>, dot_block32<false, false, true>, dot_q45_k<false>,
+     dot_q45_k<true>, dot_q6_k},
 #if defined(EDGEAI_I8MM)
     {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>,
-     gemm_i8mm<false, false, false, dot_legacy<false, false>>, gemm_i8mm<false, true, false, dot_legacy<false, true>>,
-     gemm_i8mm<true, false, false, dot_legacy<true, false>>, gemm_i8mm<true, true, false, dot_legacy<true, true>>,
-     gemm_i8mm<false, false, true, dot_q8_0>, gemm_by_dot<dot_q45_k<false>>, gemm_by_dot<dot_q45_k<true>>,
+     gemm_i8mm<false, false, false>, gemm_i8mm<false, true, false>,
+     gemm_i8mm<true, false, false>, gemm_i8mm<true, true, false>,
+     gemm_i8mm<false, false, true>, gemm_by_dot<dot_q45_k<false>>, gemm_by_dot<dot_q45_k<true>>,
      gemm_by_dot<dot_q6_k>},
 #else
-    {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>, gemm_by_dot<dot_legacy<false, false>>,
-     gemm_by_dot<dot_legacy<false, true>>, gemm_by_dot<dot_legacy<true, false>>, gemm_by_dot<dot_legacy<true, true>>,
-     gemm_by_dot<dot_q8_0>, gemm_by_dot<dot_q45_k<false>>, gemm_by_dot<dot_q45_k<true>>, gemm_by_dot<dot_q6_k>},
+    {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>,
+     gemm_by_dot<dot_block32<false, false, false>>, gemm_by_dot<dot_block32<false, true, false>>,
+     gemm_by_dot<dot_block32<true, false, false>>, gemm_by_dot<dot_block32<true, true, false>>,
+     gemm_by_dot<dot_block32<false, false, true>>, gemm_by_dot<dot_q45_k<false>>, gemm_by_dot<dot_q45_k<true>>,
+     gemm_by_dot<dot_q6_k>},
 #endif
     quantize_act,
     dot_f16v,
