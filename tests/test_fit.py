@@ -14,6 +14,7 @@ import edgeai
 from edgeai.cli import app
 from edgeai.devices import get_profile, profiles
 from edgeai.fit import ModelShape, WeightBytes, estimate, fit
+from edgeai.runtimes.llamacpp_check import LLAMA_FEATURE_OF_ISA
 
 runner = CliRunner()
 
@@ -104,3 +105,7 @@ def test_fit_and_devices_commands(tiny_chat_gguf):
     detected = json.loads(result.output)
     assert detected["closest"] in profiles() and detected["machine"]["memory_bandwidth"] > 1e8
     assert detected["machine"]["storage_read"] > 1e6 and detected["machine"]["memory"] > 2**30
+    # every feature llama.cpp knows of this CPU's is listed with whether the build uses it (AMX: never)
+    isa = detected["machine"]["isa"]
+    assert set(detected["llama_cpp_isa"]) == {f for f in isa if f in LLAMA_FEATURE_OF_ISA}
+    assert not any(on for f, on in detected["llama_cpp_isa"].items() if f.startswith("amx"))

@@ -39,7 +39,7 @@ def runtime(tmp_path_factory) -> list[str]:
     native/CMakeLists.txt."""
     out = tmp_path_factory.mktemp("aarch64-build")
     configure = [CMAKE, "-S", str(NATIVE), "-B", str(out), "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
-                 f"-DCMAKE_CXX_COMPILER={shutil.which(CXX)}", f"-DPython_EXECUTABLE={sys.executable}",
+                 f"-DCMAKE_CXX_COMPILER={shutil.which(CXX)}", "-DEDGEAI_PYTHON_MODULE=OFF",
                  "-DCMAKE_BUILD_TYPE=Release"]
     for cmd in (configure, [CMAKE, "--build", str(out), "--target", "edgeai_runtime", "-j", "2"]):
         run = subprocess.run(cmd, capture_output=True, text=True)
