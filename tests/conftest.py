@@ -14,6 +14,17 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def pytest_sessionstart(session):
+    """Stop at once, saying why, where the installed llama.cpp crashes on this CPU: most tests load it
+    in this process, and a crash there would end pytest with a bare segmentation fault."""
+    from edgeai.runtimes import llamacpp_check as lc
+
+    result = lc.check()
+    if result.verdict is not lc.Verdict.WORKS:
+        pytest.exit(f"llama.cpp does not compute on this CPU as built ({result.detail}); it reports "
+                    f"[{result.system_info.strip()}]. To fix it, {lc.REBUILD_HINT}", returncode=1)
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_gguf(tmp_path_factory):
     """A tiny random SmolLM-style model with a ChatML template, as an F32 GGUF (llama.cpp, native)."""

@@ -4,8 +4,12 @@ child process, worked around or refused with a message, never taking the process
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,3 +93,20 @@ def test_without_extra_buffers_llama_cpp_still_computes_the_same(tiny_chat_gguf,
     got = backend.all_logits(tokens)
     backend.close()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_suite_stops_with_the_reason_where_llama_cpp_crashes(tmp_path):
+    """conftest.py asks the check before any test: a llama.cpp that crashes here (as the cached answer
+    says) ends pytest at once with the cause and the fix, not a segmentation fault mid-suite."""
+    cache = tmp_path / "edgeai" / "llamacpp-check.json"
+    cache.parent.mkdir()
+    cache.write_text(json.dumps({"key": lc._key(), "verdict": "broken", "detail": "as built: killed by SIGSEGV",
+                                 "system_info": "CPU : AMX_INT8 = 1 |"}))
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    tests = Path(__file__).parent.parent
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           f"{Path(__file__)}::test_feature_list_parsing"], cwd=tests, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "llama.cpp does not compute on this CPU as built (as built: killed by SIGSEGV)" in done.stdout + done.stderr
+    assert "-mno-amx-int8" in done.stdout + done.stderr
