@@ -22,7 +22,14 @@ static inline X86Features x86_features() {
     if (!osxsave || !avx) return f;
     uint32_t xcr0, xcr0_hi;
     __asm__ volatile("xgetbv" : "=a"(xcr0), "=d"(xcr0_hi) : "c"(0));
-    const bool ymm_saved = (xcr0 & 0x6) == 0x6, zmm_saved = (xcr0 & 0xE6) == 0xE6;
+    const bool ymm_saved = (xcr0 & 0x6) == 0x6;
+#if defined(__APPLE__)
+    // macOS turns the AVX-512 state on in XCR0 only when a thread first uses it (the first
+    // instruction traps and the kernel enables it), so XCR0 cannot tell here: the OS saves it.
+    const bool zmm_saved = ymm_saved;
+#else
+    const bool zmm_saved = (xcr0 & 0xE6) == 0xE6;
+#endif
     unsigned max_sub = 0;
     if (!__get_cpuid_count(7, 0, &max_sub, &b, &c, &d)) return f;
     const bool avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512dq = (b >> 17) & 1, avx512bw = (b >> 30) & 1,
