@@ -720,6 +720,134 @@ struct TileQ6_K {
     }
 };
 
+// Activation bytes 4k..4k+3 of a block in every lane (a broadcast load: no shuffle).
+inline __m256i x_group(const BlockQ8A *xb, int k) {
+    return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(xb->qs + 4 * k)));
+}
+
+// K-quant prefill over 8 rows, as Packed8 for Q4_0: per 32-weight sub-block j of each super-block,
+// the 8 rows' codes transposed (register k holds weights 4k..4k+3 of rows 0..7) and, per 16-weight
+// half, the 8 rows' float scales and the float multipliers of the activation half sums (Q4_K: its
+// mins; Q6_K: its -32 offset). A token then takes 8 dot-product instructions per sub-block whose
+// results land one lane per row, and 2-4 float steps per 8 rows: no horizontal sums.
+struct PackedK {
+    Buffer<__m256i> codes;  // [super-block][j][k]
+    Buffer<float> scale;    // [super-block][j][half][row]
+    Buffer<float> offset;   // [super-block][j][half][row]: times the activation half sum, subtracted
+};
+
+void pack8_q4_k(const uint8_t *w, size_t rb, size_t nsb, PackedK &pk) {
+    pk.codes.resize(nsb * 64);
+    pk.scale.resize(nsb * 128);
+    pk.offset.resize(nsb * 128);
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (size_t b = 0; b < nsb; ++b) {
+        for (int r = 0; r < 8; ++r) {
+            const uint8_t *blk = w + r * rb + b * 144;
+            uint8_t sc[8], mn[8];
+            k4_scales(blk + 4, sc, mn);
+            const float d = f16c(blk), dmin = f16c(blk + 2);
+            for (int j = 0; j < 8; ++j)
+                for (int h = 0; h < 2; ++h) {  // one scale per sub-block: both halves alike
+                    pk.scale[((b * 8 + j) * 2 + h) * 8 + r] = d * float(sc[j]);
+                    pk.offset[((b * 8 + j) * 2 + h) * 8 + r] = dmin * float(mn[j]);
+                }
+        }
+        for (int c = 0; c < 4; ++c) {  // 32 code bytes: low nibbles sub-block 2c, high nibbles 2c+1
+            __m256i lo[8], hi[8];
+            for (int r = 0; r < 8; ++r) {
+                const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + r * rb + b * 144 + 16 + 32 * c));
+                lo[r] = _mm256_and_si256(bytes, m4);
+                hi[r] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m4);
+            }
+            transpose8x32(lo, &pk.codes[(b * 8 + 2 * c) * 8]);
+            transpose8x32(hi, &pk.codes[(b * 8 + 2 * c + 1) * 8]);
+        }
+    }
+}
+
+void pack8_q6_k(const uint8_t *w, size_t rb, size_t nsb, PackedK &pk) {
+    pk.codes.resize(nsb * 64);
+    pk.scale.resize(nsb * 128);
+    pk.offset.resize(nsb * 128);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+    for (size_t b = 0; b < nsb; ++b) {
+        for (int r = 0; r < 8; ++r) {
+            const uint8_t *blk = w + r * rb + b * 210;
+            const int8_t *sc = reinterpret_cast<const int8_t *>(blk + 192);
+            const float d = f16c(blk + 208);
+            for (int i = 0; i < 16; ++i) {  // 16-weight group i = half i%2 of sub-block i/2
+                pk.scale[b * 128 + i * 8 + r] = d * float(sc[i]);
+                pk.offset[b * 128 + i * 8 + r] = 32.0f * d * float(sc[i]);
+            }
+        }
+        for (int h = 0; h < 2; ++h)  // weights 128h..: ql bytes 64h.., qh bytes 128+32h..
+            for (int k = 0; k < 4; ++k) {
+                __m256i q[8];
+                for (int r = 0; r < 8; ++r) {
+                    const uint8_t *row = w + r * rb + b * 210;
+                    const __m256i src = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(row + 64 * h + 32 * (k & 1)));
+                    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(row + 128 + 32 * h));
+                    const __m256i lo = k < 2 ? _mm256_and_si256(src, m4) : _mm256_and_si256(_mm256_srli_epi16(src, 4), m4);
+                    q[r] = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), m2), 4));
+                }
+                transpose8x32(q, &pk.codes[(b * 8 + 4 * h + k) * 8]);
+            }
+    }
+}
+
+// Integer dots of one transposed sub-block with one token, per 16-weight half, one lane per row.
+// Q4_K codes (0..15) sum 4 products per half exactly in int16 (<= 15360) before widening; Q6_K's
+// (0..63) widen every product (2 maddubs would reach 32004).
+template <bool SIX> struct HalfSums {
+    __m256i s[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+#if defined(EDGEAI_VNNI)
+    void add(int half, __m256i q, __m256i x) { s[half] = dpbusd(s[half], q, x); }
+    __m256i dots(int half) const { return s[half]; }
+#else
+    void add(int half, __m256i q, __m256i x) {
+        s[half] = SIX ? _mm256_add_epi32(s[half], _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1)))
+                      : _mm256_add_epi16(s[half], _mm256_maddubs_epi16(q, x));
+    }
+    __m256i dots(int half) const { return SIX ? s[half] : _mm256_madd_epi16(s[half], _mm256_set1_epi16(1)); }
+#endif
+};
+
+// RN tokens against one transposed 8-row group of K-quant super-blocks.
+template <bool SIX, int RN>
+void packed8_k_tokens(const PackedK &pk, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nsb) {
+    __m256 acc[RN];
+    for (auto &v : acc) v = _mm256_setzero_ps();
+    for (size_t j = 0; j < nsb * 8; ++j) {  // the sub-blocks of a whole row
+        const __m256i *W = &pk.codes[j * 8];
+        const BlockQ8A *xb[RN];
+        for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + j;
+        HalfSums<SIX> s[RN];
+        for (int k = 0; k < 4; ++k) {
+            const __m256i wl = _mm256_load_si256(W + k), wh = _mm256_load_si256(W + 4 + k);
+            for (int t = 0; t < RN; ++t) {
+                s[t].add(0, wl, x_group(xb[t], k));
+                s[t].add(1, wh, x_group(xb[t], 4 + k));
+            }
+        }
+        const float *sc = &pk.scale[j * 16], *off = &pk.offset[j * 16];
+        for (int t = 0; t < RN; ++t) {
+            const __m256 dx = _mm256_set1_ps(xb[t]->d);
+            if (SIX) {
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t].dots(0)), _mm256_mul_ps(_mm256_loadu_ps(sc), dx), acc[t]);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t].dots(1)), _mm256_mul_ps(_mm256_loadu_ps(sc + 8), dx), acc[t]);
+                acc[t] = _mm256_fnmadd_ps(_mm256_loadu_ps(off), _mm256_set1_ps(xb[t]->hs[0]), acc[t]);
+                acc[t] = _mm256_fnmadd_ps(_mm256_loadu_ps(off + 8), _mm256_set1_ps(xb[t]->hs[1]), acc[t]);
+            } else {  // one scale and one min for the whole sub-block
+                const __m256i dots = _mm256_add_epi32(s[t].dots(0), s[t].dots(1));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(_mm256_loadu_ps(sc), dx), acc[t]);
+                acc[t] = _mm256_fnmadd_ps(_mm256_loadu_ps(off), _mm256_set1_ps(xb[t]->hs[0] + xb[t]->hs[1]), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
+}
+
 constexpr int kTileRows = 4, kTileTokens = 3;
 constexpr int kPackMinTokens = 8;  // from this many tokens on, transposing 8 rows' codes pays
 
@@ -775,6 +903,25 @@ template <bool FIVE> void gemm_q40_50(const Gemm &g) {
     for (; r < g.n_rows; ++r) row_block<TileQ40_50<FIVE>, 1>(g, g.w + size_t(r) * g.row_bytes, g.y + r);
 }
 
+
+// Q4_K / Q6_K: from kPackMinTokens tokens on, groups of 8 rows transposed per call (PackedK), 4
+// tokens at a time; fewer tokens and the last rows (fewer than 8) by row tiles.
+template <bool SIX> void gemm_k(const Gemm &g) {
+    int r = 0;
+    if (g.T >= kPackMinTokens) {
+        PackedK pk;
+        const size_t nsb = g.n / 256;
+        for (; r + 8 <= g.n_rows; r += 8) {
+            (SIX ? pack8_q6_k : pack8_q4_k)(g.w + size_t(r) * g.row_bytes, g.row_bytes, nsb, pk);
+            int t = 0;
+            for (; t + 4 <= g.T; t += 4) packed8_k_tokens<SIX, 4>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nsb);
+            for (; t < g.T; ++t) packed8_k_tokens<SIX, 1>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nsb);
+        }
+    }
+    const Gemm rest{g.w + size_t(r) * g.row_bytes, g.row_bytes, g.n_rows - r, g.x, g.x_stride, g.T, g.y + r, g.ldy, g.n};
+    if (SIX) gemm_tiled<TileQ6_K>(rest);
+    else gemm_tiled<TileQ4_K>(rest);
+}
 
 // Q4_0 / Q5_0 packed at load time: per 8-row group and block, the 8 f16 scales, then 4 chunks of
 // 32 bytes; chunk c holds bytes 4c..4c+3 of each row's 16 code bytes (rows 0..7), so its low
@@ -852,9 +999,117 @@ void packed_q40_50_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float 
     for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
 }
 
+#if defined(__AVX512BW__)
+// ---- 512 bits for the load-time packed prefill (the AVX-512 sets): two neighbouring 8-row groups in
+// one register (group g in the low half, g+1 in the high half), so each instruction does the work of
+// two and each token's activation broadcast serves 16 rows. Per lane the integer sums and float steps
+// are the 256-bit kernels' own, so every set still computes the same bits.
+
+// Bytes of group g (low half) and group g+1 (high half), `group_bytes` apart.
+inline __m512i load_pair(const uint8_t *p, size_t group_bytes) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p + group_bytes)), 1);
+}
+
+// The 8 f16 scales of group g and of group g+1, as 16 floats.
+inline __m512 scales_pair(const uint8_t *p, size_t group_bytes) {
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i *>(p + group_bytes)), 1));
+}
+
+// Activation bytes 4k..4k+3 of a block in every lane.
+inline __m512i x_group512(const BlockQ8A *xb, int k) {
+    int32_t v;
+    std::memcpy(&v, xb->qs + 4 * k, 4);
+    return _mm512_set1_epi32(v);
+}
+
+// BlockSums for 16 rows (see BlockSums: the same exact integer sums).
+template <bool FIVE> struct BlockSums512 {
+#if defined(EDGEAI_AVX512_VNNI)
+    __m512i s = _mm512_setzero_si512();
+    void add(int, __m512i q, __m512i x) { s = _mm512_dpbusd_epi32(s, q, x); }
+    __m512i dots() const { return s; }
+#else
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    void add(int half, __m512i q, __m512i x) {
+        __m512i &h = half ? s1 : s0;
+        h = _mm512_add_epi16(h, _mm512_maddubs_epi16(q, x));
+    }
+    __m512i dots() const {
+        const __m512i ones = _mm512_set1_epi16(1);
+        return FIVE ? _mm512_add_epi32(_mm512_madd_epi16(s0, ones), _mm512_madd_epi16(s1, ones))
+                    : _mm512_madd_epi16(_mm512_add_epi16(s0, s1), ones);
+    }
+#endif
+};
+
+inline __m512i dpbusd512(__m512i acc, __m512i q, __m512i x) {
+#if defined(EDGEAI_AVX512_VNNI)
+    return _mm512_dpbusd_epi32(acc, q, x);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(q, x), _mm512_set1_epi16(1)));
+#endif
+}
+
+// fifth_bits of group g's word (low half) and group g+1's (high half).
+inline __m512i fifth_bits_pair(const uint8_t *p, size_t group_bytes) {
+    uint32_t lo, hi;
+    std::memcpy(&lo, p, 4);
+    std::memcpy(&hi, p + group_bytes, 4);
+    return _mm512_maskz_mov_epi8(static_cast<__mmask64>(lo) | (static_cast<__mmask64>(hi) << 32), _mm512_set1_epi8(0x10));
+}
+
+template <bool FIVE, int RN>
+void packed16_q40_50_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
+    __m512 acc[RN];
+    for (auto &v : acc) v = _mm512_setzero_ps();
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (size_t b = 0; b < nb; ++b, pw += kGroupBytes<FIVE>) {
+        const BlockQ8A *xb[RN];
+        for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + b;
+        BlockSums512<FIVE> s[RN];
+        for (int c = 0; c < 4; ++c) {
+            const __m512i chunk = load_pair(pw + 16 + 32 * c, group_bytes);
+            __m512i lo = _mm512_and_si512(chunk, m4), hi = _mm512_and_si512(_mm512_srli_epi16(chunk, 4), m4);
+            if (FIVE) {
+                lo = _mm512_or_si512(lo, fifth_bits_pair(pw + 144 + 8 * c, group_bytes));
+                hi = _mm512_or_si512(hi, fifth_bits_pair(pw + 144 + 8 * c + 4, group_bytes));
+            }
+            for (int t = 0; t < RN; ++t) {
+                s[t].add(0, lo, x_group512(xb[t], c));
+                s[t].add(1, hi, x_group512(xb[t], c + 4));
+            }
+        }
+        const __m512 dw = scales_pair(pw, group_bytes);
+        for (int t = 0; t < RN; ++t) {  // as q40_50_accumulate
+            const __m512 inner = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t].dots()), _mm512_set1_ps(xb[t]->d),
+                                                 _mm512_set1_ps(-(FIVE ? 16.0f : 8.0f) * (xb[t]->hs[0] + xb[t]->hs[1])));
+            acc[t] = _mm512_fmadd_ps(dw, inner, acc[t]);
+        }
+    }
+    for (int t = 0; t < RN; ++t) _mm512_storeu_ps(y + t * ldy, acc[t]);
+}
+
+#endif
+
 template <bool FIVE> void gemm_packed_q40_50(const Gemm &g) {
     const size_t nb = g.n / 32, group_bytes = nb * kGroupBytes<FIVE>;
-    for (int r = 0; r + 8 <= g.n_rows; r += 8) {
+    int r = 0;
+#if defined(__AVX512BW__)
+    for (; g.T >= 4 && r + 16 <= g.n_rows; r += 16) {  // 16 rows x 4 tokens, the other tokens below
+        const uint8_t *pw = g.w + size_t(r / 8) * group_bytes;
+        int t = 0;
+        for (; t + 4 <= g.T; t += 4)
+            packed16_q40_50_tokens<FIVE, 4>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
+        for (int rr = r; rr < r + 16; rr += 8)
+            for (int u = t; u < g.T; ++u)
+                packed_q40_50_tokens<FIVE, 1>(g.w + size_t(rr / 8) * group_bytes, g.x + u * g.x_stride, g.x_stride,
+                                              g.y + u * g.ldy + rr, g.ldy, nb, group_bytes);
+    }
+#endif
+    for (; r + 8 <= g.n_rows; r += 8) {
         const uint8_t *pw = g.w + size_t(r / 8) * group_bytes;
         int t = 0;
         for (; t + 4 <= g.T; t += 4)
@@ -913,9 +1168,50 @@ void packed_q8_0_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y
     for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
 }
 
+#if defined(__AVX512BW__)
+template <int RN>
+void packed16_q8_0_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
+    __m512 acc[RN];
+    for (auto &v : acc) v = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    for (size_t b = 0; b < nb; ++b, pw += kGroupBytesQ8) {
+        const BlockQ8A *xb[RN];
+        for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + b;
+        __m512i s[RN];
+        for (int t = 0; t < RN; ++t) s[t] = _mm512_setzero_si512();
+        for (int k = 0; k < 8; ++k) {  // the sign trick without vpsignb: negate x where the code is negative
+            const __m512i sw = load_pair(pw + 16 + 32 * k, group_bytes);
+            const __m512i aw = _mm512_abs_epi8(sw);
+            const __mmask64 neg = _mm512_movepi8_mask(sw);
+            for (int t = 0; t < RN; ++t) {
+                const __m512i xv = x_group512(xb[t], k);
+                s[t] = dpbusd512(s[t], aw, _mm512_mask_sub_epi8(xv, neg, zero, xv));
+            }
+        }
+        const __m512 dw = scales_pair(pw, group_bytes);
+        for (int t = 0; t < RN; ++t)
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(xb[t]->d)), _mm512_cvtepi32_ps(s[t]), acc[t]);
+    }
+    for (int t = 0; t < RN; ++t) _mm512_storeu_ps(y + t * ldy, acc[t]);
+}
+#endif
+
 void gemm_packed_q8_0(const Gemm &g) {
     const size_t nb = g.n / 32, group_bytes = nb * kGroupBytesQ8;
-    for (int r = 0; r + 8 <= g.n_rows; r += 8) {
+    int r = 0;
+#if defined(__AVX512BW__)
+    for (; g.T >= 4 && r + 16 <= g.n_rows; r += 16) {  // 16 rows x 4 tokens, the other tokens below
+        const uint8_t *pw = g.w + size_t(r / 8) * group_bytes;
+        int t = 0;
+        for (; t + 4 <= g.T; t += 4)
+            packed16_q8_0_tokens<4>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
+        for (int rr = r; rr < r + 16; rr += 8)
+            for (int u = t; u < g.T; ++u)
+                packed_q8_0_tokens<1>(g.w + size_t(rr / 8) * group_bytes, g.x + u * g.x_stride, g.x_stride, g.y + u * g.ldy + rr,
+                                      g.ldy, nb, group_bytes);
+    }
+#endif
+    for (; r + 8 <= g.n_rows; r += 8) {
         const uint8_t *pw = g.w + size_t(r / 8) * group_bytes;
         int t = 0;
         for (; t + 4 <= g.T; t += 4)
@@ -977,7 +1273,7 @@ const Ops OPS = {
      dot_legacy<true, true>, dot_q8_0, dot_q45_k<false>, dot_q45_k<true>, dot_q6_k},
     {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>, gemm_q40_50<false>,
      gemm_by_dot<dot_legacy<false, true>>, gemm_q40_50<true>, gemm_by_dot<dot_legacy<true, true>>,
-     gemm_q8_0, gemm_tiled<TileQ4_K>, gemm_by_dot<dot_q45_k<true>>, gemm_tiled<TileQ6_K>},
+     gemm_q8_0, gemm_k<false>, gemm_by_dot<dot_q45_k<true>>, gemm_k<true>},
     quantize_act,
     dot_f16v,
     axpy_f16v,

@@ -32,13 +32,14 @@ def test_matvec_matches_numpy_reference(isa, case):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.fmt}-{c.x.size}")
 def test_gemm_matches_numpy_reference(isa, case, packed):
-    """The prefill/decode kernels (rows x tokens): 14 rows (the case's rows, repeated in another
-    order: an 8-row group, a 4-row tile and single rows) and every token count from 1 to 9 (one
-    token, tile remainders, and the transposed 8-row path from 8 tokens on). Tokens are the case's
-    activations permuted and rescaled, plus an all-zero one. packed: the first 8 rows through the
+    """The prefill/decode kernels (rows x tokens): 27 rows (the case's rows, repeated in other
+    orders: three 8-row groups, of which the AVX-512 sets take two at once in 512-bit registers, a
+    tile and single rows) and every token count from 1 to 9 (one token, tile remainders, the
+    4-token tiles, and the transposed 8-row paths from 8 tokens on). Tokens are the case's
+    activations permuted and rescaled, plus an all-zero one. packed: the first 24 rows through the
     kernel set's load-time layout where it has one (the engine's path), the rest plain."""
     rng = np.random.default_rng(case.x.size)
-    order = np.array([0, 1, 2, 3, 4, 5, 3, 1, 4, 0, 5, 2, 2, 5])
+    order = np.array([0, 1, 2, 3, 4, 5, 3, 1, 4, 0, 5, 2, 2, 5, 1, 4, 2, 0, 3, 5, 5, 0, 2, 4, 1, 3, 3])
     rows = np.ascontiguousarray(case.rows.reshape(case.n_rows, -1)[order]).ravel()
     weights = case.weights[order]
     tokens = [case.x]
@@ -54,6 +55,23 @@ def test_gemm_matches_numpy_reference(isa, case, packed):
             err = np.abs(Y[t].astype(np.float64) - expected)
             tol = tolerance(weights, X[t], quantized)
             assert np.all(err <= tol), f"{isa} {case.fmt} T={T} token {t}: error {err.max()} > tolerance {tol[err.argmax()]}"
+
+
+X86_SETS = [i for i in ISAS if i in ("avx2", "avx512", "avx-vnni", "avx512-vnni")]
+
+
+@pytest.mark.skipif(len(X86_SETS) < 2, reason="this CPU runs fewer than two x86 kernel sets")
+@pytest.mark.parametrize("case", [c for c in CASES if c.fmt not in ("f32", "f16", "bf16")], ids=lambda c: f"{c.fmt}-{c.x.size}")
+def test_x86_sets_compute_the_same_bits_on_this_cpu(case):
+    """The x86 sets are one source (256-bit VEX, EVEX, VNNI, and 512-bit registers for two 8-row groups
+    in the AVX-512 sets): on real hardware too they give bit-identical prefill and decode results."""
+    rows = np.ascontiguousarray(np.concatenate([case.rows.reshape(case.n_rows, -1)] * 3)[:27]).ravel()
+    X = np.stack([np.roll(case.x, k) * np.float32(1 + k) for k in range(9)]).astype(np.float32)
+    for T in (1, 4, 9):
+        for packed in (False, True):
+            got = {isa: _native.kernel_gemm(isa, case.ggml_type, rows, np.ascontiguousarray(X[:T]), 27, packed).tobytes()
+                   for isa in X86_SETS}
+            assert len(set(got.values())) == 1, f"{case.fmt} T={T} packed={packed}: sets differ"
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.fmt in ("q4_0", "q5_0", "q8_0")], ids=lambda c: f"{c.fmt}-{c.x.size}")
