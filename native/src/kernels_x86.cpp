@@ -222,6 +222,52 @@ void axpy_f16v(float alpha, const uint16_t *v, float *y, size_t n) {
     for (; i < n; ++i) y[i] += alpha * f16(v[i]);
 }
 
+// Lane r = the sum of the 8 lanes of v[r], by one tree for every r (so a key's score does not
+// depend on the keys beside it).
+inline __m256 reduce8_ps(const __m256 v[8]) {
+    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
+// Attention scores over an f16 K cache, 8 keys per step: one accumulator per key over the head's
+// values, the 8 reduced together (no horizontal sum per key, no call per key).
+void scores_f16(const uint16_t *k, size_t stride, int n_keys, const float *q, size_t hd, float *out) {
+    auto key = [&](int j, size_t d) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(k + size_t(j) * stride + d))); };
+    for (int j = 0; j < n_keys; j += 8) {
+        const int m = n_keys - j < 8 ? n_keys - j : 8;
+        __m256 a[8];
+        for (auto &v : a) v = _mm256_setzero_ps();
+        for (size_t d = 0; d < hd; d += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + d);
+            if (m == 8)
+                for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(key(j + r, d), qv, a[r]);
+            else
+                for (int r = 0; r < m; ++r) a[r] = _mm256_fmadd_ps(key(j + r, d), qv, a[r]);
+        }
+        alignas(32) float s[8];
+        _mm256_store_ps(s, reduce8_ps(a));
+        for (int r = 0; r < m; ++r) out[j + r] = s[r];
+    }
+}
+
+// The attention output over an f16 V cache: 64 output values at a time stay in registers while
+// every value row adds to them (axpy per row loads and stores the output each time).
+void weighted_sum_f16(const uint16_t *v, size_t stride, int n, const float *p, size_t hd, float *out) {
+    for (size_t d0 = 0; d0 < hd; d0 += 64) {
+        const int m = static_cast<int>((hd - d0 < 64 ? hd - d0 : 64) / 8);
+        __m256 a[8];
+        for (auto &x : a) x = _mm256_setzero_ps();
+        for (int j = 0; j < n; ++j) {
+            const __m256 pj = _mm256_set1_ps(p[j]);
+            const uint16_t *row = v + size_t(j) * stride + d0;
+            for (int i = 0; i < m; ++i)
+                a[i] = _mm256_fmadd_ps(pj, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + 8 * i))), a[i]);
+        }
+        for (int i = 0; i < m; ++i) _mm256_storeu_ps(out + d0 + 8 * i, a[i]);
+    }
+}
+
 float dot_q8_0_f32v(const uint8_t *k, const float *x, size_t n) {
     __m256 acc = _mm256_setzero_ps();
     for (size_t b = 0; b < n / 32; ++b, k += 34, x += 32) {
@@ -1282,6 +1328,8 @@ const Ops OPS = {
     {nullptr, nullptr, nullptr, pack_q40_50<false>, nullptr, pack_q40_50<true>, nullptr, pack_q8_0},
     {nullptr, nullptr, nullptr, gemm_packed_q40_50<false>, nullptr, gemm_packed_q40_50<true>, nullptr, gemm_packed_q8_0},
     {nullptr, nullptr, nullptr, unpack_row_q40_50<false>, nullptr, unpack_row_q40_50<true>, nullptr, unpack_row_q8_0},
+    scores_f16,
+    weighted_sum_f16,
 };
 
 }  // namespace

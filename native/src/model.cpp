@@ -460,13 +460,14 @@ void Model::matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_
         stride_bytes = nb * sizeof(kern::BlockQ8A);
     }
     const uint8_t *a = static_cast<const uint8_t *>(act);
-    // rows in chunks of whole 8-row groups (the kernels' row blocks), a few chunks per thread so a
-    // thread the OS runs late leaves its share to the others
-    const size_t groups = (rows + 7) / 8;
-    const int chunks = static_cast<int>(std::min<size_t>(groups, size_t(pool_.size()) * 4));
+    // rows in chunks of whole 16-row units (two 8-row groups: the kernels' row blocks, which the
+    // AVX-512 sets take two at a time), a few chunks per thread so a thread the OS runs late leaves
+    // its share to the others
+    const size_t units = (rows + 15) / 16;
+    const int chunks = static_cast<int>(std::min<size_t>(units, size_t(pool_.size()) * 4));
     pool_.run(
         [&](int i, int n) {
-            const size_t r0 = std::min<size_t>(rows, groups * i / n * 8), r1 = std::min<size_t>(rows, groups * (i + 1) / n * 8);
+            const size_t r0 = std::min<size_t>(rows, units * i / n * 16), r1 = std::min<size_t>(rows, units * (i + 1) / n * 16);
             if (r0 < r1) kern::gemm_rows(*ops_, w.wtype, w.data, w.row_bytes, w.packed, r0, r1, a, stride_bytes, T, y, size_t(rows), size_t(cols));
         },
         chunks);
@@ -548,6 +549,8 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
         }
     }
     const bool q8 = kv_type_ == KVType::Q8_0;
+    const bool batched_scores = !q8 && ops_->scores_f16 && hd % 8 == 0;
+    const bool batched_values = !q8 && ops_->weighted_sum_f16 && hd % 8 == 0;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     const uint8_t *kc = k_cache_.data() + size_t(layer) * n_ctx_ * kv_row_;
     const uint8_t *vc = v_cache_.data() + size_t(layer) * n_ctx_ * kv_row_;
@@ -562,16 +565,26 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
             const float *q = q_.data() + q_at;
             const uint8_t *kh = kc + size_t(kvh) * head_bytes, *vh = vc + size_t(kvh) * head_bytes;
             float mx = -INFINITY;
-            for (int j = 0; j < n_keys; ++j) {
-                const uint8_t *key = kh + size_t(j) * kv_row_;
-                sc[j] = (q8 ? ops_->dot_q8_0_f32(key, q, hd) : ops_->dot_f16(reinterpret_cast<const uint16_t *>(key), q, hd)) * scale;
-                mx = std::max(mx, sc[j]);
+            if (batched_scores) {
+                ops_->scores_f16(reinterpret_cast<const uint16_t *>(kh), kv_row_ / 2, n_keys, q, hd, sc);
+                for (int j = 0; j < n_keys; ++j) mx = std::max(mx, sc[j] *= scale);
+            } else {
+                for (int j = 0; j < n_keys; ++j) {
+                    const uint8_t *key = kh + size_t(j) * kv_row_;
+                    sc[j] = (q8 ? ops_->dot_q8_0_f32(key, q, hd) : ops_->dot_f16(reinterpret_cast<const uint16_t *>(key), q, hd)) * scale;
+                    mx = std::max(mx, sc[j]);
+                }
             }
             float sum = 0.0f;
             for (int j = 0; j < n_keys; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
             float *out = att_out_.data() + q_at;
-            std::fill(out, out + hd, 0.0f);
             const float inv = 1.0f / sum;
+            if (batched_values) {
+                for (int j = 0; j < n_keys; ++j) sc[j] *= inv;
+                ops_->weighted_sum_f16(reinterpret_cast<const uint16_t *>(vh), kv_row_ / 2, n_keys, sc, hd, out);
+                continue;
+            }
+            std::fill(out, out + hd, 0.0f);
             for (int j = 0; j < n_keys; ++j) {
                 const uint8_t *value = vh + size_t(j) * kv_row_;
                 if (q8)
@@ -586,11 +599,21 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
     for (size_t i = 0; i < size_t(T) * c.n_embd; ++i) x_[i] += tmp_[i];
 }
 
+// hb_[i] = silu(hb_[i]) * hb2_[i] for the first n values: across the pool for a batch (a prefill's
+// exp calls are a tenth of its time on one thread), in this thread for a token.
+void Model::swiglu(size_t n) {
+    auto apply = [this](size_t i0, size_t i1) {
+        for (size_t i = i0; i < i1; ++i) hb_[i] = silu(hb_[i]) * hb2_[i];
+    };
+    if (n < kParallelElements) apply(0, n);
+    else pool_.range(n, apply);
+}
+
 void Model::ffn(const Layer &L, int, int T) {
     const int64_t n_ff = L.gate.rows;
     matmul(L.gate, xb_.data(), hb_.data(), T);
     matmul(L.up, xb_.data(), hb2_.data(), T, kern::takes_q8(L.gate.wtype));
-    for (size_t i = 0; i < size_t(T) * n_ff; ++i) hb_[i] = silu(hb_[i]) * hb2_[i];
+    swiglu(size_t(T) * n_ff);
     matmul(L.down, hb_.data(), tmp_.data(), T);
     for (size_t i = 0; i < size_t(T) * cfg_.n_embd; ++i) x_[i] += tmp_[i];
 }
@@ -639,7 +662,7 @@ void Model::moe(const Layer &L, int layer, int T) {
         const int64_t n_ff = w.gate.rows;
         matmul(w.gate, xin.data(), hb_.data(), Te);
         matmul(w.up, xin.data(), hb2_.data(), Te, kern::takes_q8(w.gate.wtype));
-        for (size_t i = 0; i < size_t(Te) * n_ff; ++i) hb_[i] = silu(hb_[i]) * hb2_[i];
+        swiglu(size_t(Te) * n_ff);
         out.resize(size_t(Te) * d);
         matmul(w.down, hb_.data(), out.data(), Te);
         experts_->release(layer, e);
@@ -653,7 +676,7 @@ void Model::moe(const Layer &L, int layer, int T) {
         const int64_t n_sh = L.gate_shexp.rows;
         matmul(L.gate_shexp, xb_.data(), hb_.data(), T);
         matmul(L.up_shexp, xb_.data(), hb2_.data(), T, kern::takes_q8(L.gate_shexp.wtype));
-        for (size_t i = 0; i < size_t(T) * n_sh; ++i) hb_[i] = silu(hb_[i]) * hb2_[i];
+        swiglu(size_t(T) * n_sh);
         matmul(L.down_shexp, hb_.data(), tmp_.data(), T);
         const float *gw = reinterpret_cast<const float *>(L.shexp_gate.data);
         for (int t = 0; t < T; ++t) {

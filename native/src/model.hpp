@@ -133,6 +133,8 @@ class Model {
     void matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_activations = false);
     void attention(const Layer &L, int layer, int T, int pos0);
     void ffn(const Layer &L, int layer, int T);
+    void swiglu(size_t n);
+    static constexpr size_t kParallelElements = 1 << 14;  // below this, splitting costs more than it saves
     void moe(const Layer &L, int layer, int T);
     void rope(float *x, int n_heads, int pos) const;
     void ensure_scratch(int T);

@@ -288,6 +288,22 @@ void bind_runtime(nb::module_ &m) {
           "(dot(v, x), x + alpha*v) over one row v of a KV cache of kv_type ('f16' or 'q8_0', as bytes) with one "
           "kernel set (tests of the attention kernels).");
 
+    m.def("kernel_attention_f16",
+          [](const std::string &isa, U8In keys, U8In values, F32In q, F32In p) -> nb::object {
+              const edgeai::kern::Ops &ops = ops_or_throw(isa);
+              if (!ops.scores_f16 || !ops.weighted_sum_f16) return nb::none();
+              const size_t hd = q.shape(0), n = p.shape(0);
+              if (hd % 8 || keys.shape(0) != 2 * hd * n || values.shape(0) != 2 * hd * n)
+                  throw nb::value_error("keys and values must be p's length of rows of q's length in f16, a multiple of 8");
+              std::vector<float> scores(n), out(hd);
+              ops.scores_f16(reinterpret_cast<const uint16_t *>(keys.data()), hd, static_cast<int>(n), q.data(), hd, scores.data());
+              ops.weighted_sum_f16(reinterpret_cast<const uint16_t *>(values.data()), hd, static_cast<int>(n), p.data(), hd, out.data());
+              return nb::make_tuple(to_numpy(std::move(scores), {n}), to_numpy(std::move(out), {hd}));
+          },
+          nb::arg("isa"), nb::arg("keys"), nb::arg("values"), nb::arg("q"), nb::arg("p"),
+          "(keys . q, sum_j p[j] values[j]) over n f16 rows with one kernel set's batched attention kernels (tests); "
+          "None where the set has none.");
+
     m.def("sample_logits",
           [](F32In logits, const std::vector<int32_t> &history, float temperature, int top_k, float top_p, float min_p,
              float repeat_penalty, int repeat_last_n, uint64_t seed, int n_draws) {

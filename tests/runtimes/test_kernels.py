@@ -131,3 +131,35 @@ def test_q8_0_kv_cache_kernels(isa, n):
     dot, y = _native.kernel_kv(isa, "q8_0", v, x, -0.625)
     assert abs(dot - decoded @ x) <= 1e-5 * (np.abs(decoded) @ np.abs(x)) + 1e-6
     np.testing.assert_allclose(y, x - 0.625 * decoded, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hd", [64, 128, 40, 256])
+def test_batched_attention_kernels(hd):
+    """Sets with batched f16 attention kernels (x86): scores agree with the float64 dot products and
+    give a key the same score whatever its neighbours (every key count from 1 to 19: groups of 8 and
+    tails); the weighted sum of values is bit for bit the axpy loop it replaces; the x86 sets agree."""
+    rng = np.random.default_rng(hd)
+    keys = (rng.standard_normal((19, hd)) * 3).astype(np.float16)
+    values = rng.standard_normal((19, hd)).astype(np.float16)
+    q = rng.standard_normal(hd).astype(np.float32)
+    p = rng.dirichlet(np.ones(19)).astype(np.float32)
+    expected = keys.astype(np.float64) @ q.astype(np.float64)
+    bound = 1e-6 * (np.abs(keys.astype(np.float64)) @ np.abs(q.astype(np.float64)))  # float32 sums of hd terms
+    raw = lambda a: np.ascontiguousarray(a).view(np.uint8).ravel()  # noqa: E731
+    found = {}
+    for isa in ISAS:
+        got = _native.kernel_attention_f16(isa, raw(keys), raw(values), q, p)
+        if got is None:
+            continue
+        scores, out = got
+        assert np.all(np.abs(scores - expected) <= bound), f"{isa}: {np.abs(scores - expected).max()}"
+        for n in range(1, 19):
+            part, _ = _native.kernel_attention_f16(isa, raw(keys[19 - n:]), raw(values[19 - n:]), q, p[19 - n:])
+            assert part.tobytes() == scores[19 - n:].tobytes(), f"{isa}: {n} keys"
+        axpy = np.zeros(hd, np.float32)
+        for j in range(19):
+            axpy = _native.kernel_kv(isa, "f16", raw(values[j]), axpy, float(p[j]))[1]
+        assert out.tobytes() == axpy.tobytes(), isa
+        found[isa] = scores.tobytes() + out.tobytes()
+    assert ("avx2" in ISAS) <= bool(found)
+    assert len(set(found.values())) <= 1
