@@ -4,11 +4,15 @@ with its source), and detection of the current machine in the same terms (`devic
 from __future__ import annotations
 
 import json
+import logging
+import operator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 
 from edgeai.errors import DeviceError
+
+log = logging.getLogger(__name__)
 
 GB = 1000**3  # vendors sell memory in GB meaning GiB; bandwidths are decimal
 
@@ -93,3 +97,25 @@ def default_threads() -> int:
     from edgeai.devices.cores import core_layout
 
     return core_layout().threads
+
+
+def checked_threads(threads: int | None) -> int:
+    """The threads a backend starts: `default_threads()` for None; at most one per CPU this process may
+    use (a spinning thread beyond them stalls the machine), capped with a warning; an OptionError below 1."""
+    if threads is None:
+        return default_threads()
+    from edgeai.devices.cores import allowed_cpus
+    from edgeai.errors import OptionError
+
+    try:
+        n = operator.index(threads)
+    except TypeError:
+        n = 0
+    if isinstance(threads, bool) or n < 1:
+        raise OptionError(f"threads must be a whole number >= 1, got {threads!r}")
+    threads = n
+    cpus = len(allowed_cpus())
+    if threads > cpus:
+        log.warning("threads=%d is more than the %d CPUs this process may use; running %d", threads, cpus, cpus)
+        return cpus
+    return threads

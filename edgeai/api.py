@@ -62,8 +62,8 @@ def _resolve(path, memory_budget, device, threads):
         budget = profile.default_budget
     if threads is None and profile is not None:
         threads = profile.threads
-    if threads is not None and threads < 1:
-        from edgeai.errors import OptionError
+    if threads is not None:
+        from edgeai.devices import checked_threads
 
-        raise OptionError(f"threads must be >= 1, got {threads}")
+        threads = checked_threads(threads)
     return path, budget, threads, profile

@@ -124,13 +124,13 @@ def tokenize(plan: ConversionPlan, text: str) -> list[int]:
     """
     source = Path(plan.source.path)
     if plan.source_format == "gguf":
-        from llama_cpp import Llama
+        from edgeai.runtimes.vocab import GGUFVocab
 
-        llm = Llama(model_path=str(source), vocab_only=True, verbose=False)
+        vocab = GGUFVocab(source)  # llama.cpp's tokenizer, loaded without weights
         try:
-            return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+            return vocab.tokenize(text, add_special=False, parse_special=False)
         finally:
-            llm.close()
+            vocab.close()
     if (source / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from edgeai.budget import format_bytes
-from edgeai.devices import default_threads
+from edgeai.devices import checked_threads
 from edgeai.errors import BudgetError, CheckpointError, ContextOverflowError, OptionError
 from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling, kv_cache_type
 from edgeai.runtimes.llamacpp_check import model_params
 from edgeai.runtimes.sampling import make_rng, sample
-from edgeai.runtimes.vocab import GGUFVocab, VocabText, llama_cpp
+from edgeai.runtimes.vocab import GGUFVocab, VocabText, check_vocabulary, llama_cpp
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class LlamaCppBackend(VocabText):
         ll = llama_cpp()
         self._ll = ll
         self._model = self._ctx = self._batch = None
-        self.threads = threads or default_threads()
+        self.threads = checked_threads(threads)
         self.memory_budget = memory_budget
         size = self.path.stat().st_size
         if memory_budget is not None and size > memory_budget:
@@ -86,6 +86,7 @@ class LlamaCppBackend(VocabText):
                               "streams MoE experts within a budget (backend='native', `edgeai run --plan` shows the split)",
                               size)
 
+        check_vocabulary(self.path)
         self._model = ll.llama_model_load_from_file(str(self.path).encode(), model_params(ll))
         if not self._model:
             raise CheckpointError(f"llama.cpp could not load {self.path}: a corrupt file or an architecture or "

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeai.errors import CheckpointError, ContextOverflowError, EdgeAIError, OptionError, UnsupportedArchitectureError
+from edgeai.errors import (CheckpointError, ContextOverflowError, EdgeAIError, OptionError, TokenizerError,
+                           UnsupportedArchitectureError)
 from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling, kv_cache_type
 from edgeai.runtimes.vocab import VocabText
 
@@ -43,6 +44,8 @@ def read_gguf(path: Path) -> tuple[dict, list[tuple]]:
 
     try:
         info = _native.gguf_read(str(path))
+    except _native.GGUFVocabularyError as exc:
+        raise TokenizerError(str(exc)) from exc
     except _native.GGUFFormatError as exc:
         raise CheckpointError(str(exc)) from exc
     except OSError as exc:
@@ -96,11 +99,9 @@ def _prepare(path: Path, n_ctx: int | None, threads: int | None) -> tuple[Path, 
     n_ctx = int(n_ctx or min(DEFAULT_N_CTX, n_ctx_train))
     if not 0 < n_ctx <= n_ctx_train:
         raise OptionError(f"n_ctx={n_ctx} is outside what {path.name} allows (1..{n_ctx_train})")
-    from edgeai.devices import default_threads
+    from edgeai.devices import checked_threads
 
-    threads = int(threads or default_threads())
-    if threads < 1:
-        raise OptionError(f"threads must be >= 1, got {threads}")
+    threads = checked_threads(threads)
     return path, config, n_ctx_train, n_ctx, threads
 
 
@@ -118,6 +119,8 @@ class NativeBackend(VocabText):
         try:
             meta, tensors = read_gguf(path)
             engine_config(meta, tensors, path)
+        except TokenizerError:
+            raise  # a vocabulary no backend can load (llama.cpp's loader would abort on it)
         except EdgeAIError as exc:
             return str(exc)
         from gguf import GGMLQuantizationType

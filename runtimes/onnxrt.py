@@ -145,9 +145,9 @@ class OnnxBackend:
         if n_ctx is not None and not 0 < n_ctx <= context:
             raise OptionError(f"n_ctx {n_ctx} is outside 1..{context}, the context length of {self.path}")
         self.n_ctx = n_ctx or context
-        from edgeai.devices import default_threads
+        from edgeai.devices import checked_threads
 
-        self.threads = threads or default_threads()
+        self.threads = checked_threads(threads)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgeai.errors import CheckpointError
+from edgeai.errors import CheckpointError, OptionError, TokenizerError
 
 _init_lock = threading.Lock()
 _initialized = False
@@ -30,6 +30,20 @@ def llama_cpp():
     return ll
 
 
+def check_vocabulary(path: Path) -> None:
+    """Refuse, with a TokenizerError naming the tokens, a GGUF whose vocabulary llama.cpp's loader
+    would abort the process on (two tokens of the same text). Any other problem this reader finds is
+    left to llama.cpp, which knows tensor types the native reader does not."""
+    from edgeai import _native
+
+    try:
+        _native.gguf_read(str(path))
+    except _native.GGUFVocabularyError as exc:
+        raise TokenizerError(str(exc)) from exc
+    except (_native.GGUFFormatError, OSError):
+        pass
+
+
 class GGUFVocab:
     """Tokenizer, special tokens and chat template of a GGUF, from llama.cpp.
 
@@ -41,6 +55,7 @@ class GGUFVocab:
         self._ll = ll
         self._owned = None
         if model is None:
+            check_vocabulary(path)
             params = ll.llama_model_default_params()
             params.vocab_only = True
             params.n_gpu_layers = 0
@@ -77,6 +92,11 @@ class GGUFVocab:
         ll = self._ll
         if not tokens:
             return b""
+        # llama.cpp aborts the process (std::out_of_range) on an id outside the vocabulary
+        tokens = [int(t) for t in tokens]
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise OptionError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
         arr = (ll.llama_token * len(tokens))(*tokens)
         cap = 16 * len(tokens) + 16
         while True:

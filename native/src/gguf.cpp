@@ -8,8 +8,40 @@
 #include <cerrno>
 #include <cstring>
 #include <system_error>
+#include <unordered_map>
 
 namespace edgeai::gguf {
+
+std::string valid_utf8(const std::string &s) {
+    static const char hex[] = "0123456789ABCDEF";
+    std::string out;
+    out.reserve(s.size());
+    const auto *b = reinterpret_cast<const unsigned char *>(s.data());
+    for (size_t i = 0, n = s.size(); i < n;) {
+        // length of the sequence a lead byte starts (0: not a lead byte), and the smallest code point it
+        // may encode (overlong forms are invalid)
+        const unsigned c = b[i];
+        const int len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+        bool ok = len > 0 && i + len <= n;
+        uint32_t cp = len == 1 ? c : len == 2 ? (c & 0x1F) : len == 3 ? (c & 0x0F) : (c & 0x07);
+        for (int k = 1; ok && k < len; ++k) {
+            ok = (b[i + k] & 0xC0) == 0x80;
+            cp = (cp << 6) | (b[i + k] & 0x3F);
+        }
+        static const uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
+        ok = ok && cp >= kMin[len] && cp <= 0x10FFFF && !(cp >= 0xD800 && cp <= 0xDFFF);
+        if (ok) {
+            out.append(s, i, len);
+            i += len;
+        } else {
+            out += "\\x";
+            out += hex[c >> 4];
+            out += hex[c & 15];
+            ++i;
+        }
+    }
+    return out;
+}
 
 namespace {
 
@@ -34,8 +66,8 @@ class Cursor {
   public:
     Cursor(const uint8_t *base, uint64_t size, const std::string &path) : base_(base), size_(size), path_(path) {}
 
-    [[noreturn]] void fail(const std::string &what) const {
-        throw FormatError(path_ + ": not a valid GGUF file: " + what + " (at byte " + std::to_string(pos_) + ")");
+    template <class Error = FormatError> [[noreturn]] void fail(const std::string &what) const {
+        throw Error(path_ + ": not a valid GGUF file: " + what + " (at byte " + std::to_string(pos_) + ")");
     }
     void need(uint64_t n, const char *what) const {
         if (n > size_ - pos_) fail(std::string("truncated while reading ") + what);
@@ -102,6 +134,19 @@ Value read_value(Cursor &c, uint32_t vt, const std::string &key, bool in_array) 
             if (elem) {
                 if (v.array_len > UINT64_MAX / elem) c.fail("array length overflows in key '" + key + "'");
                 c.skip(v.array_len * elem, "array data");
+            } else if (v.array_type == 8 && key == "tokenizer.ggml.tokens") {
+                // llama.cpp's vocabulary loader aborts the process when two tokens have the same text
+                // (as C strings: up to a NUL), so the reader refuses such a vocabulary first.
+                std::unordered_map<std::string, uint64_t> seen;
+                for (uint64_t k = 0; k < v.array_len; ++k) {
+                    std::string text = c.string("token text");
+                    text.resize(std::strlen(text.c_str()));
+                    const auto [at, fresh] = seen.emplace(std::move(text), k);
+                    if (!fresh)
+                        c.fail<VocabularyError>("tokens " + std::to_string(at->second) + " and " + std::to_string(k) +
+                                                " of tokenizer.ggml.tokens have the same text (up to any NUL byte); a " +
+                                                "vocabulary's tokens must all differ");
+                }
             } else if (v.array_type == 8) {
                 for (uint64_t k = 0; k < v.array_len; ++k) c.skip(c.read<uint64_t>("string length"), "array string");
             } else {

@@ -13,9 +13,20 @@
 
 namespace edgeai::gguf {
 
+// Header bytes are untrusted: a message quoting them (a tensor name, a key) has every byte that is not
+// part of valid UTF-8 written as \xNN, so that Python can show it (PyErr_SetString decodes UTF-8).
+std::string valid_utf8(const std::string &s);
+
 class FormatError : public std::runtime_error {
   public:
-    using std::runtime_error::runtime_error;
+    explicit FormatError(const std::string &what) : std::runtime_error(valid_utf8(what)) {}
+};
+
+// A vocabulary llama.cpp cannot load (it aborts the process on one): told apart so that callers which
+// hand the file to llama.cpp can refuse it even where the rest is llama.cpp's to judge.
+class VocabularyError : public FormatError {
+  public:
+    using FormatError::FormatError;
 };
 
 // ggml tensor type ids (stable on-disk values).

@@ -108,7 +108,8 @@ edgeai::StreamConfig stream_config_from(const nb::dict &d) {
 }  // namespace
 
 void bind_runtime(nb::module_ &m) {
-    nb::exception<edgeai::gguf::FormatError>(m, "GGUFFormatError", PyExc_ValueError);
+    nb::exception<edgeai::gguf::FormatError> format_error(m, "GGUFFormatError", PyExc_ValueError);
+    nb::exception<edgeai::gguf::VocabularyError>(m, "GGUFVocabularyError", format_error);
     nb::exception<edgeai::ModelError>(m, "ModelError", PyExc_ValueError);
 
     m.def("gguf_read",

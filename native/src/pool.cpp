@@ -17,7 +17,16 @@ namespace {
 constexpr int kSpins = 1 << 16;
 }  // namespace
 
-ThreadPool::ThreadPool(int n_threads) : n_(n_threads < 1 ? 1 : n_threads) {
+namespace {
+// Never more threads than the machine has: spinning workers beyond the cores stall the whole machine
+// (the Python side caps and warns first; this holds for every other caller).
+int bounded(int n_threads) {
+    const int cores = static_cast<int>(std::thread::hardware_concurrency());
+    return n_threads < 1 ? 1 : (cores > 0 && n_threads > cores ? cores : n_threads);
+}
+}  // namespace
+
+ThreadPool::ThreadPool(int n_threads) : n_(bounded(n_threads)) {
     for (int i = 1; i < n_; ++i) workers_.emplace_back([this] { loop(); });
 }
 
