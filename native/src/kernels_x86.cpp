@@ -54,6 +54,36 @@ inline __m256i dot_u8s8(__m256i q, __m256i x) {
 #endif
 }
 
+// The integer steps of the byte dot products at one register width, so that one BlockSums serves the
+// 256-bit kernels of every set and the 512-bit ones of the AVX-512 sets.
+struct V256 {
+    using I = __m256i;
+    static I zero() { return _mm256_setzero_si256(); }
+    static I add16(I a, I b) { return _mm256_add_epi16(a, b); }
+    static I add32(I a, I b) { return _mm256_add_epi32(a, b); }
+    static I maddubs(I q, I x) { return _mm256_maddubs_epi16(q, x); }
+    static I widen(I a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }  // int16 pairs -> int32
+    static I dpbusd(I acc, I q, I x) { return kern::dpbusd(acc, q, x); }
+};
+
+#if defined(__AVX512BW__)
+struct V512 {
+    using I = __m512i;
+    static I zero() { return _mm512_setzero_si512(); }
+    static I add16(I a, I b) { return _mm512_add_epi16(a, b); }
+    static I add32(I a, I b) { return _mm512_add_epi32(a, b); }
+    static I maddubs(I q, I x) { return _mm512_maddubs_epi16(q, x); }
+    static I widen(I a) { return _mm512_madd_epi16(a, _mm512_set1_epi16(1)); }
+    static I dpbusd(I acc, I q, I x) {
+#if defined(EDGEAI_AVX512_VNNI)
+        return _mm512_dpbusd_epi32(acc, q, x);
+#else
+        return add32(acc, widen(maddubs(q, x)));
+#endif
+    }
+};
+#endif
+
 inline __m256i load_x(const BlockQ8A *x) { return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x->qs)); }
 
 // Legacy 16-byte nibble array -> 32 codes: low nibbles are weights 0-15, high nibbles 16-31.
@@ -449,24 +479,22 @@ template <bool FIVE, int RN> void rows8_q40_50(const uint8_t *w, size_t rb, cons
 // The integer dot products of one Q4_0 / Q5_0 block with one token, one lane per row, summed over
 // the products of the low-nibble (half 0) and high-nibble (half 1) codes. AVX2 sums each half in
 // int16 (exact: 4 maddubs, <= 31496 for Q5) and widens once per block; VNNI sums in int32.
-template <bool FIVE> struct BlockSums {
+template <class V, bool FIVE> struct BlockSumsT {
+    using I = typename V::I;
 #if defined(EDGEAI_VNNI)
-    __m256i s = _mm256_setzero_si256();
-    void add(int, __m256i q, __m256i x) { s = dpbusd(s, q, x); }
-    __m256i dots() const { return s; }
+    I s = V::zero();
+    void add(int, I q, I x) { s = V::dpbusd(s, q, x); }
+    I dots() const { return s; }
 #else
-    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-    void add(int half, __m256i q, __m256i x) {
-        __m256i &h = half ? s1 : s0;
-        h = _mm256_add_epi16(h, _mm256_maddubs_epi16(q, x));
+    I s0 = V::zero(), s1 = V::zero();
+    void add(int half, I q, I x) {
+        I &h = half ? s1 : s0;
+        h = V::add16(h, V::maddubs(q, x));
     }
-    __m256i dots() const {
-        const __m256i ones = _mm256_set1_epi16(1);
-        return FIVE ? _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones))
-                    : _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones);
-    }
+    I dots() const { return FIVE ? V::add32(V::widen(s0), V::widen(s1)) : V::widen(V::add16(s0, s1)); }
 #endif
 };
+template <bool FIVE> using BlockSums = BlockSumsT<V256, FIVE>;
 
 // The end of a Q4_0 / Q5_0 block for one token, one lane per row: the block's integer dots times
 // the activation scale, with the -8 (-16) offset as d_w * -mid * (sum of x) through the
@@ -1071,33 +1099,7 @@ inline __m512i x_group512(const BlockQ8A *xb, int k) {
     return _mm512_set1_epi32(v);
 }
 
-// BlockSums for 16 rows (see BlockSums: the same exact integer sums).
-template <bool FIVE> struct BlockSums512 {
-#if defined(EDGEAI_AVX512_VNNI)
-    __m512i s = _mm512_setzero_si512();
-    void add(int, __m512i q, __m512i x) { s = _mm512_dpbusd_epi32(s, q, x); }
-    __m512i dots() const { return s; }
-#else
-    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-    void add(int half, __m512i q, __m512i x) {
-        __m512i &h = half ? s1 : s0;
-        h = _mm512_add_epi16(h, _mm512_maddubs_epi16(q, x));
-    }
-    __m512i dots() const {
-        const __m512i ones = _mm512_set1_epi16(1);
-        return FIVE ? _mm512_add_epi32(_mm512_madd_epi16(s0, ones), _mm512_madd_epi16(s1, ones))
-                    : _mm512_madd_epi16(_mm512_add_epi16(s0, s1), ones);
-    }
-#endif
-};
-
-inline __m512i dpbusd512(__m512i acc, __m512i q, __m512i x) {
-#if defined(EDGEAI_AVX512_VNNI)
-    return _mm512_dpbusd_epi32(acc, q, x);
-#else
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(q, x), _mm512_set1_epi16(1)));
-#endif
-}
+template <bool FIVE> using BlockSums512 = BlockSumsT<V512, FIVE>;  // BlockSums for 16 rows
 
 // fifth_bits of group g's word (low half) and group g+1's (high half).
 inline __m512i fifth_bits_pair(const uint8_t *p, size_t group_bytes) {
@@ -1231,7 +1233,7 @@ void packed16_q8_0_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float 
             const __mmask64 neg = _mm512_movepi8_mask(sw);
             for (int t = 0; t < RN; ++t) {
                 const __m512i xv = x_group512(xb[t], k);
-                s[t] = dpbusd512(s[t], aw, _mm512_mask_sub_epi8(xv, neg, zero, xv));
+                s[t] = V512::dpbusd(s[t], aw, _mm512_mask_sub_epi8(xv, neg, zero, xv));
             }
         }
         const __m512 dw = scales_pair(pw, group_bytes);
