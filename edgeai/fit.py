@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeai.devices import DeviceProfile
-from edgeai.errors import CheckpointError
+from edgeai.errors import CheckpointError, OptionError
 from edgeai.runtimes.base import DEFAULT_N_CTX
 
 N_BATCH = 512  # the prefill batch the scratch is sized for (the llama.cpp backend's n_batch)
@@ -131,7 +131,9 @@ def bytes_per_token(shape: ModelShape, weights: WeightBytes, n_past: int) -> flo
 def estimate(shape: ModelShape, weights: WeightBytes, device: DeviceProfile, *, budget: int | None = None,
              n_ctx: int | None = None, label: str = "") -> FitEstimate:
     """Memory split and decode speed of a model of `shape` and `weights` on `device`."""
-    n_ctx = min(n_ctx or DEFAULT_N_CTX, shape.n_ctx_train)
+    if n_ctx is not None and n_ctx < 1:
+        raise OptionError(f"n_ctx must be >= 1 (None: the default of {DEFAULT_N_CTX}), got {n_ctx}")
+    n_ctx = min(DEFAULT_N_CTX if n_ctx is None else n_ctx, shape.n_ctx_train)
     budget = device.default_budget if budget is None else budget
     kv = kv_cache_bytes(shape, n_ctx)
     scratch = scratch_bytes(shape, n_ctx)

@@ -13,6 +13,8 @@ temperature -> draw. `temperature <= 0` is greedy (arg-max after the penalty).
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,14 +56,14 @@ class Sampling:
     def __post_init__(self) -> None:
         from edgeai.errors import OptionError
 
-        if self.temperature < 0:
-            raise OptionError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # nan and inf sample garbage
+            raise OptionError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise OptionError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             raise OptionError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repeat_penalty <= 0:
-            raise OptionError(f"repeat_penalty must be > 0 (1 is off), got {self.repeat_penalty}")
+        if not (math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0):
+            raise OptionError(f"repeat_penalty must be a finite number > 0 (1 is off), got {self.repeat_penalty}")
         if self.repeat_last_n < 0:
             raise OptionError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
 

@@ -94,7 +94,7 @@ class LlamaCppBackend(VocabText):
         try:
             self._vocab = GGUFVocab(self.path, model=self._model)
             self.n_ctx_train = int(ll.llama_model_n_ctx_train(self._model))
-            n_ctx = int(n_ctx or min(DEFAULT_N_CTX, self.n_ctx_train))
+            n_ctx = int(min(DEFAULT_N_CTX, self.n_ctx_train) if n_ctx is None else n_ctx)
             if not 0 < n_ctx <= self.n_ctx_train:
                 raise OptionError(f"n_ctx={n_ctx} is outside what {self.path.name} allows (1..{self.n_ctx_train})")
             self.n_batch = min(n_batch, n_ctx)

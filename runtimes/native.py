@@ -96,7 +96,7 @@ def _prepare(path: Path, n_ctx: int | None, threads: int | None) -> tuple[Path, 
     meta, tensors = read_gguf(path)
     config = engine_config(meta, tensors, path)
     n_ctx_train = int(config.pop("n_ctx_train"))
-    n_ctx = int(n_ctx or min(DEFAULT_N_CTX, n_ctx_train))
+    n_ctx = int(min(DEFAULT_N_CTX, n_ctx_train) if n_ctx is None else n_ctx)
     if not 0 < n_ctx <= n_ctx_train:
         raise OptionError(f"n_ctx={n_ctx} is outside what {path.name} allows (1..{n_ctx_train})")
     from edgeai.devices import checked_threads

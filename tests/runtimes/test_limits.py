@@ -90,3 +90,27 @@ def test_a_format_error_quoting_bytes_that_are_not_utf8_reaches_python(tiny_chat
         read_gguf(bad)
     with pytest.raises(BackendError, match=r"tensor '\\xFFlk.0.attn_q.weight' has unknown type id 99"):
         edgeai.load(bad, backend="native")
+
+
+def test_sampling_numbers_must_be_finite():
+    from edgeai.runtimes.base import Sampling
+
+    for bad in ({"temperature": float("nan")}, {"temperature": float("inf")}, {"repeat_penalty": float("nan")},
+                {"repeat_penalty": float("inf")}, {"top_p": float("nan")}, {"min_p": float("nan")}):
+        with pytest.raises(OptionError, match="must be"):
+            Sampling(**bad)
+
+
+@pytest.mark.parametrize("backend", ["native", "llama.cpp"])
+def test_a_context_of_zero_is_an_error_not_the_default(tiny_chat_gguf, backend):
+    for n_ctx in (0, -1):
+        with pytest.raises(OptionError, match=f"n_ctx={n_ctx} is outside"):
+            edgeai.load(tiny_chat_gguf, backend=backend, n_ctx=n_ctx)
+
+
+def test_fit_refuses_a_context_of_zero(tiny_chat_gguf):
+    from edgeai.devices import get_profile
+    from edgeai.fit import fit
+
+    with pytest.raises(OptionError, match="n_ctx must be >= 1"):
+        fit(tiny_chat_gguf, get_profile("pi4-4gb"), n_ctx=0)
