@@ -72,6 +72,8 @@ struct Ops {
     // Optional (nullptr: axpy_f16 per value): out = sum_j p[j] * v_j over n f16 values `stride` apart,
     // hd a multiple of 8, in the order j = 0..n-1 (as the axpy loop adds them).
     void (*weighted_sum_f16)(const uint16_t *v, size_t stride, int n, const float *p, size_t hd, float *out);
+    // Optional (nullptr: std::exp per value): g[i] = silu(g[i]) * u[i], SwiGLU's gate times up.
+    void (*silu_mul)(float *g, const float *u, size_t n);
 };
 
 // (The inline functions here are static for the reason in kernels_common.hpp.)

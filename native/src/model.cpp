@@ -599,10 +599,12 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
     for (size_t i = 0; i < size_t(T) * c.n_embd; ++i) x_[i] += tmp_[i];
 }
 
-// hb_[i] = silu(hb_[i]) * hb2_[i] for the first n values: across the pool for a batch (a prefill's
-// exp calls are a tenth of its time on one thread), in this thread for a token.
+// hb_[i] = silu(hb_[i]) * hb2_[i] for the first n values, by the kernel set's vector code where it has
+// one: across the pool for a batch (with std::exp, a tenth of a prefill's time on one thread), in
+// this thread for a token.
 void Model::swiglu(size_t n) {
     auto apply = [this](size_t i0, size_t i1) {
+        if (ops_->silu_mul) return ops_->silu_mul(hb_.data() + i0, hb2_.data() + i0, i1 - i0);
         for (size_t i = i0; i < i1; ++i) hb_[i] = silu(hb_[i]) * hb2_[i];
     };
     if (n < kParallelElements) apply(0, n);

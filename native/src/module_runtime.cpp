@@ -305,6 +305,19 @@ void bind_runtime(nb::module_ &m) {
           "(keys . q, sum_j p[j] values[j]) over n f16 rows with one kernel set's batched attention kernels (tests); "
           "None where the set has none.");
 
+    m.def("kernel_silu_mul",
+          [](const std::string &isa, F32In g, F32In u) -> nb::object {
+              const edgeai::kern::Ops &ops = ops_or_throw(isa);
+              if (!ops.silu_mul) return nb::none();
+              const size_t n = g.shape(0);
+              if (u.shape(0) != n) throw nb::value_error("g and u must have the same length");
+              std::vector<float> out(g.data(), g.data() + n);
+              ops.silu_mul(out.data(), u.data(), n);
+              return nb::cast(to_numpy(std::move(out), {n}));
+          },
+          nb::arg("isa"), nb::arg("g"), nb::arg("u"),
+          "silu(g) * u with one kernel set's vector SwiGLU (tests); None where the set has none.");
+
     m.def("sample_logits",
           [](F32In logits, const std::vector<int32_t> &history, float temperature, int top_k, float top_p, float min_p,
              float repeat_penalty, int repeat_last_n, uint64_t seed, int n_draws) {

@@ -163,3 +163,28 @@ def test_batched_attention_kernels(hd):
         found[isa] = scores.tobytes() + out.tobytes()
     assert ("avx2" in ISAS) <= bool(found)
     assert len(set(found.values())) <= 1
+
+
+def test_vector_swiglu():
+    """Sets with a vector SwiGLU (x86) against float64 silu(g) * u, over the range activations take and
+    past the exponential's (very negative gates give -0, large ones g * u), every length's tail."""
+    rng = np.random.default_rng(0)
+    g = np.concatenate([rng.standard_normal(200) * 4, [0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 88.0, -88.0, 100.0,
+                                                          -100.0, 1e4, -1e4, 3.4e38, -3.4e38]]).astype(np.float32)
+    u = rng.standard_normal(g.size).astype(np.float32)
+    g64 = g.astype(np.float64)
+    with np.errstate(over="ignore"):
+        expected = g64 / (1.0 + np.exp(-g64)) * u.astype(np.float64)
+    found = {}
+    for isa in ISAS:
+        got = _native.kernel_silu_mul(isa, g, u)
+        if got is None:
+            continue
+        assert np.all(np.isfinite(got)), isa
+        err = np.abs(got - expected)
+        assert np.all(err <= 1e-6 * np.abs(expected) + 1e-30), f"{isa}: {err.max()} at {g[err.argmax()]}"
+        for n in (1, 7, 9, 15):  # tails shorter than a vector
+            assert _native.kernel_silu_mul(isa, g[:n], u[:n]).tobytes() == got[:n].tobytes(), (isa, n)
+        found[isa] = got.tobytes()
+    assert ("avx2" in ISAS) <= bool(found)
+    assert len(set(found.values())) <= 1
