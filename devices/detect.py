@@ -166,4 +166,4 @@ def closest_profile(me: DeviceProfile) -> tuple[DeviceProfile, float]:
     return best, distance(best)
 
 
-__all__ = ["closest_profile", "detect", "isa_features", "probe_memory_bandwidth", "probe_storage_read"]
+__all__ = ["closest_profile", "cpu_name", "detect", "isa_features", "probe_memory_bandwidth", "probe_storage_read"]

@@ -12,7 +12,8 @@ buffers: slower prefill, see README); if that one works, every llama.cpp model o
 loaded so, with a warning, else llama.cpp is refused with `BackendError` naming the cause and the fix.
 
 The answer is kept in memory and in a small JSON file under the user's cache folder, keyed by the
-llama.cpp library file (path, size, time) and the CPU's flags: a rebuild or another CPU asks again.
+llama.cpp library file (path, size, time) and the CPU (model name, ISA features): a rebuild or another
+CPU asks again.
 """
 
 from __future__ import annotations
@@ -72,21 +73,12 @@ def _library_file() -> Path:
     return Path(llama_cpp.__file__)
 
 
-def _cpu_flags() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.split(":")[0].strip() in ("flags", "Features"):
-                return line
-    import platform
-
-    return platform.processor() + platform.machine()
-
-
 def _key() -> str:
     lib = _library_file()
     st = lib.stat()
-    text = f"{lib}|{st.st_size}|{st.st_mtime_ns}|{_cpu_flags()}|{sys.version_info[:2]}"
+    from edgeai.devices.detect import cpu_name, isa_features
+
+    text = f"{lib}|{st.st_size}|{st.st_mtime_ns}|{cpu_name()}|{','.join(isa_features())}|{sys.version_info[:2]}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
