@@ -454,7 +454,11 @@ void Model::matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_
         const size_t nb = cols / kern::QA;
         if (!reuse_activations) {
             xq_.resize(nb * T);
-            for (int t = 0; t < T; ++t) ops_->quantize_act(x + size_t(t) * cols, xq_.data() + nb * t, cols);
+            auto quantize = [&](size_t t0, size_t t1) {
+                for (size_t t = t0; t < t1; ++t) ops_->quantize_act(x + t * cols, xq_.data() + nb * t, cols);
+            };
+            if (T >= kParallelTokens) pool_.range(size_t(T), quantize);  // a batch's tokens across the pool
+            else quantize(0, size_t(T));
         }
         act = xq_.data();
         stride_bytes = nb * sizeof(kern::BlockQ8A);
@@ -516,38 +520,44 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
     matmul(L.wq, xb_.data(), q_.data(), T);
     matmul(L.wk, xb_.data(), k_.data(), T, kern::takes_q8(L.wq.wtype));
     matmul(L.wv, xb_.data(), v_.data(), T, kern::takes_q8(L.wk.wtype));
-    for (int t = 0; t < T; ++t) {
-        float *q = q_.data() + size_t(t) * q_dim, *k = k_.data() + size_t(t) * kv_dim, *v = v_.data() + size_t(t) * kv_dim;
-        if (L.bq) for (int i = 0; i < q_dim; ++i) q[i] += reinterpret_cast<const float *>(L.bq.data)[i];
-        if (L.bk) for (int i = 0; i < kv_dim; ++i) k[i] += reinterpret_cast<const float *>(L.bk.data)[i];
-        if (L.bv) for (int i = 0; i < kv_dim; ++i) v[i] += reinterpret_cast<const float *>(L.bv.data)[i];
-        const float *qn = reinterpret_cast<const float *>(L.q_norm.data), *kn = reinterpret_cast<const float *>(L.k_norm.data);
-        if (c.qk_norm == QKNorm::FULL) {
-            rmsnorm(q, qn, q, q_dim, c.rms_eps);
-            rmsnorm(k, kn, k, kv_dim, c.rms_eps);
-        } else if (c.qk_norm == QKNorm::PER_HEAD) {
-            for (int h = 0; h < c.n_head; ++h) rmsnorm(q + h * hd, qn, q + h * hd, hd, c.rms_eps);
-            for (int h = 0; h < c.n_head_kv; ++h) rmsnorm(k + h * hd, kn, k + h * hd, hd, c.rms_eps);
-        }
-        rope(q, c.n_head, pos0 + t);
-        rope(k, c.n_head_kv, pos0 + t);
-        if (rot_k_) {
-            hadamard_chunks(q, q_dim, rot_k_);
-            hadamard_chunks(k, kv_dim, rot_k_);
-        }
-        if (rot_v_) hadamard_chunks(v, kv_dim, rot_v_);
-        const size_t at = (size_t(layer) * n_ctx_ + pos0 + t) * kv_row_;
-        if (kv_type_ == KVType::Q8_0) {
-            quantize_q8_0(k, k_cache_.data() + at, kv_dim / QK8_0, 1);
-            quantize_q8_0(v, v_cache_.data() + at, kv_dim / QK8_0, 1);
-        } else {
-            uint16_t *kd = reinterpret_cast<uint16_t *>(k_cache_.data() + at), *vd = reinterpret_cast<uint16_t *>(v_cache_.data() + at);
-            for (int i = 0; i < kv_dim; ++i) {
-                kd[i] = fp32_to_fp16(k[i]);
-                vd[i] = fp32_to_fp16(v[i]);
+    // Per token: biases, q/k norms, rotary positions, rotations, and the token's keys and values into the
+    // cache (its own rows), across the pool for a batch.
+    auto prepare = [&](size_t t0, size_t t1) {
+        for (int t = static_cast<int>(t0); t < static_cast<int>(t1); ++t) {
+            float *q = q_.data() + size_t(t) * q_dim, *k = k_.data() + size_t(t) * kv_dim, *v = v_.data() + size_t(t) * kv_dim;
+            if (L.bq) for (int i = 0; i < q_dim; ++i) q[i] += reinterpret_cast<const float *>(L.bq.data)[i];
+            if (L.bk) for (int i = 0; i < kv_dim; ++i) k[i] += reinterpret_cast<const float *>(L.bk.data)[i];
+            if (L.bv) for (int i = 0; i < kv_dim; ++i) v[i] += reinterpret_cast<const float *>(L.bv.data)[i];
+            const float *qn = reinterpret_cast<const float *>(L.q_norm.data), *kn = reinterpret_cast<const float *>(L.k_norm.data);
+            if (c.qk_norm == QKNorm::FULL) {
+                rmsnorm(q, qn, q, q_dim, c.rms_eps);
+                rmsnorm(k, kn, k, kv_dim, c.rms_eps);
+            } else if (c.qk_norm == QKNorm::PER_HEAD) {
+                for (int h = 0; h < c.n_head; ++h) rmsnorm(q + h * hd, qn, q + h * hd, hd, c.rms_eps);
+                for (int h = 0; h < c.n_head_kv; ++h) rmsnorm(k + h * hd, kn, k + h * hd, hd, c.rms_eps);
+            }
+            rope(q, c.n_head, pos0 + t);
+            rope(k, c.n_head_kv, pos0 + t);
+            if (rot_k_) {
+                hadamard_chunks(q, q_dim, rot_k_);
+                hadamard_chunks(k, kv_dim, rot_k_);
+            }
+            if (rot_v_) hadamard_chunks(v, kv_dim, rot_v_);
+            const size_t at = (size_t(layer) * n_ctx_ + pos0 + t) * kv_row_;
+            if (kv_type_ == KVType::Q8_0) {
+                quantize_q8_0(k, k_cache_.data() + at, kv_dim / QK8_0, 1);
+                quantize_q8_0(v, v_cache_.data() + at, kv_dim / QK8_0, 1);
+            } else {
+                uint16_t *kd = reinterpret_cast<uint16_t *>(k_cache_.data() + at), *vd = reinterpret_cast<uint16_t *>(v_cache_.data() + at);
+                for (int i = 0; i < kv_dim; ++i) {
+                    kd[i] = fp32_to_fp16(k[i]);
+                    vd[i] = fp32_to_fp16(v[i]);
+                }
             }
         }
-    }
+    };
+    if (T >= kParallelTokens) pool_.range(size_t(T), prepare);
+    else prepare(0, size_t(T));
     const bool q8 = kv_type_ == KVType::Q8_0;
     const bool batched_scores = !q8 && ops_->scores_f16 && hd % 8 == 0;
     const bool batched_values = !q8 && ops_->weighted_sum_f16 && hd % 8 == 0;

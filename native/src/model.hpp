@@ -135,6 +135,7 @@ class Model {
     void ffn(const Layer &L, int layer, int T);
     void swiglu(size_t n);
     static constexpr size_t kParallelElements = 1 << 14;  // below this, splitting costs more than it saves
+    static constexpr int kParallelTokens = 8;  // per-token work of a batch this long goes across the pool
     void moe(const Layer &L, int layer, int T);
     void rope(float *x, int n_heads, int pos) const;
     void ensure_scratch(int T);
