@@ -100,9 +100,9 @@ def make_model(dest: Path, alignment: int, seed: int = 0) -> Path:
     """Write the benchmark MoE (see the module docstring) to `dest` unless it is there already."""
     from gguf import GGMLQuantizationType, GGUFValueType
 
-    from edgeai.converters.gguf_writer import GGUFWriter
+    from edgeai.gguf_writer import GGUFWriter
     from edgeai.converters.sources import GGUFSource
-    from edgeai.converters.specs import SPECS, HParams
+    from edgeai.architectures import SPECS, HParams
     from edgeai.paths import atomic_output, default_model_path
     from edgeai.quant.formats import FORMATS
 

@@ -25,7 +25,7 @@ from kernel_sets import cpu_model, model_file
 CHILD = """
 import json, sys
 from edgeai.runtimes import llamacpp_check as lc
-from edgeai.runtimes.bench import measure
+from edgeai.bench import measure
 path, threads, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 if not extra:  # what the check decides where only this works
     lc._result = lc.CheckResult(lc.Verdict.NO_EXTRA_BUFTS, "benchmark", lc.system_info())

@@ -12,7 +12,7 @@ Both folders are made from the same F32 Hugging Face checkpoint (`tests/helpers.
            block 32, symmetric RTN, accuracy_level 4, tied embedding shared with the int4 lm_head)
 
 and measured the same way: size (model.onnx + external data), KL divergence / perplexity / top-1
-against an F16 GGUF reference (`edgeai.quant.evaluate`: llama.cpp runs the reference, onnxruntime
+against an F16 GGUF reference (`edgeai.evaluate`: llama.cpp runs the reference, onnxruntime
 runs both ONNX folders), and prefill / decode tokens per second through the same loop
 (`edgeai.runtimes.onnxrt.OnnxBackend`: the KV cache in place in shared past/present buffers, as
 both folders' genai_config.json allow; one graph run per step) at each thread count; the medians of
@@ -69,7 +69,7 @@ def run(argv: list[str], log: Path) -> float:
 def speed(folders: dict[str, Path], threads: int, runs: int, prompt: list[int], n_decode: int) -> dict[str, dict]:
     """Median prefill and decode tokens/s of each folder at `threads`, runs alternating between folders."""
     from edgeai.runtimes.base import GREEDY
-    from edgeai.runtimes.bench import timed_generation
+    from edgeai.bench import timed_generation
     from edgeai.runtimes.onnxrt import OnnxBackend
 
     backends = {k: OnnxBackend(p, threads=threads) for k, p in folders.items()}
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="Measure speed only; keep the quality figures of the last report-METHOD.json (same folders).")
     args = p.parse_args(argv)
 
-    from edgeai.quant.evaluate import evaluate
+    from edgeai.evaluate import evaluate
 
     work = args.work
     (work / "logs").mkdir(parents=True, exist_ok=True)

@@ -108,7 +108,7 @@ def balanced_kmeans(x: np.ndarray, k: int, iters: int = 10, seed: int = 0) -> np
 def router_inputs(dense: Path, text: str, n_ctx: int) -> dict[int, np.ndarray]:
     """Per block, the FFN's input rows [n_tokens, n_embd] (RMS-normed hidden states, what a router
     sees) of the dense model on `text`, from edgeai's numpy forward pass."""
-    from edgeai.converters.convert import open_plan
+    from edgeai.converters.plan import open_plan
     from edgeai.quant.calibrate import collect_statistics
     from edgeai.quant.forward import RowRecorder
 

@@ -669,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         for qtype, use_imatrix in LLAMA_CPP_CONFIGS:
             rows.append(quantize_llama_cpp(bench, tools, ref, imatrix, qtype, use_imatrix, imatrix_s))
 
-    from edgeai.quant.evaluate import gguf_size
+    from edgeai.evaluate import gguf_size
 
     ref_size, ref_bpw = gguf_size(ref)
     target_note = ""

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-import edgeai
+from edgeai.version import __version__
 from edgeai.errors import CheckpointError, OptionError, OutputError, UnsupportedArchitectureError
 from edgeai.paths import atomic_output_dir
 from edgeai.quant.recipes import Method, parse_method
@@ -402,8 +402,8 @@ class _Weights:
 def _hf_row_orders(plan) -> dict[str, np.ndarray]:
     """Row index arrays that put the plan's q/k rows (and biases) back in Hugging Face order, for
     NORM-RoPE families, whose plan permutes each head's rows [x_0, y_0, x_1, y_1, ...] for GGUF
-    (`converters.specs._permute_rows`): HF row h*d + s*d/2 + j is plan row h*d + 2j + s."""
-    from edgeai.converters.specs import RopeStyle
+    (`edgeai.architectures._permute_rows`): HF row h*d + s*d/2 + j is plan row h*d + 2j + s."""
+    from edgeai.architectures import RopeStyle
 
     hp = plan.hparams
     if plan.spec.rope is not RopeStyle.NORM:
@@ -422,7 +422,7 @@ def _build_graph(g: _Graph, plan, w: _Weights, max_pos: int):
     """The decoder graph's nodes (weights streamed by `w`); returns (inputs, outputs) value infos."""
     from onnx import TensorProto, helper
 
-    from edgeai.converters.specs import QKNorm
+    from edgeai.architectures import QKNorm
     from edgeai.quant.forward import ForwardConfig, RopeTables
 
     spec, hp = plan.spec, plan.hparams
@@ -737,9 +737,8 @@ def export_onnx(
     Returns:
         The folder written.
     """
-    from threadpoolctl import threadpool_limits
-
-    from edgeai.converters.convert import _awq, _calibration_text, _gptq, _importance_lookup, _prune, open_plan
+    from edgeai.converters.pipeline import calibration_text, prepare
+    from edgeai.converters.plan import open_plan
     from edgeai.quant.prune import parse_prune
     from edgeai.quant.recipes import get_recipe
 
@@ -758,7 +757,7 @@ def export_onnx(
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise OptionError(f"accuracy_level {accuracy_level} must be 0..4 (MatMulNBits)")
     prune_steps = parse_prune(prune)
-    calib_text = _calibration_text(calib, method, prune_steps)
+    calib_text = calibration_text(calib, method, prune_steps)
     ort_version = check_onnxruntime()
     if output.exists() and not force:
         raise OutputError(f"{output} exists; pass --force (force=True) to replace it")
@@ -785,23 +784,10 @@ def export_onnx(
         if plan.spec.moe is not None:
             _check_moe_ops(quant, ort_version)
         started = time.perf_counter()
-        importance, encoded = None, None
-        # numpy's BLAS (calibration forward pass, AWQ, GPTQ) gets the threads asked for, as in convert
-        with threadpool_limits(limits=threads if threads > 0 else None, user_api="blas"):
-            if prune_steps:  # before calibrating for quantization, which then sees the pruned model
-                _prune(plan, recipe, prune_steps, calib_text, calib_ctx, calib)
-            if method is Method.IMATRIX:
-                from edgeai.quant.calibrate import collect_statistics
-
-                stats = collect_statistics(plan, calib_text, n_ctx=calib_ctx)
-                plan.extra_recipe["calibration"] = {**stats.recipe(), "file": Path(calib).name}
-                importance = _importance_lookup({name: stats.importance(name) for name in stats.columns})
-            elif method is Method.AWQ:
-                _grid_formats(plan, quant)  # what the scale search quantizes with
-                importance = _awq(plan, calib_text, calib_ctx, Path(calib).name, threads)
-            elif method is Method.GPTQ:
-                _grid_formats(plan, quant)  # the grids GPTQ fills: Q4_0/Q8_0 == MatMulNBits at block 32
-                encoded = _gptq(plan, calib_text, calib_ctx, Path(calib).name, threads)
+        # the plan stays F32 (MatMulNBits quantizes); AWQ and GPTQ quantize with its grids
+        prepared = prepare(plan, recipe, method, calib=calib, calib_text=calib_text, calib_ctx=calib_ctx,
+                           prune_steps=prune_steps, threads=threads, grid=lambda p: _grid_formats(p, quant))
+        importance, encoded = prepared.importance, prepared.encoded
         opts = _Options(quant, block_size, accuracy_level)
         plan.extra_recipe["device"] = device_name
         with atomic_output_dir(output, force=force) as tmp:
@@ -828,10 +814,10 @@ def _write_folder(folder: Path, plan, opts: _Options, method: Method, importance
         data.close()
     graph = helper.make_graph(g.nodes, "edgeai-decoder", inputs, outputs, initializer=g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              ir_version=IR_VERSION, producer_name="edgeai", producer_version=edgeai.__version__)
+                              ir_version=IR_VERSION, producer_name="edgeai", producer_version=__version__)
     recipe = {
         "tool": "edgeai",
-        "version": edgeai.__version__,
+        "version": __version__,
         "format": "onnx",
         "quant": opts.quant.value,
         "block_size": opts.block_size if opts.quant.bits else None,

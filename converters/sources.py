@@ -269,49 +269,51 @@ class PickleCheckpoint:
 class GGUFSource:
     """A GGUF file as a source: its metadata, and its tensors dequantized to float32.
 
-    Names and layout are already GGUF's, so no name map applies; numpy order is the reverse of
-    GGUF's `ne` order, as everywhere in edgeai.
+    The header is read by the validating reader every GGUF read goes through
+    (`edgeai.gguf_header`). Names and layout are already GGUF's, so no name map applies; numpy order
+    is the reverse of GGUF's `ne` order, as everywhere in edgeai.
     """
 
     def __init__(self, path: Path):
-        from gguf import GGUFReader
+        from edgeai.gguf_header import read_header
 
         self.path = Path(path)
-        try:
-            self.reader = GGUFReader(self.path)
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.path} does not exist") from None
-        except Exception as exc:  # gguf-py raises ValueError/struct errors/IndexError on bad bytes
-            raise CheckpointError(
-                f"{self.path} is not a readable GGUF file (truncated or corrupt?): {exc}"
-            ) from exc
-        self._tensors = {t.name: t for t in self.reader.tensors}
+        self.header = read_header(self.path)
 
     def metadata(self) -> dict[str, object]:
-        """Every key-value pair of the header, values as plain Python (str, int, float, list)."""
-        return {name: field.contents() for name, field in self.reader.fields.items() if not name.startswith("GGUF.")}
+        """Every key-value pair of the header, values as plain Python (str, int, float, bool, list).
+        A string array that is not UTF-8 is a CheckpointError naming the key (GGUF strings are UTF-8)."""
+        from edgeai.gguf_header import GGUFArray
+
+        out: dict[str, object] = {}
+        for key, value in self.header.metadata.items():
+            out[key] = self.header.array(key).tolist() if isinstance(value, GGUFArray) and value.element_type != 8 \
+                else self.header.array(key) if isinstance(value, GGUFArray) else value
+        return out
 
     def value_type(self, key: str):
-        """The GGUF value type of a key (and the element type of arrays)."""
-        types = self.reader.fields[key].types
-        return types[0], (types[-1] if len(types) > 1 else None)
+        """The GGUF value type of a key, and the element type of an array (else None)."""
+        from gguf import GGUFValueType
+
+        from edgeai.gguf_header import GGUFArray
+
+        value = self.header.metadata[key]
+        vtype = GGUFValueType(self.header.value_types[key])
+        return vtype, (GGUFValueType(value.element_type) if isinstance(value, GGUFArray) else None)
 
     def infos(self) -> dict[str, TensorInfo]:
-        return {
-            name: TensorInfo(name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name, int(t.n_bytes))
-            for name, t in self._tensors.items()
-        }
+        return {name: TensorInfo(name, t.numpy_shape, t.type_name, t.nbytes) for name, t in self.header.tensors.items()}
 
     def read(self, name: str) -> np.ndarray:
+        from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        t = self._tensors[name]
-        shape = tuple(int(d) for d in reversed(t.shape))
-        return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        t = self.header.tensors[name]
+        data = self.header.tensor_data(name)
+        return np.asarray(dequantize(data, GGMLQuantizationType(t.type)), dtype=np.float32).reshape(t.numpy_shape)
 
     def release(self, name: str) -> None:
         pass
 
     def close(self) -> None:
-        self._tensors.clear()
-        self.reader = None
+        pass

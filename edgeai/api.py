@@ -20,11 +20,12 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
     kv_cache: the KV cache's element type, "f16" (default) or "q8_0" (about half the memory; native
     and llama.cpp backends).
     """
-    from edgeai.runtimes.registry import resolve
+    from edgeai.runtimes.registry import header_of, resolve
 
     path, budget, threads, profile = _resolve(path, memory_budget, device, threads)
-    cls = resolve(Path(path), backend)
-    engine = cls(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget, kv_cache=kv_cache)
+    header = header_of(Path(path))  # read once: choosing the backend and loading it share it
+    cls = resolve(Path(path), backend, header)
+    engine = cls(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget, kv_cache=kv_cache, header=header)
     return Model(engine, device=profile, memory_budget=budget)
 
 
@@ -36,11 +37,15 @@ def plan(path: str | Path | None = None, *, memory_budget: str | int | None = No
     from edgeai.errors import BackendError
     from edgeai.runtimes.native import NativeBackend
 
+    from edgeai.runtimes.registry import header_of
+
     path, budget, threads, _ = _resolve(path, memory_budget, device, threads)
-    reason = NativeBackend.can_run(Path(path))
+    header = header_of(Path(path))
+    reason = NativeBackend.can_run(Path(path), header)
     if reason:
         raise BackendError(f"memory plans are made for the native engine, which cannot run this file: {reason}")
-    return NativeBackend.plan_for(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget, kv_cache=kv_cache)
+    return NativeBackend.plan_for(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget, kv_cache=kv_cache,
+                                  header=header)
 
 
 def _resolve(path, memory_budget, device, threads):

@@ -146,7 +146,7 @@ def eval_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from edgeai.quant.evaluate import evaluate
+    from edgeai.evaluate import evaluate
 
     stderr = Console(stderr=True)
     bar = Progress(TextColumn("scoring chunks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -200,7 +200,9 @@ def _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache):
 @app.command()
 def run(
     model: Path = typer.Argument(..., help="A .gguf file or ONNX folder."),
-    prompt: Optional[str] = typer.Argument(None, help="The prompt (plain text, no chat template)."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt: the user's turn in the model's chat template "
+                                           "(where it has one; --raw for plain completion)."),
+    raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, without the chat template."),
     max_tokens: int = typer.Option(256, "-n", "--max-tokens", help="Tokens to generate at most."),
     temp: float = typer.Option(0.8, "--temp", help="Temperature (0: greedy)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
@@ -210,7 +212,7 @@ def run(
     device: Optional[str] = _MODEL_OPTS["device"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
     threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
 ) -> None:
-    """Generate from PROMPT once and print it (for scripts)."""
+    """Answer PROMPT once and print it (for scripts): the chat template by default, --raw for completion."""
     from edgeai.show import run_once, show_plan
 
     if plan:
@@ -227,7 +229,7 @@ def run(
         _fail(OptionError("PROMPT is missing: edgeai run MODEL PROMPT (or --plan to show the memory plan)"))
     with _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache) as m:
         try:
-            run_once(m, prompt, max_tokens=max_tokens, temperature=temp, seed=seed, json_output=json_output)
+            run_once(m, prompt, max_tokens=max_tokens, temperature=temp, seed=seed, json_output=json_output, raw=raw)
         except EdgeAIError as exc:
             _fail(exc)
 

@@ -153,14 +153,10 @@ def estimate(shape: ModelShape, weights: WeightBytes, device: DeviceProfile, *, 
 
 def gguf_shape_and_weights(path: Path) -> tuple[ModelShape, WeightBytes]:
     """Hyper-parameters and tensor bytes of a GGUF file, from its header."""
-    from edgeai.converters.sources import GGUFSource
+    from edgeai.gguf_header import GGUFArray, read_header
 
-    source = GGUFSource(path)
-    try:
-        meta = source.metadata()
-        infos = source.infos()
-    finally:
-        source.close()
+    header = read_header(path)
+    meta, tensors = header.metadata, header.tensors
     arch = str(meta.get("general.architecture", ""))
     if not arch:
         raise CheckpointError(f"{path} has no general.architecture; it is not a model GGUF")
@@ -169,17 +165,24 @@ def gguf_shape_and_weights(path: Path) -> tuple[ModelShape, WeightBytes]:
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
             raise CheckpointError(f"{path} lacks {arch}.{key}; cannot estimate its memory")
-        return int(value[0] if isinstance(value, list) else value)
+        if isinstance(value, GGUFArray):  # per-layer values (some families): the first layer's
+            first = header.array(f"{arch}.{key}")[0] if len(value) else default
+            value = first.item() if hasattr(first, "item") else first
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise CheckpointError(f"{path}: metadata {arch}.{key} is {value!r}, not a non-negative number")
+        return int(value)
 
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
+    if n_head == 0:
+        raise CheckpointError(f"{path}: metadata {arch}.attention.head_count is 0; a model has at least one head")
     head_k = get("attention.key_length", n_embd // n_head)
     tokens = meta.get("tokenizer.ggml.tokens") or []
     shape = ModelShape(get("block_count"), n_embd, n_head, get("attention.head_count_kv", n_head), head_k,
                        get("attention.value_length", head_k), len(tokens) or get("vocab_size"),
                        get("feed_forward_length", 0) or get("expert_feed_forward_length", 0), get("context_length"),
                        get("expert_count", 0), get("expert_used_count", 0))
-    has_output = "output.weight" in infos
-    return shape, _split(((name, info.nbytes) for name, info in infos.items()), has_output)
+    has_output = "output.weight" in tensors
+    return shape, _split(((name, t.nbytes) for name, t in tensors.items()), has_output)
 
 
 def _split(named_bytes, has_output: bool) -> WeightBytes:
@@ -195,7 +198,7 @@ def _split(named_bytes, has_output: bool) -> WeightBytes:
 
 
 def _checkpoint_estimates(folder: Path, device: DeviceProfile, budget: int | None, n_ctx: int | None) -> list[FitEstimate]:
-    from edgeai.converters.convert import open_plan
+    from edgeai.converters.plan import open_plan
 
     out = []
     for recipe in RECIPE_ORDER:

@@ -49,47 +49,51 @@ class ArtifactSummary:
 
 def describe_gguf(path: str | Path) -> ArtifactSummary:
     """Summarise a GGUF file from its header (tensor data is not read)."""
-    from edgeai.converters.sources import GGUFSource
+    from edgeai.gguf_header import GGUFArray, read_header
 
-    source = GGUFSource(Path(path))
-    try:
-        meta = source.metadata()
-        arch = str(meta.get("general.architecture", "?"))
-        counts: Counter[str] = Counter()
-        n_bytes: Counter[str] = Counter()
-        n_elem: Counter[str] = Counter()
-        for t in source.reader.tensors:
-            kind = t.tensor_type.name
-            counts[kind] += 1
-            n_bytes[kind] += int(t.n_bytes)
-            n_elem[kind] += int(np.prod(t.shape, dtype=np.int64))
-        types = {k: TypeStats(counts[k], n_bytes[k], n_elem[k]) for k in sorted(counts, key=lambda k: -n_bytes[k])}
-        hparams = {k[len(arch) + 1:]: v for k, v in meta.items() if k.startswith(arch + ".")}
-        tokens = meta.get("tokenizer.ggml.tokens") or []
-        tokenizer = {
-            "model": meta.get("tokenizer.ggml.model"),
-            "pre": meta.get("tokenizer.ggml.pre"),
-            "tokens": len(tokens),
-            "merges": len(meta.get("tokenizer.ggml.merges") or []),
-            **{
-                role: _token_label(tokens, meta.get(f"tokenizer.ggml.{role}_token_id"))
-                for role in ("bos", "eos", "unknown", "padding")
-                if meta.get(f"tokenizer.ggml.{role}_token_id") is not None
-            },
-            "add_bos_token": meta.get("tokenizer.ggml.add_bos_token"),
-            "chat_template": "yes" if meta.get("tokenizer.chat_template") else "no",
-        }
-        recipe = None
-        if "edgeai.recipe" in meta:
-            try:
-                recipe = json.loads(str(meta["edgeai.recipe"]))
-            except json.JSONDecodeError:
-                recipe = {"raw": meta["edgeai.recipe"]}
-            recipe["source_sha256"] = meta.get("edgeai.source.sha256")
-        other = {k: v for k, v in meta.items() if k.startswith("general.") and k not in ("general.architecture", "general.name")}
-        return ArtifactSummary(Path(path), arch, str(meta.get("general.name", "")), hparams, types, tokenizer, recipe, other)
-    finally:
-        source.close()
+    header = read_header(path)
+    meta = header.metadata
+    arch = str(meta.get("general.architecture", "?"))
+    counts: Counter[str] = Counter()
+    n_bytes: Counter[str] = Counter()
+    n_elem: Counter[str] = Counter()
+    for t in header.tensors.values():
+        counts[t.type_name] += 1
+        n_bytes[t.type_name] += t.nbytes
+        n_elem[t.type_name] += t.n_elements
+    types = {k: TypeStats(counts[k], n_bytes[k], n_elem[k]) for k in sorted(counts, key=lambda k: -n_bytes[k])}
+
+    def shown(key: str, value: object) -> object:  # arrays stay in the file: their length is what is shown
+        return f"[{len(value)} values]" if isinstance(value, GGUFArray) else value
+
+    hparams = {k[len(arch) + 1:]: shown(k, v) for k, v in meta.items() if k.startswith(arch + ".")}
+    tokens_ref = meta.get("tokenizer.ggml.tokens")
+    roles = {role: meta.get(f"tokenizer.ggml.{role}_token_id") for role in ("bos", "eos", "unknown", "padding")}
+    roles = {role: token_id for role, token_id in roles.items() if token_id is not None}
+    # the token texts are read only for the roles shown ("replace": a display must not fail on bad bytes)
+    tokens = header.array("tokenizer.ggml.tokens", errors="replace") \
+        if roles and isinstance(tokens_ref, GGUFArray) and tokens_ref.element_type == 8 else []
+    tokenizer = {
+        "model": meta.get("tokenizer.ggml.model"),
+        "pre": meta.get("tokenizer.ggml.pre"),
+        "tokens": len(tokens_ref) if isinstance(tokens_ref, GGUFArray) else 0,
+        "merges": len(meta["tokenizer.ggml.merges"]) if isinstance(meta.get("tokenizer.ggml.merges"), GGUFArray) else 0,
+        **{role: _token_label(tokens, token_id) for role, token_id in roles.items()},
+        "add_bos_token": meta.get("tokenizer.ggml.add_bos_token"),
+        "chat_template": "yes" if meta.get("tokenizer.chat_template") else "no",
+    }
+    recipe = None
+    if "edgeai.recipe" in meta:
+        try:
+            recipe = json.loads(str(meta["edgeai.recipe"]))
+        except json.JSONDecodeError:
+            recipe = {"raw": meta["edgeai.recipe"]}
+        if not isinstance(recipe, dict):
+            recipe = {"raw": meta["edgeai.recipe"]}
+        recipe["source_sha256"] = meta.get("edgeai.source.sha256")
+    other = {k: shown(k, v) for k, v in meta.items()
+             if k.startswith("general.") and k not in ("general.architecture", "general.name")}
+    return ArtifactSummary(Path(path), arch, str(meta.get("general.name", "")), hparams, types, tokenizer, recipe, other)
 
 
 def _token_label(tokens: list, token_id: object) -> str:

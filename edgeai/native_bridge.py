@@ -11,8 +11,8 @@ try:
     from edgeai import _native
 except ImportError as exc:  # pragma: no cover - only on a broken install
     raise EdgeAIError(
-        "the native extension edgeai._native is not built; reinstall the package "
-        "(`make install`, or `pip install -e .`)"
+        "the native extension edgeai._native is not built or does not import; run the README's "
+        "set-up command (`make run`, or `make install`), which builds and installs it"
     ) from exc
 
 native = _native

@@ -15,10 +15,18 @@ from edgeai.model import Model
 
 
 def run_once(model: Model, prompt: str, *, max_tokens: int, temperature: float, seed: int | None,
-             json_output: bool) -> None:
-    """Stream one generation to stdout, or print it as one JSON object."""
+             json_output: bool, raw: bool = False) -> None:
+    """Stream one answer to stdout, or print it as one JSON object. The prompt is the user's turn in
+    the model's chat template where it has one (as ollama run, llama-cli and mlx_lm.generate do);
+    raw, or a model without a template: plain completion of the text. An empty answer says why."""
+    chat = not raw and not model.plain_chat
+    if chat:
+        chunks = model.chat([{"role": "user", "content": prompt}], stream=True, max_tokens=max_tokens,
+                            temperature=temperature, seed=seed)
+    else:
+        chunks = model.stream(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
     pieces, last = [], None
-    for chunk in model.stream(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed):
+    for chunk in chunks:
         pieces.append(chunk.text)
         last = chunk
         if not json_output:
@@ -27,11 +35,15 @@ def run_once(model: Model, prompt: str, *, max_tokens: int, temperature: float, 
     if json_output:
         t = last.timings
         print(json.dumps({"text": "".join(pieces), "finish_reason": last.finish_reason.value,
+                          "prompt_format": "chat template" if chat else "raw",
                           "backend": model.backend.name, "prompt_tokens": t.prompt_tokens + t.cached_tokens,
                           "generated_tokens": t.generated_tokens, "ttft_s": t.prompt_seconds,
                           "prefill_tps": t.prefill_tps, "decode_tps": t.decode_tps}, ensure_ascii=False))
     else:
         print()
+        if not "".join(pieces).strip():
+            print(f"(no text: the model ended at once, finish reason {last.finish_reason.value!r}"
+                  + ("; --raw completes the prompt without the chat template)" if chat else ")"), file=sys.stderr)
 
 
 def show_bench(path: Path, backends: list[str], *, threads: int | None, n_prompt: int, n_gen: int, repeats: int,
@@ -39,7 +51,7 @@ def show_bench(path: Path, backends: list[str], *, threads: int | None, n_prompt
     from dataclasses import asdict
 
     from edgeai.budget import parse_budget
-    from edgeai.runtimes.bench import bench, roofline
+    from edgeai.bench import bench, roofline
     from edgeai.runtimes.registry import resolve
 
     # "auto" means the backend auto would pick: the table names the real one

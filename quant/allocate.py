@@ -22,7 +22,7 @@ from edgeai.errors import OptionError
 from edgeai.quant.formats import FORMATS, Fit, QuantFormat, decode, quantize
 
 if TYPE_CHECKING:
-    from edgeai.converters.convert import ConversionPlan
+    from edgeai.converters.plan import ConversionPlan
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from edgeai.quant.forward import (
 )
 
 if TYPE_CHECKING:
-    from edgeai.converters.convert import ConversionPlan, OutputTensor
+    from edgeai.converters.plan import ConversionPlan, OutputTensor
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from edgeai.errors import CalibrationError, OptionError, TokenizerError
 from edgeai.quant.forward import ColumnStats, Logits, Observer, StatsCollector, forward
 
 if TYPE_CHECKING:
-    from edgeai.converters.convert import ConversionPlan
+    from edgeai.converters.plan import ConversionPlan
 
 log = logging.getLogger(__name__)
 

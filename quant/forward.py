@@ -9,7 +9,7 @@ every linear layer to observers:
 
 Peak memory is one block's weights plus the hidden states [n_tokens_total, n_embd] (and one
 sequence's temporaries). The math follows llama.cpp's graphs for the families in
-`edgeai.converters.specs`: q/k rows are in llama.cpp's order, so NORM RoPE rotates adjacent pairs.
+`edgeai.architectures`: q/k rows are in llama.cpp's order, so NORM RoPE rotates adjacent pairs.
 
 Observers receive `LinearInput` events: the rows that multiply one or more weights (q, k and v
 share theirs), tagged with the expert for stacked expert tensors. `StatsCollector` reduces them
@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from edgeai.converters.specs import MoESpec, QKNorm, RopeStyle
+from edgeai.architectures import MoESpec, QKNorm, RopeStyle
 from edgeai.errors import CalibrationError, TensorError
 
 if TYPE_CHECKING:
-    from edgeai.converters.convert import ConversionPlan
+    from edgeai.converters.plan import ConversionPlan
 
 log = logging.getLogger(__name__)
 
@@ -595,7 +595,7 @@ def forward(
     """Run token sequences through the model, one block's weights in memory at a time.
 
     Args:
-        plan: a planned conversion (`edgeai.converters.convert.open_plan`); weights are read
+        plan: a planned conversion (`edgeai.converters.plan.open_plan`); weights are read
             from it block by block, as float32 in GGUF layout.
         sequences: integer token arrays, each attended causally from position 0.
         observers: each sees the input rows of every linear layer (`LinearInput`).

@@ -33,7 +33,7 @@ from edgeai.quant.forward import (
 )
 
 if TYPE_CHECKING:
-    from edgeai.converters.convert import ConversionPlan
+    from edgeai.converters.plan import ConversionPlan
 
 log = logging.getLogger(__name__)
 

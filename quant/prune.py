@@ -43,7 +43,7 @@ from edgeai.errors import OptionError
 from edgeai.quant.forward import BlockOutput, ForwardConfig, LinearInput, route_tokens
 
 if TYPE_CHECKING:
-    from edgeai.converters.convert import ConversionPlan
+    from edgeai.converters.plan import ConversionPlan
     from edgeai.quant.calibrate import ActivationStats
 
 log = logging.getLogger(__name__)

@@ -42,8 +42,9 @@ class LlamaCppBackend(VocabText):
     name = "llama.cpp"
 
     @classmethod
-    def can_run(cls, path: Path) -> str | None:
-        """None when llama.cpp can try this file, else why not (it must be a GGUF file)."""
+    def can_run(cls, path: Path, header=None) -> str | None:
+        """None when llama.cpp can try this file, else why not (it must be a GGUF file). header: unused
+        (llama.cpp reads the file itself), taken as every backend takes it."""
         path = Path(path)
         if not path.exists():
             return f"{path} does not exist"
@@ -57,7 +58,7 @@ class LlamaCppBackend(VocabText):
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
                  memory_budget: int | None = None, kv_cache: str | None = None, kv_type: KVType = KVType.F16,
-                 n_batch: int = 512, flash_attn: bool | None = None) -> None:
+                 n_batch: int = 512, flash_attn: bool | None = None, header=None) -> None:
         """kv_cache: "f16" or "q8_0" (`runtimes.base.KV_CACHE_TYPES`), the API's name for `kv_type`;
         `kv_type` F32 makes logits comparable to a float reference. `flash_attn` None lets llama.cpp
         decide (its own default: on for CPUs), False matches llama-cpp-python's `Llama` default; a
@@ -86,7 +87,8 @@ class LlamaCppBackend(VocabText):
                               "streams MoE experts within a budget (backend='native', `edgeai run --plan` shows the split)",
                               size)
 
-        check_vocabulary(self.path)
+        if header is None:  # read by the caller: the reader refused a bad vocabulary then
+            check_vocabulary(self.path)
         self._model = ll.llama_model_load_from_file(str(self.path).encode(), model_params(ll))
         if not self._model:
             raise CheckpointError(f"llama.cpp could not load {self.path}: a corrupt file or an architecture or "

@@ -123,13 +123,11 @@ def _run_child(extra_bufts: bool, command: list[str] | None = None) -> tuple[boo
     cmd = command or [sys.executable, "-m", "edgeai.runtimes.llamacpp_check"]
     if not extra_bufts:
         cmd = [*cmd, "--no-extra-bufts"]
-    # -m puts the working folder first on sys.path: in a source checkout its edgeai/ would shadow the
-    # installed package, so the child starts in the folder the installed package is in
-    import edgeai
-
+    # -m puts the working folder first on sys.path: the child starts in the folder that holds the
+    # package this module belongs to (site-packages/edgeai/runtimes/ -> site-packages)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
-                              stdin=subprocess.DEVNULL, cwd=Path(edgeai.__file__).parent.parent)
+                              stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[2])
     except subprocess.TimeoutExpired:
         return False, f"timed out after {CHILD_TIMEOUT_S:.0f} s"
     if done.returncode == 0:
@@ -213,7 +211,7 @@ def _write_probe_model(path: Path) -> None:
     from gguf import GGMLQuantizationType as T
     from gguf import GGUFValueType as V
 
-    from edgeai.converters.gguf_writer import GGUFWriter
+    from edgeai.gguf_writer import GGUFWriter
     from edgeai.quant.formats import FORMATS, quantize
 
     rng = np.random.default_rng(0)

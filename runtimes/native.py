@@ -3,7 +3,8 @@
 The engine reads the GGUF itself (its own validated mmap reader), computes the forward pass with
 the kernel set chosen for this CPU, and samples in C++: one call per decode step, GIL released.
 What it needs to know about the architecture family (rope style, q/k norm kind, top-k
-renormalisation) comes from the one architecture table, `converters/specs.py`.
+renormalisation) comes from the one architecture table, `edgeai/architectures.py`. The header is
+read once per load (`edgeai.gguf_header`) and the same parsed header goes to the planner and the engine.
 
 Tokenization is text work, not weight work: it is done by llama.cpp's tokenizer on the same file
 (llama-cpp-python, vocabulary only: no weights are loaded), so both engines see the same ids.
@@ -20,6 +21,8 @@ import numpy as np
 
 from edgeai.errors import (CheckpointError, ContextOverflowError, EdgeAIError, OptionError, TokenizerError,
                            UnsupportedArchitectureError)
+from edgeai.gguf_header import GGUFHeader, read_header
+from edgeai.native_bridge import native as _native
 from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling, kv_cache_type
 from edgeai.runtimes.vocab import VocabText
 
@@ -27,47 +30,21 @@ log = logging.getLogger(__name__)
 
 
 
-class _ArrayRef:
-    """A metadata array the C++ reader left in the file: only its length is known here."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-
-def read_gguf(path: Path) -> tuple[dict, list[tuple]]:
-    """(metadata, tensors) of a GGUF through the native, validated reader; a bad file raises
-    CheckpointError naming it and what is wrong."""
-    from edgeai import _native
-
-    try:
-        info = _native.gguf_read(str(path))
-    except _native.GGUFVocabularyError as exc:
-        raise TokenizerError(str(exc)) from exc
-    except _native.GGUFFormatError as exc:
-        raise CheckpointError(str(exc)) from exc
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    meta = {k: (_ArrayRef(v[2]) if isinstance(v, tuple) else v) for k, v in info["metadata"].items()}
-    return meta, info["tensors"]
-
-
-def engine_config(meta: Mapping[str, object], tensors: Sequence[tuple], path: Path) -> dict:
+def engine_config(header: GGUFHeader) -> dict:
     """The engine's ModelConfig for a GGUF: hyper-parameters from its header, family facts from
     the architecture table. Raises UnsupportedArchitectureError for what the engine does not run."""
-    from edgeai.converters.specs import QKNorm, RopeStyle, hparams_from_gguf, spec_for_gguf
+    from edgeai.architectures import QKNorm, RopeStyle, hparams_from_gguf, spec_for_gguf
 
+    meta, path = header.metadata, header.path
     try:
         spec = spec_for_gguf(meta, str(path))
     except UnsupportedArchitectureError as exc:
         raise UnsupportedArchitectureError(f"{exc}; the llama.cpp backend may run it (backend='llama.cpp')") from exc
     hp = hparams_from_gguf(meta, spec)
-    shapes = {t[0]: t[2] for t in tensors}
-    if "token_embd.weight" not in shapes:
+    embd = header.tensors.get("token_embd.weight")
+    if embd is None:
         raise CheckpointError(f"{path}: tensor token_embd.weight is missing")
-    n_vocab = int(shapes["token_embd.weight"][1])
+    n_vocab = int(embd.shape[1])
     scaling = hp.rope_scaling or {}
     return {
         "n_vocab": n_vocab,
@@ -88,21 +65,20 @@ def engine_config(meta: Mapping[str, object], tensors: Sequence[tuple], path: Pa
     }
 
 
-def _prepare(path: Path, n_ctx: int | None, threads: int | None) -> tuple[Path, dict, int, int, int]:
-    """(path, engine config, n_ctx_train, n_ctx, threads) for a file, checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
-    meta, tensors = read_gguf(path)
-    config = engine_config(meta, tensors, path)
+def _prepare(path: Path, header: GGUFHeader | None, n_ctx: int | None,
+             threads: int | None) -> tuple[GGUFHeader, dict, int, int, int]:
+    """(header, engine config, n_ctx_train, n_ctx, threads) for a file, checked; the header is read
+    here unless the caller already has it."""
+    header = header or read_header(path)
+    config = engine_config(header)
     n_ctx_train = int(config.pop("n_ctx_train"))
     n_ctx = int(min(DEFAULT_N_CTX, n_ctx_train) if n_ctx is None else n_ctx)
     if not 0 < n_ctx <= n_ctx_train:
-        raise OptionError(f"n_ctx={n_ctx} is outside what {path.name} allows (1..{n_ctx_train})")
+        raise OptionError(f"n_ctx={n_ctx} is outside what {header.path.name} allows (1..{n_ctx_train})")
     from edgeai.devices import checked_threads
 
     threads = checked_threads(threads)
-    return path, config, n_ctx_train, n_ctx, threads
+    return header, config, n_ctx_train, n_ctx, threads
 
 
 class NativeBackend(VocabText):
@@ -111,50 +87,42 @@ class NativeBackend(VocabText):
     name = "native"
 
     @classmethod
-    def can_run(cls, path: Path) -> str | None:
-        """None when the engine runs this file, else why not (architecture, tensor type...)."""
-        path = Path(path)
-        if not path.is_file():
-            return f"{path} is not a file" if path.exists() else f"{path} does not exist"
+    def can_run(cls, path: Path, header: GGUFHeader | None = None) -> str | None:
+        """None when the engine runs this file, else why not (architecture, tensor type...).
+        header: the file's header when the caller has read it (else it is read here)."""
         try:
-            meta, tensors = read_gguf(path)
-            engine_config(meta, tensors, path)
+            header = header or read_header(path)
+            engine_config(header)
         except TokenizerError:
             raise  # a vocabulary no backend can load (llama.cpp's loader would abort on it)
         except EdgeAIError as exc:
             return str(exc)
-        from gguf import GGMLQuantizationType
-
-        from edgeai import _native
-
         runs = _native.engine_types()
-        for name, ggml_type, *_ in tensors:
-            if ggml_type not in runs:
-                kind = GGMLQuantizationType(ggml_type).name if ggml_type in GGMLQuantizationType._value2member_map_ \
-                    else f"id {ggml_type}"
-                return (f"{path}: tensor {name} has type {kind}, which the native engine does not run "
+        for t in header.tensors.values():
+            if t.type not in runs:
+                return (f"{header.path}: tensor {t.name} has type {t.type_name}, which the native engine does not run "
                         f"(it runs {', '.join(sorted(runs.values()))}); the llama.cpp backend can")
         return None
 
     @classmethod
     def plan_for(cls, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
-                 memory_budget: int | None = None, kv_cache: str | None = None):
+                 memory_budget: int | None = None, kv_cache: str | None = None, header: GGUFHeader | None = None):
         """The memory plan loading `path` would follow (`runtimes.plan.MemoryPlan`), without loading
         it; raises BudgetError as loading would."""
         from edgeai.runtimes.plan import plan_memory
         from edgeai.runtimes.vocab import GGUFVocab
 
-        path, config, _, n_ctx, threads = _prepare(path, n_ctx, threads)
-        vocab = GGUFVocab(path)  # held while planning, as when loading
+        header, config, _, n_ctx, threads = _prepare(path, header, n_ctx, threads)
+        vocab = GGUFVocab(header.path, checked=True)  # held while planning, as when loading
         try:
-            return plan_memory(path, config, budget=memory_budget, n_ctx=n_ctx, threads=threads,
+            return plan_memory(header, config, budget=memory_budget, n_ctx=n_ctx, threads=threads,
                                kv_cache=kv_cache_type(kv_cache))
         finally:
             vocab.close()
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
                  memory_budget: int | None = None, kv_cache: str | None = None, isa: str = "",
-                 expert_store: Mapping | None = None) -> None:
+                 expert_store: Mapping | None = None, header: GGUFHeader | None = None) -> None:
         """Load `path` (a GGUF the engine runs, see `can_run`).
 
         kv_cache: "f16" (default) or "q8_0" (`runtimes.base.KV_CACHE_TYPES`; the planner refuses q8_0
@@ -164,25 +132,26 @@ class NativeBackend(VocabText):
         expert_store: options of the streaming expert store (policy: next-use|lru|lfu|layer, io_threads,
         direct, trace, retries, prefetch (False: demand reads only); slots: stream with this many
         slots whatever the budget).
+        header: the file's header when the caller has read it (`edgeai.gguf_header.read_header`).
         """
-        from edgeai import _native
         from edgeai.runtimes.plan import plan_memory
 
-        self.path, config, self.n_ctx_train, n_ctx, self.threads = _prepare(path, n_ctx, threads)
+        header, config, self.n_ctx_train, n_ctx, self.threads = _prepare(path, header, n_ctx, threads)
+        self.path = header.path
         self.memory_budget = memory_budget
         self.kv_cache = kv_cache_type(kv_cache)
         from edgeai.runtimes.vocab import GGUFVocab
 
         self._engine = None
-        self._vocab = GGUFVocab(self.path)  # first: the planner counts it in the process's memory
+        self._vocab = GGUFVocab(self.path, checked=True)  # first: the planner counts it in the process's memory
         try:
-            self.plan = plan_memory(self.path, config, budget=memory_budget, n_ctx=n_ctx, threads=self.threads,
+            self.plan = plan_memory(header, config, budget=memory_budget, n_ctx=n_ctx, threads=self.threads,
                                     kv_cache=self.kv_cache)
             options = dict(expert_store or {})
             # options with "slots" stream whatever the plan says (tests, benchmarks)
             stream = self.plan.stream_config(**options) or (options if "slots" in options else None)
             try:
-                self._engine = _native.Engine(str(self.path), config, n_ctx, self.threads, isa, stream, self.kv_cache)
+                self._engine = _native.Engine(header.native, config, n_ctx, self.threads, isa, stream, self.kv_cache)
             except _native.ModelError as exc:
                 raise CheckpointError(str(exc)) from exc
         except BaseException:
@@ -232,8 +201,6 @@ class NativeBackend(VocabText):
     def _call(self, method: str, *args):
         """An engine call whose C++ errors (an expert read that failed, the file truncated while
         running) reach the caller as CheckpointError; the engine stays usable."""
-        from edgeai import _native
-
         try:
             return getattr(self._live(), method)(*args)
         except _native.ModelError as exc:

@@ -108,8 +108,9 @@ class OnnxBackend:
     name = "onnxruntime"
 
     @classmethod
-    def can_run(cls, path: Path) -> str | None:
-        """None if this backend can run `path` (an ONNX folder or its model.onnx), else why not."""
+    def can_run(cls, path: Path, header=None) -> str | None:
+        """None if this backend can run `path` (an ONNX folder or its model.onnx), else why not.
+        header: always None here (a GGUF header), taken as every backend takes it."""
         folder = _folder(Path(path))
         if not (folder / MODEL_FILE).is_file():
             return f"{path} is not an ONNX folder (no {MODEL_FILE})"
@@ -124,8 +125,9 @@ class OnnxBackend:
         return None
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
-                 memory_budget: int | None = None, kv_cache: str | None = None):
-        """kv_cache: only "f16"/None: the graph fixes its KV cache's type (its float type)."""
+                 memory_budget: int | None = None, kv_cache: str | None = None, header=None):
+        """kv_cache: only "f16"/None: the graph fixes its KV cache's type (its float type). header:
+        unused (an ONNX folder has no GGUF header), taken as every backend takes it."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -402,7 +404,7 @@ class OnnxBackend:
 
 
 class OnnxLogits:
-    """An ONNX folder as the evaluator's `LogitsProvider` (`edgeai.quant.evaluate`)."""
+    """An ONNX folder as the evaluator's `LogitsProvider` (`edgeai.evaluate`)."""
 
     def __init__(self, path: Path, *, n_ctx: int, threads: int = 0):
         self.path = Path(path)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from edgeai.budget import format_bytes
 from edgeai.errors import BudgetError, OptionError
+from edgeai.gguf_header import GGUFHeader
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +123,19 @@ class MemoryPlan:
                 "parts": {name: size for name, size, _ in self.rows()}}
 
 
-def plan_memory(path: Path, config: dict, *, budget: int | None, n_ctx: int, threads: int, kv_cache: str = "f16",
+def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: int, threads: int, kv_cache: str = "f16",
                 process_bytes: int | None = None) -> MemoryPlan:
-    """Split `budget` for `path` in the native engine (config: `runtimes.native.engine_config`).
+    """Split `budget` for the GGUF whose parsed header is `header` in the native engine (config:
+    `runtimes.native.engine_config`).
 
     kv_cache: the KV cache's element type ("f16" or "q8_0"; q8_0 needs a head size that is a
     multiple of 32, else OptionError).
     process_bytes: what the process holds before the model (default: its resident set now).
     Raises BudgetError when the model cannot run within the budget.
     """
-    from edgeai import _native
+    from edgeai.native_bridge import native
 
+    path = header.path
     head_dim = int(config["head_dim"])
     if kv_cache == "q8_0" and head_dim % 32:
         raise OptionError(f"a q8_0 KV cache needs a head size that is a multiple of 32; {Path(path).name}'s is "
@@ -141,7 +144,7 @@ def plan_memory(path: Path, config: dict, *, budget: int | None, n_ctx: int, thr
         import psutil
 
         process_bytes = psutil.Process().memory_info().rss
-    sizes = _native.memory_sizes(str(path), config, n_ctx, threads, kv_cache)
+    sizes = native.memory_sizes(header.native, config, n_ctx, threads, kv_cache)
     n_experts = int(config["n_layer"]) * int(config["n_expert"])
     plan = MemoryPlan(Path(path), budget, n_ctx, process_bytes, sizes["dense"], sizes["experts"], sizes["kv"],
                       sizes["scratch"], sizes["slot"], 0, int(config["n_expert_used"]), n_experts,
@@ -162,7 +165,7 @@ def plan_memory(path: Path, config: dict, *, budget: int | None, n_ctx: int, thr
                      ", dense layers too" if candidate.layer_slots else "")
             return replace(candidate, slots=int(slots))
     # what a q8_0 cache would save, when it is a lever left to pull
-    q8_saving = plan.kv - _native.kv_bytes(config, n_ctx, "q8_0") if kv_cache == "f16" and head_dim % 32 == 0 else 0
+    q8_saving = plan.kv - native.kv_bytes(config, n_ctx, "q8_0") if kv_cache == "f16" and head_dim % 32 == 0 else 0
     raise BudgetError(_refusal(min(candidates, key=lambda c: c.fixed), budget, q8_saving), plan.minimum)
 
 

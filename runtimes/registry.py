@@ -4,8 +4,10 @@ Backends are imported lazily, on first use: a backend whose module is missing or
 (an engine not built, a package not installed) is simply unavailable, and says why.
 
 Every backend class has the constructor
-`Cls(path, *, n_ctx=None, threads=None, memory_budget=None, kv_cache=None)` and a classmethod
-`can_run(path) -> str | None` (None: it can, else the reason it cannot).
+`Cls(path, *, n_ctx=None, threads=None, memory_budget=None, kv_cache=None, header=None)` and a
+classmethod `can_run(path, header=None) -> str | None` (None: it can, else the reason it cannot).
+`header` is the GGUF header read once per load (`header_of`), so that choosing a backend and loading
+it parse the file once.
 """
 
 from __future__ import annotations
@@ -55,12 +57,33 @@ def backend_info(name: str) -> BackendInfo:
     return _cache[name]
 
 
-def reasons(path: Path) -> dict[str, str | None]:
+def header_of(path: Path):
+    """The parsed header (`edgeai.gguf_header.GGUFHeader`) of a GGUF file our reader accepts, else
+    None (a folder, another format, or a file the reader refuses: each backend then says why). A
+    vocabulary llama.cpp would abort the process on is refused here (TokenizerError)."""
+    from edgeai.errors import CheckpointError, TokenizerError
+    from edgeai.gguf_header import read_header
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return None
+    try:
+        return read_header(path)
+    except TokenizerError:
+        raise
+    except CheckpointError:
+        return None
+
+
+def reasons(path: Path, header=None) -> dict[str, str | None]:
     """For each registered backend: None if it can run `path`, else why not."""
     out: dict[str, str | None] = {}
     for name in BACKENDS:
         info = backend_info(name)
-        out[name] = info.unavailable if info.cls is None else info.cls.can_run(path)
+        out[name] = info.unavailable if info.cls is None else info.cls.can_run(path, header)
     return out
 
 
@@ -74,21 +97,22 @@ def _describe(path: Path) -> str:
     return f"a {path.stat().st_size:,}-byte file starting with {head!r}"
 
 
-def resolve(path: Path, backend: str = AUTO) -> type:
+def resolve(path: Path, backend: str = AUTO, header=None) -> type:
     """The backend class to run `path` with: `backend` itself (checked), or for `auto` the first
-    registered backend that can run it (native, then llama.cpp for GGUF, then onnxruntime)."""
+    registered backend that can run it (native, then llama.cpp for GGUF, then onnxruntime).
+    header: `header_of(path)` when the caller has it."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; give a .gguf file or an ONNX folder (model.onnx inside)")
     if backend != AUTO:
         info = backend_info(backend)
-        why = info.unavailable if info.cls is None else info.cls.can_run(path)
+        why = info.unavailable if info.cls is None else info.cls.can_run(path, header)
         if why is None:
             return info.cls
-        able = [n for n, r in reasons(path).items() if r is None]
+        able = [n for n, r in reasons(path, header).items() if r is None]
         hint = f"; it can run with --backend {' or '.join(able)}" if able else ""
         raise BackendError(f"backend {backend} cannot run {path}: {why}{hint}")
-    found = reasons(path)
+    found = reasons(path, header)
     for name, why in found.items():
         if why is None:
             return backend_info(name).cls

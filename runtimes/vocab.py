@@ -34,13 +34,13 @@ def check_vocabulary(path: Path) -> None:
     """Refuse, with a TokenizerError naming the tokens, a GGUF whose vocabulary llama.cpp's loader
     would abort the process on (two tokens of the same text). Any other problem this reader finds is
     left to llama.cpp, which knows tensor types the native reader does not."""
-    from edgeai import _native
+    from edgeai.gguf_header import read_header
 
     try:
-        _native.gguf_read(str(path))
-    except _native.GGUFVocabularyError as exc:
-        raise TokenizerError(str(exc)) from exc
-    except (_native.GGUFFormatError, OSError):
+        read_header(path)
+    except TokenizerError:
+        raise
+    except CheckpointError:
         pass
 
 
@@ -48,14 +48,16 @@ class GGUFVocab:
     """Tokenizer, special tokens and chat template of a GGUF, from llama.cpp.
 
     `model` is a loaded llama.cpp model to take the vocabulary from; without it the file is
-    loaded with `vocab_only` (cheap: no tensor data is touched)."""
+    loaded with `vocab_only` (cheap: no tensor data is touched). checked: the caller has read the
+    file's header with `edgeai.gguf_header.read_header`, which refuses what `check_vocabulary` refuses."""
 
-    def __init__(self, path: Path, model=None) -> None:
+    def __init__(self, path: Path, model=None, *, checked: bool = False) -> None:
         ll = llama_cpp()
         self._ll = ll
         self._owned = None
         if model is None:
-            check_vocabulary(path)
+            if not checked:
+                check_vocabulary(path)
             params = ll.llama_model_default_params()
             params.vocab_only = True
             params.n_gpu_layers = 0

@@ -261,7 +261,7 @@ def write_random_moe_gguf(path: Path, *, n_embd: int = 256, n_layer: int = 4, n_
     """
     from gguf import GGMLQuantizationType, GGUFValueType
 
-    from edgeai.converters.gguf_writer import GGUFWriter
+    from edgeai.gguf_writer import GGUFWriter
     from edgeai.converters.sources import GGUFSource
     from edgeai.paths import default_model_path
 

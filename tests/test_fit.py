@@ -25,7 +25,7 @@ import json, time, psutil, llama_cpp, edgeai
 from edgeai.devices import get_profile
 from edgeai.fit import fit
 from edgeai.paths import default_model_path
-from edgeai.runtimes.bench import roofline
+from edgeai.bench import roofline
 proc = psutil.Process()
 before = proc.memory_info().rss
 with edgeai.load(n_ctx=4096, threads=1) as m:

@@ -112,16 +112,39 @@ def test_a_conversation(chat, tmp_path):
     assert "capital of France" in (tmp_path / ".local" / "state" / "edgeai" / "chat_history").read_text()
 
 
-def test_run_prints_the_generation(tiny_chat_gguf):
+def test_run_prints_the_generation(tiny_chat_gguf, monkeypatch):
+    """`run` answers the prompt as the user's turn in the model's chat template (as ollama run,
+    llama-cli and mlx_lm.generate do); --raw completes it as plain text; an empty answer says why."""
     with edgeai.load(tiny_chat_gguf, n_ctx=256, threads=1) as m:
-        expected = m.generate("Hello world", max_tokens=6, temperature=0)
+        assert not m.plain_chat  # the tiny model has a ChatML template
+        expected = m.chat([{"role": "user", "content": "Hello world"}], max_tokens=6, temperature=0)
+        expected_raw = m.generate("Hello world", max_tokens=6, temperature=0)
     result = runner.invoke(app, ["run", str(tiny_chat_gguf), "Hello world", "-n", "6", "--temp", "0", "--json",
                                  "--threads", "1"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["text"] == expected and out["generated_tokens"] == 6 and out["finish_reason"] == "length"
+    assert out["prompt_format"] == "chat template"
     result = runner.invoke(app, ["run", str(tiny_chat_gguf), "Hello world", "-n", "6", "--temp", "0", "-t", "1"])
     assert result.exit_code == 0 and result.output == expected + "\n"
+    result = runner.invoke(app, ["run", str(tiny_chat_gguf), "Hello world", "-n", "6", "--temp", "0", "-t", "1",
+                                 "--raw", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["text"] == expected_raw and out["prompt_format"] == "raw"
+    import dataclasses
+
+    from edgeai.model import FinishReason, Model
+
+    real_chat = Model.chat
+
+    def ends_at_once(self, messages, **kwargs):  # the bundled instruct model's first token can be its end of turn
+        last = list(real_chat(self, messages, **{**kwargs, "max_tokens": 1}))[-1]
+        yield dataclasses.replace(last, text="", finish_reason=FinishReason.STOP)
+
+    monkeypatch.setattr(Model, "chat", ends_at_once)
+    result = runner.invoke(app, ["run", str(tiny_chat_gguf), "Tell me a story.", "-t", "1"])
+    assert result.exit_code == 0 and "(no text: the model ended at once, finish reason 'stop'; --raw" in result.output
     result = runner.invoke(app, ["run", str(tiny_chat_gguf), "Hello", "--device", "pi9"])
     assert result.exit_code == 1 and "unknown device 'pi9'" in result.output
     result = runner.invoke(app, ["run", str(tiny_chat_gguf), "Hello", "--memory-budget", "lots"])

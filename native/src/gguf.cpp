@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <system_error>
@@ -44,6 +45,8 @@ std::string valid_utf8(const std::string &s) {
 }
 
 namespace {
+
+std::atomic<uint64_t> g_parses{0};
 
 // Limits far above any real model; they keep a hostile header from asking for absurd allocations.
 constexpr uint64_t MAX_KV = 1u << 20;
@@ -91,6 +94,7 @@ class Cursor {
         pos_ += n;
     }
     uint64_t pos() const { return pos_; }
+    void seek(uint64_t pos) { pos_ = pos; }
 
   private:
     const uint8_t *base_;
@@ -112,6 +116,7 @@ uint64_t scalar_size(uint32_t vt) {
 
 Value read_value(Cursor &c, uint32_t vt, const std::string &key, bool in_array) {
     Value v;
+    v.type = vt;
     switch (vt) {
         case 0: v.kind = Value::UINT; v.u = c.read<uint8_t>("u8"); break;
         case 1: v.kind = Value::INT; v.i = c.read<int8_t>("i8"); break;
@@ -130,6 +135,7 @@ Value read_value(Cursor &c, uint32_t vt, const std::string &key, bool in_array) 
             v.kind = Value::ARRAY;
             v.array_type = c.read<uint32_t>("array type");
             v.array_len = c.read<uint64_t>("array length");
+            v.array_offset = c.pos();
             uint64_t elem = scalar_size(v.array_type);
             if (elem) {
                 if (v.array_len > UINT64_MAX / elem) c.fail("array length overflows in key '" + key + "'");
@@ -178,6 +184,7 @@ uint64_t TensorInfo::row_bytes() const {
 }
 
 File::File(const std::string &path) : path_(path) {
+    g_parses.fetch_add(1, std::memory_order_relaxed);
     fd_ = ::open(path.c_str(), O_RDONLY);
     if (fd_ < 0) throw std::system_error(errno, std::generic_category(), path);
     struct stat st {};
@@ -276,6 +283,20 @@ File::~File() {
 const Value *File::find(const std::string &key) const {
     auto it = kv_.find(key);
     return it == kv_.end() ? nullptr : &it->second;
+}
+
+uint64_t File::parse_count() { return g_parses.load(std::memory_order_relaxed); }
+
+std::vector<std::string> File::string_array(const std::string &key) const {
+    const Value *v = find(key);
+    if (!v || v->kind != Value::ARRAY || v->array_type != 8)
+        throw FormatError(path_ + ": metadata " + key + (v ? " is not an array of strings" : " is missing"));
+    Cursor c(base_, size_, path_);  // the parse validated every length of this array against the file
+    c.seek(v->array_offset);
+    std::vector<std::string> out;
+    out.reserve(v->array_len);
+    for (uint64_t k = 0; k < v->array_len; ++k) out.push_back(c.string("array string"));
+    return out;
 }
 
 const TensorInfo *File::tensor(const std::string &name) const {

@@ -48,12 +48,14 @@ const TypeInfo *type_info(uint32_t type);
 // contents (the tokenizer lives in Python), so they stay in the file.
 struct Value {
     enum Kind { UINT, INT, FLOAT, BOOL, STRING, ARRAY } kind = UINT;
+    uint32_t type = 0;  // the GGUF value type id (kind folds u8..u64 into UINT; a writer keeps the id)
     uint64_t u = 0;
     int64_t i = 0;
     double f = 0;
     std::string s;
     uint32_t array_type = 0;
     uint64_t array_len = 0;
+    uint64_t array_offset = 0;  // file offset of the first element (validated: the whole array is inside)
 };
 
 struct TensorInfo {
@@ -81,6 +83,11 @@ class File {
     const std::vector<TensorInfo> &tensors() const { return tensors_; }
 
     const Value *find(const std::string &key) const;
+    // The elements of a string array (the tokenizer's tokens, merges...), as the raw bytes the file
+    // holds; a key that is absent or not a string array is a FormatError naming it.
+    std::vector<std::string> string_array(const std::string &key) const;
+    // Headers parsed by this process so far (tests hold a load to one parse).
+    static uint64_t parse_count();
     const TensorInfo *tensor(const std::string &name) const;  // nullptr if absent
     const uint8_t *data(const TensorInfo &t) const { return base_ + t.offset; }
     const uint8_t *base() const { return base_; }

@@ -107,10 +107,11 @@ bool set_config_field(ModelConfig &c, const std::string &key, double v) {
     return false;
 }
 
-Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int n_threads, const std::string &isa,
-             const StreamConfig *stream, KVType kv_type)
-    : file_(path), cfg_(config), n_ctx_(n_ctx), ops_(isa.empty() ? &kern::best() : kern::named(isa)), pool_(n_threads),
+Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, int n_ctx, int n_threads,
+             const std::string &isa, const StreamConfig *stream, KVType kv_type)
+    : file_(std::move(file)), cfg_(config), n_ctx_(n_ctx), ops_(isa.empty() ? &kern::best() : kern::named(isa)), pool_(n_threads),
       kv_type_(kv_type) {
+    const std::string &path = file_->path();
     if (!ops_) throw ModelError("instruction set '" + isa + "' is not available on this CPU or in this build");
     const ModelConfig &c = cfg_;
     if (c.n_embd <= 0 || c.n_layer <= 0 || c.n_head <= 0 || c.n_head_kv <= 0 || c.head_dim <= 0 || c.head_dim % 2 ||
@@ -163,7 +164,7 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
         }
         L.ffn_norm = vector(p + "ffn_norm.weight", c.n_embd, true);
         if (c.n_expert == 0) {
-            const gguf::TensorInfo *g = file_.tensor(p + "ffn_gate.weight");
+            const gguf::TensorInfo *g = file_->tensor(p + "ffn_gate.weight");
             if (!g) throw ModelError(path + ": tensor " + p + "ffn_gate.weight is missing");
             const int64_t n_ff = static_cast<int64_t>(g->ne.size() == 2 ? g->ne[1] : 0);
             L.gate = matrix(p + "ffn_gate.weight", c.n_embd, n_ff, true);
@@ -172,7 +173,7 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
             max_ff_ = std::max(max_ff_, n_ff);
         } else {
             L.router = matrix(p + "ffn_gate_inp.weight", c.n_embd, c.n_expert, true);
-            const gguf::TensorInfo *g = file_.tensor(p + "ffn_gate_exps.weight");
+            const gguf::TensorInfo *g = file_->tensor(p + "ffn_gate_exps.weight");
             if (!g || g->ne.size() != 3) throw ModelError(path + ": tensor " + p + "ffn_gate_exps.weight is missing or not 3-D");
             const int64_t n_ff = static_cast<int64_t>(g->ne[1]);
             ExpertLayer el;
@@ -181,12 +182,12 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
             for (int k = 0; k < 3; ++k) {
                 el.stacked[k] = matrix(p + names[k], cols[k], rows[k] * c.n_expert, true);
                 el.stacked[k].rows = rows[k];  // one expert's
-                el.file_offset[k] = file_.tensor(p + names[k])->offset;
+                el.file_offset[k] = file_->tensor(p + names[k])->offset;
             }
             max_ff_ = std::max(max_ff_, n_ff);
             expert_layers.push_back(el);
-            if (file_.tensor(p + "ffn_gate_shexp.weight")) {
-                const gguf::TensorInfo *s = file_.tensor(p + "ffn_gate_shexp.weight");
+            if (file_->tensor(p + "ffn_gate_shexp.weight")) {
+                const gguf::TensorInfo *s = file_->tensor(p + "ffn_gate_shexp.weight");
                 const int64_t n_sh = static_cast<int64_t>(s->ne.size() == 2 ? s->ne[1] : 0);
                 L.gate_shexp = matrix(p + "ffn_gate_shexp.weight", c.n_embd, n_sh, true);
                 L.up_shexp = matrix(p + "ffn_up_shexp.weight", c.n_embd, n_sh, true);
@@ -204,7 +205,7 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
                                         &Layer::down, &Layer::gate_shexp, &Layer::up_shexp, &Layer::down_shexp};
             layer_members_.emplace_back();
             for (size_t k = 0; k < std::size(kLayerMatrices); ++k)
-                if (const gguf::TensorInfo *t = file_.tensor(p + kLayerMatrices[k])) {
+                if (const gguf::TensorInfo *t = file_->tensor(p + kLayerMatrices[k])) {
                     u.ranges.push_back({t->offset, t->nbytes});
                     layer_members_.back().push_back(members[k]);
                 }
@@ -222,7 +223,7 @@ Model::Model(const std::string &path, const ModelConfig &config, int n_ctx, int 
         experts_ = std::make_unique<StreamingExpertStore>(path, std::move(expert_layers), c.n_expert, *stream);
     else
         experts_ = std::make_unique<MmapExpertStore>(std::move(expert_layers));
-    for (const gguf::TensorInfo &t : file_.tensors()) weight_bytes_ += t.nbytes;
+    for (const gguf::TensorInfo &t : file_->tensors()) weight_bytes_ += t.nbytes;
 
     k_cache_.assign(kv_bytes_for(c, n_ctx, kv_type) / 2, 0);
     v_cache_.assign(k_cache_.size(), 0);
@@ -258,7 +259,7 @@ void Model::pack_weights() {
         m.packed = packed_.back().data();
         // the packed copy replaces the mapped groups: drop their pages now, so that peak memory is
         // the packed weights plus one matrix, not the file twice
-        file_.release(m.data, rows * m.row_bytes);
+        file_->release(m.data, rows * m.row_bytes);
     };
     pack(output_);  // first: the largest matrix, so that its mapped pages are gone before the layers' copies exist
     if (output_.data == tok_embd_.data) tok_embd_.packed = output_.packed;
@@ -294,7 +295,7 @@ size_t Model::scratch_bytes() const { return scratch_sizes(cfg_, max_ff_, n_ctx_
 void Model::copy_resident(const std::string &path, bool stream_layers) {
     auto streamed = [&](const gguf::TensorInfo &t) { return is_expert_tensor(t.name) || (stream_layers && is_layer_matrix(t.name)); };
     size_t total = 0;
-    for (const gguf::TensorInfo &t : file_.tensors())
+    for (const gguf::TensorInfo &t : file_->tensors())
         if (!streamed(t)) {
             resident_at_.emplace_back(t.offset, total);
             total += (t.nbytes + 63) & ~size_t(63);  // tensors 64 bytes apart, as in the file's alignment
@@ -303,7 +304,7 @@ void Model::copy_resident(const std::string &path, bool stream_layers) {
     resident_.resize(total);
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) throw ModelError(path + ": cannot open: " + std::strerror(errno));
-    for (const gguf::TensorInfo &t : file_.tensors()) {
+    for (const gguf::TensorInfo &t : file_->tensors()) {
         if (streamed(t)) continue;
         uint8_t *dst = resident_.data() + std::lower_bound(resident_at_.begin(), resident_at_.end(), std::make_pair(t.offset, size_t(0)))->second;
         size_t got = 0;
@@ -327,28 +328,28 @@ void Model::copy_resident(const std::string &path, bool stream_layers) {
 // Streamed tensors keep their place in the memory map as a placeholder that is never read: the
 // forward pass reads them from the slots of their store.
 const uint8_t *Model::tensor_data(const gguf::TensorInfo &t) const {
-    if (resident_at_.empty()) return file_.data(t);
+    if (resident_at_.empty()) return file_->data(t);
     const auto it = std::lower_bound(resident_at_.begin(), resident_at_.end(), std::make_pair(t.offset, size_t(0)));
-    if (it == resident_at_.end() || it->first != t.offset) return file_.data(t);
+    if (it == resident_at_.end() || it->first != t.offset) return file_->data(t);
     return resident_.data() + it->second;
 }
 
 // A weight matrix of `rows` rows of `cols` (ggml shape [cols, rows], or [cols, r, n] stacked).
 Matrix Model::matrix(const std::string &name, int64_t cols, int64_t rows, bool required) {
-    const gguf::TensorInfo *t = file_.tensor(name);
+    const gguf::TensorInfo *t = file_->tensor(name);
     if (!t) {
-        if (required) throw ModelError(file_.path() + ": tensor " + name + " is missing");
+        if (required) throw ModelError(file_->path() + ": tensor " + name + " is missing");
         return {};
     }
     uint64_t n = 1;
     for (uint64_t d : t->ne) n *= d;
     if (t->ne[0] != static_cast<uint64_t>(cols) || n != static_cast<uint64_t>(cols) * static_cast<uint64_t>(rows))
-        throw ModelError(file_.path() + ": tensor " + name + " has shape " + shape_str(*t) + ", expected " +
+        throw ModelError(file_->path() + ": tensor " + name + " has shape " + shape_str(*t) + ", expected " +
                          std::to_string(cols) + " x " + std::to_string(rows));
     const int w = kern::wtype_of_ggml(t->type);
     if (w < 0) {
         const gguf::TypeInfo *ti = gguf::type_info(t->type);
-        throw ModelError(file_.path() + ": tensor " + name + " has type " + (ti ? ti->name : "?") +
+        throw ModelError(file_->path() + ": tensor " + name + " has type " + (ti ? ti->name : "?") +
                          ", which the native engine does not run; the llama.cpp backend can (backend=\"llama.cpp\")");
     }
     Matrix m;
@@ -363,7 +364,7 @@ Matrix Model::matrix(const std::string &name, int64_t cols, int64_t rows, bool r
 Matrix Model::vector(const std::string &name, int64_t n, bool required) {
     Matrix m = matrix(name, n, 1, required);
     if (m && m.wtype != kern::W_F32)
-        throw ModelError(file_.path() + ": tensor " + name + " should be F32 (norms, biases and scales are kept in F32)");
+        throw ModelError(file_->path() + ": tensor " + name + " should be F32 (norms, biases and scales are kept in F32)");
     return m;
 }
 
@@ -398,8 +399,7 @@ size_t Model::kv_bytes_for(const ModelConfig &c, int n_ctx, KVType kv) {
     return 2 * size_t(c.n_layer) * n_ctx * kv_row_bytes(c, kv);
 }
 
-MemorySizes Model::memory_sizes(const std::string &path, const ModelConfig &c, int n_ctx, int threads, KVType kv) {
-    const gguf::File f(path);
+MemorySizes Model::memory_sizes(const gguf::File &f, const ModelConfig &c, int n_ctx, int threads, KVType kv) {
     MemorySizes m;
     int64_t max_ff = 0;
     std::vector<std::array<size_t, 3>> slices(c.n_layer, {0, 0, 0});

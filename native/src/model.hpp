@@ -82,13 +82,18 @@ class Model {
     static Scratch scratch_sizes(const ModelConfig &c, int64_t max_ff, int n_ctx, int threads, int T);
     static size_t kv_row_bytes(const ModelConfig &c, KVType kv);  // one position of one layer's K (or V)
     static size_t kv_bytes_for(const ModelConfig &c, int n_ctx, KVType kv);
-    static MemorySizes memory_sizes(const std::string &path, const ModelConfig &c, int n_ctx, int threads, KVType kv);
+    static MemorySizes memory_sizes(const gguf::File &f, const ModelConfig &c, int n_ctx, int threads, KVType kv);
 
     // stream: nullptr reads experts in place from the memory map; else they are streamed into a
     // cache of stream->slots experts, and every other tensor is copied into memory at load (the
     // map is then no longer read, so a file truncated while running is a read error, not a SIGBUS).
+    // file: a header parsed once by the caller (Python hands the one it planned with), shared so
+    // that its map lives as long as the model.
+    Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, int n_ctx, int n_threads,
+          const std::string &isa, const StreamConfig *stream = nullptr, KVType kv_type = KVType::F16);
     Model(const std::string &path, const ModelConfig &config, int n_ctx, int n_threads, const std::string &isa,
-          const StreamConfig *stream = nullptr, KVType kv_type = KVType::F16);
+          const StreamConfig *stream = nullptr, KVType kv_type = KVType::F16)
+        : Model(std::make_shared<const gguf::File>(path), config, n_ctx, n_threads, isa, stream, kv_type) {}
     ~Model();
 
     const ModelConfig &config() const { return cfg_; }
@@ -142,7 +147,7 @@ class Model {
     void pack_weights();  // dense layer matrices and the output into the kernel set's packed layout
     void embed(int32_t token, float *out);
 
-    gguf::File file_;
+    std::shared_ptr<const gguf::File> file_;
     ModelConfig cfg_;
     int n_ctx_;
     const kern::Ops *ops_;

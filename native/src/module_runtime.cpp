@@ -3,6 +3,7 @@
 // here (GGUFFormatError, ModelError), which edgeai.runtimes.native turns into EdgeAIErrors.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -49,7 +50,7 @@ nb::object value_to_python(const edgeai::gguf::Value &v) {
         case V::FLOAT: return nb::float_(v.f);
         case V::BOOL: return nb::bool_(v.u != 0);
         case V::STRING: return py_str(v.s);
-        case V::ARRAY: return nb::make_tuple(nb::str("array"), v.array_type, v.array_len);
+        case V::ARRAY: return nb::make_tuple(nb::str("array"), v.array_type, v.array_len, v.array_offset);
     }
     return nb::none();
 }
@@ -112,40 +113,62 @@ void bind_runtime(nb::module_ &m) {
     nb::exception<edgeai::gguf::VocabularyError>(m, "GGUFVocabularyError", format_error);
     nb::exception<edgeai::ModelError>(m, "ModelError", PyExc_ValueError);
 
-    m.def("gguf_read",
-          [](const std::string &path) {
-              std::unique_ptr<edgeai::gguf::File> f;
-              {
-                  nb::gil_scoped_release release;
-                  f = std::make_unique<edgeai::gguf::File>(path);
-              }
-              nb::dict meta;
-              for (const auto &[k, v] : f->metadata()) meta[py_str(k)] = value_to_python(v);
-              nb::list tensors;
-              for (const auto &t : f->tensors()) {
-                  nb::list shape;
-                  for (uint64_t d : t.ne) shape.append(d);
-                  tensors.append(nb::make_tuple(py_str(t.name), t.type, nb::tuple(shape), t.offset, t.nbytes));
-              }
-              nb::dict out;
-              out["version"] = f->version();
-              out["alignment"] = f->alignment();
-              out["metadata"] = meta;
-              out["tensors"] = tensors;
-              return out;
-          },
-          nb::arg("path"),
-          "Parse and validate a GGUF header: {version, alignment, metadata, tensors}. Arrays are "
-          "given as ('array', element type, length); tensors as (name, ggml type, ggml shape, file offset, bytes).");
+    nb::class_<edgeai::gguf::File>(
+        m, "GGUFFile",
+        "A GGUF header parsed and validated once (the file stays mapped read-only while this object lives); "
+        "the engine and the planner take it instead of parsing the file again.")
+        .def("__init__",
+             [](edgeai::gguf::File *self, const std::string &path) {
+                 nb::gil_scoped_release release;
+                 new (self) edgeai::gguf::File(path);
+             },
+             nb::arg("path"))
+        .def_prop_ro("path", [](const edgeai::gguf::File &f) { return f.path(); })
+        .def_prop_ro("version", &edgeai::gguf::File::version)
+        .def_prop_ro("alignment", &edgeai::gguf::File::alignment)
+        .def_prop_ro("size", &edgeai::gguf::File::size)
+        .def("metadata",
+             [](const edgeai::gguf::File &f) {
+                 nb::dict meta;
+                 for (const auto &[k, v] : f.metadata()) meta[py_str(k)] = nb::make_tuple(v.type, value_to_python(v));
+                 return meta;
+             },
+             "{key: (GGUF value type id, value)}; an array's value is ('array', element type id, length, "
+             "file offset of its first element).")
+        .def("tensors",
+             [](const edgeai::gguf::File &f) {
+                 nb::list tensors;
+                 for (const auto &t : f.tensors()) {
+                     nb::list shape;
+                     for (uint64_t d : t.ne) shape.append(d);
+                     tensors.append(nb::make_tuple(py_str(t.name), t.type, nb::tuple(shape), t.offset, t.nbytes));
+                 }
+                 return tensors;
+             },
+             "[(name, ggml type id, ggml shape (row length first), absolute file offset, bytes)].")
+        .def("string_array",
+             [](const edgeai::gguf::File &f, const std::string &key) {
+                 std::vector<std::string> items;
+                 {
+                     nb::gil_scoped_release release;
+                     items = f.string_array(key);
+                 }
+                 nb::list out;
+                 for (const std::string &s : items) out.append(nb::bytes(s.data(), s.size()));
+                 return out;
+             },
+             nb::arg("key"), "The elements of a string array as bytes (the file's own, undecoded).");
+    m.def("gguf_parse_count", &edgeai::gguf::File::parse_count,
+          "GGUF headers this process has parsed (every GGUFFile and every engine built from a path).");
 
     m.def("memory_sizes",
-          [](const std::string &path, const nb::dict &config, int n_ctx, int n_threads, const std::string &kv_type) {
+          [](const edgeai::gguf::File &file, const nb::dict &config, int n_ctx, int n_threads, const std::string &kv_type) {
               const edgeai::ModelConfig c = config_from(config);
               const edgeai::KVType kv = edgeai::kv_type_named(kv_type);
               edgeai::MemorySizes s;
               {
                   nb::gil_scoped_release release;
-                  s = edgeai::Model::memory_sizes(path, c, n_ctx, n_threads, kv);
+                  s = edgeai::Model::memory_sizes(file, c, n_ctx, n_threads, kv);
               }
               nb::dict d;
               d["dense"] = s.dense;
@@ -157,7 +180,7 @@ void bind_runtime(nb::module_ &m) {
               d["scratch"] = s.scratch;
               return d;
           },
-          nb::arg("path"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("kv_type") = "f16",
+          nb::arg("file"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("kv_type") = "f16",
           "Bytes the engine would need for this file: {dense, experts, slot, layer_matrices, layer_slot, kv, scratch} "
           "(the planner's inputs).");
     m.def("kv_bytes",
@@ -335,16 +358,16 @@ void bind_runtime(nb::module_ &m) {
 
     nb::class_<edgeai::Model>(m, "Engine", "One model and one sequence (KV cache) in the native engine.")
         .def("__init__",
-             [](edgeai::Model *self, const std::string &path, const nb::dict &config, int n_ctx, int n_threads,
+             [](edgeai::Model *self, std::shared_ptr<edgeai::gguf::File> file, const nb::dict &config, int n_ctx, int n_threads,
                 const std::string &isa, const nb::object &stream, const std::string &kv_type) {
                  edgeai::ModelConfig c = config_from(config);
                  const edgeai::KVType kv = edgeai::kv_type_named(kv_type);
                  std::optional<edgeai::StreamConfig> sc;
                  if (!stream.is_none()) sc = stream_config_from(nb::cast<nb::dict>(stream));
                  nb::gil_scoped_release release;
-                 new (self) edgeai::Model(path, c, n_ctx, n_threads, isa, sc ? &*sc : nullptr, kv);
+                 new (self) edgeai::Model(std::move(file), c, n_ctx, n_threads, isa, sc ? &*sc : nullptr, kv);
              },
-             nb::arg("path"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("isa") = "",
+             nb::arg("file"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("isa") = "",
              nb::arg("stream") = nb::none(), nb::arg("kv_type") = "f16",
              "kv_type: 'f16' or 'q8_0' (the KV cache's element type). stream: None (experts read in place from the memory "
              "map) or {slots, layer_slots, policy, io, io_threads, direct, trace, prefetch, prefetch_top, retries, "

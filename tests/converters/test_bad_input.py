@@ -116,13 +116,22 @@ def test_truncated_safetensors(ckpt, tmp_path):
 
 
 def test_truncated_gguf(ckpt, tmp_path):
+    """convert, inspect and fit read GGUF headers with the one validating reader: a truncated file
+    is the same clear error from each (the file, what is wrong, where), never a numpy internal."""
+    from edgeai.devices import get_profile
+    from edgeai.fit import fit
+    from edgeai.inspect import describe
+
     good = edgeai.convert(ckpt, tmp_path / "good.gguf", outtype="f32", quiet=True)
     data = good.read_bytes()
-    for cut in (10, len(data) // 50, len(data) - 100):
+    for cut, why in ((10, "shorter than a GGUF header"), (len(data) // 50, r"truncated while reading .* \(at byte \d+\)"),
+                     (len(data) - 100, "lies beyond the end of the file")):
         bad = tmp_path / f"cut{cut}.gguf"
         bad.write_bytes(data[:cut])
-        with pytest.raises(CheckpointError, match=f"cut{cut}.gguf is not a readable GGUF"):
-            edgeai.convert(bad, tmp_path / "o.gguf", quiet=True)
+        for call in (lambda: edgeai.convert(bad, tmp_path / "o.gguf", quiet=True), lambda: describe(bad),
+                     lambda: fit(bad, get_profile("pi5-8gb-sd"))):
+            with pytest.raises(CheckpointError, match=f"cut{cut}.gguf: .*{why}"):
+                call()
     _nothing_written(tmp_path / "o.gguf")
 
 

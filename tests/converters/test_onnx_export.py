@@ -178,7 +178,8 @@ def test_awq_folds_scales_without_changing_the_float_model(tiny_models, tmp_path
     ONNX graph computes what transformers does; only the int4 rounding sees the scaling."""
     calib = tmp_path / "calib.txt"
     calib.write_text(VARIED_TEXT * 8, encoding="utf-8")
-    from edgeai.converters.convert import _awq, open_plan
+    from edgeai.converters.pipeline import awq as _awq
+    from edgeai.converters.plan import open_plan
     from edgeai.converters.onnx_export import OnnxQuant, _grid_formats, _Options, _write_folder
     from edgeai.quant.recipes import Method
 
@@ -304,7 +305,7 @@ def test_qmoe_int4_matches_the_numpy_reference_on_the_same_codes(arch, tiny_mode
     codes compute what edgeai's numpy forward pass computes on the same codes dequantized: the
     expert layout (interleaved gate/up, nibble order, block scales) and the routing (renormalized
     top k for Mixtral; softmax over all experts for Qwen2-MoE) are onnxruntime's."""
-    from edgeai.converters.convert import open_plan
+    from edgeai.converters.plan import open_plan
     from edgeai.quant import nbits
     from edgeai.quant.formats import FORMATS, Fit, decode, quantize
     from edgeai.quant.forward import Logits, forward

@@ -68,7 +68,7 @@ def _loud_checkpoint(folder, arch, **overrides):
 @pytest.mark.parametrize("arch", ["smollm", "qwen2"])  # GQA (v -> o scales tied per kv head); q/k/v biases
 def test_awq_fold_keeps_the_float_model(arch, calib, tmp_path, monkeypatch):
     """With random scales in every group, the folded float model computes the same logits."""
-    from edgeai.converters.convert import open_plan
+    from edgeai.converters.plan import open_plan
     from edgeai.quant.calibrate import calibration_set
     from edgeai.quant.forward import Logits, forward
 
@@ -122,7 +122,7 @@ def _block_errors(plan, file_tensors, sequences):
 
 
 def test_awq_lowers_layer_output_error_on_a_tiny_model(calib, tmp_path):
-    from edgeai.converters.convert import open_plan
+    from edgeai.converters.plan import open_plan
     from edgeai.quant.calibrate import calibration_set
 
     folder = _loud_checkpoint(tmp_path / "loud", "smollm", **WIDE)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import edgeai
-from edgeai.converters.convert import open_plan
+from edgeai.converters.plan import open_plan
 from edgeai.errors import CalibrationError
 from edgeai.quant.calibrate import calibration_chunks, collect_statistics, tokenize
 from edgeai.quant.forward import ForwardConfig, Logits, RowRecorder, StatsCollector, forward

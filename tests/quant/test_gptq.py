@@ -56,7 +56,7 @@ def wide(tmp_path_factory):
 
 def test_gptq_lowers_layer_output_error_on_a_tiny_model(wide):
     """On real calibration activations of a model, GPTQ's W x error is below RTN's, layer by layer."""
-    from edgeai.converters.convert import open_plan
+    from edgeai.converters.plan import open_plan
     from edgeai.quant.calibrate import collect_statistics
     from edgeai.quant.forward import RowRecorder
 

@@ -140,7 +140,7 @@ def test_n_m_keeps_n_of_every_group(n, m):
 def test_wanda_has_lower_layer_output_error_than_magnitude(models):
     """On the tiny model's own calibration activations, ||(W' - W) X^T|| is lower for Wanda at the
     same sparsity, for every prunable matrix of the model (by at least 3 %)."""
-    from edgeai.converters.convert import open_plan
+    from edgeai.converters.plan import open_plan
     from edgeai.quant.calibrate import collect_statistics
     from edgeai.quant.forward import RowRecorder
 
@@ -162,7 +162,7 @@ def test_wanda_has_lower_layer_output_error_than_magnitude(models):
 def test_expert_loss_is_the_block_output_lost_by_dropping_it(models):
     """The loss score of expert e equals ||block output - block output with expert e's down
     projection zeroed||^2, measured by running the block again."""
-    from edgeai.converters.convert import open_plan
+    from edgeai.converters.plan import open_plan
     from edgeai.quant.calibrate import collect_statistics
     from edgeai.quant.forward import BlockWeights, ForwardConfig, RopeTables, run_block
 

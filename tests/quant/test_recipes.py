@@ -109,7 +109,7 @@ def _layer_output_error(plan, stats_rows, name, raw, fmt):
 
 def test_imatrix_lowers_layer_output_error(wide_llama, calib_file):
     """Weighting the scale search by activation importance lowers the error of W x on real inputs."""
-    from edgeai.converters.convert import open_plan
+    from edgeai.converters.plan import open_plan
     from edgeai.quant.calibrate import collect_statistics
     from edgeai.quant.formats import FORMATS, Fit, quantize
     from edgeai.quant.forward import RowRecorder

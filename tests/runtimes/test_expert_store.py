@@ -17,7 +17,8 @@ import pytest
 from edgeai.converters.convert import convert
 from edgeai.errors import BudgetError, CheckpointError
 from edgeai.runtimes.base import GREEDY
-from edgeai.runtimes.native import NativeBackend, engine_config, read_gguf
+from edgeai.gguf_header import read_header
+from edgeai.runtimes.native import NativeBackend, engine_config
 from edgeai.runtimes.plan import plan_memory
 from helpers import TINY_ARCHS, make_tiny_checkpoint, write_random_moe_gguf
 
@@ -76,9 +77,9 @@ def test_unaligned_slices_and_buffered_reads(moe_ggufs):
     """The converter's files align tensors to 32 bytes, so expert slices start inside disk blocks:
     reads are rounded out to 4 KiB and the slice found inside. Also without O_DIRECT."""
     path = moe_ggufs["qwen3_moe"]
-    meta, tensors = read_gguf(path)
-    n_expert = int(meta["qwen3moe.expert_count"])
-    starts = [offset + e * nbytes // n_expert for name, _, _, offset, nbytes in tensors if "_exps." in name
+    header = read_header(path)
+    n_expert = int(header.metadata["qwen3moe.expert_count"])
+    starts = [t.offset + e * t.nbytes // n_expert for name, t in header.tensors.items() if "_exps." in name
               for e in range(n_expert)]
     assert any(s % 4096 for s in starts), "the test file should have slices that are not 4 KiB aligned"
     ref = NativeBackend(path, n_ctx=128, threads=1)
@@ -93,11 +94,11 @@ def test_unaligned_slices_and_buffered_reads(moe_ggufs):
 
 def test_planner_splits_streams_and_refuses(moe_ggufs):
     path = moe_ggufs["mixtral"]
-    meta, tensors = read_gguf(path)
-    config = engine_config(meta, tensors, path)
+    header = read_header(path)
+    config = engine_config(header)
 
     def plan(budget):
-        return plan_memory(path, config, budget=budget, n_ctx=512, threads=2, process_bytes=50 << 20)
+        return plan_memory(header, config, budget=budget, n_ctx=512, threads=2, process_bytes=50 << 20)
 
     unlimited = plan(None)
     assert not unlimited.streaming and unlimited.experts > 0 and unlimited.slot_bytes > 0
@@ -119,11 +120,11 @@ def test_q8_0_kv_cache_in_the_plan_and_with_streamed_experts(tmp_path):
     """The planner sizes a q8_0 KV cache at 34/64 of f16's, offers it as a lever when refusing, and
     experts streamed beside a q8_0 cache give the same logits as the memory map."""
     path = write_random_moe_gguf(tmp_path / "moe.gguf", n_layer=2, n_expert=8, n_expert_used=2, alignment=32)  # head_dim 64
-    meta, tensors = read_gguf(path)
-    config = engine_config(meta, tensors, path)
+    header = read_header(path)
+    config = engine_config(header)
 
     def plan(budget, kv_cache):
-        return plan_memory(path, config, budget=budget, n_ctx=2048, threads=2, kv_cache=kv_cache, process_bytes=50 << 20)
+        return plan_memory(header, config, budget=budget, n_ctx=2048, threads=2, kv_cache=kv_cache, process_bytes=50 << 20)
 
     f16, q8 = plan(None, "f16"), plan(None, "q8_0")
     assert q8.kv == f16.kv * 34 // 64 and q8.total == f16.total - (f16.kv - q8.kv)
@@ -154,8 +155,8 @@ def test_file_truncated_while_running_is_an_error_and_nothing_leaks(moe_ggufs, t
     b = NativeBackend(path, n_ctx=128, threads=2, expert_store={"slots": 2, "retries": 1})
     b.set_sampling(GREEDY)
     b.step(PROMPT[:4])
-    meta, tensors = read_gguf(moe_ggufs["olmoe"])
-    first_expert = min(offset for name, _, _, offset, _ in tensors if "_exps." in name)
+    header = read_header(moe_ggufs["olmoe"])
+    first_expert = min(t.offset for name, t in header.tensors.items() if "_exps." in name)
     os.truncate(path, first_expert + 100)  # mid-expert: every expert read now ends early
     b.truncate(0)
     with pytest.raises(CheckpointError, match=r"copy\.gguf.*(truncated|ends)"):
@@ -322,14 +323,14 @@ def test_dense_layers_streamed_when_they_do_not_fit(dense_gguf, moe_ggufs, which
     b.close()
     if which == "moe":  # 3 layers: two layer slots hold as much as all layers, nothing to plan
         return
-    meta, tensors = read_gguf(path)
-    config = engine_config(meta, tensors, path)
-    plan = plan_memory(path, config, budget=None, n_ctx=128, threads=1, process_bytes=10 << 20)
+    header = read_header(path)
+    config = engine_config(header)
+    plan = plan_memory(header, config, budget=None, n_ctx=128, threads=1, process_bytes=10 << 20)
     assert plan.layer_matrices > 0
     budget = plan.minimum
-    streamed = plan_memory(path, config, budget=budget, n_ctx=128, threads=1, process_bytes=10 << 20)
+    streamed = plan_memory(header, config, budget=budget, n_ctx=128, threads=1, process_bytes=10 << 20)
     assert streamed.layer_slots == 2 and streamed.total <= budget < plan.total
     assert streamed.stream_config()["layer_slots"] == 2
-    assert not plan_memory(path, config, budget=plan.total, n_ctx=128, threads=1, process_bytes=10 << 20).streaming
+    assert not plan_memory(header, config, budget=plan.total, n_ctx=128, threads=1, process_bytes=10 << 20).streaming
     with pytest.raises(BudgetError):
-        plan_memory(path, config, budget=budget - 1, n_ctx=128, threads=1, process_bytes=10 << 20)
+        plan_memory(header, config, budget=budget - 1, n_ctx=128, threads=1, process_bytes=10 << 20)

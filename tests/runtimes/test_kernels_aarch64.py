@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from edgeai.converters.convert import convert
-from edgeai.runtimes.native import NativeBackend, engine_config, read_gguf
+from edgeai.gguf_header import read_header
+from edgeai.runtimes.native import NativeBackend, engine_config
 from helpers import TINY_ARCHS, kld, make_tiny_checkpoint
 from kernel_cases import make_cases, write_cases
 
@@ -93,8 +94,7 @@ def test_engine_runs_on_aarch64_and_matches_this_machine(engine, tmp_path, arch,
     spec = next(a for a in TINY_ARCHS if a.name == arch)
     overrides = {"head_dim": 32} if kv == "q8_0" else {}
     gguf = convert(make_tiny_checkpoint(tmp_path / arch, spec, **overrides), tmp_path / f"{arch}.gguf", quiet=True, **weights)
-    meta, tensors = read_gguf(gguf)
-    config = engine_config(meta, tensors, gguf)
+    config = engine_config(read_header(gguf))
     (tmp_path / "config.txt").write_text("".join(f"{k} {float(v)}\n" for k, v in config.items()))
     tokens = np.random.default_rng(3).integers(3, 300, 40).astype("<i4")
     tokens.tofile(tmp_path / "tokens.bin")

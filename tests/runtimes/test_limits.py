@@ -84,10 +84,10 @@ def test_a_format_error_quoting_bytes_that_are_not_utf8_reaches_python(tiny_chat
     struct.pack_into("<I", data, at + len(name) + 4 + 8 * n_dims, 99)  # an unknown type: the reader quotes the name
     bad = tmp_path / "name.gguf"
     bad.write_bytes(bytes(data))
-    from edgeai.runtimes.native import read_gguf
+    from edgeai.gguf_header import read_header
 
     with pytest.raises(CheckpointError, match=r"tensor '\\xFFlk.0.attn_q.weight' has unknown type id 99"):
-        read_gguf(bad)
+        read_header(bad)
     with pytest.raises(BackendError, match=r"tensor '\\xFFlk.0.attn_q.weight' has unknown type id 99"):
         edgeai.load(bad, backend="native")
 

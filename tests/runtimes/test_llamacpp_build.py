@@ -70,7 +70,7 @@ def verdict(monkeypatch):
 
 
 def test_backends_refuse_a_llama_cpp_that_crashes_here(tiny_chat_gguf, verdict):
-    from edgeai.quant.evaluate import LlamaCppLogits
+    from edgeai.evaluate import LlamaCppLogits
     from edgeai.runtimes.llamacpp import LlamaCppBackend
 
     verdict(lc.Verdict.BROKEN)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import edgeai
 from edgeai.cli import app
 from edgeai.errors import OptionError
-from edgeai.quant.evaluate import EvalResult, evaluate
+from edgeai.evaluate import EvalResult, evaluate
 from helpers import TINY_ARCHS, corpus, make_tiny_checkpoint
 
 ARCHS = {a.name: a for a in TINY_ARCHS}

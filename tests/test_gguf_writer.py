@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
-from edgeai.converters.gguf_writer import GGUFWriter
+from edgeai.gguf_writer import GGUFWriter
 
 
 def test_round_trip_through_gguf_py(tmp_path):

@@ -1,7 +1,7 @@
 """`edgeai bench`: prefill and decode tokens/s, time to first token and peak memory of backends
 on the same file, through the `Backend` protocol only (so any backend can be measured).
 
-Each backend runs in its own process (`python -m edgeai.runtimes.bench`), so that its peak
+Each backend runs in its own process (`python -m edgeai.bench`), so that its peak
 memory is its own and one engine's caches do not warm another's. Within a process: one warm-up,
 then `repeats` runs of (empty cache -> prefill `n_prompt` tokens -> `n_gen` greedy decode steps);
 the figures are the medians of the runs.
@@ -136,7 +136,7 @@ def bench(path: str | Path, backends: list[str], *, threads: int | None = None, 
     results = []
     for name in backends:
         # -I: the worker must not import a source tree from the current folder
-        cmd = [sys.executable, "-I", "-m", "edgeai.runtimes.bench", str(path), name, str(threads), str(n_prompt), str(n_gen),
+        cmd = [sys.executable, "-I", "-m", "edgeai.bench", str(path), name, str(threads), str(n_prompt), str(n_gen),
                str(repeats), str(memory_budget or 0), kv_cache or "f16"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -1,6 +1,8 @@
 """One declarative spec per architecture family: the name table from checkpoint names to GGUF
 names (the project's internal names), the hyper-parameters, and each family's quirks.
 
+The one low module of architecture facts (rope style, q/k norm, MoE spec, hyper-parameters from
+a GGUF header): converters, quant and runtimes all import it, and it imports none of them.
 Translation from checkpoint names happens here and nowhere else. A spec says, for a given
 config, exactly which GGUF tensors must exist and with which shapes (numpy order, [out, in]);
 the converter fails loudly on anything missing, unexpected or misshapen.

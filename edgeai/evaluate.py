@@ -143,15 +143,12 @@ def artifact_size(path: Path) -> tuple[int, float]:
 
 def gguf_size(path: Path) -> tuple[int, float]:
     """(file size in bytes, bits per weight of the tensor data) of a GGUF file, from its header."""
-    from gguf import GGUFReader
+    from edgeai.gguf_header import read_header
 
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # gguf-py raises ValueError/struct errors/IndexError on bad bytes
-        raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt?): {exc}") from exc
-    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-    n_weights = sum(int(t.n_elements) for t in reader.tensors)
-    return path.stat().st_size, 8.0 * n_bytes / max(1, n_weights)
+    header = read_header(path)
+    n_bytes = sum(t.nbytes for t in header.tensors.values())
+    n_weights = sum(t.n_elements for t in header.tensors.values())
+    return header.size, 8.0 * n_bytes / max(1, n_weights)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,0 +1,235 @@
+"""Conversion plans: a checkpoint's headers read and its output planned, before any tensor data.
+
+    source (lazy: `converters.sources`) -> ConversionPlan (metadata + every output tensor, sizes known)
+
+A plan is what every later step takes: the calibration methods and pruning (`converters.pipeline`,
+`quant/`), and the writers (`converters.convert` for GGUF, `converters.onnx_export` for ONNX). It
+is the one conversion type lower layers may name; nothing here imports a writer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from gguf import GGUFValueType
+
+from edgeai.architectures import ArchSpec, HParams, hparams_from_gguf, spec_for, spec_for_gguf
+from edgeai.converters.sources import GGUFSource, PickleCheckpoint, SafetensorsCheckpoint, TensorSource
+from edgeai.converters.tokenizer import MetaKV, tokenizer_kv
+from edgeai.errors import CheckpointError, TensorError
+from edgeai.paths import default_model_path
+from edgeai.quant.formats import QuantFormat
+from edgeai.quant.recipes import OutType, Recipe, get_recipe, tensor_type, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OutputTensor:
+    """One tensor of the output file: where its float32 data comes from and how it is encoded."""
+
+    name: str
+    shape: tuple[int, ...]  # numpy order
+    fmt: QuantFormat
+    chunks: Callable[[], Iterator[np.ndarray]]  # float32 pieces in file order (one per expert when stacked)
+    fallback: str = ""  # why the recipe's type was replaced (rows that do not fill its blocks), if it was
+
+    @property
+    def nbytes(self) -> int:
+        return self.fmt.nbytes(int(np.prod(self.shape, dtype=np.int64)))
+
+
+@dataclass
+class ConversionPlan:
+    """Everything the writer needs, known before any tensor data is read."""
+
+    arch: str
+    name: str
+    kv: list[MetaKV]
+    tensors: list[OutputTensor]
+    source_files: list[Path]
+    source: TensorSource
+    source_format: str
+    spec: ArchSpec | None  # None for a GGUF of an architecture edgeai has no spec for
+    hparams: HParams | None
+    extra_recipe: dict = field(default_factory=dict)
+
+    def tensor(self, name: str) -> OutputTensor:
+        for t in self.tensors:  # a few hundred entries, looked up once per tensor read
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def read(self, name: str) -> np.ndarray:
+        """The whole float32 tensor `name` (GGUF name and layout, numpy order), experts stacked."""
+        t = self.tensor(name)
+        out = np.empty(t.shape, dtype=np.float32)
+        flat = out.reshape(-1)
+        offset = 0
+        for chunk in t.chunks():  # run the generator to the end: it releases each source's pages
+            flat[offset:offset + chunk.size] = chunk.reshape(-1)
+            offset += chunk.size
+        assert offset == flat.size, f"{name}: read {offset} of {flat.size} values"
+        return out
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def _checked(name: str, data: np.ndarray) -> np.ndarray:
+    """`data`, after checking it holds no NaN/Inf (slice by slice: no tensor-sized mask)."""
+    flat = data.reshape(-1)
+    step = 1 << 22
+    for start in range(0, flat.size, step):
+        finite = np.isfinite(flat[start:start + step])
+        if not finite.all():
+            bad = int(np.count_nonzero(~np.isfinite(flat)))
+            raise TensorError(f"tensor {name!r} contains {bad} NaN/Inf value(s); the checkpoint is damaged")
+    return data
+
+
+def tensor_reader(source: TensorSource, names: tuple[str, ...], transform) -> Callable[[], Iterator[np.ndarray]]:
+    """An OutputTensor's `chunks`: each source tensor read, transformed, checked finite, then released."""
+    def chunks() -> Iterator[np.ndarray]:
+        for name in names:
+            data = source.read(name)
+            if transform is not None:
+                data = transform(data)
+            yield _checked(name, np.ascontiguousarray(data, dtype=np.float32))
+            source.release(name)
+
+    return chunks
+
+
+def _plan_hf(folder: Path, recipe: Recipe, trust_pickle: bool) -> ConversionPlan:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder} has no config.json; a Hugging Face checkpoint folder needs one")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    spec = spec_for(config.get("architectures"), str(config_path))
+    hp = spec.hparams(config, str(config_path))
+
+    safetensors = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(folder.glob("*.bin"))
+    if safetensors or (folder / SafetensorsCheckpoint.INDEX).is_file():
+        source: TensorSource = SafetensorsCheckpoint(folder)
+        source_files, source_format = safetensors, "safetensors"
+    elif pickles:
+        if not trust_pickle:
+            raise CheckpointError(
+                f"{folder} holds a PyTorch pickle checkpoint ({pickles[0].name}); unpickling can run code. "
+                "Pass --trust-pickle to load it with torch.load(weights_only=True), or convert it to safetensors"
+            )
+        source, source_files, source_format = PickleCheckpoint(folder), pickles, "pytorch"
+    else:
+        raise CheckpointError(f"{folder} has config.json but no weights (*.safetensors or *.bin)")
+
+    try:
+        infos = source.infos()
+        planned = spec.plan(hp)
+        missing = [s for p in planned for s in p.sources if s not in infos]
+        if missing:
+            raise TensorError(
+                f"{folder}: tensor {missing[0]!r} is missing ({len(missing)} missing in all); "
+                f"a {spec.family} checkpoint with this config.json needs it"
+            )
+        unexpected = sorted(set(infos) - spec.used_sources(planned, set(infos)))
+        if unexpected:
+            raise TensorError(
+                f"{folder}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all) that a {spec.family} "
+                "model with this config.json does not have; the config and the weights do not match"
+            )
+        for p in planned:
+            for s in p.sources:
+                if tuple(infos[s].shape) != p.expected_source_shape():
+                    raise TensorError(
+                        f"{folder}: tensor {s!r} has shape {list(infos[s].shape)}, expected "
+                        f"{list(p.expected_source_shape())} from config.json"
+                    )
+        tensors = []
+        has_output = any(p.name == "output.weight" for p in planned)
+        for p in planned:
+            choice = tensor_type(p.name, p.shape, recipe, n_blocks=hp.n_layer, has_experts=hp.n_expert > 0,
+                                 has_output=has_output)
+            if p.generated is not None:
+                gen = p.generated
+                chunks = lambda gen=gen: iter((gen(),))  # noqa: E731
+            else:
+                chunks = tensor_reader(source, p.sources, p.transform)
+            tensors.append(OutputTensor(p.name, p.shape, choice.fmt, chunks, choice.fallback))
+        arch = spec.gguf_arch
+        kv = [MetaKV(f"{arch}.{k}", v) for k, v in spec.gguf_kv(hp).items()]
+        kv += tokenizer_kv(folder, hp.n_vocab, config)
+    except BaseException:
+        source.close()
+        raise
+    name = str(config.get("_name_or_path") or folder.name)
+    return ConversionPlan(arch, name, kv, tensors, source_files, source, source_format, spec, hp)
+
+
+# Keys a re-encode must not copy: they describe the old file's encoding or its recipe.
+_NOT_COPIED = ("general.file_type", "general.quantization_version", "general.alignment")
+
+
+def _plan_gguf(path: Path, recipe: Recipe) -> ConversionPlan:
+    source = GGUFSource(path)
+    try:
+        meta = source.metadata()
+        arch = str(meta.get("general.architecture", ""))
+        if not arch:
+            raise CheckpointError(f"{path} has no general.architecture; it is not a model GGUF")
+        kv = []
+        for key, value in meta.items():
+            if key in _NOT_COPIED or key.startswith("edgeai."):
+                continue
+            vtype, sub = source.value_type(key)
+            kv.append(MetaKV(key, value, vtype, sub if vtype == GGUFValueType.ARRAY else None))
+        tensors = []
+        infos = source.infos()
+        n_blocks = int(meta.get(f"{arch}.block_count", 0) or 0)
+        has_experts = int(meta.get(f"{arch}.expert_count", 0) or 0) > 0
+        for name, info in infos.items():
+            choice = tensor_type(name, info.shape, recipe, n_blocks=n_blocks, has_experts=has_experts,
+                                 has_output="output.weight" in infos)
+            tensors.append(OutputTensor(name, info.shape, choice.fmt, tensor_reader(source, (name,), None), choice.fallback))
+        try:
+            spec = spec_for_gguf(meta, str(path))
+            hp = hparams_from_gguf(meta, spec)
+        except CheckpointError:  # re-encoding works for any architecture; calibration needs a spec
+            spec, hp = None, None
+    except BaseException:
+        source.close()
+        raise
+    name = str(meta.get("general.name", path.stem))
+    return ConversionPlan(arch, name, kv, tensors, [path], source, "gguf", spec, hp)
+
+
+def open_plan(src: str | Path | None, recipe: str | Recipe | OutType = OutType.F16, *,
+              trust_pickle: bool = False) -> ConversionPlan:
+    """Read a checkpoint's headers and plan its conversion under `recipe` (a preset name, a Recipe,
+    or an OutType); no tensor data is read yet.
+
+    The caller closes the plan (`plan.close()`). `plan.read(name)` gives any output tensor as float32,
+    which calibration uses to run the model before quantizing it.
+    """
+    recipe = get_recipe(recipe.value if isinstance(recipe, OutType) else recipe)
+    validate(recipe)
+    src_path = Path(src) if src is not None else default_model_path()
+    if not src_path.exists():
+        raise CheckpointError(f"{src_path} does not exist; give a Hugging Face folder or a .gguf file")
+    if src_path.is_dir():
+        return _plan_hf(src_path, recipe, trust_pickle)
+    if src_path.suffix.lower() == ".gguf":
+        return _plan_gguf(src_path, recipe)
+    raise CheckpointError(
+        f"{src_path} is neither a Hugging Face checkpoint folder nor a .gguf file; "
+        "point at the folder that holds config.json"
+    )

@@ -1,0 +1,102 @@
+"""One GGUF header reader (`edgeai.gguf_header`, the validating C++ one) behind every command:
+a load parses the header once, and inspect, fit and convert answer a bad file as loading does."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+import edgeai
+from edgeai.devices import get_profile
+from edgeai.errors import CheckpointError, EdgeAIError
+from edgeai.fit import fit
+from edgeai.gguf_header import GGUFArray, parse_count, read_header
+from edgeai.inspect import describe
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "llama.cpp"])
+def test_a_load_parses_the_header_once(tiny_chat_gguf, backend):
+    """Choosing the backend, checking the vocabulary, planning and the engine share one parse by our
+    reader (llama.cpp's own reads of the file, for tokenization, are not ours and not counted)."""
+    before = parse_count()
+    with edgeai.load(tiny_chat_gguf, backend=backend) as m:
+        assert m.generate("hi", max_tokens=2, temperature=0) is not None
+    assert parse_count() - before == 1
+
+
+def test_header_values_and_arrays(tiny_chat_gguf):
+    header = read_header(tiny_chat_gguf)
+    tokens = header.metadata["tokenizer.ggml.tokens"]
+    assert isinstance(tokens, GGUFArray) and tokens.element_type == 8 and len(tokens) > 100
+    texts = header.array("tokenizer.ggml.tokens")
+    assert len(texts) == len(tokens) and all(isinstance(t, str) for t in texts)
+    types = header.array("tokenizer.ggml.token_type")
+    assert types.shape == (len(tokens),) and types.dtype.kind == "i"
+    embd = header.tensors["token_embd.weight"]
+    assert embd.numpy_shape == (len(tokens), header.metadata["llama.embedding_length"])
+    assert header.tensor_data("token_embd.weight").nbytes == embd.nbytes
+
+
+def _key_at(data: bytes, key: bytes) -> int:
+    """Offset just past a metadata key's stored name (u64 length, bytes): its value type follows."""
+    at = data.find(struct.pack("<Q", len(key)) + key)
+    assert at > 0, key
+    return at + 8 + len(key)
+
+
+def _all_refuse(bad, tmp_path, match: str) -> None:
+    """inspect, fit, convert and the native backend refuse `bad` with the reader's message."""
+    for call in (lambda: describe(bad), lambda: fit(bad, get_profile("pi5-8gb-sd")),
+                 lambda: edgeai.convert(bad, tmp_path / "out.gguf", quiet=True),
+                 lambda: edgeai.load(bad, backend="native")):
+        with pytest.raises(EdgeAIError, match=match):  # BackendError from load, else CheckpointError
+            call()
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_an_array_claiming_2_62_elements_is_refused_at_once(tiny_chat_gguf, tmp_path):
+    """gguf-py's reader looped on this, growing past 2.5 GB, in inspect, convert and fit."""
+    data = bytearray(tiny_chat_gguf.read_bytes())
+    at = _key_at(bytes(data), b"tokenizer.ggml.token_type")
+    assert struct.unpack_from("<II", data, at) == (9, 5)  # an array of int32
+    struct.pack_into("<Q", data, at + 8, 2**62)
+    bad = tmp_path / "long.gguf"
+    bad.write_bytes(bytes(data))
+    _all_refuse(bad, tmp_path, r"long.gguf: not a valid GGUF file: .*array")
+
+
+def test_a_tensor_offset_near_2_64_is_refused(tiny_chat_gguf, tmp_path):
+    """`inspect` used to exit 0 on it."""
+    data = bytearray(tiny_chat_gguf.read_bytes())
+    name = b"output_norm.weight"
+    at = data.find(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<Q", data, at + 4 + 8 * n_dims + 4, 2**64 - 32)
+    bad = tmp_path / "offset.gguf"
+    bad.write_bytes(bytes(data))
+    _all_refuse(bad, tmp_path, "offset.gguf: tensor 'output_norm.weight' lies beyond the end of the file")
+
+
+def test_metadata_that_is_not_utf8(tiny_chat_gguf, tmp_path):
+    """A string value that is not UTF-8 is shown with U+FFFD (inspect, fit, loading); a token text
+    that is not UTF-8 is refused by convert, naming the key and the token (GGUF strings are UTF-8)."""
+    data = bytearray(tiny_chat_gguf.read_bytes())
+    at = _key_at(bytes(data), b"tokenizer.ggml.pre")
+    n = struct.unpack_from("<Q", data, at + 4)[0]
+    data[at + 12] = 0xFF  # the value's first byte
+    bad = tmp_path / "pre.gguf"
+    bad.write_bytes(bytes(data))
+    assert describe(bad).tokenizer["pre"].startswith("\ufffd") and n > 1
+    tokens = read_header(tiny_chat_gguf).array("tokenizer.ggml.tokens")
+    token = next(t for t in tokens if len(t) == 3 and t.isascii() and t.isalpha()).encode()
+    data = bytearray(tiny_chat_gguf.read_bytes())
+    at = data.find(struct.pack("<Q", 3) + token) + 8
+    assert at > 8
+    data[at] = 0xFF
+    bad = tmp_path / "token.gguf"
+    bad.write_bytes(bytes(data))
+    assert describe(bad).tokenizer["tokens"] == len(tokens)
+    with pytest.raises(CheckpointError, match=r"token.gguf: element \d+ of metadata tokenizer.ggml.tokens is not UTF-8"):
+        edgeai.convert(bad, tmp_path / "out.gguf", quiet=True)
+    assert not (tmp_path / "out.gguf").exists()
