@@ -116,15 +116,23 @@ class Backend(Protocol):
         """Token ids -> UTF-8 bytes (bytes: one token may end in the middle of a character)."""
 
     def truncate(self, n: int) -> None:
-        """Keep the first `n` positions of the KV cache, drop the rest (0: empty)."""
+        """Keep the first `n` positions of the KV cache, drop the rest (0: empty). Speculative
+        decoding rolls back rejected drafts with it."""
+
+    def evict(self, start: int, end: int) -> None:
+        """Drop positions [start, end) of the KV cache; the later ones move down by end - start, their
+        keys re-rotated to the new positions, without recomputation (context-overflow policies).
+        A backend whose cache cannot shift raises BackendError saying so."""
 
     def set_sampling(self, sampling: Sampling) -> None:
         """Use these parameters from now on; re-seeds the random generator."""
 
-    def step(self, tokens: Sequence[int]) -> int:
+    def step(self, tokens: Sequence[int], mask: np.ndarray | None = None) -> int:
         """Append `tokens` to the KV cache (prefill in batches when there are many), then sample
         the next token from the last position's logits and return it. The returned token is not
-        yet in the cache: the caller passes it to the next `step`."""
+        yet in the cache: the caller passes it to the next `step`. mask: the tokens the sampler
+        may choose (uint32 bit words, `runtimes.sampling.allowed`), applied before every other
+        stage (structured output)."""
 
     def logits(self) -> np.ndarray:
         """Float32 logits [n_vocab] of the last position evaluated (tests, evaluation)."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from edgeai.budget import format_bytes
 from edgeai.devices import checked_threads
-from edgeai.errors import BudgetError, CheckpointError, ContextOverflowError, OptionError
+from edgeai.errors import BackendError, BudgetError, CheckpointError, ContextOverflowError, OptionError
 from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling, kv_cache_type
 from edgeai.runtimes.llamacpp_check import model_params
 from edgeai.runtimes.sampling import make_rng, sample
@@ -197,7 +197,19 @@ class LlamaCppBackend(VocabText):
         ptr = ll.llama_get_logits_ith(self._ctx, -1)
         self._logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def step(self, tokens: Sequence[int]) -> int:
+    def evict(self, start: int, end: int) -> None:
+        ll = self._live()
+        if not 0 <= start <= end <= self.n_past:
+            raise OptionError(f"cannot evict positions [{start}, {end}) of a KV cache holding {self.n_past}")
+        if start == end:
+            return
+        if not ll.llama_memory_can_shift(self._mem):
+            raise BackendError(f"llama.cpp cannot shift the KV cache of {self.path.name} (its memory type does not allow it)")
+        ll.llama_memory_seq_rm(self._mem, 0, start, end)
+        ll.llama_memory_seq_add(self._mem, 0, end, -1, start - end)  # keys re-rotated at the next decode
+        del self._history[start:end]
+
+    def step(self, tokens: Sequence[int], mask: np.ndarray | None = None) -> int:
         self._live()
         tokens = [int(t) for t in tokens]
         if not tokens:
@@ -209,7 +221,7 @@ class LlamaCppBackend(VocabText):
         if bad:
             raise OptionError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
         self._decode(tokens)
-        return sample(self._logits, self._history, self._sampling, self._rng)
+        return sample(self._logits, self._history, self._sampling, self._rng, mask)
 
     def all_logits(self, tokens: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
         """Logits at every position of `tokens` evaluated from an empty cache: [len(tokens), n_vocab]

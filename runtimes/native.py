@@ -206,10 +206,21 @@ class NativeBackend(VocabText):
         except _native.ModelError as exc:
             raise CheckpointError(str(exc)) from exc
 
-    def step(self, tokens: Sequence[int]) -> int:
+    def step(self, tokens: Sequence[int], mask: np.ndarray | None = None) -> int:
         tokens = [int(t) for t in tokens]
         self._check_room(tokens)
-        return int(self._call("step", tokens))
+        if mask is not None:
+            from edgeai.runtimes.sampling import allowed
+
+            allowed(mask, self.n_vocab)  # checked here: the engine applies it in C++, GIL released
+            mask = np.ascontiguousarray(mask, dtype=np.uint32)
+        return int(self._call("step", tokens, mask))
+
+    def evict(self, start: int, end: int) -> None:
+        engine = self._live()
+        if not 0 <= start <= end <= engine.n_past:
+            raise OptionError(f"cannot evict positions [{start}, {end}) of a KV cache holding {engine.n_past}")
+        engine.evict(start, end)
 
     def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Append tokens and return their logits [len(tokens), n_vocab] (tests, evaluation)."""

@@ -361,13 +361,21 @@ class OnnxBackend:
         self._last = parts[-1][-1]
         return np.concatenate(parts)
 
-    def step(self, tokens: Sequence[int]) -> int:
+    def evict(self, start: int, end: int) -> None:
+        """Refused: the graph rotates keys inside GroupQueryAttention before caching them, and
+        re-rotating the cached keys would need the rotary tables outside the graph."""
+        from edgeai.errors import BackendError
+
+        raise BackendError("the onnxruntime backend cannot evict KV positions (its graph rotates the keys it caches); "
+                           "use the native or llama.cpp backend")
+
+    def step(self, tokens: Sequence[int], mask: np.ndarray | None = None) -> int:
         """Append `tokens` (prefill in batches of N_BATCH), sample the next token and return it."""
         self._check_tokens(tokens)
         for i in range(0, len(tokens), N_BATCH):
             logits = self._run(tokens[i:i + N_BATCH])
         self._last = np.array(logits[-1], dtype=np.float32)
-        return sample(self._last, self._history, self._sampling, self._rng)
+        return sample(self._last, self._history, self._sampling, self._rng, mask)
 
     def logits(self) -> np.ndarray:
         if self._last is None:

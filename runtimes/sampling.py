@@ -45,8 +45,28 @@ def candidates(logits: np.ndarray, sampling: Sampling) -> tuple[np.ndarray, np.n
     return ids, p / p.sum()
 
 
-def sample(logits: np.ndarray, history: Sequence[int], sampling: Sampling, rng: np.random.Generator) -> int:
-    """One token from `logits` [n_vocab] given the tokens already in the sequence."""
+def allowed(mask: np.ndarray, n_vocab: int) -> np.ndarray:
+    """The bool [n_vocab] a token mask allows: uint32 words [ceil(n_vocab / 32)], bit t % 32 of word
+    t // 32 allowing token t (llguidance's and XGrammar's bitmask layout, the native engine's too)."""
+    from edgeai.errors import OptionError
+
+    mask = np.asarray(mask)
+    words = (n_vocab + 31) // 32
+    if mask.dtype != np.uint32 or mask.shape != (words,):
+        raise OptionError(f"a token mask is {words} uint32 words for a vocabulary of {n_vocab} tokens; "
+                          f"got {mask.dtype} {mask.shape}")
+    bits = np.unpackbits(mask.astype("<u4").view(np.uint8), bitorder="little")[:n_vocab].astype(bool)
+    if not bits.any():
+        raise OptionError("the token mask allows no token of the vocabulary")
+    return bits
+
+
+def sample(logits: np.ndarray, history: Sequence[int], sampling: Sampling, rng: np.random.Generator,
+           mask: np.ndarray | None = None) -> int:
+    """One token from `logits` [n_vocab] given the tokens already in the sequence; `mask` (see
+    `allowed`) removes tokens before every other stage, as a grammar does."""
+    if mask is not None:
+        logits = np.where(allowed(mask, len(logits)), logits, -np.inf).astype(np.float32)
     penalized = apply_repeat_penalty(logits, history, sampling)
     if sampling.greedy:
         return int(np.argmax(penalized))

@@ -4,6 +4,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 
 #include <fcntl.h>
@@ -785,8 +786,40 @@ void Model::set_sampling(const SamplingParams &p) {
     rng_.seed(p.seed);
 }
 
-int Model::sample() {
-    const int token = sample_token(logits_, history_, sampling_, rng_);
+void Model::evict(int start, int end) {
+    const int n = n_past();
+    if (start < 0 || end < start || end > n)
+        throw ModelError("cannot evict positions [" + std::to_string(start) + ", " + std::to_string(end) + ") of a KV cache holding " +
+                         std::to_string(n));
+    const int delta = end - start;
+    if (delta == 0) return;
+    const ModelConfig &c = cfg_;
+    const int kv_dim = c.n_head_kv * c.head_dim;
+    // Each moved key: decoded, its Hadamard rotation undone (its own inverse), turned back by delta
+    // positions (rotations compose: R(p - delta) = R(-delta) R(p)), rotated and encoded again. Values
+    // carry no position: their rows move as they are.
+    auto move = [&](size_t l0, size_t l1) {
+        std::vector<float> k(kv_dim);
+        for (size_t l = l0; l < l1; ++l)
+            for (int p = end; p < n; ++p) {
+                const size_t from = (l * n_ctx_ + p) * kv_row_, to = (l * n_ctx_ + p - delta) * kv_row_;
+                uint8_t *kc = k_cache_.data();
+                if (kv_type_ == KVType::Q8_0) dequantize_q8_0(kc + from, k.data(), kv_dim / QK8_0, 1);
+                else for (int i = 0; i < kv_dim; ++i) k[i] = fp16_to_fp32(reinterpret_cast<const uint16_t *>(kc + from)[i]);
+                if (rot_k_) hadamard_chunks(k.data(), kv_dim, rot_k_);
+                rope(k.data(), c.n_head_kv, -delta);
+                if (rot_k_) hadamard_chunks(k.data(), kv_dim, rot_k_);
+                if (kv_type_ == KVType::Q8_0) quantize_q8_0(k.data(), kc + to, kv_dim / QK8_0, 1);
+                else for (int i = 0; i < kv_dim; ++i) reinterpret_cast<uint16_t *>(kc + to)[i] = fp32_to_fp16(k[i]);
+                std::memmove(v_cache_.data() + to, v_cache_.data() + from, kv_row_);
+            }
+    };
+    pool_.range(size_t(c.n_layer), move);  // layers are independent
+    history_.erase(history_.begin() + start, history_.begin() + end);
+}
+
+int Model::sample(const uint32_t *mask) {
+    const int token = sample_token(logits_, history_, sampling_, rng_, mask);
     // Streaming: the next step starts with layer 0, which no earlier layer can predict; its router
     // applied to the sampled token's embedding guesses its experts while the caller takes the token.
     if (experts_->streams() && prefetch_ && scratch_T_ > 0) {
@@ -797,7 +830,17 @@ int Model::sample() {
 }
 
 // Same chain and semantics as runtimes/sampling.py: penalty -> top-k -> top-p -> min-p -> temperature.
-int sample_token(std::vector<float> z, const std::vector<int32_t> &history, const SamplingParams &s, std::mt19937_64 &rng) {
+int sample_token(std::vector<float> z, const std::vector<int32_t> &history, const SamplingParams &s, std::mt19937_64 &rng,
+                 const uint32_t *mask) {
+    if (mask) {  // first, as a grammar comes before every other stage: the rest choose among what it allows
+        bool any = false;
+        for (size_t t = 0; t < z.size(); ++t) {
+            const bool allowed = (mask[t / 32] >> (t % 32)) & 1u;
+            if (!allowed) z[t] = -std::numeric_limits<float>::infinity();
+            any |= allowed;
+        }
+        if (!any) throw ModelError("the token mask allows no token of the vocabulary");
+    }
     if (s.repeat_penalty != 1.0f && s.repeat_last_n > 0) {
         const size_t n = history.size(), from = n > size_t(s.repeat_last_n) ? n - s.repeat_last_n : 0;
         std::vector<int32_t> seen(history.begin() + from, history.end());

@@ -67,9 +67,11 @@ struct SamplingParams {
 };
 
 // One token from logits [n_vocab] given the sequence so far (penalty -> top-k -> top-p -> min-p ->
-// temperature -> draw, as runtimes/sampling.py); temperature <= 0 is greedy.
+// temperature -> draw, as runtimes/sampling.py); temperature <= 0 is greedy. mask: nullptr, or
+// ceil(n_vocab / 32) words whose bit t % 32 of word t / 32 allows token t (the layout of llguidance's
+// and XGrammar's token bitmasks); a disallowed token is never drawn, and a mask allowing none is an error.
 int sample_token(std::vector<float> logits, const std::vector<int32_t> &history, const SamplingParams &s,
-                 std::mt19937_64 &rng);
+                 std::mt19937_64 &rng, const uint32_t *mask = nullptr);
 
 class Model {
   public:
@@ -114,10 +116,14 @@ class Model {
     // kept; with all_logits, out receives [tokens.size()][n_vocab].
     void eval(const std::vector<int32_t> &tokens, std::vector<float> *all_logits = nullptr);
     void truncate(int n);
+    // Drops positions [start, end) from the KV cache and moves the later ones down by end - start,
+    // their keys re-rotated to their new positions (as llama.cpp's context shift does): generation
+    // goes on without recomputing them. The overflow policies (sink + window, compaction) use it.
+    void evict(int start, int end);
     const std::vector<float> &logits() const { return logits_; }
 
     void set_sampling(const SamplingParams &p);
-    int sample();  // from logits(), with the penalty over history()
+    int sample(const uint32_t *mask = nullptr);  // from logits(), with the penalty over history()
 
   private:
     struct Layer {

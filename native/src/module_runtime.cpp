@@ -3,6 +3,7 @@
 // here (GGUFFormatError, ModelError), which edgeai.runtimes.native turns into EdgeAIErrors.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -23,6 +24,7 @@ using F32Array = nb::ndarray<nb::numpy, float, nb::ndim<1>>;
 using F32In = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using F32In2 = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using U8In = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using U32In = nb::ndarray<const uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 // A float vector handed to numpy without a copy (the capsule owns it).
 nb::ndarray<nb::numpy, float> to_numpy(std::vector<float> &&v, std::initializer_list<size_t> shape) {
@@ -343,17 +345,20 @@ void bind_runtime(nb::module_ &m) {
 
     m.def("sample_logits",
           [](F32In logits, const std::vector<int32_t> &history, float temperature, int top_k, float top_p, float min_p,
-             float repeat_penalty, int repeat_last_n, uint64_t seed, int n_draws) {
+             float repeat_penalty, int repeat_last_n, uint64_t seed, int n_draws, std::optional<U32In> mask) {
               std::vector<float> z(logits.data(), logits.data() + logits.shape(0));
+              if (mask && mask->shape(0) != (z.size() + 31) / 32) throw nb::value_error("the token mask's length does not fit the logits");
+              const uint32_t *m = mask ? mask->data() : nullptr;
               std::mt19937_64 rng(seed);
               std::vector<int32_t> out(n_draws);
               nb::gil_scoped_release release;
               for (int i = 0; i < n_draws; ++i)
-                  out[i] = edgeai::sample_token(z, history, {temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed}, rng);
+                  out[i] = edgeai::sample_token(z, history, {temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed}, rng, m);
               return out;
           },
           nb::arg("logits"), nb::arg("history"), nb::arg("temperature"), nb::arg("top_k"), nb::arg("top_p"),
           nb::arg("min_p"), nb::arg("repeat_penalty"), nb::arg("repeat_last_n"), nb::arg("seed"), nb::arg("n_draws"),
+          nb::arg("mask") = nb::none(),
           "n_draws tokens from the engine's sampler over fixed logits (tests against runtimes.sampling).");
 
     nb::class_<edgeai::Model>(m, "Engine", "One model and one sequence (KV cache) in the native engine.")
@@ -404,12 +409,21 @@ void bind_runtime(nb::module_ &m) {
              nb::arg("tokens"), nb::arg("all_logits") = false,
              "Append tokens to the KV cache; with all_logits, return their logits [len(tokens), n_vocab].")
         .def("step",
-             [](edgeai::Model &self, const std::vector<int32_t> &tokens) {
+             [](edgeai::Model &self, const std::vector<int32_t> &tokens, std::optional<U32In> mask) {
+                 const size_t words = (size_t(self.config().n_vocab) + 31) / 32;
+                 if (mask && mask->shape(0) != words)
+                     throw nb::value_error(("the token mask has " + std::to_string(mask->shape(0)) + " words; a vocabulary of " +
+                                            std::to_string(self.config().n_vocab) + " tokens takes " + std::to_string(words)).c_str());
+                 const uint32_t *m = mask ? mask->data() : nullptr;  // the array stays alive: the caller holds it
                  nb::gil_scoped_release release;
                  self.eval(tokens);
-                 return self.sample();
+                 return self.sample(m);
              },
-             nb::arg("tokens"), "Append tokens, then sample the next one (one call per decode step).")
+             nb::arg("tokens"), nb::arg("mask") = nb::none(),
+             "Append tokens, then sample the next one (one call per decode step). mask: None, or uint32 words "
+             "[ceil(n_vocab / 32)], bit t % 32 of word t / 32 allowing token t (applied before every other sampling stage).")
+        .def("evict", &edgeai::Model::evict, nb::arg("start"), nb::arg("end"),
+             "Drop KV positions [start, end); later positions move down, their keys re-rotated (no recomputation).")
         .def("logits",
              [](edgeai::Model &self) {
                  std::vector<float> v(self.logits());

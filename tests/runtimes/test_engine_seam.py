@@ -1,0 +1,123 @@
+"""The engine seam the next capabilities land on: a step with a token mask (structured output) and
+KV-cache eviction with the later keys re-rotated (context-overflow policies), in every backend that
+can, with the same answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgeai
+from edgeai.errors import BackendError, OptionError
+from edgeai.runtimes.base import GREEDY, Sampling
+from edgeai.runtimes.sampling import allowed, make_rng, sample
+
+
+@pytest.fixture(scope="module")
+def tiny_llamas(tmp_path_factory):
+    """Tiny Llamas with 32-wide heads (a q8_0 KV cache needs them) as F32 GGUFs: {n_layer: path}."""
+    from helpers import TINY_ARCHS, make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("seam")
+    spec = next(a for a in TINY_ARCHS if a.name == "llama")
+    return {n: edgeai.convert(make_tiny_checkpoint(root / f"llama{n}", spec, head_dim=32, num_hidden_layers=n),
+                              root / f"llama{n}.gguf", outtype="f32", quiet=True) for n in (1, 2)}
+
+
+def _mask(n_vocab: int, ids) -> np.ndarray:
+    bits = np.zeros(((n_vocab + 31) // 32) * 32, dtype=bool)
+    bits[list(ids)] = True
+    return np.packbits(bits, bitorder="little").view("<u4").astype(np.uint32)
+
+
+def test_mask_layout_and_refusals():
+    mask = _mask(70, [0, 33, 69])
+    assert mask.shape == (3,) and mask[1] == 2 and mask[2] == 1 << 5
+    assert list(np.flatnonzero(allowed(mask, 70))) == [0, 33, 69]
+    with pytest.raises(OptionError, match="3 uint32 words for a vocabulary of 70"):
+        allowed(mask[:2], 70)
+    with pytest.raises(OptionError, match="allows no token"):
+        allowed(np.zeros(3, np.uint32), 70)
+
+
+def test_native_sampler_with_a_mask_matches_the_reference():
+    """Greedy picks the best allowed token; sampling never leaves the allowed set (C++ and numpy)."""
+    from edgeai import _native
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(1000).astype(np.float32)
+    ids = rng.choice(1000, 7, replace=False)
+    mask = _mask(1000, ids)
+    best = int(ids[np.argmax(logits[ids])])
+    args = dict(history=[int(ids[0])], top_k=40, top_p=0.95, min_p=0.0, repeat_penalty=1.1, repeat_last_n=64, seed=3)
+    assert _native.sample_logits(logits, **{**args, "history": []}, temperature=0.0, n_draws=1, mask=mask) == [best]
+    drawn = _native.sample_logits(logits, **args, temperature=1.5, n_draws=300, mask=mask)
+    assert set(drawn) <= set(ids.tolist()) and len(set(drawn)) > 2
+    sampling = Sampling(temperature=1.5, top_k=40, top_p=0.95, min_p=0.0, repeat_penalty=1.1, seed=3)
+    gen = make_rng(sampling)
+    ref = [sample(logits, [int(ids[0])], sampling, gen, mask) for _ in range(300)]
+    assert set(ref) <= set(ids.tolist())
+    assert sample(logits, [], GREEDY, make_rng(GREEDY), mask) == best
+
+
+@pytest.mark.parametrize("backend", ["native", "llama.cpp", "onnxruntime"])
+def test_step_takes_a_mask_in_every_backend(tiny_chat_gguf, tiny_chat_onnx, backend):
+    path = tiny_chat_onnx if backend == "onnxruntime" else tiny_chat_gguf
+    with edgeai.load(path, backend=backend, threads=1) as m:
+        b = m.backend
+        b.set_sampling(GREEDY)
+        prompt = b.tokenize("Hello there")
+        free = b.step(prompt)
+        logits = b.logits()
+        b.truncate(0)
+        ids = [t for t in np.argsort(-logits)[5:12]]  # not the free choice
+        assert free not in ids
+        token = b.step(prompt, _mask(b.n_vocab, ids))
+        assert token == max(ids, key=lambda t: logits[t])
+        with pytest.raises(OptionError, match="uint32 words"):
+            b.step([token], np.zeros(2, np.uint32))
+
+
+def _after_evict(path, backend, kv_cache, tokens, start, end):
+    """Logits of token 7 after `tokens`, with [start, end) evicted; and of the kept tokens + 7 afresh."""
+    with edgeai.load(path, backend=backend, threads=1, n_ctx=64, kv_cache=kv_cache) as m:
+        b = m.backend
+        b.set_sampling(GREEDY)
+        b.step(tokens)
+        b.evict(start, end)
+        assert b.n_past == len(tokens) - (end - start) and b.history == tokens[:start] + tokens[end:]
+        b.step([7])
+        shifted = b.logits()
+        with pytest.raises(OptionError, match=r"cannot evict positions \[10, 90\)"):
+            b.evict(10, 90)
+        b.truncate(0)
+        b.step(tokens[:start] + tokens[end:] + [7])
+        return shifted, b.logits()
+
+
+TOKENS = [int(t) for t in np.random.default_rng(5).integers(3, 200, 24)]
+
+
+@pytest.mark.parametrize("backend,kv_cache,tol", [("native", "f16", 1e-2), ("native", "q8_0", 0.1),
+                                                   ("llama.cpp", "f16", 1e-2)])
+def test_evict_in_one_layer_equals_evaluating_the_kept_tokens(tiny_llamas, backend, kv_cache, tol):
+    """With one layer a key depends only on its token and position, so moving the later keys down
+    (re-rotated) must give the logits of the kept tokens evaluated afresh, within the cache's rounding."""
+    shifted, fresh = _after_evict(tiny_llamas[1], backend, kv_cache, TOKENS, 4, 12)
+    assert np.max(np.abs(shifted - fresh)) < tol * np.max(np.abs(fresh))
+
+
+def test_evict_matches_llama_cpp_context_shift(tiny_llamas):
+    """Deeper layers' keys carry the evicted context (StreamingLLM's trade): there the reference is
+    llama.cpp's own shift (llama_memory_seq_rm + seq_add), which the native engine must match."""
+    ours, fresh = _after_evict(tiny_llamas[2], "native", "f16", TOKENS, 4, 12)
+    theirs, _ = _after_evict(tiny_llamas[2], "llama.cpp", "f16", TOKENS, 4, 12)
+    scale = np.max(np.abs(theirs))
+    assert np.max(np.abs(ours - theirs)) < 1e-2 * scale < np.max(np.abs(ours - fresh))
+
+
+def test_onnxruntime_refuses_to_evict(tiny_chat_onnx):
+    with edgeai.load(tiny_chat_onnx, backend="onnxruntime", threads=1) as m:
+        m.backend.step([5, 6, 7])
+        with pytest.raises(BackendError, match="cannot evict"):
+            m.backend.evict(0, 1)
