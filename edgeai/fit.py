@@ -165,11 +165,20 @@ def gguf_shape_and_weights(path: Path) -> tuple[ModelShape, WeightBytes]:
     if not arch:
         raise CheckpointError(f"{path} has no general.architecture; it is not a model GGUF")
 
+    from edgeai.converters.specs import whole_number
+
+    fields = {"embedding_length": "n_embd", "attention.head_count": "n_head", "attention.head_count_kv": "n_head_kv",
+              "attention.key_length": "head_dim", "attention.value_length": "head_dim", "vocab_size": "n_vocab",
+              "block_count": "n_layer", "feed_forward_length": "n_ff", "expert_feed_forward_length": "n_ff_exp",
+              "context_length": "n_ctx_train", "expert_count": "n_expert", "expert_used_count": "n_expert_used"}
+
     def get(key: str, default: int | None = None) -> int:
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
             raise CheckpointError(f"{path} lacks {arch}.{key}; cannot estimate its memory")
-        return int(value[0] if isinstance(value, list) else value)
+        if isinstance(value, list) and value:  # per-layer values: the first layer's
+            value = value[0]
+        return whole_number(str(path), f"{arch}.{key}", value, fields[key])
 
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
     head_k = get("attention.key_length", n_embd // n_head)

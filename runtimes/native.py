@@ -63,7 +63,7 @@ def engine_config(meta: Mapping[str, object], tensors: Sequence[tuple], path: Pa
         spec = spec_for_gguf(meta, str(path))
     except UnsupportedArchitectureError as exc:
         raise UnsupportedArchitectureError(f"{exc}; the llama.cpp backend may run it (backend='llama.cpp')") from exc
-    hp = hparams_from_gguf(meta, spec)
+    hp = hparams_from_gguf(meta, spec, str(path))
     shapes = {t[0]: t[2] for t in tensors}
     if "token_embd.weight" not in shapes:
         raise CheckpointError(f"{path}: tensor token_embd.weight is missing")

@@ -215,12 +215,85 @@ def test_moe_routing_mismatch_refused(pristine, tmp_path):
         edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
 
 
-def test_config_claims_more_layers(ckpt, tmp_path):
+def _set_config(ckpt: Path, **values) -> None:
     config = json.loads((ckpt / "config.json").read_text())
-    config["num_hidden_layers"] = 3
+    config.update(values)
     (ckpt / "config.json").write_text(json.dumps(config))
-    with pytest.raises(TensorError, match="'model.layers.2.input_layernorm.weight' is missing"):
+
+
+@pytest.mark.parametrize("layers", [3, 1, 4096])
+def test_config_claims_other_layers(ckpt, tmp_path, layers):
+    _set_config(ckpt, num_hidden_layers=layers)
+    with pytest.raises(TensorError, match=f"config.json: num_hidden_layers is {layers}, but the tensors hold 2 layer"):
         edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+    _nothing_written(tmp_path / "o.gguf")
+
+
+def test_config_claims_other_experts(pristine, tmp_path):
+    ckpt = Path(shutil.copytree(pristine["qwen3_moe"], tmp_path / "moe"))
+    _set_config(ckpt, num_local_experts=4000)
+    with pytest.raises(TensorError, match="config.json: num_local_experts is 4000, but the tensors hold 4 expert"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    # 10^12 layers planned for over a minute and 1.5 GB before failing; 10^6: 38 s, 4.5 GB
+    ("num_hidden_layers", 10**12, "num_hidden_layers is 1000000000000, a whole number; it must be a whole number "
+                                  "in 1..4,096"),
+    ("num_attention_heads", 0, "num_attention_heads is 0, a whole number; it must be a whole number in 1..4,096"),
+    ("num_attention_heads", -4, "num_attention_heads is -4"),
+    ("num_key_value_heads", 0, "num_key_value_heads is 0"),
+    ("hidden_size", 64.5, r"hidden_size is 64.5, not a whole number \(float\)"),
+    ("vocab_size", "400", r"vocab_size is '400', not a whole number \(str\)"),
+    ("intermediate_size", True, r"intermediate_size is True, not a whole number \(bool\)"),
+    ("head_dim", 10**9, "head_dim is 1000000000"),
+    ("head_dim", 15, "cannot convert this Llama checkpoint: head_dim 15 is odd"),
+    ("max_position_embeddings", -1, "max_position_embeddings is -1"),
+    ("rms_norm_eps", 0, "rms_norm_eps is 0; it must be a finite number > 0"),
+    ("rope_parameters", {"rope_theta": "big"}, "rope_theta is 'big'; it must be a finite number > 0"),
+    ("rope_parameters", {"rope_type": "linear"}, "rope_scaling.factor is None"),
+    ("rope_scaling", [1, 2], "rope_parameters / rope_scaling must be JSON objects"),
+])
+def test_config_values_out_of_bounds_are_refused_before_any_work(ckpt, tmp_path, key, value, expected):
+    import time
+
+    _set_config(ckpt, **{key: value})
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"config.json: {expected}"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+    assert time.perf_counter() - t0 < 5
+    _nothing_written(tmp_path / "o.gguf")
+
+
+def _gguf_with(path: Path, out: Path, key: str, value: int) -> Path:
+    """A copy of the GGUF `path` with the UINT32 metadata `key` set to `value`."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    name = key.encode()
+    at = data.find(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    assert struct.unpack_from("<I", data, at)[0] == 4  # GGUF type UINT32
+    struct.pack_into("<I", data, at + 4, value)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_gguf_head_count_zero_is_refused_naming_the_key(ckpt, tmp_path):
+    """It was a ZeroDivisionError traceback in convert, load and fit."""
+    from edgeai.devices import get_profile
+    from edgeai.fit import fit
+
+    good = edgeai.convert(ckpt, tmp_path / "good.gguf", outtype="f32", quiet=True)
+    bad = _gguf_with(good, tmp_path / "bad.gguf", "llama.attention.head_count", 0)
+    expected = "bad.gguf: llama.attention.head_count is 0, a whole number; it must be a whole number in 1..4,096"
+    with pytest.raises(CheckpointError, match=expected):
+        edgeai.convert(bad, tmp_path / "o.gguf", quiet=True)
+    _nothing_written(tmp_path / "o.gguf")
+    with pytest.raises(CheckpointError, match=expected):
+        fit(bad, get_profile("pi4-4gb"))
+    from edgeai.runtimes.native import NativeBackend
+
+    assert expected.split(": ", 1)[1] in NativeBackend.can_run(bad)
 
 
 def test_missing_tokenizer(ckpt, tmp_path):
