@@ -115,6 +115,36 @@ def test_truncated_safetensors(ckpt, tmp_path):
         edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
 
 
+ENTRY = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+
+
+@pytest.mark.parametrize("header,message", [
+    ([1, 2], "the safetensors header is a JSON list, not an object of tensors"),
+    (7, "the safetensors header is a JSON int, not an object of tensors"),
+    ({"__metadata__": [1], "w": ENTRY}, "the safetensors header.s __metadata__ is not an object"),
+    ({"w": [1]}, "tensor 'w' has a malformed header entry: a JSON list, not an object"),
+    ({"w": {"dtype": "F32", "shape": [4]}}, "tensor 'w' has a malformed header entry: no 'data_offsets'"),
+    ({"w": {**ENTRY, "dtype": 5}}, "tensor 'w' .*dtype 5 is not a string"),
+    ({"w": {**ENTRY, "shape": "2x2"}}, "tensor 'w' .*shape '2x2' is not a list of whole numbers >= 0"),
+    ({"w": {**ENTRY, "shape": [2, -2]}}, "tensor 'w' .*shape \\[2, -2\\] is not a list"),
+    ({"w": {**ENTRY, "shape": [2.0, 2]}}, "tensor 'w' .*shape \\[2.0, 2\\] is not a list"),
+    ({"w": {**ENTRY, "data_offsets": [0.5, 16]}}, "tensor 'w' .*data_offsets \\[0.5, 16\\] is not \\[begin, end\\]"),
+    ({"w": {**ENTRY, "data_offsets": [16, 0]}}, "tensor 'w' .*data_offsets \\[16, 0\\]"),
+    ({"w": {**ENTRY, "data_offsets": 16}}, "tensor 'w' .*data_offsets 16"),
+    ({"w": {**ENTRY, "shape": [2**40, 2**40]}}, "tensor 'w' of shape .* should take 4835703278458516698824704 bytes"),
+])
+def test_malformed_safetensors_headers_name_the_file_and_tensor(ckpt, tmp_path, header, message):
+    """A header that is JSON but not what safetensors writes was a TypeError traceback."""
+    import struct
+
+    (ckpt / "model.safetensors").unlink()
+    raw = json.dumps(header).encode()
+    (ckpt / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))
+    with pytest.raises(CheckpointError, match=f"model.safetensors: {message}"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+    _nothing_written(tmp_path / "o.gguf")
+
+
 def test_truncated_gguf(ckpt, tmp_path):
     good = edgeai.convert(ckpt, tmp_path / "good.gguf", outtype="f32", quiet=True)
     data = good.read_bytes()
