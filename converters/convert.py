@@ -26,7 +26,7 @@ from edgeai.converters.sources import GGUFSource, PickleCheckpoint, SafetensorsC
 from edgeai.converters.specs import ArchSpec, HParams, hparams_from_gguf, spec_for, spec_for_gguf
 from edgeai.converters.tokenizer import MetaKV, tokenizer_kv
 from edgeai.errors import CheckpointError, OptionError, OutputError, TensorError, UnsupportedArchitectureError
-from edgeai.paths import atomic_output, default_model_path
+from edgeai.paths import atomic_output, check_not_source, default_model_path
 from edgeai.quant.formats import QuantFormat, quantize
 from edgeai.quant.formats import Fit
 from edgeai.quant.recipes import Method, OutType, Recipe, get_recipe, parse_method, parse_outtype, tensor_type, validate
@@ -396,6 +396,7 @@ def convert(
     calib_text = _calibration_text(calib, method, prune_steps)
     if output.exists() and not force:  # fail before any reading
         raise OutputError(f"{output} exists; pass --force (force=True) to overwrite it")
+    check_not_source(output, Path(src) if src is not None else default_model_path())
     plan = open_plan(src, recipe, trust_pickle=trust_pickle)
     try:
         if prune_steps:  # before calibration for quantization: that sees the pruned model

@@ -215,6 +215,23 @@ def test_interrupt_mid_write_leaves_nothing(ckpt, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
 
 
+def test_never_writes_over_its_source(ckpt, tmp_path):
+    """convert X.gguf -o X.gguf --force used to overwrite its own source."""
+    gguf = edgeai.convert(ckpt, tmp_path / "m.gguf", outtype="f32", quiet=True)
+    before = gguf.read_bytes()
+    with pytest.raises(OutputError, match="the output .*m.gguf is the source .*m.gguf; converting would write over"):
+        edgeai.convert(gguf, gguf, outtype="q8_0", force=True, quiet=True)
+    (tmp_path / "link.gguf").symlink_to(gguf)
+    with pytest.raises(OutputError, match="is the source"):
+        edgeai.convert(gguf, tmp_path / "link.gguf", outtype="q8_0", force=True, quiet=True)
+    assert gguf.read_bytes() == before
+    weights = (ckpt / "model.safetensors").read_bytes()
+    with pytest.raises(OutputError, match="is model.safetensors of the source folder"):
+        edgeai.convert(ckpt, ckpt / "model.safetensors", force=True, quiet=True)
+    assert (ckpt / "model.safetensors").read_bytes() == weights
+    assert not [p for p in tmp_path.rglob(".*")]
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 300 KiB tmpfs: a real full disk. Needs root and mount(2) (skipped elsewhere)."""
