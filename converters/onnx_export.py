@@ -745,9 +745,12 @@ def export_onnx(
     from edgeai.quant.prune import parse_prune
     from edgeai.quant.recipes import get_recipe
 
+    from edgeai.converters.convert import checked_knobs
+
     if output is None:
         raise OptionError("an output folder is needed (-o OUT_DIR)")
     output = Path(output)
+    threads, calib_ctx = checked_knobs(threads, calib_ctx)
     quant, method = parse_quant(quant), parse_method(method)
     if quant.bits is None and method is not Method.RTN:
         raise OptionError(f"--method {method.value} only applies to int8/int4; --quant {quant.value} has no codes to choose")

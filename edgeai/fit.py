@@ -131,8 +131,11 @@ def bytes_per_token(shape: ModelShape, weights: WeightBytes, n_past: int) -> flo
 def estimate(shape: ModelShape, weights: WeightBytes, device: DeviceProfile, *, budget: int | None = None,
              n_ctx: int | None = None, label: str = "") -> FitEstimate:
     """Memory split and decode speed of a model of `shape` and `weights` on `device`."""
-    if n_ctx is not None and n_ctx < 1:
-        raise OptionError(f"n_ctx must be >= 1 (None: the default of {DEFAULT_N_CTX}), got {n_ctx}")
+    if n_ctx is not None:
+        from edgeai.options import checked_int
+
+        # above the trained context it is capped (next line), as loading would refuse it
+        checked_int("n_ctx", n_ctx, minimum=1, why=f"context positions; None: the default of {DEFAULT_N_CTX}")
     n_ctx = min(DEFAULT_N_CTX if n_ctx is None else n_ctx, shape.n_ctx_train)
     budget = device.default_budget if budget is None else budget
     kv = kv_cache_bytes(shape, n_ctx)

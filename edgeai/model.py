@@ -195,11 +195,16 @@ class Model:
 
         The KV cache keeps its longest prefix shared with the prompt (only the rest is evaluated).
         Stops at an end-of-generation token, a stop string (not included in the text), after
-        `max_tokens`, or when the context is full. Sampling options: see `runtimes.base.Sampling`.
+        `max_tokens` (a whole number >= 1; larger than the room left in the context is fine: the
+        context filling up ends the generation too, with finish_reason "context"), or when the
+        context is full. Sampling options: see `runtimes.base.Sampling`.
         """
+        from edgeai.options import checked_int
+
         params = self.sampling(**sampling)
-        if max_tokens < 1:
-            raise OptionError(f"max_tokens must be >= 1, got {max_tokens}")
+        # no upper bound: generation also stops when the context is full (finish_reason "context")
+        checked_int("max_tokens", max_tokens, minimum=1, why="the most tokens to generate; generation also stops "
+                    "at a full context")
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not tokens:

@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from edgeai.errors import (CheckpointError, ContextOverflowError, EdgeAIError, OptionError, TokenizerError,
+from edgeai.errors import (CheckpointError, ContextOverflowError, OptionError, TokenizerError,
                            UnsupportedArchitectureError)
 from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling, kv_cache_type
 from edgeai.runtimes.vocab import VocabText
 
 log = logging.getLogger(__name__)
 
+
+
+_UNKNOWN_TYPE = re.compile(r"has unknown type id (\d+)")
 
 
 class _ArrayRef:
@@ -96,13 +100,55 @@ def _prepare(path: Path, n_ctx: int | None, threads: int | None) -> tuple[Path, 
     meta, tensors = read_gguf(path)
     config = engine_config(meta, tensors, path)
     n_ctx_train = int(config.pop("n_ctx_train"))
-    n_ctx = int(min(DEFAULT_N_CTX, n_ctx_train) if n_ctx is None else n_ctx)
-    if not 0 < n_ctx <= n_ctx_train:
-        raise OptionError(f"n_ctx={n_ctx} is outside what {path.name} allows (1..{n_ctx_train})")
+    from edgeai.options import checked_int
+
+    n_ctx = min(DEFAULT_N_CTX, n_ctx_train) if n_ctx is None else \
+        checked_int("n_ctx", n_ctx, minimum=1, maximum=n_ctx_train, why=f"the context {path.name} was trained for")
     from edgeai.devices import checked_threads
 
     threads = checked_threads(threads)
     return path, config, n_ctx_train, n_ctx, threads
+
+
+_STORE_FLAGS = ("direct", "trace", "prefetch")
+_STORE_POLICIES = ("next-use", "lru", "lfu", "layer")
+
+
+def _checked_store_options(options: Mapping, config: Mapping) -> dict:
+    """The expert store's options (see `NativeBackend`), each checked against its bound before the
+    engine sizes anything by it; an OptionError names the option."""
+    from edgeai.options import checked_int
+
+    n_layer, n_expert = int(config["n_layer"]), max(1, int(config["n_expert"]))
+    counts = {  # option -> (smallest, largest, why)
+        "slots": (1, n_layer * n_expert, "one per expert of the model at most"),
+        "layer_slots": (0, n_layer, "one per layer at most"),
+        "io_threads": (1, 64, "reader threads"),
+        "prefetch_top": (0, n_expert, "experts prefetched per layer, at most the layer's experts"),
+        "retries": (0, 100, "reads retried after an I/O error"),
+        "inject_read_faults": (0, 2**31 - 1, "tests only"),
+    }
+    out = {}
+    for key, value in options.items():
+        if key in counts:
+            lo, hi, why = counts[key]
+            out[key] = checked_int(f"expert_store[{key!r}]", value, minimum=lo, maximum=hi, why=why)
+        elif key in _STORE_FLAGS:
+            if not isinstance(value, bool):
+                raise OptionError(f"expert_store[{key!r}] must be True or False, got {value!r:.40}")
+            out[key] = value
+        elif key == "policy":
+            if value not in _STORE_POLICIES:
+                raise OptionError(f"expert_store['policy'] must be one of {', '.join(_STORE_POLICIES)}, got {value!r:.40}")
+            out[key] = value
+        elif key == "io":
+            if not isinstance(value, str):
+                raise OptionError(f"expert_store['io'] must be a string, got {value!r:.40}")
+            out[key] = value
+        else:
+            known = ", ".join([*counts, *_STORE_FLAGS, "policy", "io"])
+            raise OptionError(f"unknown expert_store option {key!r}; the options are {known}")
+    return out
 
 
 class NativeBackend(VocabText):
@@ -116,14 +162,26 @@ class NativeBackend(VocabText):
         path = Path(path)
         if not path.is_file():
             return f"{path} is not a file" if path.exists() else f"{path} does not exist"
+        from gguf import GGMLQuantizationType
+
+        # A reason is returned only for what another backend may run (an architecture or tensor type
+        # this engine lacks); a corrupt file (a format error, impossible hyper-parameters) or a
+        # vocabulary llama.cpp's loader aborts on is raised: no backend runs it, and suggesting
+        # llama.cpp only led to a second failure.
         try:
             meta, tensors = read_gguf(path)
-            engine_config(meta, tensors, path)
         except TokenizerError:
-            raise  # a vocabulary no backend can load (llama.cpp's loader would abort on it)
-        except EdgeAIError as exc:
+            raise
+        except CheckpointError as exc:
+            unknown = _UNKNOWN_TYPE.search(str(exc))  # the reader's wording (native/src/gguf.cpp)
+            if unknown and int(unknown.group(1)) in GGMLQuantizationType._value2member_map_:
+                name = GGMLQuantizationType(int(unknown.group(1))).name
+                return f"{exc} ({name}, which the native engine does not read; the llama.cpp backend can)"
+            raise
+        try:
+            engine_config(meta, tensors, path)
+        except UnsupportedArchitectureError as exc:
             return str(exc)
-        from gguf import GGMLQuantizationType
 
         from edgeai import _native
 
@@ -178,7 +236,7 @@ class NativeBackend(VocabText):
         try:
             self.plan = plan_memory(self.path, config, budget=memory_budget, n_ctx=n_ctx, threads=self.threads,
                                     kv_cache=self.kv_cache)
-            options = dict(expert_store or {})
+            options = _checked_store_options(expert_store or {}, config)
             # options with "slots" stream whatever the plan says (tests, benchmarks)
             stream = self.plan.stream_config(**options) or (options if "slots" in options else None)
             try:
