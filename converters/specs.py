@@ -82,9 +82,9 @@ def whole_number(source: str, key: str, value: object, field: str) -> int:
     lo, hi = HPARAM_BOUNDS[field]
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and lo <= value <= hi:
         return int(value)
-    kind = "a whole number" if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else \
-        f"not a whole number ({type(value).__name__})"
-    raise CheckpointError(f"{source}: {key} is {value!r:.80}, {kind}; it must be a whole number in {lo}..{hi:,}. "
+    what = "outside" if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else \
+        f"not a whole number ({type(value).__name__}) in"
+    raise CheckpointError(f"{source}: {key} is {value!r:.80}, {what} {lo}..{hi:,}, the range a model can have. "
                           "The file is corrupt or not a model's; fix the value or get the file again")
 
 

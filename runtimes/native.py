@@ -121,7 +121,7 @@ def _checked_store_options(options: Mapping, config: Mapping) -> dict:
 
     n_layer, n_expert = int(config["n_layer"]), max(1, int(config["n_expert"]))
     counts = {  # option -> (smallest, largest, why)
-        "slots": (1, n_layer * n_expert, "one per expert of the model at most"),
+        "slots": (0, n_layer * n_expert, "one per expert of the model at most; 0 with layer_slots: a dense model"),
         "layer_slots": (0, n_layer, "one per layer at most"),
         "io_threads": (1, 64, "reader threads"),
         "prefetch_top": (0, n_expert, "experts prefetched per layer, at most the layer's experts"),
@@ -168,6 +168,10 @@ class NativeBackend(VocabText):
         # this engine lacks); a corrupt file (a format error, impossible hyper-parameters) or a
         # vocabulary llama.cpp's loader aborts on is raised: no backend runs it, and suggesting
         # llama.cpp only led to a second failure.
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != b"GGUF":  # not a GGUF at all: another backend's format, maybe
+            return f"{path} is not a GGUF file (it starts with {head!r}, not b'GGUF')"
         try:
             meta, tensors = read_gguf(path)
         except TokenizerError:

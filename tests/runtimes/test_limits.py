@@ -169,8 +169,8 @@ def test_resource_knobs_are_bounded_before_anything_starts(tiny_chat_gguf):
         with pytest.raises(OptionError, match="temperature must be a number"):
             m.generate("hi", temperature="hot")
         assert m.generate("hi", max_tokens=10**6, temperature=0)  # ends when the context is full
-    for options, message in (({"slots": 0}, r"expert_store\['slots'\] must be a whole number in 1\.\."),
-                             ({"slots": 10**9}, r"expert_store\['slots'\] must be a whole number in 1\.\.2, "),
+    for options, message in (({"slots": -1}, r"expert_store\['slots'\] must be a whole number in 0\.\."),
+                             ({"slots": 10**9}, r"expert_store\['slots'\] must be a whole number in 0\.\.2, "),
                              ({"io_threads": 10**6}, "io_threads'.* in 1..64"),
                              ({"prefetch_top": -1}, "prefetch_top"), ({"retries": 10**9}, "retries'.* in 0..100"),
                              ({"policy": "fifo"}, "policy'.* one of next-use"), ({"prefetch": 1}, "True or False"),
