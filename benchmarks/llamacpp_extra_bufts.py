@@ -7,7 +7,7 @@ Run by hand (never by tests):
 
 Where llama.cpp as built crashes on a CPU (AMX on some Xeons) and works with `use_extra_bufts` off,
 edgeai loads every llama.cpp model so (`runtimes/llamacpp_check.py`). Each round measures both ways in
-children (`runtimes.bench.measure`: 128-token prompt, 64 decoded, 5 repeats, medians), one after the
+children (`edgeai.bench.measure`: 128-token prompt, 64 decoded, 5 repeats, medians), one after the
 other, the order alternating between rounds; the table gives medians over rounds and the ratio
 without / with. The models are those of benchmarks/kernel_sets.py (~/.cache/edgeai-bench).
 """

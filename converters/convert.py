@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 from gguf import GGUFValueType, LlamaFileType
 
-from edgeai.converters.pipeline import GRIDLESS, ImportanceLookup, calibration_text, prepare
+from edgeai.converters.pipeline import GRIDLESS, ImportanceLookup, calibration_text, checked_knobs, prepare
 from edgeai.converters.plan import ConversionPlan, open_plan
 from edgeai.errors import OptionError, OutputError
 from edgeai.gguf_writer import GGUFWriter
-from edgeai.paths import atomic_output
+from edgeai.paths import atomic_output, check_not_source, default_model_path
 from edgeai.quant.formats import Fit, quantize
 from edgeai.quant.recipes import Method, OutType, Recipe, get_recipe, parse_method, parse_outtype
 from edgeai.version import __version__
@@ -124,6 +124,7 @@ def convert(
     Returns:
         The path written.
     """
+    threads, calib_ctx = checked_knobs(threads, calib_ctx)
     # ---- ONNX export (edgeai.converters.onnx_export) ----
     if str(format).lower() == "onnx":
         if outtype is not None or target_bpw is not None or target_types is not None:
@@ -167,6 +168,7 @@ def convert(
     calib_text = calibration_text(calib, method, prune_steps)
     if output.exists() and not force:  # fail before any reading
         raise OutputError(f"{output} exists; pass --force (force=True) to overwrite it")
+    check_not_source(output, Path(src) if src is not None else default_model_path())
     plan = open_plan(src, recipe, trust_pickle=trust_pickle)
     try:
         prepared = prepare(plan, recipe, method, calib=calib, calib_text=calib_text, calib_ctx=calib_ctx,

@@ -51,7 +51,7 @@ import numpy as np
 
 from edgeai.version import __version__
 from edgeai.errors import CheckpointError, OptionError, OutputError, UnsupportedArchitectureError
-from edgeai.paths import atomic_output_dir
+from edgeai.paths import atomic_output_dir, check_not_source, check_replaceable
 from edgeai.quant.recipes import Method, parse_method
 
 if TYPE_CHECKING:
@@ -76,6 +76,8 @@ ORT_OPS = ("GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized", "SkipSi
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
                    "generation_config.json", "config.json")
+# Every file an export writes: --force replaces a folder holding only these (a previous export)
+OUTPUT_FILES = frozenset((MODEL_FILE, DATA_FILE, GENAI_CONFIG, "chat_template.jinja", *TOKENIZER_FILES))
 _EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside model.onnx
 _ALIGN = 64  # external tensors start 64-byte aligned (SIMD loads); page alignment would pad ~2 KiB per tensor
 
@@ -737,7 +739,7 @@ def export_onnx(
     Returns:
         The folder written.
     """
-    from edgeai.converters.pipeline import calibration_text, prepare
+    from edgeai.converters.pipeline import calibration_text, checked_knobs, prepare
     from edgeai.converters.plan import open_plan
     from edgeai.quant.prune import parse_prune
     from edgeai.quant.recipes import get_recipe
@@ -745,6 +747,7 @@ def export_onnx(
     if output is None:
         raise OptionError("an output folder is needed (-o OUT_DIR)")
     output = Path(output)
+    threads, calib_ctx = checked_knobs(threads, calib_ctx)
     quant, method = parse_quant(quant), parse_method(method)
     if quant.bits is None and method is not Method.RTN:
         raise OptionError(f"--method {method.value} only applies to int8/int4; --quant {quant.value} has no codes to choose")
@@ -759,9 +762,10 @@ def export_onnx(
     prune_steps = parse_prune(prune)
     calib_text = calibration_text(calib, method, prune_steps)
     ort_version = check_onnxruntime()
-    if output.exists() and not force:
-        raise OutputError(f"{output} exists; pass --force (force=True) to replace it")
     src_path = Path(src) if src is not None else None
+    if src_path is not None:
+        check_not_source(output, src_path)
+    check_replaceable(output, force=force, ours=OUTPUT_FILES)
     if src_path is None or not src_path.is_dir():
         raise CheckpointError(
             f"{src_path or 'the bundled GGUF'}: ONNX export reads a Hugging Face checkpoint folder (config.json, "
@@ -790,7 +794,7 @@ def export_onnx(
         importance, encoded = prepared.importance, prepared.encoded
         opts = _Options(quant, block_size, accuracy_level)
         plan.extra_recipe["device"] = device_name
-        with atomic_output_dir(output, force=force) as tmp:
+        with atomic_output_dir(output, force=force, ours=OUTPUT_FILES) as tmp:
             _write_folder(tmp, plan, opts, method, importance, encoded, threads, ort_version)
         log.info("exported %s in %.1f s", output, time.perf_counter() - started)
         return output

@@ -33,6 +33,23 @@ ImportanceLookup = Callable[[str, int], "np.ndarray | None"]
 GRIDLESS = ("iq4_nl", "iq4_xs")
 
 
+# Calibration runs the model in numpy on chunks of calib_ctx tokens: attention holds a
+# calib_ctx x calib_ctx score matrix per head, 16 GiB of float32 at 65,536 tokens.
+MAX_CALIB_CTX = 2**16
+
+
+def checked_knobs(threads: int, calib_ctx: int) -> tuple[int, int]:
+    """(threads, calib_ctx) of a conversion, checked before any work (OptionError naming the option):
+    threads 0 (every core) or 1.. (capped at the CPUs, `devices.checked_threads`), calib_ctx 2..MAX_CALIB_CTX."""
+    from edgeai.devices import checked_threads
+    from edgeai.options import checked_int
+
+    threads = checked_int("threads", threads, minimum=0, why="0 uses every core")
+    calib_ctx = checked_int("calib_ctx (--calib-ctx)", calib_ctx, minimum=2, maximum=MAX_CALIB_CTX,
+                            why="tokens per calibration chunk; the forward pass holds a square of them per head")
+    return (checked_threads(threads) if threads else 0), calib_ctx
+
+
 @dataclass
 class Prepared:
     """What the writer's encoders take from the method step."""

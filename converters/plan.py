@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 from gguf import GGUFValueType
@@ -21,7 +22,7 @@ from gguf import GGUFValueType
 from edgeai.architectures import ArchSpec, HParams, hparams_from_gguf, spec_for, spec_for_gguf
 from edgeai.converters.sources import GGUFSource, PickleCheckpoint, SafetensorsCheckpoint, TensorSource
 from edgeai.converters.tokenizer import MetaKV, tokenizer_kv
-from edgeai.errors import CheckpointError, TensorError
+from edgeai.errors import CheckpointError, TensorError, UnsupportedArchitectureError
 from edgeai.paths import default_model_path
 from edgeai.quant.formats import QuantFormat
 from edgeai.quant.recipes import OutType, Recipe, get_recipe, tensor_type, validate
@@ -134,6 +135,7 @@ def _plan_hf(folder: Path, recipe: Recipe, trust_pickle: bool) -> ConversionPlan
 
     try:
         infos = source.infos()
+        _check_counts(config_path, config, hp, infos)  # before planning: the plan's size follows these counts
         planned = spec.plan(hp)
         missing = [s for p in planned for s in p.sources if s not in infos]
         if missing:
@@ -175,6 +177,27 @@ def _plan_hf(folder: Path, recipe: Recipe, trust_pickle: bool) -> ConversionPlan
     return ConversionPlan(arch, name, kv, tensors, source_files, source, source_format, spec, hp)
 
 
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def _check_counts(config_path: Path, config: Mapping[str, object], hp: HParams, infos: Mapping[str, object]) -> None:
+    """config.json's layer and expert counts against the tensors present; a mismatch is a TensorError
+    naming the key, its value and what the tensors hold."""
+    layers = {int(m.group(1)) for name in infos if (m := _LAYER.match(name))}
+    held = max(layers) + 1 if layers else 0
+    if hp.n_layer != held:
+        raise TensorError(f"{config_path}: num_hidden_layers is {hp.n_layer}, but the tensors hold {held} layer(s) "
+                          f"(model.layers.0 .. model.layers.{held - 1}); the config and the weights do not match")
+    if hp.n_expert:
+        experts = {int(m.group(1)) for name in infos if (m := _EXPERT.search(name))}
+        held = max(experts) + 1 if experts else 0
+        if hp.n_expert != held:
+            key = next(k for k in ("num_local_experts", "num_experts") if config.get(k) is not None)
+            raise TensorError(f"{config_path}: {key} is {hp.n_expert}, but the tensors hold {held} expert(s) "
+                              "per layer; the config and the weights do not match")
+
+
 # Keys a re-encode must not copy: they describe the old file's encoding or its recipe.
 _NOT_COPIED = ("general.file_type", "general.quantization_version", "general.alignment")
 
@@ -202,9 +225,10 @@ def _plan_gguf(path: Path, recipe: Recipe) -> ConversionPlan:
             tensors.append(OutputTensor(name, info.shape, choice.fmt, tensor_reader(source, (name,), None), choice.fallback))
         try:
             spec = spec_for_gguf(meta, str(path))
-            hp = hparams_from_gguf(meta, spec)
-        except CheckpointError:  # re-encoding works for any architecture; calibration needs a spec
+        except UnsupportedArchitectureError:  # re-encoding works for any architecture; calibration needs a spec
             spec, hp = None, None
+        else:  # a known architecture: its hyper-parameters must hold (no zero head count, ...)
+            hp = hparams_from_gguf(meta, spec, str(path))
     except BaseException:
         source.close()
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -88,7 +89,12 @@ class SafetensorsFile:
                 header = json.loads(self._file.read(header_len))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise CheckpointError(f"{self.path}: the safetensors header is not valid JSON ({exc})") from exc
+            if not isinstance(header, dict):
+                raise CheckpointError(f"{self.path}: the safetensors header is a JSON {type(header).__name__}, not an "
+                                      "object of tensors; the file is corrupt or not a safetensors file")
             self.metadata = header.pop("__metadata__", None) or {}
+            if not isinstance(self.metadata, dict):
+                raise CheckpointError(f"{self.path}: the safetensors header's __metadata__ is not an object")
             data_start = 8 + header_len
             # name -> (info, absolute offset of its first byte in the file)
             self._tensors: dict[str, tuple[TensorInfo, int]] = {}
@@ -100,20 +106,36 @@ class SafetensorsFile:
             self._file.close()
             raise
 
-    def _check_entry(self, name: str, entry: dict, data_len: int) -> tuple[TensorInfo, int]:
-        try:
-            dtype, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry") from exc
+    def _check_entry(self, name: str, entry: object, data_len: int) -> tuple[TensorInfo, int]:
+        def malformed(what: str) -> CheckpointError:
+            return CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry: {what}; "
+                                   "the file is corrupt, download or save it again")
+
+        def whole(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        if not isinstance(entry, dict):
+            raise malformed(f"a JSON {type(entry).__name__}, not an object")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+        if missing:
+            raise malformed(f"no {missing[0]!r}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str):
+            raise malformed(f"dtype {dtype!r:.40} is not a string")
+        if not isinstance(shape, list) or not all(whole(d) for d in shape):
+            raise malformed(f"shape {shape!r:.80} is not a list of whole numbers >= 0")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(whole(o) for o in offsets) \
+                or offsets[0] > offsets[1]:
+            raise malformed(f"data_offsets {offsets!r:.80} is not [begin, end] with 0 <= begin <= end")
+        shape, (begin, end) = tuple(shape), offsets
         if dtype not in _SAFETENSORS_DTYPES:
             raise TensorError(
                 f"{self.path}: tensor {name!r} has dtype {dtype}, which edgeai does not convert "
                 f"(supported: {', '.join(_SAFETENSORS_DTYPES)}); save the checkpoint in float32, float16 or bfloat16"
             )
         itemsize = _SAFETENSORS_DTYPES[dtype][0].itemsize
-        expected = int(np.prod(shape, dtype=np.int64)) * itemsize
-        if end - begin != expected or begin < 0:
+        expected = math.prod(shape) * itemsize  # exact: numpy's int64 product wraps for hostile shapes
+        if end - begin != expected:
             raise CheckpointError(
                 f"{self.path}: tensor {name!r} of shape {list(shape)} {dtype} should take {expected} bytes, "
                 f"the header gives {end - begin}; the file is corrupt"

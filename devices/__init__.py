@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import operator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -105,15 +104,9 @@ def checked_threads(threads: int | None) -> int:
     if threads is None:
         return default_threads()
     from edgeai.devices.cores import allowed_cpus
-    from edgeai.errors import OptionError
+    from edgeai.options import checked_int
 
-    try:
-        n = operator.index(threads)
-    except TypeError:
-        n = 0
-    if isinstance(threads, bool) or n < 1:
-        raise OptionError(f"threads must be a whole number >= 1, got {threads!r}")
-    threads = n
+    threads = checked_int("threads", threads, minimum=1)
     cpus = len(allowed_cpus())
     if threads > cpus:
         log.warning("threads=%d is more than the %d CPUs this process may use; running %d", threads, cpus, cpus)

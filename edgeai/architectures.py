@@ -58,6 +58,47 @@ class HParams:
     norm_topk_prob: bool | None = None
 
 
+# Bounds on each hyper-parameter (HParams field -> smallest, largest). The largest are far above any
+# released model (about 128 layers, hidden size 16384, 256k-token vocabularies, 10M-position
+# contexts, 256 experts), so a value past them is a corrupt or hostile file, refused before any
+# work is sized by it: 10^12 layers used to plan for minutes and gigabytes before "missing tensor".
+HPARAM_BOUNDS: dict[str, tuple[int, int]] = {
+    "n_vocab": (1, 2**24),
+    "n_embd": (1, 2**17),
+    "n_layer": (1, 2**12),
+    "n_ff": (0, 2**20),
+    "n_head": (1, 2**12),
+    "n_head_kv": (1, 2**12),
+    "head_dim": (1, 2**12),
+    "n_ctx_train": (1, 2**27),
+    "n_expert": (0, 2**12),
+    "n_expert_used": (0, 2**12),
+    "n_ff_exp": (0, 2**20),
+    "n_ff_shexp": (0, 2**20),
+}
+
+
+def whole_number(source: str, key: str, value: object, field: str) -> int:
+    """`value` of `key` (in the file `source`) as an int within HPARAM_BOUNDS[field]; else a
+    CheckpointError naming the file, the key, the value and the range."""
+    lo, hi = HPARAM_BOUNDS[field]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and lo <= value <= hi:
+        return int(value)
+    what = "outside" if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else \
+        f"not a whole number ({type(value).__name__}) in"
+    raise CheckpointError(f"{source}: {key} is {value!r:.80}, {what} {lo}..{hi:,}, the range a model can have. "
+                          "The file is corrupt or not a model's; fix the value or get the file again")
+
+
+def positive_real(source: str, key: str, value: object) -> float:
+    """`value` of `key` as a finite float > 0 (rope_theta, rms_norm_eps), else a CheckpointError naming it."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+            and math.isfinite(value) and value > 0:
+        return float(value)
+    raise CheckpointError(f"{source}: {key} is {value!r:.80}; it must be a finite number > 0. "
+                          "The file is corrupt; fix the value or get the file again")
+
+
 @dataclass(frozen=True)
 class MoESpec:
     """What llama.cpp's graph for this architecture does with experts (fixed there, not read from the file)."""
@@ -108,46 +149,55 @@ class ArchSpec:
 
     # ---- hyper-parameters -------------------------------------------------------------------
     def hparams(self, config: Mapping[str, object], config_path: str) -> HParams:
-        """Read the config, failing with the missing key's name."""
+        """Read the config, failing with the missing or invalid key's name (`whole_number`)."""
 
-        def need(*keys: str) -> object:
+        def need(*keys: str) -> tuple[str, object]:
             for key in keys:
                 if config.get(key) is not None:
-                    return config[key]
+                    return key, config[key]
             raise CheckpointError(f"{config_path} has no {keys[0]!r}, which a {self.family} model needs")
 
-        def maybe(default: object, *keys: str) -> object:
+        def maybe(default: object, *keys: str) -> tuple[str, object]:
             for key in keys:
                 if config.get(key) is not None:
-                    return config[key]
-            return default
+                    return key, config[key]
+            return keys[0], default
 
-        n_embd = int(need("hidden_size"))
-        n_head = int(need("num_attention_heads"))
-        rope_params = dict(config.get("rope_parameters") or {})
+        def count(field: str, found: tuple[str, object]) -> int:
+            return whole_number(config_path, found[0], found[1], field)
+
+        def real(found: tuple[str, object]) -> float:
+            return positive_real(config_path, *found)
+
+        n_embd = count("n_embd", need("hidden_size"))
+        n_head = count("n_head", need("num_attention_heads"))
+        rope_params = config.get("rope_parameters") or {}
         legacy_scaling = config.get("rope_scaling") or {}
+        if not isinstance(rope_params, Mapping) or not isinstance(legacy_scaling, Mapping):
+            raise CheckpointError(f"{config_path}: rope_parameters / rope_scaling must be JSON objects")
         scaling = {**legacy_scaling, **rope_params}
-        rope_theta = float(scaling.get("rope_theta", maybe(10000.0, "rope_theta")))
+        rope_theta = real(("rope_theta", scaling["rope_theta"]) if "rope_theta" in scaling
+                          else maybe(10000.0, "rope_theta"))
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         hp = HParams(
-            n_vocab=int(need("vocab_size")),
+            n_vocab=count("n_vocab", need("vocab_size")),
             n_embd=n_embd,
-            n_layer=int(need("num_hidden_layers")),
-            n_ff=int(need("intermediate_size")),
+            n_layer=count("n_layer", need("num_hidden_layers")),
+            n_ff=count("n_ff", need("intermediate_size")),
             n_head=n_head,
-            n_head_kv=int(maybe(n_head, "num_key_value_heads")),
-            head_dim=int(maybe(n_embd // n_head, "head_dim")),
-            n_ctx_train=int(maybe(2048, "max_position_embeddings")),
+            n_head_kv=count("n_head_kv", maybe(n_head, "num_key_value_heads")),
+            head_dim=count("head_dim", maybe(n_embd // n_head, "head_dim")),
+            n_ctx_train=count("n_ctx_train", maybe(2048, "max_position_embeddings")),
             rope_theta=rope_theta,
-            rms_eps=float(maybe(1e-6, "rms_norm_eps")),
+            rms_eps=real(maybe(1e-6, "rms_norm_eps")),
             rope_scaling=None if rope_type in (None, "default") else {**scaling, "rope_type": rope_type},
-            tie_embeddings=bool(maybe(False, "tie_word_embeddings")),
-            attention_bias=self.always_bias or bool(maybe(False, "attention_bias", "qkv_bias")),
-            n_expert=int(maybe(0, "num_local_experts", "num_experts")) if self.moe else 0,
-            n_expert_used=int(maybe(0, "num_experts_per_tok")) if self.moe else 0,
-            n_ff_exp=int(maybe(config.get("intermediate_size"), "moe_intermediate_size")) if self.moe else 0,
-            n_ff_shexp=int(maybe(0, "shared_expert_intermediate_size")) if self.moe else 0,
-            norm_topk_prob=(bool(maybe(True, "norm_topk_prob")) if self.moe else None),
+            tie_embeddings=bool(maybe(False, "tie_word_embeddings")[1]),
+            attention_bias=self.always_bias or bool(maybe(False, "attention_bias", "qkv_bias")[1]),
+            n_expert=count("n_expert", maybe(0, "num_local_experts", "num_experts")) if self.moe else 0,
+            n_expert_used=count("n_expert_used", maybe(0, "num_experts_per_tok")) if self.moe else 0,
+            n_ff_exp=count("n_ff_exp", maybe(config.get("intermediate_size"), "moe_intermediate_size")) if self.moe else 0,
+            n_ff_shexp=count("n_ff_shexp", maybe(0, "shared_expert_intermediate_size")) if self.moe else 0,
+            norm_topk_prob=(bool(maybe(True, "norm_topk_prob")[1]) if self.moe else None),
         )
         self._check(hp, config, config_path)
         return hp
@@ -169,9 +219,17 @@ class ArchSpec:
                 )
             if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1) or 1) != 1:
                 problems.append("dense layers between MoE layers (mlp_only_layers / decoder_sparse_step) are not supported")
-        rope_type = (hp.rope_scaling or {}).get("rope_type")
+        if hp.head_dim % 2:
+            problems.append(f"head_dim {hp.head_dim} is odd; rotary position embeddings rotate pairs of dimensions")
+        scaling = hp.rope_scaling or {}
+        rope_type = scaling.get("rope_type")
         if rope_type not in (None, "linear", "llama3"):
             problems.append(f"rope_type {rope_type!r} is not supported yet (supported: default, linear, llama3)")
+        elif rope_type is not None:
+            positive_real(config_path, "rope_scaling.factor", scaling.get("factor"))
+            if rope_type == "llama3" and not float(scaling.get("high_freq_factor", 4.0)) > float(
+                    scaling.get("low_freq_factor", 1.0)):
+                problems.append("rope_scaling's high_freq_factor must be larger than its low_freq_factor (llama3)")
         if problems:
             raise CheckpointError(f"{config_path}: cannot convert this {self.family} checkpoint: " + "; ".join(problems))
 
@@ -422,38 +480,49 @@ def spec_for_gguf(metadata: Mapping[str, object], path: str) -> ArchSpec:
     raise UnsupportedArchitectureError(f"{path}: GGUF architecture {arch!r} is not supported here; supported: {supported}")
 
 
-def hparams_from_gguf(metadata: Mapping[str, object], spec: ArchSpec) -> HParams:
-    """HParams from a GGUF header (the inverse of `ArchSpec.gguf_kv`)."""
+def hparams_from_gguf(metadata: Mapping[str, object], spec: ArchSpec, source: str = "GGUF metadata") -> HParams:
+    """HParams from a GGUF header (the inverse of `ArchSpec.gguf_kv`); a missing key or a value out
+    of HPARAM_BOUNDS is a CheckpointError naming `source` (the file) and the key."""
     a = spec.gguf_arch
 
     def get(key: str, default: object = None) -> object:
         value = metadata.get(f"{a}.{key}", default)
         if value is None:
-            raise CheckpointError(f"GGUF metadata has no {a}.{key}")
+            raise CheckpointError(f"{source}: GGUF metadata has no {a}.{key}")
         return value
 
-    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
-    n_vocab = int(metadata.get(f"{a}.vocab_size") or len(metadata.get("tokenizer.ggml.tokens") or ()))
+    def count(field: str, key: str, default: object = None) -> int:
+        return whole_number(source, f"{a}.{key}", get(key, default), field)
+
+    def real(key: str, default: float) -> float:
+        return positive_real(source, f"{a}.{key}", get(key, default))
+
+    n_embd, n_head = count("n_embd", "embedding_length"), count("n_head", "attention.head_count")
+    if metadata.get(f"{a}.vocab_size"):
+        n_vocab = count("n_vocab", "vocab_size")
+    else:
+        n_vocab = whole_number(source, "tokenizer.ggml.tokens (its length)", len(metadata.get("tokenizer.ggml.tokens") or ()),
+                               "n_vocab")
     scaling = None
     if metadata.get(f"{a}.rope.scaling.type") == "linear":
-        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        scaling = {"rope_type": "linear", "factor": real("rope.scaling.factor", None)}
     return HParams(
         n_vocab=n_vocab,
         n_embd=n_embd,
-        n_layer=int(get("block_count")),
-        n_ff=int(get("feed_forward_length", 0)),
+        n_layer=count("n_layer", "block_count"),
+        n_ff=count("n_ff", "feed_forward_length", 0),
         n_head=n_head,
-        n_head_kv=int(get("attention.head_count_kv", n_head)),
-        head_dim=int(get("attention.key_length", n_embd // n_head)),
-        n_ctx_train=int(get("context_length", 2048)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        n_head_kv=count("n_head_kv", "attention.head_count_kv", n_head),
+        head_dim=count("head_dim", "attention.key_length", n_embd // n_head),
+        n_ctx_train=count("n_ctx_train", "context_length", 2048),
+        rope_theta=real("rope.freq_base", 10000.0),
+        rms_eps=real("attention.layer_norm_rms_epsilon", 1e-6),
         rope_scaling=scaling,
         tie_embeddings=False,
         attention_bias=spec.always_bias,
-        n_expert=int(get("expert_count", 0)),
-        n_expert_used=int(get("expert_used_count", 0)),
-        n_ff_exp=int(get("expert_feed_forward_length", 0)),
-        n_ff_shexp=int(get("expert_shared_feed_forward_length", 0)),
+        n_expert=count("n_expert", "expert_count", 0),
+        n_expert_used=count("n_expert_used", "expert_used_count", 0),
+        n_ff_exp=count("n_ff_exp", "expert_feed_forward_length", 0),
+        n_ff_shexp=count("n_ff_shexp", "expert_shared_feed_forward_length", 0),
         norm_topk_prob=spec.moe.renormalizes_top_k if spec.moe else None,
     )

@@ -126,11 +126,15 @@ def bench(path: str | Path, backends: list[str], *, threads: int | None = None, 
           repeats: int = 3, memory_budget: int | None = None, kv_cache: str | None = None) -> list[BenchResult]:
     """Benchmark each backend in `backends` (same file, same threads, same budget in bytes, same KV
     cache type), each in a fresh process."""
-    from edgeai.devices import default_threads
+    from edgeai.devices import checked_threads
+    from edgeai.options import checked_int
     from edgeai.runtimes.registry import resolve
 
     path = Path(path)
-    threads = threads or default_threads()
+    threads = checked_threads(threads)
+    checked_int("n_prompt (--prompt-tokens)", n_prompt, minimum=1, maximum=2**20)
+    checked_int("n_gen (--gen-tokens)", n_gen, minimum=1, maximum=2**20)
+    checked_int("repeats (--repeats)", repeats, minimum=1, maximum=1000, why="each run is a full prefill and decode")
     for name in backends:
         resolve(path, name)  # a clear error now, before any process is started
     results = []

@@ -21,6 +21,19 @@ app = typer.Typer(
 )
 
 
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP arrived: leave as Ctrl-C does (temporary files removed on the way out, by
+    the `finally`/`except BaseException` blocks they were made in), with the shell's code 128+N."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
 def _fail(exc: BaseException) -> None:
     from rich.console import Console
 
@@ -63,11 +76,11 @@ def convert(
                            force=force, quiet=True if quiet else None, trust_pickle=trust_pickle, threads=threads)
     except EdgeAIError as exc:
         _fail(exc)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as exc:
         from rich.console import Console
 
-        Console(stderr=True).print(f"[yellow]interrupted:[/] {output} was not written")
-        raise typer.Exit(130)
+        Console(stderr=True).print(f"[yellow]interrupted:[/] {output} was not written", soft_wrap=True)
+        raise typer.Exit(exc.code if isinstance(exc, Terminated) else 130)
     if not quiet:
         size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
         typer.echo(f"wrote {path} ({size / 2**20:.1f} MiB)")
@@ -302,6 +315,13 @@ def fit(
 
 def main() -> None:
     """Entry point of the `edgeai` script."""
+    import signal
+
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        # a signal the caller ignores (nohup ignores SIGHUP) stays ignored
+        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _terminate)
     try:
         app()
     except BrokenPipeError:  # `edgeai inspect ... | head`

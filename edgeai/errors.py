@@ -40,6 +40,11 @@ class BackendError(EdgeAIError):
     """No backend can run an artifact, the one asked for cannot, or it is not installed."""
 
 
+class ChatTemplateError(EdgeAIError):
+    """A model's chat template refused the conversation (its own raise_exception), or was stopped for
+    crossing a bound on time or size, or for reaching outside its sandbox."""
+
+
 class ContextOverflowError(EdgeAIError):
     """A prompt (or a conversation) does not fit in the model's context window."""
 

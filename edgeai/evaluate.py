@@ -233,12 +233,15 @@ def evaluate(
     for what, path in (("artifact", artifact), ("reference", reference), ("text file", text_path)):
         if not path.exists():
             raise OptionError(f"the {what} {path} does not exist")
-    if n_ctx < _MIN_CTX:
-        raise OptionError(f"--ctx {n_ctx} is too small; a chunk needs at least {_MIN_CTX} tokens")
-    if n_chunks is not None and n_chunks < 1:
-        raise OptionError(f"--chunks {n_chunks} must be at least 1")
-    if threads < 0:
-        raise OptionError(f"--threads {threads} must be 0 (every core) or more")
+    from edgeai.options import checked_int
+
+    # each chunk holds two n_ctx x n_vocab float32 logit buffers (module docstring): 2^20 tokens of a
+    # 32k vocabulary would be 256 GiB; the model's own context bounds it further when it loads
+    checked_int("n_ctx (--ctx)", n_ctx, minimum=_MIN_CTX, maximum=2**20,
+                why="tokens per chunk: half for context, half scored")
+    if n_chunks is not None:
+        checked_int("n_chunks (--chunks)", n_chunks, minimum=1)
+    checked_int("threads (--threads)", threads, minimum=0, why="0 uses every core")
     try:
         text_str = text_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

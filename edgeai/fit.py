@@ -131,8 +131,11 @@ def bytes_per_token(shape: ModelShape, weights: WeightBytes, n_past: int) -> flo
 def estimate(shape: ModelShape, weights: WeightBytes, device: DeviceProfile, *, budget: int | None = None,
              n_ctx: int | None = None, label: str = "") -> FitEstimate:
     """Memory split and decode speed of a model of `shape` and `weights` on `device`."""
-    if n_ctx is not None and n_ctx < 1:
-        raise OptionError(f"n_ctx must be >= 1 (None: the default of {DEFAULT_N_CTX}), got {n_ctx}")
+    if n_ctx is not None:
+        from edgeai.options import checked_int
+
+        # above the trained context it is capped (next line), as loading would refuse it
+        checked_int("n_ctx", n_ctx, minimum=1, why=f"context positions; None: the default of {DEFAULT_N_CTX}")
     n_ctx = min(DEFAULT_N_CTX if n_ctx is None else n_ctx, shape.n_ctx_train)
     budget = device.default_budget if budget is None else budget
     kv = kv_cache_bytes(shape, n_ctx)
@@ -161,6 +164,13 @@ def gguf_shape_and_weights(path: Path) -> tuple[ModelShape, WeightBytes]:
     if not arch:
         raise CheckpointError(f"{path} has no general.architecture; it is not a model GGUF")
 
+    from edgeai.architectures import whole_number
+
+    fields = {"embedding_length": "n_embd", "attention.head_count": "n_head", "attention.head_count_kv": "n_head_kv",
+              "attention.key_length": "head_dim", "attention.value_length": "head_dim", "vocab_size": "n_vocab",
+              "block_count": "n_layer", "feed_forward_length": "n_ff", "expert_feed_forward_length": "n_ff_exp",
+              "context_length": "n_ctx_train", "expert_count": "n_expert", "expert_used_count": "n_expert_used"}
+
     def get(key: str, default: int | None = None) -> int:
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
@@ -168,13 +178,9 @@ def gguf_shape_and_weights(path: Path) -> tuple[ModelShape, WeightBytes]:
         if isinstance(value, GGUFArray):  # per-layer values (some families): the first layer's
             first = header.array(f"{arch}.{key}")[0] if len(value) else default
             value = first.item() if hasattr(first, "item") else first
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise CheckpointError(f"{path}: metadata {arch}.{key} is {value!r}, not a non-negative number")
-        return int(value)
+        return whole_number(str(path), f"{arch}.{key}", value, fields[key])
 
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
-    if n_head == 0:
-        raise CheckpointError(f"{path}: metadata {arch}.attention.head_count is 0; a model has at least one head")
     head_k = get("attention.key_length", n_embd // n_head)
     tokens = meta.get("tokenizer.ggml.tokens") or []
     shape = ModelShape(get("block_count"), n_embd, n_head, get("attention.head_count_kv", n_head), head_k,

@@ -106,28 +106,20 @@ class _StopStrings:
         return out
 
 
-def _compile_template(source: str | None):
-    """The artifact's chat template compiled in a sandbox, or None (with a warning) if it does not compile."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def _compile_template(source: str | None, model_name: str):
+    """(the artifact's chat template, the plain template), compiled in the bounded sandbox
+    (`edgeai.chat_template`); the first is None (with a warning) if it does not compile."""
+    from edgeai.chat_template import BoundedEnvironment, compile_template
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-    def raise_exception(message: str):
-        from jinja2.exceptions import TemplateError
-
-        raise TemplateError(message)
-
-    def strftime_now(fmt: str) -> str:
-        return time.strftime(fmt)
-
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-    plain = env.from_string(PLAIN_TEMPLATE)
+    env = BoundedEnvironment()
+    plain = compile_template(env, PLAIN_TEMPLATE)
     if source is None:
         return None, plain
     try:
-        return env.from_string(source), plain
+        return compile_template(env, source), plain
     except Exception as exc:  # jinja2 syntax errors, unknown filters...
-        log.warning("the chat template does not compile (%s); using a plain 'role: text' template", exc)
+        log.warning("the chat template of %s does not compile (%s); using a plain 'role: text' template",
+                    model_name, exc)
         return None, plain
 
 
@@ -154,7 +146,7 @@ class Model:
         self.path: Path = backend.path
         self.device = device
         self.memory_budget = memory_budget
-        self._template, self._plain = _compile_template(backend.chat_template)
+        self._template, self._plain = _compile_template(backend.chat_template, self.path.name)
         self._template_failed = False
         specials = backend.tokenize("", add_special=True)
         self._bos_prefix = [t for t in specials[:1] if t == backend.bos_id]
@@ -203,11 +195,16 @@ class Model:
 
         The KV cache keeps its longest prefix shared with the prompt (only the rest is evaluated).
         Stops at an end-of-generation token, a stop string (not included in the text), after
-        `max_tokens`, or when the context is full. Sampling options: see `runtimes.base.Sampling`.
+        `max_tokens` (a whole number >= 1; larger than the room left in the context is fine: the
+        context filling up ends the generation too, with finish_reason "context"), or when the
+        context is full. Sampling options: see `runtimes.base.Sampling`.
         """
+        from edgeai.options import checked_int
+
         params = self.sampling(**sampling)
-        if max_tokens < 1:
-            raise OptionError(f"max_tokens must be >= 1, got {max_tokens}")
+        # no upper bound: generation also stops when the context is full (finish_reason "context")
+        checked_int("max_tokens", max_tokens, minimum=1, why="the most tokens to generate; generation also stops "
+                    "at a full context")
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not tokens:
@@ -276,7 +273,15 @@ class Model:
     # -- chat ------------------------------------------------------------------------------------
     def render_chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
         """The conversation as text through the artifact's chat template; if the template is missing
-        or fails, a plain 'role: text' template (with a warning, once)."""
+        or fails (a bug in it), a plain 'role: text' template (with a warning, once).
+
+        Raises ChatTemplateError, for this call only, when the template refuses the conversation
+        (its own raise_exception(...), e.g. "no system messages") or is stopped by the sandbox's
+        bounds on time and size (`edgeai.chat_template`); the template stays in use.
+        """
+        from edgeai.chat_template import render
+        from edgeai.errors import ChatTemplateError
+
         msgs = check_messages(messages)
         be = self.backend
         variables = dict(
@@ -286,12 +291,14 @@ class Model:
         )
         if self._template is not None and not self._template_failed:
             try:
-                return self._template.render(**variables)
+                return render(self._template, variables, self.path.name)
+            except ChatTemplateError:
+                raise
             except Exception as exc:
                 log.warning("the chat template of %s failed to render (%s); using a plain 'role: text' template",
                             self.path.name, exc)
                 self._template_failed = True
-        return self._plain.render(**variables)
+        return render(self._plain, variables, self.path.name)
 
     @property
     def plain_chat(self) -> bool:

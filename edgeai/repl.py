@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgeai.budget import format_bytes
-from edgeai.errors import ContextOverflowError, EdgeAIError, OptionError
+from edgeai.errors import EdgeAIError, OptionError
 from edgeai.model import DEFAULT_MAX_TOKENS, SAMPLING_OPTIONS, Model, Timings, check_messages
 
 PROMPT = "you> "
@@ -164,7 +164,7 @@ class Repl:
         max_tokens = int(s.options.get("max_tokens", DEFAULT_MAX_TOKENS))
         try:
             kept, dropped = s.model.fit_messages(s.conversation(), reserve=min(max_tokens, s.model.n_ctx // 2))
-        except ContextOverflowError as exc:
+        except EdgeAIError as exc:  # the context is full, or the chat template refused the conversation
             s.messages.pop()
             self._error(exc)
             return

@@ -214,6 +214,9 @@ def show_plan(plan, *, json_output: bool) -> None:
     table.add_row("[bold]total[/]", f"[bold]{format_bytes(plan.total)}[/]", f"smallest budget that runs: {format_bytes(plan.minimum)}")
     console = Console()
     console.print(table)
-    if plan.streaming:
+    if plan.slots:  # an MoE's experts streamed
         console.print(f"Experts are streamed from {plan.path.name}: a token that misses the cache reads "
                       f"{format_bytes(plan.slot_bytes)} per expert from disk, so decode runs at the disk's speed.")
+    elif plan.layer_slots:  # a dense model's layers streamed: there are no experts to speak of
+        console.print(f"Layers are streamed from {plan.path.name}: every token reads all {plan.n_layer} layers' "
+                      f"matrices ({format_bytes(plan.layer_matrices)}) from disk, so decode runs at the disk's speed.")

@@ -55,6 +55,17 @@ class Sampling:
 
     def __post_init__(self) -> None:
         from edgeai.errors import OptionError
+        from edgeai.options import checked_int
+
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise OptionError(f"{name} must be a number, got {value!r:.40}")
+        # the engines take 32-bit ints: a larger top_k or window would not reach them intact
+        checked_int("top_k", self.top_k, minimum=-(2**31), maximum=2**31 - 1, why="<= 0 turns it off")
+        checked_int("repeat_last_n", self.repeat_last_n, minimum=0, maximum=2**31 - 1)
+        if self.seed is not None:
+            checked_int("seed", self.seed, minimum=-(2**63), maximum=2**64 - 1, why="a 64-bit seed, or None")
 
         if not (math.isfinite(self.temperature) and self.temperature >= 0):  # nan and inf sample garbage
             raise OptionError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
@@ -64,8 +75,6 @@ class Sampling:
             raise OptionError(f"min_p must be in [0, 1), got {self.min_p}")
         if not (math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0):
             raise OptionError(f"repeat_penalty must be a finite number > 0 (1 is off), got {self.repeat_penalty}")
-        if self.repeat_last_n < 0:
-            raise OptionError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
 
     @property
     def greedy(self) -> bool:

@@ -96,10 +96,12 @@ class LlamaCppBackend(VocabText):
         try:
             self._vocab = GGUFVocab(self.path, model=self._model)
             self.n_ctx_train = int(ll.llama_model_n_ctx_train(self._model))
-            n_ctx = int(min(DEFAULT_N_CTX, self.n_ctx_train) if n_ctx is None else n_ctx)
-            if not 0 < n_ctx <= self.n_ctx_train:
-                raise OptionError(f"n_ctx={n_ctx} is outside what {self.path.name} allows (1..{self.n_ctx_train})")
-            self.n_batch = min(n_batch, n_ctx)
+            from edgeai.options import checked_int
+
+            n_ctx = min(DEFAULT_N_CTX, self.n_ctx_train) if n_ctx is None else \
+                checked_int("n_ctx", n_ctx, minimum=1, maximum=self.n_ctx_train,
+                            why=f"the context {self.path.name} was trained for")
+            self.n_batch = min(checked_int("n_batch", n_batch, minimum=1, why="tokens per prefill batch"), n_ctx)
             cparams = ll.llama_context_default_params()
             cparams.n_ctx = n_ctx
             cparams.n_batch = cparams.n_ubatch = self.n_batch

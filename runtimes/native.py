@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from edgeai.errors import (CheckpointError, ContextOverflowError, EdgeAIError, OptionError, TokenizerError,
+from edgeai.errors import (CheckpointError, ContextOverflowError, OptionError, TokenizerError,
                            UnsupportedArchitectureError)
 from edgeai.gguf_header import GGUFHeader, read_header
 from edgeai.native_bridge import native as _native
@@ -28,6 +29,9 @@ from edgeai.runtimes.vocab import VocabText
 
 log = logging.getLogger(__name__)
 
+
+
+_UNKNOWN_TYPE = re.compile(r"has unknown type id (\d+)")
 
 
 def engine_config(header: GGUFHeader) -> dict:
@@ -40,7 +44,7 @@ def engine_config(header: GGUFHeader) -> dict:
         spec = spec_for_gguf(meta, str(path))
     except UnsupportedArchitectureError as exc:
         raise UnsupportedArchitectureError(f"{exc}; the llama.cpp backend may run it (backend='llama.cpp')") from exc
-    hp = hparams_from_gguf(meta, spec)
+    hp = hparams_from_gguf(meta, spec, str(path))
     embd = header.tensors.get("token_embd.weight")
     if embd is None:
         raise CheckpointError(f"{path}: tensor token_embd.weight is missing")
@@ -72,13 +76,56 @@ def _prepare(path: Path, header: GGUFHeader | None, n_ctx: int | None,
     header = header or read_header(path)
     config = engine_config(header)
     n_ctx_train = int(config.pop("n_ctx_train"))
-    n_ctx = int(min(DEFAULT_N_CTX, n_ctx_train) if n_ctx is None else n_ctx)
-    if not 0 < n_ctx <= n_ctx_train:
-        raise OptionError(f"n_ctx={n_ctx} is outside what {header.path.name} allows (1..{n_ctx_train})")
+    from edgeai.options import checked_int
+
+    n_ctx = min(DEFAULT_N_CTX, n_ctx_train) if n_ctx is None else \
+        checked_int("n_ctx", n_ctx, minimum=1, maximum=n_ctx_train, why=f"the context {header.path.name} was trained for")
     from edgeai.devices import checked_threads
 
     threads = checked_threads(threads)
     return header, config, n_ctx_train, n_ctx, threads
+
+
+_STORE_FLAGS = ("direct", "trace", "prefetch")
+_STORE_POLICIES = ("next-use", "lru", "lfu", "layer")
+_STORE_IO = ("auto", "uring", "pread")
+
+
+def _checked_store_options(options: Mapping, config: Mapping) -> dict:
+    """The expert store's options (see `NativeBackend`), each checked against its bound before the
+    engine sizes anything by it; an OptionError names the option."""
+    from edgeai.options import checked_int
+
+    n_layer, n_expert = int(config["n_layer"]), max(1, int(config["n_expert"]))
+    counts = {  # option -> (smallest, largest, why)
+        "slots": (0, n_layer * n_expert, "one per expert of the model at most; 0 with layer_slots: a dense model"),
+        "layer_slots": (0, n_layer, "one per layer at most"),
+        "io_threads": (1, 64, "reader threads"),
+        "prefetch_top": (0, n_expert, "experts prefetched per layer, at most the layer's experts"),
+        "retries": (0, 100, "reads retried after an I/O error"),
+        "inject_read_faults": (0, 2**31 - 1, "tests only"),
+    }
+    out = {}
+    for key, value in options.items():
+        if key in counts:
+            lo, hi, why = counts[key]
+            out[key] = checked_int(f"expert_store[{key!r}]", value, minimum=lo, maximum=hi, why=why)
+        elif key in _STORE_FLAGS:
+            if not isinstance(value, bool):
+                raise OptionError(f"expert_store[{key!r}] must be True or False, got {value!r:.40}")
+            out[key] = value
+        elif key == "policy":
+            if value not in _STORE_POLICIES:
+                raise OptionError(f"expert_store['policy'] must be one of {', '.join(_STORE_POLICIES)}, got {value!r:.40}")
+            out[key] = value
+        elif key == "io":
+            if value not in _STORE_IO:
+                raise OptionError(f"expert_store['io'] must be one of {', '.join(_STORE_IO)}, got {value!r:.40}")
+            out[key] = value
+        else:
+            known = ", ".join([*counts, *_STORE_FLAGS, "policy", "io"])
+            raise OptionError(f"unknown expert_store option {key!r}; the options are {known}")
+    return out
 
 
 class NativeBackend(VocabText):
@@ -90,12 +137,33 @@ class NativeBackend(VocabText):
     def can_run(cls, path: Path, header: GGUFHeader | None = None) -> str | None:
         """None when the engine runs this file, else why not (architecture, tensor type...).
         header: the file's header when the caller has read it (else it is read here)."""
+        from gguf import GGMLQuantizationType
+
+        # A reason is returned only for what another backend may run (an architecture or tensor type
+        # this engine lacks); a corrupt file (a format error, impossible hyper-parameters) or a
+        # vocabulary llama.cpp's loader aborts on is raised: no backend runs it, and suggesting
+        # llama.cpp only led to a second failure.
+        if header is None:
+            path = Path(path)
+            if not path.is_file():
+                return f"{path} is not a file" if path.exists() else f"{path} does not exist"
+            with open(path, "rb") as f:
+                head = f.read(4)
+            if head != b"GGUF":  # not a GGUF at all: another backend's format, maybe
+                return f"{path} is not a GGUF file (it starts with {head!r}, not b'GGUF')"
         try:
             header = header or read_header(path)
-            engine_config(header)
         except TokenizerError:
-            raise  # a vocabulary no backend can load (llama.cpp's loader would abort on it)
-        except EdgeAIError as exc:
+            raise
+        except CheckpointError as exc:
+            unknown = _UNKNOWN_TYPE.search(str(exc))  # the reader's wording (native/src/gguf.cpp)
+            if unknown and int(unknown.group(1)) in GGMLQuantizationType._value2member_map_:
+                name = GGMLQuantizationType(int(unknown.group(1))).name
+                return f"{exc} ({name}, which the native engine does not read; the llama.cpp backend can)"
+            raise
+        try:
+            engine_config(header)
+        except UnsupportedArchitectureError as exc:
             return str(exc)
         runs = _native.engine_types()
         for t in header.tensors.values():
@@ -147,7 +215,7 @@ class NativeBackend(VocabText):
         try:
             self.plan = plan_memory(header, config, budget=memory_budget, n_ctx=n_ctx, threads=self.threads,
                                     kv_cache=self.kv_cache)
-            options = dict(expert_store or {})
+            options = _checked_store_options(expert_store or {}, config)
             # options with "slots" stream whatever the plan says (tests, benchmarks)
             stream = self.plan.stream_config(**options) or (options if "slots" in options else None)
             try:

@@ -144,9 +144,10 @@ class OnnxBackend:
         self.n_head_kv = int(decoder["num_key_value_heads"])
         self.head_dim = int(decoder["head_size"])
         context = int(config.get("context_length") or 2048)
-        if n_ctx is not None and not 0 < n_ctx <= context:
-            raise OptionError(f"n_ctx {n_ctx} is outside 1..{context}, the context length of {self.path}")
-        self.n_ctx = n_ctx or context
+        from edgeai.options import checked_int
+
+        self.n_ctx = context if n_ctx is None else \
+            checked_int("n_ctx", n_ctx, minimum=1, maximum=context, why=f"the context length of {self.path.name}")
         from edgeai.devices import checked_threads
 
         self.threads = checked_threads(threads)

@@ -149,6 +149,8 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
     plan = MemoryPlan(Path(path), budget, n_ctx, process_bytes, sizes["dense"], sizes["experts"], sizes["kv"],
                       sizes["scratch"], sizes["slot"], 0, int(config["n_expert_used"]), n_experts,
                       int(config["n_layer"]), sizes["layer_matrices"], sizes["layer_slot"], 0, kv_cache)
+    if budget is None:
+        _check_allocatable(plan)
     if budget is None or plan.total <= budget:
         return plan
     candidates = [plan]
@@ -167,6 +169,21 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
     # what a q8_0 cache would save, when it is a lever left to pull
     q8_saving = plan.kv - native.kv_bytes(config, n_ctx, "q8_0") if kv_cache == "f16" and head_dim % 32 == 0 else 0
     raise BudgetError(_refusal(min(candidates, key=lambda c: c.fixed), budget, q8_saving), plan.minimum)
+
+
+def _check_allocatable(plan: MemoryPlan) -> None:
+    """Without a budget, still refuse what this machine could never allocate: the KV cache and
+    compute buffers (weights are mapped from the file and may page) beyond its physical memory,
+    which an absurd n_ctx asks for. llama.cpp only warns above the trained context; here n_ctx is
+    already at most that, so this is the remaining bound."""
+    import psutil
+
+    needed = plan.kv + plan.scratch + ENGINE_OVERHEAD
+    memory = psutil.virtual_memory().total
+    if needed > memory:
+        raise BudgetError(f"n_ctx={plan.n_ctx} needs {format_bytes(needed)} ({needed:,} bytes) of KV cache and compute "
+                          f"buffers for {plan.path.name}, more than this machine's {format_bytes(memory)} of memory; "
+                          "give a smaller context (--ctx) or a q8_0 KV cache (--kv-cache q8_0)", needed)
 
 
 def _refusal(plan: MemoryPlan, budget: int, q8_saving: int) -> str:

@@ -10,7 +10,8 @@ import edgeai
 from edgeai.budget import parse_budget
 from edgeai.devices import get_profile, profiles
 from edgeai.devices.cores import allowed_cpus
-from edgeai.errors import BackendError, CheckpointError, ContextOverflowError, DeviceError, OptionError
+from edgeai.errors import (BackendError, ChatTemplateError, CheckpointError, ContextOverflowError, DeviceError,
+                           OptionError)
 from edgeai.model import FinishReason, Model
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there, how are you?"}]
@@ -18,6 +19,13 @@ MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 @pytest.fixture
 def model(tiny_chat_gguf):
+    with edgeai.load(tiny_chat_gguf, n_ctx=256, threads=1) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def shared_model(tiny_chat_gguf):
+    """One load for tests that only swap the chat template (each builds its own Model on the backend)."""
     with edgeai.load(tiny_chat_gguf, n_ctx=256, threads=1) as m:
         yield m
 
@@ -57,16 +65,75 @@ def test_broken_chat_templates_fall_back_with_a_warning(model, caplog):
         assert plain.plain_chat and "warning" not in plain.render_chat(MSGS)
         assert plain.render_chat(MSGS).endswith("user: Hello there, how are you?\n\nassistant:")
         assert "does not compile" in caplog.text
-        be.chat_template = "{{ raise_exception('no system messages') }}"  # fails when rendered
-        failing = Model(be)
+        be.chat_template = "{{ messages[0]['content'] | no_such_filter_at_runtime if false else messages.nope.deeper }}"
+        failing = Model(be)  # a bug met while rendering: the plain template from then on
         assert failing.render_chat(MSGS).startswith("system: Be brief.")
         assert "failed to render" in caplog.text and failing.plain_chat
-        # the template runs sandboxed: no Python internals, no changing the messages
-        for escape in ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "{{ messages.append({'role': 'x'}) }}"):
-            be.chat_template = escape
-            caplog.clear()
-            sandboxed = Model(be)
-            assert sandboxed.render_chat(MSGS).startswith("system: Be brief.") and "failed to render" in caplog.text
+
+
+def test_a_template_refusing_the_conversation_is_an_error_for_that_call(model):
+    """raise_exception(...) stops the call with the template's words, as in transformers and llama.cpp;
+    the template stays in use for the next conversation."""
+    be = model.backend
+    be.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                        "{% endif %}{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    m = Model(be)
+    with pytest.raises(ChatTemplateError, match=f"chat template of {be.path.name} refused this conversation: "
+                                                "System role not supported"):
+        m.chat(MSGS, max_tokens=2)
+    assert not m.plain_chat and m.render_chat(MSGS[1:]) == "[Hello there, how are you?]"
+
+
+@pytest.mark.parametrize("source,message", [
+    ("{{ raise_exception.__globals__ }}", "sandbox: access to attribute '__globals__'"),
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "sandbox: access to attribute '__class__'"),
+    ("{{ cycler.__init__.__globals__.os }}", "sandbox: access to attribute '__init__'"),
+    ("{{ messages.append({'role': 'x'}) }}", "sandbox: access to attribute 'append'"),
+    ("{{ 'x' * 300000000 }}", "repeats a value of 1 characters .* 300,000,000 times"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "builds a value of 16,777,216 characters"),
+    ("{% set ns = namespace(s=[1]) %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+     "joins values of 8,388,608 and 8,388,608"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "runs more than 1,000,000 loop iterations"),
+    ("{% for i in range(20000) %}{% for j in range(100) %}0123456789{% endfor %}{% endfor %}",
+     "writes more than 8,388,608 characters"),
+    ("{{ 'x'|center(1000000000) }}", "passes 1,000,000,000 to the filter 'center'"),
+    ("{{ 'x'.ljust(1000000000) }}", "passes 1,000,000,000 to ljust()"),
+    ("{{ '%0999999999d' % 1 }}", "width or precision of 999,999,999"),
+    ("{{ '{:>999999999}'.format(1) }}", "width or precision of 999,999,999"),
+    ("{{ range(100000)|join('x' * 100000) }}", "filter 'join' on values of 100,000 and 100,000"),
+    ("{{ ('x' * 100000).replace('', 'y' * 100000) }}", "replace\\(\\) on values of 100,000 and 100,000"),
+    ("{{ ([[0] * 1000] * 100000)|sum(start=[]) }}", "filter 'sum' on a value holding 100,100,000"),
+    ("{{ 7 ** 1000000 }}", "raises 7 to the power 1,000,000"),
+    ("{% macro f(n) %}{{ f(n) ~ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
+])
+def test_hostile_chat_templates_are_refused_quickly(shared_model, source, message):
+    """Each of these used to reach Python's internals, or run for minutes into gigabytes."""
+    import time
+
+    be = shared_model.backend
+    be.chat_template = source
+    m = Model(be)
+    t0 = time.perf_counter()
+    with pytest.raises(ChatTemplateError, match=f"chat template of {be.path.name} .*{message}"):
+        m.render_chat(MSGS)
+    assert time.perf_counter() - t0 < 3 and not m.plain_chat
+
+
+def test_chat_templates_are_bounded_in_time(model, monkeypatch):
+    """Work that no size bound catches (2^40 macro calls, each small) stops at the wall-time bound."""
+    import time
+
+    import edgeai.chat_template as ct
+
+    monkeypatch.setattr(ct, "MAX_SECONDS", 0.3)
+    be = model.backend
+    be.chat_template = "{% macro f(n) %}{% if n < 40 %}{{ f(n + 1) }}{{ f(n + 1) }}{% endif %}{% endmacro %}{{ f(0) }}"
+    t0 = time.perf_counter()
+    with pytest.raises(ChatTemplateError, match="ran longer than 0.3 s"):
+        Model(be).render_chat(MSGS)
+    assert time.perf_counter() - t0 < 2
 
 
 def test_fit_messages_drops_the_oldest_turns(model):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -82,3 +86,69 @@ def test_no_top_level_quant_or_runtimes_module():
     code = "import importlib.util as u; print([m for m in ('quant', 'runtimes', 'converters', 'devices') if u.find_spec(m)])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout.strip()
     assert out == "[]"
+
+
+EDGEAI = str(Path(sys.executable).parent / "edgeai")
+
+
+def _partials(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.*.partial"))
+
+
+def _convert_until_writing(out: Path, seconds: float) -> subprocess.Popen:
+    """`edgeai convert` of the bundled SmolLM2 (about 7 s of writing) to `out`, `seconds` after its
+    temporary file appeared."""
+    old = set(_partials(out))
+    proc = subprocess.Popen([EDGEAI, "convert", "-o", str(out), "--outtype", "q8_0", "--force", "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as a service manager starts it: TERM and HUP at their defaults
+                            preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)])
+    deadline = time.monotonic() + 60
+    while not set(_partials(out)) - old:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the conversion never started writing"
+        time.sleep(0.01)
+    time.sleep(seconds)
+    assert proc.poll() is None, "the conversion ended before the signal"
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_are_as_clean_as_ctrl_c(tmp_path, sig):
+    """They used to leave a .NAME.XXXX.partial file of tens of MB every time."""
+    out = tmp_path / "o.gguf"
+    proc = _convert_until_writing(out, 0.3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert "interrupted: " in err and "o.gguf was not written" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_conversion_leaves_no_output_and_the_next_run_cleans_up(tmp_path, tiny_gguf):
+    """SIGKILL at any point: never a file at the output path (temporary + rename); the temporary a
+    killed run leaves is removed by the next conversion to that output, another live writer's is not."""
+    import fcntl
+
+    out = tmp_path / "o.gguf"
+    live = tmp_path / ".o.gguf.live-writer.partial"  # another process still writing: it holds the lock
+    live.write_bytes(b"in progress")
+    lock = os.open(live, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        for seconds in (0.0, 1.5):
+            proc = _convert_until_writing(out, seconds)
+            proc.kill()
+            proc.wait()
+            time.sleep(1.0)  # the next run removes leftovers older than a second (a writer locks its own at once)
+            assert not out.exists()
+            # this run's leftover only: the previous run's was removed when this one started writing
+            assert len(_partials(out)) == 2 and live in _partials(out)
+        time.sleep(1.0)  # leftovers younger than a second are left alone (a writer locks its file at once)
+        import edgeai
+
+        edgeai.convert(tiny_gguf, out, quiet=True)
+        assert _partials(out) == [live] and live.read_bytes() == b"in progress"
+        assert out.read_bytes()[:4] == b"GGUF"
+    finally:
+        os.close(lock)

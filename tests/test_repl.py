@@ -169,3 +169,25 @@ def test_bench_compares_backends_on_one_file(tiny_chat_gguf):
     assert result.exit_code == 1 and "cannot run" in result.output
     result = runner.invoke(app, ["bench", str(tiny_chat_gguf), "--memory-budget", "12 parsecs"])
     assert result.exit_code == 1 and "unknown unit 'parsecs'" in result.output
+
+
+def test_a_refusing_chat_template_keeps_the_conversation(tiny_chat_gguf):
+    """A template's raise_exception(...) is shown as an error; the turn is dropped, the session goes on."""
+    import io
+
+    from rich.console import Console
+
+    from edgeai.model import Model
+    from edgeai.repl import Repl
+
+    with edgeai.load(tiny_chat_gguf, backend="native", n_ctx=256, threads=1) as m:
+        m.backend.chat_template = ("{% if messages[-1]['content'] == 'forbidden' %}{{ raise_exception('not that') }}"
+                                   "{% endif %}{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+        out = io.StringIO()
+        repl = Repl(Model(m.backend), console=Console(file=out, width=200))
+        repl.session.options["max_tokens"] = 2
+        repl.turn("forbidden")
+        assert "error:" in out.getvalue() and "refused this conversation: not that" in out.getvalue()
+        assert repl.session.messages == []
+        repl.turn("hello")
+        assert [x["role"] for x in repl.session.messages] == ["user", "assistant"]

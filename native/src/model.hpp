@@ -2,7 +2,7 @@
 // (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) over a GGUF file, with an f16 or q8_0 KV cache and sampling.
 //
 // Weights are read in place from the memory map under their GGUF names. Family facts (rope style,
-// q/k norm kind, top-k renormalisation) come from the architecture table in converters/specs.py
+// q/k norm kind, top-k renormalisation) come from the architecture table in edgeai/architectures.py
 // through ModelConfig, so this file holds no per-model special cases.
 #pragma once
 #include <cstdint>

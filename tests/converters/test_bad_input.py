@@ -115,6 +115,36 @@ def test_truncated_safetensors(ckpt, tmp_path):
         edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
 
 
+ENTRY = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+
+
+@pytest.mark.parametrize("header,message", [
+    ([1, 2], "the safetensors header is a JSON list, not an object of tensors"),
+    (7, "the safetensors header is a JSON int, not an object of tensors"),
+    ({"__metadata__": [1], "w": ENTRY}, "the safetensors header.s __metadata__ is not an object"),
+    ({"w": [1]}, "tensor 'w' has a malformed header entry: a JSON list, not an object"),
+    ({"w": {"dtype": "F32", "shape": [4]}}, "tensor 'w' has a malformed header entry: no 'data_offsets'"),
+    ({"w": {**ENTRY, "dtype": 5}}, "tensor 'w' .*dtype 5 is not a string"),
+    ({"w": {**ENTRY, "shape": "2x2"}}, "tensor 'w' .*shape '2x2' is not a list of whole numbers >= 0"),
+    ({"w": {**ENTRY, "shape": [2, -2]}}, "tensor 'w' .*shape \\[2, -2\\] is not a list"),
+    ({"w": {**ENTRY, "shape": [2.0, 2]}}, "tensor 'w' .*shape \\[2.0, 2\\] is not a list"),
+    ({"w": {**ENTRY, "data_offsets": [0.5, 16]}}, "tensor 'w' .*data_offsets \\[0.5, 16\\] is not \\[begin, end\\]"),
+    ({"w": {**ENTRY, "data_offsets": [16, 0]}}, "tensor 'w' .*data_offsets \\[16, 0\\]"),
+    ({"w": {**ENTRY, "data_offsets": 16}}, "tensor 'w' .*data_offsets 16"),
+    ({"w": {**ENTRY, "shape": [2**40, 2**40]}}, "tensor 'w' of shape .* should take 4835703278458516698824704 bytes"),
+])
+def test_malformed_safetensors_headers_name_the_file_and_tensor(ckpt, tmp_path, header, message):
+    """A header that is JSON but not what safetensors writes was a TypeError traceback."""
+    import struct
+
+    (ckpt / "model.safetensors").unlink()
+    raw = json.dumps(header).encode()
+    (ckpt / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))
+    with pytest.raises(CheckpointError, match=f"model.safetensors: {message}"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+    _nothing_written(tmp_path / "o.gguf")
+
+
 def test_truncated_gguf(ckpt, tmp_path):
     """convert, inspect and fit read GGUF headers with the one validating reader: a truncated file
     is the same clear error from each (the file, what is wrong, where), never a numpy internal."""
@@ -194,6 +224,23 @@ def test_interrupt_mid_write_leaves_nothing(ckpt, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
 
 
+def test_never_writes_over_its_source(ckpt, tmp_path):
+    """convert X.gguf -o X.gguf --force used to overwrite its own source."""
+    gguf = edgeai.convert(ckpt, tmp_path / "m.gguf", outtype="f32", quiet=True)
+    before = gguf.read_bytes()
+    with pytest.raises(OutputError, match="the output .*m.gguf is the source .*m.gguf; converting would write over"):
+        edgeai.convert(gguf, gguf, outtype="q8_0", force=True, quiet=True)
+    (tmp_path / "link.gguf").symlink_to(gguf)
+    with pytest.raises(OutputError, match="is the source"):
+        edgeai.convert(gguf, tmp_path / "link.gguf", outtype="q8_0", force=True, quiet=True)
+    assert gguf.read_bytes() == before
+    weights = (ckpt / "model.safetensors").read_bytes()
+    with pytest.raises(OutputError, match="is model.safetensors of the source folder"):
+        edgeai.convert(ckpt, ckpt / "model.safetensors", force=True, quiet=True)
+    assert (ckpt / "model.safetensors").read_bytes() == weights
+    assert not [p for p in tmp_path.rglob(".*")]
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 300 KiB tmpfs: a real full disk. Needs root and mount(2) (skipped elsewhere)."""
@@ -224,12 +271,84 @@ def test_moe_routing_mismatch_refused(pristine, tmp_path):
         edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
 
 
-def test_config_claims_more_layers(ckpt, tmp_path):
+def _set_config(ckpt: Path, **values) -> None:
     config = json.loads((ckpt / "config.json").read_text())
-    config["num_hidden_layers"] = 3
+    config.update(values)
     (ckpt / "config.json").write_text(json.dumps(config))
-    with pytest.raises(TensorError, match="'model.layers.2.input_layernorm.weight' is missing"):
+
+
+@pytest.mark.parametrize("layers", [3, 1, 4096])
+def test_config_claims_other_layers(ckpt, tmp_path, layers):
+    _set_config(ckpt, num_hidden_layers=layers)
+    with pytest.raises(TensorError, match=f"config.json: num_hidden_layers is {layers}, but the tensors hold 2 layer"):
         edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+    _nothing_written(tmp_path / "o.gguf")
+
+
+def test_config_claims_other_experts(pristine, tmp_path):
+    ckpt = Path(shutil.copytree(pristine["qwen3_moe"], tmp_path / "moe"))
+    _set_config(ckpt, num_local_experts=4000)
+    with pytest.raises(TensorError, match="config.json: num_local_experts is 4000, but the tensors hold 4 expert"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    # 10^12 layers planned for over a minute and 1.5 GB before failing; 10^6: 38 s, 4.5 GB
+    ("num_hidden_layers", 10**12, "num_hidden_layers is 1000000000000, outside 1..4,096, the range a model can have"),
+    ("num_attention_heads", 0, "num_attention_heads is 0, outside 1..4,096"),
+    ("num_attention_heads", -4, "num_attention_heads is -4"),
+    ("num_key_value_heads", 0, "num_key_value_heads is 0"),
+    ("hidden_size", 64.5, r"hidden_size is 64.5, not a whole number \(float\)"),
+    ("vocab_size", "400", r"vocab_size is '400', not a whole number \(str\)"),
+    ("intermediate_size", True, r"intermediate_size is True, not a whole number \(bool\)"),
+    ("head_dim", 10**9, "head_dim is 1000000000"),
+    ("head_dim", 15, "cannot convert this Llama checkpoint: head_dim 15 is odd"),
+    ("max_position_embeddings", -1, "max_position_embeddings is -1"),
+    ("rms_norm_eps", 0, "rms_norm_eps is 0; it must be a finite number > 0"),
+    ("rope_parameters", {"rope_theta": "big"}, "rope_theta is 'big'; it must be a finite number > 0"),
+    ("rope_parameters", {"rope_type": "linear"}, "rope_scaling.factor is None"),
+    ("rope_scaling", [1, 2], "rope_parameters / rope_scaling must be JSON objects"),
+])
+def test_config_values_out_of_bounds_are_refused_before_any_work(ckpt, tmp_path, key, value, expected):
+    import time
+
+    _set_config(ckpt, **{key: value})
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"config.json: {expected}"):
+        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+    assert time.perf_counter() - t0 < 5
+    _nothing_written(tmp_path / "o.gguf")
+
+
+def _gguf_with(path: Path, out: Path, key: str, value: int) -> Path:
+    """A copy of the GGUF `path` with the UINT32 metadata `key` set to `value`."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    name = key.encode()
+    at = data.find(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    assert struct.unpack_from("<I", data, at)[0] == 4  # GGUF type UINT32
+    struct.pack_into("<I", data, at + 4, value)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_gguf_head_count_zero_is_refused_naming_the_key(ckpt, tmp_path):
+    """It was a ZeroDivisionError traceback in convert, load and fit."""
+    from edgeai.devices import get_profile
+    from edgeai.fit import fit
+
+    good = edgeai.convert(ckpt, tmp_path / "good.gguf", outtype="f32", quiet=True)
+    bad = _gguf_with(good, tmp_path / "bad.gguf", "llama.attention.head_count", 0)
+    expected = "bad.gguf: llama.attention.head_count is 0, outside 1..4,096"
+    with pytest.raises(CheckpointError, match=expected):
+        edgeai.convert(bad, tmp_path / "o.gguf", quiet=True)
+    _nothing_written(tmp_path / "o.gguf")
+    with pytest.raises(CheckpointError, match=expected):
+        fit(bad, get_profile("pi4-4gb"))
+    for backend in ("auto", "native"):  # corrupt: no "llama.cpp can run it" advice either
+        with pytest.raises(CheckpointError, match=expected):
+            edgeai.load(bad, backend=backend)
 
 
 def test_missing_tokenizer(ckpt, tmp_path):

@@ -281,6 +281,33 @@ def test_failed_check_leaves_nothing_and_keeps_the_old_folder(tiny_models, tmp_p
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_force_replaces_a_previous_export_never_other_files_or_the_source(tiny_models, tmp_path, monkeypatch):
+    """--force used to replace the whole folder: a user's files in it, or with -o SRC the checkpoint itself."""
+    import shutil
+
+    src = Path(shutil.copytree(tiny_models["llama"], tmp_path / "src"))
+    weights = (src / "model.safetensors").read_bytes()
+    out = edgeai.convert(src, tmp_path / "out", format="onnx")
+    (out / "keep.txt").write_text("mine")
+    (out / "notes").mkdir()
+    with pytest.raises(OutputError, match="out holds keep.txt, notes/, which an export does not write"):
+        edgeai.convert(src, out, format="onnx", force=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(OutputError, match="the output .*src is the source .*src"):
+        edgeai.convert(src, src, format="onnx", force=True)
+    with pytest.raises(OutputError, match="holds the source"):
+        edgeai.convert(src, tmp_path, format="onnx", force=True)
+    assert (src / "model.safetensors").read_bytes() == weights
+    monkeypatch.chdir(out)
+    with pytest.raises(OutputError, match="holds keep.txt"):  # "-o ." used to leave a "..XXXX.old" folder
+        edgeai.convert(src, ".", format="onnx", force=True)
+    (out / "keep.txt").unlink()
+    (out / "notes").rmdir()
+    edgeai.convert(src, ".", format="onnx", quant="int8", force=True)  # a previous export: replaced
+    assert _recipe(out)["quant"] == "int8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary or .old left
+
+
 def test_cli_convert_onnx(tiny_models, tmp_path):
     from typer.testing import CliRunner
 

@@ -144,7 +144,7 @@ def test_can_run_and_bad_folders(exported, tmp_path):
     assert "no model.onnx" in OnnxBackend.can_run(tmp_path)
     with pytest.raises(CheckpointError, match="no model.onnx"):
         OnnxBackend(tmp_path)
-    with pytest.raises(OptionError, match="outside 1..512"):
+    with pytest.raises(OptionError, match="n_ctx must be a whole number in 1..512"):
         OnnxBackend(exported["llama"]["fp32"], n_ctx=100000)
     with pytest.raises(OptionError, match="q8_0 KV cache is for the native and llama.cpp backends"):
         OnnxBackend(exported["llama"]["fp32"], kv_cache="q8_0")
