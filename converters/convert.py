@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from gguf import GGUFValueType, LlamaFileType
@@ -57,16 +57,8 @@ def _sha256_files(files: list[Path]) -> str:
     return ",".join(parts)
 
 
-def _progress(quiet: bool | None):
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-    console = Console(stderr=True)
-    disable = quiet if quiet is not None else not console.is_terminal
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-        console=console, disable=disable, transient=False,
-    )
+# progress(bytes done, bytes in all, what): called as the output is written (the CLI draws a bar)
+Progress = Callable[[int, int, str], None]
 
 
 def convert(
@@ -82,7 +74,7 @@ def convert(
     prune: str | Sequence[PruneSpec] | None = None,
     target_types: Sequence[str] | None = None,
     force: bool = False,
-    quiet: bool | None = None,
+    progress: Progress | None = None,
     trust_pickle: bool = False,
     threads: int = 0,
     format: str = "gguf",
@@ -113,7 +105,8 @@ def convert(
             "2:4", "layers:4", "experts:0.25", or steps joined by commas ("layers:2,wanda:0.5").
         target_types: the block types `target_bpw` may choose from (default: every one edgeai writes).
         force: overwrite `output` if it exists.
-        quiet: hide the progress bar; None shows it only on a terminal.
+        progress: called as the output is written, with (bytes done, bytes in all, what); the CLI
+            draws its progress bar with it (library code draws nothing).
         trust_pickle: allow PyTorch `.bin` checkpoints (loaded with weights_only=True).
         threads: threads for quantization; 0 uses every core.
         format: "gguf" (a file) or "onnx" (a folder; `quant` is then fp32, fp16, int8 or int4).
@@ -132,7 +125,7 @@ def convert(
         from edgeai.converters.onnx_export import export_onnx
 
         return export_onnx(src, output, quant=quant or "fp32", block_size=block_size, method=method, calib=calib,
-                           calib_ctx=calib_ctx, prune=prune, device=device, force=force, quiet=quiet,
+                           calib_ctx=calib_ctx, prune=prune, device=device, force=force, progress=progress,
                            trust_pickle=trust_pickle, threads=threads)
     if str(format).lower() != "gguf":
         raise OptionError(f"--format {format!r} is not supported; choose gguf or onnx")
@@ -173,12 +166,12 @@ def convert(
     try:
         prepared = prepare(plan, recipe, method, calib=calib, calib_text=calib_text, calib_ctx=calib_ctx,
                            prune_steps=prune_steps, target_bpw=target_bpw, target_types=target_types, threads=threads)
-        return _write(plan, output, recipe, method, force, quiet, threads, prepared.importance, prepared.encoded)
+        return _write(plan, output, recipe, method, force, progress, threads, prepared.importance, prepared.encoded)
     finally:
         plan.close()
 
 
-def _write(plan: ConversionPlan, output: Path, recipe: Recipe, method: Method, force: bool, quiet: bool | None,
+def _write(plan: ConversionPlan, output: Path, recipe: Recipe, method: Method, force: bool, progress: Progress | None,
            threads: int, importance: ImportanceLookup | None = None,
            encoded: dict[str, list[np.ndarray]] | None = None) -> Path:
     recipe_meta = {
@@ -212,20 +205,22 @@ def _write(plan: ConversionPlan, output: Path, recipe: Recipe, method: Method, f
             for t in plan.tensors:
                 writer.add_tensor(t.name, t.shape, t.fmt.ggml_type, t.nbytes)
             writer.write_header()
-            total = sum(t.nbytes for t in plan.tensors)
-            with _progress(quiet) as progress:
-                task = progress.add_task(f"converting to {output.name}", total=total)
-                for t in plan.tensors:
-                    if encoded is not None and t.name in encoded:  # already quantized (GPTQ)
-                        chunks = encoded.pop(t.name)
-                    else:
-                        chunks = (
-                            quantize(c, t.fmt, n_threads=threads, fit=Fit.SEARCH,
-                                     importance=importance(t.name, i) if importance else None)
-                            for i, c in enumerate(t.chunks())
-                        )
-                    writer.write_tensor_chunks(t.name, chunks)
-                    progress.advance(task, t.nbytes)
+            total, done, what = sum(t.nbytes for t in plan.tensors), 0, f"converting to {output.name}"
+            if progress:
+                progress(0, total, what)
+            for t in plan.tensors:
+                if encoded is not None and t.name in encoded:  # already quantized (GPTQ)
+                    chunks = encoded.pop(t.name)
+                else:
+                    chunks = (
+                        quantize(c, t.fmt, n_threads=threads, fit=Fit.SEARCH,
+                                 importance=importance(t.name, i) if importance else None)
+                        for i, c in enumerate(t.chunks())
+                    )
+                writer.write_tensor_chunks(t.name, chunks)
+                done += t.nbytes
+                if progress:
+                    progress(done, total, what)
             writer.patch_string("edgeai.source.sha256", checksum.result())
             writer.finish()
     log.info("wrote %s: %d tensors, %.1f MiB", output, len(plan.tensors), output.stat().st_size / 2**20)

@@ -158,6 +158,9 @@ class _Graph:
     counter: int = 0
     weight_bytes: int = 0  # bytes of weight initializers (codes + scales), for bits per weight
     n_weights: int = 0  # weights they encode
+    progress: Callable[[int, int, str], None] | None = None  # (weights encoded, weights planned, what)
+    planned: int = 0
+    what: str = ""
 
     def fresh(self, hint: str) -> str:
         self.counter += 1
@@ -196,6 +199,8 @@ class _Graph:
         if weights is not None:
             self.weight_bytes += array.nbytes
             self.n_weights += weights
+            if self.progress:
+                self.progress(min(self.n_weights, self.planned), self.planned, self.what)
         return name
 
     def const(self, hint: str, array: np.ndarray) -> str:
@@ -708,7 +713,7 @@ def export_onnx(
     device: str | None = None,
     accuracy_level: int | None = None,
     force: bool = False,
-    quiet: bool | None = None,
+    progress=None,
     trust_pickle: bool = False,
     threads: int = 0,
 ) -> Path:
@@ -732,7 +737,8 @@ def export_onnx(
         accuracy_level: MatMulNBits' compute type, overriding the device's: 4 quantizes activations
             to int8 (CPUs with int8 dot products: AVX2/VNNI, Arm dotprod), 0 computes in float32.
         force: replace `output` if it exists.
-        quiet: unused by the export (no progress bar); accepted for the same call as `convert`.
+        progress: called with (weights written, weights in all, what) as the graph's weights are
+            encoded (`converters.convert.Progress`); the CLI draws its bar with it.
         trust_pickle: allow PyTorch `.bin` checkpoints.
         threads: quantization threads; 0 uses every core.
 
@@ -795,7 +801,8 @@ def export_onnx(
         opts = _Options(quant, block_size, accuracy_level)
         plan.extra_recipe["device"] = device_name
         with atomic_output_dir(output, force=force, ours=OUTPUT_FILES) as tmp:
-            _write_folder(tmp, plan, opts, method, importance, encoded, threads, ort_version)
+            _write_folder(tmp, plan, opts, method, importance, encoded, threads, ort_version, progress,
+                          f"exporting to {output.name}")
         log.info("exported %s in %.1f s", output, time.perf_counter() - started)
         return output
     finally:
@@ -803,7 +810,7 @@ def export_onnx(
 
 
 def _write_folder(folder: Path, plan, opts: _Options, method: Method, importance, encoded, threads: int,
-                  ort_version: str) -> None:
+                  ort_version: str, progress=None, what: str = "") -> None:
     import onnx
     from onnx import helper
 
@@ -811,7 +818,8 @@ def _write_folder(folder: Path, plan, opts: _Options, method: Method, importance
     n_ctx = hp.n_ctx_train
     data = _ExternalData(folder / DATA_FILE)
     try:
-        g = _Graph(data)
+        planned = sum(int(np.prod(t.shape, dtype=np.int64)) for t in plan.tensors)
+        g = _Graph(data, progress=progress, planned=planned, what=what)
         w = _Weights(g, plan, opts, importance, encoded, threads)
         inputs, outputs = _build_graph(g, plan, w, n_ctx)
     finally:

@@ -123,14 +123,18 @@ def roofline(path: str | Path, n_past: int) -> Roofline | None:
 
 
 def bench(path: str | Path, backends: list[str], *, threads: int | None = None, n_prompt: int = 128, n_gen: int = 32,
-          repeats: int = 3, memory_budget: int | None = None, kv_cache: str | None = None) -> list[BenchResult]:
-    """Benchmark each backend in `backends` (same file, same threads, same budget in bytes, same KV
-    cache type), each in a fresh process."""
+          repeats: int = 3, memory_budget: int | str | None = None, kv_cache: str | None = None) -> list[BenchResult]:
+    """Benchmark each backend in `backends` (same file, same threads, same budget, same KV cache
+    type), each in a fresh process. "auto" stands for the backend `edgeai.load` would pick (the
+    result names the real one); memory_budget: bytes or "1.5GiB", "60%" (`edgeai.budget`)."""
+    from edgeai.budget import parse_budget
     from edgeai.devices import checked_threads
     from edgeai.options import checked_int
     from edgeai.runtimes.registry import resolve
 
     path = Path(path)
+    backends = [resolve(path).name if b == "auto" else b for b in backends]
+    memory_budget = parse_budget(memory_budget)
     threads = checked_threads(threads)
     checked_int("n_prompt (--prompt-tokens)", n_prompt, minimum=1, maximum=2**20)
     checked_int("n_gen (--gen-tokens)", n_gen, minimum=1, maximum=2**20)

@@ -315,4 +315,4 @@ def _reference_gguf(reference: Path, stack: contextlib.ExitStack) -> Path:
 
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgeai-eval-")))
     log.info("converting the reference %s to F32 in %s", reference, tmp)
-    return convert(reference, tmp / "reference-f32.gguf", outtype="f32", quiet=True)
+    return convert(reference, tmp / "reference-f32.gguf", outtype="f32")

@@ -243,9 +243,24 @@ class FitReport:
                 "estimates": [e.to_json() for e in self.estimates]}
 
 
-def fit(path: str | Path | None, device: DeviceProfile, *, budget: int | None = None, n_ctx: int | None = None) -> FitReport:
-    """Estimates for a GGUF artifact or a Hugging Face checkpoint folder on `device`."""
+def fit(path: str | Path | None, device: DeviceProfile | str, *, budget: int | str | None = None,
+        n_ctx: int | None = None) -> FitReport:
+    """Estimates for a GGUF artifact or a Hugging Face checkpoint folder on `device` (a profile, a
+    profile's name from `edgeai devices`, or "this" for this machine, detected). budget: bytes or
+    "1.5GiB", "60%" of the device's memory; None: the device's default budget."""
+    from edgeai.budget import parse_budget
     from edgeai.paths import default_model_path
+
+    if isinstance(device, str):
+        if device in ("this", "this-machine"):
+            from edgeai.devices.detect import detect
+
+            device = detect()
+        else:
+            from edgeai.devices import get_profile
+
+            device = get_profile(device)
+    budget = parse_budget(budget, total_memory=device.memory_bytes)
 
     path = Path(path) if path is not None else default_model_path()
     if not path.exists():

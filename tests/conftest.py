@@ -33,7 +33,7 @@ def tiny_chat_gguf(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_chat")
     folder = make_tiny_checkpoint(root / "hf", next(a for a in TINY_ARCHS if a.name == "smollm"))
-    return edgeai.convert(folder, root / "tiny-f32.gguf", outtype="f32", quiet=True)
+    return edgeai.convert(folder, root / "tiny-f32.gguf", outtype="f32")
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,31 @@ def test_progress_bar_on_a_terminal_only(tmp_path, tiny_gguf):
     assert "converting" not in piped.stderr and "wrote" in piped.stdout
 
 
+def test_library_progress_is_a_callback_and_draws_nothing(tmp_path, tiny_gguf, capfd):
+    """convert reports (bytes done, bytes in all, what) to `progress=`; the library prints nothing
+    (the bar above is the CLI's, edgeai/cli/progress.py)."""
+    import edgeai
+
+    calls = []
+    edgeai.convert(tiny_gguf, tmp_path / "p.gguf", outtype="f16", progress=lambda *a: calls.append(a))
+    assert calls[0][0] == 0 and calls[-1][0] == calls[-1][1] > 0 and calls[-1][2] == "converting to p.gguf"
+    assert [c[0] for c in calls] == sorted(c[0] for c in calls)
+    out, err = capfd.readouterr()
+    assert out == "" and "converting" not in err
+
+
+def test_flags_are_named_as_the_keyword_arguments(tiny_gguf):
+    """--temperature / --n-ctx / --n-prompt / --n-gen as the Python API's names; the old spellings stay."""
+    outs = []
+    for flags in (["--temperature", "0", "--n-ctx", "64"], ["--temp", "0", "--ctx", "64"]):
+        result = runner.invoke(app, ["run", str(tiny_gguf), "hi", "-n", "3", "-t", "1", "--raw", "--json", *flags])
+        assert result.exit_code == 0, result.output
+        outs.append(json.loads(result.output)["text"])
+    assert outs[0] == outs[1]
+    result = runner.invoke(app, ["run", str(tiny_gguf), "hi", "--n-ctx", "0"])
+    assert result.exit_code == 1 and "n_ctx" in result.output
+
+
 def test_no_top_level_quant_or_runtimes_module():
     """Top-level folders are mapped into the edgeai namespace; nothing installs `quant` or `runtimes`."""
     code = "import importlib.util as u; print([m for m in ('quant', 'runtimes', 'converters', 'devices') if u.find_spec(m)])"
@@ -147,7 +172,7 @@ def test_a_killed_conversion_leaves_no_output_and_the_next_run_cleans_up(tmp_pat
         time.sleep(1.0)  # leftovers younger than a second are left alone (a writer locks its file at once)
         import edgeai
 
-        edgeai.convert(tiny_gguf, out, quiet=True)
+        edgeai.convert(tiny_gguf, out)
         assert _partials(out) == [live] and live.read_bytes() == b"in progress"
         assert out.read_bytes()[:4] == b"GGUF"
     finally:

@@ -34,8 +34,8 @@ def tiny(tmp_path_factory):
     text.write_text("\n".join(line for line in corpus() if "<|" not in line), encoding="utf-8")
     return {
         "folder": folder,
-        "f32": edgeai.convert(folder, root / "f32.gguf", outtype="f32", quiet=True),
-        "q8_0": edgeai.convert(folder, root / "q8_0.gguf", outtype="q8_0", quiet=True),
+        "f32": edgeai.convert(folder, root / "f32.gguf", outtype="f32"),
+        "q8_0": edgeai.convert(folder, root / "q8_0.gguf", outtype="q8_0"),
         "text": text,
     }
 
@@ -97,7 +97,7 @@ def test_ppl_matches_transformers(tiny, tmp_path, add_bos):
         folder = shutil.copytree(folder, tmp_path / "with_bos")
         config = json.loads((folder / "tokenizer_config.json").read_text())
         (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
-    f32 = edgeai.convert(folder, tmp_path / "f32.gguf", outtype="f32", quiet=True)
+    f32 = edgeai.convert(folder, tmp_path / "f32.gguf", outtype="f32")
     ours = evaluate(f32, f32, tiny["text"], n_ctx=N_CTX, n_chunks=N_CHUNKS, threads=1).ppl
 
     text = tiny["text"].read_text(encoding="utf-8")
@@ -151,6 +151,6 @@ def test_missing_paths_are_named(tiny, tmp_path):
 def test_different_vocabularies_refused(tiny, tmp_path):
     """Same vocabulary size (400), different tokenizer: KL divergence would compare unrelated tokens."""
     other = make_tiny_checkpoint(tmp_path / "llama", ARCHS["llama"])
-    other_f32 = edgeai.convert(other, tmp_path / "llama.gguf", outtype="f32", quiet=True)
+    other_f32 = edgeai.convert(other, tmp_path / "llama.gguf", outtype="f32")
     with pytest.raises(OptionError, match="vocabularies differ.*llama.gguf"):
         evaluate(tiny["q8_0"], other_f32, tiny["text"], n_ctx=N_CTX, n_chunks=1)

@@ -61,7 +61,7 @@ def test_checkpoint_recipes_are_sized_as_the_converter_writes_them(tiny_chat_ggu
     report = fit(folder, device, n_ctx=256)
     sizes = {e.label: e.weights.total for e in report.estimates}
     assert sizes["f16"] > sizes["q8_0"] > sizes["q4_0"]
-    out = edgeai.convert(folder, tmp_path / "q4.gguf", quant="q4_k_m", quiet=True)
+    out = edgeai.convert(folder, tmp_path / "q4.gguf", quant="q4_k_m")
     from gguf import GGUFReader
 
     assert sizes["q4_k_m"] == sum(int(t.n_bytes) for t in GGUFReader(out).tensors)

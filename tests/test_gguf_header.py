@@ -48,7 +48,7 @@ def _key_at(data: bytes, key: bytes) -> int:
 def _all_refuse(bad, tmp_path, match: str) -> None:
     """inspect, fit, convert and the native backend refuse `bad` with the reader's message."""
     for call in (lambda: describe(bad), lambda: fit(bad, get_profile("pi5-8gb-sd")),
-                 lambda: edgeai.convert(bad, tmp_path / "out.gguf", quiet=True),
+                 lambda: edgeai.convert(bad, tmp_path / "out.gguf"),
                  lambda: edgeai.load(bad, backend="native")):
         with pytest.raises(EdgeAIError, match=match):  # BackendError from load, else CheckpointError
             call()
@@ -98,5 +98,5 @@ def test_metadata_that_is_not_utf8(tiny_chat_gguf, tmp_path):
     bad.write_bytes(bytes(data))
     assert describe(bad).tokenizer["tokens"] == len(tokens)
     with pytest.raises(CheckpointError, match=r"token.gguf: element \d+ of metadata tokenizer.ggml.tokens is not UTF-8"):
-        edgeai.convert(bad, tmp_path / "out.gguf", quiet=True)
+        edgeai.convert(bad, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()

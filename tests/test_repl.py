@@ -178,7 +178,7 @@ def test_a_refusing_chat_template_keeps_the_conversation(tiny_chat_gguf):
     from rich.console import Console
 
     from edgeai.model import Model
-    from edgeai.repl import Repl
+    from edgeai.cli.repl import Repl
 
     with edgeai.load(tiny_chat_gguf, backend="native", n_ctx=256, threads=1) as m:
         m.backend.chat_template = ("{% if messages[-1]['content'] == 'forbidden' %}{{ raise_exception('not that') }}"

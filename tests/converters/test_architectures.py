@@ -22,7 +22,7 @@ def tiny_models(tmp_path_factory):
 @pytest.mark.parametrize("arch", [a.name for a in TINY_ARCHS])
 def test_f32_matches_transformers(arch, tiny_models, tmp_path):
     folder = tiny_models[arch]
-    out = edgeai.convert(folder, tmp_path / f"{arch}.gguf", outtype="f32", quiet=True)
+    out = edgeai.convert(folder, tmp_path / f"{arch}.gguf", outtype="f32")
     llm = llama_cpp_model(out)
     rng = np.random.default_rng(1)
     tokens = [int(t) for t in rng.integers(3, llm.n_vocab(), PROMPT_LEN)]

@@ -45,7 +45,7 @@ def _nothing_written(out: Path) -> None:
 def test_missing_config(ckpt, tmp_path):
     (ckpt / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
-        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(ckpt, tmp_path / "o.gguf")
     _nothing_written(tmp_path / "o.gguf")
 
 
@@ -58,11 +58,11 @@ def test_missing_shard(ckpt, tmp_path):
     (ckpt / "model.safetensors").unlink()
     index = {"metadata": {}, "weight_map": {n: f"model-0000{1 if i < half else 2}-of-00002.safetensors" for i, n in enumerate(names)}}
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
-    out = edgeai.convert(ckpt, tmp_path / "sharded.gguf", outtype="f32", quiet=True)  # sharded works
+    out = edgeai.convert(ckpt, tmp_path / "sharded.gguf", outtype="f32")  # sharded works
     assert out.stat().st_size > 0
     (ckpt / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
-        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(ckpt, tmp_path / "o.gguf")
     _nothing_written(tmp_path / "o.gguf")
 
 
@@ -71,7 +71,7 @@ def test_unknown_architecture(ckpt, tmp_path):
     config["architectures"] = ["GPTBigCodeForCausalLM"]
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedArchitectureError, match="GPTBigCodeForCausalLM.*supported: .*Qwen3MoeForCausalLM"):
-        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(ckpt, tmp_path / "o.gguf")
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def test_unknown_architecture(ckpt, tmp_path):
 def test_tensor_problems_name_the_tensor(ckpt, tmp_path, edit, message):
     _edit_tensors(ckpt, edit)
     with pytest.raises(TensorError, match=message):
-        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(ckpt, tmp_path / "o.gguf")
     _nothing_written(tmp_path / "o.gguf")
 
 
@@ -99,7 +99,7 @@ def test_nan_in_weights_names_the_tensor(ckpt, tmp_path):
         t["model.layers.1.self_attn.v_proj.weight"][3, 4] = np.nan
     _edit_tensors(ckpt, poison)
     with pytest.raises(TensorError, match="'model.layers.1.self_attn.v_proj.weight' contains 1 NaN/Inf"):
-        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(ckpt, tmp_path / "o.gguf")
     _nothing_written(tmp_path / "o.gguf")
 
 
@@ -108,11 +108,11 @@ def test_truncated_safetensors(ckpt, tmp_path):
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 1000)
     with pytest.raises(CheckpointError, match="model.safetensors is truncated: tensor '.*' ends at byte"):
-        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(ckpt, tmp_path / "o.gguf")
     with open(path, "r+b") as f:
         f.truncate(5)
     with pytest.raises(CheckpointError, match="truncated"):
-        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(ckpt, tmp_path / "o.gguf")
 
 
 ENTRY = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
@@ -141,7 +141,7 @@ def test_malformed_safetensors_headers_name_the_file_and_tensor(ckpt, tmp_path, 
     raw = json.dumps(header).encode()
     (ckpt / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))
     with pytest.raises(CheckpointError, match=f"model.safetensors: {message}"):
-        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(ckpt, tmp_path / "o.gguf")
     _nothing_written(tmp_path / "o.gguf")
 
 
@@ -152,13 +152,13 @@ def test_truncated_gguf(ckpt, tmp_path):
     from edgeai.fit import fit
     from edgeai.inspect import describe
 
-    good = edgeai.convert(ckpt, tmp_path / "good.gguf", outtype="f32", quiet=True)
+    good = edgeai.convert(ckpt, tmp_path / "good.gguf", outtype="f32")
     data = good.read_bytes()
     for cut, why in ((10, "shorter than a GGUF header"), (len(data) // 50, r"truncated while reading .* \(at byte \d+\)"),
                      (len(data) - 100, "lies beyond the end of the file")):
         bad = tmp_path / f"cut{cut}.gguf"
         bad.write_bytes(data[:cut])
-        for call in (lambda: edgeai.convert(bad, tmp_path / "o.gguf", quiet=True), lambda: describe(bad),
+        for call in (lambda: edgeai.convert(bad, tmp_path / "o.gguf"), lambda: describe(bad),
                      lambda: fit(bad, get_profile("pi5-8gb-sd"))):
             with pytest.raises(CheckpointError, match=f"cut{cut}.gguf: .*{why}"):
                 call()
@@ -172,10 +172,10 @@ def test_pickle_refused_unless_trusted(ckpt, tmp_path):
     torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, ckpt / "pytorch_model.bin")
     (ckpt / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="--trust-pickle"):
-        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(ckpt, tmp_path / "o.gguf")
     _nothing_written(tmp_path / "o.gguf")
-    out = edgeai.convert(ckpt, tmp_path / "o.gguf", outtype="f32", quiet=True, trust_pickle=True)
-    reference = edgeai.convert(_safetensors_twin(ckpt, tensors, tmp_path), tmp_path / "ref.gguf", outtype="f32", quiet=True)
+    out = edgeai.convert(ckpt, tmp_path / "o.gguf", outtype="f32", trust_pickle=True)
+    reference = edgeai.convert(_safetensors_twin(ckpt, tensors, tmp_path), tmp_path / "ref.gguf", outtype="f32")
     assert _tensor_bytes(out) == _tensor_bytes(reference)
 
 
@@ -196,9 +196,9 @@ def test_output_exists_needs_force(ckpt, tmp_path):
     out = tmp_path / "o.gguf"
     out.write_bytes(b"precious")
     with pytest.raises(OutputError, match="--force"):
-        edgeai.convert(ckpt, out, quiet=True)
+        edgeai.convert(ckpt, out)
     assert out.read_bytes() == b"precious"
-    edgeai.convert(ckpt, out, quiet=True, force=True)
+    edgeai.convert(ckpt, out, force=True)
     assert out.read_bytes()[:4] == b"GGUF"
 
 
@@ -219,24 +219,24 @@ def test_interrupt_mid_write_leaves_nothing(ckpt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(convert_module, "quantize", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        edgeai.convert(ckpt, out, quiet=True, force=True)
+        edgeai.convert(ckpt, out, force=True)
     assert out.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
 
 
 def test_never_writes_over_its_source(ckpt, tmp_path):
     """convert X.gguf -o X.gguf --force used to overwrite its own source."""
-    gguf = edgeai.convert(ckpt, tmp_path / "m.gguf", outtype="f32", quiet=True)
+    gguf = edgeai.convert(ckpt, tmp_path / "m.gguf", outtype="f32")
     before = gguf.read_bytes()
     with pytest.raises(OutputError, match="the output .*m.gguf is the source .*m.gguf; converting would write over"):
-        edgeai.convert(gguf, gguf, outtype="q8_0", force=True, quiet=True)
+        edgeai.convert(gguf, gguf, outtype="q8_0", force=True)
     (tmp_path / "link.gguf").symlink_to(gguf)
     with pytest.raises(OutputError, match="is the source"):
-        edgeai.convert(gguf, tmp_path / "link.gguf", outtype="q8_0", force=True, quiet=True)
+        edgeai.convert(gguf, tmp_path / "link.gguf", outtype="q8_0", force=True)
     assert gguf.read_bytes() == before
     weights = (ckpt / "model.safetensors").read_bytes()
     with pytest.raises(OutputError, match="is model.safetensors of the source folder"):
-        edgeai.convert(ckpt, ckpt / "model.safetensors", force=True, quiet=True)
+        edgeai.convert(ckpt, ckpt / "model.safetensors", force=True)
     assert (ckpt / "model.safetensors").read_bytes() == weights
     assert not [p for p in tmp_path.rglob(".*")]
 
@@ -258,7 +258,7 @@ def tiny_disk(tmp_path):
 def test_disk_full_leaves_nothing(ckpt, tiny_disk):
     out = tiny_disk / "o.gguf"
     with pytest.raises(OutputError, match="could not write .*o.gguf.*nothing was written"):
-        edgeai.convert(ckpt, out, outtype="f32", quiet=True)
+        edgeai.convert(ckpt, out, outtype="f32")
     assert list(tiny_disk.iterdir()) == []
 
 
@@ -268,7 +268,7 @@ def test_moe_routing_mismatch_refused(pristine, tmp_path):
     config["norm_topk_prob"] = False
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="norm_topk_prob=False.*qwen3moe graph always renormalizes"):
-        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(ckpt, tmp_path / "o.gguf")
 
 
 def _set_config(ckpt: Path, **values) -> None:
@@ -281,7 +281,7 @@ def _set_config(ckpt: Path, **values) -> None:
 def test_config_claims_other_layers(ckpt, tmp_path, layers):
     _set_config(ckpt, num_hidden_layers=layers)
     with pytest.raises(TensorError, match=f"config.json: num_hidden_layers is {layers}, but the tensors hold 2 layer"):
-        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(ckpt, tmp_path / "o.gguf")
     _nothing_written(tmp_path / "o.gguf")
 
 
@@ -289,7 +289,7 @@ def test_config_claims_other_experts(pristine, tmp_path):
     ckpt = Path(shutil.copytree(pristine["qwen3_moe"], tmp_path / "moe"))
     _set_config(ckpt, num_local_experts=4000)
     with pytest.raises(TensorError, match="config.json: num_local_experts is 4000, but the tensors hold 4 expert"):
-        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(ckpt, tmp_path / "o.gguf")
 
 
 @pytest.mark.parametrize("key,value,expected", [
@@ -315,7 +315,7 @@ def test_config_values_out_of_bounds_are_refused_before_any_work(ckpt, tmp_path,
     _set_config(ckpt, **{key: value})
     t0 = time.perf_counter()
     with pytest.raises(CheckpointError, match=f"config.json: {expected}"):
-        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(ckpt, tmp_path / "o.gguf")
     assert time.perf_counter() - t0 < 5
     _nothing_written(tmp_path / "o.gguf")
 
@@ -338,11 +338,11 @@ def test_gguf_head_count_zero_is_refused_naming_the_key(ckpt, tmp_path):
     from edgeai.devices import get_profile
     from edgeai.fit import fit
 
-    good = edgeai.convert(ckpt, tmp_path / "good.gguf", outtype="f32", quiet=True)
+    good = edgeai.convert(ckpt, tmp_path / "good.gguf", outtype="f32")
     bad = _gguf_with(good, tmp_path / "bad.gguf", "llama.attention.head_count", 0)
     expected = "bad.gguf: llama.attention.head_count is 0, outside 1..4,096"
     with pytest.raises(CheckpointError, match=expected):
-        edgeai.convert(bad, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(bad, tmp_path / "o.gguf")
     _nothing_written(tmp_path / "o.gguf")
     with pytest.raises(CheckpointError, match=expected):
         fit(bad, get_profile("pi4-4gb"))
@@ -355,22 +355,22 @@ def test_missing_tokenizer(ckpt, tmp_path):
     for name in ("tokenizer.json", "tokenizer.model"):
         (ckpt / name).unlink()
     with pytest.raises(TokenizerError, match="no tokenizer.json or tokenizer.model"):
-        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(ckpt, tmp_path / "o.gguf")
 
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(CheckpointError, match="neither a Hugging Face checkpoint folder nor a .gguf"):
-        edgeai.convert(tmp_path / "notes.txt", tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(tmp_path / "notes.txt", tmp_path / "o.gguf")
     with pytest.raises(CheckpointError, match="does not exist"):
-        edgeai.convert(tmp_path / "nowhere", tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(tmp_path / "nowhere", tmp_path / "o.gguf")
 
 
 def test_output_gets_ordinary_permissions(ckpt, tmp_path):
     """The temporary file is renamed into place: it must not keep mkstemp's private 0600 mode."""
     old = os.umask(0o022)
     try:
-        out = edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        out = edgeai.convert(ckpt, tmp_path / "o.gguf")
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
@@ -381,4 +381,4 @@ def test_head_counts_must_group(ckpt, tmp_path):
     config["num_key_value_heads"] = 3
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="num_attention_heads 4 is not a multiple of num_key_value_heads 3"):
-        edgeai.convert(ckpt, tmp_path / "o.gguf", quiet=True)
+        edgeai.convert(ckpt, tmp_path / "o.gguf")

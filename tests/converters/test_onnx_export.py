@@ -383,7 +383,7 @@ def test_prune_matches_the_pruned_gguf(tiny_models, tmp_path):
     calib.write_text("\n".join(corpus()[:200]), encoding="utf-8")
     src, steps = tiny_models["smollm"], "layers:1,wanda:2:4"
     onnx_out = edgeai.convert(src, tmp_path / "pruned", format="onnx", quant="fp32", prune=steps, calib=calib, calib_ctx=64)
-    gguf = edgeai.convert(src, tmp_path / "pruned.gguf", outtype="f32", prune=steps, calib=calib, calib_ctx=64, quiet=True)
+    gguf = edgeai.convert(src, tmp_path / "pruned.gguf", outtype="f32", prune=steps, calib=calib, calib_ctx=64)
     recipe = _recipe(onnx_out)
     assert recipe["pruning"]["layers"]["block_count"] == [2, 1] and recipe["pruning"]["weights"]["pattern"] == "2:4"
     assert json.loads((onnx_out / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == 1

@@ -15,8 +15,8 @@ ARCHS = {a.name: a for a in TINY_ARCHS}
 @pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
 def test_q8_0_bytes_match_gguf_py_and_run(arch, tmp_path):
     folder = make_tiny_checkpoint(tmp_path / arch, ARCHS[arch])
-    f32 = edgeai.convert(folder, tmp_path / "f32.gguf", outtype="f32", quiet=True)
-    q8 = edgeai.convert(folder, tmp_path / "q8.gguf", outtype="q8_0", quiet=True)
+    f32 = edgeai.convert(folder, tmp_path / "f32.gguf", outtype="f32")
+    q8 = edgeai.convert(folder, tmp_path / "q8.gguf", outtype="q8_0")
     reference = {t.name: t for t in GGUFReader(f32).tensors}
     n_q8 = 0
     for t in GGUFReader(q8).tensors:
@@ -42,7 +42,7 @@ def test_q8_0_bytes_match_gguf_py_and_run(arch, tmp_path):
 def test_row_length_not_a_block_multiple_falls_back_to_f16(tmp_path):
     """hidden_size 72 is not a multiple of 32: llama.cpp's own rule is to keep such rows in F16."""
     folder = make_tiny_checkpoint(tmp_path / "odd", ARCHS["qwen3"], hidden_size=72, head_dim=18)
-    out = edgeai.convert(folder, tmp_path / "q8.gguf", outtype="q8_0", quiet=True)
+    out = edgeai.convert(folder, tmp_path / "q8.gguf", outtype="q8_0")
     types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
     assert types["blk.0.attn_q.weight"] == GGMLQuantizationType.F16  # rows of 72
     assert types["blk.0.ffn_down.weight"] == GGMLQuantizationType.Q8_0  # rows of 96

@@ -59,7 +59,7 @@ def test_gguf_source_reencoded(tmp_path):
     from gguf.quants import dequantize
 
     original = default_model_path()
-    out = edgeai.convert(original, tmp_path / "f16.gguf", outtype="f16", quiet=True)
+    out = edgeai.convert(original, tmp_path / "f16.gguf", outtype="f16")
     src, dst = GGUFReader(original), GGUFReader(out)
     dst_tensors = {t.name: t for t in dst.tensors}
     assert set(dst_tensors) == {t.name for t in src.tensors}

@@ -32,7 +32,7 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_tokenization_matches_hf(kind, checkpoints, tmp_path):
     folder = checkpoints[kind]
-    out = edgeai.convert(folder, tmp_path / "m.gguf", outtype="f16", quiet=True)
+    out = edgeai.convert(folder, tmp_path / "m.gguf", outtype="f16")
     llm = llama_cpp_model(out, n_ctx=64)
     ours = llm.tokenize(VARIED_TEXT.encode(), add_bos=False, special=True)
     assert ours == _hf_tokens(folder, VARIED_TEXT)
@@ -44,7 +44,7 @@ def test_tokenization_matches_hf(kind, checkpoints, tmp_path):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_metadata_written_as_llama_cpp_reads_it(kind, checkpoints, tmp_path):
-    out = edgeai.convert(checkpoints[kind], tmp_path / "m.gguf", outtype="f16", quiet=True)
+    out = edgeai.convert(checkpoints[kind], tmp_path / "m.gguf", outtype="f16")
     fields = GGUFReader(out).fields
     value = lambda key: fields[key].contents()  # noqa: E731
     assert value("tokenizer.ggml.model") == ("llama" if kind == "spm" else "gpt2")
@@ -64,7 +64,7 @@ def test_metadata_written_as_llama_cpp_reads_it(kind, checkpoints, tmp_path):
 
 def test_chat_template_renders_in_llama_cpp(checkpoints, tmp_path):
     """llama.cpp applies the template stored in the file (llama_chat_apply_template)."""
-    out = edgeai.convert(checkpoints["qwen2"], tmp_path / "m.gguf", outtype="f16", quiet=True)
+    out = edgeai.convert(checkpoints["qwen2"], tmp_path / "m.gguf", outtype="f16")
     llm = llama_cpp_model(out, n_ctx=64)
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 

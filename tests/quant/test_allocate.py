@@ -32,7 +32,7 @@ def test_hull_keeps_only_efficient_options():
 
 @pytest.mark.parametrize("target", [4.8, 6.0])
 def test_target_met_and_beats_a_uniform_recipe_of_the_same_size(wide, tmp_path, target):
-    out = edgeai.convert(wide, tmp_path / "t.gguf", quant="q4_0", target_bpw=target, quiet=True)
+    out = edgeai.convert(wide, tmp_path / "t.gguf", quant="q4_0", target_bpw=target)
     summary = describe_gguf(out)
     assert target - 0.35 < summary.bits_per_weight <= target
     recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
@@ -40,9 +40,9 @@ def test_target_met_and_beats_a_uniform_recipe_of_the_same_size(wide, tmp_path, 
     assert len(set(recipe["tensor_types"].values())) > 2  # a real mix
 
     tokens = list(range(3, 60))
-    ref = llama_cpp_logits(llama_cpp_model(edgeai.convert(wide, tmp_path / "f32.gguf", outtype="f32", quiet=True)), tokens)
+    ref = llama_cpp_logits(llama_cpp_model(edgeai.convert(wide, tmp_path / "f32.gguf", outtype="f32")), tokens)
     uniform_name = "q4_0" if target < 5 else "q5_1"  # 4.5+ and 6.0 bits: the closest uniform types
-    uniform = edgeai.convert(wide, tmp_path / "u.gguf", quant=uniform_name, quiet=True)
+    uniform = edgeai.convert(wide, tmp_path / "u.gguf", quant=uniform_name)
     assert describe_gguf(uniform).bits_per_weight >= summary.bits_per_weight - 0.35
     err = lambda path: float(np.mean((llama_cpp_logits(llama_cpp_model(path), tokens) - ref) ** 2))  # noqa: E731
     assert err(out) < err(uniform)
@@ -51,7 +51,7 @@ def test_target_met_and_beats_a_uniform_recipe_of_the_same_size(wide, tmp_path, 
 
 def test_unreachable_target_names_the_smallest(wide, tmp_path):
     with pytest.raises(OptionError, match=r"--target-bpw 2.0 cannot be reached: the smallest mix .* is \d+\.\d+ bits"):
-        edgeai.convert(wide, tmp_path / "t.gguf", quant="q4_0", target_bpw=2.0, quiet=True)
+        edgeai.convert(wide, tmp_path / "t.gguf", quant="q4_0", target_bpw=2.0)
     assert not (tmp_path / "t.gguf").exists()
     with pytest.raises(OptionError, match="drop --outtype"):
         edgeai.convert(wide, tmp_path / "t.gguf", outtype="f16", target_bpw=5.0)
@@ -59,14 +59,14 @@ def test_unreachable_target_names_the_smallest(wide, tmp_path):
 
 def test_target_types_limit_the_mix(wide, tmp_path):
     out = edgeai.convert(wide, tmp_path / "t.gguf", quant="q4_0", target_bpw=5.5, target_types=["q4_0", "q8_0"],
-                         quiet=True, threads=1)
+                         threads=1)
     recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
     assert recipe["target_types"] == ["q4_0", "q8_0"]
     assert {v for k, v in recipe["tensor_types"].items() if v != "f32"} == {"q4_0", "q8_0"}
     with pytest.raises(OptionError, match="unknown tensor type 'q9_9'"):
-        edgeai.convert(wide, tmp_path / "u.gguf", target_bpw=5.5, target_types=["q9_9"], quiet=True)
+        edgeai.convert(wide, tmp_path / "u.gguf", target_bpw=5.5, target_types=["q9_9"])
     with pytest.raises(OptionError, match="needs block types"):
-        edgeai.convert(wide, tmp_path / "u.gguf", target_bpw=5.5, target_types=["f16"], quiet=True)
+        edgeai.convert(wide, tmp_path / "u.gguf", target_bpw=5.5, target_types=["f16"])
     with pytest.raises(OptionError, match="give --target-bpw too"):
-        edgeai.convert(wide, tmp_path / "u.gguf", quant="q4_0", target_types=["q4_0"], quiet=True)
+        edgeai.convert(wide, tmp_path / "u.gguf", quant="q4_0", target_types=["q4_0"])
     assert not (tmp_path / "u.gguf").exists()

@@ -129,7 +129,7 @@ def test_awq_lowers_layer_output_error_on_a_tiny_model(calib, tmp_path):
     files = {}
     for method in ("rtn", "imatrix", "awq"):
         files[method] = edgeai.convert(folder, tmp_path / f"{method}.gguf", quant="q4_0", method=method,
-                                       calib=None if method == "rtn" else calib, calib_ctx=128, quiet=True, threads=1)
+                                       calib=None if method == "rtn" else calib, calib_ctx=128, threads=1)
     plan = open_plan(folder, "f32")
     try:
         held_out = calibration_set(plan, "\n".join(corpus()[400:520]), n_ctx=128, max_tokens=1024).chunks
@@ -146,7 +146,7 @@ def test_awq_lowers_layer_output_error_on_a_tiny_model(calib, tmp_path):
 def test_awq_file_runs_in_llama_cpp(arch, calib, tmp_path):
     folder = make_tiny_checkpoint(tmp_path / arch, ARCHS[arch], **(WIDE if arch == "smollm" else {}))
     out = edgeai.convert(folder, tmp_path / "a.gguf", quant="q4_k_m", method="awq", calib=calib, calib_ctx=128,
-                         quiet=True, threads=1)
+                         threads=1)
     recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
     assert recipe["method"] == "awq" and recipe["calibration"]["n_ctx"] == 128 and "alphas" in recipe["awq"]
     assert len(llama_cpp_greedy(llama_cpp_model(out, n_ctx=64), list(range(3, 30)), 8)) == 8
@@ -156,7 +156,7 @@ def test_awq_with_a_size_target(calib, tmp_path):
     """--target-bpw sizes the mix on the unscaled weights, then AWQ scales within the chosen types."""
     folder = make_tiny_checkpoint(tmp_path / "m", ARCHS["qwen2"])
     out = edgeai.convert(folder, tmp_path / "t.gguf", target_bpw=6.0, target_types=["q4_0", "iq4_nl", "q8_0"],
-                         method="awq", calib=calib, calib_ctx=64, quiet=True, threads=1)
+                         method="awq", calib=calib, calib_ctx=64, threads=1)
     recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
     assert recipe["method"] == "awq" and recipe["bits_per_weight"] <= 6.0 and "alphas" in recipe["awq"]
     assert len(llama_cpp_greedy(llama_cpp_model(out, n_ctx=64), list(range(3, 30)), 8)) == 8

@@ -178,7 +178,7 @@ def test_collect_statistics(tiny_models, plan_of):
 
 def test_gguf_source_gives_the_same_statistics(tiny_models, plan_of, tmp_path):
     """A GGUF (tied output, rope_freqs from the file) is tokenized by llama.cpp and run the same way."""
-    gguf = edgeai.convert(tiny_models["llama3"], tmp_path / "llama3.gguf", outtype="f32", quiet=True)
+    gguf = edgeai.convert(tiny_models["llama3"], tmp_path / "llama3.gguf", outtype="f32")
     from_hf, from_gguf = plan_of("llama3"), open_plan(gguf, "f32")
     try:
         assert "output.weight" not in {t.name for t in from_gguf.tensors}

@@ -80,8 +80,7 @@ def test_gptq_lowers_layer_output_error_on_a_tiny_model(wide):
 def test_gptq_file_runs_in_llama_cpp(arch, wide, tmp_path):
     _, calib = wide
     folder = make_tiny_checkpoint(tmp_path / arch, ARCHS[arch], **(WIDE if arch == "smollm" else {}))
-    out = edgeai.convert(folder, tmp_path / "g.gguf", quant="q4_k_m", method="gptq", calib=calib, calib_ctx=128,
-                         quiet=True)
+    out = edgeai.convert(folder, tmp_path / "g.gguf", quant="q4_k_m", method="gptq", calib=calib, calib_ctx=128)
     recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
     assert recipe["method"] == "gptq" and recipe["calibration"]["n_ctx"] == 128
     assert len(llama_cpp_greedy(llama_cpp_model(out, n_ctx=64), list(range(3, 30)), 8)) == 8
@@ -94,13 +93,13 @@ def test_gptq_refuses_iq4_types(tmp_path):
     calib.write_text("\n".join(corpus()[:60]), encoding="utf-8")
     folder = make_tiny_checkpoint(tmp_path / "m", ARCHS["smollm"])
     with pytest.raises(OptionError, match="--method gptq does not write iq4_nl"):
-        edgeai.convert(folder, tmp_path / "g.gguf", quant="iq4_nl", method="gptq", calib=calib, calib_ctx=64, quiet=True)
+        edgeai.convert(folder, tmp_path / "g.gguf", quant="iq4_nl", method="gptq", calib=calib, calib_ctx=64)
     with pytest.raises(OptionError, match="leave them out of --target-types"):
         edgeai.convert(folder, tmp_path / "g.gguf", target_bpw=5.0, target_types=["q4_0", "iq4_xs"], method="gptq",
-                       calib=calib, quiet=True)
+                       calib=calib)
     assert not (tmp_path / "g.gguf").exists()
     # without --target-types, a size target under GPTQ picks among the types it can write
     out = edgeai.convert(folder, tmp_path / "t.gguf", target_bpw=6.0, method="gptq", calib=calib, calib_ctx=64,
-                         quiet=True, threads=1)
+                         threads=1)
     types = set(json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())["tensor_types"].values())
     assert not types & {"iq4_nl", "iq4_xs"}, types

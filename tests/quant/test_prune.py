@@ -201,9 +201,9 @@ def test_expert_loss_is_the_block_output_lost_by_dropping_it(models):
 def test_wanda_n_m_and_layers_file_agrees_and_runs(models, tmp_path):
     """layers:2 + wanda:2:4 on a 4-block model: block_count 2, blocks renumbered, every prunable
     matrix exactly 2:4 sparse, the rest equal to the unpruned file, runs in llama.cpp."""
-    dense = edgeai.convert(models["dense"], tmp_path / "dense.gguf", outtype="f32", quiet=True)
+    dense = edgeai.convert(models["dense"], tmp_path / "dense.gguf", outtype="f32")
     out = edgeai.convert(models["dense"], tmp_path / "p.gguf", outtype="f32", prune="layers:2,wanda:2:4",
-                         calib=models["calib"], calib_ctx=128, quiet=True)
+                         calib=models["calib"], calib_ctx=128)
     fields = _fields(out)
     recipe = json.loads(fields["edgeai.recipe"])["pruning"]
     assert fields["llama.block_count"] == 2 and recipe["spec"] == "layers:2,wanda:2:4"
@@ -228,9 +228,9 @@ def test_wanda_n_m_and_layers_file_agrees_and_runs(models, tmp_path):
 @pytest.mark.parametrize("spec", ["magnitude:0.3", "wanda:0.5"])
 def test_unstructured_file_sparsity_per_tensor(models, tmp_path, spec):
     out = edgeai.convert(models["dense"], tmp_path / "u.gguf", outtype="f32", prune=spec, calib=models["calib"]
-                         if spec.startswith("wanda") else None, calib_ctx=128, quiet=True)
+                         if spec.startswith("wanda") else None, calib_ctx=128)
     sparsity = float(spec.split(":")[1])
-    before = _tensors(edgeai.convert(models["dense"], tmp_path / "d.gguf", outtype="f32", quiet=True))
+    before = _tensors(edgeai.convert(models["dense"], tmp_path / "d.gguf", outtype="f32"))
     for name, data in _tensors(out).items():
         zeros = np.count_nonzero(data == 0)
         if not prunable(name):
@@ -247,11 +247,10 @@ def test_expert_pruning_slices_experts_and_router(models, tmp_path, spec):
     """experts:0.5 on a 4-expert top-2 model, from the checkpoint and from its GGUF: 2 experts
     per block, the kept experts' and router rows' data unchanged, the same file either way."""
     moe, calib = models["moe"], models["calib"]
-    full = edgeai.convert(moe, tmp_path / "full.gguf", outtype="f32", quiet=True)
-    out = edgeai.convert(moe, tmp_path / "e.gguf", outtype="f32", prune=spec, calib=calib, calib_ctx=64,
-                         quiet=True)
+    full = edgeai.convert(moe, tmp_path / "full.gguf", outtype="f32")
+    out = edgeai.convert(moe, tmp_path / "e.gguf", outtype="f32", prune=spec, calib=calib, calib_ctx=64)
     from_gguf = edgeai.convert(full, tmp_path / "g.gguf", outtype="f32", prune=spec, calib=calib,
-                               calib_ctx=64, quiet=True)
+                               calib_ctx=64)
     fields = _fields(out)
     assert fields["qwen3moe.expert_count"] == 2 and fields["qwen3moe.expert_used_count"] == 2
     dropped = json.loads(fields["edgeai.recipe"])["pruning"]["experts"]["dropped"]
@@ -271,7 +270,7 @@ def test_expert_pruning_slices_experts_and_router(models, tmp_path, spec):
 
 def test_expert_used_count_follows_when_fewer_experts_remain(models, tmp_path):
     out = edgeai.convert(models["moe"], tmp_path / "one.gguf", outtype="f16", prune="experts:0.75",
-                         calib=models["calib"], calib_ctx=64, quiet=True)
+                         calib=models["calib"], calib_ctx=64)
     fields = _fields(out)
     assert fields["qwen3moe.expert_count"] == 1 and fields["qwen3moe.expert_used_count"] == 1
     assert json.loads(fields["edgeai.recipe"])["pruning"]["experts"]["expert_used_count"] == [2, 1]
@@ -313,6 +312,5 @@ def test_cli_prune_then_quantize(models, tmp_path):
 def test_bad_input_is_refused_and_nothing_written(models, tmp_path, model, spec, calib, why):
     out = tmp_path / "bad.gguf"
     with pytest.raises(OptionError, match=why):
-        edgeai.convert(models[model], out, outtype="f16", prune=spec, calib=models["calib"] if calib else None,
-                       quiet=True)
+        edgeai.convert(models[model], out, outtype="f16", prune=spec, calib=models["calib"] if calib else None)
     assert list(tmp_path.iterdir()) == []

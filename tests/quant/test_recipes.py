@@ -71,7 +71,7 @@ def test_bad_recipes_are_refused():
 
 @pytest.mark.parametrize("name", [n for n in RECIPES if n not in ("f32", "bf16")])
 def test_every_preset_loads_and_generates_in_llama_cpp(name, wide_llama, tmp_path):
-    out = edgeai.convert(wide_llama, tmp_path / f"{name}.gguf", quant=name, quiet=True)
+    out = edgeai.convert(wide_llama, tmp_path / f"{name}.gguf", quant=name)
     llm = llama_cpp_model(out, n_ctx=64)
     assert len(llama_cpp_greedy(llm, list(range(3, 30)), 8)) == 8
     types = _types(out)
@@ -86,10 +86,10 @@ def test_quantized_logits_stay_close_in_llama_cpp(wide_llama, tmp_path):
     IQ4_NL's grid below Q4_0's at the same size (llama.cpp reads our IQ4 blocks as we mean them).
     A random 8-layer model amplifies weight noise, so only the order is meaningful here."""
     tokens = list(range(3, 60))
-    ref = llama_cpp_logits(llama_cpp_model(edgeai.convert(wide_llama, tmp_path / "f32.gguf", outtype="f32", quiet=True)), tokens)
+    ref = llama_cpp_logits(llama_cpp_model(edgeai.convert(wide_llama, tmp_path / "f32.gguf", outtype="f32")), tokens)
     errors = {}
     for name in ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "iq4_nl", "iq4_xs"):
-        out = edgeai.convert(wide_llama, tmp_path / f"{name}.gguf", quant=name, quiet=True)
+        out = edgeai.convert(wide_llama, tmp_path / f"{name}.gguf", quant=name)
         errors[name] = float(np.sqrt(np.mean((llama_cpp_logits(llama_cpp_model(out), tokens) - ref) ** 2)))
     ordered = [errors[n] for n in ("q8_0", "q6_k", "q5_k_m", "q4_k_m")]
     assert ordered == sorted(ordered), errors
@@ -132,7 +132,7 @@ def test_imatrix_lowers_layer_output_error(wide_llama, calib_file):
 
 def test_imatrix_conversion_records_calibration(wide_llama, calib_file, tmp_path):
     out = edgeai.convert(wide_llama, tmp_path / "im.gguf", quant="q4_k_m", method="imatrix", calib=calib_file,
-                         calib_ctx=128, quiet=True)
+                         calib_ctx=128)
     recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
     import hashlib
 
@@ -144,9 +144,9 @@ def test_imatrix_conversion_records_calibration(wide_llama, calib_file, tmp_path
 
 def test_calibration_options_checked(wide_llama, calib_file, tmp_path):
     with pytest.raises(OptionError, match="--method imatrix needs a calibration text"):
-        edgeai.convert(wide_llama, tmp_path / "a.gguf", quant="q4_0", method="imatrix", quiet=True)
+        edgeai.convert(wide_llama, tmp_path / "a.gguf", quant="q4_0", method="imatrix")
     with pytest.raises(OptionError, match="--method rtn ignores it"):
-        edgeai.convert(wide_llama, tmp_path / "a.gguf", quant="q4_0", calib=calib_file, quiet=True)
+        edgeai.convert(wide_llama, tmp_path / "a.gguf", quant="q4_0", calib=calib_file)
     with pytest.raises(OptionError, match="calibration text .*nowhere.txt does not exist"):
         edgeai.convert(wide_llama, tmp_path / "a.gguf", quant="q4_0", method="imatrix", calib=tmp_path / "nowhere.txt")
     with pytest.raises(OptionError, match="either --outtype .* or --quant"):
@@ -156,7 +156,7 @@ def test_calibration_options_checked(wide_llama, calib_file, tmp_path):
     from edgeai.errors import CalibrationError
 
     with pytest.raises(CalibrationError, match="tokens long"):
-        edgeai.convert(wide_llama, tmp_path / "a.gguf", quant="q4_0", method="imatrix", calib=short, quiet=True)
+        edgeai.convert(wide_llama, tmp_path / "a.gguf", quant="q4_0", method="imatrix", calib=short)
     assert not (tmp_path / "a.gguf").exists()
 
 
@@ -166,9 +166,9 @@ def test_imatrix_is_skipped_when_no_type_uses_it(wide_llama, calib_file, tmp_pat
 
     start = time.perf_counter()
     out = edgeai.convert(wide_llama, tmp_path / "im.gguf", quant="q8_0", method="imatrix", calib=calib_file,
-                         calib_ctx=128, quiet=True, threads=1)
+                         calib_ctx=128, threads=1)
     took = time.perf_counter() - start
-    rtn = edgeai.convert(wide_llama, tmp_path / "rtn.gguf", quant="q8_0", quiet=True, threads=1)
+    rtn = edgeai.convert(wide_llama, tmp_path / "rtn.gguf", quant="q8_0", threads=1)
     recipe = json.loads(GGUFReader(out).fields["edgeai.recipe"].contents())
     assert recipe["method"] == "imatrix" and "skipped" in recipe["calibration"]
     a, b = ({t.name: bytes(t.data) for t in GGUFReader(p).tensors} for p in (out, rtn))

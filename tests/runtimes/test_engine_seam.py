@@ -21,7 +21,7 @@ def tiny_llamas(tmp_path_factory):
     root = tmp_path_factory.mktemp("seam")
     spec = next(a for a in TINY_ARCHS if a.name == "llama")
     return {n: edgeai.convert(make_tiny_checkpoint(root / f"llama{n}", spec, head_dim=32, num_hidden_layers=n),
-                              root / f"llama{n}.gguf", outtype="f32", quiet=True) for n in (1, 2)}
+                              root / f"llama{n}.gguf", outtype="f32") for n in (1, 2)}
 
 
 def _mask(n_vocab: int, ids) -> np.ndarray:

@@ -34,7 +34,7 @@ def moe_ggufs(tmp_path_factory):
     for arch in MOE_ARCHS:
         experts = {"num_local_experts": 8} if arch.name == "mixtral" else {"num_experts": 8}
         ckpt = make_tiny_checkpoint(root / arch.name, arch, num_hidden_layers=3, **experts)
-        out[arch.name] = convert(ckpt, root / f"{arch.name}.gguf", outtype="q8_0", quiet=True)
+        out[arch.name] = convert(ckpt, root / f"{arch.name}.gguf", outtype="q8_0")
     return out
 
 
@@ -304,7 +304,7 @@ def dense_gguf(tmp_path_factory):
     root = tmp_path_factory.mktemp("dense-stream")
     arch = next(a for a in TINY_ARCHS if a.name == "qwen2")
     return convert(make_tiny_checkpoint(root / "qwen2", arch, num_hidden_layers=8), root / "qwen2.gguf",
-                   outtype="q8_0", quiet=True)
+                   outtype="q8_0")
 
 
 @pytest.mark.parametrize("which", ["dense", "moe"])

@@ -93,7 +93,7 @@ def test_engine_runs_on_aarch64_and_matches_this_machine(engine, tmp_path, arch,
     (NEON + dot product + i8mm, 2 threads) under qemu gives the logits this machine's engine gives."""
     spec = next(a for a in TINY_ARCHS if a.name == arch)
     overrides = {"head_dim": 32} if kv == "q8_0" else {}
-    gguf = convert(make_tiny_checkpoint(tmp_path / arch, spec, **overrides), tmp_path / f"{arch}.gguf", quiet=True, **weights)
+    gguf = convert(make_tiny_checkpoint(tmp_path / arch, spec, **overrides), tmp_path / f"{arch}.gguf", **weights)
     config = engine_config(read_header(gguf))
     (tmp_path / "config.txt").write_text("".join(f"{k} {float(v)}\n" for k, v in config.items()))
     tokens = np.random.default_rng(3).integers(3, 300, 40).astype("<i4")

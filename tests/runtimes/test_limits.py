@@ -184,7 +184,7 @@ def test_resource_knobs_are_bounded_before_anything_starts(tiny_chat_gguf):
     for kwargs, message in (({"threads": -1}, "threads must be a whole number >= 0"),
                             ({"calib_ctx": 1}, "calib_ctx"), ({"calib_ctx": MAX_CALIB_CTX + 1}, "calib_ctx")):
         with pytest.raises(OptionError, match=message):
-            edgeai.convert(tiny_chat_gguf, tiny_chat_gguf.parent / "never.gguf", quiet=True, **kwargs)
+            edgeai.convert(tiny_chat_gguf, tiny_chat_gguf.parent / "never.gguf", **kwargs)
     assert not (tiny_chat_gguf.parent / "never.gguf").exists()
 
 

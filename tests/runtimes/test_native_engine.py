@@ -36,7 +36,7 @@ def tiny_ggufs(tmp_path_factory):
     out = {}
     for arch in TINY_ARCHS:
         ckpt = make_tiny_checkpoint(root / arch.name, arch)
-        out[arch.name] = convert(ckpt, root / f"{arch.name}.gguf", outtype="f32", quiet=True)
+        out[arch.name] = convert(ckpt, root / f"{arch.name}.gguf", outtype="f32")
     return out
 
 
@@ -72,7 +72,7 @@ def smollm2(tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2-native")
     recipes = {"f16": dict(outtype="f16"), "q8_0": dict(outtype="q8_0"), "q4_0": dict(quant="q4_0"),
                "q4_k": dict(quant="q4_k_m")}
-    return {k: convert(default_model_path(), root / f"{k}.gguf", quiet=True, **kw) for k, kw in recipes.items()}
+    return {k: convert(default_model_path(), root / f"{k}.gguf", **kw) for k, kw in recipes.items()}
 
 
 def _prompt(backend: NativeBackend, n: int) -> list[int]:

@@ -67,13 +67,15 @@ def convert(
     device: Optional[str] = typer.Option(None, "--device", help="ONNX: the device profile (`edgeai devices`) whose CPU sets MatMulNBits' accuracy_level (default: this machine)."),
 ) -> None:
     """Convert a checkpoint to GGUF, or to an ONNX folder for onnxruntime."""
+    from edgeai.cli.progress import progress_bar
     from edgeai.converters.convert import convert as run_convert
 
     try:
-        path = run_convert(src, output, outtype=outtype, quant=quant, method=method, calib=calib, calib_ctx=calib_ctx,
-                           target_bpw=target_bpw, target_types=target_types.split(",") if target_types else None,
-                           format=format, block_size=block_size, prune=prune, device=device,
-                           force=force, quiet=True if quiet else None, trust_pickle=trust_pickle, threads=threads)
+        with progress_bar(quiet) as progress:
+            path = run_convert(src, output, outtype=outtype, quant=quant, method=method, calib=calib, calib_ctx=calib_ctx,
+                               target_bpw=target_bpw, target_types=target_types.split(",") if target_types else None,
+                               format=format, block_size=block_size, prune=prune, device=device,
+                               force=force, progress=progress, trust_pickle=trust_pickle, threads=threads)
     except EdgeAIError as exc:
         _fail(exc)
     except (KeyboardInterrupt, Terminated) as exc:
@@ -148,8 +150,8 @@ def eval_command(
     artifact: Path = typer.Argument(..., help="The .gguf file or ONNX folder to judge."),
     reference: Path = typer.Option(..., "--reference", "-r", help="F16/F32 .gguf or Hugging Face folder it should match."),
     text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
-    n_ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk; the second half of each chunk is scored."),
-    n_chunks: Optional[int] = typer.Option(None, "--chunks", help="Score only the first N chunks (default: all)."),
+    n_ctx: int = typer.Option(512, "--n-ctx", "--ctx", help="Tokens per chunk; the second half of each chunk is scored."),
+    n_chunks: Optional[int] = typer.Option(None, "--n-chunks", "--chunks", help="Score only the first N chunks (default: all)."),
     threads: int = typer.Option(0, "--threads", "-t", help="llama.cpp threads (0: all cores)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
@@ -189,12 +191,12 @@ def eval_command(
     Console().print(table)
 
 
-# -- running models (edgeai/repl.py, edgeai/show.py) ---------------------------------------------
+# -- running models (edgeai/cli/repl.py, edgeai/cli/show.py) ---------------------------------------------
 _MODEL_OPTS = dict(
     backend=typer.Option("auto", "--backend", help="auto, native, llama.cpp or onnxruntime."),
     memory_budget=typer.Option(None, "--memory-budget", help="e.g. 1.5GiB, 800MB, 60% (default: the device's)."),
     device=typer.Option(None, "--device", help="A profile from `edgeai devices`: sets threads and budget."),
-    n_ctx=typer.Option(None, "--ctx", help="Context positions (default 2048, at most the model's)."),
+    n_ctx=typer.Option(None, "--n-ctx", "--ctx", help="Context positions (default 2048, at most the model's)."),
     threads=typer.Option(None, "--threads", "-t", help="Threads (default: the device's, else one per performance core)."),
     kv_cache=typer.Option(None, "--kv-cache", help="KV cache type: f16 (default) or q8_0 (about half the memory)."),
 )
@@ -217,7 +219,7 @@ def run(
                                            "(where it has one; --raw for plain completion)."),
     raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, without the chat template."),
     max_tokens: int = typer.Option(256, "-n", "--max-tokens", help="Tokens to generate at most."),
-    temp: float = typer.Option(0.8, "--temp", help="Temperature (0: greedy)."),
+    temperature: float = typer.Option(0.8, "--temperature", "--temp", help="Temperature (0: greedy)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (text, tokens, timings)."),
     plan: bool = typer.Option(False, "--plan", help="Show how the memory budget is split (native engine), without running."),
@@ -226,7 +228,7 @@ def run(
     threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
 ) -> None:
     """Answer PROMPT once and print it (for scripts): the chat template by default, --raw for completion."""
-    from edgeai.show import run_once, show_plan
+    from edgeai.cli.show import run_once, show_plan
 
     if plan:
         try:
@@ -242,7 +244,7 @@ def run(
         _fail(OptionError("PROMPT is missing: edgeai run MODEL PROMPT (or --plan to show the memory plan)"))
     with _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache) as m:
         try:
-            run_once(m, prompt, max_tokens=max_tokens, temperature=temp, seed=seed, json_output=json_output, raw=raw)
+            run_once(m, prompt, max_tokens=max_tokens, temperature=temperature, seed=seed, json_output=json_output, raw=raw)
         except EdgeAIError as exc:
             _fail(exc)
 
@@ -256,7 +258,7 @@ def chat(
     threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
 ) -> None:
     """Chat with a model in the terminal (/help inside lists the commands)."""
-    from edgeai.repl import chat as run_chat
+    from edgeai.cli.repl import chat as run_chat
 
     with _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache) as m:
         run_chat(m, system=system)
@@ -267,18 +269,22 @@ def bench(
     model: Path = typer.Argument(..., help="A .gguf file (or ONNX folder) every backend runs."),
     backend: list[str] = typer.Option(["auto"], "--backend", help="Repeat to compare: native, llama.cpp, onnxruntime."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads for every backend (default: one per performance core)."),
-    n_prompt: int = typer.Option(128, "--prompt-tokens", help="Prompt length for prefill."),
-    n_gen: int = typer.Option(32, "--gen-tokens", help="Tokens decoded per run."),
+    n_prompt: int = typer.Option(128, "--n-prompt", "--prompt-tokens", help="Prompt length for prefill."),
+    n_gen: int = typer.Option(32, "--n-gen", "--gen-tokens", help="Tokens decoded per run."),
     repeats: int = typer.Option(3, "--repeats", help="Runs per backend (medians are shown)."),
     memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Prefill/decode tokens/s, time to first token and peak memory of backends on the same file."""
-    from edgeai.show import show_bench
+    from edgeai.bench import bench as run_bench
+    from edgeai.bench import roofline
+    from edgeai.cli.show import show_bench
 
     try:
-        show_bench(model, backend, threads=threads, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats,
-                   memory_budget=memory_budget, json_output=json_output, kv_cache=kv_cache)
+        results = run_bench(model, backend, threads=threads, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats,
+                            memory_budget=memory_budget, kv_cache=kv_cache)
+        show_bench(model, results, roofline(model, n_prompt + n_gen // 2), n_prompt=n_prompt, n_gen=n_gen,
+                   repeats=repeats, json_output=json_output)
     except EdgeAIError as exc:
         _fail(exc)
 
@@ -289,7 +295,7 @@ def devices(
     json_output: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List the device profiles, or describe this machine."""
-    from edgeai.show import show_devices
+    from edgeai.cli.show import show_devices
 
     try:
         show_devices(detect=detect, json_output=json_output)
@@ -305,10 +311,11 @@ def fit(
     json_output: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Will MODEL fit DEVICE, with which memory split, how fast; for a checkpoint, which recipe to use."""
-    from edgeai.show import show_fit
+    from edgeai.cli.show import show_fit
+    from edgeai.fit import fit as run_fit
 
     try:
-        show_fit(model, device, memory_budget=memory_budget, n_ctx=n_ctx, json_output=json_output)
+        show_fit(run_fit(model, device, budget=memory_budget, n_ctx=n_ctx), json_output=json_output)
     except EdgeAIError as exc:
         _fail(exc)
 

@@ -46,19 +46,10 @@ def run_once(model: Model, prompt: str, *, max_tokens: int, temperature: float, 
                   + ("; --raw completes the prompt without the chat template)" if chat else ")"), file=sys.stderr)
 
 
-def show_bench(path: Path, backends: list[str], *, threads: int | None, n_prompt: int, n_gen: int, repeats: int,
-               memory_budget: str | None, json_output: bool, kv_cache: str | None = None) -> None:
+def show_bench(path: Path, results, roof, *, n_prompt: int, n_gen: int, repeats: int, json_output: bool) -> None:
+    """Print `edgeai.bench.bench`'s results (ratios against the first) and the roofline."""
     from dataclasses import asdict
 
-    from edgeai.budget import parse_budget
-    from edgeai.bench import bench, roofline
-    from edgeai.runtimes.registry import resolve
-
-    # "auto" means the backend auto would pick: the table names the real one
-    names = [resolve(path).name if b == "auto" else b for b in backends]
-    results = bench(path, names, threads=threads, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats,
-                    memory_budget=parse_budget(memory_budget), kv_cache=kv_cache)
-    roof = roofline(path, n_prompt + n_gen // 2)
     base = results[0]
 
     def ratios(r):
@@ -150,20 +141,9 @@ def show_devices(*, detect: bool, json_output: bool) -> None:
     console.print(table)
 
 
-def show_fit(path: Path | None, device: str, *, memory_budget: str | None, n_ctx: int | None, json_output: bool) -> None:
-    from edgeai.budget import parse_budget
-    from edgeai.fit import fit
-
-    if device in ("this", "this-machine"):
-        from edgeai.devices.detect import detect
-
-        profile = detect()
-    else:
-        from edgeai.devices import get_profile
-
-        profile = get_profile(device)
-    budget = parse_budget(memory_budget, total_memory=profile.memory_bytes)
-    report = fit(path, profile, budget=budget, n_ctx=n_ctx)
+def show_fit(report, *, json_output: bool) -> None:
+    """Print `edgeai.fit.fit`'s report: the split, whether it fits, the recipe to use."""
+    profile = report.estimates[0].device
     if json_output:
         print(json.dumps(report.to_json()))
         return
