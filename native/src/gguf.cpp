@@ -172,6 +172,12 @@ uint64_t TensorInfo::n_rows() const {
     return n;
 }
 
+std::string TensorInfo::shape_str() const {
+    std::string s = "[";
+    for (size_t d = 0; d < ne.size(); ++d) s += (d ? ", " : "") + std::to_string(ne[d]);
+    return s + "]";
+}
+
 uint64_t TensorInfo::row_bytes() const {
     const TypeInfo *ti = type_info(type);
     return ne.empty() ? 0 : ne[0] / ti->block_size * ti->type_size;
@@ -239,7 +245,14 @@ File::File(const std::string &path) : path_(path) {
             if (t.ne[0] % ti->block_size != 0)
                 c.fail("tensor '" + t.name + "' has rows of " + std::to_string(t.ne[0]) + ", not a multiple of " +
                        ti->name + "'s block of " + std::to_string(ti->block_size));
-            t.nbytes = n_elem / ti->block_size * ti->type_size;
+            // the byte count must fit in 64 bits and in the file (checked with the offset below): a shape
+            // whose count wraps around would otherwise pass as a small tensor
+            const uint64_t n_blocks = n_elem / ti->block_size;
+            if (n_blocks > UINT64_MAX / ti->type_size || n_blocks * ti->type_size > size_)
+                c.fail("tensor '" + t.name + "' of shape " + t.shape_str() + " " + ti->name + " needs more bytes (" +
+                       (n_blocks > UINT64_MAX / ti->type_size ? std::string("over 2^64") : std::to_string(n_blocks * ti->type_size)) +
+                       ") than the file has (" + std::to_string(size_) + "); the file is corrupt or truncated");
+            t.nbytes = n_blocks * ti->type_size;
             t.offset = c.read<uint64_t>("tensor offset");
             if (t.offset % alignment_ != 0) c.fail("tensor '" + t.name + "' is not aligned to " + std::to_string(alignment_));
             if (by_name_.count(t.name)) c.fail("tensor '" + t.name + "' appears twice");
