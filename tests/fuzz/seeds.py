@@ -4,7 +4,7 @@ the tests use), ONNX folder configs by the ONNX exporter's `_genai_config`.
 
 `write_seeds()` writes them into the committed corpora (`CORPORA`: the C++ harnesses' beside them in
 native/fuzz/corpus, the Python harnesses' in tests/fuzz/corpus); `benchmarks/fuzz.py seeds` calls it. Every model is
-tiny (vocabulary 8, width 32, one layer) so that a corpus stays a few kB a file and a fuzzing run
+tiny (vocabulary 8, or 264 with SentencePiece byte tokens; width 32, one layer) so that a corpus stays a few kB a file and a fuzzing run
 does hundreds of executions a second even through the whole engine.
 """
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 CORPORA = {name: REPO / "native" / "fuzz" / "corpus" / name for name in ("gguf", "model")} | {
     name: REPO / "tests" / "fuzz" / "corpus" / name for name in ("safetensors", "gguf_metadata", "onnx_config")}
 
-N_VOCAB, N_EMBD, N_FF, N_HEAD, N_HEAD_KV, HEAD_DIM = 8, 32, 32, 2, 1, 32
+N_EMBD, N_FF, N_HEAD, N_HEAD_KV, HEAD_DIM = 32, 32, 2, 1, 32
 # a gpt2-style vocabulary: bytes of GPT-2's alphabet, one merge, the chat markers
 TOKENS = ["a", "b", "ab", "Ċ", "Ġ", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
@@ -53,11 +53,15 @@ def tiny_gguf(arch: str = "llama", matrices: str = "Q8_0", *, n_expert: int = 0,
 
     rng = np.random.default_rng(seed)
     mat = Q[matrices]
+    tokens, types = TOKENS, [1] * 5 + [3] * 3  # normal, control
+    if tokenizer == "llama":  # SentencePiece spells what it has no token for in byte tokens
+        tokens, types = tokens + [f"<0x{b:02X}>" for b in range(256)], types + [6] * 256
+    n_vocab = len(tokens)
     q_dim, kv_dim = N_HEAD * HEAD_DIM, N_HEAD_KV * HEAD_DIM
     # (name, numpy shape [rows, cols], type)
-    tensors = [("token_embd.weight", (N_VOCAB, N_EMBD), mat), ("output_norm.weight", (N_EMBD,), Q.F32)]
+    tensors = [("token_embd.weight", (n_vocab, N_EMBD), mat), ("output_norm.weight", (N_EMBD,), Q.F32)]
     if not tied:
-        tensors.append(("output.weight", (N_VOCAB, N_EMBD), mat))
+        tensors.append(("output.weight", (n_vocab, N_EMBD), mat))
     p = "blk.0."
     tensors += [(p + "attn_norm.weight", (N_EMBD,), Q.F32), (p + "attn_q.weight", (q_dim, N_EMBD), mat),
                 (p + "attn_k.weight", (kv_dim, N_EMBD), mat), (p + "attn_v.weight", (kv_dim, N_EMBD), mat),
@@ -91,13 +95,13 @@ def tiny_gguf(arch: str = "llama", matrices: str = "Q8_0", *, n_expert: int = 0,
     w.add(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6, V.FLOAT32)
     if tokenizer != "none":
         w.add("tokenizer.ggml.model", tokenizer)
-        w.add("tokenizer.ggml.tokens", TOKENS, V.ARRAY, V.STRING)
-        w.add("tokenizer.ggml.token_type", [1] * 5 + [3] * 3, V.ARRAY, V.INT32)
+        w.add("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING)
+        w.add("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32)
         if tokenizer == "gpt2":
-            w.add("tokenizer.ggml.pre", "gpt2")
+            w.add("tokenizer.ggml.pre", "default")
             w.add("tokenizer.ggml.merges", ["a b"], V.ARRAY, V.STRING)
         else:
-            w.add("tokenizer.ggml.scores", [float(-i) for i in range(N_VOCAB)], V.ARRAY, V.FLOAT32)
+            w.add("tokenizer.ggml.scores", [float(-i) for i in range(n_vocab)], V.ARRAY, V.FLOAT32)
         w.add("tokenizer.ggml.bos_token_id", 6, V.UINT32)
         w.add("tokenizer.ggml.eos_token_id", 7, V.UINT32)
         w.add("tokenizer.chat_template", CHAT_TEMPLATE)
@@ -158,7 +162,7 @@ def onnx_config_seed() -> bytes:
 
     kv = [SimpleNamespace(key="tokenizer.ggml.eos_token_id", value=7), SimpleNamespace(key="tokenizer.ggml.bos_token_id", value=6)]
     plan = SimpleNamespace(kv=kv, spec=SimpleNamespace(gguf_arch="llama", moe=None))
-    hp = SimpleNamespace(head_dim=HEAD_DIM, n_embd=N_EMBD, n_head=N_HEAD, n_layer=1, n_head_kv=N_HEAD_KV, n_vocab=N_VOCAB)
+    hp = SimpleNamespace(head_dim=HEAD_DIM, n_embd=N_EMBD, n_head=N_HEAD, n_layer=1, n_head_kv=N_HEAD_KV, n_vocab=len(TOKENS))
     genai = json.dumps(_genai_config(plan, hp, 64)).encode()
     tok_config = json.dumps({"eos_token": "<|im_end|>", "bos_token": {"content": "<|im_start|>"},
                              "chat_template": CHAT_TEMPLATE}).encode()

@@ -1,0 +1,69 @@
+"""The Python fuzz harnesses (harnesses.py) on their committed corpora, in plain Python: every seed
+the project's writers made and every input a fuzzer once failed on (crash-*) must end in a clear
+EdgeAIError or pass, with no other exception and no crash of the process. The C++ harnesses'
+corpora replay under the sanitizers in tests/runtimes/test_sanitizers.py. Below them, each bug the
+fuzzers found, checked for its message."""
+
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harnesses import HARNESSES  # noqa: E402
+from seeds import CORPORA  # noqa: E402
+
+from edgeai.errors import CheckpointError, TokenizerError  # noqa: E402
+
+CASES = [(name, f) for name in HARNESSES for f in sorted(CORPORA[name].iterdir())]
+
+
+@pytest.mark.parametrize("harness, path", CASES, ids=[f"{n}/{p.name}" for n, p in CASES])
+def test_corpus_input_replays(harness, path):
+    HARNESSES[harness](path.read_bytes())
+
+
+def test_every_corpus_has_seeds_and_is_small():
+    """The committed corpora: seeds for each harness, and all of them well under 1 MB together."""
+    total = 0
+    for name, folder in CORPORA.items():
+        files = list(folder.iterdir())
+        assert any(f.name.startswith("seed-") for f in files), name
+        total += sum(f.stat().st_size for f in files)
+    assert total < 512 * 1024, total
+
+
+def _gguf_one_tensor(name: bytes, shape: tuple[int, ...], ggml_type: int = 0) -> bytes:
+    """A GGUF v3 with no metadata and one tensor's header (no data beyond 32 bytes)."""
+    data = b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + struct.pack("<Q", len(name)) + name
+    data += struct.pack("<I", len(shape)) + struct.pack(f"<{len(shape)}Q", *shape) + struct.pack("<IQ", ggml_type, 0)
+    return data + b"\0" * ((-len(data)) % 32 + 32)
+
+
+def test_a_tensor_whose_byte_count_overflows_is_refused(tmp_path):
+    """[2^40, 2^23] F32 is 2^65 bytes, 0 in 64 bits: the reader took it for an empty tensor."""
+    from edgeai.runtimes.native import read_gguf
+
+    path = tmp_path / "overflow.gguf"
+    path.write_bytes(_gguf_one_tensor(b"blk.0.attn_q.weight", (2**40, 2**23)))
+    with pytest.raises(CheckpointError, match=r"tensor 'blk.0.attn_q.weight' of shape \[1099511627776, 8388608\] F32 "
+                                              r"needs more bytes \(over 2\^64\) than the file has \(128\)"):
+        read_gguf(path)
+    path.write_bytes(_gguf_one_tensor(b"t", (64, 2)))  # 512 bytes in a file of 96: no overflow, still too big
+    with pytest.raises(CheckpointError, match=r"tensor 't' of shape \[64, 2\] F32 needs more bytes \(512\) than the file has"):
+        read_gguf(path)
+
+
+def test_a_sentencepiece_vocabulary_without_byte_tokens_is_refused(tmp_path):
+    """llama.cpp's SentencePiece tokenizer looks byte tokens up with unordered_map::at: text it spells
+    in bytes aborted the process (std::out_of_range through the C API) when they were missing."""
+    import edgeai
+
+    bad = tmp_path / "spm.gguf"
+    bad.write_bytes((CORPORA["gguf_metadata"] / "crash-spm-without-byte-tokens").read_bytes())
+    for backend in ("native", "llama.cpp"):
+        with pytest.raises(TokenizerError, match=r"has 0 of the 256 byte tokens <0x00>..<0xFF> \(<0x00> is missing\)"):
+            edgeai.load(bad, backend=backend)
