@@ -84,7 +84,7 @@ def tiny_gguf(arch: str = "llama", matrices: str = "Q8_0", *, n_expert: int = 0,
     w = GGUFWriter(out)
     w.add("general.architecture", arch)
     w.add("general.name", f"fuzz seed {arch} {matrices}")
-    hp = {"context_length": 64, "embedding_length": N_EMBD, "block_count": 1, "feed_forward_length": N_FF,
+    hp = {"context_length": 128, "embedding_length": N_EMBD, "block_count": 1, "feed_forward_length": N_FF,
           "attention.head_count": N_HEAD, "attention.head_count_kv": N_HEAD_KV, "attention.key_length": HEAD_DIM,
           "attention.value_length": HEAD_DIM}
     if n_expert:

@@ -78,28 +78,36 @@ def test_fuzz_corpus_replays_clean_under_sanitizers(sanitized, harness):
     assert "runtime error" not in run.stderr and "Sanitizer" not in run.stderr, run.stderr[-6000:]
 
 
-@pytest.mark.parametrize("outtype, kv", [("f32", "f16"), ("q8_0", "q8_0"), ("q4_0", "f16")])
+@pytest.mark.parametrize("model, kv", [
+    ("f32", "f16"),
+    ("q4_0", "f16"),
+    ("seed-llama-q8_0", "q8_0"),  # the fuzz seeds: head_dim 32, which a q8_0 cache needs (the tiny model's is 16)
+    ("seed-qwen3moe-q8_0", "q8_0"),
+])
 def test_engine_runs_clean_under_sanitizers_and_matches_the_installed_engine(sanitized, tiny_chat_gguf, tmp_path,
-                                                                            outtype, kv):
-    """A tiny converted model (float, Q8_0 and Q4_0 weights; f16 and q8_0 caches; 2 threads) through
-    the sanitized engine: no report, and the installed engine's logits."""
+                                                                            model, kv):
+    """Tiny models (float, Q4_0 and Q8_0 weights, dense and MoE; f16 and q8_0 caches; 2 threads)
+    through the sanitized engine: no report, and the installed engine's logits."""
     import edgeai
     from edgeai.runtimes.native import NativeBackend, engine_config, read_gguf
 
-    gguf = tiny_chat_gguf if outtype == "f32" else edgeai.convert(tiny_chat_gguf, tmp_path / f"{outtype}.gguf",
-                                                                  outtype=outtype, quiet=True)
+    if model.startswith("seed-"):
+        gguf = NATIVE / "fuzz" / "corpus" / "model" / model
+    elif model == "f32":
+        gguf = tiny_chat_gguf
+    else:
+        gguf = edgeai.convert(tiny_chat_gguf, tmp_path / f"{model}.gguf", quant=model, quiet=True)
     meta, tensors = read_gguf(gguf)
     config = engine_config(meta, tensors, gguf)
-    if kv == "q8_0" and config["head_dim"] % 32:
-        pytest.skip(f"the tiny model's head_dim {config['head_dim']} is not a multiple of 32, which a q8_0 cache needs")
     (tmp_path / "config.txt").write_text("".join(f"{k} {float(v)}\n" for k, v in config.items()))
-    tokens = np.random.default_rng(1).integers(3, 300, 70).astype("<i4")  # more than one 64-token batch
+    # more than one 64-token batch
+    tokens = np.random.default_rng(1).integers(0, config["n_vocab"], 70).astype("<i4")
     tokens.tofile(tmp_path / "tokens.bin")
     run = _run([str(sanitized / "engine_logits"), str(gguf), str(tmp_path / "config.txt"), str(tmp_path / "tokens.bin"),
                 str(tmp_path / "logits.bin"), "2", kv])
     assert run.returncode == 0, run.stdout + run.stderr[-6000:]
     theirs = np.fromfile(tmp_path / "logits.bin", dtype="<f4").reshape(len(tokens), -1)
-    backend = NativeBackend(gguf, n_ctx=256, threads=2, kv_cache=kv)
+    backend = NativeBackend(gguf, n_ctx=128, threads=2, kv_cache=kv)
     ours = backend.eval_logits([int(t) for t in tokens])
     backend.close()
     # -O1 against -O3 of the same kernel set: the same operations in the same order
