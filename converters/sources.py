@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -86,8 +87,11 @@ class SafetensorsFile:
                 )
             try:
                 header = json.loads(self._file.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nesting too deep
                 raise CheckpointError(f"{self.path}: the safetensors header is not valid JSON ({exc})") from exc
+            if not isinstance(header, dict):
+                raise CheckpointError(f"{self.path}: the safetensors header is a JSON {type(header).__name__}, not an "
+                                      "object of tensors; the file is corrupt or not a safetensors file")
             self.metadata = header.pop("__metadata__", None) or {}
             data_start = 8 + header_len
             # name -> (info, absolute offset of its first byte in the file)
@@ -101,19 +105,25 @@ class SafetensorsFile:
             raise
 
     def _check_entry(self, name: str, entry: dict, data_len: int) -> tuple[TensorInfo, int]:
+        def whole(v: object) -> bool:  # a JSON integer >= 0 (not a float, not a bool)
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
         try:
-            dtype, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
+            dtype, shape, offsets = entry["dtype"], tuple(entry["shape"]), tuple(entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry") from exc
-        if dtype not in _SAFETENSORS_DTYPES:
+        if not all(whole(d) for d in shape) or len(offsets) != 2 or not all(whole(o) for o in offsets):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry (shape {list(shape)!r:.60}, "
+                                  f"data_offsets {list(offsets)!r:.60}: both should be integers >= 0)")
+        begin, end = offsets
+        if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
             raise TensorError(
                 f"{self.path}: tensor {name!r} has dtype {dtype}, which edgeai does not convert "
                 f"(supported: {', '.join(_SAFETENSORS_DTYPES)}); save the checkpoint in float32, float16 or bfloat16"
             )
         itemsize = _SAFETENSORS_DTYPES[dtype][0].itemsize
-        expected = int(np.prod(shape, dtype=np.int64)) * itemsize
-        if end - begin != expected or begin < 0:
+        expected = math.prod(shape) * itemsize  # Python integers: numpy's int64 product wraps around
+        if end - begin != expected:
             raise CheckpointError(
                 f"{self.path}: tensor {name!r} of shape {list(shape)} {dtype} should take {expected} bytes, "
                 f"the header gives {end - begin}; the file is corrupt"

@@ -67,3 +67,25 @@ def test_a_sentencepiece_vocabulary_without_byte_tokens_is_refused(tmp_path):
     for backend in ("native", "llama.cpp"):
         with pytest.raises(TokenizerError, match=r"has 0 of the 256 byte tokens <0x00>..<0xFF> \(<0x00> is missing\)"):
             edgeai.load(bad, backend=backend)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("crash-header-not-an-object", "the safetensors header is a JSON int, not an object of tensors"),
+    ("crash-deep-nesting", "the safetensors header is not valid JSON"),
+    ("crash-negative-dim", r"tensor 'a' has a malformed header entry \(shape \[-1, 1\]"),
+    ("crash-infinite-dim", r"tensor 'a' has a malformed header entry \(shape \[inf\]"),
+    ("crash-dim-past-int64", r"tensor 'a' of shape \[1000000000000000000000000000000\] F32 should take 4000"),
+    ("crash-count-wraps-int64", r"tensor 'a' of shape \[4294967296, 4294967296\] F32 should take 73786976294838206464 "
+                                r"bytes, the header gives 0"),
+    ("crash-dtype-a-list", r"tensor 'a' has dtype \['F32'\], which edgeai does not convert"),
+])
+def test_a_malformed_safetensors_header_is_a_checkpoint_error(tmp_path, case, message):
+    """Headers that ended in TypeError, OverflowError, RecursionError or a wrong-shaped read: a JSON
+    value that is not an object (found by the fuzzer), and dimensions or dtypes of the wrong JSON type,
+    nesting past Python's recursion limit, and a shape whose int64 element count wrapped around to 0
+    (found writing the harness; the fuzzer reaches the same code)."""
+    from edgeai.converters.sources import SafetensorsCheckpoint
+
+    (tmp_path / "model.safetensors").write_bytes((CORPORA["safetensors"] / case).read_bytes())
+    with pytest.raises(CheckpointError, match=message):
+        SafetensorsCheckpoint(tmp_path)
