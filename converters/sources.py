@@ -299,7 +299,15 @@ class GGUFSource:
 
     def metadata(self) -> dict[str, object]:
         """Every key-value pair of the header, values as plain Python (str, int, float, list)."""
-        return {name: field.contents() for name, field in self.reader.fields.items() if not name.startswith("GGUF.")}
+        meta = {}
+        for name, field in self.reader.fields.items():
+            if name.startswith("GGUF."):
+                continue
+            try:
+                meta[name] = field.contents()
+            except Exception as exc:  # gguf-py decodes strings as UTF-8 (UnicodeDecodeError) and trusts array types
+                raise CheckpointError(f"{self.path}: metadata key {name!r} cannot be read ({exc}); the file is corrupt")
+        return meta
 
     def value_type(self, key: str):
         """The GGUF value type of a key (and the element type of arrays)."""

@@ -39,6 +39,7 @@ N_BATCH = 512  # prompt tokens per graph run: bounds the logits buffer to N_BATC
 SMALL_BUDGET = 4 << 30
 # positions a shared KV buffer holds at first; it doubles (up to n_ctx) when a step needs more
 KV_MIN_CAPACITY = 256
+MAX_LAYERS = 1 << 12  # far above any real decoder's
 
 
 def _folder(path: Path) -> Path:
@@ -117,6 +118,8 @@ def read_folder_config(folder: Path) -> FolderConfig:
         raise CheckpointError(f"{path} has no model.decoder section; export the folder again")
     decoder = section(model, "decoder", "model.")
     n_layer = integer(decoder, "num_hidden_layers", "model.decoder.")
+    if n_layer > MAX_LAYERS:  # each layer's cache names are made up front: a huge count took minutes and GBs
+        raise CheckpointError(f"{path}: model.decoder.num_hidden_layers {n_layer} is implausible (at most {MAX_LAYERS})")
     names_in, names_out = section(decoder, "inputs", "model.decoder."), section(decoder, "outputs", "model.decoder.")
     past_k = names(names_in, "past_key_names", "past_key_values.%d.key", "model.decoder.inputs.")
     past_v = names(names_in, "past_value_names", "past_key_values.%d.value", "model.decoder.inputs.")

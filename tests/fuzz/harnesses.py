@@ -15,7 +15,6 @@ on its committed corpus (tests/fuzz/corpus/NAME), and benchmarks/fuzz.py runs th
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -26,8 +25,6 @@ import numpy as np
 ONNX_SEPARATOR = b"\n\x00--tokenizer_config.json--\x00\n"
 
 _WORK = Path(tempfile.mkdtemp(prefix="edgeai-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-# the harnesses' warnings (a template that does not compile) are expected on fuzzed input
-logging.getLogger("edgeai").setLevel(logging.ERROR)
 
 
 def _write(name: str, data: bytes) -> Path:

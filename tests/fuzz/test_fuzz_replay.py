@@ -89,3 +89,28 @@ def test_a_malformed_safetensors_header_is_a_checkpoint_error(tmp_path, case, me
     (tmp_path / "model.safetensors").write_bytes((CORPORA["safetensors"] / case).read_bytes())
     with pytest.raises(CheckpointError, match=message):
         SafetensorsCheckpoint(tmp_path)
+
+
+def test_gguf_metadata_that_is_not_utf8_is_a_checkpoint_error(tmp_path):
+    """gguf-py decodes string arrays as UTF-8 when the converter reads a GGUF's metadata: bytes that
+    are not UTF-8 ended a re-encoding in a UnicodeDecodeError (found by the gguf_metadata fuzzer)."""
+    from edgeai.converters.convert import open_plan
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes((CORPORA["gguf_metadata"] / "crash-string-array-not-utf8").read_bytes())
+    with pytest.raises(CheckpointError, match=r"bad.gguf: metadata key '.*' cannot be read \('utf-8' codec can't decode"):
+        open_plan(bad, "f16")
+
+
+def test_an_onnx_folder_with_a_huge_layer_count_is_refused_at_once(tmp_path):
+    """num_hidden_layers of 30 digits: the cache names of every layer were made up front (minutes and
+    GBs; found by the onnx_config fuzzer as a timeout)."""
+    from harnesses import ONNX_SEPARATOR
+
+    from edgeai.runtimes.onnxrt import read_folder_config
+
+    genai, _, tok = (CORPORA["onnx_config"] / "crash-huge-layer-count").read_bytes().partition(ONNX_SEPARATOR)
+    (tmp_path / "genai_config.json").write_bytes(genai)
+    (tmp_path / "tokenizer_config.json").write_bytes(tok)
+    with pytest.raises(CheckpointError, match=r"num_hidden_layers 666666666666666666666666666661 is implausible"):
+        read_folder_config(tmp_path)
