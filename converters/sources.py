@@ -19,7 +19,7 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
-from edgeai.errors import CheckpointError, TensorError
+from edgeai.errors import CheckpointError, TensorError, TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +287,19 @@ class GGUFSource:
         from gguf import GGUFReader
 
         self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path} does not exist")
+        # the native reader's bounds checks first (CheckpointError naming what is wrong): on a hostile
+        # array count gguf-py's reader loops for minutes before it fails
+        from edgeai.runtimes.native import read_gguf
+
+        try:
+            read_gguf(self.path)
+        except TokenizerError:
+            raise
+        except CheckpointError as exc:
+            raise CheckpointError(f"{self.path} is not a readable GGUF file (truncated or corrupt?): "
+                                  f"{str(exc).removeprefix(f'{self.path}: ')}") from exc
         try:
             self.reader = GGUFReader(self.path)
         except FileNotFoundError:

@@ -96,9 +96,15 @@ def test_gguf_metadata_that_is_not_utf8_is_a_checkpoint_error(tmp_path):
     are not UTF-8 ended a re-encoding in a UnicodeDecodeError (found by the gguf_metadata fuzzer)."""
     from edgeai.converters.convert import open_plan
 
+    # the fuzzer's input (crash-string-array-not-utf8) is refused by the native reader's checks now; the
+    # same bytes in a vocabulary it accepts: token "ab" -> "a\xff"
+    data = bytearray((CORPORA["gguf_metadata"] / "seed-gpt2").read_bytes())
+    at = data.find(struct.pack("<Q", 2) + b"ab") + 8
+    data[at + 1] = 0xFF
     bad = tmp_path / "bad.gguf"
-    bad.write_bytes((CORPORA["gguf_metadata"] / "crash-string-array-not-utf8").read_bytes())
-    with pytest.raises(CheckpointError, match=r"bad.gguf: metadata key '.*' cannot be read \('utf-8' codec can't decode"):
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"bad.gguf: metadata key 'tokenizer.ggml.tokens' cannot be read "
+                                              r"\('utf-8' codec can't decode"):
         open_plan(bad, "f16")
 
 
@@ -114,3 +120,18 @@ def test_an_onnx_folder_with_a_huge_layer_count_is_refused_at_once(tmp_path):
     (tmp_path / "tokenizer_config.json").write_bytes(tok)
     with pytest.raises(CheckpointError, match=r"num_hidden_layers 666666666666666666666666666661 is implausible"):
         read_folder_config(tmp_path)
+
+
+def test_a_gguf_with_a_hostile_array_count_is_refused_at_once(tmp_path):
+    """gguf-py's reader looped for minutes over an array whose count overflows (found by the
+    gguf_metadata fuzzer as a timeout); the native reader's checks now come first."""
+    import time
+
+    from edgeai.converters.sources import GGUFSource
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes((CORPORA["gguf_metadata"] / "crash-gguf-py-hangs-on-array-count").read_bytes())
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"array length overflows in key 'tokenizer.ggml.scores'"):
+        GGUFSource(bad)
+    assert time.monotonic() - start < 5
