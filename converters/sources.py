@@ -19,7 +19,7 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
-from edgeai.errors import CheckpointError, TensorError
+from edgeai.errors import CheckpointError, TensorError, TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class SafetensorsFile:
                 )
             try:
                 header = json.loads(self._file.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nesting too deep
                 raise CheckpointError(f"{self.path}: the safetensors header is not valid JSON ({exc})") from exc
             if not isinstance(header, dict):
                 raise CheckpointError(f"{self.path}: the safetensors header is a JSON {type(header).__name__}, not an "

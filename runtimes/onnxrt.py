@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ N_BATCH = 512  # prompt tokens per graph run: bounds the logits buffer to N_BATC
 SMALL_BUDGET = 4 << 30
 # positions a shared KV buffer holds at first; it doubles (up to n_ctx) when a step needs more
 KV_MIN_CAPACITY = 256
+MAX_LAYERS = 1 << 12  # far above any real decoder's
 
 
 def _folder(path: Path) -> Path:
@@ -46,12 +48,120 @@ def _folder(path: Path) -> Path:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object file as a dict ({} if the file is absent); CheckpointError if it is not one."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSON and UTF-8 errors; too deep a nesting
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object; export the folder again")
+    return value
+
+
+@dataclass(frozen=True)
+class FolderConfig:
+    """What an ONNX folder's genai_config.json, tokenizer_config.json and chat_template.jinja say,
+    checked: the graph's shape of cache, its input/output names, and the tokens a chat needs."""
+
+    n_layer: int
+    n_head_kv: int
+    head_dim: int
+    context_length: int
+    n_vocab: int
+    past_names: list[str]      # past_key_values.{i}.key, .value for each layer i, in that order
+    present_names: list[str]   # present.{i}.key, .value likewise
+    logits_name: str
+    shared_kv: bool            # search.past_present_share_buffer
+    bos_id: int | None
+    eos_ids: list[int]         # model.eos_token_id (a list or one id)
+    eos_text: str | None       # tokenizer_config.json's eos_token
+    chat_template: str | None
+
+
+def read_folder_config(folder: Path) -> FolderConfig:
+    """The configuration of the ONNX folder `folder`, read before its graph is loaded; a missing or
+    ill-typed value is a CheckpointError naming the file and the key."""
+    path = folder / GENAI_CONFIG
+    genai = _read_json(path)
+
+    def section(parent: dict, key: str, where: str) -> dict:
+        value = parent.get(key, {})
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path}: {where}{key} should be an object; export the folder again")
+        return value
+
+    def integer(parent: dict, key: str, where: str, default: int | None = None, *, positive: bool = True) -> int | None:
+        value = parent.get(key)
+        if value is None:  # absent or null: the default (bos_token_id: none)
+            if default is None and not positive:
+                return None
+            value = default
+        if isinstance(value, bool) or not isinstance(value, int) or (positive and value <= 0) or value < 0:
+            raise CheckpointError(f"{path}: {where}{key} should be a {'positive' if positive else 'non-negative'} "
+                                  f"integer, not {value!r:.40}; export the folder again")
+        return value
+
+    def names(parent: dict, key: str, default: str, where: str) -> list[str]:
+        pattern = parent.get(key, default)
+        try:
+            if not isinstance(pattern, str):
+                raise TypeError
+            return [pattern % i for i in range(n_layer)]
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path}: {where}{key} should be a name with one %d (the layer), not "
+                                  f"{pattern!r:.40}") from None
+
+    model = section(genai, "model", "")
+    if "model" not in genai or "decoder" not in model:
+        raise CheckpointError(f"{path} has no model.decoder section; export the folder again")
+    decoder = section(model, "decoder", "model.")
+    n_layer = integer(decoder, "num_hidden_layers", "model.decoder.")
+    if n_layer > MAX_LAYERS:  # each layer's cache names are made up front: a huge count took minutes and GBs
+        raise CheckpointError(f"{path}: model.decoder.num_hidden_layers {n_layer} is implausible (at most {MAX_LAYERS})")
+    names_in, names_out = section(decoder, "inputs", "model.decoder."), section(decoder, "outputs", "model.decoder.")
+    past_k = names(names_in, "past_key_names", "past_key_values.%d.key", "model.decoder.inputs.")
+    past_v = names(names_in, "past_value_names", "past_key_values.%d.value", "model.decoder.inputs.")
+    present_k = names(names_out, "present_key_names", "present.%d.key", "model.decoder.outputs.")
+    present_v = names(names_out, "present_value_names", "present.%d.value", "model.decoder.outputs.")
+    logits = names_out.get("logits", "logits")
+    if not isinstance(logits, str):
+        raise CheckpointError(f"{path}: model.decoder.outputs.logits should be a name, not {logits!r:.40}")
+    eos = model.get("eos_token_id")
+    eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in eos_ids):
+        raise CheckpointError(f"{path}: model.eos_token_id should be a token id or a list of them, not {eos!r:.40}")
+    shared = section(genai, "search", "").get("past_present_share_buffer", False)
+    if not isinstance(shared, bool):
+        raise CheckpointError(f"{path}: search.past_present_share_buffer should be true or false, not {shared!r:.40}")
+
+    tok_path = folder / "tokenizer_config.json"
+    tok_config = _read_json(tok_path)
+    eos_text = tok_config.get("eos_token")
+    eos_text = eos_text.get("content") if isinstance(eos_text, dict) else eos_text
+    if eos_text is not None and not isinstance(eos_text, str):
+        raise CheckpointError(f"{tok_path}: eos_token should be a string, not {eos_text!r:.40}")
+    template_file = folder / "chat_template.jinja"
+    if template_file.is_file():
+        try:
+            template = template_file.read_text(encoding="utf-8")
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{template_file} is not readable UTF-8 text: {exc}") from exc
+    else:
+        template = tok_config.get("chat_template")
+        if template is not None and not isinstance(template, str):
+            log.warning("%s: chat_template is not a string; chats use a plain 'role: text' template", tok_path)
+            template = None
+    return FolderConfig(
+        n_layer=n_layer, n_head_kv=integer(decoder, "num_key_value_heads", "model.decoder."),
+        head_dim=integer(decoder, "head_size", "model.decoder."),
+        context_length=integer(model, "context_length", "model.", 2048),
+        n_vocab=integer(model, "vocab_size", "model."),
+        past_names=[n for pair in zip(past_k, past_v) for n in pair],
+        present_names=[n for pair in zip(present_k, present_v) for n in pair],
+        logits_name=logits, shared_kv=shared, bos_id=integer(model, "bos_token_id", "model.", positive=False),
+        eos_ids=eos_ids, eos_text=eos_text or None, chat_template=template)
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -138,12 +248,9 @@ class OnnxBackend:
             raise OptionError(f"onnxruntime keeps the KV cache in the graph's float type; a {kv_cache} KV cache is "
                               "for the native and llama.cpp backends (--backend native)")
         self.path = _folder(Path(path))
-        config = _read_json(self.path / GENAI_CONFIG)["model"]
-        decoder = config["decoder"]
-        self.n_layer = int(decoder["num_hidden_layers"])
-        self.n_head_kv = int(decoder["num_key_value_heads"])
-        self.head_dim = int(decoder["head_size"])
-        context = int(config.get("context_length") or 2048)
+        config = read_folder_config(self.path)
+        self.n_layer, self.n_head_kv, self.head_dim = config.n_layer, config.n_head_kv, config.head_dim
+        context = config.context_length
         from edgeai.options import checked_int
 
         self.n_ctx = context if n_ctx is None else \
@@ -166,14 +273,8 @@ class OnnxBackend:
             raise CheckpointError(f"onnxruntime cannot load {self.path / MODEL_FILE}: {exc}") from exc
         self._ort = ort
         # value names as genai_config.json gives them (any onnxruntime-genai decoder folder runs here)
-        names_in, names_out = decoder.get("inputs", {}), decoder.get("outputs", {})
-        past_k = names_in.get("past_key_names", "past_key_values.%d.key")
-        past_v = names_in.get("past_value_names", "past_key_values.%d.value")
-        present_k = names_out.get("present_key_names", "present.%d.key")
-        present_v = names_out.get("present_value_names", "present.%d.value")
-        self._past_names = [n % i for i in range(self.n_layer) for n in (past_k, past_v)]
-        self._present_names = [n % i for i in range(self.n_layer) for n in (present_k, present_v)]
-        self._logits_name = names_out.get("logits", "logits")
+        self._past_names, self._present_names = config.past_names, config.present_names
+        self._logits_name = config.logits_name
         inputs = {i.name: i for i in self._session.get_inputs()}
         outputs = [o.name for o in self._session.get_outputs()]
         missing = [n for n in [self._logits_name, *self._present_names] if n not in outputs]
@@ -184,30 +285,23 @@ class OnnxBackend:
         self._has_positions = "position_ids" in inputs
         logits_type = next(o.type for o in self._session.get_outputs() if o.name == self._logits_name)
         self._logits_float32 = logits_type == "tensor(float)"
-        search = _read_json(self.path / GENAI_CONFIG).get("search", {})
-        self.shared_kv = bool(search.get("past_present_share_buffer", False))
+        self.shared_kv = config.shared_kv
         self._kv_dtype = np.float16 if "float16" in inputs[self._past_names[0]].type else np.float32
-        self.n_vocab = int(config["vocab_size"])
+        self.n_vocab = config.n_vocab
 
         self._tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
         self._token_bytes = _TokenBytes(self._tokenizer, _read_json(self.path / "tokenizer.json"))
-        bos = config.get("bos_token_id")
-        self.bos_id = int(bos) if bos is not None else None
-        eos = config.get("eos_token_id")
-        eog = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        tok_config = _read_json(self.path / "tokenizer_config.json")
-        eos_text = tok_config.get("eos_token")
-        eos_text = eos_text.get("content") if isinstance(eos_text, dict) else eos_text
+        self.bos_id = config.bos_id
+        eog = set(config.eos_ids)
+        eos_text = config.eos_text
         if eos_text and self._tokenizer.token_to_id(eos_text) is not None:
             eog.add(self._tokenizer.token_to_id(eos_text))
-        self.eog_ids = frozenset(int(e) for e in eog)
+        self.eog_ids = frozenset(eog)
         # the end-of-sequence token chat templates call eos_token: the tokenizer's own, else the config's first
-        eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        eos_ids = config.eos_ids
         self.eos_id = (self._tokenizer.token_to_id(eos_text) if eos_text and self._tokenizer.token_to_id(eos_text) is not None
-                       else int(eos_ids[0]) if eos_ids else None)
-        template_file = self.path / "chat_template.jinja"
-        self.chat_template = (template_file.read_text(encoding="utf-8") if template_file.is_file()
-                              else tok_config.get("chat_template"))
+                       else eos_ids[0] if eos_ids else None)
+        self.chat_template = config.chat_template
         self._sampling, self._rng = GREEDY, make_rng(GREEDY)
         self._history: list[int] = []
         self._kv: list = []  # OrtValues [1, n_head_kv, positions or capacity, head_dim], past/present order

@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <bitset>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <system_error>
 #include <unordered_map>
@@ -114,7 +116,19 @@ uint64_t scalar_size(uint32_t vt) {
     }
 }
 
-Value read_value(Cursor &c, uint32_t vt, const std::string &key, bool in_array) {
+// The byte a SentencePiece byte token stands for ("<0x0A>" -> 10, as llama.cpp spells them), or -1.
+int byte_token(const std::string &text) {
+    if (text.size() != 6 || text.compare(0, 3, "<0x") != 0 || text[5] != '>') return -1;
+    int b = 0;
+    for (int k = 3; k < 5; ++k) {
+        const char h = text[k];
+        if (!((h >= '0' && h <= '9') || (h >= 'A' && h <= 'F'))) return -1;
+        b = 16 * b + (h <= '9' ? h - '0' : h - 'A' + 10);
+    }
+    return b;
+}
+
+Value read_value(Cursor &c, uint32_t vt, const std::string &key, bool in_array, std::bitset<256> &byte_tokens) {
     Value v;
     v.type = vt;
     switch (vt) {
@@ -147,6 +161,7 @@ Value read_value(Cursor &c, uint32_t vt, const std::string &key, bool in_array) 
                 for (uint64_t k = 0; k < v.array_len; ++k) {
                     std::string text = c.string("token text");
                     text.resize(std::strlen(text.c_str()));
+                    if (const int b = byte_token(text); b >= 0) byte_tokens.set(b);
                     const auto [at, fresh] = seen.emplace(std::move(text), k);
                     if (!fresh)
                         c.fail<VocabularyError>("tokens " + std::to_string(at->second) + " and " + std::to_string(k) +
@@ -176,6 +191,12 @@ uint64_t TensorInfo::n_rows() const {
     uint64_t n = 1;
     for (size_t d = 1; d < ne.size(); ++d) n *= ne[d];
     return n;
+}
+
+std::string TensorInfo::shape_str() const {
+    std::string s = "[";
+    for (size_t d = 0; d < ne.size(); ++d) s += (d ? ", " : "") + std::to_string(ne[d]);
+    return s + "]";
 }
 
 uint64_t TensorInfo::row_bytes() const {
@@ -216,11 +237,26 @@ File::File(const std::string &path) : path_(path) {
         uint64_t n_kv = c.read<uint64_t>("metadata count");
         if (n_tensors > MAX_TENSORS || n_kv > MAX_KV)
             c.fail("implausible counts: " + std::to_string(n_tensors) + " tensors, " + std::to_string(n_kv) + " keys");
+        std::bitset<256> byte_tokens;  // the bytes tokenizer.ggml.tokens has a SentencePiece byte token for
         for (uint64_t k = 0; k < n_kv; ++k) {
             std::string key = c.string("metadata key");
             uint32_t vt = c.read<uint32_t>("value type");
             if (kv_.count(key)) c.fail("metadata key '" + key + "' appears twice");
-            kv_.emplace(key, read_value(c, vt, key, false));
+            kv_.emplace(key, read_value(c, vt, key, false, byte_tokens));
+        }
+        // llama.cpp's SentencePiece tokenizer spells text it has no token for with byte tokens, looked
+        // up with unordered_map::at: a missing one throws through its C API and aborts the process.
+        const Value *model = find("tokenizer.ggml.model");
+        if (model && model->kind == Value::STRING && model->s == "llama" && find("tokenizer.ggml.tokens") &&
+            !byte_tokens.all()) {
+            int missing = 0;
+            while (byte_tokens.test(missing)) ++missing;
+            char name[8];
+            std::snprintf(name, sizeof name, "<0x%02X>", missing);
+            throw VocabularyError(path_ + ": the SentencePiece ('llama') vocabulary of tokenizer.ggml.tokens has " +
+                                  std::to_string(byte_tokens.count()) + " of the 256 byte tokens <0x00>..<0xFF> (" + name +
+                                  " is missing); llama.cpp's tokenizer aborts the process on text it has to spell in "
+                                  "bytes, so the vocabulary needs them all (convert with a byte-fallback tokenizer)");
         }
         if (const Value *a = find("general.alignment")) {
             if (a->kind != Value::UINT || a->u == 0 || (a->u & (a->u - 1)) != 0 || a->u > (1u << 20))
@@ -246,7 +282,14 @@ File::File(const std::string &path) : path_(path) {
             if (t.ne[0] % ti->block_size != 0)
                 c.fail("tensor '" + t.name + "' has rows of " + std::to_string(t.ne[0]) + ", not a multiple of " +
                        ti->name + "'s block of " + std::to_string(ti->block_size));
-            t.nbytes = n_elem / ti->block_size * ti->type_size;
+            // the byte count must fit in 64 bits and in the file (checked with the offset below): a shape
+            // whose count wraps around would otherwise pass as a small tensor
+            const uint64_t n_blocks = n_elem / ti->block_size;
+            if (n_blocks > UINT64_MAX / ti->type_size || n_blocks * ti->type_size > size_)
+                c.fail("tensor '" + t.name + "' of shape " + t.shape_str() + " " + ti->name + " needs more bytes (" +
+                       (n_blocks > UINT64_MAX / ti->type_size ? std::string("over 2^64") : std::to_string(n_blocks * ti->type_size)) +
+                       ") than the file has (" + std::to_string(size_) + "); the file is corrupt or truncated");
+            t.nbytes = n_blocks * ti->type_size;
             t.offset = c.read<uint64_t>("tensor offset");
             if (t.offset % alignment_ != 0) c.fail("tensor '" + t.name + "' is not aligned to " + std::to_string(alignment_));
             if (by_name_.count(t.name)) c.fail("tensor '" + t.name + "' appears twice");

@@ -66,6 +66,7 @@ struct TensorInfo {
     uint64_t nbytes = 0;
     uint64_t n_rows() const;   // product of ne[1..]
     uint64_t row_bytes() const;
+    std::string shape_str() const;  // "[ne0, ne1, ...]" (ggml order), for messages
 };
 
 class File {

@@ -116,7 +116,9 @@ inline void quantize_act_ref(const float *x, BlockQ8A *y, size_t n) {
         const float d = amax / 127.0f, id = d > 0.0f ? 127.0f / amax : 0.0f;
         int s0 = 0, s1 = 0;
         for (int j = 0; j < QA; ++j) {
-            const int v = static_cast<int>(std::nearbyint(x[j] * id));
+            // clamped: a NaN or infinite activation (from weights that hold one) would make the
+            // conversion undefined; finite codes are within +-127 already
+            const int v = static_cast<int>(std::nearbyint(std::fmin(127.0f, std::fmax(-127.0f, x[j] * id))));
             y[b].qs[j] = static_cast<int8_t>(v);
             (j < 16 ? s0 : s1) += v;
         }

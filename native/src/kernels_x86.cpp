@@ -383,7 +383,10 @@ void quantize_act(const float *x, BlockQ8A *y, size_t n) {
         const float d = amax / 127.0f, id = d > 0.0f ? 127.0f / amax : 0.0f;
         const __m256 mul = _mm256_set1_ps(id);
         __m256i i32[4];
-        for (int k = 0; k < 4; ++k) i32[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], mul));
+        // clamped to +-127 (finite codes are already): a NaN converts to INT_MIN, and four of them
+        // overflowed the code sums below; max_ps gives its second operand for a NaN
+        const __m256 cmin = _mm256_set1_ps(-127.0f), cmax = _mm256_set1_ps(127.0f);
+        for (int k = 0; k < 4; ++k) i32[k] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v[k], mul), cmin), cmax));
         const __m256i s_lo = _mm256_add_epi32(i32[0], i32[1]), s_hi = _mm256_add_epi32(i32[2], i32[3]);
         const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
         _mm256_storeu_si256(reinterpret_cast<__m256i *>(y[b].qs), _mm256_permutevar8x32_epi32(p, perm));

@@ -73,12 +73,6 @@ void decode_row(const Matrix &m, int64_t r, float *out) {
     }
 }
 
-std::string shape_str(const gguf::TensorInfo &t) {
-    std::string s = "[";
-    for (size_t d = 0; d < t.ne.size(); ++d) s += (d ? ", " : "") + std::to_string(t.ne[d]);
-    return s + "]";
-}
-
 }  // namespace
 
 KVType kv_type_named(const std::string &name) {
@@ -345,7 +339,7 @@ Matrix Model::matrix(const std::string &name, int64_t cols, int64_t rows, bool r
     uint64_t n = 1;
     for (uint64_t d : t->ne) n *= d;
     if (t->ne[0] != static_cast<uint64_t>(cols) || n != static_cast<uint64_t>(cols) * static_cast<uint64_t>(rows))
-        throw ModelError(file_->path() + ": tensor " + name + " has shape " + shape_str(*t) + ", expected " +
+        throw ModelError(file_->path() + ": tensor " + name + " has shape " + t->shape_str() + ", expected " +
                          std::to_string(cols) + " x " + std::to_string(rows));
     const int w = kern::wtype_of_ggml(t->type);
     if (w < 0) {

@@ -69,7 +69,9 @@ void quantize_q8_0(const float *src, uint8_t *dst, size_t n_blocks, int n_thread
             const uint16_t dh = fp32_to_fp16(d);
             std::memcpy(out, &dh, 2);  // little-endian hosts only (checked at module load)
             int8_t *qs = reinterpret_cast<int8_t *>(out + 2);
-            for (size_t i = 0; i < QK8_0; ++i) qs[i] = static_cast<int8_t>(std::roundf(x[i] * id));
+            // clamped: a NaN or infinite value would make the conversion undefined (finite ones are within +-127)
+            for (size_t i = 0; i < QK8_0; ++i)
+                qs[i] = static_cast<int8_t>(std::roundf(std::fmin(127.0f, std::fmax(-127.0f, x[i] * id))));
         }
     });
 }
