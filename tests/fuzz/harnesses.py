@@ -63,6 +63,8 @@ def gguf_metadata(data: bytes) -> None:
     compile and render its chat template."""
     from edgeai.converters.plan import open_plan
     from edgeai.errors import EdgeAIError
+    from edgeai.chat_template import render
+    from edgeai.errors import ChatTemplateError
     from edgeai.model import _compile_template
     from edgeai.gguf_header import read_header
     from edgeai.runtimes.native import engine_config
@@ -86,15 +88,17 @@ def gguf_metadata(data: bytes) -> None:
         ids = vocab.tokenize("ab\n<|im_end|> x", parse_special=True)
         assert all(0 <= t < vocab.n_vocab for t in ids), ids
         vocab.detokenize(ids)
-        template, plain = _compile_template(vocab.chat_template)
+        template, plain = _compile_template(vocab.chat_template, str(path))
         variables = dict(messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True, bos_token="",
                          eos_token="")
         if template is not None:
-            try:
-                template.render(**variables)
-            except Exception:  # edgeai.model.Model.render_chat falls back to the plain template on any error
+            try:  # as Model.render_chat: the bounded sandbox's refusals are errors, other failures fall back
+                render(template, variables, str(path))
+            except ChatTemplateError:
                 pass
-        plain.render(**variables)
+            except Exception:
+                pass
+        render(plain, variables, str(path))
     finally:
         vocab.close()
 

@@ -97,7 +97,7 @@ def test_engine_runs_clean_under_sanitizers_and_matches_the_installed_engine(san
     elif model == "f32":
         gguf = tiny_chat_gguf
     else:
-        gguf = edgeai.convert(tiny_chat_gguf, tmp_path / f"{model}.gguf", quant=model, quiet=True)
+        gguf = edgeai.convert(tiny_chat_gguf, tmp_path / f"{model}.gguf", quant=model)
     config = engine_config(read_header(gguf))
     (tmp_path / "config.txt").write_text("".join(f"{k} {float(v)}\n" for k, v in config.items()))
     # more than one 64-token batch
