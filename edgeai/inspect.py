@@ -102,7 +102,7 @@ def _token_label(tokens: list, token_id: object) -> str:
     return str(token_id)
 
 
-def describe(path: str | Path) -> ArtifactSummary:
+def inspect(path: str | Path) -> ArtifactSummary:
     """Summarise an artifact (a GGUF file for now)."""
     path = Path(path)
     if not path.exists():

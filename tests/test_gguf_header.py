@@ -12,7 +12,7 @@ from edgeai.devices import get_profile
 from edgeai.errors import CheckpointError, EdgeAIError
 from edgeai.fit import fit
 from edgeai.gguf_header import GGUFArray, parse_count, read_header
-from edgeai.inspect import describe
+from edgeai.inspect import inspect as inspect_artifact
 
 
 @pytest.mark.parametrize("backend", ["auto", "native", "llama.cpp"])
@@ -47,7 +47,7 @@ def _key_at(data: bytes, key: bytes) -> int:
 
 def _all_refuse(bad, tmp_path, match: str) -> None:
     """inspect, fit, convert and the native backend refuse `bad` with the reader's message."""
-    for call in (lambda: describe(bad), lambda: fit(bad, get_profile("pi5-8gb-sd")),
+    for call in (lambda: inspect_artifact(bad), lambda: fit(bad, get_profile("pi5-8gb-sd")),
                  lambda: edgeai.convert(bad, tmp_path / "out.gguf"),
                  lambda: edgeai.load(bad, backend="native")):
         with pytest.raises(EdgeAIError, match=match):  # BackendError from load, else CheckpointError
@@ -87,7 +87,7 @@ def test_metadata_that_is_not_utf8(tiny_chat_gguf, tmp_path):
     data[at + 12] = 0xFF  # the value's first byte
     bad = tmp_path / "pre.gguf"
     bad.write_bytes(bytes(data))
-    assert describe(bad).tokenizer["pre"].startswith("\ufffd") and n > 1
+    assert inspect_artifact(bad).tokenizer["pre"].startswith("\ufffd") and n > 1
     tokens = read_header(tiny_chat_gguf).array("tokenizer.ggml.tokens")
     token = next(t for t in tokens if len(t) == 3 and t.isascii() and t.isalpha()).encode()
     data = bytearray(tiny_chat_gguf.read_bytes())
@@ -96,7 +96,7 @@ def test_metadata_that_is_not_utf8(tiny_chat_gguf, tmp_path):
     data[at] = 0xFF
     bad = tmp_path / "token.gguf"
     bad.write_bytes(bytes(data))
-    assert describe(bad).tokenizer["tokens"] == len(tokens)
+    assert inspect_artifact(bad).tokenizer["tokens"] == len(tokens)
     with pytest.raises(CheckpointError, match=r"token.gguf: element \d+ of metadata tokenizer.ggml.tokens is not UTF-8"):
         edgeai.convert(bad, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()

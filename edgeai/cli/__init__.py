@@ -94,10 +94,10 @@ def inspect(path: Path = typer.Argument(..., help="A .gguf file.")) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from edgeai.inspect import describe
+    from edgeai.inspect import inspect as run_inspect
 
     try:
-        s = describe(path)
+        s = run_inspect(path)
     except EdgeAIError as exc:
         _fail(exc)
     console = Console()

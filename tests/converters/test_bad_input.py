@@ -150,7 +150,7 @@ def test_truncated_gguf(ckpt, tmp_path):
     is the same clear error from each (the file, what is wrong, where), never a numpy internal."""
     from edgeai.devices import get_profile
     from edgeai.fit import fit
-    from edgeai.inspect import describe
+    from edgeai.inspect import inspect as inspect_artifact
 
     good = edgeai.convert(ckpt, tmp_path / "good.gguf", outtype="f32")
     data = good.read_bytes()
@@ -158,7 +158,7 @@ def test_truncated_gguf(ckpt, tmp_path):
                      (len(data) - 100, "lies beyond the end of the file")):
         bad = tmp_path / f"cut{cut}.gguf"
         bad.write_bytes(data[:cut])
-        for call in (lambda: edgeai.convert(bad, tmp_path / "o.gguf"), lambda: describe(bad),
+        for call in (lambda: edgeai.convert(bad, tmp_path / "o.gguf"), lambda: inspect_artifact(bad),
                      lambda: fit(bad, get_profile("pi5-8gb-sd"))):
             with pytest.raises(CheckpointError, match=f"cut{cut}.gguf: .*{why}"):
                 call()
