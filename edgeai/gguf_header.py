@@ -33,6 +33,7 @@ class GGUFArray:
     element_type: int
     length: int
     offset: int  # file offset of the first element
+    key: bytes = b""  # the key as the file spells it (a key that is not UTF-8 shows U+FFFD in metadata)
 
     def __len__(self) -> int:
         return self.length
@@ -85,7 +86,12 @@ class GGUFHeader:
         if not isinstance(ref, GGUFArray):
             raise CheckpointError(f"{self.path}: metadata {key} is {'missing' if ref is None else 'not an array'}")
         if ref.element_type == STRING:
-            items = self.native.string_array(key)
+            from edgeai.native_bridge import native
+
+            try:
+                items = self.native.string_array(ref.key)
+            except native.GGUFFormatError as exc:  # cannot happen for a key of this header; said clearly if it does
+                raise CheckpointError(str(exc)) from exc
             if errors != "strict":
                 return [b.decode("utf-8", errors) for b in items]
             try:
@@ -135,9 +141,9 @@ def read_header(path: str | Path) -> GGUFHeader:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
     metadata: dict[str, object] = {}
     value_types: dict[str, int] = {}
-    for key, (vtype, value) in f.metadata().items():
+    for key, (vtype, value, raw_key) in f.metadata().items():
         value_types[key] = vtype
-        metadata[key] = GGUFArray(value[1], value[2], value[3]) if isinstance(value, tuple) else value
+        metadata[key] = GGUFArray(value[1], value[2], value[3], raw_key) if isinstance(value, tuple) else value
     tensors = {}
     for name, ggml_type, shape, offset, nbytes in f.tensors():
         tensors[name] = GGUFTensor(name, ggml_type, type_name(ggml_type), tuple(shape), offset, nbytes)

@@ -100,3 +100,18 @@ def test_metadata_that_is_not_utf8(tiny_chat_gguf, tmp_path):
     with pytest.raises(CheckpointError, match=r"token.gguf: element \d+ of metadata tokenizer.ggml.tokens is not UTF-8"):
         edgeai.convert(bad, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_an_array_key_that_is_not_utf8(tiny_chat_gguf, tmp_path):
+    """The key shows U+FFFD, and its array is still read by the key's own bytes (found by the
+    gguf_metadata fuzzer: the replaced key was looked up again and reported missing)."""
+    data = bytearray(tiny_chat_gguf.read_bytes())
+    at = _key_at(bytes(data), b"tokenizer.ggml.merges") - len(b"merges")
+    data[at + 1] = 0xFF  # "tokenizer.ggml.m\xffrges"
+    bad = tmp_path / "key.gguf"
+    bad.write_bytes(bytes(data))
+    header = read_header(bad)
+    key = next(k for k in header.metadata if k.startswith("tokenizer.ggml.m\ufffd"))
+    assert header.array(key) == read_header(tiny_chat_gguf).array("tokenizer.ggml.merges")
+    out = edgeai.convert(bad, tmp_path / "out.gguf", outtype="f32")
+    assert len(read_header(out).array(key)) == len(header.metadata[key])

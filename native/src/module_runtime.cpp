@@ -132,11 +132,13 @@ void bind_runtime(nb::module_ &m) {
         .def("metadata",
              [](const edgeai::gguf::File &f) {
                  nb::dict meta;
-                 for (const auto &[k, v] : f.metadata()) meta[py_str(k)] = nb::make_tuple(v.type, value_to_python(v));
+                 for (const auto &[k, v] : f.metadata())
+                     meta[py_str(k)] = nb::make_tuple(v.type, value_to_python(v), nb::bytes(k.data(), k.size()));
                  return meta;
              },
-             "{key: (GGUF value type id, value)}; an array's value is ('array', element type id, length, "
-             "file offset of its first element).")
+             "{key: (GGUF value type id, value, the key's own bytes)}; keys and strings that are not UTF-8 show "
+             "U+FFFD (the bytes name the key to string_array); an array's value is ('array', element type id, "
+             "length, file offset of its first element).")
         .def("tensors",
              [](const edgeai::gguf::File &f) {
                  nb::list tensors;
@@ -149,7 +151,8 @@ void bind_runtime(nb::module_ &m) {
              },
              "[(name, ggml type id, ggml shape (row length first), absolute file offset, bytes)].")
         .def("string_array",
-             [](const edgeai::gguf::File &f, const std::string &key) {
+             [](const edgeai::gguf::File &f, const nb::bytes &raw_key) {
+                 const std::string key(raw_key.c_str(), raw_key.size());
                  std::vector<std::string> items;
                  {
                      nb::gil_scoped_release release;
@@ -159,7 +162,7 @@ void bind_runtime(nb::module_ &m) {
                  for (const std::string &s : items) out.append(nb::bytes(s.data(), s.size()));
                  return out;
              },
-             nb::arg("key"), "The elements of a string array as bytes (the file's own, undecoded).");
+             nb::arg("key"), "The elements of a string array as bytes (the file's own, undecoded); key: the key's bytes.");
     m.def("gguf_parse_count", &edgeai::gguf::File::parse_count,
           "GGUF headers this process has parsed (every GGUFFile and every engine built from a path).");
 
