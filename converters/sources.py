@@ -332,7 +332,12 @@ class GGUFSource:
 
         t = self.header.tensors[name]
         data = self.header.tensor_data(name)
-        return np.asarray(dequantize(data, GGMLQuantizationType(t.type)), dtype=np.float32).reshape(t.numpy_shape)
+        try:
+            values = dequantize(data, GGMLQuantizationType(t.type))
+        except (NotImplementedError, ValueError) as exc:  # a type gguf-py cannot decode (Q1_0, integer types)
+            raise TensorError(f"{self.path}: tensor {name} is {t.type_name}, which edgeai cannot decode to re-encode it "
+                              f"({exc}); convert from the original checkpoint instead") from exc
+        return np.asarray(values, dtype=np.float32).reshape(t.numpy_shape)
 
     def release(self, name: str) -> None:
         pass

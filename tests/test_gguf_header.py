@@ -115,3 +115,22 @@ def test_an_array_key_that_is_not_utf8(tiny_chat_gguf, tmp_path):
     assert header.array(key) == read_header(tiny_chat_gguf).array("tokenizer.ggml.merges")
     out = edgeai.convert(bad, tmp_path / "out.gguf", outtype="f32")
     assert len(read_header(out).array(key)) == len(header.metadata[key])
+
+
+def test_newer_ggml_types_are_read_and_left_to_llama_cpp(tiny_chat_gguf, tmp_path):
+    """MXFP4 (gpt-oss's experts) and the other types ggml added after BF16: the reader knows their
+    block layout, inspect counts them, and the native backend names the type and points to llama.cpp."""
+    from edgeai.runtimes.native import NativeBackend
+
+    data = bytearray(tiny_chat_gguf.read_bytes())
+    name = b"blk.0.attn_q.weight"
+    at = data.find(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<I", data, at + 4 + 8 * n_dims, 39)  # F32 -> MXFP4: 17 bytes per 32 weights, inside the old bytes
+    bad = tmp_path / "mxfp4.gguf"
+    bad.write_bytes(bytes(data))
+    t = read_header(bad).tensors[name.decode()]
+    assert t.type_name == "MXFP4" and t.nbytes == t.n_elements // 32 * 17
+    assert inspect_artifact(bad).types["MXFP4"].count == 1
+    reason = NativeBackend.can_run(bad)
+    assert "MXFP4" in reason and "llama.cpp" in reason
