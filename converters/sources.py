@@ -309,8 +309,10 @@ class GGUFSource:
 
         out: dict[str, object] = {}
         for key, value in self.header.metadata.items():
-            out[key] = self.header.array(key).tolist() if isinstance(value, GGUFArray) and value.element_type != 8 \
-                else self.header.array(key) if isinstance(value, GGUFArray) else value
+            if isinstance(value, GGUFArray):
+                value = self.header.array(key)
+                value = value.tolist() if isinstance(value, np.ndarray) else value
+            out[key] = value
         return out
 
     def value_type(self, key: str):

@@ -92,14 +92,14 @@ class GGUFHeader:
                 items = self.native.string_array(ref.key)
             except native.GGUFFormatError as exc:  # cannot happen for a key of this header; said clearly if it does
                 raise CheckpointError(str(exc)) from exc
-            if errors != "strict":
-                return [b.decode("utf-8", errors) for b in items]
-            try:
-                return [b.decode("utf-8") for b in items]
-            except UnicodeDecodeError:
-                bad = next(i for i, b in enumerate(items) if not _is_utf8(b))
-                raise CheckpointError(f"{self.path}: element {bad} of metadata {key} is not UTF-8 "
-                                      f"({items[bad][:40]!r}); GGUF strings must be UTF-8") from None
+            out = []
+            for i, b in enumerate(items):
+                try:
+                    out.append(b.decode("utf-8", errors))
+                except UnicodeDecodeError:
+                    raise CheckpointError(f"{self.path}: element {i} of metadata {key} is not UTF-8 "
+                                          f"({b[:40]!r}); GGUF strings must be UTF-8") from None
+            return out
         dtype = np.dtype(_ARRAY_DTYPES[ref.element_type])
         values = np.fromfile(self.path, dtype=dtype, count=ref.length, offset=ref.offset)
         return values.astype(bool) if ref.element_type == 7 else values
@@ -108,14 +108,6 @@ class GGUFHeader:
         """A tensor's bytes as a read-only uint8 memory map (its offset and size were validated)."""
         t = self.tensors[name]
         return np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,))
-
-
-def _is_utf8(b: bytes) -> bool:
-    try:
-        b.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 def read_header(path: str | Path) -> GGUFHeader:
@@ -145,19 +137,9 @@ def read_header(path: str | Path) -> GGUFHeader:
         value_types[key] = vtype
         metadata[key] = GGUFArray(value[1], value[2], value[3], raw_key) if isinstance(value, tuple) else value
     tensors = {}
-    for name, ggml_type, shape, offset, nbytes in f.tensors():
-        tensors[name] = GGUFTensor(name, ggml_type, type_name(ggml_type), tuple(shape), offset, nbytes)
+    for name, ggml_type, type_name, shape, offset, nbytes in f.tensors():
+        tensors[name] = GGUFTensor(name, ggml_type, type_name, tuple(shape), offset, nbytes)
     return GGUFHeader(path, f.version, f.alignment, f.size, metadata, value_types, tensors, f)
-
-
-def type_name(ggml_type: int) -> str:
-    """The ggml name of a tensor type id ("Q4_K"), or "type N" for an id gguf-py does not know."""
-    from gguf import GGMLQuantizationType
-
-    try:
-        return GGMLQuantizationType(ggml_type).name
-    except ValueError:
-        return f"type {ggml_type}"
 
 
 def parse_count() -> int:

@@ -63,10 +63,10 @@ def describe_gguf(path: str | Path) -> ArtifactSummary:
         n_elem[t.type_name] += t.n_elements
     types = {k: TypeStats(counts[k], n_bytes[k], n_elem[k]) for k in sorted(counts, key=lambda k: -n_bytes[k])}
 
-    def shown(key: str, value: object) -> object:  # arrays stay in the file: their length is what is shown
+    def shown(value: object) -> object:  # arrays stay in the file: their length is what is shown
         return f"[{len(value)} values]" if isinstance(value, GGUFArray) else value
 
-    hparams = {k[len(arch) + 1:]: shown(k, v) for k, v in meta.items() if k.startswith(arch + ".")}
+    hparams = {k[len(arch) + 1:]: shown(v) for k, v in meta.items() if k.startswith(arch + ".")}
     tokens_ref = meta.get("tokenizer.ggml.tokens")
     roles = {role: meta.get(f"tokenizer.ggml.{role}_token_id") for role in ("bos", "eos", "unknown", "padding")}
     roles = {role: token_id for role, token_id in roles.items() if token_id is not None}
@@ -91,7 +91,7 @@ def describe_gguf(path: str | Path) -> ArtifactSummary:
         if not isinstance(recipe, dict):
             recipe = {"raw": meta["edgeai.recipe"]}
         recipe["source_sha256"] = meta.get("edgeai.source.sha256")
-    other = {k: shown(k, v) for k, v in meta.items()
+    other = {k: shown(v) for k, v in meta.items()
              if k.startswith("general.") and k not in ("general.architecture", "general.name")}
     return ArtifactSummary(Path(path), arch, str(meta.get("general.name", "")), hparams, types, tokenizer, recipe, other)
 

@@ -145,11 +145,12 @@ void bind_runtime(nb::module_ &m) {
                  for (const auto &t : f.tensors()) {
                      nb::list shape;
                      for (uint64_t d : t.ne) shape.append(d);
-                     tensors.append(nb::make_tuple(py_str(t.name), t.type, nb::tuple(shape), t.offset, t.nbytes));
+                     tensors.append(nb::make_tuple(py_str(t.name), t.type, edgeai::gguf::type_info(t.type)->name,
+                                                   nb::tuple(shape), t.offset, t.nbytes));
                  }
                  return tensors;
              },
-             "[(name, ggml type id, ggml shape (row length first), absolute file offset, bytes)].")
+             "[(name, ggml type id, its name, ggml shape (row length first), absolute file offset, bytes)].")
         .def("string_array",
              [](const edgeai::gguf::File &f, const nb::bytes &raw_key) {
                  const std::string key(raw_key.c_str(), raw_key.size());
