@@ -130,17 +130,18 @@ def bench(path: str | Path, backends: list[str], *, threads: int | None = None, 
     from edgeai.budget import parse_budget
     from edgeai.devices import checked_threads
     from edgeai.options import checked_int
-    from edgeai.runtimes.registry import resolve
+    from edgeai.runtimes.registry import header_of, resolve
 
     path = Path(path)
-    backends = [resolve(path).name if b == "auto" else b for b in backends]
+    header = header_of(path)  # one parse for every backend's check
+    backends = [resolve(path, header=header).name if b == "auto" else b for b in backends]
     memory_budget = parse_budget(memory_budget)
     threads = checked_threads(threads)
     checked_int("n_prompt (--prompt-tokens)", n_prompt, minimum=1, maximum=2**20)
     checked_int("n_gen (--gen-tokens)", n_gen, minimum=1, maximum=2**20)
     checked_int("repeats (--repeats)", repeats, minimum=1, maximum=1000, why="each run is a full prefill and decode")
     for name in backends:
-        resolve(path, name)  # a clear error now, before any process is started
+        resolve(path, name, header)  # a clear error now, before any process is started
     results = []
     for name in backends:
         # -I: the worker must not import a source tree from the current folder

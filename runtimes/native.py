@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from edgeai.errors import (CheckpointError, ContextOverflowError, OptionError, TokenizerError,
+from edgeai.errors import (CheckpointError, ContextOverflowError, OptionError,
                            UnsupportedArchitectureError)
 from edgeai.gguf_header import GGUFHeader, read_header
 from edgeai.native_bridge import native as _native
@@ -29,9 +28,6 @@ from edgeai.runtimes.vocab import VocabText
 
 log = logging.getLogger(__name__)
 
-
-
-_UNKNOWN_TYPE = re.compile(r"has unknown type id (\d+)")
 
 
 def engine_config(header: GGUFHeader) -> dict:
@@ -137,8 +133,6 @@ class NativeBackend(VocabText):
     def can_run(cls, path: Path, header: GGUFHeader | None = None) -> str | None:
         """None when the engine runs this file, else why not (architecture, tensor type...).
         header: the file's header when the caller has read it (else it is read here)."""
-        from gguf import GGMLQuantizationType
-
         # A reason is returned only for what another backend may run (an architecture or tensor type
         # this engine lacks); a corrupt file (a format error, impossible hyper-parameters) or a
         # vocabulary llama.cpp's loader aborts on is raised: no backend runs it, and suggesting
@@ -151,16 +145,7 @@ class NativeBackend(VocabText):
                 head = f.read(4)
             if head != b"GGUF":  # not a GGUF at all: another backend's format, maybe
                 return f"{path} is not a GGUF file (it starts with {head!r}, not b'GGUF')"
-        try:
-            header = header or read_header(path)
-        except TokenizerError:
-            raise
-        except CheckpointError as exc:
-            unknown = _UNKNOWN_TYPE.search(str(exc))  # the reader's wording (native/src/gguf.cpp)
-            if unknown and int(unknown.group(1)) in GGMLQuantizationType._value2member_map_:
-                name = GGMLQuantizationType(int(unknown.group(1))).name
-                return f"{exc} ({name}, which the native engine does not read; the llama.cpp backend can)"
-            raise
+        header = header or read_header(path)  # a corrupt file raises; the reader knows every ggml type gguf-py does
         try:
             engine_config(header)
         except UnsupportedArchitectureError as exc:
@@ -278,10 +263,9 @@ class NativeBackend(VocabText):
         tokens = [int(t) for t in tokens]
         self._check_room(tokens)
         if mask is not None:
-            from edgeai.runtimes.sampling import allowed
+            from edgeai.runtimes.sampling import checked_mask
 
-            allowed(mask, self.n_vocab)  # checked here: the engine applies it in C++, GIL released
-            mask = np.ascontiguousarray(mask, dtype=np.uint32)
+            mask = checked_mask(mask, self.n_vocab)  # the engine applies it in C++, GIL released
         return int(self._call("step", tokens, mask))
 
     def evict(self, start: int, end: int) -> None:

@@ -45,9 +45,10 @@ def candidates(logits: np.ndarray, sampling: Sampling) -> tuple[np.ndarray, np.n
     return ids, p / p.sum()
 
 
-def allowed(mask: np.ndarray, n_vocab: int) -> np.ndarray:
-    """The bool [n_vocab] a token mask allows: uint32 words [ceil(n_vocab / 32)], bit t % 32 of word
-    t // 32 allowing token t (llguidance's and XGrammar's bitmask layout, the native engine's too)."""
+def checked_mask(mask: np.ndarray, n_vocab: int) -> np.ndarray:
+    """`mask` as contiguous uint32 words [ceil(n_vocab / 32)], bit t % 32 of word t // 32 allowing
+    token t (32 tokens a word, low bit first), checked: the shape, and at least one token allowed.
+    O(n_vocab / 32): cheap enough for every decode step."""
     from edgeai.errors import OptionError
 
     mask = np.asarray(mask)
@@ -55,10 +56,16 @@ def allowed(mask: np.ndarray, n_vocab: int) -> np.ndarray:
     if mask.dtype != np.uint32 or mask.shape != (words,):
         raise OptionError(f"a token mask is {words} uint32 words for a vocabulary of {n_vocab} tokens; "
                           f"got {mask.dtype} {mask.shape}")
-    bits = np.unpackbits(mask.astype("<u4").view(np.uint8), bitorder="little")[:n_vocab].astype(bool)
-    if not bits.any():
+    tail = np.uint32((1 << (n_vocab - 32 * (words - 1))) - 1)  # the last word's bits that are tokens
+    if not (mask[:-1].any() or mask[-1] & tail):
         raise OptionError("the token mask allows no token of the vocabulary")
-    return bits
+    return np.ascontiguousarray(mask)
+
+
+def allowed(mask: np.ndarray, n_vocab: int) -> np.ndarray:
+    """The bool [n_vocab] a token mask allows (see `checked_mask`)."""
+    mask = checked_mask(mask, n_vocab)
+    return np.unpackbits(mask.astype("<u4").view(np.uint8), bitorder="little")[:n_vocab].astype(bool)
 
 
 def sample(logits: np.ndarray, history: Sequence[int], sampling: Sampling, rng: np.random.Generator,

@@ -68,8 +68,7 @@ struct SamplingParams {
 
 // One token from logits [n_vocab] given the sequence so far (penalty -> top-k -> top-p -> min-p ->
 // temperature -> draw, as runtimes/sampling.py); temperature <= 0 is greedy. mask: nullptr, or
-// ceil(n_vocab / 32) words whose bit t % 32 of word t / 32 allows token t (the layout of llguidance's
-// and XGrammar's token bitmasks); a disallowed token is never drawn, and a mask allowing none is an error.
+// ceil(n_vocab / 32) words whose bit t % 32 of word t / 32 allows token t; a disallowed token is never drawn, and a mask allowing none is an error.
 int sample_token(std::vector<float> logits, const std::vector<int32_t> &history, const SamplingParams &s,
                  std::mt19937_64 &rng, const uint32_t *mask = nullptr);
 

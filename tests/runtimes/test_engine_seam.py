@@ -36,8 +36,9 @@ def test_mask_layout_and_refusals():
     assert list(np.flatnonzero(allowed(mask, 70))) == [0, 33, 69]
     with pytest.raises(OptionError, match="3 uint32 words for a vocabulary of 70"):
         allowed(mask[:2], 70)
-    with pytest.raises(OptionError, match="allows no token"):
-        allowed(np.zeros(3, np.uint32), 70)
+    for empty in (np.zeros(3, np.uint32), np.array([0, 0, 1 << 6], np.uint32)):  # bit 70: past the vocabulary
+        with pytest.raises(OptionError, match="allows no token"):
+            allowed(empty, 70)
 
 
 def test_native_sampler_with_a_mask_matches_the_reference():
