@@ -23,6 +23,7 @@ from edgeai.errors import (CheckpointError, ContextOverflowError, OptionError,
                            UnsupportedArchitectureError)
 from edgeai.gguf_header import GGUFHeader, read_header
 from edgeai.native_bridge import native as _native
+from edgeai.runtimes.expert_store import ExpertStoreOptions, checked_store_options, native_stream_config, policy_name
 from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling, kv_cache_type
 from edgeai.runtimes.vocab import VocabText
 
@@ -82,48 +83,6 @@ def _prepare(path: Path, header: GGUFHeader | None, n_ctx: int | None,
     return header, config, n_ctx_train, n_ctx, threads
 
 
-_STORE_FLAGS = ("direct", "trace", "prefetch")
-_STORE_POLICIES = ("next-use", "lru", "lfu", "layer")
-_STORE_IO = ("auto", "uring", "pread")
-
-
-def _checked_store_options(options: Mapping, config: Mapping) -> dict:
-    """The expert store's options (see `NativeBackend`), each checked against its bound before the
-    engine sizes anything by it; an OptionError names the option."""
-    from edgeai.options import checked_int
-
-    n_layer, n_expert = int(config["n_layer"]), max(1, int(config["n_expert"]))
-    counts = {  # option -> (smallest, largest, why)
-        "slots": (0, n_layer * n_expert, "one per expert of the model at most; 0 with layer_slots: a dense model"),
-        "layer_slots": (0, n_layer, "one per layer at most"),
-        "io_threads": (1, 64, "reader threads"),
-        "prefetch_top": (0, n_expert, "experts prefetched per layer, at most the layer's experts"),
-        "retries": (0, 100, "reads retried after an I/O error"),
-        "inject_read_faults": (0, 2**31 - 1, "tests only"),
-    }
-    out = {}
-    for key, value in options.items():
-        if key in counts:
-            lo, hi, why = counts[key]
-            out[key] = checked_int(f"expert_store[{key!r}]", value, minimum=lo, maximum=hi, why=why)
-        elif key in _STORE_FLAGS:
-            if not isinstance(value, bool):
-                raise OptionError(f"expert_store[{key!r}] must be True or False, got {value!r:.40}")
-            out[key] = value
-        elif key == "policy":
-            if value not in _STORE_POLICIES:
-                raise OptionError(f"expert_store['policy'] must be one of {', '.join(_STORE_POLICIES)}, got {value!r:.40}")
-            out[key] = value
-        elif key == "io":
-            if value not in _STORE_IO:
-                raise OptionError(f"expert_store['io'] must be one of {', '.join(_STORE_IO)}, got {value!r:.40}")
-            out[key] = value
-        else:
-            known = ", ".join([*counts, *_STORE_FLAGS, "policy", "io"])
-            raise OptionError(f"unknown expert_store option {key!r}; the options are {known}")
-    return out
-
-
 class NativeBackend(VocabText):
     """A GGUF in edgeai's C++ engine: one model, one sequence (see `runtimes.base.Backend`)."""
 
@@ -175,16 +134,17 @@ class NativeBackend(VocabText):
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
                  memory_budget: int | None = None, kv_cache: str | None = None, isa: str = "",
-                 expert_store: Mapping | None = None, header: GGUFHeader | None = None) -> None:
+                 expert_store: Mapping | ExpertStoreOptions | None = None, header: GGUFHeader | None = None) -> None:
         """Load `path` (a GGUF the engine runs, see `can_run`).
 
         kv_cache: "f16" (default) or "q8_0" (`runtimes.base.KV_CACHE_TYPES`; the planner refuses q8_0
         for a head size that is not a multiple of 32).
         memory_budget: bytes for the whole process; the planner (`runtimes.plan`) splits it and
         streams MoE experts from the file when they do not fit, or raises BudgetError.
-        expert_store: options of the streaming expert store (policy: next-use|lru|lfu|layer, io_threads,
+        expert_store: options of the streaming expert store, a mapping of option names or an
+        `ExpertStoreOptions` (policy: next-use|lru|lfu|layer, io: auto|uring|pread, io_threads,
         direct, trace, retries, prefetch (False: demand reads only); slots: stream with this many
-        slots whatever the budget).
+        slots whatever the budget); unknown options and values are OptionErrors naming the choices.
         header: the file's header when the caller has read it (`edgeai.gguf_header.read_header`).
         """
         from edgeai.runtimes.plan import plan_memory
@@ -200,11 +160,12 @@ class NativeBackend(VocabText):
         try:
             self.plan = plan_memory(header, config, budget=memory_budget, n_ctx=n_ctx, threads=self.threads,
                                     kv_cache=self.kv_cache)
-            options = _checked_store_options(expert_store or {}, config)
-            # options with "slots" stream whatever the plan says (tests, benchmarks)
-            stream = self.plan.stream_config(**options) or (options if "slots" in options else None)
+            options = checked_store_options(expert_store, n_layer=int(config["n_layer"]), n_expert=int(config["n_expert"]))
+            # options with slots stream whatever the plan says (tests, benchmarks)
+            stream = self.plan.stream_config(options) or (options if options.slots is not None else None)
             try:
-                self._engine = _native.Engine(header.native, config, n_ctx, self.threads, isa, stream, self.kv_cache)
+                self._engine = _native.Engine(header.native, config, n_ctx, self.threads, isa,
+                                              None if stream is None else native_stream_config(stream), self.kv_cache)
             except _native.ModelError as exc:
                 raise CheckpointError(str(exc)) from exc
         except BaseException:
@@ -286,6 +247,9 @@ class NativeBackend(VocabText):
     def stats(self):
         e = self._live()
         store = e.store_stats()
+        for part in (store, store.get("layers")):
+            if part is not None:  # the engine reports its enum; users read the name they set
+                part["policy"] = policy_name(part["policy"])
         extra = {"kv_bytes": e.kv_bytes, "kv_type": e.kv_type, "isa": e.isa, "memory_budget": self.memory_budget, "expert_store": store}
         if store["streaming"] and store["hits"] + store["misses"]:
             extra["expert_cache_hit_rate"] = store["hits"] / (store["hits"] + store["misses"])

@@ -25,6 +25,7 @@ from pathlib import Path
 from edgeai.budget import format_bytes
 from edgeai.errors import BudgetError, OptionError
 from edgeai.gguf_header import GGUFHeader
+from edgeai.runtimes.expert_store import ExpertStoreOptions, with_slots
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +93,12 @@ class MemoryPlan:
         streamed = replace(self, layer_slots=LAYER_SLOTS) if self.layer_matrices else self
         return min(self.fixed, streamed.fixed) + (self.min_slots * self.slot_bytes if self.experts else 0)
 
-    def stream_config(self, **options) -> dict | None:
-        """The engine's `stream` argument: None when every weight stays in the memory map."""
+    def stream_config(self, options: ExpertStoreOptions | None = None) -> ExpertStoreOptions | None:
+        """The streaming store's options for this plan (`options` with this plan's slot counts where
+        they give none); None when every weight stays in the memory map."""
         if not self.streaming:
             return None
-        return {"slots": self.slots, "layer_slots": self.layer_slots, **options}
+        return with_slots(options or ExpertStoreOptions(), self.slots, self.layer_slots)
 
     def rows(self) -> list[tuple[str, int, str]]:
         """(part, bytes, how) for printing."""

@@ -97,8 +97,6 @@ StreamingStore::StreamingStore(const std::string &path, std::vector<Unit> units,
     if (cfg_.slots < 2)
         throw ModelError("a streaming cache needs at least 2 slots (one unit computed while the next is read); got " +
                          std::to_string(cfg_.slots));
-    if (cfg_.policy != "lru" && cfg_.policy != "lfu" && cfg_.policy != "layer" && cfg_.policy != "next-use")
-        throw ModelError("unknown expert cache policy '" + cfg_.policy + "' (use lru, lfu, layer or next-use)");
     cfg_.io_threads = std::max(1, cfg_.io_threads);
 #ifdef O_DIRECT
     if (cfg_.direct) {
@@ -139,17 +137,12 @@ StreamingStore::StreamingStore(const std::string &path, std::vector<Unit> units,
     for (size_t k = 0; k < units_.size(); ++k) use_rate_[k] = 1.0 / layer_units_[units_[k].layer].size();
     used_now_.assign(units_.size(), 0);
     faults_left_ = cfg_.inject_read_faults;
-    if (cfg_.io != "auto" && cfg_.io != "uring" && cfg_.io != "pread") {
-        ::close(fd_);
-        std::free(arena_);
-        throw ModelError("unknown expert read method '" + cfg_.io + "' (use auto, uring or pread)");
-    }
-    if (cfg_.io != "pread") {
+    if (cfg_.io != ReadMethod::PREAD) {
         uring_ = std::make_unique<Uring>();
         if (!uring_->open(static_cast<unsigned>(std::max<size_t>(3 * cfg_.io_threads, max_ranges)))) {
             const std::string why = std::strerror(errno);
             uring_.reset();
-            if (cfg_.io == "uring") {
+            if (cfg_.io == ReadMethod::URING) {
                 ::close(fd_);
                 std::free(arena_);
                 throw ModelError("io_uring is not available here (" + why + "); use io='pread' or 'auto'");
@@ -196,18 +189,18 @@ int StreamingStore::victim(bool for_prefetch) {
         if (s.pins || s.wanted || s.state == State::LOADING) continue;
         const double freq = s.freq * std::exp2(-static_cast<double>(visits_ - s.last_visit) / half_life());
         double keep;
-        if (cfg_.policy == "lru") {
+        if (cfg_.policy == CachePolicy::LRU) {
             keep = static_cast<double>(s.last_use);
-        } else if (cfg_.policy == "lfu") {
+        } else if (cfg_.policy == CachePolicy::LFU) {
             keep = freq;
-        } else if (cfg_.policy == "next-use") {
+        } else if (cfg_.policy == CachePolicy::NEXT_USE) {
             const int distance = (units_[s.key].layer - current_layer_ + L - 1) % L;
             const double p = std::max(use_rate_[s.key], 1e-3);
             const double next_use = distance + L * (1.0 - p) / p;
             // a guess must not push out what will probably be needed within the next token
             if (for_prefetch && next_use < L) continue;
             keep = -next_use;
-        } else {
+        } else {  // CachePolicy::LAYER
             // layers computed before it is needed again: 0 for the next layer, L-1 for the current one
             const int distance = (units_[s.key].layer - current_layer_ + L - 1) % L;
             keep = -distance * 1e9 + freq;

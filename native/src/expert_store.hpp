@@ -42,6 +42,13 @@ struct Matrix {
     explicit operator bool() const { return data != nullptr; }
 };
 
+// How a streaming store picks the slot to refill (see StreamingStore::victim). The Python side
+// (edgeai.runtimes.expert_store) names each value for users and binds the same member names.
+enum class CachePolicy { NEXT_USE, LRU, LFU, LAYER };
+
+// How a streaming store reads: io_uring where the kernel allows it else pread (AUTO), or one of them.
+enum class ReadMethod { AUTO, URING, PREAD };
+
 // One expert's three projections.
 struct ExpertWeights {
     Matrix gate, up, down;
@@ -56,7 +63,8 @@ struct ExpertLayer {
 
 struct ExpertStoreStats {
     bool streaming = false, direct = false;
-    std::string policy, io;  // replacement policy; "io_uring" or "pread"
+    CachePolicy policy = CachePolicy::NEXT_USE;    // meaningful when streaming
+    std::string io;                                // the reads issued: "io_uring" or "pread" (a report, not an option)
     int slots = 0, peak_slots_used = 0;            // slots holding or loading an expert, at most `slots`
     uint64_t hits = 0, misses = 0;                 // demand accesses: resident (or being prefetched) or not
     uint64_t bytes_read = 0, reads = 0;            // reads issued to the file (alignment included)
@@ -97,9 +105,9 @@ class MmapExpertStore : public ExpertStore {
 struct StreamConfig {
     int slots = 0;                 // experts held in memory at once
     int layer_slots = 0;           // dense layers held at once when they are streamed too (0: resident)
-    std::string policy = "next-use";  // lru | lfu | layer | next-use (see expert_store.cpp; chosen by benchmarks/expert_streaming.py)
+    CachePolicy policy = CachePolicy::NEXT_USE;  // see expert_store.cpp; chosen by benchmarks/expert_streaming.py
     int io_threads = 4;            // reads in flight (pread threads; io_uring: 3x this many reads)
-    std::string io = "auto";       // auto (io_uring where the kernel allows it, else pread) | uring | pread
+    ReadMethod io = ReadMethod::AUTO;
     bool direct = true;            // bypass the page cache (falls back when the file system refuses)
     bool trace = false;            // record demand accesses (replays, benchmarks)
     bool prefetch = true;          // predict the next layer's experts and read them ahead (off: demand reads only)

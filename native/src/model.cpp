@@ -211,7 +211,7 @@ Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, 
         if (stream->layer_slots < 2) throw ModelError("streaming dense layers needs at least 2 layer slots");
         StreamConfig lc = *stream;
         lc.slots = stream->layer_slots;
-        lc.policy = "layer";
+        lc.policy = CachePolicy::LAYER;
         layer_store_ = std::make_unique<StreamingStore>(path, std::move(layer_units), c.n_layer, lc);
     }
     if (stream && c.n_expert)

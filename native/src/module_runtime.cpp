@@ -68,7 +68,7 @@ nb::dict stats_dict(const edgeai::ExpertStoreStats &s, size_t slot_bytes) {
     nb::dict d;
     d["streaming"] = s.streaming;
     d["direct"] = s.direct;
-    d["policy"] = s.policy;
+    d["policy"] = s.streaming ? nb::cast(s.policy) : nb::none();
     d["io"] = s.io;
     d["slots"] = s.slots;
     d["peak_slots_used"] = s.peak_slots_used;
@@ -86,26 +86,6 @@ nb::dict stats_dict(const edgeai::ExpertStoreStats &s, size_t slot_bytes) {
     d["layer_hits"] = s.layer_hits;
     d["layer_misses"] = s.layer_misses;
     return d;
-}
-
-edgeai::StreamConfig stream_config_from(const nb::dict &d) {
-    edgeai::StreamConfig s;
-    for (auto [k, v] : d) {
-        const std::string key = nb::cast<std::string>(k);
-        if (key == "slots") s.slots = nb::cast<int>(v);
-        else if (key == "layer_slots") s.layer_slots = nb::cast<int>(v);
-        else if (key == "policy") s.policy = nb::cast<std::string>(v);
-        else if (key == "io_threads") s.io_threads = nb::cast<int>(v);
-        else if (key == "io") s.io = nb::cast<std::string>(v);
-        else if (key == "direct") s.direct = nb::cast<bool>(v);
-        else if (key == "trace") s.trace = nb::cast<bool>(v);
-        else if (key == "prefetch") s.prefetch = nb::cast<bool>(v);
-        else if (key == "prefetch_top") s.prefetch_top = nb::cast<int>(v);
-        else if (key == "retries") s.retries = nb::cast<int>(v);
-        else if (key == "inject_read_faults") s.inject_read_faults = nb::cast<int>(v);
-        else throw nb::value_error(("unknown stream option '" + key + "'").c_str());
-    }
-    return s;
 }
 
 }  // namespace
@@ -365,22 +345,46 @@ void bind_runtime(nb::module_ &m) {
           nb::arg("mask") = nb::none(),
           "n_draws tokens from the engine's sampler over fixed logits (tests against runtimes.sampling).");
 
+    // The streaming store's options as a typed struct: Python (edgeai.runtimes.expert_store) checks
+    // the user's options and fills one of these, so no option is parsed from a string here.
+    nb::enum_<edgeai::CachePolicy>(m, "CachePolicy", "The streaming store's replacement policy (see expert_store.cpp).")
+        .value("NEXT_USE", edgeai::CachePolicy::NEXT_USE)
+        .value("LRU", edgeai::CachePolicy::LRU)
+        .value("LFU", edgeai::CachePolicy::LFU)
+        .value("LAYER", edgeai::CachePolicy::LAYER);
+    nb::enum_<edgeai::ReadMethod>(m, "ReadMethod", "How the streaming store reads: io_uring where allowed (AUTO), io_uring or pread.")
+        .value("AUTO", edgeai::ReadMethod::AUTO)
+        .value("URING", edgeai::ReadMethod::URING)
+        .value("PREAD", edgeai::ReadMethod::PREAD);
+    nb::class_<edgeai::StreamConfig>(m, "StreamConfig",
+                                     "Experts (and, with layer_slots, dense layers) streamed from the file into slots; "
+                                     "the fields and their defaults are expert_store.hpp's.")
+        .def(nb::init<>())
+        .def_rw("slots", &edgeai::StreamConfig::slots)
+        .def_rw("layer_slots", &edgeai::StreamConfig::layer_slots)
+        .def_rw("policy", &edgeai::StreamConfig::policy)
+        .def_rw("io_threads", &edgeai::StreamConfig::io_threads)
+        .def_rw("io", &edgeai::StreamConfig::io)
+        .def_rw("direct", &edgeai::StreamConfig::direct)
+        .def_rw("trace", &edgeai::StreamConfig::trace)
+        .def_rw("prefetch", &edgeai::StreamConfig::prefetch)
+        .def_rw("prefetch_top", &edgeai::StreamConfig::prefetch_top)
+        .def_rw("retries", &edgeai::StreamConfig::retries)
+        .def_rw("inject_read_faults", &edgeai::StreamConfig::inject_read_faults);
+
     nb::class_<edgeai::Model>(m, "Engine", "One model and one sequence (KV cache) in the native engine.")
         .def("__init__",
              [](edgeai::Model *self, std::shared_ptr<edgeai::gguf::File> file, const nb::dict &config, int n_ctx, int n_threads,
-                const std::string &isa, const nb::object &stream, const std::string &kv_type) {
+                const std::string &isa, std::optional<edgeai::StreamConfig> stream, const std::string &kv_type) {
                  edgeai::ModelConfig c = config_from(config);
                  const edgeai::KVType kv = edgeai::kv_type_named(kv_type);
-                 std::optional<edgeai::StreamConfig> sc;
-                 if (!stream.is_none()) sc = stream_config_from(nb::cast<nb::dict>(stream));
                  nb::gil_scoped_release release;
-                 new (self) edgeai::Model(std::move(file), c, n_ctx, n_threads, isa, sc ? &*sc : nullptr, kv);
+                 new (self) edgeai::Model(std::move(file), c, n_ctx, n_threads, isa, stream ? &*stream : nullptr, kv);
              },
              nb::arg("file"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("isa") = "",
              nb::arg("stream") = nb::none(), nb::arg("kv_type") = "f16",
              "kv_type: 'f16' or 'q8_0' (the KV cache's element type). stream: None (experts read in place from the memory "
-             "map) or {slots, layer_slots, policy, io, io_threads, direct, trace, prefetch, prefetch_top, retries, "
-             "inject_read_faults}: experts streamed into a cache of `slots` experts.")
+             "map) or a StreamConfig: experts streamed into a cache of `slots` experts.")
         .def("store_stats",
              [](edgeai::Model &self) {
                  nb::dict d = stats_dict(self.experts().stats(), self.experts().slot_bytes());

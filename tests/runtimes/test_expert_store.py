@@ -63,6 +63,7 @@ def test_streamed_experts_give_the_same_tokens_and_logits(moe_ggufs, arch):
         logits, tokens = run(b)
         stats = b.stats().extra["expert_store"]
         assert stats["streaming"] and stats["slots"] == store["slots"]
+        assert stats["policy"] == store.get("policy", "next-use")  # the engine ran the policy asked for
         np.testing.assert_array_equal(logits, ref_logits)  # same kernels on the same bytes: bit-identical
         assert tokens == ref_tokens, store
         # accounting: never more experts held than slots; every demand access counted once
@@ -330,7 +331,7 @@ def test_dense_layers_streamed_when_they_do_not_fit(dense_gguf, moe_ggufs, which
     budget = plan.minimum
     streamed = plan_memory(header, config, budget=budget, n_ctx=128, threads=1, process_bytes=10 << 20)
     assert streamed.layer_slots == 2 and streamed.total <= budget < plan.total
-    assert streamed.stream_config()["layer_slots"] == 2
+    assert streamed.stream_config().layer_slots == 2
     assert not plan_memory(header, config, budget=plan.total, n_ctx=128, threads=1, process_bytes=10 << 20).streaming
     with pytest.raises(BudgetError):
         plan_memory(header, config, budget=budget - 1, n_ctx=128, threads=1, process_bytes=10 << 20)

@@ -174,6 +174,7 @@ def test_resource_knobs_are_bounded_before_anything_starts(tiny_chat_gguf):
                              ({"io_threads": 10**6}, "io_threads'.* in 1..64"),
                              ({"prefetch_top": -1}, "prefetch_top"), ({"retries": 10**9}, "retries'.* in 0..100"),
                              ({"policy": "fifo"}, "policy'.* one of next-use"), ({"prefetch": 1}, "True or False"),
+                             ({"io": "mmap"}, r"expert_store\['io'\] must be one of auto, uring, pread, got 'mmap'"),
                              ({"slot": 4}, "unknown expert_store option 'slot'")):
         with pytest.raises(OptionError, match=message):
             NativeBackend(tiny_chat_gguf, n_ctx=64, threads=1, expert_store=options)
