@@ -38,11 +38,12 @@ _source_tree_search_path()
 if TYPE_CHECKING:
     from edgeai.api import load as load
     from edgeai.api import plan as plan
+    from edgeai.api import run as run
     from edgeai.converters.convert import convert as convert
     from edgeai.model import Chunk as Chunk
     from edgeai.model import Model as Model
 
-__all__ = ["Chunk", "EdgeAIError", "Model", "__version__", "convert", "load", "plan"]
+__all__ = ["Chunk", "EdgeAIError", "Model", "__version__", "convert", "load", "plan", "run"]
 
 
 def __getattr__(name: str) -> Any:
@@ -50,7 +51,7 @@ def __getattr__(name: str) -> Any:
         from edgeai.converters.convert import convert
 
         return convert
-    if name in ("load", "plan"):
+    if name in ("load", "plan", "run"):
         from edgeai import api
 
         return getattr(api, name)

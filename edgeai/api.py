@@ -1,10 +1,13 @@
-"""`edgeai.load`: an artifact in the backend that runs it, as a `Model`."""
+"""`edgeai.load`: an artifact in the backend that runs it, as a `Model`; `edgeai.plan`: its memory
+split, without loading; `edgeai.run`: one answer from it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from edgeai.model import Model
+from edgeai.model import FinishReason, Model, Timings
 
 
 def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget: str | int | None = None,
@@ -46,6 +49,43 @@ def plan(path: str | Path | None = None, *, memory_budget: str | int | None = No
         raise BackendError(f"memory plans are made for the native engine, which cannot run this file: {reason}")
     return NativeBackend.plan_for(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget, kv_cache=kv_cache,
                                   header=header)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One answer from `run`."""
+
+    text: str
+    finish_reason: FinishReason
+    chat_template: bool  # the prompt went in as the user's turn of the model's chat template (else raw completion)
+    backend: str  # the backend that ran it ("auto" resolved)
+    timings: Timings
+
+
+def run(model: str | Path | None, prompt: str, *, raw: bool = False, max_tokens: int = 256, temperature: float = 0.8,
+        seed: int | None = None, backend: str = "auto", memory_budget: str | int | None = None,
+        device: str | None = None, n_ctx: int | None = None, threads: int | None = None,
+        kv_cache: str | None = None, on_text: Callable[[str], None] | None = None) -> RunResult:
+    """Load `model`, answer `prompt` once and close it (`edgeai run`). The prompt is the user's turn
+    in the model's chat template where it has one (as ollama run, llama-cli and mlx_lm.generate do);
+    raw, or a model without a template: plain completion of the text. on_text: called with each
+    piece of text as it is generated. Other arguments as for `load` and `Model.stream`."""
+    with load(model, backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
+              kv_cache=kv_cache) as m:
+        chat = not raw and not m.plain_chat
+        if chat:
+            chunks = m.chat([{"role": "user", "content": prompt}], stream=True, max_tokens=max_tokens,
+                            temperature=temperature, seed=seed)
+        else:
+            chunks = m.stream(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        pieces, last = [], None
+        for chunk in chunks:
+            pieces.append(chunk.text)
+            last = chunk
+            if on_text is not None:
+                on_text(chunk.text)
+        assert last is not None  # a stream ends with a chunk that carries its finish reason
+        return RunResult("".join(pieces), last.finish_reason, chat, m.backend.name, last.timings)
 
 
 def _resolve(path, memory_budget, device, threads):

@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,23 +123,26 @@ def roofline(path: str | Path, n_past: int) -> Roofline | None:
     return Roofline(per_token, bandwidth, bandwidth / per_token)
 
 
-def bench(path: str | Path, backends: list[str], *, threads: int | None = None, n_prompt: int = 128, n_gen: int = 32,
-          repeats: int = 3, memory_budget: int | str | None = None, kv_cache: str | None = None) -> list[BenchResult]:
-    """Benchmark each backend in `backends` (same file, same threads, same budget, same KV cache
-    type), each in a fresh process. "auto" stands for the backend `edgeai.load` would pick (the
-    result names the real one); memory_budget: bytes or "1.5GiB", "60%" (`edgeai.budget`)."""
+def bench(model: str | Path, backend: str | Sequence[str] = "auto", *, threads: int | None = None, n_prompt: int = 128,
+          n_gen: int = 32, repeats: int = 3, memory_budget: int | str | None = None,
+          kv_cache: str | None = None) -> list[BenchResult]:
+    """Benchmark `model` (a .gguf file or ONNX folder) in each backend of `backend` (one name or
+    several; same file, same threads, same budget, same KV cache type), each in a fresh process.
+    "auto" stands for the backend `edgeai.load` would pick (the result names the real one);
+    memory_budget: bytes or "1.5GiB", "60%" (`edgeai.budget`). Results are in `backend`'s order."""
     from edgeai.budget import parse_budget
     from edgeai.devices import checked_threads
     from edgeai.options import checked_int
     from edgeai.runtimes.registry import header_of, resolve
 
-    path = Path(path)
+    path = Path(model)
     header = header_of(path)  # one parse for every backend's check
-    backends = [resolve(path, header=header).name if b == "auto" else b for b in backends]
+    names = [backend] if isinstance(backend, str) else list(backend)
+    backends = [resolve(path, header=header).name if b == "auto" else b for b in names]
     memory_budget = parse_budget(memory_budget)
     threads = checked_threads(threads)
-    checked_int("n_prompt (--prompt-tokens)", n_prompt, minimum=1, maximum=2**20)
-    checked_int("n_gen (--gen-tokens)", n_gen, minimum=1, maximum=2**20)
+    checked_int("n_prompt (--n-prompt)", n_prompt, minimum=1, maximum=2**20)
+    checked_int("n_gen (--n-gen)", n_gen, minimum=1, maximum=2**20)
     checked_int("repeats (--repeats)", repeats, minimum=1, maximum=1000, why="each run is a full prefill and decode")
     for name in backends:
         resolve(path, name, header)  # a clear error now, before any process is started

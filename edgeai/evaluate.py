@@ -200,7 +200,7 @@ def _check_same_vocabulary(model: LogitsProvider, ref: LogitsProvider, text: str
         )
 
 
-def evaluate(
+def eval(  # noqa: A001 - `edgeai eval`'s function, named as the command; `evaluate` is the same function
     artifact: str | Path,
     reference: str | Path,
     text: str | Path,
@@ -237,10 +237,10 @@ def evaluate(
 
     # each chunk holds two n_ctx x n_vocab float32 logit buffers (module docstring): 2^20 tokens of a
     # 32k vocabulary would be 256 GiB; the model's own context bounds it further when it loads
-    checked_int("n_ctx (--ctx)", n_ctx, minimum=_MIN_CTX, maximum=2**20,
+    checked_int("n_ctx (--n-ctx)", n_ctx, minimum=_MIN_CTX, maximum=2**20,
                 why="tokens per chunk: half for context, half scored")
     if n_chunks is not None:
-        checked_int("n_chunks (--chunks)", n_chunks, minimum=1)
+        checked_int("n_chunks (--n-chunks)", n_chunks, minimum=1)
     checked_int("threads (--threads)", threads, minimum=0, why="0 uses every core")
     try:
         text_str = text_path.read_text(encoding="utf-8")
@@ -304,6 +304,9 @@ def evaluate(
     log.info("%s: ppl %.4f (reference %.4f), KLD mean %.6f, top-1 %.2f%%", artifact, result.ppl, result.ref_ppl,
              result.kld_mean, 100 * result.top1)
     return result
+
+
+evaluate = eval  # the name it had before `edgeai eval` and its function shared one
 
 
 def _reference_gguf(reference: Path, stack: contextlib.ExitStack) -> Path:

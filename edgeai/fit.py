@@ -243,11 +243,12 @@ class FitReport:
                 "estimates": [e.to_json() for e in self.estimates]}
 
 
-def fit(path: str | Path | None, device: DeviceProfile | str, *, budget: int | str | None = None,
+def fit(model: str | Path | None, device: DeviceProfile | str, *, memory_budget: int | str | None = None,
         n_ctx: int | None = None) -> FitReport:
-    """Estimates for a GGUF artifact or a Hugging Face checkpoint folder on `device` (a profile, a
-    profile's name from `edgeai devices`, or "this" for this machine, detected). budget: bytes or
-    "1.5GiB", "60%" of the device's memory; None: the device's default budget."""
+    """Estimates for `model`, a GGUF artifact or a Hugging Face checkpoint folder (None: the bundled
+    SmolLM2), on `device` (a profile, a profile's name from `edgeai devices`, or "this" for this
+    machine, detected). memory_budget: bytes or "1.5GiB", "60%" of the device's memory; None: the
+    device's default budget."""
     from edgeai.budget import parse_budget
     from edgeai.paths import default_model_path
 
@@ -260,9 +261,9 @@ def fit(path: str | Path | None, device: DeviceProfile | str, *, budget: int | s
             from edgeai.devices import get_profile
 
             device = get_profile(device)
-    budget = parse_budget(budget, total_memory=device.memory_bytes)
+    budget = parse_budget(memory_budget, total_memory=device.memory_bytes)
 
-    path = Path(path) if path is not None else default_model_path()
+    path = Path(model) if model is not None else default_model_path()
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; give a .gguf file or a Hugging Face folder")
     if path.is_dir():

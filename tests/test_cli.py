@@ -106,6 +106,81 @@ def test_flags_are_named_as_the_keyword_arguments(tiny_gguf):
     assert result.exit_code == 1 and "n_ctx" in result.output
 
 
+# Flags about the terminal, not the work: no keyword argument stands behind them.
+CLI_ONLY = {"json_output": "--json prints JSON instead of tables", "quiet": "convert --quiet draws no progress bar",
+            "plan": "run --plan calls edgeai.plan (with run's own keywords) instead of running"}
+
+
+def _called_library_function(command):
+    """The function `command`'s callback imports under the command's own name (maybe renamed) and calls."""
+    import ast
+    import importlib
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(command.callback))).body[0]
+    imported = {a.asname or a.name: (node.module, a.name) for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) for a in node.names}
+    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    found = [imported[local] for local in called if local in imported and imported[local][1] == command.name]
+    assert len(found) == 1, f"`edgeai {command.name}` calls no (or several) functions named {command.name}: {found}"
+    module, name = found[0]
+    return module, getattr(importlib.import_module(module), name)
+
+
+def test_every_command_calls_the_public_function_of_its_name_with_its_flags_as_keywords():
+    """Issue 21: `edgeai X --some-flag` is `X(..., some_flag=...)` of a public library function named
+    X that returns data; the REPL (`chat`) is the one command whose function is terminal code, on a
+    model `edgeai.load` loads with the other flags. Old spellings are hidden aliases (ALIASES)."""
+    import inspect
+
+    import typer.main
+
+    import edgeai
+    from edgeai.cli import ALIASES
+
+    group = typer.main.get_command(app)
+    assert set(group.commands) == {"convert", "inspect", "eval", "run", "chat", "bench", "devices", "fit"}
+    flags = set()
+    for name, command in group.commands.items():
+        module, function = _called_library_function(command)
+        assert function.__name__ == name and (function.__doc__ or "").strip(), (name, module)
+        assert not any(part.startswith("_") for part in module.split(".")), module
+        keywords = set(inspect.signature(function).parameters)
+        if name == "chat":
+            assert module == "edgeai.cli.repl"
+            keywords |= set(inspect.signature(edgeai.load).parameters)
+        else:
+            assert not module.startswith("edgeai.cli"), f"`edgeai {name}` calls {module}.{name}: the library's, please"
+        for param in command.params:
+            long = [opt for opt in param.opts if opt.startswith("--")]
+            if param.param_type_name == "option":
+                assert len(long) == 1, f"`edgeai {name}` {long}: one flag name, old ones go to ALIASES (hidden)"
+                flags |= set(long)
+                if param.name in CLI_ONLY:
+                    continue
+                assert long[0] == "--" + param.name.replace("_", "-"), (name, long[0], param.name)
+            assert param.name in keywords, f"`edgeai {name}` {long or param.name}: not a keyword of {module}.{name}"
+    assert set(ALIASES.values()) <= flags and not set(ALIASES) & flags
+    for name, hidden in (("run", "--temp "), ("run", "--ctx"), ("eval", "--chunks"), ("bench", "--gen-tokens")):
+        shown = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"}).output
+        assert hidden not in shown and ALIASES[hidden.strip()] in shown, (name, hidden)
+
+
+def test_devices_and_fit_return_what_the_commands_print():
+    from edgeai.devices import devices
+    from edgeai.fit import fit
+
+    report = devices()
+    assert report.machine is None and "pi5-8gb-nvme" in report.profiles
+    listed = runner.invoke(app, ["devices", "--json"])
+    assert listed.exit_code == 0 and [p["name"] for p in json.loads(listed.output)] == list(report.profiles)
+    est = fit(None, "pi4-4gb", memory_budget="1GiB", n_ctx=256).estimates[0]
+    shown = json.loads(runner.invoke(app, ["fit", "--device", "pi4-4gb", "--memory-budget", "1GiB", "--n-ctx", "256",
+                                           "--json"]).output)
+    assert shown["estimates"][0] == json.loads(json.dumps(est.to_json()))
+
+
 def test_no_top_level_quant_or_runtimes_module():
     """Top-level folders are mapped into the edgeai namespace; nothing installs `quant` or `runtimes`."""
     code = "import importlib.util as u; print([m for m in ('quant', 'runtimes', 'converters', 'devices') if u.find_spec(m)])"

@@ -68,7 +68,7 @@ def test_checkpoint_recipes_are_sized_as_the_converter_writes_them(tiny_chat_ggu
     assert report.best.label == "f16"  # a tiny model fits any device at its best recipe
     # a budget between the q4_0 and q8_0 totals picks a 4-5 bit recipe
     by_label = {e.label: e for e in report.estimates}
-    squeezed = fit(folder, device, n_ctx=256, budget=(by_label["q4_0"].needed + by_label["q5_0"].needed) // 2)
+    squeezed = fit(folder, device, n_ctx=256, memory_budget=(by_label["q4_0"].needed + by_label["q5_0"].needed) // 2)
     assert squeezed.best.label in ("q4_k_s", "q4_1", "q4_0") and squeezed.best.fits
 
 

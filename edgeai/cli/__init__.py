@@ -1,5 +1,9 @@
-"""The `edgeai` command. Each command calls one public function with the same parameter names;
-heavy modules are imported inside the commands so that `edgeai --help` stays fast."""
+"""The `edgeai` command. Each command calls the public library function of its name (`edgeai.convert`,
+`edgeai.inspect.inspect`, `edgeai.evaluate.eval`, `edgeai.run`, `edgeai.bench.bench`,
+`edgeai.devices.devices`, `edgeai.fit.fit`; `chat` is the REPL, `edgeai.cli.repl.chat`) and prints
+what it returns; each flag is named as that function's keyword argument (`--n-ctx` is `n_ctx`),
+older spellings kept as hidden aliases (`ALIASES`). Heavy modules are imported inside the commands
+so that `edgeai --help` stays fast."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
 from edgeai.errors import EdgeAIError, OptionError
 
@@ -19,6 +24,32 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+# Flags renamed to the keyword arguments they set; the old spellings still work, unlisted in --help.
+ALIASES = {"--ctx": "--n-ctx", "--chunks": "--n-chunks", "--temp": "--temperature",
+           "--prompt-tokens": "--n-prompt", "--gen-tokens": "--n-gen"}
+
+
+class _Command(TyperCommand):
+    """A command that takes the old spellings in ALIASES for the flags it has (`--ctx 64`, `--ctx=64`)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        own = {opt for param in self.params for opt in getattr(param, "opts", ())}
+        renamed = []
+        for i, arg in enumerate(args):
+            if arg == "--":  # what follows is arguments, never flags
+                renamed += args[i:]
+                break
+            flag, eq, value = arg.partition("=")
+            new = ALIASES.get(flag)
+            renamed.append(new + eq + value if new in own else arg)
+        return super().parse_args(ctx, renamed)
+
+
+def command(name: str | None = None):
+    """`app.command` for a command that takes the ALIASES."""
+    return app.command(name, cls=_Command)
 
 
 class Terminated(SystemExit):
@@ -46,7 +77,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-@app.command()
+@command()
 def convert(
     src: Optional[Path] = typer.Argument(None, help="Hugging Face folder or .gguf file (default: the bundled SmolLM2)."),
     output: Path = typer.Option(..., "--output", "-o", help="GGUF file (or, with --format onnx, folder) to write."),
@@ -88,7 +119,7 @@ def convert(
         typer.echo(f"wrote {path} ({size / 2**20:.1f} MiB)")
 
 
-@app.command()
+@command()
 def inspect(path: Path = typer.Argument(..., help="A .gguf file.")) -> None:
     """Show what an artifact holds."""
     from rich.console import Console
@@ -145,13 +176,13 @@ def inspect(path: Path = typer.Argument(..., help="A .gguf file.")) -> None:
         console.print(rec)
 
 
-@app.command("eval")
+@command("eval")
 def eval_command(
     artifact: Path = typer.Argument(..., help="The .gguf file or ONNX folder to judge."),
     reference: Path = typer.Option(..., "--reference", "-r", help="F16/F32 .gguf or Hugging Face folder it should match."),
     text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
-    n_ctx: int = typer.Option(512, "--n-ctx", "--ctx", help="Tokens per chunk; the second half of each chunk is scored."),
-    n_chunks: Optional[int] = typer.Option(None, "--n-chunks", "--chunks", help="Score only the first N chunks (default: all)."),
+    n_ctx: int = typer.Option(512, "--n-ctx", help="Tokens per chunk; the second half of each chunk is scored."),
+    n_chunks: Optional[int] = typer.Option(None, "--n-chunks", help="Score only the first N chunks (default: all)."),
     threads: int = typer.Option(0, "--threads", "-t", help="llama.cpp threads (0: all cores)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
@@ -161,7 +192,7 @@ def eval_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from edgeai.evaluate import evaluate
+    from edgeai.evaluate import eval as run_eval
 
     stderr = Console(stderr=True)
     bar = Progress(TextColumn("scoring chunks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -169,7 +200,7 @@ def eval_command(
     task = bar.add_task("eval", total=None)
     try:
         with bar:
-            r = evaluate(artifact, reference, text, n_ctx=n_ctx, n_chunks=n_chunks, threads=threads,
+            r = run_eval(artifact, reference, text, n_ctx=n_ctx, n_chunks=n_chunks, threads=threads,
                          progress=lambda done, total: bar.update(task, completed=done, total=total))
     except EdgeAIError as exc:
         _fail(exc)
@@ -196,7 +227,7 @@ _MODEL_OPTS = dict(
     backend=typer.Option("auto", "--backend", help="auto, native, llama.cpp or onnxruntime."),
     memory_budget=typer.Option(None, "--memory-budget", help="e.g. 1.5GiB, 800MB, 60% (default: the device's)."),
     device=typer.Option(None, "--device", help="A profile from `edgeai devices`: sets threads and budget."),
-    n_ctx=typer.Option(None, "--n-ctx", "--ctx", help="Context positions (default 2048, at most the model's)."),
+    n_ctx=typer.Option(None, "--n-ctx", help="Context positions (default 2048, at most the model's)."),
     threads=typer.Option(None, "--threads", "-t", help="Threads (default: the device's, else one per performance core)."),
     kv_cache=typer.Option(None, "--kv-cache", help="KV cache type: f16 (default) or q8_0 (about half the memory)."),
 )
@@ -212,14 +243,14 @@ def _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache):
         _fail(exc)
 
 
-@app.command()
+@command()
 def run(
     model: Path = typer.Argument(..., help="A .gguf file or ONNX folder."),
     prompt: Optional[str] = typer.Argument(None, help="The prompt: the user's turn in the model's chat template "
                                            "(where it has one; --raw for plain completion)."),
     raw: bool = typer.Option(False, "--raw", help="Complete the prompt as plain text, without the chat template."),
     max_tokens: int = typer.Option(256, "-n", "--max-tokens", help="Tokens to generate at most."),
-    temperature: float = typer.Option(0.8, "--temperature", "--temp", help="Temperature (0: greedy)."),
+    temperature: float = typer.Option(0.8, "--temperature", help="Temperature (0: greedy)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (text, tokens, timings)."),
     plan: bool = typer.Option(False, "--plan", help="Show how the memory budget is split (native engine), without running."),
@@ -228,7 +259,7 @@ def run(
     threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
 ) -> None:
     """Answer PROMPT once and print it (for scripts): the chat template by default, --raw for completion."""
-    from edgeai.cli.show import run_once, show_plan
+    from edgeai.cli.show import show_plan, show_run, write_text
 
     if plan:
         try:
@@ -242,14 +273,18 @@ def run(
         return
     if prompt is None:
         _fail(OptionError("PROMPT is missing: edgeai run MODEL PROMPT (or --plan to show the memory plan)"))
-    with _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache) as m:
-        try:
-            run_once(m, prompt, max_tokens=max_tokens, temperature=temperature, seed=seed, json_output=json_output, raw=raw)
-        except EdgeAIError as exc:
-            _fail(exc)
+    from edgeai.api import run as run_model
+
+    try:
+        result = run_model(model, prompt, raw=raw, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                           backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
+                           kv_cache=kv_cache, on_text=None if json_output else write_text)
+    except EdgeAIError as exc:
+        _fail(exc)
+    show_run(result, json_output=json_output)
 
 
-@app.command()
+@command()
 def chat(
     model: Optional[Path] = typer.Argument(None, help="A .gguf file or ONNX folder (default: the bundled SmolLM2)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
@@ -264,13 +299,13 @@ def chat(
         run_chat(m, system=system)
 
 
-@app.command()
+@command()
 def bench(
     model: Path = typer.Argument(..., help="A .gguf file (or ONNX folder) every backend runs."),
     backend: list[str] = typer.Option(["auto"], "--backend", help="Repeat to compare: native, llama.cpp, onnxruntime."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads for every backend (default: one per performance core)."),
-    n_prompt: int = typer.Option(128, "--n-prompt", "--prompt-tokens", help="Prompt length for prefill."),
-    n_gen: int = typer.Option(32, "--n-gen", "--gen-tokens", help="Tokens decoded per run."),
+    n_prompt: int = typer.Option(128, "--n-prompt", help="Prompt length for prefill."),
+    n_gen: int = typer.Option(32, "--n-gen", help="Tokens decoded per run."),
     repeats: int = typer.Option(3, "--repeats", help="Runs per backend (medians are shown)."),
     memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -289,21 +324,22 @@ def bench(
         _fail(exc)
 
 
-@app.command()
+@command()
 def devices(
     detect: bool = typer.Option(False, "--detect", help="Describe this machine (short bandwidth probes) and name the closest profile."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List the device profiles, or describe this machine."""
     from edgeai.cli.show import show_devices
+    from edgeai.devices import devices as list_devices
 
     try:
-        show_devices(detect=detect, json_output=json_output)
+        show_devices(list_devices(detect=detect), json_output=json_output)
     except EdgeAIError as exc:
         _fail(exc)
 
 
-@app.command()
+@command()
 def fit(
     model: Optional[Path] = typer.Argument(None, help="A .gguf file or Hugging Face folder (default: the bundled SmolLM2)."),
     device: str = typer.Option(..., "--device", help="A profile from `edgeai devices`, or 'this' for this machine."),
@@ -315,7 +351,7 @@ def fit(
     from edgeai.fit import fit as run_fit
 
     try:
-        show_fit(run_fit(model, device, budget=memory_budget, n_ctx=n_ctx), json_output=json_output)
+        show_fit(run_fit(model, device, memory_budget=memory_budget, n_ctx=n_ctx), json_output=json_output)
     except EdgeAIError as exc:
         _fail(exc)
 

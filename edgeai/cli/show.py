@@ -1,5 +1,5 @@
-"""What `edgeai run`, `bench`, `devices` and `fit` print: thin terminal layers (rich) over the
-library functions they are named after."""
+"""What `edgeai run`, `bench`, `devices` and `fit` print: thin terminal layers (rich) over what the
+library functions they are named after return."""
 
 from __future__ import annotations
 
@@ -10,40 +10,32 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from edgeai.api import RunResult
 from edgeai.budget import format_bytes
-from edgeai.model import Model
+from edgeai.devices import DeviceReport
 
 
-def run_once(model: Model, prompt: str, *, max_tokens: int, temperature: float, seed: int | None,
-             json_output: bool, raw: bool = False) -> None:
-    """Stream one answer to stdout, or print it as one JSON object. The prompt is the user's turn in
-    the model's chat template where it has one (as ollama run, llama-cli and mlx_lm.generate do);
-    raw, or a model without a template: plain completion of the text. An empty answer says why."""
-    chat = not raw and not model.plain_chat
-    if chat:
-        chunks = model.chat([{"role": "user", "content": prompt}], stream=True, max_tokens=max_tokens,
-                            temperature=temperature, seed=seed)
-    else:
-        chunks = model.stream(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
-    pieces, last = [], None
-    for chunk in chunks:
-        pieces.append(chunk.text)
-        last = chunk
-        if not json_output:
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
+def write_text(piece: str) -> None:
+    """One piece of an answer to stdout as it is generated (`edgeai.run`'s on_text)."""
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def show_run(result: RunResult, *, json_output: bool) -> None:
+    """After `edgeai.run`: the answer as one JSON object, or the end of the streamed text; an empty
+    answer says why."""
     if json_output:
-        t = last.timings
-        print(json.dumps({"text": "".join(pieces), "finish_reason": last.finish_reason.value,
-                          "prompt_format": "chat template" if chat else "raw",
-                          "backend": model.backend.name, "prompt_tokens": t.prompt_tokens + t.cached_tokens,
+        t = result.timings
+        print(json.dumps({"text": result.text, "finish_reason": result.finish_reason.value,
+                          "prompt_format": "chat template" if result.chat_template else "raw",
+                          "backend": result.backend, "prompt_tokens": t.prompt_tokens + t.cached_tokens,
                           "generated_tokens": t.generated_tokens, "ttft_s": t.prompt_seconds,
                           "prefill_tps": t.prefill_tps, "decode_tps": t.decode_tps}, ensure_ascii=False))
-    else:
-        print()
-        if not "".join(pieces).strip():
-            print(f"(no text: the model ended at once, finish reason {last.finish_reason.value!r}"
-                  + ("; --raw completes the prompt without the chat template)" if chat else ")"), file=sys.stderr)
+        return
+    print()
+    if not result.text.strip():
+        print(f"(no text: the model ended at once, finish reason {result.finish_reason.value!r}"
+              + ("; --raw completes the prompt without the chat template)" if result.chat_template else ")"), file=sys.stderr)
 
 
 def show_bench(path: Path, results, roof, *, n_prompt: int, n_gen: int, repeats: int, json_output: bool) -> None:
@@ -100,19 +92,16 @@ def _llama_cpp_isa(isa: tuple[str, ...]) -> str:
     return f"uses {', '.join(used) or 'none'}" + (f"; built without {', '.join(unused)}" if unused else "")
 
 
-def show_devices(*, detect: bool, json_output: bool) -> None:
-    from edgeai.devices import profiles
-
+def show_devices(report: DeviceReport, *, json_output: bool) -> None:
+    """Print `edgeai.devices.devices`' report: the profiles, or this machine and its closest profile."""
     console = Console()
-    if detect:
-        from edgeai.devices.detect import closest_profile, detect as detect_machine
-
-        me = detect_machine()
-        near, dist = closest_profile(me)
+    me = report.machine
+    if me is not None:
+        near = report.closest
         if json_output:
             from edgeai.runtimes.llamacpp_check import isa_use
 
-            print(json.dumps({"machine": _profile_json(me), "closest": near.name, "distance": dist,
+            print(json.dumps({"machine": _profile_json(me), "closest": near.name, "distance": report.distance,
                               "llama_cpp_isa": isa_use(me.isa)}))
             return
         table = Table(title="this machine", show_header=False)
@@ -127,14 +116,13 @@ def show_devices(*, detect: bool, json_output: bool) -> None:
         table.add_row("closest profile", f"{near.name}: {near.title}")
         console.print(table)
         return
-    table_data = profiles()
     if json_output:
-        print(json.dumps([_profile_json(p) for p in table_data.values()]))
+        print(json.dumps([_profile_json(p) for p in report.profiles.values()]))
         return
     table = Table(title="device profiles (sources: devices/profiles/*.json)")
     for col in ("name", "device", "memory", "cores P+E", "ISA", "memory GB/s (decode)", "storage GB/s", "threads", "budget"):
         table.add_column(col)
-    for p in table_data.values():
+    for p in report.profiles.values():
         table.add_row(p.name, p.title, format_bytes(p.memory_bytes), f"{p.performance_cores}+{p.efficiency_cores}",
                       " ".join(p.isa), f"{p.memory_bandwidth / 1e9:.1f} ({p.decode_bandwidth / 1e9:.1f})", f"{p.storage_read / 1e9:.2f} ({p.storage})",
                       str(p.threads), format_bytes(p.default_budget))
