@@ -168,7 +168,7 @@ def test_every_command_calls_the_public_function_of_its_name_with_its_flags_as_k
 
 
 def test_devices_and_fit_return_what_the_commands_print():
-    from edgeai.devices import devices
+    from edgeai.devices.report import devices
     from edgeai.fit import fit
 
     report = devices()

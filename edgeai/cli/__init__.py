@@ -1,6 +1,6 @@
 """The `edgeai` command. Each command calls the public library function of its name (`edgeai.convert`,
 `edgeai.inspect.inspect`, `edgeai.evaluate.eval`, `edgeai.run`, `edgeai.bench.bench`,
-`edgeai.devices.devices`, `edgeai.fit.fit`; `chat` is the REPL, `edgeai.cli.repl.chat`) and prints
+`edgeai.devices.report.devices`, `edgeai.fit.fit`; `chat` is the REPL, `edgeai.cli.repl.chat`) and prints
 what it returns; each flag is named as that function's keyword argument (`--n-ctx` is `n_ctx`),
 older spellings kept as hidden aliases (`ALIASES`). Heavy modules are imported inside the commands
 so that `edgeai --help` stays fast."""
@@ -331,7 +331,7 @@ def devices(
 ) -> None:
     """List the device profiles, or describe this machine."""
     from edgeai.cli.show import show_devices
-    from edgeai.devices import devices as list_devices
+    from edgeai.devices.report import devices as list_devices
 
     try:
         show_devices(list_devices(detect=detect), json_output=json_output)

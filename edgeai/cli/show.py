@@ -12,7 +12,7 @@ from rich.table import Table
 
 from edgeai.api import RunResult
 from edgeai.budget import format_bytes
-from edgeai.devices import DeviceReport
+from edgeai.devices.report import DeviceReport
 
 
 def write_text(piece: str) -> None:
@@ -93,7 +93,7 @@ def _llama_cpp_isa(isa: tuple[str, ...]) -> str:
 
 
 def show_devices(report: DeviceReport, *, json_output: bool) -> None:
-    """Print `edgeai.devices.devices`' report: the profiles, or this machine and its closest profile."""
+    """Print `edgeai.devices.report.devices`' report: the profiles, or this machine and its closest profile."""
     console = Console()
     me = report.machine
     if me is not None:
