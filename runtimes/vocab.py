@@ -108,6 +108,18 @@ class GGUFVocab:
                 return buf.raw[:n]
             cap = -n
 
+    def constraint_tokenizer(self, n_vocab: int, eog_ids: Sequence[int]):
+        """This vocabulary as an llguidance LLTokenizer (structured output, `edgeai.constraints`):
+        every token's bytes from llama.cpp, control tokens marked so no grammar text can produce
+        them, and llama.cpp's tokenizer for the grammar's literals. About 0.5 s for 49k tokens:
+        callers cache it."""
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        try:
+            return lltokenizer_from_vocab(self._vocab, n_vocab=n_vocab, eos_token=sorted(eog_ids) or None)
+        except ValueError as exc:
+            raise TokenizerError(f"the vocabulary cannot be mapped for structured output: {exc}") from exc
+
     def close(self) -> None:
         """Free the vocabulary-only model, if this object loaded one."""
         if self._owned is not None:
@@ -126,3 +138,10 @@ class VocabText:
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         self._live()
         return self._vocab.detokenize(tokens)
+
+    def constraint_tokenizer(self):
+        """The vocabulary as an llguidance tokenizer (see `GGUFVocab.constraint_tokenizer`), made once."""
+        self._live()
+        if getattr(self, "_llg_tokenizer", None) is None:
+            self._llg_tokenizer = self._vocab.constraint_tokenizer(self.n_vocab, self.eog_ids)
+        return self._llg_tokenizer
