@@ -165,6 +165,24 @@ def _response_format(rf: Any) -> Constraint | None:
     raise ConstraintError(f"response_format type {kind!r} is not one of text, json_object, json_schema")
 
 
+def read_constraint_file(path, kind: str) -> Any:
+    """A schema (kind "json_schema": parsed JSON) or grammar ("grammar": text) from a file, with a
+    ConstraintError naming the file when it cannot be read."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConstraintError(f"cannot read the {kind} file {path}: {exc}") from None
+    if kind != "json_schema":
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConstraintError(f"the JSON Schema file {path} is not valid JSON: {exc}") from None
+
+
 class Matcher:
     """One generation's grammar state. `mask()` -> the tokens allowed next, as uint32 words;
     `consume(token)` after each token is appended. End-of-generation tokens are allowed exactly when

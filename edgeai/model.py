@@ -549,7 +549,7 @@ class Model:
         and a constraint applies to the answer after it. Constraints and sampling: see `stream`.
         """
         from edgeai.constraints import ConstraintError, constraint_from
-        from edgeai.tools import THINK_OPEN, ThinkSplit, check_tool_choice, check_tools, tool_call_constraint
+        from edgeai.tools import THINK_CLOSE, THINK_OPEN, ThinkSplit, check_tool_choice, check_tools, tool_call_constraint
 
         constraint = constraint_from(grammar=grammar, json_schema=json_schema, regex=regex,
                                      response_format=response_format)
@@ -568,11 +568,17 @@ class Model:
         elif tool_choice is not None:
             raise OptionError("tool_choice needs tools")
         text = self.render_chat(messages, tools=checked, think=think)
+        split = None
+        if self.thinks and not text.rstrip().endswith(THINK_CLOSE):  # (a closed section: no thinking this time)
+            if constraint is not None and not text.rstrip().endswith(THINK_OPEN):
+                # the model would open its thinking itself, but a constraint in force from the first token
+                # would forbid that: open it here, and the constraint starts after </think>
+                text += THINK_OPEN + "\n"
+            split = ThinkSplit(opened=text.rstrip().endswith(THINK_OPEN))
         tokens, params = self._checked_prompt(self._chat_ids(text), max_tokens, sampling)
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         if self.plain_chat:
             stops += PLAIN_STOPS
-        split = ThinkSplit(opened=text.rstrip().endswith(THINK_OPEN)) if self.thinks else None
         chunks = self._stream(tokens, max_tokens, stops, params, self._matcher(constraint), split,
                               tools=checked is not None)
         return chunks if stream else Reply.of(chunks)

@@ -223,11 +223,16 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (text, tokens, timings)."),
     plan: bool = typer.Option(False, "--plan", help="Show how the memory budget is split (native engine), without running."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Answer with JSON valid against this JSON Schema file."),
+    grammar: Optional[Path] = typer.Option(None, "--grammar", help="Answer in this GBNF grammar (a llama.cpp .gbnf file)."),
+    regex: Optional[str] = typer.Option(None, "--regex", help="Answer with text matching this regular expression."),
     backend: str = _MODEL_OPTS["backend"], memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"],
     device: Optional[str] = _MODEL_OPTS["device"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
     threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
 ) -> None:
-    """Answer PROMPT once and print it (for scripts): the chat template by default, --raw for completion."""
+    """Answer PROMPT once and print it (for scripts): the chat template by default, --raw for completion.
+    With --json-schema, --grammar or --regex the answer is constrained to match (exit status 1 if it
+    could not be completed within --max-tokens)."""
     from edgeai.cli.show import run_once, show_plan
 
     if plan:
@@ -242,11 +247,32 @@ def run(
         return
     if prompt is None:
         _fail(OptionError("PROMPT is missing: edgeai run MODEL PROMPT (or --plan to show the memory plan)"))
+    try:
+        constraint = _constraint_options(json_schema, grammar, regex)
+    except EdgeAIError as exc:
+        _fail(exc)
     with _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache) as m:
         try:
-            run_once(m, prompt, max_tokens=max_tokens, temperature=temperature, seed=seed, json_output=json_output, raw=raw)
+            complete = run_once(m, prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                json_output=json_output, raw=raw, **constraint)
         except EdgeAIError as exc:
             _fail(exc)
+    if not complete:
+        raise typer.Exit(1)
+
+
+def _constraint_options(json_schema: Optional[Path], grammar: Optional[Path], regex: Optional[str]) -> dict:
+    """The structured-output keywords of `Model.chat` from run's flags (files read here)."""
+    from edgeai.constraints import read_constraint_file
+
+    out: dict = {}
+    if json_schema is not None:
+        out["json_schema"] = read_constraint_file(json_schema, "json_schema")
+    if grammar is not None:
+        out["grammar"] = read_constraint_file(grammar, "grammar")
+    if regex is not None:
+        out["regex"] = regex
+    return out
 
 
 @app.command()

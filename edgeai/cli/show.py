@@ -15,16 +15,18 @@ from edgeai.model import Model
 
 
 def run_once(model: Model, prompt: str, *, max_tokens: int, temperature: float, seed: int | None,
-             json_output: bool, raw: bool = False) -> None:
+             json_output: bool, raw: bool = False, **constraint) -> bool:
     """Stream one answer to stdout, or print it as one JSON object. The prompt is the user's turn in
     the model's chat template where it has one (as ollama run, llama-cli and mlx_lm.generate do);
-    raw, or a model without a template: plain completion of the text. An empty answer says why."""
+    raw, or a model without a template: plain completion of the text. An empty answer says why.
+    constraint: `Model.stream`'s structured-output keywords. Returns False when a constraint was
+    asked for and the answer is incomplete (said on stderr)."""
     chat = not raw and not model.plain_chat
     if chat:
         chunks = model.chat([{"role": "user", "content": prompt}], stream=True, max_tokens=max_tokens,
-                            temperature=temperature, seed=seed)
+                            temperature=temperature, seed=seed, **constraint)
     else:
-        chunks = model.stream(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        chunks = model.stream(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed, **constraint)
     pieces, last = [], None
     for chunk in chunks:
         pieces.append(chunk.text)
@@ -35,6 +37,7 @@ def run_once(model: Model, prompt: str, *, max_tokens: int, temperature: float, 
     if json_output:
         t = last.timings
         print(json.dumps({"text": "".join(pieces), "finish_reason": last.finish_reason.value,
+                          "incomplete": last.incomplete,
                           "prompt_format": "chat template" if chat else "raw",
                           "backend": model.backend.name, "prompt_tokens": t.prompt_tokens + t.cached_tokens,
                           "generated_tokens": t.generated_tokens, "ttft_s": t.prompt_seconds,
@@ -44,6 +47,10 @@ def run_once(model: Model, prompt: str, *, max_tokens: int, temperature: float, 
         if not "".join(pieces).strip():
             print(f"(no text: the model ended at once, finish reason {last.finish_reason.value!r}"
                   + ("; --raw completes the prompt without the chat template)" if chat else ")"), file=sys.stderr)
+    if last.incomplete:
+        print(f"(incomplete: the answer does not yet match the constraint; finish reason {last.finish_reason.value!r}, "
+              "raise --max-tokens)", file=sys.stderr)
+    return not last.incomplete
 
 
 def show_bench(path: Path, results, roof, *, n_prompt: int, n_gen: int, repeats: int, json_output: bool) -> None:
