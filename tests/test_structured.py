@@ -31,6 +31,10 @@ TINY_SCHEMAS = [
         "required": ["x", "y"], "additionalProperties": False},
         "ok": {"type": "boolean"}}, "required": ["point", "ok"], "additionalProperties": False},
     {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 9}, "minItems": 2, "maxItems": 4},
+    # (not "date": its RFC 3339 grammar allows year 0000, which Python's date, jsonschema's checker, refuses)
+    {"type": "object", "properties": {"who": {"type": "string", "format": "email", "maxLength": 12},
+                                      "ratio": {"type": "number", "minimum": 0, "maximum": 1}},
+     "required": ["who"], "additionalProperties": False},
     {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{3}$"},
                                       "note": {"type": "string", "maxLength": 6}},
      "required": ["code"], "additionalProperties": False},
