@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgeai.model import FinishReason, Model, Timings
 
@@ -60,24 +61,28 @@ class RunResult:
     chat_template: bool  # the prompt went in as the user's turn of the model's chat template (else raw completion)
     backend: str  # the backend that ran it ("auto" resolved)
     timings: Timings
+    incomplete: bool = False  # a constraint was asked for and the text does not satisfy it (max_tokens ran out)
 
 
 def run(model: str | Path | None, prompt: str, *, raw: bool = False, max_tokens: int = 256, temperature: float = 0.8,
         seed: int | None = None, backend: str = "auto", memory_budget: str | int | None = None,
         device: str | None = None, n_ctx: int | None = None, threads: int | None = None,
-        kv_cache: str | None = None, on_text: Callable[[str], None] | None = None) -> RunResult:
+        kv_cache: str | None = None, grammar: str | None = None, json_schema: Any = None, regex: str | None = None,
+        on_text: Callable[[str], None] | None = None) -> RunResult:
     """Load `model`, answer `prompt` once and close it (`edgeai run`). The prompt is the user's turn
     in the model's chat template where it has one (as ollama run, llama-cli and mlx_lm.generate do);
-    raw, or a model without a template: plain completion of the text. on_text: called with each
-    piece of text as it is generated. Other arguments as for `load` and `Model.stream`."""
+    raw, or a model without a template: plain completion of the text. grammar (GBNF text),
+    json_schema (a dict) or regex: structured output, as for `Model.stream`. on_text: called with
+    each piece of text as it is generated. Other arguments as for `load` and `Model.stream`."""
+    constraint = {"grammar": grammar, "json_schema": json_schema, "regex": regex}
     with load(model, backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
               kv_cache=kv_cache) as m:
         chat = not raw and not m.plain_chat
         if chat:
             chunks = m.chat([{"role": "user", "content": prompt}], stream=True, max_tokens=max_tokens,
-                            temperature=temperature, seed=seed)
+                            temperature=temperature, seed=seed, **constraint)
         else:
-            chunks = m.stream(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
+            chunks = m.stream(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed, **constraint)
         pieces, last = [], None
         for chunk in chunks:
             pieces.append(chunk.text)
@@ -85,7 +90,7 @@ def run(model: str | Path | None, prompt: str, *, raw: bool = False, max_tokens:
             if on_text is not None:
                 on_text(chunk.text)
         assert last is not None  # a stream ends with a chunk that carries its finish reason
-        return RunResult("".join(pieces), last.finish_reason, chat, m.backend.name, last.timings)
+        return RunResult("".join(pieces), last.finish_reason, chat, m.backend.name, last.timings, last.incomplete)
 
 
 def _resolve(path, memory_budget, device, threads):

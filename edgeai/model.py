@@ -37,6 +37,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # an end-of-generation token or a stop string
     LENGTH = "length"  # max_tokens reached
     CONTEXT = "context"  # the context window is full
+    TOOL_CALLS = "tool_calls"  # the answer is tool calls (chat with tools; as OpenAI names it)
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,57 @@ class Timings:
 @dataclass(frozen=True)
 class Chunk:
     """One step of a stream. `text` may be empty: a token ending inside a UTF-8 character, or
-    text held back because it may begin a stop string. The last chunk has a `finish_reason`."""
+    text held back because it may begin a stop string. The last chunk has a `finish_reason`.
+
+    In a chat, `reasoning` is the text of the model's thinking section (not part of `text`); with
+    tools, the last chunk carries the answer's `tool_calls` (OpenAI's shape), whose text is not in
+    `text`. `incomplete` (last chunk): a constraint was asked for and the output does not satisfy it
+    (max_tokens or the context ran out first, or a stop string cut it)."""
 
     text: str
-    token: int | None  # None on a closing chunk that carries no token (context full)
+    token: int | None  # None on a closing chunk that carries no token (context full, grammar complete)
     finish_reason: FinishReason | None
     timings: Timings
+    reasoning: str = ""
+    incomplete: bool = False
+    tool_calls: tuple = ()
+
+
+class Reply(str):
+    """A whole answer: the text (this str), and what else is known of it. `finish_reason` as in
+    `Chunk`; `incomplete`: a constraint was asked for and the text does not satisfy it (never to be
+    parsed as if it did); `reasoning_content`: the thinking section; `tool_calls`: OpenAI-style calls."""
+
+    finish_reason: FinishReason | None
+    incomplete: bool
+    reasoning_content: str
+    tool_calls: list[dict]
+    timings: Timings | None
+
+    @classmethod
+    def of(cls, chunks: Iterator[Chunk]) -> Reply:
+        """The Reply a stream adds up to."""
+        text, reasoning, last = [], [], None
+        for c in chunks:
+            text.append(c.text)
+            reasoning.append(c.reasoning)
+            last = c
+        r = cls("".join(text))
+        r.finish_reason = last.finish_reason if last else None
+        r.incomplete = bool(last and last.incomplete)
+        r.reasoning_content = "".join(reasoning)
+        r.tool_calls = list(last.tool_calls) if last else []
+        r.timings = last.timings if last else None
+        return r
+
+    def message(self) -> dict:
+        """The answer as an assistant message for the next `chat` call (OpenAI's shape)."""
+        m: dict[str, Any] = {"role": "assistant", "content": str(self)}
+        if self.tool_calls:
+            m["tool_calls"] = self.tool_calls
+        if self.reasoning_content:
+            m["reasoning_content"] = self.reasoning_content
+        return m
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -123,17 +169,28 @@ def _compile_template(source: str | None, model_name: str):
         return None, plain
 
 
-def check_messages(messages: Any) -> list[dict[str, str]]:
-    """Messages as `[{"role": ..., "content": ...}]`; an OptionError names the first bad one."""
+def check_messages(messages: Any) -> list[dict]:
+    """Messages as `[{"role": ..., "content": ...}]`; an OptionError names the first bad one.
+    Besides role and content, an assistant message may carry `tool_calls` (content then may be
+    None) and a tool message `tool_call_id` and `name` (OpenAI's shapes); other keys are dropped."""
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
         raise OptionError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise OptionError(f"message {i} must be a dict with string 'role' and 'content', got {m!r:.80}")
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        if not (isinstance(m.get("content"), str) or (calls and m.get("content") is None)):
             raise OptionError(f"message {i} must be a dict with string 'role' and 'content', got {m!r:.80}")
         if m["role"] not in ROLES:
             raise OptionError(f"message {i} has role {m['role']!r}; use one of {', '.join(ROLES)}")
-        out.append({"role": m["role"], "content": m["content"]})
+        msg = {"role": m["role"], "content": m["content"]}
+        if calls:
+            msg["tool_calls"] = calls
+        for key in ("tool_call_id", "name"):
+            if m["role"] == "tool" and isinstance(m.get(key), str):
+                msg[key] = m[key]
+        out.append(msg)
     return out
 
 
@@ -190,7 +247,8 @@ class Model:
 
     # -- generation ------------------------------------------------------------------------------
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = DEFAULT_MAX_TOKENS,
-               stop: Sequence[str] | str | None = None, **sampling: Any) -> Iterator[Chunk]:
+               stop: Sequence[str] | str | None = None, grammar: str | None = None, json_schema: Any = None,
+               regex: str | None = None, response_format: Mapping | None = None, **sampling: Any) -> Iterator[Chunk]:
         """Generate from `prompt` (text, or token ids used as they are), one `Chunk` per token.
 
         The KV cache keeps its longest prefix shared with the prompt (only the rest is evaluated).
@@ -198,23 +256,48 @@ class Model:
         `max_tokens` (a whole number >= 1; larger than the room left in the context is fine: the
         context filling up ends the generation too, with finish_reason "context"), or when the
         context is full. Sampling options: see `runtimes.base.Sampling`.
+
+        Structured output (at most one): `grammar` (llama.cpp GBNF text), `json_schema` (a dict),
+        `regex`, or OpenAI's `response_format` ({"type": "json_object"} or {"type": "json_schema",
+        "json_schema": {"schema": {...}}}): every token is drawn from those the constraint allows
+        (`edgeai.constraints`); a token that is the only one allowed is appended without sampling,
+        a run of them evaluated as one batch. A bad constraint raises ConstraintError here, before
+        any token; output cut short is marked `incomplete` on the last chunk.
         """
+        from edgeai.constraints import constraint_from
+
+        constraint = constraint_from(grammar=grammar, json_schema=json_schema, regex=regex,
+                                     response_format=response_format)
+        tokens, params = self._checked_prompt(prompt, max_tokens, sampling)
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        return self._stream(tokens, max_tokens, stops, params, self._matcher(constraint))
+
+    def _checked_prompt(self, prompt: str | Sequence[int], max_tokens: int, sampling: Mapping) -> tuple[list[int], Sampling]:
         from edgeai.options import checked_int
 
         params = self.sampling(**sampling)
         # no upper bound: generation also stops when the context is full (finish_reason "context")
         checked_int("max_tokens", max_tokens, minimum=1, why="the most tokens to generate; generation also stops "
                     "at a full context")
-        stops = [stop] if isinstance(stop, str) else list(stop or ())
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not tokens:
             raise OptionError("the prompt is empty (no tokens); give some text")
         if len(tokens) >= self.n_ctx:
             raise ContextOverflowError(f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx} "
                                        "(with room for the answer); shorten it or load the model with a larger n_ctx")
-        return self._stream(tokens, max_tokens, stops, params)
+        return tokens, params
 
-    def _stream(self, tokens: list[int], max_tokens: int, stops: list[str], params: Sampling) -> Iterator[Chunk]:
+    def _matcher(self, constraint):
+        """A fresh grammar state for `constraint` over this model's vocabulary (None for None)."""
+        if constraint is None:
+            return None
+        return constraint.matcher(self.backend.constraint_tokenizer(), eog_ids=self.backend.eog_ids)
+
+    def _stream(self, tokens: list[int], max_tokens: int, stops: list[str], params: Sampling, matcher=None,
+                split=None, tools: bool = False) -> Iterator[Chunk]:
+        """The generation loop. matcher: an `edgeai.constraints.Matcher`, applied once `split` (an
+        `edgeai.tools.ThinkSplit`, chats with a thinking section) reaches the answer; tools: parse
+        tool calls from the answer into the last chunk."""
         be = self.backend
         if self._cache_suspect:
             be.truncate(0)
@@ -225,40 +308,127 @@ class Model:
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stopper = _StopStrings(stops)
         pending = tokens[cached:]
-        prev_piece = be.detokenize(tokens[-1:])
-        n_gen, prompt_s, decode_s = 0, 0.0, 0.0
+        prev = tokens[-1]
+        prev_piece = be.detokenize([prev])
+        n_gen, prompt_s, decode_s, stepped = 0, 0.0, 0.0, False
+        active = matcher is not None and (split is None or split.done)
+        answer: list[str] = []  # the answer's text so far (tool calls are parsed from it)
 
         def timings() -> Timings:
             return Timings(len(tokens) - cached, cached, n_gen, prompt_s, decode_s)
 
+        def parts(text: str, final: bool = False) -> tuple[str, str]:
+            """(thinking, answer) of newly decoded text; final: flush what is held back."""
+            if final:
+                text += utf8.decode(b"", final=True)
+            think, out = split.feed(text) if split is not None else ("", text)
+            if final and split is not None:
+                t2, o2 = split.flush()
+                think, out = think + t2, out + o2
+            return think, out
+
+        call_mode = None if tools else "text"  # with tools: "calls" once the answer opens with a call
+
+        def show(text: str) -> str:
+            """The part of new answer text a chunk shows: tool calls are not text (they reach the last
+            chunk as tool_calls), so with tools the start is held back until it is clear which it is."""
+            nonlocal call_mode
+            answer.append(text)
+            if call_mode == "text":
+                return text
+            if call_mode is None:
+                from edgeai.tools import CALL_OPEN
+
+                whole = "".join(answer)
+                head = whole.lstrip()
+                if head.startswith(CALL_OPEN):
+                    call_mode = "calls"
+                elif not CALL_OPEN.startswith(head):
+                    call_mode = "text"
+                    return whole
+            return ""
+
+        def close(reason: FinishReason, tok: int | None, text: str = "", think: str = "") -> Chunk:
+            t2, out = parts("", final=True)
+            text += show(stopper.flush() + out)
+            incomplete = matcher is not None and not (active and matcher.accepting)
+            calls: tuple = ()
+            if call_mode != "text":
+                from edgeai.tools import parse_tool_calls
+
+                whole = "".join(answer)
+                _, found = parse_tool_calls(whole) if call_mode == "calls" and not incomplete else ("", [])
+                if found:
+                    calls, reason = tuple(found), FinishReason.TOOL_CALLS
+                else:  # not calls after all (cut short, or only spaces): the held text is the answer
+                    text = whole
+            return Chunk(text, tok, reason, timings(), think + t2, incomplete, calls)
+
+        def emit(tok: int) -> tuple[Chunk, bool]:
+            """The chunk of an appended token, and whether it ends the generation."""
+            nonlocal prev, prev_piece
+            # the piece of `tok` after the previous token (detokenizers may strip a sequence's first space)
+            pair = be.detokenize([prev, tok])
+            piece = pair[len(prev_piece):] if pair.startswith(prev_piece) else be.detokenize([tok])
+            prev, prev_piece = tok, be.detokenize([tok])
+            think, out = parts(utf8.decode(piece))
+            text, hit = stopper.feed(out)
+            text = show(text)
+            if hit:
+                return close(FinishReason.STOP, tok, text, think), True
+            if n_gen >= max_tokens:
+                return close(FinishReason.LENGTH, tok, text, think), True
+            return Chunk(text, tok, None, timings(), think), False
+
         self._cache_suspect = True
         try:
             while True:
-                if be.n_past + len(pending) > be.n_ctx:
-                    yield Chunk(stopper.flush() + utf8.decode(b"", final=True), None, FinishReason.CONTEXT, timings())
-                    break
                 t0 = time.perf_counter()
-                tok = be.step(pending)
-                if n_gen == 0:
-                    prompt_s = time.perf_counter() - t0
+                mask = None
+                if active:
+                    if matcher.stopped:  # complete, and nothing may follow: no step needed
+                        yield close(FinishReason.STOP, None)
+                        break
+                    mask = matcher.mask()
+                    # tokens the grammar forces are appended unsampled and evaluated with the next step
+                    forced, done = matcher.forced(mask), False
+                    while forced is not None and forced not in be.eog_ids and not done:
+                        if be.n_past + len(pending) + 1 > be.n_ctx:
+                            break
+                        matcher.consume(forced)
+                        pending.append(forced)
+                        n_gen += 1
+                        chunk, done = emit(forced)
+                        yield chunk
+                        if not done:
+                            if matcher.stopped:
+                                yield close(FinishReason.STOP, None)
+                                done = True
+                            else:
+                                mask = matcher.mask()
+                                forced = matcher.forced(mask)
+                    if done:
+                        break
+                if be.n_past + len(pending) > be.n_ctx or (mask is not None and forced is not None
+                                                           and forced not in be.eog_ids):
+                    yield close(FinishReason.CONTEXT, None)
+                    break
+                tok = be.step(pending, mask)
+                if not stepped:
+                    prompt_s, stepped = time.perf_counter() - t0, True
                 else:
                     decode_s += time.perf_counter() - t0
                 n_gen += 1
                 if tok in be.eog_ids:
-                    yield Chunk(stopper.flush() + utf8.decode(b"", final=True), tok, FinishReason.STOP, timings())
+                    yield close(FinishReason.STOP, tok)
                     break
-                # the piece of `tok` after the previous token (detokenizers may strip a sequence's first space)
-                pair = be.detokenize([pending[-1], tok])
-                piece = pair[len(prev_piece):] if pair.startswith(prev_piece) else be.detokenize([tok])
-                prev_piece = be.detokenize([tok])
-                text, hit = stopper.feed(utf8.decode(piece))
-                if hit:
-                    yield Chunk(text, tok, FinishReason.STOP, timings())
+                if active:
+                    matcher.consume(tok)
+                chunk, done = emit(tok)
+                yield chunk
+                if done:
                     break
-                if n_gen >= max_tokens:
-                    yield Chunk(text + stopper.flush() + utf8.decode(b"", final=True), tok, FinishReason.LENGTH, timings())
-                    break
-                yield Chunk(text, tok, None, timings())
+                active = matcher is not None and (split is None or split.done)
                 pending = [tok]
             self._cache_suspect = False
         except GeneratorExit:  # the consumer stopped at a yield: the cache matches the history
@@ -266,14 +436,20 @@ class Model:
             raise
 
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = DEFAULT_MAX_TOKENS,
-                 stop: Sequence[str] | str | None = None, **sampling: Any) -> str:
-        """The text generated from `prompt` (see `stream`)."""
-        return "".join(c.text for c in self.stream(prompt, max_tokens=max_tokens, stop=stop, **sampling))
+                 stop: Sequence[str] | str | None = None, **options: Any) -> Reply:
+        """The text generated from `prompt`, as a `Reply` (a str with finish_reason and incomplete);
+        options: the constraints and sampling options of `stream`."""
+        return Reply.of(self.stream(prompt, max_tokens=max_tokens, stop=stop, **options))
 
     # -- chat ------------------------------------------------------------------------------------
-    def render_chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping] | None = None, think: bool | None = None) -> str:
         """The conversation as text through the artifact's chat template; if the template is missing
         or fails (a bug in it), a plain 'role: text' template (with a warning, once).
+
+        tools: OpenAI-style tools, given to a template that renders `tools` itself, else described
+        in a system message (`edgeai.tools`, the generic format). think: the template's
+        `enable_thinking` (Qwen3's switch for its thinking section); None leaves its default.
 
         Raises ChatTemplateError, for this call only, when the template refuses the conversation
         (its own raise_exception(...), e.g. "no system messages") or is stopped by the sandbox's
@@ -281,14 +457,21 @@ class Model:
         """
         from edgeai.chat_template import render
         from edgeai.errors import ChatTemplateError
+        from edgeai.tools import check_tools, messages_for_template, openai_tools, template_knows_tools
 
-        msgs = check_messages(messages)
+        checked = check_tools(tools) if tools is not None else None
+        native = template_knows_tools(self.chat_template) and not self.plain_chat
+        msgs = messages_for_template(check_messages(messages), checked, native)
         be = self.backend
         variables = dict(
             messages=msgs, add_generation_prompt=add_generation_prompt,
             bos_token=be.detokenize([be.bos_id]).decode("utf-8", "replace") if be.bos_id is not None else "",
             eos_token=be.detokenize([be.eos_id]).decode("utf-8", "replace") if be.eos_id is not None else "",
         )
+        if checked and native:
+            variables["tools"] = openai_tools(checked)
+        if think is not None:
+            variables["enable_thinking"] = bool(think)
         if self._template is not None and not self._template_failed:
             try:
                 return render(self._template, variables, self.path.name)
@@ -298,6 +481,8 @@ class Model:
                 log.warning("the chat template of %s failed to render (%s); using a plain 'role: text' template",
                             self.path.name, exc)
                 self._template_failed = True
+                if checked:  # the plain template knows no tools: describe them in the generic format
+                    variables["messages"] = messages_for_template(check_messages(messages), checked, False)
         return render(self._plain, variables, self.path.name)
 
     @property
@@ -305,15 +490,26 @@ class Model:
         """True when chats use the plain fallback template."""
         return self._template is None or self._template_failed
 
-    def chat_tokens(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
+    @property
+    def thinks(self) -> bool:
+        """Whether the chat template has a thinking section (`<think>`, as Qwen3's and DeepSeek-R1's)."""
+        from edgeai.tools import THINK_OPEN
+
+        return not self.plain_chat and THINK_OPEN in (self.chat_template or "")
+
+    def chat_tokens(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping] | None = None, think: bool | None = None) -> list[int]:
         """Token ids of the rendered conversation (special tokens parsed, BOS added once if the artifact wants it)."""
-        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools, think=think)
+        return self._chat_ids(text)
+
+    def _chat_ids(self, text: str) -> list[int]:
         tokens = self.tokenize(text, add_special=False, parse_special=True)
         if self._bos_prefix and tokens[:1] != self._bos_prefix:
             tokens = self._bos_prefix + tokens
         return tokens
 
-    def fit_messages(self, messages: Sequence[Mapping[str, str]], *, reserve: int) -> tuple[list[dict[str, str]], int]:
+    def fit_messages(self, messages: Sequence[Mapping[str, Any]], *, reserve: int) -> tuple[list[dict], int]:
         """Drop the oldest turns (a user message and the replies after it; system messages stay)
         until the conversation plus `reserve` answer tokens fits the context. Returns (kept
         messages, number of messages dropped)."""
@@ -332,16 +528,72 @@ class Model:
             del msgs[first:end]
         return msgs, dropped
 
-    def chat(self, messages: Sequence[Mapping[str, str]], *, stream: bool = False, max_tokens: int = DEFAULT_MAX_TOKENS,
-             stop: Sequence[str] | str | None = None, **sampling: Any) -> str | Iterator[Chunk]:
-        """The assistant's answer to `messages` ([{"role", "content"}, ...]): a string, or with
-        `stream=True` an iterator of `Chunk`. Consecutive turns reuse the cached conversation."""
-        tokens = self.chat_tokens(messages)
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, max_tokens: int = DEFAULT_MAX_TOKENS,
+             stop: Sequence[str] | str | None = None, tools: Sequence[Mapping] | None = None,
+             tool_choice: str | Mapping | None = None, parallel_tool_calls: bool = False,
+             think: bool | None = None, grammar: str | None = None,
+             json_schema: Any = None, regex: str | None = None, response_format: Mapping | None = None,
+             **sampling: Any) -> Reply | Iterator[Chunk]:
+        """The assistant's answer to `messages` ([{"role", "content"}, ...]): a `Reply` (a str with
+        finish_reason, reasoning_content, tool_calls, incomplete; `.message()` gives the assistant
+        message to append), or with `stream=True` an iterator of `Chunk`. Consecutive turns reuse
+        the cached conversation.
+
+        tools / tool_choice: OpenAI's (`edgeai.tools`): "auto" (default) lets the model answer or call,
+        "required" makes it call one or more tools, {"type": "function", "function": {"name": N}} call
+        N, "none" leaves the tools out; parallel_tool_calls: allow several calls in one answer (else
+        one, as llama-server's default); a call's arguments always match the tool's schema, and tool
+        results go back as {"role": "tool", "content": ..., "tool_call_id": ...} messages.
+        think: for templates with a thinking section, turn it on or off (None: the template's
+        default); the thinking text comes apart from the answer (`reasoning_content`, `Chunk.reasoning`)
+        and a constraint applies to the answer after it. Constraints and sampling: see `stream`.
+        """
+        from edgeai.constraints import ConstraintError, constraint_from
+        from edgeai.tools import THINK_CLOSE, THINK_OPEN, ThinkSplit, check_tool_choice, check_tools, tool_call_constraint
+
+        constraint = constraint_from(grammar=grammar, json_schema=json_schema, regex=regex,
+                                     response_format=response_format)
+        checked, mode = None, None
+        if tools is not None:
+            checked = check_tools(tools)
+            mode, callable_tools = check_tool_choice(tool_choice, checked)
+            if mode == "none":
+                checked = None
+            else:
+                if constraint is not None:
+                    raise ConstraintError("tools and a constraint (grammar, json_schema, regex, response_format) "
+                                          "cannot be combined: the tools' schemas constrain the calls")
+                constraint = tool_call_constraint(callable_tools, mode, parallel=bool(parallel_tool_calls),
+                                                  **self._call_marker_ids())
+        elif tool_choice is not None:
+            raise OptionError("tool_choice needs tools")
+        text = self.render_chat(messages, tools=checked, think=think)
+        split = None
+        if self.thinks and not text.rstrip().endswith(THINK_CLOSE):  # (a closed section: no thinking this time)
+            if constraint is not None and not text.rstrip().endswith(THINK_OPEN):
+                # the model would open its thinking itself, but a constraint in force from the first token
+                # would forbid that: open it here, and the constraint starts after </think>
+                text += THINK_OPEN + "\n"
+            split = ThinkSplit(opened=text.rstrip().endswith(THINK_OPEN))
+        tokens, params = self._checked_prompt(self._chat_ids(text), max_tokens, sampling)
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         if self.plain_chat:
             stops += PLAIN_STOPS
-        chunks = self.stream(tokens, max_tokens=max_tokens, stop=stops, **sampling)
-        return chunks if stream else "".join(c.text for c in chunks)
+        chunks = self._stream(tokens, max_tokens, stops, params, self._matcher(constraint), split,
+                              tools=checked is not None)
+        return chunks if stream else Reply.of(chunks)
+
+    def _call_marker_ids(self) -> dict:
+        """The token ids of <tool_call> and </tool_call> where the vocabulary has them as special
+        tokens (a grammar must then name the token, as its text is not made of ordinary tokens)."""
+        from edgeai.tools import CALL_CLOSE, CALL_OPEN
+
+        tokenizer = self.backend.constraint_tokenizer()
+        out = {}
+        for key, text in (("open_id", CALL_OPEN), ("close_id", CALL_CLOSE)):
+            ids = self.tokenize(text, add_special=False, parse_special=True)
+            out[key] = ids[0] if len(ids) == 1 and tokenizer.is_special_token(ids[0]) else None
+        return out
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:

@@ -124,6 +124,10 @@ class Backend(Protocol):
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         """Token ids -> UTF-8 bytes (bytes: one token may end in the middle of a character)."""
 
+    def constraint_tokenizer(self):
+        """The vocabulary as an llguidance `LLTokenizer` (structured output, `edgeai.constraints`):
+        the bytes of every token, the special ones marked, and the end-of-generation ids."""
+
     def truncate(self, n: int) -> None:
         """Keep the first `n` positions of the KV cache, drop the rest (0: empty). Speculative
         decoding rolls back rejected drafts with it."""

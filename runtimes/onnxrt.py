@@ -291,6 +291,7 @@ class OnnxBackend:
 
         self._tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
         self._token_bytes = _TokenBytes(self._tokenizer, _read_json(self.path / "tokenizer.json"))
+        self._llg_tokenizer = None  # made by constraint_tokenizer() on first use
         self.bos_id = config.bos_id
         eog = set(config.eos_ids)
         eos_text = config.eos_text
@@ -489,6 +490,22 @@ class OnnxBackend:
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         self._live()
         return b"".join(self._token_bytes(int(t)) for t in tokens)
+
+    def constraint_tokenizer(self):
+        """The vocabulary as an llguidance tokenizer (structured output, `edgeai.constraints`), from
+        the folder's tokenizer.json, which llguidance reads with the same Rust tokenizers; made once."""
+        self._live()
+        if self._llg_tokenizer is None:
+            import llguidance
+
+            from edgeai.errors import TokenizerError
+
+            try:
+                self._llg_tokenizer = llguidance.LLTokenizer(self._tokenizer.to_str(), n_vocab=self.n_vocab,
+                                                             eos_token=sorted(self.eog_ids) or None)
+            except ValueError as exc:
+                raise TokenizerError(f"the tokenizer of {self.path} cannot be mapped for structured output: {exc}") from exc
+        return self._llg_tokenizer
 
     def adds_bos(self) -> bool:
         """Whether tokenize(add_special=True) starts with BOS (the tokenizer's post-processor decides)."""

@@ -108,6 +108,34 @@ class GGUFVocab:
                 return buf.raw[:n]
             cap = -n
 
+    def constraint_tokenizer(self, n_vocab: int, eog_ids: Sequence[int]):
+        """This vocabulary as an llguidance LLTokenizer (structured output, `edgeai.constraints`):
+        every token's bytes from llama.cpp, control tokens (and user-defined `<...>` ones) marked
+        with a leading 0xff byte, llguidance's convention, so no grammar text can produce them, and
+        llama.cpp's tokenizer for the grammar's literals. About 0.3 s for 49k tokens: callers cache it."""
+        import llguidance
+
+        ll = self._ll
+        buf = ctypes.create_string_buffer(4096)
+        tokens = []
+        for t in range(self.n_vocab):
+            n = ll.llama_token_to_piece(self._vocab, t, buf, len(buf), 0, True)
+            if n < 0:
+                raise TokenizerError(f"token {t} is longer than {len(buf)} bytes; structured output cannot map it")
+            piece = buf.raw[:n]
+            attr = ll.llama_vocab_get_attr(self._vocab, t)
+            if attr & ll.LLAMA_TOKEN_ATTR_CONTROL or (attr & ll.LLAMA_TOKEN_ATTR_USER_DEFINED
+                                                      and piece.startswith(b"<") and piece.endswith(b">")):
+                piece = b"\xff" + piece
+            tokens.append(piece)
+        tokens += [b""] * (n_vocab - len(tokens))  # output rows past the vocabulary (padding) are never allowed
+        tokenize = ctypes.cast(ll.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+        try:
+            return llguidance.LLTokenizer.from_llamacpp(tokens=tokens, vocab_ptr=self._vocab, tokenize_fptr=tokenize,
+                                                        eos_token=sorted(eog_ids) or None, slices=None)
+        except ValueError as exc:
+            raise TokenizerError(f"the vocabulary cannot be mapped for structured output: {exc}") from exc
+
     def close(self) -> None:
         """Free the vocabulary-only model, if this object loaded one."""
         if self._owned is not None:
@@ -126,3 +154,10 @@ class VocabText:
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         self._live()
         return self._vocab.detokenize(tokens)
+
+    def constraint_tokenizer(self):
+        """The vocabulary as an llguidance tokenizer (see `GGUFVocab.constraint_tokenizer`), made once."""
+        self._live()
+        if getattr(self, "_llg_tokenizer", None) is None:
+            self._llg_tokenizer = self._vocab.constraint_tokenizer(self.n_vocab, self.eog_ids)
+        return self._llg_tokenizer

@@ -254,11 +254,16 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (text, tokens, timings)."),
     plan: bool = typer.Option(False, "--plan", help="Show how the memory budget is split (native engine), without running."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Answer with JSON valid against this JSON Schema file."),
+    grammar: Optional[Path] = typer.Option(None, "--grammar", help="Answer in this GBNF grammar (a llama.cpp .gbnf file)."),
+    regex: Optional[str] = typer.Option(None, "--regex", help="Answer with text matching this regular expression."),
     backend: str = _MODEL_OPTS["backend"], memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"],
     device: Optional[str] = _MODEL_OPTS["device"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
     threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
 ) -> None:
-    """Answer PROMPT once and print it (for scripts): the chat template by default, --raw for completion."""
+    """Answer PROMPT once and print it (for scripts): the chat template by default, --raw for completion.
+    With --json-schema, --grammar or --regex the answer is constrained to match (exit status 1 if it
+    could not be completed within --max-tokens)."""
     from edgeai.cli.show import show_plan, show_run, write_text
 
     if plan:
@@ -276,12 +281,29 @@ def run(
     from edgeai.api import run as run_model
 
     try:
+        constraint = _constraint_options(json_schema, grammar, regex)
         result = run_model(model, prompt, raw=raw, max_tokens=max_tokens, temperature=temperature, seed=seed,
                            backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
-                           kv_cache=kv_cache, on_text=None if json_output else write_text)
+                           kv_cache=kv_cache, on_text=None if json_output else write_text, **constraint)
     except EdgeAIError as exc:
         _fail(exc)
     show_run(result, json_output=json_output)
+    if result.incomplete:
+        raise typer.Exit(1)
+
+
+def _constraint_options(json_schema: Optional[Path], grammar: Optional[Path], regex: Optional[str]) -> dict:
+    """`edgeai.run`'s structured-output keywords from run's flags (the files read here)."""
+    from edgeai.constraints import read_constraint_file
+
+    out: dict = {}
+    if json_schema is not None:
+        out["json_schema"] = read_constraint_file(json_schema, "json_schema")
+    if grammar is not None:
+        out["grammar"] = read_constraint_file(grammar, "grammar")
+    if regex is not None:
+        out["regex"] = regex
+    return out
 
 
 @command()

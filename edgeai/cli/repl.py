@@ -35,6 +35,7 @@ HELP = """\
 /system [TEXT]     show or set the system prompt (/system - removes it)
 /set [NAME VALUE]  show or set an option: temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, max_tokens
 /stats             speed of the last answer, memory, context use
+/format [json|schema FILE|grammar FILE|regex RE|off]  constrain the answers (show it without an argument)
 /save FILE         write the conversation as JSON
 /load FILE         read a conversation written by /save
 /exit              leave (or Ctrl-D)
@@ -87,6 +88,8 @@ class ChatSession:
     messages: list[dict[str, str]] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=lambda: {"max_tokens": DEFAULT_MAX_TOKENS})
     last: Timings | None = None
+    constraint: dict[str, Any] = field(default_factory=dict)  # Model.chat's structured-output keywords (/format)
+    format_label: str = "off"
 
     def conversation(self) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -176,7 +179,7 @@ class Repl:
         pieces: list[str] = []
         chunks = None
         try:
-            chunks = s.model.chat(kept, stream=True, max_tokens=max_tokens, **sampling)
+            chunks = s.model.chat(kept, stream=True, max_tokens=max_tokens, **sampling, **s.constraint)
             for chunk in chunks:
                 pieces.append(chunk.text)
                 # soft_wrap: pieces are printed as they come, never re-wrapped mid-word
@@ -184,6 +187,8 @@ class Repl:
                 s.last = chunk.timings
                 if chunk.finish_reason is not None and chunk.finish_reason.value != "stop":
                     self.console.print(f"\n[dim]\\[{chunk.finish_reason.value}][/]", end="")
+                if chunk.incomplete:
+                    self.console.print("\n[yellow]\\[incomplete: the answer does not match the /format yet][/]", end="")
             self.console.print()
         except KeyboardInterrupt:
             if chunks is not None:
@@ -220,6 +225,8 @@ class Repl:
                 self._set(arg)
             elif name == "stats":
                 self._stats()
+            elif name == "format":
+                self._format(arg)
             elif name == "save":
                 self._save(arg)
             elif name == "load":
@@ -250,6 +257,32 @@ class Repl:
             raise OptionError("max_tokens must be >= 1")
         s.options = new
         self.console.print(f"[dim]{name} = {new[name]}[/]")
+
+    def _format(self, arg: str) -> None:
+        """/format: json (any JSON object), schema FILE (a JSON Schema), grammar FILE (GBNF), regex RE,
+        off. Checked here, so a bad schema is refused before the next turn."""
+        from edgeai.constraints import constraint_from, read_constraint_file
+
+        s = self.session
+        kind, _, rest = arg.partition(" ")
+        rest = rest.strip()
+        if not kind:
+            self.console.print(f"[dim]format: {escape(s.format_label)}[/]")
+            return
+        if kind == "off":
+            new: dict[str, Any] = {}
+        elif kind == "json":
+            new = {"response_format": {"type": "json_object"}}
+        elif kind in ("schema", "grammar") and rest:
+            key = "json_schema" if kind == "schema" else "grammar"
+            new = {key: read_constraint_file(Path(rest).expanduser(), key)}
+        elif kind == "regex" and rest:
+            new = {"regex": rest}
+        else:
+            raise OptionError("/format json | schema FILE | grammar FILE | regex RE | off")
+        constraint_from(**new)  # validates
+        s.constraint, s.format_label = new, arg
+        self.console.print(f"[dim]format: {escape(arg)}[/]")
 
     def _stats(self) -> None:
         import psutil

@@ -23,19 +23,24 @@ def write_text(piece: str) -> None:
 
 def show_run(result: RunResult, *, json_output: bool) -> None:
     """After `edgeai.run`: the answer as one JSON object, or the end of the streamed text; an empty
-    answer says why."""
+    answer says why, and so does an answer incomplete under a constraint (on stderr)."""
     if json_output:
         t = result.timings
         print(json.dumps({"text": result.text, "finish_reason": result.finish_reason.value,
+                          "incomplete": result.incomplete,
                           "prompt_format": "chat template" if result.chat_template else "raw",
                           "backend": result.backend, "prompt_tokens": t.prompt_tokens + t.cached_tokens,
                           "generated_tokens": t.generated_tokens, "ttft_s": t.prompt_seconds,
                           "prefill_tps": t.prefill_tps, "decode_tps": t.decode_tps}, ensure_ascii=False))
-        return
-    print()
-    if not result.text.strip():
-        print(f"(no text: the model ended at once, finish reason {result.finish_reason.value!r}"
-              + ("; --raw completes the prompt without the chat template)" if result.chat_template else ")"), file=sys.stderr)
+    else:
+        print()
+        if not result.text.strip():
+            print(f"(no text: the model ended at once, finish reason {result.finish_reason.value!r}"
+                  + ("; --raw completes the prompt without the chat template)" if result.chat_template else ")"),
+                  file=sys.stderr)
+    if result.incomplete:
+        print(f"(incomplete: the answer does not yet match the constraint; finish reason {result.finish_reason.value!r}, "
+              "raise --max-tokens)", file=sys.stderr)
 
 
 def show_bench(path: Path, results, roof, *, n_prompt: int, n_gen: int, repeats: int, json_output: bool) -> None:

@@ -1,0 +1,232 @@
+"""Structured output: a grammar, JSON Schema or regex turned into the token mask of every step.
+
+The grammar engine is llguidance (PyPI, no dependencies; Rust core). Chosen over the others that
+exist because it is the only one that takes every input format users bring (llama.cpp GBNF,
+JSON Schema, regex and Lark) from one engine, works from a vocabulary's token bytes (which the
+GGUF gives, so no Hugging Face tokenizer is needed), computes a mask in tens of microseconds on a
+49k vocabulary, and releases the GIL while it works. llama.cpp's own grammar sampler is the slow
+path the issue names (it checks candidate tokens one by one); outlines-core takes no GBNF; xgrammar
+pulls in torch and transformers.
+
+Flow: `constraint_from(...)` checks the user's options and builds a `Constraint` (grammar text for
+llguidance, not yet tied to a vocabulary); `Constraint.matcher(tokenizer)` validates it against the
+vocabulary and returns a `Matcher`, the state of one generation: `mask()` gives the uint32 words
+the backends' `step(tokens, mask)` takes (`runtimes.sampling.checked_mask`'s layout, which is
+llguidance's), `consume(token)` advances it.
+
+JSON is generated with a fixed separator style (`", "` and `": "`, as `json.dumps` writes) and no
+other whitespace between tokens: a small model cannot ramble with spaces and newlines inside the
+structure, and the user's schema is used as given (never simplified).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeai.errors import OptionError
+
+log = logging.getLogger(__name__)
+
+# JSON whitespace: exactly one space after ',' and ':' and none elsewhere (bounded, see above).
+# lenient=False: a schema keyword the engine does not implement is refused by name, not ignored.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
+
+
+class ConstraintError(OptionError):
+    """A grammar, schema or regex that cannot be used: the message names the option, the position
+    or rule at fault (as the grammar engine reports it), and what to change."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match. `kind`: "grammar" (GBNF), "lark", "json_schema", "regex" or
+    "json_object"; `source`: the user's text (a schema as JSON text); `grammar`: llguidance's form."""
+
+    kind: str
+    source: str
+    grammar: str
+
+    def matcher(self, tokenizer: Any, *, eog_ids: Sequence[int] = ()) -> Matcher:
+        """A fresh `Matcher` over `tokenizer` (an llguidance LLTokenizer, from the backend's
+        `constraint_tokenizer()`); ConstraintError if the grammar does not compile for it."""
+        import llguidance
+
+        error = llguidance.LLMatcher.validate_grammar(self.grammar, tokenizer)
+        if error:
+            raise ConstraintError(f"the {_OPTION[self.kind]} cannot be used: {_clean(error)}")
+        return Matcher(llguidance.LLMatcher(tokenizer, self.grammar, log_level=0), tokenizer.vocab_size, eog_ids)
+
+
+# the user-facing option of each kind, for messages
+_OPTION = {"grammar": "grammar (GBNF)", "lark": "grammar (Lark)", "json_schema": "json_schema",
+           "regex": "regex", "json_object": "response_format json_object"}
+
+
+def _clean(error: str) -> str:
+    """llguidance's message on one line, without its trailing source excerpt's blank lines."""
+    return " | ".join(line.rstrip() for line in error.strip().splitlines() if line.strip())
+
+
+def _grammar_text(option: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConstraintError(f"{option} must be non-empty text, got {value!r:.60}")
+    return value
+
+
+def _schema_text(option: str, schema: Any) -> str:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise ConstraintError(f"{option} is not valid JSON: {exc}") from None
+    if not isinstance(schema, (Mapping, bool)):
+        raise ConstraintError(f"{option} must be a JSON Schema (a dict), got {type(schema).__name__}")
+    try:
+        return json.dumps(schema)
+    except (TypeError, ValueError) as exc:
+        raise ConstraintError(f"{option} cannot be written as JSON: {exc}") from None
+
+
+def json_schema_constraint(schema: Any, *, option: str = "json_schema") -> Constraint:
+    """A Constraint for JSON that validates against `schema` (a dict or its JSON text)."""
+    import llguidance
+
+    text = _schema_text(option, schema)
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
+    return _checked(Constraint("json_schema", text, grammar), option)
+
+
+def lark_constraint(lark: str, *, kind: str = "lark") -> Constraint:
+    """A Constraint from a Lark grammar in llguidance's dialect (used for tool calls)."""
+    import llguidance
+
+    return _checked(Constraint(kind, lark, llguidance.LLMatcher.grammar_from_lark(lark)), _OPTION[kind])
+
+
+def _checked(c: Constraint, option: str) -> Constraint:
+    """`c` if its grammar compiles (without a vocabulary: syntax, rules, schema keywords), else a
+    ConstraintError naming `option` and the engine's message (position and rule)."""
+    import llguidance
+
+    error = llguidance.LLMatcher.validate_grammar(c.grammar)
+    if error:
+        raise ConstraintError(f"{option} cannot be used: {_clean(error)}")
+    return c
+
+
+def constraint_from(*, grammar: str | None = None, json_schema: Any = None, regex: str | None = None,
+                    response_format: Mapping | None = None) -> Constraint | None:
+    """The one Constraint the options ask for (None when none is given), checked before any token
+    is generated. At most one of them; `response_format` is OpenAI's: {"type": "text"},
+    {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}, ...}}."""
+    import llguidance
+
+    given = [n for n, v in (("grammar", grammar), ("json_schema", json_schema), ("regex", regex),
+                            ("response_format", response_format)) if v is not None]
+    if len(given) > 1:
+        raise ConstraintError(f"give one of grammar, json_schema, regex, response_format (got {', '.join(given)})")
+    if grammar is not None:
+        text = _grammar_text("grammar", grammar)
+        try:
+            lark = llguidance.gbnf_to_lark.any_to_lark(text)
+        except Exception as exc:  # its parser raises plain Exceptions naming the rule or position
+            raise ConstraintError(f"grammar (GBNF) cannot be used: {exc}") from None
+        return _checked(Constraint("grammar", text, llguidance.LLMatcher.grammar_from_lark(lark)), "grammar (GBNF)")
+    if json_schema is not None:
+        return json_schema_constraint(json_schema)
+    if regex is not None:
+        text = _grammar_text("regex", regex)
+        return _checked(Constraint("regex", text, llguidance.LLMatcher.grammar_from_regex(text)), "regex")
+    if response_format is not None:
+        return _response_format(response_format)
+    return None
+
+
+def _response_format(rf: Any) -> Constraint | None:
+    if not isinstance(rf, Mapping) or not isinstance(rf.get("type"), str):
+        raise ConstraintError(f"response_format must be a dict with a 'type', got {rf!r:.80}")
+    kind = rf["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        c = json_schema_constraint({"type": "object"}, option="response_format")
+        return Constraint("json_object", c.source, c.grammar)
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, Mapping) or "schema" not in spec:
+            raise ConstraintError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+        return json_schema_constraint(spec["schema"], option="response_format json_schema")
+    raise ConstraintError(f"response_format type {kind!r} is not one of text, json_object, json_schema")
+
+
+def read_constraint_file(path, kind: str) -> Any:
+    """A schema (kind "json_schema": parsed JSON) or grammar ("grammar": text) from a file, with a
+    ConstraintError naming the file when it cannot be read."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConstraintError(f"cannot read the {kind} file {path}: {exc}") from None
+    if kind != "json_schema":
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConstraintError(f"the JSON Schema file {path} is not valid JSON: {exc}") from None
+
+
+class Matcher:
+    """One generation's grammar state. `mask()` -> the tokens allowed next, as uint32 words;
+    `consume(token)` after each token is appended. End-of-generation tokens are allowed exactly when
+    the grammar is complete (`accepting`)."""
+
+    def __init__(self, matcher: Any, n_vocab: int, eog_ids: Sequence[int]) -> None:
+        self._m = matcher
+        self.n_vocab = n_vocab
+        self._words = np.zeros((n_vocab + 31) // 32, np.uint32)
+        self._eog = np.asarray(sorted(int(t) for t in eog_ids if 0 <= int(t) < n_vocab), np.int64)
+        self._raise_if_error()
+
+    def _raise_if_error(self) -> None:
+        if self._m.is_error():
+            raise ConstraintError(f"the constraint failed: {_clean(self._m.get_error())}")
+
+    @property
+    def accepting(self) -> bool:
+        """The output so far is complete: it matches the whole grammar."""
+        return self._m.is_accepting()
+
+    @property
+    def stopped(self) -> bool:
+        """Nothing more may follow (the grammar is complete and cannot be extended)."""
+        return self._m.is_stopped()
+
+    def mask(self) -> np.ndarray:
+        """The allowed next tokens, uint32 words [ceil(n_vocab / 32)] (a view reused by the next
+        call: pass it to one step before asking again)."""
+        self._m.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)  # GIL released inside
+        self._raise_if_error()
+        if self._eog.size and self._m.is_accepting():
+            self._words[self._eog >> 5] |= (np.uint32(1) << (self._eog & 31).astype(np.uint32))
+        return self._words
+
+    def forced(self, mask: np.ndarray) -> int | None:
+        """The one token `mask` allows, or None when it allows several."""
+        nz = np.flatnonzero(mask)
+        if nz.size != 1:
+            return None
+        word = int(mask[nz[0]])
+        return int(nz[0]) * 32 + word.bit_length() - 1 if word & (word - 1) == 0 else None
+
+    def consume(self, token: int) -> None:
+        """Advance past `token` (which the last mask allowed)."""
+        self._m.consume_token(int(token))
+        self._raise_if_error()

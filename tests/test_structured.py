@@ -1,0 +1,354 @@
+"""Structured output (grammar, JSON Schema, regex, response_format), forced tokens, tool calls and
+thinking sections: every answer is checked by an engine no one here wrote (`jsonschema`, `re`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import jsonschema
+import pytest
+
+import edgeai
+from edgeai.constraints import ConstraintError, Matcher, constraint_from
+from edgeai.model import FinishReason
+from edgeai.paths import default_model_path
+from edgeai.tools import ThinkSplit
+
+# Schemas for the tests (the benchmark has its own 50). Strings and arrays are bounded so that a
+# random tiny model, which samples anything the grammar allows, finishes within max_tokens.
+TINY_SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"kind": {"enum": ["cat", "dog", "bird"]},
+                                      "tags": {"type": "array", "items": {"type": "string", "maxLength": 5},
+                                               "minItems": 1, "maxItems": 3}},
+     "required": ["kind", "tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"point": {"type": "object", "properties": {
+        "x": {"type": "integer", "minimum": -50, "maximum": 50}, "y": {"type": "integer", "minimum": -50, "maximum": 50}},
+        "required": ["x", "y"], "additionalProperties": False},
+        "ok": {"type": "boolean"}}, "required": ["point", "ok"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 9}, "minItems": 2, "maxItems": 4},
+    # (not "date": its RFC 3339 grammar allows year 0000, which Python's date, jsonschema's checker, refuses)
+    {"type": "object", "properties": {"who": {"type": "string", "format": "email", "maxLength": 12},
+                                      "ratio": {"type": "number", "minimum": 0, "maximum": 1}},
+     "required": ["who"], "additionalProperties": False},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{3}$"},
+                                      "note": {"type": "string", "maxLength": 6}},
+     "required": ["code"], "additionalProperties": False},
+]
+
+# The real model: nested objects, arrays with min/max items, enums, integer and number ranges,
+# string patterns and formats, optional and required keys.
+SMOLLM2_CASES = [
+    ("Describe a person named Alice, 31 years old, as JSON.",
+     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer", "minimum": 0, "maximum": 130},
+                                       "email": {"type": "string", "format": "email"}},
+      "required": ["name", "age"], "additionalProperties": False}),
+    ("Give a shopping list of 2 to 4 fruits with prices as JSON.",
+     {"type": "object", "properties": {"items": {"type": "array", "minItems": 2, "maxItems": 4, "items": {
+         "type": "object", "properties": {"fruit": {"type": "string", "maxLength": 20},
+                                          "price": {"type": "number", "minimum": 0, "maximum": 100}},
+         "required": ["fruit", "price"], "additionalProperties": False}}}, "required": ["items"], "additionalProperties": False}),
+    ("Classify the sentence 'I love this phone' as JSON.",
+     {"type": "object", "properties": {"sentiment": {"enum": ["positive", "negative", "neutral"]},
+                                       "confidence": {"type": "number", "minimum": 0, "maximum": 1}},
+      "required": ["sentiment", "confidence"], "additionalProperties": False}),
+    ("Give a flight booking as JSON.",
+     {"type": "object", "properties": {"flight": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2,4}$"},
+                                       "date": {"type": "string", "format": "date"},
+                                       "passenger": {"type": "object", "properties": {
+                                           "first": {"type": "string", "maxLength": 20}, "last": {"type": "string", "maxLength": 20}},
+                                           "required": ["first", "last"], "additionalProperties": False}},
+      "required": ["flight", "date", "passenger"], "additionalProperties": False}),
+]
+
+
+def _check(reply, schema):
+    assert not reply.incomplete, (reply.finish_reason, str(reply))
+    jsonschema.validate(json.loads(reply), schema, format_checker=jsonschema.FormatChecker())
+
+
+# -- bad input: refused before any token, naming the position or rule --------------------------------------
+@pytest.mark.parametrize("options, message", [
+    ({"grammar": 'root ::= "a" b\n'}, "Rule 'b' not found"),
+    ({"grammar": 'root ::= "a" ( "b" \n'}, r"Expected '\)' at line 2"),
+    ({"regex": "a(b"}, "unclosed group"),
+    ({"json_schema": {"type": "object", "properties": {"a": {"type": "strin"}}}}, "Invalid type: strin"),
+    ({"json_schema": {"type": "object", "unevaluatedProperties": False}}, "Unimplemented keys.*unevaluatedProperties"),
+    ({"json_schema": {"type": "string", "format": "hostname-weird"}}, "Unknown format: hostname-weird"),
+    ({"json_schema": "{not json"}, "json_schema is not valid JSON"),
+    ({"regex": "a", "grammar": 'root ::= "a"'}, "give one of"),
+    ({"response_format": {"type": "xml"}}, "not one of text, json_object, json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "needs"),
+])
+def test_bad_constraints_are_refused_by_name(options, message):
+    with pytest.raises(ConstraintError, match=message):
+        constraint_from(**options)
+
+
+def test_a_bad_schema_fails_before_the_model_runs(tiny_chat_gguf):
+    with edgeai.load(tiny_chat_gguf, backend="native", threads=1) as m:
+        with pytest.raises(ConstraintError, match="Invalid type"):
+            m.stream("hi", json_schema={"type": "strin"})
+        with pytest.raises(ConstraintError, match="cannot be combined"):
+            m.chat([{"role": "user", "content": "hi"}], regex="a", tools=[_weather_tool()])
+        assert m.backend.n_past == 0
+
+
+# -- every backend: the output parses and validates --------------------------------------------------------
+@pytest.mark.parametrize("backend", ["native", "llama.cpp", "onnxruntime"])
+def test_every_backend_follows_schemas_grammars_and_regexes(tiny_chat_gguf, tiny_chat_onnx, backend):
+    path = tiny_chat_onnx if backend == "onnxruntime" else tiny_chat_gguf
+    with edgeai.load(path, backend=backend, threads=1, n_ctx=512) as m:
+        for i, schema in enumerate(TINY_SCHEMAS):
+            _check(m.generate("Data:", json_schema=schema, max_tokens=300, seed=i, temperature=1.0), schema)
+        r = m.generate("x", response_format={"type": "json_object"}, max_tokens=300, seed=1, temperature=0.7)
+        assert r.incomplete or isinstance(json.loads(r), dict)  # any object: it may be cut short, never invalid
+        r = m.generate("Code:", regex=r"[a-z]{3}-[0-9]{2,4}", max_tokens=40, seed=2, temperature=1.0)
+        assert re.fullmatch(r"[a-z]{3}-[0-9]{2,4}", r) and r.finish_reason is FinishReason.STOP
+        gbnf = 'root ::= "The answer is " answer "."\nanswer ::= ("yes" | "no" | [0-9]+)'
+        r = m.generate("Q:", grammar=gbnf, max_tokens=40, seed=3, temperature=1.0)
+        assert re.fullmatch(r"The answer is (yes|no|[0-9]+)\.", r), r
+
+
+@pytest.mark.parametrize("backend", ["native", "llama.cpp"])
+def test_smollm2_answers_valid_json(backend):
+    with edgeai.load(default_model_path(), backend=backend, n_ctx=1024, threads=1) as m:
+        for prompt, schema in SMOLLM2_CASES:
+            reply = m.chat([{"role": "user", "content": prompt}], json_schema=schema, max_tokens=200, temperature=0)
+            _check(reply, schema)
+        reply = m.chat([{"role": "user", "content": "Give a color as JSON."}],
+                       response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SMOLLM2_CASES[2][1]}},
+                       max_tokens=100, temperature=0)
+        _check(reply, SMOLLM2_CASES[2][1])
+
+
+# -- forced tokens ---------------------------------------------------------------------------------------------
+def test_forced_runs_are_batched_and_equal_token_by_token(monkeypatch):
+    """Tokens the grammar forces are appended unsampled and evaluated with the next step as one batch;
+    the text equals constrained decoding that samples every token (one token allowed: the same one)."""
+    prompt, schema = SMOLLM2_CASES[3]
+    with edgeai.load(default_model_path(), backend="native", n_ctx=1024) as m:
+        steps: list[int] = []
+        step = m.backend.step
+        monkeypatch.setattr(m.backend, "step", lambda tokens, mask=None: steps.append(len(tokens)) or step(tokens, mask))
+        chunks = list(m.chat([{"role": "user", "content": prompt}], json_schema=schema, max_tokens=200,
+                             temperature=0, stream=True))
+        batched = "".join(c.text for c in chunks)
+        _check(edgeai.model.Reply.of(iter(chunks)), schema)
+        tokens = [c.token for c in chunks if c.token is not None and c.finish_reason is None]
+        # one chunk per token, forced ones too (and a closing one without a token when the grammar completes)
+        assert len([c for c in chunks if c.token is not None]) == chunks[-1].timings.generated_tokens
+        assert max(steps[1:]) > 1 and len(steps) < len(chunks)  # runs evaluated together
+
+        steps.clear()
+        monkeypatch.setattr(Matcher, "forced", lambda self, mask: None)
+        chunks = list(m.chat([{"role": "user", "content": prompt}], json_schema=schema, max_tokens=200,
+                             temperature=0, stream=True))
+        assert max(steps[1:]) == 1
+        assert "".join(c.text for c in chunks) == batched
+        assert [c.token for c in chunks if c.token is not None and c.finish_reason is None] == tokens
+
+
+def test_cut_short_output_is_marked_incomplete(tiny_chat_gguf):
+    with edgeai.load(tiny_chat_gguf, backend="native", threads=1) as m:
+        r = m.generate("x", json_schema=TINY_SCHEMAS[0], max_tokens=3, seed=0)
+        assert r.finish_reason is FinishReason.LENGTH and r.incomplete
+        r = m.generate("x", json_schema=TINY_SCHEMAS[0], max_tokens=100, seed=0, stop=['"'])
+        assert r.finish_reason is FinishReason.STOP and r.incomplete  # a stop string cut the structure
+        r = m.generate("x", max_tokens=3, seed=0)
+        assert r.finish_reason is FinishReason.LENGTH and not r.incomplete  # no constraint, nothing to satisfy
+
+
+# -- tool calls ---------------------------------------------------------------------------------------------------
+def _weather_tool():
+    return {"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                             "parameters": {"type": "object", "properties": {
+                                                 "city": {"type": "string", "maxLength": 12},
+                                                 "unit": {"enum": ["C", "F"]}},
+                                                 "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def _time_tool():
+    return {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}
+
+
+# A Qwen2.5-style template: tools in the system turn, calls as <tool_call> blocks, results as <tool_response>.
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "# Tools\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools>\n"
+    "Call a tool with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'system' %}{% if not tools %}<|im_start|>system\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{%- elif m.role == 'assistant' %}<|im_start|>assistant\n{{ m.content }}"
+    "{%- for c in m.tool_calls or [] %}<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": "
+    "{{ c.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# A Qwen3-style thinking switch.
+THINK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def _with_template(tiny_chat_gguf, tmp_path, template: str):
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_chat_gguf.parent / "hf", folder)
+    (folder / "chat_template.jinja").write_text(template)
+    config = json.loads((folder / "config.json").read_text())  # room for the tools block (a 400-token vocabulary
+    config["max_position_embeddings"] = 2048                    # spends about a token per character)
+    (folder / "config.json").write_text(json.dumps(config))
+    return edgeai.convert(folder, tmp_path / "tiny.gguf", outtype="f32")
+
+
+def _round_trip(m, tools):
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    reply = m.chat(msgs, tools=tools, tool_choice="required", max_tokens=120, temperature=0, seed=0)
+    assert reply.finish_reason is FinishReason.TOOL_CALLS and not reply.incomplete and str(reply) == ""
+    (call,) = reply.tool_calls
+    spec = next(t["function"] for t in tools if t["function"]["name"] == call["function"]["name"])
+    jsonschema.validate(json.loads(call["function"]["arguments"]), spec["parameters"])
+    assert call["id"].startswith("call_") and call["type"] == "function"
+    msgs += [reply.message(), {"role": "tool", "tool_call_id": call["id"], "content": "18 C"}]
+    text = m.render_chat(msgs, tools=tools)
+    assert f'"name": "{call["function"]["name"]}"' in text and "<tool_response>\n18 C\n</tool_response>" in text
+    assert text.count("<tool_call>") >= 1 and '"get_time"' in text  # every tool described
+    answer = m.chat(msgs, tools=tools, max_tokens=20, temperature=0)  # auto: text or a call, never both
+    assert answer.tool_calls or "<tool_call>" not in answer.lstrip()[:11]
+    named = m.chat(msgs[:1], tools=tools, tool_choice={"type": "function", "function": {"name": "get_time"}},
+                   max_tokens=200, temperature=0.9, seed=4)
+    assert not named.incomplete
+    assert [c["function"]["name"] for c in named.tool_calls] == ["get_time"]
+    return text
+
+
+def test_tool_round_trip_with_the_generic_format():
+    """SmolLM2's template knows no tools: they are described in a system message; calls and results
+    go back into the conversation as text."""
+    with edgeai.load(default_model_path(), backend="native", n_ctx=1024) as m:
+        text = _round_trip(m, [_weather_tool(), _time_tool()])
+        assert "You can call these tools" in text
+
+
+def test_tool_round_trip_through_a_template_with_tools(tiny_chat_gguf, tmp_path):
+    path = _with_template(tiny_chat_gguf, tmp_path, TOOLS_TEMPLATE)
+    with edgeai.load(path, backend="native", threads=1, n_ctx=2048) as m:
+        text = _round_trip(m, [_weather_tool(), _time_tool()])
+        assert "# Tools\n<tools>" in text and "You can call these tools" not in text
+        with pytest.raises(edgeai.errors.OptionError, match="not among tools"):
+            m.chat([{"role": "user", "content": "x"}], tools=[_weather_tool()],
+                   tool_choice={"type": "function", "function": {"name": "nope"}})
+        plain = m.chat([{"role": "user", "content": "x"}], tools=[_weather_tool()], tool_choice="none", max_tokens=5)
+        assert plain.tool_calls == []
+
+
+# -- thinking ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pieces, opened, reasoning, answer", [
+    (["<th", "ink>", "let me ", "see</thi", "nk>\n\n", "{\"a\"", ": 1}"], False, "let me see", '{"a": 1}'),
+    (["  hello", " there"], False, "", "  hello there"),
+    (["deep thought", "</think>", "42"], True, "deep thought", "42"),
+    (["never closed"], True, "never closed", ""),
+])
+def test_thinking_is_split_from_the_answer(pieces, opened, reasoning, answer):
+    split, got = ThinkSplit(opened), ([], [])
+    for p in pieces:
+        t, a = split.feed(p)
+        got[0].append(t)
+        got[1].append(a)
+    t, a = split.flush()
+    assert ("".join(got[0]) + t, "".join(got[1]) + a) == (reasoning, answer)
+
+
+def test_think_switch_follows_the_template_and_the_constraint_holds(tiny_chat_gguf, tmp_path):
+    path = _with_template(tiny_chat_gguf, tmp_path, THINK_TEMPLATE)
+    with edgeai.load(path, backend="native", threads=1, n_ctx=512) as m:
+        msgs = [{"role": "user", "content": "hi"}]
+        assert m.thinks
+        assert m.render_chat(msgs, think=False).endswith("<think>\n\n</think>\n\n")
+        assert not m.render_chat(msgs, think=True).endswith("</think>\n\n")
+        # thinking off: the answer is constrained from its first token
+        reply = m.chat(msgs, think=False, json_schema=TINY_SCHEMAS[0], max_tokens=200, seed=1, temperature=1.0)
+        _check(reply, TINY_SCHEMAS[0])
+        assert reply.reasoning_content == ""
+        # thinking on: the section is opened for the model, free text; the constraint waits for </think>
+        # (which this random model never writes: the answer stays empty and incomplete)
+        reply = m.chat(msgs, think=True, json_schema=TINY_SCHEMAS[0], max_tokens=30, seed=1, temperature=1.0)
+        assert reply.incomplete and str(reply) == "" and len(reply.reasoning_content) > 0
+
+
+def test_the_constraint_starts_when_the_thinking_ends(tiny_chat_gguf, tmp_path, monkeypatch):
+    """The model's thinking is scripted (a random model never closes it): unconstrained steps write
+    "ok, sure</think>", then every step has a mask and the answer validates."""
+    path = _with_template(tiny_chat_gguf, tmp_path, THINK_TEMPLATE)
+    with edgeai.load(path, backend="native", threads=1, n_ctx=512) as m:
+        script = m.tokenize("ok, sure</think>", add_special=False)
+        masks: list[bool] = []
+        step = m.backend.step
+
+        def scripted(tokens, mask=None):
+            masks.append(mask is not None)
+            token = step(tokens, mask)
+            return script.pop(0) if mask is None and script else token
+
+        monkeypatch.setattr(m.backend, "step", scripted)
+        reply = m.chat([{"role": "user", "content": "hi"}], think=True, json_schema=TINY_SCHEMAS[1],
+                       max_tokens=300, seed=2, temperature=1.0)
+        assert reply.reasoning_content == "ok, sure"
+        _check(reply, TINY_SCHEMAS[1])
+        n_think = len(m.tokenize("ok, sure</think>", add_special=False))
+        assert not any(masks[:n_think]) and all(masks[n_think:])
+
+
+# -- CLI and REPL -------------------------------------------------------------------------------------------------
+def test_run_answers_with_a_schema_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeai.cli import app
+
+    schema_file = tmp_path / "s.json"
+    schema_file.write_text(json.dumps(SMOLLM2_CASES[2][1]))
+    runner = CliRunner()
+    out = runner.invoke(app, ["run", str(default_model_path()), "Classify 'great food' as JSON.", "--json-schema",
+                              str(schema_file), "--temperature", "0", "--json", "--threads", "1"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["incomplete"] is False
+    jsonschema.validate(json.loads(result["text"]), SMOLLM2_CASES[2][1])
+    out = runner.invoke(app, ["run", str(default_model_path()), "A code:", "--regex", "[A-Z]{3}", "--raw",
+                              "--temperature", "0", "--threads", "1"])
+    assert out.exit_code == 0 and re.fullmatch(r"[A-Z]{3}", out.stdout.strip()), out.output
+    (tmp_path / "bad.json").write_text('{"type": "strin"}')
+    out = runner.invoke(app, ["run", str(default_model_path()), "x", "--json-schema", str(tmp_path / "bad.json")])
+    assert out.exit_code != 0 and "Invalid type: strin" in out.output
+
+
+def test_repl_format_command(tiny_chat_gguf, tmp_path):
+    from rich.console import Console
+
+    from edgeai.cli.repl import Repl
+
+    with edgeai.load(tiny_chat_gguf, backend="native", threads=1, n_ctx=512) as m:
+        console = Console(record=True, width=200)
+        repl = Repl(m, console=console)
+        repl.session.options.update(temperature=1.0, seed=3, max_tokens=300)
+        repl.command("/format json")
+        repl.turn("hello")
+        answer = repl.session.messages[-1]["content"]
+        assert isinstance(json.loads(answer), dict) or "incomplete" in console.export_text()
+        (tmp_path / "s.json").write_text(json.dumps(TINY_SCHEMAS[1]))
+        repl.command(f"/format schema {tmp_path / 's.json'}")
+        repl.turn("again")
+        jsonschema.validate(json.loads(repl.session.messages[-1]["content"]), TINY_SCHEMAS[1])
+        repl.command("/format regex a(")
+        assert "unclosed group" in console.export_text()
+        repl.command("/format off")
+        assert repl.session.constraint == {}
