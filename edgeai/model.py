@@ -10,11 +10,14 @@ from __future__ import annotations
 import codecs
 import enum
 import logging
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgeai.errors import ContextOverflowError, OptionError
 from edgeai.runtimes.base import Backend, BackendStats, Sampling
@@ -78,6 +81,24 @@ class Chunk:
     reasoning: str = ""
     incomplete: bool = False
     tool_calls: tuple = ()
+    logprobs: TokenLogprobs | None = None  # with stream(logprobs=N): the token's log-probability and the top N
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The model's log-probabilities (raw logits, before any sampling stage) at one generated token."""
+
+    logprob: float  # of the token chosen
+    top: tuple[tuple[int, float], ...]  # the N most likely tokens, most likely first
+
+
+def token_logprobs(logits: np.ndarray, token: int, n: int) -> TokenLogprobs:
+    """log_softmax of `logits` [n_vocab] at `token`, and its top `n` (token, logprob) pairs."""
+    z = logits.astype(np.float64)
+    z = z - z.max()
+    lse = math.log(float(np.exp(z).sum()))
+    top = np.argsort(-z, kind="stable")[:n] if n else np.empty(0, np.int64)
+    return TokenLogprobs(float(z[token] - lse), tuple((int(t), float(z[t] - lse)) for t in top))
 
 
 class Reply(str):
@@ -115,6 +136,13 @@ class Reply(str):
         if self.reasoning_content:
             m["reasoning_content"] = self.reasoning_content
         return m
+
+
+def _checked_logprobs(n: int | None) -> int | None:
+    from edgeai.options import checked_int
+
+    return None if n is None else checked_int("logprobs", n, minimum=0, maximum=20, why="the most likely tokens "
+                                                "shown beside each one (as OpenAI's top_logprobs)")
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -184,7 +212,7 @@ def check_messages(messages: Any) -> list[dict]:
             raise OptionError(f"message {i} must be a dict with string 'role' and 'content', got {m!r:.80}")
         if m["role"] not in ROLES:
             raise OptionError(f"message {i} has role {m['role']!r}; use one of {', '.join(ROLES)}")
-        msg = {"role": m["role"], "content": m["content"]}
+        msg = {"role": m["role"], "content": m.get("content")}
         if calls:
             msg["tool_calls"] = calls
         for key in ("tool_call_id", "name"):
@@ -248,7 +276,8 @@ class Model:
     # -- generation ------------------------------------------------------------------------------
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = DEFAULT_MAX_TOKENS,
                stop: Sequence[str] | str | None = None, grammar: str | None = None, json_schema: Any = None,
-               regex: str | None = None, response_format: Mapping | None = None, **sampling: Any) -> Iterator[Chunk]:
+               regex: str | None = None, response_format: Mapping | None = None, logprobs: int | None = None,
+               **sampling: Any) -> Iterator[Chunk]:
         """Generate from `prompt` (text, or token ids used as they are), one `Chunk` per token.
 
         The KV cache keeps its longest prefix shared with the prompt (only the rest is evaluated).
@@ -263,6 +292,10 @@ class Model:
         (`edgeai.constraints`); a token that is the only one allowed is appended without sampling,
         a run of them evaluated as one batch. A bad constraint raises ConstraintError here, before
         any token; output cut short is marked `incomplete` on the last chunk.
+
+        logprobs: None, or N in 0..20: every chunk with a token carries its log-probability under the
+        model and the N most likely tokens (`TokenLogprobs`; forced tokens are then evaluated one by
+        one, so each has its own logits).
         """
         from edgeai.constraints import constraint_from
 
@@ -270,7 +303,8 @@ class Model:
                                      response_format=response_format)
         tokens, params = self._checked_prompt(prompt, max_tokens, sampling)
         stops = [stop] if isinstance(stop, str) else list(stop or ())
-        return self._stream(tokens, max_tokens, stops, params, self._matcher(constraint))
+        return self._stream(tokens, max_tokens, stops, params, self._matcher(constraint),
+                            logprobs=_checked_logprobs(logprobs))
 
     def _checked_prompt(self, prompt: str | Sequence[int], max_tokens: int, sampling: Mapping) -> tuple[list[int], Sampling]:
         from edgeai.options import checked_int
@@ -294,7 +328,7 @@ class Model:
         return constraint.matcher(self.backend.constraint_tokenizer(), eog_ids=self.backend.eog_ids)
 
     def _stream(self, tokens: list[int], max_tokens: int, stops: list[str], params: Sampling, matcher=None,
-                split=None, tools: bool = False) -> Iterator[Chunk]:
+                split=None, tools: bool = False, logprobs: int | None = None) -> Iterator[Chunk]:
         """The generation loop. matcher: an `edgeai.constraints.Matcher`, applied once `split` (an
         `edgeai.tools.ThinkSplit`, chats with a thinking section) reaches the answer; tools: parse
         tool calls from the answer into the last chunk."""
@@ -364,7 +398,7 @@ class Model:
                     text = whole
             return Chunk(text, tok, reason, timings(), think + t2, incomplete, calls)
 
-        def emit(tok: int) -> tuple[Chunk, bool]:
+        def emit(tok: int, lp: TokenLogprobs | None = None) -> tuple[Chunk, bool]:
             """The chunk of an appended token, and whether it ends the generation."""
             nonlocal prev, prev_piece
             # the piece of `tok` after the previous token (detokenizers may strip a sequence's first space)
@@ -375,10 +409,10 @@ class Model:
             text, hit = stopper.feed(out)
             text = show(text)
             if hit:
-                return close(FinishReason.STOP, tok, text, think), True
+                return replace(close(FinishReason.STOP, tok, text, think), logprobs=lp), True
             if n_gen >= max_tokens:
-                return close(FinishReason.LENGTH, tok, text, think), True
-            return Chunk(text, tok, None, timings(), think), False
+                return replace(close(FinishReason.LENGTH, tok, text, think), logprobs=lp), True
+            return Chunk(text, tok, None, timings(), think, logprobs=lp), False
 
         self._cache_suspect = True
         try:
@@ -392,7 +426,7 @@ class Model:
                     mask = matcher.mask()
                     # tokens the grammar forces are appended unsampled and evaluated with the next step
                     forced, done = matcher.forced(mask), False
-                    while forced is not None and forced not in be.eog_ids and not done:
+                    while forced is not None and forced not in be.eog_ids and not done and logprobs is None:
                         if be.n_past + len(pending) + 1 > be.n_ctx:
                             break
                         matcher.consume(forced)
@@ -409,7 +443,7 @@ class Model:
                                 forced = matcher.forced(mask)
                     if done:
                         break
-                if be.n_past + len(pending) > be.n_ctx or (mask is not None and forced is not None
+                if be.n_past + len(pending) > be.n_ctx or (mask is not None and forced is not None and logprobs is None
                                                            and forced not in be.eog_ids):
                     yield close(FinishReason.CONTEXT, None)
                     break
@@ -419,12 +453,13 @@ class Model:
                 else:
                     decode_s += time.perf_counter() - t0
                 n_gen += 1
+                lp = token_logprobs(be.logits(), tok, logprobs) if logprobs is not None else None
                 if tok in be.eog_ids:
-                    yield close(FinishReason.STOP, tok)
+                    yield replace(close(FinishReason.STOP, tok), logprobs=lp)
                     break
                 if active:
                     matcher.consume(tok)
-                chunk, done = emit(tok)
+                chunk, done = emit(tok, lp)
                 yield chunk
                 if done:
                     break
@@ -533,7 +568,7 @@ class Model:
              tool_choice: str | Mapping | None = None, parallel_tool_calls: bool = False,
              think: bool | None = None, grammar: str | None = None,
              json_schema: Any = None, regex: str | None = None, response_format: Mapping | None = None,
-             **sampling: Any) -> Reply | Iterator[Chunk]:
+             logprobs: int | None = None, **sampling: Any) -> Reply | Iterator[Chunk]:
         """The assistant's answer to `messages` ([{"role", "content"}, ...]): a `Reply` (a str with
         finish_reason, reasoning_content, tool_calls, incomplete; `.message()` gives the assistant
         message to append), or with `stream=True` an iterator of `Chunk`. Consecutive turns reuse
@@ -546,7 +581,7 @@ class Model:
         results go back as {"role": "tool", "content": ..., "tool_call_id": ...} messages.
         think: for templates with a thinking section, turn it on or off (None: the template's
         default); the thinking text comes apart from the answer (`reasoning_content`, `Chunk.reasoning`)
-        and a constraint applies to the answer after it. Constraints and sampling: see `stream`.
+        and a constraint applies to the answer after it. Constraints, logprobs and sampling: see `stream`.
         """
         from edgeai.constraints import ConstraintError, constraint_from
         from edgeai.tools import THINK_CLOSE, THINK_OPEN, ThinkSplit, check_tool_choice, check_tools, tool_call_constraint
@@ -580,7 +615,7 @@ class Model:
         if self.plain_chat:
             stops += PLAIN_STOPS
         chunks = self._stream(tokens, max_tokens, stops, params, self._matcher(constraint), split,
-                              tools=checked is not None)
+                              tools=checked is not None, logprobs=_checked_logprobs(logprobs))
         return chunks if stream else Reply.of(chunks)
 
     def _call_marker_ids(self) -> dict:

@@ -140,7 +140,7 @@ def test_every_command_calls_the_public_function_of_its_name_with_its_flags_as_k
     from edgeai.cli import ALIASES
 
     group = typer.main.get_command(app)
-    assert set(group.commands) == {"convert", "inspect", "eval", "run", "chat", "bench", "devices", "fit"}
+    assert set(group.commands) == {"convert", "inspect", "eval", "run", "chat", "serve", "bench", "devices", "fit"}
     flags = set()
     for name, command in group.commands.items():
         module, function = _called_library_function(command)

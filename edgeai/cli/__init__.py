@@ -322,6 +322,36 @@ def chat(
 
 
 @command()
+def serve(
+    model: Optional[Path] = typer.Argument(None, help="A .gguf file or ONNX folder (default: the bundled SmolLM2)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
+    port: int = typer.Option(8080, "--port", help="TCP port (0: any free one)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGEAI_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' (or set EDGEAI_API_KEY)."),
+    name: Optional[str] = typer.Option(None, "--name", help="The model's name in the APIs (default: the file's stem)."),
+    max_queue: int = typer.Option(16, "--max-queue", help="Requests waiting for the model before 503."),
+    keep_alive: float = typer.Option(-1, "--keep-alive", help="Seconds the model stays loaded when idle (-1: for ever)."),
+    backend: str = _MODEL_OPTS["backend"], memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"],
+    device: Optional[str] = _MODEL_OPTS["device"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
+    threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
+) -> None:
+    """Serve a model over HTTP: OpenAI's /v1/chat/completions, /v1/completions, /v1/models and ollama's
+    /api/chat, /api/generate, /api/tags (streaming as server-sent events / NDJSON)."""
+    from edgeai.server import serve
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: listening on {host} without --api-key: anyone who can reach it can use the model",
+              file=sys.stderr)
+    try:
+        serve(model, host=host, port=port, api_key=api_key, name=name, max_queue=max_queue, keep_alive=keep_alive,
+              backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
+              kv_cache=kv_cache, ready=lambda url: print(f"serving on {url} (OpenAI: {url}/v1, ollama: {url}/api)",
+                                                         flush=True))
+    except EdgeAIError as exc:
+        _fail(exc)
+
+
+@command()
 def bench(
     model: Path = typer.Argument(..., help="A .gguf file (or ONNX folder) every backend runs."),
     backend: list[str] = typer.Option(["auto"], "--backend", help="Repeat to compare: native, llama.cpp, onnxruntime."),
