@@ -144,6 +144,14 @@ def run_edgeai(model, prompt: str, schema: dict, max_tokens: int, mask_times: li
         return out
 
     Matcher.mask = mask
+    be = model.backend
+    step, steps = be.step, [0]
+
+    def counted(tokens, mask=None):
+        steps[0] += 1
+        return step(tokens, mask)
+
+    be.step = counted
     try:
         chunks, stamps = [], []
         for c in model.chat([{"role": "user", "content": prompt}], json_schema=schema, max_tokens=max_tokens,
@@ -153,9 +161,11 @@ def run_edgeai(model, prompt: str, schema: dict, max_tokens: int, mask_times: li
                 stamps.append(time.perf_counter())
     finally:
         Matcher.mask = timed
+        del be.step
     text = "".join(c.text for c in chunks)
     n, secs = decode_tps(stamps)
-    return {"text": text, "valid": not chunks[-1].incomplete and valid(text, schema), "tokens": n, "seconds": secs}
+    return {"text": text, "valid": not chunks[-1].incomplete and valid(text, schema), "tokens": n, "seconds": secs,
+            "steps": steps[0]}
 
 
 def run_free(model, prompt: str, n_tokens: int) -> dict:
@@ -229,6 +239,7 @@ def main() -> None:
             return toks / secs if secs else 0.0
 
         rounds.append({k: {"tps": tps(v), "valid": sum(x.get("valid", True) for x in v) / len(v)} for k, v in per.items()})
+        rounds[-1]["forced"] = 1 - sum(x["steps"] for x in per["edgeai"]) / sum(x["tokens"] for x in per["edgeai"])
         rounds[-1]["examples"] = {"edgeai": per["edgeai"][0]["text"], "llama": per["llama"][0]["text"]}
         rounds[-1]["invalid"] = {"edgeai": [i for i, x in enumerate(per["edgeai"]) if not x["valid"]],
                                  "llama": [i for i, x in enumerate(per["llama"]) if not x["valid"]]}
@@ -241,6 +252,7 @@ def main() -> None:
         "cpu": cpu_model(), "threads": args.threads, "schemas": len(cases), "rounds": args.rounds,
         "validity": {"edgeai": med([r["edgeai"]["valid"] for r in rounds]), "llama_cpp_grammar": med([r["llama"]["valid"] for r in rounds])},
         "invalid_cases": rounds[-1]["invalid"],
+        "forced_token_share": med([r["forced"] for r in rounds]),  # tokens appended without a step of their own
         "mask_us": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "max": float(ms.max()), "n": int(ms.size)},
         "decode_tps": {"edgeai_constrained": med([r["edgeai"]["tps"] for r in rounds]),
                        "edgeai_unconstrained": med([r["free"]["tps"] for r in rounds]),
