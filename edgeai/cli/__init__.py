@@ -314,6 +314,7 @@ def fit(
     model: Optional[Path] = typer.Argument(None, help="A .gguf file or Hugging Face folder (default: the bundled SmolLM2)."),
     device: str = typer.Option(..., "--device", help="A profile from `edgeai devices`, or 'this' for this machine."),
     memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
+    kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
     json_output: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Will MODEL fit DEVICE, with which memory split, how fast; for a checkpoint, which recipe to use."""
@@ -321,7 +322,7 @@ def fit(
     from edgeai.fit import fit as run_fit
 
     try:
-        show_fit(run_fit(model, device, budget=memory_budget, n_ctx=n_ctx), json_output=json_output)
+        show_fit(run_fit(model, device, budget=memory_budget, n_ctx=n_ctx, kv_cache=kv_cache), json_output=json_output)
     except EdgeAIError as exc:
         _fail(exc)
 
