@@ -21,8 +21,9 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
     memory_budget: "1.5GiB", "800MB", "60%" (of the device's memory) or bytes; default: the
     device profile's budget when `device` is given, else none.
     device: a profile name (`edgeai devices`): sets the default threads and memory budget.
-    kv_cache: the KV cache's element type, "f16" (default) or "q8_0" (about half the memory; native
-    and llama.cpp backends).
+    kv_cache: the KV cache's element type, "f16" (default), "q8_0" (about half the memory) or "q4_0"
+    (about a quarter), or keys/values of two of them such as "q8_0/q4_0" (native and llama.cpp
+    backends; `runtimes.base.kv_cache_type`).
     """
     from edgeai.runtimes.registry import header_of, resolve
 

@@ -1,7 +1,9 @@
 """How much a quantized artifact lost: perplexity, KL divergence and top-1 agreement against a reference.
 
 The logits come from llama.cpp (through llama-cpp-python), not from edgeai's own runtime, so the
-numbers cannot share a bug with what they measure. A Hugging Face reference folder is first
+numbers cannot share a bug with what they measure. `backend="native"` runs the artifact in edgeai's
+engine instead, with a KV cache type of its choice (`kv_cache="q4_0"`): what the engine's own
+choices cost, against the same llama.cpp reference (whose KV cache stays F32). A Hugging Face reference folder is first
 converted to an F32 GGUF so that both sides run in the same engine. The scoring is llama-perplexity's:
 
     tokens   = tokenize(text)                        the artifact's tokenizer, BOS if the model adds one
@@ -89,16 +91,18 @@ class LogitsProvider(Protocol):
 class LlamaCppLogits:
     """A GGUF file run by llama.cpp (the llama.cpp backend) with every position's logits kept.
 
-    The KV cache is F32 (llama.cpp's default is F16, which alone moves logits by ~1e-3): the
-    evaluation measures the artifact's weights, not the cache's precision.
+    The KV cache is F32 unless `kv_cache` names another (llama.cpp's default is F16, which alone
+    moves logits by ~1e-3): the evaluation measures the artifact's weights, not the cache's precision.
     """
 
-    def __init__(self, path: Path, *, n_ctx: int, threads: int = 0):
+    def __init__(self, path: Path, *, n_ctx: int, threads: int = 0, kv_cache: str | None = None):
         from edgeai.runtimes.llamacpp import KVType, LlamaCppBackend
 
         self.path = Path(path)
-        self._backend = LlamaCppBackend(self.path, n_ctx=n_ctx, threads=threads or os.cpu_count() or 1,
-                                        kv_type=KVType.F32, n_batch=n_ctx, flash_attn=False)
+        # flash attention off as before, unless a quantized V cache needs it (the backend turns it on)
+        cache = dict(kv_type=KVType.F32, flash_attn=False) if kv_cache is None else dict(kv_cache=kv_cache)
+        self._backend = LlamaCppBackend(self.path, n_ctx=n_ctx, threads=threads or os.cpu_count() or 1, n_batch=n_ctx,
+                                        **cache)
         self.n_vocab = self._backend.n_vocab
         self.bos_token = self._backend.bos_id if self._backend.add_bos else None
         self._out: np.ndarray | None = None
@@ -116,12 +120,28 @@ class LlamaCppLogits:
         self._backend.close()
 
 
-def open_logits_provider(path: Path, *, n_ctx: int, threads: int = 0) -> LogitsProvider:
-    """The provider for an artifact's engine: llama.cpp for a .gguf file, onnxruntime for an ONNX folder."""
+# engines an artifact can be scored in (the reference is always scored in llama.cpp)
+EVAL_BACKENDS = ("llama.cpp", "native")
+
+
+def open_logits_provider(path: Path, *, n_ctx: int, threads: int = 0, backend: str = "llama.cpp",
+                         kv_cache: str | None = None) -> LogitsProvider:
+    """The provider for an artifact's engine: llama.cpp (or, backend="native", edgeai's engine) for a
+    .gguf file, onnxruntime for an ONNX folder. kv_cache: the KV cache type of a GGUF's engine
+    (`runtimes.base.kv_cache_type`; None: F32 in llama.cpp, f16 in the native engine)."""
     path = Path(path)
+    if backend not in EVAL_BACKENDS:
+        raise OptionError(f"backend {backend!r} is not one of {', '.join(EVAL_BACKENDS)} (--backend)")
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return LlamaCppLogits(path, n_ctx=n_ctx, threads=threads)
+        if backend == "native":
+            from edgeai.runtimes.native import NativeLogits
+
+            return NativeLogits(path, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
+        return LlamaCppLogits(path, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
     if _is_onnx(path):
+        if backend != "llama.cpp" or kv_cache is not None:
+            raise OptionError(f"{path} is an ONNX folder: onnxruntime scores it, in the graph's own KV cache type "
+                              "(--backend and --kv-cache are for .gguf files)")
         from edgeai.runtimes.onnxrt import OnnxLogits
 
         return OnnxLogits(path, n_ctx=n_ctx, threads=threads)
@@ -209,6 +229,8 @@ def eval(  # noqa: A001 - `edgeai eval`'s function, named as the command; `evalu
     n_chunks: int | None = None,
     threads: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    backend: str = "llama.cpp",
+    kv_cache: str | None = None,
 ) -> EvalResult:
     """Perplexity of `artifact` and its KL divergence from `reference` on a text, llama-perplexity style.
 
@@ -221,6 +243,9 @@ def eval(  # noqa: A001 - `edgeai eval`'s function, named as the command; `evalu
         n_chunks: evaluate only the first n_chunks chunks (None: every whole chunk of the text).
         threads: llama.cpp threads; 0 uses every core.
         progress: called as progress(chunks_done, n_chunks) after each chunk.
+        backend: the engine that scores a GGUF artifact, "llama.cpp" or "native" (edgeai's).
+        kv_cache: the artifact's KV cache type ("f16", "q8_0", "q4_0", "q8_0/q4_0", ...; None: F32 in
+            llama.cpp, f16 in the native engine). The reference keeps an F32 cache.
 
     Returns:
         An EvalResult. KL divergence is KL(reference || artifact) in nats per scored token.
@@ -248,7 +273,7 @@ def eval(  # noqa: A001 - `edgeai eval`'s function, named as the command; `evalu
         raise OptionError(f"cannot read the text file {text_path} as UTF-8: {exc}") from exc
 
     with contextlib.ExitStack() as stack:
-        model = open_logits_provider(artifact, n_ctx=n_ctx, threads=threads)
+        model = open_logits_provider(artifact, n_ctx=n_ctx, threads=threads, backend=backend, kv_cache=kv_cache)
         stack.callback(model.close)
         tokens = model.tokenize(text_str)
         n_chunks_max = len(tokens) // n_ctx

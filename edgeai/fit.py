@@ -1,6 +1,6 @@
 """`edgeai fit`: will a model fit a device, with which split of the memory budget, and how fast?
 
-Memory = resident weights + KV cache (F16, n_ctx positions) + scratch (the engine's compute
+Memory = resident weights + KV cache (n_ctx positions of its type: f16 by default, `kv_cache=`) + scratch (the engine's compute
 buffers, sized for a prefill batch of n_batch tokens). Speed: decode reads every weight once per
 token (but only one row of the embedding table, and only the routed experts of an MoE), plus
 the KV cache of a half-full context: tokens/s = decode bandwidth / bytes per token, where the
@@ -20,10 +20,9 @@ from pathlib import Path
 
 from edgeai.devices import DeviceProfile
 from edgeai.errors import CheckpointError, OptionError
-from edgeai.runtimes.base import DEFAULT_N_CTX
+from edgeai.runtimes.base import DEFAULT_N_CTX, KV_ELEMENT_BYTES, kv_cache_type, kv_cache_types
 
 N_BATCH = 512  # the prefill batch the scratch is sized for (the llama.cpp backend's n_batch)
-KV_BYTES = 2  # F16 cache elements
 # Buffers besides weights, KV cache and activations (graph, batch, sampler, the Python side):
 # measured with llama.cpp on SmolLM2-135M at n_ctx 512, 2048 and 4096 (RSS after a prefill).
 ENGINE_OVERHEAD = 16 * 2**20
@@ -74,6 +73,7 @@ class FitEstimate:
     bytes_per_token_memory: float
     bytes_per_token_storage: float  # streamed expert bytes per token (0 when all are resident)
     decode_tps: float
+    kv_cache: str = "f16"  # the KV cache's type (`runtimes.base.kv_cache_type`)
 
     @property
     def needed(self) -> int:
@@ -96,15 +96,20 @@ class FitEstimate:
     def to_json(self) -> dict:
         return {"device": self.device.name, "label": self.label, "budget": self.budget, "n_ctx": self.n_ctx,
                 "weights": self.weights.total, "dense_weights": self.weights.dense, "expert_weights": self.weights.experts,
-                "embedding": self.weights.embedding, "kv_cache": self.kv_bytes, "scratch": self.scratch_bytes,
+                "embedding": self.weights.embedding, "kv_cache": self.kv_bytes, "kv_cache_type": self.kv_cache,
+                "scratch": self.scratch_bytes,
                 "resident_experts": self.resident_expert_bytes, "needed": self.needed, "minimum": self.minimum,
                 "fits": self.fits, "fits_streaming": self.fits_streaming,
                 "bytes_per_token": self.bytes_per_token_memory + self.bytes_per_token_storage,
                 "decode_tps": self.decode_tps}
 
 
-def kv_cache_bytes(shape: ModelShape, n_ctx: int) -> int:
-    return shape.n_layer * n_ctx * shape.n_head_kv * (shape.head_dim_k + shape.head_dim_v) * KV_BYTES
+def kv_cache_bytes(shape: ModelShape, n_ctx: int, kv_cache: str | None = None) -> int:
+    """Bytes of n_ctx positions of a KV cache of type `kv_cache` (None: f16; "q8_0/q4_0": keys q8_0,
+    values q4_0), as the native engine allocates them."""
+    k, v = kv_cache_types(kv_cache)
+    per_position = shape.head_dim_k * KV_ELEMENT_BYTES[k] + shape.head_dim_v * KV_ELEMENT_BYTES[v]
+    return round(shape.n_layer * n_ctx * shape.n_head_kv * per_position)
 
 
 def scratch_bytes(shape: ModelShape, n_ctx: int, n_batch: int = N_BATCH) -> int:
@@ -121,16 +126,18 @@ def routed_expert_bytes(shape: ModelShape, weights: WeightBytes) -> float:
     return weights.experts * shape.n_expert_used / shape.n_expert if shape.n_expert else 0.0
 
 
-def bytes_per_token(shape: ModelShape, weights: WeightBytes, n_past: int) -> float:
+def bytes_per_token(shape: ModelShape, weights: WeightBytes, n_past: int, kv_cache: str | None = None) -> float:
     """Bytes one decode step reads: dense weights, one embedding row, the routed experts, and the
     KV cache of `n_past` positions. Divided into a memory bandwidth, this is the decode roofline."""
     row = weights.embedding / max(1, shape.n_vocab)
-    return weights.dense + row + routed_expert_bytes(shape, weights) + kv_cache_bytes(shape, n_past)
+    return weights.dense + row + routed_expert_bytes(shape, weights) + kv_cache_bytes(shape, n_past, kv_cache)
 
 
 def estimate(shape: ModelShape, weights: WeightBytes, device: DeviceProfile, *, budget: int | None = None,
-             n_ctx: int | None = None, label: str = "") -> FitEstimate:
-    """Memory split and decode speed of a model of `shape` and `weights` on `device`."""
+             n_ctx: int | None = None, label: str = "", kv_cache: str | None = None) -> FitEstimate:
+    """Memory split and decode speed of a model of `shape` and `weights` on `device`, with a KV cache
+    of type `kv_cache` (None: f16)."""
+    kv_cache = kv_cache_type(kv_cache)
     if n_ctx is not None:
         from edgeai.options import checked_int
 
@@ -138,12 +145,12 @@ def estimate(shape: ModelShape, weights: WeightBytes, device: DeviceProfile, *, 
         checked_int("n_ctx", n_ctx, minimum=1, why=f"context positions; None: the default of {DEFAULT_N_CTX}")
     n_ctx = min(DEFAULT_N_CTX if n_ctx is None else n_ctx, shape.n_ctx_train)
     budget = device.default_budget if budget is None else budget
-    kv = kv_cache_bytes(shape, n_ctx)
+    kv = kv_cache_bytes(shape, n_ctx, kv_cache)
     scratch = scratch_bytes(shape, n_ctx)
     fixed = weights.dense + weights.embedding + kv + scratch
     resident_experts = max(0, min(weights.experts, budget - fixed))
     hit = resident_experts / weights.experts if weights.experts else 1.0
-    total_per_token = bytes_per_token(shape, weights, n_ctx // 2)
+    total_per_token = bytes_per_token(shape, weights, n_ctx // 2, kv_cache)
     per_token_storage = routed_expert_bytes(shape, weights) * (1 - hit)
     per_token_memory = total_per_token - per_token_storage
     reached = device.decode_bandwidth  # the profile's peak times the fraction decode was measured to reach
@@ -151,7 +158,7 @@ def estimate(shape: ModelShape, weights: WeightBytes, device: DeviceProfile, *, 
     if reached > 0 and (device.storage_read > 0 or not per_token_storage):
         tps = 1.0 / (per_token_memory / reached + (per_token_storage / device.storage_read if per_token_storage else 0.0))
     return FitEstimate(device, label, budget, n_ctx, weights, kv, scratch, resident_experts, per_token_memory,
-                       per_token_storage, tps)
+                       per_token_storage, tps, kv_cache)
 
 
 def gguf_shape_and_weights(path: Path) -> tuple[ModelShape, WeightBytes]:
@@ -203,7 +210,8 @@ def _split(named_bytes, has_output: bool) -> WeightBytes:
     return WeightBytes(dense, experts, embedding)
 
 
-def _checkpoint_estimates(folder: Path, device: DeviceProfile, budget: int | None, n_ctx: int | None) -> list[FitEstimate]:
+def _checkpoint_estimates(folder: Path, device: DeviceProfile, budget: int | None, n_ctx: int | None,
+                          kv_cache: str | None) -> list[FitEstimate]:
     from edgeai.converters.plan import open_plan
 
     out = []
@@ -217,7 +225,7 @@ def _checkpoint_estimates(folder: Path, device: DeviceProfile, budget: int | Non
             plan.close()
         shape = ModelShape(hp.n_layer, hp.n_embd, hp.n_head, hp.n_head_kv, hp.head_dim, hp.head_dim, hp.n_vocab,
                            hp.n_ff or hp.n_ff_exp, hp.n_ctx_train, hp.n_expert, hp.n_expert_used)
-        out.append(estimate(shape, weights, device, budget=budget, n_ctx=n_ctx, label=recipe))
+        out.append(estimate(shape, weights, device, budget=budget, n_ctx=n_ctx, label=recipe, kv_cache=kv_cache))
     return out
 
 
@@ -244,11 +252,13 @@ class FitReport:
 
 
 def fit(model: str | Path | None, device: DeviceProfile | str, *, memory_budget: int | str | None = None,
-        n_ctx: int | None = None) -> FitReport:
+        n_ctx: int | None = None, kv_cache: str | None = None) -> FitReport:
     """Estimates for `model`, a GGUF artifact or a Hugging Face checkpoint folder (None: the bundled
     SmolLM2), on `device` (a profile, a profile's name from `edgeai devices`, or "this" for this
     machine, detected). memory_budget: bytes or "1.5GiB", "60%" of the device's memory; None: the
-    device's default budget."""
+    device's default budget. kv_cache: the KV cache's type ("f16" by default, "q8_0", "q4_0",
+    "q8_0/q4_0", ...: `runtimes.base.kv_cache_type`)."""
+    kv_cache = kv_cache_type(kv_cache)  # refused before any file is read
     from edgeai.budget import parse_budget
     from edgeai.paths import default_model_path
 
@@ -269,9 +279,10 @@ def fit(model: str | Path | None, device: DeviceProfile | str, *, memory_budget:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path} has no config.json; give a .gguf file or a Hugging Face checkpoint folder")
-        return FitReport(path, "checkpoint", _checkpoint_estimates(path, device, budget, n_ctx))
+        return FitReport(path, "checkpoint", _checkpoint_estimates(path, device, budget, n_ctx, kv_cache))
     shape, weights = gguf_shape_and_weights(path)
-    return FitReport(path, "gguf", [estimate(shape, weights, device, budget=budget, n_ctx=n_ctx, label=path.name)])
+    return FitReport(path, "gguf", [estimate(shape, weights, device, budget=budget, n_ctx=n_ctx, label=path.name,
+                                             kv_cache=kv_cache)])
 
 
 __all__ = ["FitEstimate", "FitReport", "ModelShape", "WeightBytes", "bytes_per_token", "estimate", "fit",

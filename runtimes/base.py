@@ -26,19 +26,34 @@ import numpy as np
 # trained for): enough for a chat, small enough for a Pi's KV cache.
 DEFAULT_N_CTX = 2048
 
-# Element types of the KV cache (llama.cpp's names, as in its --cache-type-k/v): q8_0 takes 34/64
-# of f16's memory (ggml's Q8_0 block: an f16 scale and 32 int8 values) for a small loss in accuracy.
-KV_CACHE_TYPES = ("f16", "q8_0")
+# Element types of the KV cache (llama.cpp's names, as in its --cache-type-k/v), largest first:
+# q8_0 takes 34/64 of f16's memory (ggml's Q8_0 block: an f16 scale and 32 int8 values) for a small
+# loss in accuracy, q4_0 18/64 (an f16 scale and 32 4-bit values). Keys and values may differ:
+# "q8_0/q4_0" is q8_0 keys and q4_0 values (keys decide where attention goes, so they are the ones
+# to keep finer).
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
+# Bytes per cached value of each type (the blocks' bytes over their 32 values).
+KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def kv_cache_types(value: str | None) -> tuple[str, str]:
+    """(keys' type, values' type) of a KV cache type: "q4_0" -> ("q4_0", "q4_0"), "q8_0/q4_0" ->
+    ("q8_0", "q4_0"), None -> ("f16", "f16"); OptionError naming the choices for anything else."""
+    from edgeai.errors import OptionError
+
+    text = "f16" if value is None else str(value).strip().lower()
+    parts = text.split("/")
+    if len(parts) > 2 or any(p not in KV_CACHE_TYPES for p in parts):
+        raise OptionError(f"KV cache type {value!r} is not one of {', '.join(KV_CACHE_TYPES)}, or a key/value pair "
+                          f"of them such as 'q8_0/q4_0' (--kv-cache)")
+    return parts[0], parts[-1]
 
 
 def kv_cache_type(value: str | None) -> str:
-    """The KV cache type a backend should use: `value` checked, "f16" when None."""
-    from edgeai.errors import OptionError
-
-    value = "f16" if value is None else str(value).lower()
-    if value not in KV_CACHE_TYPES:
-        raise OptionError(f"KV cache type {value!r} is not one of {', '.join(KV_CACHE_TYPES)} (--kv-cache)")
-    return value
+    """The KV cache type a backend should use, by its canonical name: `value` checked, "f16" when None,
+    one name when keys and values share it ("q4_0/q4_0" -> "q4_0"), else "keys/values"."""
+    k, v = kv_cache_types(value)
+    return k if k == v else f"{k}/{v}"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 from edgeai.budget import format_bytes
 from edgeai.devices import checked_threads
 from edgeai.errors import BackendError, BudgetError, CheckpointError, ContextOverflowError, OptionError
-from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling, kv_cache_type
+from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling, kv_cache_type, kv_cache_types
 from edgeai.runtimes.llamacpp_check import model_params
 from edgeai.runtimes.sampling import make_rng, sample
 from edgeai.runtimes.vocab import GGUFVocab, VocabText, check_vocabulary, llama_cpp
@@ -33,7 +33,12 @@ class KVType(enum.Enum):
 
     F32 = 0
     F16 = 1
+    Q4_0 = 2
     Q8_0 = 8
+
+
+# Bytes per cached value of each type (ggml's blocks: 32 values in 34 bytes for Q8_0, 18 for Q4_0).
+_KV_ELEMENT_BYTES = {KVType.F32: 4, KVType.F16: 2, KVType.Q8_0: 34 / 32, KVType.Q4_0: 18 / 32}
 
 
 class LlamaCppBackend(VocabText):
@@ -59,15 +64,19 @@ class LlamaCppBackend(VocabText):
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
                  memory_budget: int | None = None, kv_cache: str | None = None, kv_type: KVType = KVType.F16,
                  n_batch: int = 512, flash_attn: bool | None = None, header=None) -> None:
-        """kv_cache: "f16" or "q8_0" (`runtimes.base.KV_CACHE_TYPES`), the API's name for `kv_type`;
+        """kv_cache: "f16", "q8_0", "q4_0" or keys/values such as "q8_0/q4_0"
+        (`runtimes.base.kv_cache_type`), the API's name for `kv_type` (llama.cpp's type_k and type_v);
         `kv_type` F32 makes logits comparable to a float reference. `flash_attn` None lets llama.cpp
         decide (its own default: on for CPUs), False matches llama-cpp-python's `Llama` default; a
-        q8_0 V cache needs flash attention, so it is turned on for one."""
+        quantized V cache needs flash attention in llama.cpp, so it is turned on for one (quantized
+        keys alone do not need it)."""
+        kv_types = (kv_type, kv_type)
         if kv_cache is not None:
-            kv_type = KVType[kv_cache_type(kv_cache).upper()]
-        if kv_type is KVType.Q8_0:
+            kv_types = tuple(KVType[t.upper()] for t in kv_cache_types(kv_cache_type(kv_cache)))
+        if kv_types[1] in (KVType.Q8_0, KVType.Q4_0):
             if flash_attn is False:
-                raise OptionError("llama.cpp needs flash attention for a q8_0 KV cache (flash_attn=False was given)")
+                raise OptionError(f"llama.cpp needs flash attention for a {kv_types[1].name.lower()} V cache "
+                                  "(flash_attn=False was given)")
             flash_attn = True
         self.path = Path(path)
         reason = self.can_run(self.path)
@@ -107,7 +116,7 @@ class LlamaCppBackend(VocabText):
             cparams.n_batch = cparams.n_ubatch = self.n_batch
             cparams.n_seq_max = 1
             cparams.n_threads = cparams.n_threads_batch = self.threads
-            cparams.type_k = cparams.type_v = kv_type.value
+            cparams.type_k, cparams.type_v = (t.value for t in kv_types)
             cparams.no_perf = True
             cparams.flash_attn_type = {None: ll.LLAMA_FLASH_ATTN_TYPE_AUTO, True: ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                                        False: ll.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
@@ -118,7 +127,7 @@ class LlamaCppBackend(VocabText):
             self.n_ctx = min(n_ctx, int(ll.llama_n_ctx(self._ctx)))
             self._mem = ll.llama_get_memory(self._ctx)
             self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
-            self.kv_type = kv_type
+            self.kv_types = kv_types  # (keys, values)
             self.n_vocab = self._vocab.n_vocab
             self.bos_id, self.eos_id = self._vocab.bos_id, self._vocab.eos_id
             self.add_bos = self._vocab.add_bos
@@ -257,10 +266,11 @@ class LlamaCppBackend(VocabText):
         arch = self._meta("general.architecture") or ""
         head_dim_k = int(self._meta(f"{arch}.attention.key_length") or ll.llama_model_n_embd(self._model) // n_head)
         head_dim_v = int(self._meta(f"{arch}.attention.value_length") or head_dim_k)
-        elem = {KVType.F32: 4, KVType.F16: 2, KVType.Q8_0: 34 / 32}[self.kv_type]
-        kv_bytes = n_layer * self.n_ctx * n_head_kv * (head_dim_k + head_dim_v) * elem
+        k, v = self.kv_types
+        kv_bytes = n_layer * self.n_ctx * n_head_kv * (head_dim_k * _KV_ELEMENT_BYTES[k] + head_dim_v * _KV_ELEMENT_BYTES[v])
+        kv_type = k.name.lower() if k is v else f"{k.name.lower()}/{v.name.lower()}"
         return BackendStats(self.name, self.n_ctx, self.n_past, self.threads, int(ll.llama_model_size(self._model)),
-                            {"kv_bytes": kv_bytes, "kv_type": self.kv_type.name.lower(), "memory_budget": self.memory_budget})
+                            {"kv_bytes": kv_bytes, "kv_type": kv_type, "memory_budget": self.memory_budget})
 
     def close(self) -> None:
         ll = getattr(self, "_ll", None)

@@ -137,8 +137,9 @@ class NativeBackend(VocabText):
                  expert_store: Mapping | ExpertStoreOptions | None = None, header: GGUFHeader | None = None) -> None:
         """Load `path` (a GGUF the engine runs, see `can_run`).
 
-        kv_cache: "f16" (default) or "q8_0" (`runtimes.base.KV_CACHE_TYPES`; the planner refuses q8_0
-        for a head size that is not a multiple of 32).
+        kv_cache: "f16" (default), "q8_0", "q4_0", or keys/values such as "q8_0/q4_0"
+        (`runtimes.base.kv_cache_type`; the planner refuses a quantized type for a head size that is
+        not a multiple of 32).
         memory_budget: bytes for the whole process; the planner (`runtimes.plan`) splits it and
         streams MoE experts from the file when they do not fit, or raises BudgetError.
         expert_store: options of the streaming expert store, a mapping of option names or an
@@ -174,6 +175,7 @@ class NativeBackend(VocabText):
         self.n_ctx = n_ctx
         self.n_vocab = int(config["n_vocab"])
         self.bos_id = self._vocab.bos_id
+        self.add_bos = self._vocab.add_bos  # tokenize() starts with BOS
         self.eos_id = self._vocab.eos_id
         self.eog_ids = self._vocab.eog_ids
         self.chat_template = self._vocab.chat_template
@@ -274,3 +276,26 @@ class NativeBackend(VocabText):
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+class NativeLogits:
+    """A GGUF file in the native engine as the evaluator's `LogitsProvider` (`edgeai.evaluate`): what
+    the engine's own choices (its KV cache types) cost, scored against a llama.cpp reference."""
+
+    def __init__(self, path: Path, *, n_ctx: int, threads: int = 0, kv_cache: str | None = None):
+        self.path = Path(path)
+        self._backend = NativeBackend(self.path, n_ctx=n_ctx, threads=threads or None, kv_cache=kv_cache)
+        self.n_vocab = self._backend.n_vocab
+        self.bos_token = self._backend.bos_id if self._backend.add_bos else None
+
+    def tokenize(self, text: str) -> list[int]:
+        """BOS as the model adds it; special-token markup is plain text (as llama-perplexity does)."""
+        return self._backend.tokenize(text, add_special=True, parse_special=False)
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """One evaluation of `tokens` from an empty KV cache: [len(tokens), n_vocab]."""
+        self._backend.truncate(0)
+        return self._backend.eval_logits(tokens)
+
+    def close(self) -> None:
+        self._backend.close()

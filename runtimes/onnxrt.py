@@ -245,8 +245,8 @@ class OnnxBackend:
         if reason:
             raise CheckpointError(reason)
         if kv_cache_type(kv_cache) != "f16":
-            raise OptionError(f"onnxruntime keeps the KV cache in the graph's float type; a {kv_cache} KV cache is "
-                              "for the native and llama.cpp backends (--backend native)")
+            raise OptionError(f"onnxruntime keeps the KV cache in the graph's float type; a {kv_cache_type(kv_cache)} KV "
+                              "cache is for the native and llama.cpp backends (--backend native)")
         self.path = _folder(Path(path))
         config = read_folder_config(self.path)
         self.n_layer, self.n_head_kv, self.head_dim = config.n_layer, config.n_head_kv, config.head_dim

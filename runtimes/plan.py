@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 # RSS stays within the plan (215 MB MoE), and the 2 GB benchmark peaked at 1000 of 1033 MiB at 50%.
 ENGINE_OVERHEAD = 24 * 2**20
 LAYER_SLOTS = 2  # dense streaming: the layer being computed and the next one
+# KV caches a refusal offers in place of a larger one, largest first: q8_0 (34/64 of f16's bytes),
+# q8_0 keys with q4_0 values (26/64: keys, which decide where attention goes, kept finer), q4_0 (18/64).
+SMALLER_KV_CACHES = ("q8_0", "q8_0/q4_0", "q4_0")
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class MemoryPlan:
     layer_matrices: int = 0  # the part of `dense` that can be streamed layer by layer
     layer_slot: int = 0  # one layer's slot
     layer_slots: int = 0  # 0: dense weights resident; else streamed through this many slots
-    kv_cache: str = "f16"  # the KV cache's element type
+    kv_cache: str = "f16"  # the KV cache's element type ("q8_0/q4_0": keys q8_0, values q4_0)
 
     @property
     def streaming(self) -> bool:
@@ -130,18 +133,23 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
     """Split `budget` for the GGUF whose parsed header is `header` in the native engine (config:
     `runtimes.native.engine_config`).
 
-    kv_cache: the KV cache's element type ("f16" or "q8_0"; q8_0 needs a head size that is a
-    multiple of 32, else OptionError).
+    kv_cache: the KV cache's element type (`runtimes.base.kv_cache_type`: "f16", "q8_0", "q4_0" or
+    keys/values such as "q8_0/q4_0"; a quantized type needs a head size that is a multiple of 32,
+    else OptionError).
     process_bytes: what the process holds before the model (default: its resident set now).
     Raises BudgetError when the model cannot run within the budget.
     """
     from edgeai.native_bridge import native
 
+    from edgeai.runtimes.base import kv_cache_type, kv_cache_types
+
     path = header.path
     head_dim = int(config["head_dim"])
-    if kv_cache == "q8_0" and head_dim % 32:
-        raise OptionError(f"a q8_0 KV cache needs a head size that is a multiple of 32; {Path(path).name}'s is "
-                          f"{head_dim}: use kv_cache='f16'")
+    kv_cache = kv_cache_type(kv_cache)
+    for part in dict.fromkeys(kv_cache_types(kv_cache)):
+        if part != "f16" and head_dim % 32:
+            raise OptionError(f"a {part} KV cache needs a head size that is a multiple of 32; {Path(path).name}'s is "
+                              f"{head_dim}: use kv_cache='f16'")
     if process_bytes is None:
         import psutil
 
@@ -168,9 +176,10 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
                      n_experts, format_bytes(slots * plan.slot_bytes),
                      ", dense layers too" if candidate.layer_slots else "")
             return replace(candidate, slots=int(slots))
-    # what a q8_0 cache would save, when it is a lever left to pull
-    q8_saving = plan.kv - native.kv_bytes(config, n_ctx, "q8_0") if kv_cache == "f16" and head_dim % 32 == 0 else 0
-    raise BudgetError(_refusal(min(candidates, key=lambda c: c.fixed), budget, q8_saving), plan.minimum)
+    # what each smaller KV cache would save, when it is a lever left to pull
+    savings = [(kind, plan.kv - native.kv_bytes(config, n_ctx, kind)) for kind in SMALLER_KV_CACHES] if head_dim % 32 == 0 else []
+    raise BudgetError(_refusal(min(candidates, key=lambda c: c.fixed), budget, [(k, s) for k, s in savings if s > 0]),
+                      plan.minimum)
 
 
 def _check_allocatable(plan: MemoryPlan) -> None:
@@ -185,16 +194,16 @@ def _check_allocatable(plan: MemoryPlan) -> None:
     if needed > memory:
         raise BudgetError(f"n_ctx={plan.n_ctx} needs {format_bytes(needed)} ({needed:,} bytes) of KV cache and compute "
                           f"buffers for {plan.path.name}, more than this machine's {format_bytes(memory)} of memory; "
-                          "give a smaller context (--ctx) or a q8_0 KV cache (--kv-cache q8_0)", needed)
+                          "give a smaller context (--ctx) or a quantized KV cache (--kv-cache q8_0, or q4_0: a quarter "
+                          "of f16's memory)", needed)
 
 
-def _refusal(plan: MemoryPlan, budget: int, q8_saving: int) -> str:
+def _refusal(plan: MemoryPlan, budget: int, kv_savings: list[tuple[str, int]]) -> str:
     parts = ", ".join(f"{name} {format_bytes(size)}" for name, size, _ in plan.rows() if name != "experts")
     if plan.experts:
         parts += f", {plan.min_slots} expert slots {format_bytes(plan.min_slots * plan.slot_bytes)}"
     levers = [f"a context of {plan.n_ctx // 2} positions (--ctx) saves {format_bytes(plan.kv // 2)}"] if plan.n_ctx >= 128 else []
-    if q8_saving:
-        levers.append(f"a q8_0 KV cache (--kv-cache q8_0) saves {format_bytes(q8_saving)}")
+    levers += [f"a {kind} KV cache (--kv-cache {kind}) saves {format_bytes(saving)}" for kind, saving in kv_savings]
     levers.append(f"a smaller quantization (edgeai convert --quant q4_k_m) shrinks the {format_bytes(plan.dense)} of "
                   "resident weights" + (" and the expert slots" if plan.experts else ""))
     return (f"{plan.path.name} needs at least {format_bytes(plan.minimum)} ({plan.minimum:,} bytes) at n_ctx={plan.n_ctx}, "

@@ -59,6 +59,21 @@ def test_q8_0_against_f32(tiny):
     assert r.size_bytes < tiny["f32"].stat().st_size / 3
 
 
+def test_native_backend_and_kv_cache(tiny):
+    """backend="native" scores the artifact in edgeai's engine (the reference stays llama.cpp's, F32
+    cache): the F32 file against itself differs only by the engine's f16 cache; kv_cache names are
+    checked as everywhere (this model's heads of 16 take no quantized cache)."""
+    r = evaluate(tiny["f32"], tiny["f32"], tiny["text"], n_ctx=N_CTX, n_chunks=2, threads=1, backend="native",
+                 kv_cache="f16")
+    assert 0 <= r.kld_mean < 1e-4 and abs(r.ppl / r.ref_ppl - 1) < 1e-3 and r.top1 > 0.97
+    with pytest.raises(OptionError, match="'q5_0' is not one of f16, q8_0, q4_0"):
+        evaluate(tiny["f32"], tiny["f32"], tiny["text"], n_ctx=N_CTX, n_chunks=1, backend="native", kv_cache="q5_0")
+    with pytest.raises(OptionError, match="a q4_0 KV cache needs a head size that is a multiple of 32"):
+        evaluate(tiny["f32"], tiny["f32"], tiny["text"], n_ctx=N_CTX, n_chunks=1, backend="native", kv_cache="q4_0")
+    with pytest.raises(OptionError, match="backend 'onnxruntime' is not one of llama.cpp, native"):
+        evaluate(tiny["f32"], tiny["f32"], tiny["text"], n_ctx=N_CTX, n_chunks=1, backend="onnxruntime")
+
+
 def test_reference_as_hf_folder(tiny):
     """The folder is converted to F32 in a temporary directory: the same numbers as the F32 file."""
     from_folder = evaluate(tiny["q8_0"], tiny["folder"], tiny["text"], n_ctx=N_CTX, n_chunks=N_CHUNKS, threads=1)

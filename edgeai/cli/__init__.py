@@ -184,6 +184,10 @@ def eval_command(
     n_ctx: int = typer.Option(512, "--n-ctx", help="Tokens per chunk; the second half of each chunk is scored."),
     n_chunks: Optional[int] = typer.Option(None, "--n-chunks", help="Score only the first N chunks (default: all)."),
     threads: int = typer.Option(0, "--threads", "-t", help="llama.cpp threads (0: all cores)."),
+    backend: str = typer.Option("llama.cpp", "--backend", help="Engine that scores a .gguf ARTIFACT: llama.cpp or native "
+                                "(the reference is always scored by llama.cpp)."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="ARTIFACT's KV cache type: f16, q8_0, q4_0 or keys/values "
+                                           "such as q8_0/q4_0 (default: F32 in llama.cpp, f16 in native)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Perplexity, KL divergence and top-1 agreement of ARTIFACT against a reference (llama.cpp / onnxruntime logits)."""
@@ -201,7 +205,8 @@ def eval_command(
     try:
         with bar:
             r = run_eval(artifact, reference, text, n_ctx=n_ctx, n_chunks=n_chunks, threads=threads,
-                         progress=lambda done, total: bar.update(task, completed=done, total=total))
+                         progress=lambda done, total: bar.update(task, completed=done, total=total),
+                         backend=backend, kv_cache=kv_cache)
     except EdgeAIError as exc:
         _fail(exc)
     if json_output:
@@ -229,7 +234,8 @@ _MODEL_OPTS = dict(
     device=typer.Option(None, "--device", help="A profile from `edgeai devices`: sets threads and budget."),
     n_ctx=typer.Option(None, "--n-ctx", help="Context positions (default 2048, at most the model's)."),
     threads=typer.Option(None, "--threads", "-t", help="Threads (default: the device's, else one per performance core)."),
-    kv_cache=typer.Option(None, "--kv-cache", help="KV cache type: f16 (default) or q8_0 (about half the memory)."),
+    kv_cache=typer.Option(None, "--kv-cache", help="KV cache type: f16 (default), q8_0 (about half the memory), q4_0 "
+                          "(a quarter), or keys/values such as q8_0/q4_0."),
 )
 
 
@@ -396,6 +402,7 @@ def fit(
     model: Optional[Path] = typer.Argument(None, help="A .gguf file or Hugging Face folder (default: the bundled SmolLM2)."),
     device: str = typer.Option(..., "--device", help="A profile from `edgeai devices`, or 'this' for this machine."),
     memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
+    kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
     json_output: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Will MODEL fit DEVICE, with which memory split, how fast; for a checkpoint, which recipe to use."""
@@ -403,7 +410,7 @@ def fit(
     from edgeai.fit import fit as run_fit
 
     try:
-        show_fit(run_fit(model, device, memory_budget=memory_budget, n_ctx=n_ctx), json_output=json_output)
+        show_fit(run_fit(model, device, memory_budget=memory_budget, n_ctx=n_ctx, kv_cache=kv_cache), json_output=json_output)
     except EdgeAIError as exc:
         _fail(exc)
 

@@ -302,7 +302,8 @@ class Repl:
                                                                       f"({100 * rss / budget:.0f}%)" if budget else ""))
         table.add_row("weights", format_bytes(st.weights_bytes))
         table.add_row("context", f"{st.n_past} of {st.n_ctx} positions in the KV cache"
-                      + (f" ({format_bytes(st.extra['kv_bytes'])} allocated)" if "kv_bytes" in st.extra else ""))
+                      + (f" ({format_bytes(st.extra['kv_bytes'])}" + (f" {st.extra['kv_type']}" if "kv_type" in st.extra else "")
+                         + " allocated)" if "kv_bytes" in st.extra else ""))
         if "expert_cache_hit_rate" in st.extra:
             table.add_row("expert cache", f"{100 * st.extra['expert_cache_hit_rate']:.1f}% hits"
                           + (f", {st.extra['expert_cache']}" if "expert_cache" in st.extra else ""))

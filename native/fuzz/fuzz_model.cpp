@@ -54,7 +54,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             gguf::File f(path);
             if (!config_of(f, c)) return 0;
         }
-        for (KVType kv : {KVType::F16, KVType::Q8_0}) {
+        // every key and value type once: f16, q8_0 keys with q4_0 values, and the other way round
+        for (KVTypes kv : {KVTypes{}, KVTypes{KVType::Q8_0, KVType::Q4_0}, KVTypes{KVType::Q4_0, KVType::Q8_0}}) {
             try {
                 Model m(path, c, 4, 1, "", nullptr, kv);
                 m.eval({0, c.n_vocab - 1});

@@ -57,6 +57,10 @@ struct Ops {
     // y += alpha * v over its values.
     float (*dot_q8_0_f32)(const uint8_t *k, const float *x, size_t n);
     void (*axpy_q8_0)(float alpha, const uint8_t *v, float *y, size_t n);
+    // The same over the q4_0 KV cache (rows of n/32 blocks of {f16 d, 16 bytes: value j in the low
+    // nibble of byte j, value j+16 in its high nibble}; x = d * (code - 8)).
+    float (*dot_q4_0_f32)(const uint8_t *k, const float *x, size_t n);
+    void (*axpy_q4_0)(float alpha, const uint8_t *v, float *y, size_t n);
     // Optional layout made once at load time (nullptr: none for the type): rows in whole 8-row
     // groups, interleaved so that decode and prefill multiply 8 rows per register with no
     // transposing per call. Same size as the plain rows (rows * row_bytes). gemm_packed takes

@@ -275,6 +275,43 @@ void axpy_q8_0v(float alpha, const uint8_t *v, float *y, size_t n) {
     }
 }
 
+// A Q4_0 block's 32 values as codes - 8 in 8 x 4 floats (value j: the low nibble of byte j, value
+// j + 16 its high nibble).
+inline void q4_0_codes(const uint8_t *blk, float32x4_t c[8]) {
+    const uint8x16_t raw = vld1q_u8(blk + 2);
+    const int8x16_t eight = vdupq_n_s8(8);
+    const int8x16_t halves[2] = {vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(15))), eight),
+                                 vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), eight)};
+    for (int h = 0; h < 2; ++h) {
+        const int16x8_t w[2] = {vmovl_s8(vget_low_s8(halves[h])), vmovl_s8(vget_high_s8(halves[h]))};
+        for (int k = 0; k < 2; ++k) {
+            c[4 * h + 2 * k] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(w[k])));
+            c[4 * h + 2 * k + 1] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(w[k])));
+        }
+    }
+}
+
+float dot_q4_0_f32v(const uint8_t *k, const float *x, size_t n) {
+    float32x4_t acc = vdupq_n_f32(0);
+    for (size_t b = 0; b < n / 32; ++b, k += 18, x += 32) {
+        float32x4_t c[8];
+        q4_0_codes(k, c);
+        float32x4_t s = vmulq_f32(c[0], vld1q_f32(x));
+        for (int j = 1; j < 8; ++j) s = vfmaq_f32(s, c[j], vld1q_f32(x + 4 * j));
+        acc = vfmaq_n_f32(acc, s, f16_at(k));
+    }
+    return vaddvq_f32(acc);
+}
+
+void axpy_q4_0v(float alpha, const uint8_t *v, float *y, size_t n) {
+    for (size_t b = 0; b < n / 32; ++b, v += 18, y += 32) {
+        const float a = alpha * f16_at(v);
+        float32x4_t c[8];
+        q4_0_codes(v, c);
+        for (int k = 0; k < 8; ++k) vst1q_f32(y + 4 * k, vfmaq_n_f32(vld1q_f32(y + 4 * k), c[k], a));
+    }
+}
+
 void quantize_act(const float *x, BlockQ8A *y, size_t n) {
     for (size_t b = 0; b < n / QA; ++b, x += QA) {
         float32x4_t v[8];
@@ -328,6 +365,8 @@ const Ops OPS = {
     axpy_f16v,
     dot_q8_0_f32v,
     axpy_q8_0v,
+    dot_q4_0_f32v,
+    axpy_q4_0v,
 };
 
 }  // namespace

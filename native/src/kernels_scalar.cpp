@@ -66,6 +66,29 @@ void axpy_q8_0_ref(float alpha, const uint8_t *v, float *y, size_t n) {
     }
 }
 
+float dot_q4_0_f32_ref(const uint8_t *k, const float *x, size_t n) {
+    float acc = 0.0f;
+    for (size_t b = 0; b < n / 32; ++b, k += 18, x += 32) {
+        const uint8_t *q = k + 2;
+        float s = 0.0f;
+        for (int i = 0; i < 16; ++i)
+            s += static_cast<float>((q[i] & 15) - 8) * x[i] + static_cast<float>((q[i] >> 4) - 8) * x[i + 16];
+        acc += f16_at(k) * s;
+    }
+    return acc;
+}
+
+void axpy_q4_0_ref(float alpha, const uint8_t *v, float *y, size_t n) {
+    for (size_t b = 0; b < n / 32; ++b, v += 18, y += 32) {
+        const float a = alpha * f16_at(v);
+        const uint8_t *q = v + 2;
+        for (int i = 0; i < 16; ++i) {
+            y[i] += a * static_cast<float>((q[i] & 15) - 8);
+            y[i + 16] += a * static_cast<float>((q[i] >> 4) - 8);
+        }
+    }
+}
+
 const Ops OPS = {
     "scalar",
     {dot_f32, dot_f16_row, dot_bf16, dot_q<W_Q4_0>, dot_q<W_Q4_1>, dot_q<W_Q5_0>, dot_q<W_Q5_1>, dot_q<W_Q8_0>,
@@ -78,6 +101,8 @@ const Ops OPS = {
     axpy_f16_ref,
     dot_q8_0_f32_ref,
     axpy_q8_0_ref,
+    dot_q4_0_f32_ref,
+    axpy_q4_0_ref,
 };
 
 }  // namespace

@@ -365,6 +365,37 @@ void axpy_q8_0v(float alpha, const uint8_t *v, float *y, size_t n) {
     }
 }
 
+// A Q4_0 block's 32 values as codes - 8 in 4 x 8 floats (values 0-7, 8-15, 16-23, 24-31): value j
+// is the low nibble of byte j, value j + 16 its high nibble.
+inline void q4_0_codes(const uint8_t *blk, __m256 c[4]) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 2)), nib = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(raw, nib), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nib);
+    const __m256i eight = _mm256_set1_epi32(8);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int k = 0; k < 4; ++k) c[k] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[k]), eight));
+}
+
+float dot_q4_0_f32v(const uint8_t *k, const float *x, size_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (size_t b = 0; b < n / 32; ++b, k += 18, x += 32) {
+        __m256 c[4];
+        q4_0_codes(k, c);
+        __m256 s = _mm256_mul_ps(c[0], _mm256_loadu_ps(x));
+        for (int j = 1; j < 4; ++j) s = _mm256_fmadd_ps(c[j], _mm256_loadu_ps(x + 8 * j), s);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(k)), s, acc);
+    }
+    return hsum(acc);
+}
+
+void axpy_q4_0v(float alpha, const uint8_t *v, float *y, size_t n) {
+    for (size_t b = 0; b < n / 32; ++b, v += 18, y += 32) {
+        const __m256 a = _mm256_set1_ps(alpha * f16_at(v));
+        __m256 c[4];
+        q4_0_codes(v, c);
+        for (int k = 0; k < 4; ++k) _mm256_storeu_ps(y + 8 * k, _mm256_fmadd_ps(a, c[k], _mm256_loadu_ps(y + 8 * k)));
+    }
+}
+
 // Same results as quantize_act_ref: x * (127/amax), rounded half to even by cvtps.
 void quantize_act(const float *x, BlockQ8A *y, size_t n) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -1369,6 +1400,8 @@ const Ops OPS = {
     axpy_f16v,
     dot_q8_0_f32v,
     axpy_q8_0v,
+    dot_q4_0_f32v,
+    axpy_q4_0v,
     {nullptr, nullptr, nullptr, pack_q40_50<false>, nullptr, pack_q40_50<true>, nullptr, pack_q8_0},
     {nullptr, nullptr, nullptr, gemm_packed_q40_50<false>, nullptr, gemm_packed_q40_50<true>, nullptr, gemm_packed_q8_0},
     {nullptr, nullptr, nullptr, unpack_row_q40_50<false>, nullptr, unpack_row_q40_50<true>, nullptr, unpack_row_q8_0},

@@ -73,15 +73,67 @@ void decode_row(const Matrix &m, int64_t r, float *out) {
     }
 }
 
-}  // namespace
+const char *const kKVTypeNames[] = {"f16", "q8_0", "q4_0"};  // by KVType
 
-KVType kv_type_named(const std::string &name) {
-    if (name == "f16") return KVType::F16;
-    if (name == "q8_0") return KVType::Q8_0;
-    throw ModelError("KV cache type '" + name + "' is not one of f16, q8_0");
+bool is_quantized(KVType t) { return t != KVType::F16; }
+
+// One row of n values (a multiple of 32 for the quantized types) into a cache row of type t, and back.
+void encode_kv(KVType t, const float *x, uint8_t *dst, int n) {
+    switch (t) {
+        case KVType::Q8_0: return quantize_q8_0(x, dst, size_t(n) / QK8_0, 1);
+        case KVType::Q4_0: return quantize_q4_0(x, dst, size_t(n) / QK4_0, 1);
+        case KVType::F16: break;
+    }
+    uint16_t *h = reinterpret_cast<uint16_t *>(dst);
+    for (int i = 0; i < n; ++i) h[i] = fp32_to_fp16(x[i]);
 }
 
-const char *kv_type_name(KVType kv) { return kv == KVType::Q8_0 ? "q8_0" : "f16"; }
+void decode_kv(KVType t, const uint8_t *src, float *x, int n) {
+    switch (t) {
+        case KVType::Q8_0: return dequantize_q8_0(src, x, size_t(n) / QK8_0, 1);
+        case KVType::Q4_0: return dequantize_q4_0(src, x, size_t(n) / QK4_0, 1);
+        case KVType::F16: break;
+    }
+    const uint16_t *h = reinterpret_cast<const uint16_t *>(src);
+    for (int i = 0; i < n; ++i) x[i] = fp16_to_fp32(h[i]);
+}
+
+// k . q over one head's key row of type t (the query in float), and y += alpha * one value row.
+inline float dot_kv(const kern::Ops &ops, KVType t, const uint8_t *k, const float *q, size_t n) {
+    switch (t) {
+        case KVType::Q8_0: return ops.dot_q8_0_f32(k, q, n);
+        case KVType::Q4_0: return ops.dot_q4_0_f32(k, q, n);
+        case KVType::F16: break;
+    }
+    return ops.dot_f16(reinterpret_cast<const uint16_t *>(k), q, n);
+}
+
+inline void axpy_kv(const kern::Ops &ops, KVType t, float alpha, const uint8_t *v, float *y, size_t n) {
+    switch (t) {
+        case KVType::Q8_0: return ops.axpy_q8_0(alpha, v, y, n);
+        case KVType::Q4_0: return ops.axpy_q4_0(alpha, v, y, n);
+        case KVType::F16: break;
+    }
+    ops.axpy_f16(alpha, reinterpret_cast<const uint16_t *>(v), y, n);
+}
+
+}  // namespace
+
+KVTypes kv_type_named(const std::string &name) {
+    auto one = [&](const std::string &part) {
+        for (int t = 0; t < 3; ++t)
+            if (part == kKVTypeNames[t]) return static_cast<KVType>(t);
+        throw ModelError("KV cache type '" + name + "' is not one of f16, q8_0, q4_0, or keys/values such as q8_0/q4_0");
+    };
+    const size_t slash = name.find('/');
+    if (slash == std::string::npos) return {one(name), one(name)};
+    return {one(name.substr(0, slash)), one(name.substr(slash + 1))};  // a second '/' is no type's name
+}
+
+std::string kv_type_name(KVTypes kv) {
+    const std::string k = kKVTypeNames[static_cast<int>(kv.k)], v = kKVTypeNames[static_cast<int>(kv.v)];
+    return k == v ? k : k + "/" + v;
+}
 
 const char *const CONFIG_FIELDS[14] = {"n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_expert",
                                        "n_expert_used", "rms_eps", "rope_theta", "rope_linear_factor", "rope_neox",
@@ -103,7 +155,7 @@ bool set_config_field(ModelConfig &c, const std::string &key, double v) {
 }
 
 Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, int n_ctx, int n_threads,
-             const std::string &isa, const StreamConfig *stream, KVType kv_type)
+             const std::string &isa, const StreamConfig *stream, KVTypes kv_type)
     : file_(std::move(file)), cfg_(config), n_ctx_(n_ctx), ops_(isa.empty() ? &kern::best() : kern::named(isa)), pool_(n_threads),
       kv_type_(kv_type) {
     const std::string &path = file_->path();
@@ -112,14 +164,21 @@ Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, 
     if (c.n_embd <= 0 || c.n_layer <= 0 || c.n_head <= 0 || c.n_head_kv <= 0 || c.head_dim <= 0 || c.head_dim % 2 ||
         c.n_head % c.n_head_kv || c.n_vocab <= 0)
         throw ModelError(path + ": inconsistent hyper-parameters (embedding, heads, head size or vocabulary)");
-    if (kv_type == KVType::Q8_0 && c.head_dim % kern::QA)
-        throw ModelError(path + ": a q8_0 KV cache needs a head size that is a multiple of 32 (this model's is " +
-                         std::to_string(c.head_dim) + "); use the f16 KV cache");
-    kv_row_ = kv_row_bytes(c, kv_type);
-    if (kv_type == KVType::Q8_0 && c.head_dim % 64 == 0) {  // keys: the largest power of 2 dividing head_dim; values: 64
-        for (rot_k_ = 64; c.head_dim % (2 * rot_k_) == 0;) rot_k_ *= 2;
-        rot_v_ = 64;
-    }
+    for (KVType t : {kv_type.k, kv_type.v})
+        if (is_quantized(t) && c.head_dim % kern::QA)
+            throw ModelError(path + ": a " + kKVTypeNames[static_cast<int>(t)] +
+                             " KV cache needs a head size that is a multiple of 32 (this model's is " +
+                             std::to_string(c.head_dim) + "); use the f16 KV cache");
+    k_row_ = kv_row_bytes(c, kv_type.k);
+    v_row_ = kv_row_bytes(c, kv_type.v);
+    // Rotations of what is quantized: keys (and queries) in chunks of the largest power of 2 dividing
+    // head_dim, values in chunks of up to 64 (head_dim is a multiple of 32 here, so at least 32: one
+    // rotation per block of 32 already makes each block's values alike in size, which is what a
+    // per-block scale needs).
+    int pow2 = kern::QA;
+    while (pow2 <= c.head_dim / 2 && c.head_dim % (2 * pow2) == 0) pow2 *= 2;
+    if (is_quantized(kv_type.k)) rot_k_ = pow2;
+    if (is_quantized(kv_type.v)) rot_v_ = std::min(64, pow2);
     if (n_ctx <= 0) throw ModelError("n_ctx must be positive");
     if ((c.n_expert > 0) != (c.n_expert_used > 0) || c.n_expert_used > c.n_expert)
         throw ModelError(path + ": expert_used_count " + std::to_string(c.n_expert_used) + " does not fit expert_count " +
@@ -220,8 +279,8 @@ Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, 
         experts_ = std::make_unique<MmapExpertStore>(std::move(expert_layers));
     for (const gguf::TensorInfo &t : file_->tensors()) weight_bytes_ += t.nbytes;
 
-    k_cache_.assign(kv_bytes_for(c, n_ctx, kv_type) / 2, 0);
-    v_cache_.assign(k_cache_.size(), 0);
+    k_cache_.assign(size_t(c.n_layer) * n_ctx * k_row_, 0);
+    v_cache_.assign(size_t(c.n_layer) * n_ctx * v_row_, 0);
     inv_freq_.resize(c.head_dim / 2);
     for (int i = 0; i < c.head_dim / 2; ++i) {
         inv_freq_[i] = std::pow(c.rope_theta, -2.0f * i / c.head_dim);
@@ -385,16 +444,21 @@ size_t Model::Scratch::bytes(const ModelConfig &c, int T) const {
     return (floats + moe + logits) * sizeof(float) + act_blocks * sizeof(kern::BlockQ8A);
 }
 
-size_t Model::kv_row_bytes(const ModelConfig &c, KVType kv) {
+size_t Model::kv_row_bytes(const ModelConfig &c, KVType t) {
     const size_t kv_dim = size_t(c.n_head_kv) * c.head_dim;
-    return kv == KVType::Q8_0 ? kv_dim / QK8_0 * Q8_0_BLOCK_BYTES : kv_dim * sizeof(uint16_t);
+    switch (t) {
+        case KVType::Q8_0: return kv_dim / QK8_0 * Q8_0_BLOCK_BYTES;
+        case KVType::Q4_0: return kv_dim / QK4_0 * Q4_0_BLOCK_BYTES;
+        case KVType::F16: break;
+    }
+    return kv_dim * sizeof(uint16_t);
 }
 
-size_t Model::kv_bytes_for(const ModelConfig &c, int n_ctx, KVType kv) {
-    return 2 * size_t(c.n_layer) * n_ctx * kv_row_bytes(c, kv);
+size_t Model::kv_bytes_for(const ModelConfig &c, int n_ctx, KVTypes kv) {
+    return size_t(c.n_layer) * n_ctx * (kv_row_bytes(c, kv.k) + kv_row_bytes(c, kv.v));
 }
 
-MemorySizes Model::memory_sizes(const gguf::File &f, const ModelConfig &c, int n_ctx, int threads, KVType kv) {
+MemorySizes Model::memory_sizes(const gguf::File &f, const ModelConfig &c, int n_ctx, int threads, KVTypes kv) {
     MemorySizes m;
     int64_t max_ff = 0;
     std::vector<std::array<size_t, 3>> slices(c.n_layer, {0, 0, 0});
@@ -492,8 +556,8 @@ void Model::rope(float *x, int n_heads, int pos) const {
 // In place: x[0..n) <- H x / sqrt(n), H the n x n Sylvester-Hadamard matrix (n a power of 2). The
 // transform is orthonormal and its own inverse, so it keeps dot products: rotating queries and
 // keys alike leaves the scores unchanged while spreading each head's outlier channels over all of
-// its values, so that int8 blocks lose less of them (a rotation of the q8_0 KV cache, as llama.cpp
-// does for quantized caches).
+// its values, so that int8 and 4-bit blocks lose less of them (a rotation of the quantized KV caches,
+// as llama.cpp does for quantized caches).
 static void hadamard(float *x, int n) {
     for (int s = 1; s < n; s *= 2)
         for (int i = 0; i < n; i += 2 * s)
@@ -540,28 +604,21 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
                 hadamard_chunks(k, kv_dim, rot_k_);
             }
             if (rot_v_) hadamard_chunks(v, kv_dim, rot_v_);
-            const size_t at = (size_t(layer) * n_ctx_ + pos0 + t) * kv_row_;
-            if (kv_type_ == KVType::Q8_0) {
-                quantize_q8_0(k, k_cache_.data() + at, kv_dim / QK8_0, 1);
-                quantize_q8_0(v, v_cache_.data() + at, kv_dim / QK8_0, 1);
-            } else {
-                uint16_t *kd = reinterpret_cast<uint16_t *>(k_cache_.data() + at), *vd = reinterpret_cast<uint16_t *>(v_cache_.data() + at);
-                for (int i = 0; i < kv_dim; ++i) {
-                    kd[i] = fp32_to_fp16(k[i]);
-                    vd[i] = fp32_to_fp16(v[i]);
-                }
-            }
+            const size_t row = size_t(layer) * n_ctx_ + pos0 + t;
+            encode_kv(kv_type_.k, k, k_cache_.data() + row * k_row_, kv_dim);
+            encode_kv(kv_type_.v, v, v_cache_.data() + row * v_row_, kv_dim);
         }
     };
     if (T >= kParallelTokens) pool_.range(size_t(T), prepare);
     else prepare(0, size_t(T));
-    const bool q8 = kv_type_ == KVType::Q8_0;
-    const bool batched_scores = !q8 && ops_->scores_f16 && hd % 8 == 0;
-    const bool batched_values = !q8 && ops_->weighted_sum_f16 && hd % 8 == 0;
+    const KVType kt = kv_type_.k, vt = kv_type_.v;
+    const bool batched_scores = kt == KVType::F16 && ops_->scores_f16 && hd % 8 == 0;
+    const bool batched_values = vt == KVType::F16 && ops_->weighted_sum_f16 && hd % 8 == 0;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const uint8_t *kc = k_cache_.data() + size_t(layer) * n_ctx_ * kv_row_;
-    const uint8_t *vc = v_cache_.data() + size_t(layer) * n_ctx_ * kv_row_;
-    const size_t head_bytes = kv_row_ / c.n_head_kv;  // one head's keys (or values) at one position
+    const uint8_t *kc = k_cache_.data() + size_t(layer) * n_ctx_ * k_row_;
+    const uint8_t *vc = v_cache_.data() + size_t(layer) * n_ctx_ * v_row_;
+    // one head's keys (values) at one position: whole blocks of the cache's type
+    const size_t k_head = k_row_ / c.n_head_kv, v_head = v_row_ / c.n_head_kv;
     const size_t items = size_t(T) * c.n_head;
     pool_.run([&](int ti, int nt) {
         float *sc = scores_.data() + size_t(ti) * n_ctx_;
@@ -570,15 +627,14 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
             const int n_keys = pos0 + t + 1;
             const size_t q_at = size_t(t) * q_dim + size_t(h) * hd;
             const float *q = q_.data() + q_at;
-            const uint8_t *kh = kc + size_t(kvh) * head_bytes, *vh = vc + size_t(kvh) * head_bytes;
+            const uint8_t *kh = kc + size_t(kvh) * k_head, *vh = vc + size_t(kvh) * v_head;
             float mx = -INFINITY;
             if (batched_scores) {
-                ops_->scores_f16(reinterpret_cast<const uint16_t *>(kh), kv_row_ / 2, n_keys, q, hd, sc);
+                ops_->scores_f16(reinterpret_cast<const uint16_t *>(kh), k_row_ / 2, n_keys, q, hd, sc);
                 for (int j = 0; j < n_keys; ++j) mx = std::max(mx, sc[j] *= scale);
             } else {
                 for (int j = 0; j < n_keys; ++j) {
-                    const uint8_t *key = kh + size_t(j) * kv_row_;
-                    sc[j] = (q8 ? ops_->dot_q8_0_f32(key, q, hd) : ops_->dot_f16(reinterpret_cast<const uint16_t *>(key), q, hd)) * scale;
+                    sc[j] = dot_kv(*ops_, kt, kh + size_t(j) * k_row_, q, hd) * scale;
                     mx = std::max(mx, sc[j]);
                 }
             }
@@ -588,17 +644,11 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
             const float inv = 1.0f / sum;
             if (batched_values) {
                 for (int j = 0; j < n_keys; ++j) sc[j] *= inv;
-                ops_->weighted_sum_f16(reinterpret_cast<const uint16_t *>(vh), kv_row_ / 2, n_keys, sc, hd, out);
+                ops_->weighted_sum_f16(reinterpret_cast<const uint16_t *>(vh), v_row_ / 2, n_keys, sc, hd, out);
                 continue;
             }
             std::fill(out, out + hd, 0.0f);
-            for (int j = 0; j < n_keys; ++j) {
-                const uint8_t *value = vh + size_t(j) * kv_row_;
-                if (q8)
-                    ops_->axpy_q8_0(sc[j] * inv, value, out, hd);
-                else
-                    ops_->axpy_f16(sc[j] * inv, reinterpret_cast<const uint16_t *>(value), out, hd);
-            }
+            for (int j = 0; j < n_keys; ++j) axpy_kv(*ops_, vt, sc[j] * inv, vh + size_t(j) * v_row_, out, hd);
         }
     });
     if (rot_v_) hadamard_chunks(att_out_.data(), T * q_dim, rot_v_);  // the values' rotation undone
@@ -801,21 +851,21 @@ void Model::evict(int start, int end) {
     const int kv_dim = c.n_head_kv * c.head_dim;
     // Each moved key: decoded, its Hadamard rotation undone (its own inverse), turned back by delta
     // positions (rotations compose: R(p - delta) = R(-delta) R(p)), rotated and encoded again. Values
-    // carry no position: their rows move as they are.
+    // carry no position: their rows move as they are. A quantized key is rounded again by each move
+    // (as in llama.cpp's context shift of a quantized cache): its error grows with the number of
+    // evictions that move it, not with their size.
     auto move = [&](size_t l0, size_t l1) {
         std::vector<float> k(kv_dim);
+        uint8_t *kc = k_cache_.data(), *vc = v_cache_.data();
         for (size_t l = l0; l < l1; ++l)
             for (int p = end; p < n; ++p) {
-                const size_t from = (l * n_ctx_ + p) * kv_row_, to = (l * n_ctx_ + p - delta) * kv_row_;
-                uint8_t *kc = k_cache_.data();
-                if (kv_type_ == KVType::Q8_0) dequantize_q8_0(kc + from, k.data(), kv_dim / QK8_0, 1);
-                else for (int i = 0; i < kv_dim; ++i) k[i] = fp16_to_fp32(reinterpret_cast<const uint16_t *>(kc + from)[i]);
+                const size_t from = l * n_ctx_ + p, to = from - delta;
+                decode_kv(kv_type_.k, kc + from * k_row_, k.data(), kv_dim);
                 if (rot_k_) hadamard_chunks(k.data(), kv_dim, rot_k_);
                 rope(k.data(), c.n_head_kv, -delta);
                 if (rot_k_) hadamard_chunks(k.data(), kv_dim, rot_k_);
-                if (kv_type_ == KVType::Q8_0) quantize_q8_0(k.data(), kc + to, kv_dim / QK8_0, 1);
-                else for (int i = 0; i < kv_dim; ++i) reinterpret_cast<uint16_t *>(kc + to)[i] = fp32_to_fp16(k[i]);
-                std::memmove(v_cache_.data() + to, v_cache_.data() + from, kv_row_);
+                encode_kv(kv_type_.k, k.data(), kc + to * k_row_, kv_dim);
+                std::memmove(vc + to * v_row_, vc + from * v_row_, v_row_);
             }
     };
     pool_.range(size_t(c.n_layer), move);  // layers are independent

@@ -1,5 +1,6 @@
 // The forward pass of the Llama family (Llama, SmolLM, Mistral, Qwen2, Qwen3) and the MoE families
-// (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) over a GGUF file, with an f16 or q8_0 KV cache and sampling.
+// (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) over a GGUF file, with an f16, q8_0 or q4_0 KV cache (keys and
+// values of their own types) and sampling.
 //
 // Weights are read in place from the memory map under their GGUF names. Family facts (rope style,
 // q/k norm kind, top-k renormalisation) come from the architecture table in edgeai/architectures.py
@@ -21,12 +22,17 @@ namespace edgeai {
 
 enum class QKNorm : int { NONE = 0, PER_HEAD = 1, FULL = 2 };
 
-// Element type of the KV cache. Q8_0 (ggml's block: f16 scale + 32 int8) takes 34/64 of F16's
-// memory; each head's keys and values are whole blocks, so head_dim must be a multiple of 32.
-// Scores multiply the int8 keys with the float query. Where head_dim is a multiple of 64, queries,
-// keys and values are rotated (model.cpp, hadamard) before the keys and values are quantized: half
-// the error on SmolLM2.
-enum class KVType : int { F16 = 0, Q8_0 = 1 };
+// Element type of the KV cache's keys or values. Q8_0 (ggml's block: f16 scale + 32 int8) takes 34/64
+// of F16's memory, Q4_0 (f16 scale + 32 4-bit codes) 18/64; each head's keys and values are whole
+// blocks, so head_dim must be a multiple of 32. Scores multiply the quantized keys with the float
+// query. Quantized keys (with the queries) and quantized values are rotated (model.cpp, hadamard)
+// before they are quantized: half the error of a q8_0 cache on SmolLM2, and what makes 4 bits usable.
+enum class KVType : int { F16 = 0, Q8_0 = 1, Q4_0 = 2 };
+
+// The types of the keys and of the values ("q8_0/q4_0": q8_0 keys, q4_0 values).
+struct KVTypes {
+    KVType k = KVType::F16, v = KVType::F16;
+};
 
 struct ModelConfig {
     int n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0;  // FFN widths come from the tensors
@@ -37,9 +43,10 @@ struct ModelConfig {
     bool moe_renormalize = false;      // renormalise the top-k routing weights to sum to 1
 };
 
-// The KV type of a name ("f16" | "q8_0", as runtimes.base.KV_CACHE_TYPES), else ModelError; and back.
-KVType kv_type_named(const std::string &name);
-const char *kv_type_name(KVType kv);
+// The KV types of a name: "f16" | "q8_0" | "q4_0" for keys and values alike, or "K/V" with a type for
+// each (as runtimes.base.kv_cache_type), else ModelError; and back ("q4_0", or "q8_0/q4_0" when they differ).
+KVTypes kv_type_named(const std::string &name);
+std::string kv_type_name(KVTypes kv);
 
 // The ModelConfig field named `key` (the names of runtimes/native.py engine_config) set to
 // `value` (integers and booleans as numbers); false when no field has that name.
@@ -81,9 +88,9 @@ class Model {
         size_t bytes(const ModelConfig &c, int T) const;  // + activation blocks, MoE buffers, logits
     };
     static Scratch scratch_sizes(const ModelConfig &c, int64_t max_ff, int n_ctx, int threads, int T);
-    static size_t kv_row_bytes(const ModelConfig &c, KVType kv);  // one position of one layer's K (or V)
-    static size_t kv_bytes_for(const ModelConfig &c, int n_ctx, KVType kv);
-    static MemorySizes memory_sizes(const gguf::File &f, const ModelConfig &c, int n_ctx, int threads, KVType kv);
+    static size_t kv_row_bytes(const ModelConfig &c, KVType t);  // one position of one layer's K (or V) of type t
+    static size_t kv_bytes_for(const ModelConfig &c, int n_ctx, KVTypes kv);
+    static MemorySizes memory_sizes(const gguf::File &f, const ModelConfig &c, int n_ctx, int threads, KVTypes kv);
 
     // stream: nullptr reads experts in place from the memory map; else they are streamed into a
     // cache of stream->slots experts, and every other tensor is copied into memory at load (the
@@ -91,9 +98,9 @@ class Model {
     // file: a header parsed once by the caller (Python hands the one it planned with), shared so
     // that its map lives as long as the model.
     Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, int n_ctx, int n_threads,
-          const std::string &isa, const StreamConfig *stream = nullptr, KVType kv_type = KVType::F16);
+          const std::string &isa, const StreamConfig *stream = nullptr, KVTypes kv_type = {});
     Model(const std::string &path, const ModelConfig &config, int n_ctx, int n_threads, const std::string &isa,
-          const StreamConfig *stream = nullptr, KVType kv_type = KVType::F16)
+          const StreamConfig *stream = nullptr, KVTypes kv_type = {})
         : Model(std::make_shared<const gguf::File>(path), config, n_ctx, n_threads, isa, stream, kv_type) {}
     ~Model();
 
@@ -105,7 +112,7 @@ class Model {
     int threads() const { return pool_.size(); }
     size_t weight_bytes() const { return weight_bytes_; }
     size_t kv_bytes() const;
-    KVType kv_type() const { return kv_type_; }
+    KVTypes kv_type() const { return kv_type_; }
     size_t scratch_bytes() const;  // compute buffers at a full prefill batch
     size_t resident_bytes() const { return resident_.size(); }  // tensors copied into memory (streaming)
     ExpertStore &experts() { return *experts_; }
@@ -172,12 +179,12 @@ class Model {
     std::vector<std::vector<uint8_t>> packed_;  // storage of the Matrix::packed copies
     std::vector<uint8_t> embd_row_;             // one embedding row read back from the packed output
 
-    KVType kv_type_;
-    size_t kv_row_;                           // bytes of one position's keys (or values) in one layer
+    KVTypes kv_type_;
+    size_t k_row_, v_row_;                    // bytes of one position's keys (values) in one layer
     bool prefetch_ = true;                    // streaming: read the experts the next layer's router predicts ahead
     int prefetch_top_ = 0;                    // how many of them (the most likely)
-    int rot_k_ = 0, rot_v_ = 0;               // q8_0 cache: Hadamard rotation sizes of keys/queries and values (0: none)
-    std::vector<uint8_t> k_cache_, v_cache_;  // [n_layer][n_ctx][kv_row_]: n_head_kv * head_dim f16 or Q8_0
+    int rot_k_ = 0, rot_v_ = 0;               // quantized keys/values: Hadamard rotation sizes of keys/queries and values (0: none)
+    std::vector<uint8_t> k_cache_, v_cache_;  // [n_layer][n_ctx][k_row_ or v_row_]: n_head_kv * head_dim f16, Q8_0 or Q4_0
     std::vector<int32_t> history_;
     std::vector<float> logits_;  // [n_vocab] of the last evaluated token
 

@@ -150,7 +150,7 @@ void bind_runtime(nb::module_ &m) {
     m.def("memory_sizes",
           [](const edgeai::gguf::File &file, const nb::dict &config, int n_ctx, int n_threads, const std::string &kv_type) {
               const edgeai::ModelConfig c = config_from(config);
-              const edgeai::KVType kv = edgeai::kv_type_named(kv_type);
+              const edgeai::KVTypes kv = edgeai::kv_type_named(kv_type);
               edgeai::MemorySizes s;
               {
                   nb::gil_scoped_release release;
@@ -281,22 +281,34 @@ void bind_runtime(nb::module_ &m) {
     m.def("kernel_kv",
           [](const std::string &isa, const std::string &kv_type, U8In v, F32In x, float alpha) {
               const edgeai::kern::Ops &ops = ops_or_throw(isa);
-              const bool q8 = edgeai::kv_type_named(kv_type) == edgeai::KVType::Q8_0;
+              const edgeai::KVTypes types = edgeai::kv_type_named(kv_type);
+              if (types.k != types.v) throw nb::value_error("kv_type must name one type here ('f16', 'q8_0' or 'q4_0')");
+              const edgeai::KVType t = types.k;
               const size_t n = x.shape(0);
-              if (v.shape(0) != (q8 ? n / 32 * 34 : 2 * n) || (q8 && n % 32))
-                  throw nb::value_error("v must hold x's n values of the cache type (Q8_0: n a multiple of 32)");
+              const size_t row = t == edgeai::KVType::Q8_0 ? n / 32 * 34 : t == edgeai::KVType::Q4_0 ? n / 32 * 18 : 2 * n;
+              if (v.shape(0) != row || (t != edgeai::KVType::F16 && n % 32))
+                  throw nb::value_error("v must hold x's n values of the cache type (q8_0, q4_0: n a multiple of 32)");
               const uint16_t *h = reinterpret_cast<const uint16_t *>(v.data());
               std::vector<float> y(x.data(), x.data() + n);
-              const float dot = q8 ? ops.dot_q8_0_f32(v.data(), x.data(), n) : ops.dot_f16(h, x.data(), n);
-              if (q8)
-                  ops.axpy_q8_0(alpha, v.data(), y.data(), n);
-              else
-                  ops.axpy_f16(alpha, h, y.data(), n);
+              float dot;
+              switch (t) {
+                  case edgeai::KVType::Q8_0:
+                      dot = ops.dot_q8_0_f32(v.data(), x.data(), n);
+                      ops.axpy_q8_0(alpha, v.data(), y.data(), n);
+                      break;
+                  case edgeai::KVType::Q4_0:
+                      dot = ops.dot_q4_0_f32(v.data(), x.data(), n);
+                      ops.axpy_q4_0(alpha, v.data(), y.data(), n);
+                      break;
+                  default:
+                      dot = ops.dot_f16(h, x.data(), n);
+                      ops.axpy_f16(alpha, h, y.data(), n);
+              }
               return nb::make_tuple(dot, to_numpy(std::move(y), {n}));
           },
           nb::arg("isa"), nb::arg("kv_type"), nb::arg("v"), nb::arg("x"), nb::arg("alpha"),
-          "(dot(v, x), x + alpha*v) over one row v of a KV cache of kv_type ('f16' or 'q8_0', as bytes) with one "
-          "kernel set (tests of the attention kernels).");
+          "(dot(v, x), x + alpha*v) over one row v of a KV cache of kv_type ('f16', 'q8_0' or 'q4_0', as bytes) with "
+          "one kernel set (tests of the attention kernels).");
 
     m.def("kernel_attention_f16",
           [](const std::string &isa, U8In keys, U8In values, F32In q, F32In p) -> nb::object {
@@ -377,14 +389,15 @@ void bind_runtime(nb::module_ &m) {
              [](edgeai::Model *self, std::shared_ptr<edgeai::gguf::File> file, const nb::dict &config, int n_ctx, int n_threads,
                 const std::string &isa, std::optional<edgeai::StreamConfig> stream, const std::string &kv_type) {
                  edgeai::ModelConfig c = config_from(config);
-                 const edgeai::KVType kv = edgeai::kv_type_named(kv_type);
+                 const edgeai::KVTypes kv = edgeai::kv_type_named(kv_type);
                  nb::gil_scoped_release release;
                  new (self) edgeai::Model(std::move(file), c, n_ctx, n_threads, isa, stream ? &*stream : nullptr, kv);
              },
              nb::arg("file"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("isa") = "",
              nb::arg("stream") = nb::none(), nb::arg("kv_type") = "f16",
-             "kv_type: 'f16' or 'q8_0' (the KV cache's element type). stream: None (experts read in place from the memory "
-             "map) or a StreamConfig: experts streamed into a cache of `slots` experts.")
+             "kv_type: 'f16', 'q8_0', 'q4_0' (the KV cache's element type), or 'K/V' such as 'q8_0/q4_0' (keys "
+             "q8_0, values q4_0). stream: None (experts read in place from the memory map) or a StreamConfig: experts "
+             "streamed into a cache of `slots` experts.")
         .def("store_stats",
              [](edgeai::Model &self) {
                  nb::dict d = stats_dict(self.experts().stats(), self.experts().slot_bytes());
@@ -453,5 +466,5 @@ void bind_runtime(nb::module_ &m) {
         .def_prop_ro("threads", &edgeai::Model::threads)
         .def_prop_ro("weight_bytes", &edgeai::Model::weight_bytes)
         .def_prop_ro("kv_bytes", &edgeai::Model::kv_bytes)
-        .def_prop_ro("kv_type", [](const edgeai::Model &self) { return std::string(edgeai::kv_type_name(self.kv_type())); });
+        .def_prop_ro("kv_type", [](const edgeai::Model &self) { return edgeai::kv_type_name(self.kv_type()); });
 }

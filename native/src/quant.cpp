@@ -90,6 +90,45 @@ void dequantize_q8_0(const uint8_t *src, float *dst, size_t n_blocks, int n_thre
     });
 }
 
+void quantize_q4_0(const float *src, uint8_t *dst, size_t n_blocks, int n_threads) {
+    parallel_for(n_blocks, n_threads, kGrainElements / QK4_0, [&](size_t b0, size_t b1) {
+        for (size_t b = b0; b < b1; ++b) {
+            const float *x = src + b * QK4_0;
+            uint8_t *out = dst + b * Q4_0_BLOCK_BYTES;
+            float amax = 0.0f, max = 0.0f;
+            for (size_t i = 0; i < QK4_0; ++i)
+                if (std::fabs(x[i]) > amax) {
+                    amax = std::fabs(x[i]);
+                    max = x[i];
+                }
+            const float d = max / -8.0f;
+            const float id = d != 0.0f ? 1.0f / d : 0.0f;
+            const uint16_t dh = fp32_to_fp16(d);
+            std::memcpy(out, &dh, 2);
+            // truncated as ggml does (x * id + 8.5 lies in [0.5, 16.5] for finite x); clamped first, so
+            // that a NaN or an infinity gives a code instead of an undefined conversion
+            auto code = [id](float v) { return static_cast<uint8_t>(std::fmin(15.0f, std::fmax(0.0f, v * id + 8.5f))); };
+            for (size_t j = 0; j < QK4_0 / 2; ++j) out[2 + j] = static_cast<uint8_t>(code(x[j]) | (code(x[j + QK4_0 / 2]) << 4));
+        }
+    });
+}
+
+void dequantize_q4_0(const uint8_t *src, float *dst, size_t n_blocks, int n_threads) {
+    parallel_for(n_blocks, n_threads, kGrainElements / QK4_0, [&](size_t b0, size_t b1) {
+        for (size_t b = b0; b < b1; ++b) {
+            const uint8_t *in = src + b * Q4_0_BLOCK_BYTES;
+            uint16_t dh;
+            std::memcpy(&dh, in, 2);
+            const float d = fp16_to_fp32(dh);
+            float *y = dst + b * QK4_0;
+            for (size_t j = 0; j < QK4_0 / 2; ++j) {
+                y[j] = static_cast<float>((in[2 + j] & 15) - 8) * d;
+                y[j + QK4_0 / 2] = static_cast<float>((in[2 + j] >> 4) - 8) * d;
+            }
+        }
+    });
+}
+
 void convert_fp32_to_fp16(const float *src, uint16_t *dst, size_t n, int n_threads) {
     parallel_for(n, n_threads, kGrainElements, [&](size_t i0, size_t i1) {
         for (size_t i = i0; i < i1; ++i) dst[i] = fp32_to_fp16(src[i]);

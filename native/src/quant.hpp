@@ -38,6 +38,16 @@ constexpr size_t Q8_0_BLOCK_BYTES = 2 + QK8_0;
 void quantize_q8_0(const float *src, uint8_t *dst, size_t n_blocks, int n_threads);
 void dequantize_q8_0(const uint8_t *src, float *dst, size_t n_blocks, int n_threads);
 
+// Q4_0: blocks of 32 -> {fp16 d; uint8 qs[16]} (18 bytes), x ~= d * (q - 8) with q in 0..15, value j
+// in the low nibble of qs[j] and value j + 16 in its high nibble; d = (the value of largest
+// magnitude) / -8, ggml's reference quantizer (blocks.cpp's RTN Q4_0 too, without its per-call setup:
+// the KV cache quantizes one row per token and layer).
+constexpr size_t QK4_0 = 32;
+constexpr size_t Q4_0_BLOCK_BYTES = 2 + QK4_0 / 2;
+
+void quantize_q4_0(const float *src, uint8_t *dst, size_t n_blocks, int n_threads);
+void dequantize_q4_0(const uint8_t *src, float *dst, size_t n_blocks, int n_threads);
+
 void convert_fp32_to_fp16(const float *src, uint16_t *dst, size_t n, int n_threads);
 void convert_fp32_to_bf16(const float *src, uint16_t *dst, size_t n, int n_threads);
 

@@ -3,7 +3,7 @@
 // lines (runtimes/native.py engine_config), evaluates the tokens, and writes the logits of every
 // position as float32 [n_tokens][n_vocab].
 //
-//   engine_logits MODEL.gguf CONFIG.txt TOKENS.bin(int32) OUT.bin THREADS KV_TYPE(f16|q8_0)
+//   engine_logits MODEL.gguf CONFIG.txt TOKENS.bin(int32) OUT.bin THREADS KV_TYPE(f16|q8_0|q4_0|K/V)
 #include <cstdio>
 #include <cstdlib>
 #include <exception>

@@ -21,13 +21,15 @@ struct Case {
     const double *expected, *tol;
 };
 
-enum Kernel : uint32_t { DOT, GEMM, DOT_Q8_0_F32, AXPY_Q8_0, GEMM_PACKED, UNPACK_ROW };
+enum Kernel : uint32_t { DOT, GEMM, DOT_Q8_0_F32, AXPY_Q8_0, GEMM_PACKED, UNPACK_ROW, DOT_Q4_0_F32, AXPY_Q4_0 };
 inline const char *kernel_name(uint32_t k) {
-    const char *names[] = {"dot", "gemm", "dot_q8_0_f32", "axpy_q8_0", "gemm_packed", "unpack_row"};
-    const char *vs_scalar[] = {"dot vs scalar", "gemm vs scalar", "?", "?", "gemm_packed vs scalar", "?"};
+    const char *names[] = {"dot", "gemm", "dot_q8_0_f32", "axpy_q8_0", "gemm_packed", "unpack_row", "dot_q4_0_f32", "axpy_q4_0"};
+    const char *vs_scalar[] = {"dot vs scalar", "gemm vs scalar", "?", "?", "gemm_packed vs scalar", "?", "?", "?"};
     const uint32_t i = k & 0xff;
-    return i > UNPACK_ROW ? "?" : (k & 0x100) ? vs_scalar[i] : names[i];
+    return i > AXPY_Q4_0 ? "?" : (k & 0x100) ? vs_scalar[i] : names[i];
 }
+// The KV-cache kernels (float query or output): held to the float64 reference only.
+inline bool kv_kernel(uint32_t k) { return k == DOT_Q8_0_F32 || k == AXPY_Q8_0 || k == DOT_Q4_0_F32 || k == AXPY_Q4_0; }
 
 struct Failure {
     uint32_t kernel, type, n, row;
@@ -73,7 +75,7 @@ constexpr uint32_t kVsScalar = 0x100;
 
 // Runs every kernel of `ops` that computes with the case's type against the float64 reference of
 // the case: dot (decode); gemm (prefill) over 1, 2, 3 and 9 tokens (kFactor), which reaches the
-// tiles' leftover rows and tokens; for Q8_0 the KV-cache kernels (keys . float x, and
+// tiles' leftover rows and tokens; for Q8_0 and Q4_0 the KV-cache kernels (keys . float x, and
 // x . (0 + 1 * row) through the values' axpy); and where the set packs the type at load time, the
 // packed kernel over 16 rows (the case's rows repeated) and the unpacking of each row. For types
 // with int8 activations every result is also held to the scalar reference on the same int8
@@ -126,7 +128,7 @@ int check(const kern::Ops &ops, const Case &c, uint8_t *scratch, Report report, 
         const double f = kFactor[t], e = f * c.expected[r], tol = (f < 0 ? -f : f) * c.tol[r];
         if (!(got - e <= tol && e - got <= tol))  // NaN fails too
             report(Failure{kernel, c.type, c.n, r, got, e, tol});
-        if (q8 && kernel != DOT_Q8_0_F32 && kernel != AXPY_Q8_0) {
+        if (q8 && !kv_kernel(kernel)) {
             const double e2 = ref[t * n_rows + r], tol2 = 1e-5 * mag[t * n_rows + r] + 1e-6;
             if (!(got - e2 <= tol2 && e2 - got <= tol2)) report(Failure{kernel | kVsScalar, c.type, c.n, r, got, e2, tol2});
         }
@@ -138,15 +140,17 @@ int check(const kern::Ops &ops, const Case &c, uint8_t *scratch, Report report, 
         for (int t = 0; t < T; ++t)
             for (uint32_t r = 0; r < n_rows; ++r) expect(GEMM, r, y[t * n_rows + r], t);
     }
-    if (w == kern::W_Q8_0)
+    if (w == kern::W_Q8_0 || w == kern::W_Q4_0) {
+        const bool q4 = w == kern::W_Q4_0;
         for (uint32_t r = 0; r < n_rows; ++r) {
             for (size_t i = 0; i < n; ++i) v[i] = 0.0f;
-            ops.axpy_q8_0(1.0f, c.rows + r * row_bytes, v, n);
+            (q4 ? ops.axpy_q4_0 : ops.axpy_q8_0)(1.0f, c.rows + r * row_bytes, v, n);
             double through_v = 0;
             for (size_t i = 0; i < n; ++i) through_v += double(v[i]) * x[i];
-            expect(DOT_Q8_0_F32, r, ops.dot_q8_0_f32(c.rows + r * row_bytes, x, n));
-            expect(AXPY_Q8_0, r, through_v);
+            expect(q4 ? DOT_Q4_0_F32 : DOT_Q8_0_F32, r, (q4 ? ops.dot_q4_0_f32 : ops.dot_q8_0_f32)(c.rows + r * row_bytes, x, n));
+            expect(q4 ? AXPY_Q4_0 : AXPY_Q8_0, r, through_v);
         }
+    }
     if (ops.pack[w] && ops.gemm_packed[w]) {
         for (int r = 0; r < kPackedRows; ++r) std::memcpy(rows16 + r * row_bytes, c.rows + (r % n_rows) * row_bytes, row_bytes);
         ops.pack[w](rows16, row_bytes, kPackedRows, n, packed);

@@ -108,6 +108,27 @@ def test_evict_in_one_layer_equals_evaluating_the_kept_tokens(tiny_llamas, backe
     assert np.max(np.abs(shifted - fresh)) < tol * np.max(np.abs(fresh))
 
 
+@pytest.mark.parametrize("kv_cache", ["q4_0", "q4_0/f16", "q8_0/q4_0"])
+def test_evict_re_encodes_quantized_keys_within_their_own_rounding(tiny_llamas, kv_cache):
+    """A quantized key moved by an eviction is decoded, re-rotated and rounded again, so the logits
+    after it differ from the kept tokens evaluated afresh by one more rounding of the keys: less than
+    twice the cache's own distance from the f16 cache (q4_0: 0.11 against 0.16 of the largest logit),
+    and, with q8_0 keys, as little as q8_0's (values move as they are)."""
+    shifted, fresh = _after_evict(tiny_llamas[1], "native", kv_cache, TOKENS, 4, 12)
+    _, fresh_f16 = _after_evict(tiny_llamas[1], "native", "f16", TOKENS, 4, 12)
+    scale = np.max(np.abs(fresh_f16))
+    own = np.max(np.abs(fresh - fresh_f16))
+    assert np.max(np.abs(shifted - fresh)) < (0.02 * scale if kv_cache.startswith("q8_0") else 2 * own)
+
+
+def test_quantized_caches_with_heads_of_32_equal_the_float64_model(tiny_llamas):
+    """Heads of 32 are rotated by 32 (one rotation per block): test_kv4's check against the float64
+    model of each cache type, on these heads."""
+    from test_kv4 import check_against_the_float64_model
+
+    check_against_the_float64_model(tiny_llamas[2], 32)
+
+
 def test_evict_matches_llama_cpp_context_shift(tiny_llamas):
     """Deeper layers' keys carry the evicted context (StreamingLLM's trade): there the reference is
     llama.cpp's own shift (llama_memory_seq_rm + seq_add), which the native engine must match."""

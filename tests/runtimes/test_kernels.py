@@ -118,17 +118,18 @@ def test_f16_attention_kernels(isa, n):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n", [32, 64, 128])
-def test_q8_0_kv_cache_kernels(isa, n):
-    """Keys . float query and y += alpha * values over Q8_0 blocks (the q8_0 KV cache), against
-    numpy's decoding of the blocks."""
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_quantized_kv_cache_kernels(isa, n, kind):
+    """Keys . float query and y += alpha * values over Q8_0 or Q4_0 blocks (the q8_0 and q4_0 KV
+    caches), against numpy's decoding of the blocks."""
     from edgeai.quant.formats import FORMATS, dequantize, quantize
 
     rng = np.random.default_rng(n)
     values = (rng.standard_normal(n) * np.repeat(rng.uniform(0.01, 50, n // 32), 32)).astype(np.float32)
-    v = quantize(values, FORMATS["q8_0"])
-    decoded = dequantize(v, FORMATS["q8_0"]).astype(np.float64)
+    v = quantize(values, FORMATS[kind])
+    decoded = dequantize(v, FORMATS[kind]).astype(np.float64)
     x = rng.standard_normal(n).astype(np.float32)
-    dot, y = _native.kernel_kv(isa, "q8_0", v, x, -0.625)
+    dot, y = _native.kernel_kv(isa, kind, v, x, -0.625)
     assert abs(dot - decoded @ x) <= 1e-5 * (np.abs(decoded) @ np.abs(x)) + 1e-6
     np.testing.assert_allclose(y, x - 0.625 * decoded, rtol=1e-5, atol=1e-5)
 

@@ -86,13 +86,14 @@ def engine(runtime, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("arch, weights, kv", [
     ("llama", {"outtype": "q8_0"}, "f16"),
     ("mistral", {"quant": "q4_0"}, "q8_0"),  # head_dim 32 (below): the q8_0 cache needs whole blocks per head
+    ("llama", {"outtype": "f32"}, "q8_0/q4_0"),
     ("qwen3_moe", {"outtype": "f32"}, "f16"),
 ])
 def test_engine_runs_on_aarch64_and_matches_this_machine(engine, tmp_path, arch, weights, kv):
     """Dense and MoE families, quantized and float weights, both KV caches: the AArch64 engine
     (NEON + dot product + i8mm, 2 threads) under qemu gives the logits this machine's engine gives."""
     spec = next(a for a in TINY_ARCHS if a.name == arch)
-    overrides = {"head_dim": 32} if kv == "q8_0" else {}
+    overrides = {"head_dim": 32} if kv != "f16" else {}
     gguf = convert(make_tiny_checkpoint(tmp_path / arch, spec, **overrides), tmp_path / f"{arch}.gguf", **weights)
     config = engine_config(read_header(gguf))
     (tmp_path / "config.txt").write_text("".join(f"{k} {float(v)}\n" for k, v in config.items()))
@@ -111,7 +112,8 @@ def test_engine_runs_on_aarch64_and_matches_this_machine(engine, tmp_path, arch,
     if kv == "f16":
         np.testing.assert_allclose(theirs, ours, atol=2e-3, rtol=1e-3)
     else:
-        # a q8_0 cache rounds keys and values to int8: a last-bit difference upstream can move a code
-        # by one step, so compare distributions (this case: KLD 1e-5; the q8_0 cache against f16: 1e-4)
+        # a quantized cache rounds keys and values to int8 or 4 bits: a last-bit difference upstream can
+        # move a code by one step, so compare distributions (the q8_0 case: KLD 1e-5; the q8_0 cache
+        # against f16: 1e-4)
         assert kld(ours, theirs) < 5e-5
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.95

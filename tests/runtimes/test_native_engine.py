@@ -145,8 +145,10 @@ def test_q8_0_kv_cache_needs_whole_blocks_per_head(tiny_ggufs):
         NativeBackend(tiny_ggufs["mistral"], n_ctx=64, kv_cache="q8_0")  # head_dim 16
     with pytest.raises(OptionError, match=r"multiple of 32.*16"):
         NativeBackend.plan_for(tiny_ggufs["mistral"], n_ctx=64, kv_cache="q8_0")  # `edgeai run --plan` too
-    with pytest.raises(OptionError, match="q4_0.*f16, q8_0"):
+    with pytest.raises(OptionError, match=r"a q4_0 KV cache needs a head size that is a multiple of 32.*16"):
         NativeBackend(tiny_ggufs["mistral"], n_ctx=64, kv_cache="q4_0")
+    with pytest.raises(OptionError, match="q5_0.*f16, q8_0, q4_0"):
+        NativeBackend(tiny_ggufs["mistral"], n_ctx=64, kv_cache="q5_0")
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_k"])

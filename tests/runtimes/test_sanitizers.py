@@ -83,10 +83,12 @@ def test_fuzz_corpus_replays_clean_under_sanitizers(sanitized, harness):
     ("q4_0", "f16"),
     ("seed-llama-q8_0", "q8_0"),  # the fuzz seeds: head_dim 32, which a q8_0 cache needs (the tiny model's is 16)
     ("seed-qwen3moe-q8_0", "q8_0"),
+    ("seed-llama-q8_0", "q8_0/q4_0"),  # 4-bit values, and keys and values of two types
+    ("seed-qwen3moe-q8_0", "q4_0"),
 ])
 def test_engine_runs_clean_under_sanitizers_and_matches_the_installed_engine(sanitized, tiny_chat_gguf, tmp_path,
                                                                             model, kv):
-    """Tiny models (float, Q4_0 and Q8_0 weights, dense and MoE; f16 and q8_0 caches; 2 threads)
+    """Tiny models (float, Q4_0 and Q8_0 weights, dense and MoE; f16, q8_0, q4_0 and mixed caches; 2 threads)
     through the sanitized engine: no report, and the installed engine's logits."""
     import edgeai
     from edgeai.gguf_header import read_header

@@ -1,0 +1,150 @@
+"""A float64 numpy forward pass of the dense Llama-family models whose KV cache is a parameter: each
+layer's keys and values go through a cache model (exact, f16, or a block quantizer with or without
+the engine's Hadamard rotation) before attention reads them, as the native engine writes a token's
+keys and values into its cache before attending. Several cache models run side by side, one block's
+weights in memory at a time (`reference_logits`), so that what a cache costs is measured against
+the same float64 model, and what the rotation buys against a plain per-block quantizer.
+
+Weights are read through `edgeai.converters.plan` (float32 in GGUF layout); the layers are
+`edgeai.quant.forward`'s, in float64."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeai.architectures import QKNorm, RopeStyle
+from edgeai.quant.forward import ForwardConfig, load_block
+
+# A cache model: rows [T, n_head_kv * head_dim] (keys after RoPE, or values) -> what attention reads.
+CacheModel = Callable[[np.ndarray], np.ndarray]
+# The keys' cache model and the values'.
+KVModel = tuple[CacheModel, CacheModel]
+
+
+def hadamard(n: int) -> np.ndarray:
+    """The n x n Sylvester-Hadamard matrix / sqrt(n) (n a power of 2): symmetric, orthonormal."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+def rotation_sizes(head_dim: int) -> tuple[int, int]:
+    """The engine's rotations (model.cpp): keys in chunks of the largest power of 2 dividing head_dim,
+    values in chunks of up to 64."""
+    k = 32
+    while head_dim % (2 * k) == 0:
+        k *= 2
+    return k, min(k, 64)
+
+
+def block_cache(kind: str, rotation: int = 0) -> CacheModel:
+    """Rows rounded by the block format `kind` (edgeai.quant.formats: q8_0, q4_0) in float32, after a
+    Hadamard rotation over chunks of `rotation` values (0: none) that is undone after decoding (the
+    engine rotates the query instead of undoing it on keys, and the output instead of values: the
+    same products)."""
+    from edgeai.quant.formats import FORMATS, dequantize, quantize
+
+    fmt = FORMATS[kind]
+
+    def model(rows: np.ndarray) -> np.ndarray:
+        x = rows.reshape(-1, rotation) @ hadamard(rotation) if rotation else rows
+        y = dequantize(quantize(x.astype(np.float32).ravel(), fmt), fmt).astype(np.float64).reshape(x.shape)
+        return (y @ hadamard(rotation) if rotation else y).reshape(rows.shape)
+
+    return model
+
+
+def exact_cache(rows: np.ndarray) -> np.ndarray:
+    return rows
+
+
+def f16_cache(rows: np.ndarray) -> np.ndarray:
+    return rows.astype(np.float16).astype(np.float64)
+
+
+def _rope(cfg: ForwardConfig, x: np.ndarray) -> np.ndarray:
+    """x [T, n_heads, d] rotated to positions 0..T-1 in float64."""
+    d = cfg.head_dim
+    inv_freq = cfg.rope_theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    angles = (np.arange(x.shape[0], dtype=np.float64) * cfg.position_scale)[:, None, None] * inv_freq  # [T, 1, d/2]
+    cos, sin = np.cos(angles), np.sin(angles)
+    if cfg.rope is RopeStyle.NEOX:
+        a, b = x[..., : d // 2], x[..., d // 2:]
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    a, b = x[..., 0::2], x[..., 1::2]
+    return np.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(x.shape)
+
+
+def _norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def _linear(w: dict, role: str, x: np.ndarray) -> np.ndarray:
+    y = x @ w[f"{role}.weight"].T
+    bias = w.get(f"{role}.bias")
+    return y if bias is None else y + bias
+
+
+def kv_model(kind: str, head_dim: int, rotate: bool = True) -> KVModel:
+    """The cache models of a KV cache type as the engine names it ("q4_0", "q8_0/q4_0", ...), with the
+    engine's rotations (or none: rotate=False, a plain per-block quantizer)."""
+    rot_k, rot_v = rotation_sizes(head_dim) if rotate else (0, 0)
+    parts = kind.split("/")
+    k, v = parts[0], parts[-1]
+    one = lambda t, rot: f16_cache if t == "f16" else block_cache(t, rot)  # noqa: E731
+    return one(k, rot_k), one(v, rot_v)
+
+
+EXACT: KVModel = (exact_cache, exact_cache)
+
+
+def _block(cfg: ForwardConfig, w: dict, x: np.ndarray, cache: KVModel) -> np.ndarray:
+    """One dense block over x [T, n_embd] with causal attention over the cache's keys and values."""
+    T, d, hk = x.shape[0], cfg.head_dim, cfg.n_head_kv
+    h = _norm(x, w["attn_norm.weight"], cfg.rms_eps)
+    q, k, v = (_linear(w, r, h) for r in ("attn_q", "attn_k", "attn_v"))
+    if cfg.qk_norm is QKNorm.FULL:
+        q, k = _norm(q, w["attn_q_norm.weight"], cfg.rms_eps), _norm(k, w["attn_k_norm.weight"], cfg.rms_eps)
+    q, k = q.reshape(T, cfg.n_head, d), k.reshape(T, hk, d)
+    if cfg.qk_norm is QKNorm.PER_HEAD:
+        q, k = _norm(q, w["attn_q_norm.weight"], cfg.rms_eps), _norm(k, w["attn_k_norm.weight"], cfg.rms_eps)
+    q, k = _rope(cfg, q), _rope(cfg, k)
+    k = cache[0](k.reshape(T, hk * d)).reshape(T, hk, d)  # [T, n_head_kv, d] as attention reads them
+    v = cache[1](v).reshape(T, hk, d)
+    group = cfg.n_head // hk
+    scores = np.einsum("tkgd,skd->kgts", q.reshape(T, hk, group, d), k) / np.sqrt(d)  # [hk, group, T, T]
+    scores += np.triu(np.full((T, T), -np.inf), k=1)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = np.einsum("kgts,skd->tkgd", p, v).reshape(T, cfg.n_head * d)
+    x = x + _linear(w, "attn_output", out)
+    h = _norm(x, w["ffn_norm.weight"], cfg.rms_eps)
+    a = _linear(w, "ffn_gate", h)
+    return x + _linear(w, "ffn_down", a / (1 + np.exp(-a)) * _linear(w, "ffn_up", h))
+
+
+def reference_logits(path: Path, tokens: Sequence[int], caches: dict[str, KVModel], last: int | None = None) -> dict[str, np.ndarray]:
+    """Float64 logits [len(tokens), n_vocab] (or of the `last` positions) of a dense model file for
+    each named KV cache model, the blocks run one at a time for all of them."""
+    from edgeai.converters.plan import open_plan
+
+    plan = open_plan(path, "f32")
+    try:
+        cfg = ForwardConfig.from_plan(plan)
+        assert cfg.moe is None and not cfg.has_rope_freqs, "the reference runs dense models without rope_freqs"
+        embd = plan.read("token_embd.weight")
+        hidden = {name: embd[np.asarray(tokens)].astype(np.float64) for name in caches}
+        for i in range(cfg.n_layer):
+            w = {role: t.astype(np.float64) for role, t in load_block(plan, i).tensors.items()}
+            for name, cache in caches.items():
+                hidden[name] = _block(cfg, w, hidden[name], cache)
+        norm = plan.read("output_norm.weight").astype(np.float64)
+        out_w = (embd if cfg.output_weight == "token_embd.weight" else plan.read(cfg.output_weight)).astype(np.float64)
+        rows = slice(-last if last else 0, None)
+        return {name: _norm(h[rows], norm, cfg.rms_eps) @ out_w.T for name, h in hidden.items()}
+    finally:
+        plan.close()
