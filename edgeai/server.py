@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeai.errors import (BackendError, ChatTemplateError, ContextOverflowError, EdgeAIError, OptionError)
-from edgeai.model import Chunk, FinishReason, Model
+from edgeai.model import Chunk, FinishReason, Model, Reply
 from edgeai.scheduler import BusyError, Scheduler
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,11 @@ def create_app(config: ServerConfig, *, loader: Callable[..., Model] | None = No
             raise
         return job, items, first
 
+    async def collect(job, items, first) -> tuple[Reply, list[Chunk]]:
+        """A whole non-streamed answer: the Reply its chunks add up to, and the chunks."""
+        chunks = [c async for c in drain(job, items, first)]
+        return Reply.of(iter(chunks)), chunks
+
     async def drain(job, items, first) -> AsyncIterator[Chunk]:
         try:
             yield first
@@ -332,24 +337,16 @@ def create_app(config: ServerConfig, *, loader: Callable[..., Model] | None = No
                 if include_usage and last is not None:
                     yield {**head, "choices": [], "usage": usage(last)}
             return sse(events())
-        text, reasoning, lps, last = [], [], [], None
-        async for c in drain(job, items, first):
-            text.append(c.text)
-            reasoning.append(c.reasoning)
-            if (e := lp_of(c)) is not None:
-                lps.append(e)
-            last = c
+        reply, chunks = await collect(job, items, first)
         host.done(None)
-        message: dict = {"role": "assistant", "content": "".join(text)}
-        if last.tool_calls:
-            message["tool_calls"] = list(last.tool_calls)
+        message = reply.message()
+        if reply.tool_calls:
             message["content"] = message["content"] or None
-        if "".join(reasoning):
-            message["reasoning_content"] = "".join(reasoning)
+        lps = [e for c in chunks if (e := lp_of(c)) is not None]
         return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": name,
-                             "choices": [{"index": 0, "message": message, "finish_reason": FINISH.get(last.finish_reason),
+                             "choices": [{"index": 0, "message": message, "finish_reason": FINISH.get(reply.finish_reason),
                                           "logprobs": {"content": lps} if want_lp else None}],
-                             "usage": usage(last)})
+                             "usage": usage(chunks[-1])})
 
     def usage(last: Chunk) -> dict:
         t = last.timings
@@ -395,18 +392,16 @@ def create_app(config: ServerConfig, *, loader: Callable[..., Model] | None = No
                                             "finish_reason": FINISH.get(c.finish_reason)}]}
                 host.done(None)
             return sse(events())
-        text, lps, last = [], {"tokens": [], "token_logprobs": [], "top_logprobs": []}, None
-        async for c in drain(job, items, first):
-            text.append(c.text)
-            if (e := lp_of(c)) is not None:
-                for k in lps:
-                    lps[k] += e[k]
-            last = c
+        reply, chunks = await collect(job, items, first)
         host.done(None)
+        lps = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+        for e in filter(None, map(lp_of, chunks)):
+            for k in lps:
+                lps[k] += e[k]
         return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": name,
-                             "choices": [{"index": 0, "text": "".join(text), "logprobs": lps if n_lp is not None else None,
-                                          "finish_reason": FINISH.get(last.finish_reason)}],
-                             "usage": usage(last)})
+                             "choices": [{"index": 0, "text": str(reply), "logprobs": lps if n_lp is not None else None,
+                                          "finish_reason": FINISH.get(reply.finish_reason)}],
+                             "usage": usage(chunks[-1])})
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": int(config.model.stat().st_mtime)
@@ -506,18 +501,14 @@ def create_app(config: ServerConfig, *, loader: Callable[..., Model] | None = No
                         yield {"model": name, "created_at": stamp(), "message": msg, **ollama_done(c, t_start)}
                 host.done(keep)
             return ndjson(events())
-        text, thinking, last = [], [], None
-        async for c in drain(job, items, first):
-            text.append(c.text)
-            thinking.append(c.reasoning)
-            last = c
+        reply, chunks = await collect(job, items, first)
         host.done(keep)
-        msg = {"role": "assistant", "content": "".join(text)}
-        if "".join(thinking):
-            msg["thinking"] = "".join(thinking)
-        if last.tool_calls:
-            msg["tool_calls"] = ollama_calls(last.tool_calls)
-        return JSONResponse({"model": name, "created_at": stamp(), "message": msg, **ollama_done(last, t_start)})
+        msg = {"role": "assistant", "content": str(reply)}
+        if reply.reasoning_content:
+            msg["thinking"] = reply.reasoning_content
+        if reply.tool_calls:
+            msg["tool_calls"] = ollama_calls(reply.tool_calls)
+        return JSONResponse({"model": name, "created_at": stamp(), "message": msg, **ollama_done(chunks[-1], t_start)})
 
     async def api_generate(request: Request) -> Response:
         body = await body_of(request)
@@ -557,15 +548,11 @@ def create_app(config: ServerConfig, *, loader: Callable[..., Model] | None = No
                         yield {**event, **ollama_done(c, t_start)}
                 host.done(keep)
             return ndjson(events())
-        text, thinking, last = [], [], None
-        async for c in drain(job, items, first):
-            text.append(c.text)
-            thinking.append(c.reasoning)
-            last = c
+        reply, chunks = await collect(job, items, first)
         host.done(keep)
-        out = {"model": name, "created_at": stamp(), "response": "".join(text), **ollama_done(last, t_start)}
-        if "".join(thinking):
-            out["thinking"] = "".join(thinking)
+        out = {"model": name, "created_at": stamp(), "response": str(reply), **ollama_done(chunks[-1], t_start)}
+        if reply.reasoning_content:
+            out["thinking"] = reply.reasoning_content
         return JSONResponse(out)
 
     def details() -> dict:

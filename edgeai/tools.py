@@ -104,16 +104,13 @@ def template_knows_tools(source: str | None) -> bool:
 
 
 def call_text(name: str, arguments: Any) -> str:
-    """One call in the wire format (`arguments`: a dict, or OpenAI's JSON string of one)."""
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError as exc:
-            raise OptionError(f"the arguments of an earlier call to {name!r} are not JSON: {exc}") from None
+    """One call in the wire format (`arguments`: the arguments object)."""
     return f"{CALL_OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{CALL_CLOSE}"
 
 
 def _calls_of(message: Mapping) -> list[tuple[str, Any]]:
+    """(name, arguments object) of each call an assistant message carries (OpenAI's JSON-string
+    arguments parsed once here)."""
     calls = message.get("tool_calls") or []
     if not isinstance(calls, Sequence):
         raise OptionError(f"tool_calls must be a list, got {calls!r:.60}")
@@ -122,7 +119,7 @@ def _calls_of(message: Mapping) -> list[tuple[str, Any]]:
         fn = c.get("function", c) if isinstance(c, Mapping) else None
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
             raise OptionError(f"a tool call must be {{'function': {{'name': ..., 'arguments': ...}}}}, got {c!r:.80}")
-        out.append((fn["name"], fn.get("arguments", {})))
+        out.append((fn["name"], _as_object(fn["name"], fn.get("arguments", {}))))
     return out
 
 
@@ -136,8 +133,7 @@ def messages_for_template(messages: list[dict], tools: list[Tool] | None, native
         calls = _calls_of(m) if m["role"] == "assistant" else []
         if native:
             if calls:
-                m["tool_calls"] = [{"type": "function", "function": {"name": n, "arguments": _as_object(n, a)}}
-                                   for n, a in calls]
+                m["tool_calls"] = [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]
         else:
             m.pop("tool_calls", None)
             if calls:
