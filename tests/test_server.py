@@ -153,6 +153,31 @@ def test_ollama_endpoints(server, name):
     assert status == 200 and server.request("GET", "/health")[1]["loaded"] is True
 
 
+def test_the_official_ollama_client(server, name):
+    """The ollama API as ollama's own Python client speaks it (pinned in the test extras)."""
+    import ollama
+
+    client = ollama.Client(host=server.url, timeout=120)
+    assert [m.model for m in client.list().models] == [name]
+    r = client.chat(model=name, messages=[{"role": "user", "content": "Hi"}], options={"temperature": 0, "num_predict": 6})
+    assert r.done and r.message.role == "assistant" and r.eval_count <= 6
+    parts = [p.message.content for p in client.chat(model=name, messages=[{"role": "user", "content": "Hi"}], stream=True,
+                                                    options={"temperature": 0, "num_predict": 6})]
+    assert "".join(parts) == r.message.content
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    g = client.generate(model=name, prompt="Is water wet?", format=schema, options={"temperature": 0, "num_predict": 20})
+    assert isinstance(json.loads(g.response)["ok"], bool)
+    tools = [{"type": "function", "function": {"name": "get_time", "description": "Time in a zone", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"]}}}]
+    r = client.chat(model=name, messages=[{"role": "user", "content": "What time is it in UTC?"}], tools=tools,
+                    options={"temperature": 0, "num_predict": 60})
+    assert r.message.tool_calls is None or r.message.tool_calls[0].function.name == "get_time"
+    assert client.show(name).modelinfo["context_length"] == 1024
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="llama3", messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 404
+
+
 @pytest.mark.parametrize("path, body, status, words", [
     ("/v1/chat/completions", b"{bad", 400, "not JSON"),
     ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "not served here"),
