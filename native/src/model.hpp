@@ -69,6 +69,11 @@ struct SamplingParams {
 // One token from logits [n_vocab] given the sequence so far (penalty -> top-k -> top-p -> min-p ->
 // temperature -> draw, as runtimes/sampling.py); temperature <= 0 is greedy. mask: nullptr, or
 // ceil(n_vocab / 32) words whose bit t % 32 of word t / 32 allows token t; a disallowed token is never drawn, and a mask allowing none is an error.
+// The tokens the sampler chooses among and their unnormalised weights, after the whole chain but the
+// draw (speculative decoding's target distribution p; sample_token draws from exactly these).
+// z is modified (mask and penalty applied). Greedy: the arg-max with weight 1.
+void sampling_candidates(std::vector<float> &z, const std::vector<int32_t> &history, const SamplingParams &s,
+                         const uint32_t *mask, std::vector<int> &ids, std::vector<double> &w);
 int sample_token(std::vector<float> logits, const std::vector<int32_t> &history, const SamplingParams &s,
                  std::mt19937_64 &rng, const uint32_t *mask = nullptr);
 
