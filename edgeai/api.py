@@ -24,8 +24,8 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
     kv_cache: the KV cache's element type, "f16" (default) or "q8_0" (about half the memory; native
     and llama.cpp backends).
     speculative: speculative decoding (`edgeai.speculative`, native backend only), "lookup" (drafts
-    from n-grams of the prompt and the text so far) or a draft model's path (a GGUF with the same
-    vocabulary); draft_tokens: the most tokens drafted per verification (1..14, default 8; the
+    from n-grams of the prompt and the text so far), "self" (the model through a subset of its
+    layers) or a draft model's path (a GGUF with the same vocabulary); draft_tokens: the most tokens drafted per verification (1..14, default 8; the
     draft length adapts below it). Output is the same as without it (greedy: token for token).
     """
     from edgeai.runtimes.registry import header_of, resolve

@@ -188,6 +188,42 @@ class DraftModel:
         self._be.close()
 
 
+class SelfDraft:
+    """Self-speculation: the loaded target through a subset of its layers (every other layer of the
+    second half skipped, the last kept), greedy. No second model, no extra memory: the draft's KV
+    rows land in the target's cache at the positions being drafted (only the layers it runs), and
+    are truncated before the verification rewrites them with the whole model.
+
+    On SmolLM2-135M its arg-max agrees with the target's on about 28% of positions for 23 of 30
+    layers (teacher-forced, three prompts): it does not pay there, and the pause turns it off."""
+
+    name = DrafterKind.SELF.value
+
+    def __init__(self, target) -> None:
+        n = int(target.n_layer)
+        self._be = target
+        self.skip = [n // 2 <= layer < n - 1 and layer % 2 == 1 for layer in range(n)]
+
+    def draft(self, context: Sequence[int], n: int) -> list[int]:
+        be = self._be
+        n0 = be.n_past
+        n = min(n, be.n_ctx - len(context))
+        if n <= 0:
+            return []
+        pending, out = list(context[n0:]), []
+        try:
+            for _ in range(n):
+                tok = int(np.argmax(be.eval_logits(pending, self.skip)[-1]))
+                out.append(tok)
+                pending = [tok]
+        finally:
+            be.truncate(n0)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
 def check_same_vocabulary(target, draft) -> None:
     """OptionError naming both files unless the draft's GGUF header (`edgeai.gguf_header.GGUFHeader`)
     has the target's vocabulary: the same token strings, in the same order."""
@@ -402,6 +438,8 @@ def speculator_for(backend, options: SpeculativeOptions | None) -> Speculator | 
     elif options.kind is DrafterKind.MODEL:
         drafter = DraftModel(options.draft_path, backend)
     else:
-        raise OptionError("speculative='self' (layer-skipping self-speculation) is not implemented yet; use "
-                          "speculative='lookup' or a draft model's path")
+        if backend.stats().extra["expert_store"].get("layers") is not None:
+            raise OptionError("speculative='self' cannot skip layers while dense layers are streamed from the file "
+                              "(memory budget); use speculative='lookup' or a larger memory_budget")
+        drafter = SelfDraft(backend)
     return Speculator(backend, drafter, options.draft_tokens)

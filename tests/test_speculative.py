@@ -79,7 +79,7 @@ def test_draft_model_with_another_vocabulary_is_refused(tiny_chat_gguf):
 def test_greedy_tiny_is_token_identical_with_every_drafter(tiny_chat_gguf, repeat_penalty):
     prompt = "a b c a b c a b c the cat the cat the"
     want, history, logits = _plain(tiny_chat_gguf, prompt, 48, repeat_penalty=repeat_penalty)
-    for spec in ("lookup", str(tiny_chat_gguf)):  # the target as its own draft model: every draft accepted
+    for spec in ("lookup", "self", str(tiny_chat_gguf)):  # the target as its own draft model: every draft accepted
         with edgeai.load(tiny_chat_gguf, backend="native", threads=1, speculative=spec, draft_tokens=6) as m:
             got, chunks = _speculative(m, prompt, 48, repeat_penalty=repeat_penalty)
             assert got == want, spec
@@ -87,7 +87,7 @@ def test_greedy_tiny_is_token_identical_with_every_drafter(tiny_chat_gguf, repea
             assert m.backend.history == history  # the cache holds what plain decoding's holds
             st = m.stats().extra["speculative"]
             assert st["verifications"] > 0
-            if spec != "lookup" and repeat_penalty == 1.0:  # (the draft drafts without the penalty)
+            if spec not in ("lookup", "self") and repeat_penalty == 1.0:  # (the draft drafts without the penalty)
                 assert st["acceptance_rate"] == 1.0
 
 
@@ -114,6 +114,19 @@ def test_greedy_smollm2_is_token_identical_and_rolls_back_exactly(kv):
     with edgeai.load(path, backend="native", threads=1, kv_cache=kv) as m:
         m.backend.eval_logits(history)
         assert np.array_equal(nxt, m.backend.eval_logits([want[-1]])[0])
+
+
+def test_self_speculation_smollm2_is_token_identical():
+    from edgeai.paths import default_model_path
+
+    path = default_model_path()
+    want, history, _ = _plain(path, PASSAGE, 24)
+    with edgeai.load(path, backend="native", threads=1, speculative="self", draft_tokens=4) as m:
+        m._speculator.MIN_BACKOFF = m._speculator._backoff = 1  # keep drafting although it does not pay here
+        got, _ = _speculative(m, PASSAGE, 24)
+        assert got == want
+        assert m.backend.history == history
+        assert m.stats().extra["speculative"]["verifications"] > 2
 
 
 def test_batched_logits_equal_decode_logits_at_every_verify_size():

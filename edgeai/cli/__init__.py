@@ -230,8 +230,8 @@ _MODEL_OPTS = dict(
     n_ctx=typer.Option(None, "--n-ctx", help="Context positions (default 2048, at most the model's)."),
     threads=typer.Option(None, "--threads", "-t", help="Threads (default: the device's, else one per performance core)."),
     kv_cache=typer.Option(None, "--kv-cache", help="KV cache type: f16 (default) or q8_0 (about half the memory)."),
-    speculative=typer.Option(None, "--speculative", help="Speculative decoding (native): lookup, or a draft model's "
-                             "path (same vocabulary); the output is unchanged."),
+    speculative=typer.Option(None, "--speculative", help="Speculative decoding (native): lookup, self (layer skipping) "
+                             "or a draft model's path (same vocabulary); the output is unchanged."),
     draft_tokens=typer.Option(None, "--draft-tokens", help="Most tokens drafted per verification (1-14, default 8)."),
 )
 

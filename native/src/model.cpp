@@ -746,6 +746,7 @@ void Model::forward(const int32_t *tokens, int T, int pos0, float *logits_out, b
         else apply(0, size_t(T));
     };
     for (int l = 0; l < c.n_layer; ++l) {
+        if (skip_ && (*skip_)[l]) continue;  // self-speculation's draft: the layer passes its input through
         const Layer &L = layer_store_ ? acquire_layer(l) : layers_[l];
         norm_tokens(L.attn_norm);
         attention(L, l, T, pos0);
@@ -759,8 +760,16 @@ void Model::forward(const int32_t *tokens, int T, int pos0, float *logits_out, b
     matmul(output_, xb_.data(), logits_out, n_out);
 }
 
-void Model::eval(const std::vector<int32_t> &tokens, std::vector<float> *all_logits) {
+void Model::eval(const std::vector<int32_t> &tokens, std::vector<float> *all_logits, const std::vector<uint8_t> *skip_layers) {
     if (tokens.empty()) return;
+    if (skip_layers && skip_layers->size() != size_t(cfg_.n_layer))
+        throw ModelError("the layer mask has " + std::to_string(skip_layers->size()) + " entries for " + std::to_string(cfg_.n_layer) + " layers");
+    if (skip_layers && layer_store_) throw ModelError("layers cannot be skipped while dense layers are streamed");
+    struct Reset {  // skip_ holds only for this call, also when it throws
+        const std::vector<uint8_t> *&p;
+        ~Reset() { p = nullptr; }
+    } reset{skip_};
+    skip_ = skip_layers;
     if (history_.size() + tokens.size() > static_cast<size_t>(n_ctx_))
         throw ModelError("context full: " + std::to_string(history_.size()) + " + " + std::to_string(tokens.size()) +
                          " tokens exceed n_ctx=" + std::to_string(n_ctx_));

@@ -117,8 +117,11 @@ class Model {
     StreamingStore *layer_store() { return layer_store_.get(); }  // nullptr unless dense layers are streamed
 
     // Appends tokens to the KV cache (in batches of at most n_batch). Logits of the last token are
-    // kept; with all_logits, out receives [tokens.size()][n_vocab].
-    void eval(const std::vector<int32_t> &tokens, std::vector<float> *all_logits = nullptr);
+    // kept; with all_logits, out receives [tokens.size()][n_vocab]. skip_layers: nullptr, or
+    // [n_layer] flags; a flagged layer is not computed (its input passes through) and writes no KV:
+    // self-speculative drafting, whose positions the caller truncates and verifies afterwards.
+    void eval(const std::vector<int32_t> &tokens, std::vector<float> *all_logits = nullptr,
+              const std::vector<uint8_t> *skip_layers = nullptr);
     void truncate(int n);
     // Drops positions [start, end) from the KV cache and moves the later ones down by end - start,
     // their keys re-rotated to their new positions (as llama.cpp's context shift does): generation
@@ -185,6 +188,7 @@ class Model {
     std::vector<uint8_t> k_cache_, v_cache_;  // [n_layer][n_ctx][kv_row_]: n_head_kv * head_dim f16 or Q8_0
     std::vector<int32_t> history_;
     std::vector<float> logits_;  // [n_vocab] of the last evaluated token
+    const std::vector<uint8_t> *skip_ = nullptr;  // [n_layer] layers eval() skips in this call, or none
 
     // scratch, sized for the current batch T (shapes in comments)
     int scratch_T_ = 0;

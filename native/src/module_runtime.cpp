@@ -425,18 +425,20 @@ void bind_runtime(nb::module_ &m) {
         .def_prop_ro("resident_bytes", &edgeai::Model::resident_bytes)
         .def_prop_ro("scratch_bytes", &edgeai::Model::scratch_bytes)
         .def("eval",
-             [](edgeai::Model &self, const std::vector<int32_t> &tokens, bool all_logits) -> nb::object {
+             [](edgeai::Model &self, const std::vector<int32_t> &tokens, bool all_logits,
+                std::optional<std::vector<uint8_t>> skip_layers) -> nb::object {
                  std::vector<float> all;
                  {
                      nb::gil_scoped_release release;
-                     self.eval(tokens, all_logits ? &all : nullptr);
+                     self.eval(tokens, all_logits ? &all : nullptr, skip_layers ? &*skip_layers : nullptr);
                  }
                  if (!all_logits) return nb::none();
                  const size_t V = self.config().n_vocab;
                  return nb::cast(to_numpy(std::move(all), {tokens.size(), V}));
              },
-             nb::arg("tokens"), nb::arg("all_logits") = false,
-             "Append tokens to the KV cache; with all_logits, return their logits [len(tokens), n_vocab].")
+             nb::arg("tokens"), nb::arg("all_logits") = false, nb::arg("skip_layers") = nb::none(),
+             "Append tokens to the KV cache; with all_logits, return their logits [len(tokens), n_vocab]. "
+             "skip_layers: [n_layer] flags of layers not computed (self-speculative drafts; truncate after).")
         .def("step",
              [](edgeai::Model &self, const std::vector<int32_t> &tokens, std::optional<U32In> mask) {
                  const size_t words = (size_t(self.config().n_vocab) + 31) / 32;
