@@ -96,6 +96,12 @@ class Drafter(Protocol):
     verifier treats its proposal as a point mass)."""
 
     name: str
+    # True when drafting costs next to nothing (no model): the speculator then drafts the most it
+    # may and cuts the draft to the length that pays, knowing its `source`
+    cheap: bool
+    # what made the last draft (prompt lookup: the n-gram size matched), or None: acceptance is
+    # learnt per source, as a 3-gram match is accepted far more often than a 1-gram one
+    source: object
 
     def draft(self, context: Sequence[int], n: int) -> list[int]:
         """Up to `n` tokens that may follow `context` (every token of the sequence so far, prompt
@@ -111,12 +117,14 @@ class PromptLookup:
     beyond an index of the sequence's n-grams (kept incrementally while the sequence grows)."""
 
     name = DrafterKind.LOOKUP.value
+    cheap = True
 
     def __init__(self, max_ngram: int = LOOKUP_MAX_NGRAM, min_ngram: int = LOOKUP_MIN_NGRAM) -> None:
         assert 1 <= min_ngram <= max_ngram
         self.sizes = range(max_ngram, min_ngram - 1, -1)
         self._seq: list[int] = []
         self._index: dict[tuple[int, ...], int] = {}  # n-gram -> position of the token after its latest occurrence
+        self.source: int | None = None  # the n-gram size of the last draft
 
     def _sync(self, context: Sequence[int]) -> None:
         """Index `context`, reusing the index when it extends the sequence indexed so far."""
@@ -134,11 +142,13 @@ class PromptLookup:
     def draft(self, context: Sequence[int], n: int) -> list[int]:
         self._sync(context)
         seq = self._seq
+        self.source = None
         for size in self.sizes:
             if len(seq) <= size:
                 continue
             at = self._index.get(tuple(seq[-size:]))
             if at is not None:
+                self.source = size
                 return seq[at:at + n]
         return []
 
@@ -152,6 +162,7 @@ class DraftModel:
     a rejected draft costs it no recomputation either."""
 
     name = DrafterKind.MODEL.value
+    cheap, source = False, None
 
     def __init__(self, path: Path, target, *, threads: int | None = None) -> None:
         from edgeai.gguf_header import read_header
@@ -198,6 +209,7 @@ class SelfDraft:
     layers (teacher-forced, three prompts): it does not pay there, and the pause turns it off."""
 
     name = DrafterKind.SELF.value
+    cheap, source = False, None
 
     def __init__(self, target) -> None:
         n = int(target.n_layer)
@@ -263,22 +275,33 @@ class SpeculativeStats:
 
 class Speculator:
     """Draft, verify in one batch, accept, roll back, over one backend that has `eval_logits` and
-    `truncate` (the native engine)."""
+    `truncate` (the native engine).
 
-    EMA = 0.2  # weight of the newest measurement in the running averages
-    MIN_BACKOFF, MAX_BACKOFF = 8, 256  # plain steps while paused (doubling while it keeps not paying)
+    Adaptive (unless `adaptive` is False: then every step drafts `draft_tokens`): the per-token
+    acceptance a is estimated from recent verifications (accepted drafts / (accepted + rejections),
+    the estimate for a geometric run), the cost of a verification of each batch size and of drafting
+    a token are measured, and each step drafts the k that maximises expected tokens per second,
+    (1 - a^(k+1)) / (1 - a) tokens for k * draft + verify(k + pending) seconds, against a plain
+    step's one token. When no k beats a plain step, speculation is off; it is probed again after a
+    back-off that doubles while it keeps not paying."""
 
-    def __init__(self, backend, drafter: Drafter, draft_tokens: int) -> None:
+    DECAY = 0.9  # weight of the past in the acceptance counts (per verification)
+    EMA = 0.2  # weight of the newest measurement in the running times
+    MIN_BACKOFF, MAX_BACKOFF = 8, 256  # plain steps before probing again (doubling while it keeps not paying)
+
+    def __init__(self, backend, drafter: Drafter, draft_tokens: int, *, adaptive: bool = True) -> None:
         self.backend = backend
         self.drafter = drafter
         self.k_max = draft_tokens
+        self.adaptive = adaptive
         self.stats = SpeculativeStats(drafter.name, draft_tokens)
         self._params = Sampling()
         self._rng = np.random.default_rng()
-        self._rate = 0.6  # running per-token acceptance, sets the draft length
+        self._counts: dict[object, list[float]] = {}  # drafter source -> decayed [accepted drafts, rejections]
         self._plain_s: float | None = None  # running seconds of a plain decode step
-        self._gain: float | None = None  # running (tokens per second verifying) / (plain tokens per second)
-        self._paused, self._backoff = 0, self.MIN_BACKOFF
+        self._verify_s: dict[int, float] = {}  # batch size -> running seconds of a verification
+        self._draft_s = 0.0  # running seconds of drafting one token
+        self._waited, self._backoff = 0, self.MIN_BACKOFF
 
     def begin(self, params: Sampling) -> None:
         """A new generation with these sampling parameters (the random stream is re-seeded, as the
@@ -286,10 +309,42 @@ class Speculator:
         self._params = params
         self._rng = np.random.default_rng(params.seed)
 
-    def draft_length(self) -> int:
-        """Tokens to draft next: about the expected run of acceptances (a / (1 - a)) plus one."""
-        a = min(self._rate, 0.95)
-        return max(1, min(self.k_max, math.ceil(a / (1 - a)) + 1))
+    def _acceptance(self, source: object) -> float:
+        acc, rej = self._counts.get(source, (1.0, 1.0))  # prior: a = 0.5
+        return acc / (acc + rej)
+
+    def _gain(self, k: int, n_pending: int, a: float) -> float:
+        """Expected tokens per second drafting k tokens accepted each with probability a, over a
+        plain step's."""
+        a = min(a, 0.98)
+        tokens = (1 - a ** (k + 1)) / (1 - a)
+        b = n_pending + k
+        # an unmeasured batch size: optimistic (decode is bound by memory), so that it gets measured
+        verify = self._verify_s.get(b, self._plain_s * (1 + 0.1 * (b - 1)))
+        return tokens * self._plain_s / (k * self._draft_s + verify)
+
+    def draft_length(self, room: int, n_pending: int, source: object = None) -> int:
+        """Tokens to draft (or to keep of a cheap drafter's draft from `source`) this step, at most
+        `room`; 0: a plain step."""
+        if room <= 0:
+            return 0
+        if not self.adaptive:
+            return room
+        if self._plain_s is None:
+            return 0  # a plain step first: its time is the yardstick
+        a = self._acceptance(source)
+        gains = {k: self._gain(k, n_pending, a) for k in range(1, room + 1)}
+        k = max(gains, key=gains.get)
+        if gains[k] > 1.0:
+            self._waited = 0
+            return k
+        self._waited += 1
+        if self._waited < self._backoff:
+            self.stats.paused_steps += 1
+            return 0
+        self._waited = 0  # probe: has it started to pay (another kind of text)?
+        self._backoff = min(self._backoff * 2, self.MAX_BACKOFF)
+        return k
 
     def step(self, pending: list[int], context: list[int], *, limit: int, mask: np.ndarray | None = None,
              matcher=None) -> list[int]:
@@ -298,14 +353,17 @@ class Speculator:
         (KV history + pending); limit: the most tokens to return (max_tokens left); matcher: the
         active constraint's `edgeai.constraints.Matcher` (drafts are checked against its masks; it is
         left as it was: the caller consumes the returned tokens). `mask` is the matcher's current mask."""
-        be = self.backend
-        n = min(self.draft_length(), limit - 1, MAX_VERIFY_TOKENS - len(pending), be.n_ctx - be.n_past - len(pending))
+        be, d = self.backend, self.drafter
+        room = min(self.k_max, limit - 1, MAX_VERIFY_TOKENS - len(pending), be.n_ctx - be.n_past - len(pending))
         draft: list[int] = []
-        if self._paused > 0:
-            self._paused -= 1
-            self.stats.paused_steps += 1
-        elif n > 0:
-            draft = self.drafter.draft(context, n)[:n]
+        t0 = time.perf_counter()
+        if d.cheap:  # draft the most, keep what pays for its source
+            draft = d.draft(context, room)[:room] if room > 0 and (self._plain_s is not None or not self.adaptive) else []
+            draft = draft[:self.draft_length(len(draft), len(pending), d.source)] if draft else []
+        else:
+            n = self.draft_length(room, len(pending))
+            draft = d.draft(context, n)[:n] if n > 0 else []
+        source = d.source
         masks = [mask]
         if draft and matcher is not None:
             draft, masks = self._constrained(draft, mask, matcher)
@@ -315,7 +373,10 @@ class Speculator:
             self._plain_s = self._ema(self._plain_s, time.perf_counter() - t0)
             self.stats.plain_steps += 1
             return [tok]
-        return self._verify(pending, draft, masks)
+        drafted_s = time.perf_counter() - t0
+        if not d.cheap:
+            self._draft_s = self._ema(self._draft_s, drafted_s / len(draft))
+        return self._verify(pending, draft, masks, drafted_s, source)
 
     def _constrained(self, draft: list[int], mask: np.ndarray, matcher) -> tuple[list[int], list[np.ndarray]]:
         """The prefix of `draft` the constraint allows, and the mask of each of its positions and of
@@ -341,7 +402,10 @@ class Speculator:
                 matcher.rollback(consumed)
         return kept, masks
 
-    def _verify(self, pending: list[int], draft: list[int], masks: list[np.ndarray | None]) -> list[int]:
+    def _verify(self, pending: list[int], draft: list[int], masks: list[np.ndarray | None],
+                drafted_s: float = 0.0, source: object = None) -> list[int]:
+        """Evaluate pending + draft in one batch, accept the longest prefix the rule allows, draw the
+        token after it, and truncate the cache to pending + the accepted drafts."""
         from edgeai.native_bridge import native as _native
 
         be, s = self.backend, self._params
@@ -394,25 +458,20 @@ class Speculator:
         # the cache keeps pending and the accepted drafts but the last returned token
         be.truncate(n0 + len(pending) + len(out) - 1)
         elapsed = time.perf_counter() - t0
-        self._learn(len(draft), accepted, len(out), elapsed)
+        self._learn(len(pending) + len(draft), len(draft), accepted, len(out), elapsed, drafted_s, source)
         return out
 
-    def _learn(self, drafted: int, accepted: int, produced: int, seconds: float) -> None:
+    def _learn(self, batch: int, drafted: int, accepted: int, produced: int, seconds: float, drafted_s: float,
+               source: object) -> None:
         st = self.stats
         st.verifications += 1
         st.drafted += drafted
         st.accepted += accepted
-        self._rate = self._ema(self._rate, accepted / drafted)
-        if self._plain_s is not None and seconds > 0:
-            self._gain = self._ema(self._gain, produced * self._plain_s / seconds)
-            if self._gain < 1.0:  # not paying: plain steps for a while, then try again
-                self._paused = self._backoff
-                log.debug("speculation paused for %d steps (gain %.2f)", self._backoff, self._gain)
-                self._backoff = min(self._backoff * 2, self.MAX_BACKOFF)
-                self._gain = None
-                self._rate = max(self._rate, 0.5)
-            else:
-                self._backoff = self.MIN_BACKOFF
+        acc, rej = self._counts.get(source, (1.0, 1.0))
+        self._counts[source] = [self.DECAY * acc + accepted, self.DECAY * rej + (accepted < drafted)]
+        self._verify_s[batch] = self._ema(self._verify_s.get(batch), seconds)
+        if self._plain_s is not None and produced * self._plain_s > seconds + drafted_s:
+            self._backoff = self.MIN_BACKOFF  # it paid: probe soon again after a pause
 
     @classmethod
     def _ema(cls, old: float | None, new: float) -> float:

@@ -21,6 +21,7 @@ class Oracle:
     acceptance (bonus token), partial acceptance and rejection at the first position."""
 
     name = "oracle"
+    cheap, source = True, None
 
     def __init__(self, prompt_len: int, continuation: list[int], every: int = 5, wrong: int = 3) -> None:
         self.prompt_len, self.cont, self.every, self.wrong = prompt_len, continuation, every, wrong
@@ -105,7 +106,7 @@ def test_greedy_smollm2_is_token_identical_and_rolls_back_exactly(kv):
         assert m.stats().extra["speculative"]["accepted"] > 0
         # an oracle drafter: long accepted runs, bonus tokens, rejections in the middle and at the start
         m._speculator.drafter = Oracle(len(prompt), want, every=3)
-        m._speculator._paused = 0
+        m._speculator.adaptive = False  # draft draft_tokens every step, however the timing goes
         got, _ = _speculative(m, prompt, 40)
         assert got == want
         assert m.backend.history == history
@@ -122,7 +123,7 @@ def test_self_speculation_smollm2_is_token_identical():
     path = default_model_path()
     want, history, _ = _plain(path, PASSAGE, 24)
     with edgeai.load(path, backend="native", threads=1, speculative="self", draft_tokens=4) as m:
-        m._speculator.MIN_BACKOFF = m._speculator._backoff = 1  # keep drafting although it does not pay here
+        m._speculator.adaptive = False  # keep drafting although it does not pay here
         got, _ = _speculative(m, PASSAGE, 24)
         assert got == want
         assert m.backend.history == history
@@ -215,6 +216,7 @@ def test_sampling_keeps_the_target_distribution(tiny_chat_gguf):
 
         class Fixed:
             name = "fixed"
+            cheap, source = True, None
 
             def draft(self, context, n):
                 return [a, b][:n]
@@ -222,12 +224,11 @@ def test_sampling_keeps_the_target_distribution(tiny_chat_gguf):
             def close(self):
                 pass
 
-        spec = Speculator(be, Fixed(), 2)
+        spec = Speculator(be, Fixed(), 2, adaptive=False)
         spec.begin(s)
         first, second, n = {}, {}, 6000
         for _ in range(n):
-            spec._paused, spec._rate = 0, 0.6  # always draft 2
-            out = spec.step([last], prompt, limit=8)
+            out = spec._verify([last], [a, b], [None])
             be.truncate(n0)
             first[out[0]] = first.get(out[0], 0) + 1
             if out[0] == a:
