@@ -17,8 +17,9 @@ penalty, top-k, top-p, min-p, temperature); the drafters here are deterministic 
 without d. The output distribution is then exactly the target's; the tokens drawn for a given seed
 differ from plain decoding's (the random stream is used differently).
 
-Adaptive: the draft length follows the measured acceptance, and speculation pauses (backing off
-exponentially) while a verification yields fewer tokens per second than a plain step.
+Adaptive (`Speculator`): the draft length follows the measured acceptance (per draft source) and the
+measured cost of verifying each batch size; speculation is off while no draft length beats a plain
+step, and probed again after a back-off that doubles while it keeps not paying.
 """
 
 from __future__ import annotations
