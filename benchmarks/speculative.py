@@ -5,7 +5,11 @@ plain native decode, native with each drafter, and llama-cpp-python's own prompt
 Run by hand on a quiet machine (never by tests):
 
     .venv/bin/python benchmarks/speculative.py [--rounds 3] [--threads 1 2] [--types q8_0 q4_0]
-        [--draft PATH] [--max-tokens 128] [--out DIR]
+        [--draft PATH | --make-draft K] [--drafters lookup self] [--max-tokens 128] [--out DIR]
+
+Drafters: prompt lookup, self-speculation (layer skipping), and a draft model: `--draft PATH`, or
+`--make-draft K` to make one from SmolLM2 itself with edgeai (`edgeai convert --quant q4_0 --prune
+layers:K`, K blocks dropped, calibrated on standard-library docstrings; cached beside the targets).
 
 Tasks (written for this benchmark): input-grounded ones, where the answer copies from the prompt
 (rewrite a passage with its spelling fixed, edit given code, extract facts from a given text), and an
@@ -80,6 +84,20 @@ def model_file(kind: str) -> Path:
     return path
 
 
+def draft_file(drop: int) -> Path:
+    """SmolLM2 with `drop` blocks pruned, Q4_0: a draft made by edgeai from the target's checkpoint."""
+    import argparse as a, collections, json as j, os, re, textwrap
+
+    path = BENCH / f"smollm2-draft-drop{drop}-q4_0.gguf"
+    if not path.exists():
+        BENCH.mkdir(parents=True, exist_ok=True)
+        calib = BENCH / "draft-calib.txt"
+        calib.write_text("\n\n".join(m.__doc__ or "" for m in (a, collections, j, os, re, textwrap)))
+        subprocess.run([EDGEAI, "convert", "-o", str(path), "--quant", "q4_0", "--prune", f"layers:{drop}",
+                        "--calib", str(calib), "--force"], check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
 def sampling(temperature: float) -> dict:
     return dict(temperature=temperature, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, seed=7)
 
@@ -122,6 +140,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--types", nargs="+", default=["q8_0", "q4_0"])
     ap.add_argument("--draft", type=Path, default=None, help="a draft model GGUF with SmolLM2's vocabulary")
+    ap.add_argument("--make-draft", type=int, default=None, metavar="K",
+                    help="make the draft model: SmolLM2 with K blocks dropped, Q4_0")
+    ap.add_argument("--drafters", nargs="+", default=["lookup", "self"], help="lookup and/or self")
     ap.add_argument("--draft-tokens", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS))
@@ -132,14 +153,15 @@ def main() -> None:
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-    drafters = ["lookup"] + ([str(args.draft)] if args.draft else [])
+    draft = args.draft or (draft_file(args.make_draft) if args.make_draft else None)
+    drafters = list(args.drafters) + ([str(draft)] if draft else [])
     rows = []
     for kind in args.types:
         path = model_file(kind)
         for threads in args.threads:
             engines = {"native": edgeai.load(path, backend="native", threads=threads, n_ctx=1024)}
             for d in drafters:
-                engines[f"native+{Path(d).name if d != 'lookup' else d}"] = edgeai.load(
+                engines[f"native+{Path(d).name if d not in ('lookup', 'self') else d}"] = edgeai.load(
                     path, backend="native", threads=threads, n_ctx=1024, speculative=d, draft_tokens=args.draft_tokens)
             llamas = {"llama.cpp": Llama(str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
                                          verbose=False, logits_all=False),
