@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--make-draft", type=int, default=None, metavar="K",
                     help="make the draft model: SmolLM2 with K blocks dropped, Q4_0")
     ap.add_argument("--drafters", nargs="+", default=["lookup", "self"], help="lookup and/or self")
+    ap.add_argument("--fixed-length", action="store_true",
+                    help="draft --draft-tokens every step (no adaptation): each drafter's raw acceptance")
     ap.add_argument("--draft-tokens", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS))
@@ -163,6 +165,9 @@ def main() -> None:
             for d in drafters:
                 engines[f"native+{Path(d).name if d not in ('lookup', 'self') else d}"] = edgeai.load(
                     path, backend="native", threads=threads, n_ctx=1024, speculative=d, draft_tokens=args.draft_tokens)
+            for m in engines.values():
+                if m._speculator is not None:
+                    m._speculator.adaptive = not args.fixed_length
             llamas = {"llama.cpp": Llama(str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
                                          verbose=False, logits_all=False),
                       "llama.cpp+lookup": Llama(str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads,

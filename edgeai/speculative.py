@@ -309,6 +309,8 @@ class Speculator:
         backend's is by `set_sampling`)."""
         self._params = params
         self._rng = np.random.default_rng(params.seed)
+        # another prompt may be another kind of text: probe soon (what was learnt of acceptance stays)
+        self._waited, self._backoff = 0, self.MIN_BACKOFF
 
     def _acceptance(self, source: object) -> float:
         acc, rej = self._counts.get(source, (1.0, 1.0))  # prior: a = 0.5
