@@ -43,6 +43,9 @@ class BenchResult:
     ttft_s: float  # prefill of n_prompt tokens plus the first sample
     peak_rss_bytes: int  # the whole worker process at its peak (Python included)
     load_rss_bytes: int  # resident memory the load and the runs added to the process
+    speculative: str | None = None  # the drafter (speculative decoding), None for plain decode
+    acceptance_rate: float | None = None  # drafted tokens accepted / drafted
+    mean_accepted_length: float | None = None  # accepted tokens per verification
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -73,15 +76,29 @@ def timed_generation(backend, prompt: list[int], n_gen: int) -> tuple[float, flo
     return t1 - t0, time.perf_counter() - t1
 
 
+def timed_stream(model, prompt: list[int], n_gen: int) -> tuple[float, float]:
+    """As `timed_generation`, through `Model.stream` (speculative decoding runs there): `n_gen`
+    tokens after the first, greedy, from an empty cache."""
+    model.reset()
+    chunks = model.stream(prompt, max_tokens=n_gen + 1, temperature=0)
+    t0 = time.perf_counter()
+    next(chunks)
+    t1 = time.perf_counter()
+    for _ in chunks:
+        pass
+    return t1 - t0, time.perf_counter() - t1
+
+
 def measure(path: Path, backend: str, *, threads: int, n_prompt: int, n_gen: int, repeats: int,
-            memory_budget: int | None = None, kv_cache: str | None = None) -> BenchResult:
+            memory_budget: int | None = None, kv_cache: str | None = None, speculative: str | None = None,
+            draft_tokens: int | None = None) -> BenchResult:
     """Run the benchmark of one backend in this process."""
     from edgeai.api import load
     from edgeai.runtimes.base import GREEDY
 
     before = _rss()
     with load(path, backend=backend, threads=threads, n_ctx=n_prompt + n_gen + 16, memory_budget=memory_budget,
-              kv_cache=kv_cache) as model:
+              kv_cache=kv_cache, speculative=speculative, draft_tokens=draft_tokens) as model:
         be = model.backend
         text_tokens = model.tokenize(BENCH_TEXT, add_special=False)
         prompt = model.tokenize("", add_special=True)[:1]
@@ -90,13 +107,18 @@ def measure(path: Path, backend: str, *, threads: int, n_prompt: int, n_gen: int
         be.set_sampling(GREEDY)
         prefill, decode, ttft = [], [], []
         for run in range(repeats + 1):  # run 0 warms caches and page faults in, and is not counted
-            t_prefill, t_decode = timed_generation(be, prompt, n_gen)
+            if speculative:
+                t_prefill, t_decode = timed_stream(model, prompt, n_gen)
+            else:
+                t_prefill, t_decode = timed_generation(be, prompt, n_gen)
             if run:
                 ttft.append(t_prefill)
                 prefill.append(n_prompt / t_prefill)
                 decode.append(n_gen / t_decode)
+        spec = model.stats().extra.get("speculative") or {}
         return BenchResult(be.name, str(path), threads, n_prompt, n_gen, repeats, statistics.median(prefill),
-                           statistics.median(decode), statistics.median(ttft), _peak_rss(), _rss() - before)
+                           statistics.median(decode), statistics.median(ttft), _peak_rss(), _rss() - before,
+                           spec.get("drafter"), spec.get("acceptance_rate"), spec.get("mean_accepted_length"))
 
 
 @dataclass(frozen=True)
@@ -125,11 +147,13 @@ def roofline(path: str | Path, n_past: int) -> Roofline | None:
 
 def bench(model: str | Path, backend: str | Sequence[str] = "auto", *, threads: int | None = None, n_prompt: int = 128,
           n_gen: int = 32, repeats: int = 3, memory_budget: int | str | None = None,
-          kv_cache: str | None = None) -> list[BenchResult]:
+          kv_cache: str | None = None, speculative: str | None = None, draft_tokens: int | None = None) -> list[BenchResult]:
     """Benchmark `model` (a .gguf file or ONNX folder) in each backend of `backend` (one name or
     several; same file, same threads, same budget, same KV cache type), each in a fresh process.
     "auto" stands for the backend `edgeai.load` would pick (the result names the real one);
-    memory_budget: bytes or "1.5GiB", "60%" (`edgeai.budget`). Results are in `backend`'s order."""
+    memory_budget: bytes or "1.5GiB", "60%" (`edgeai.budget`); speculative, draft_tokens: as for
+    `edgeai.load` (decode then runs through `Model.stream`; the prompt is repetitive text, which
+    prompt lookup drafts well). Results are in `backend`'s order."""
     from edgeai.budget import parse_budget
     from edgeai.devices import checked_threads
     from edgeai.options import checked_int
@@ -144,13 +168,16 @@ def bench(model: str | Path, backend: str | Sequence[str] = "auto", *, threads: 
     checked_int("n_prompt (--n-prompt)", n_prompt, minimum=1, maximum=2**20)
     checked_int("n_gen (--n-gen)", n_gen, minimum=1, maximum=2**20)
     checked_int("repeats (--repeats)", repeats, minimum=1, maximum=1000, why="each run is a full prefill and decode")
+    from edgeai.speculative import speculative_options
+
+    speculative_options(speculative, draft_tokens)  # a clear error now, before any process is started
     for name in backends:
-        resolve(path, name, header)  # a clear error now, before any process is started
+        resolve(path, name, header)
     results = []
     for name in backends:
         # -I: the worker must not import a source tree from the current folder
         cmd = [sys.executable, "-I", "-m", "edgeai.bench", str(path), name, str(threads), str(n_prompt), str(n_gen),
-               str(repeats), str(memory_budget or 0), kv_cache or "f16"]
+               str(repeats), str(memory_budget or 0), kv_cache or "f16", str(speculative or ""), str(draft_tokens or 0)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -160,7 +187,8 @@ def bench(model: str | Path, backend: str | Sequence[str] = "auto", *, threads: 
 
 
 if __name__ == "__main__":  # the worker: one backend, one JSON line on stdout
-    file, name, n_threads, prompt_len, gen_len, n_runs, budget, kv = sys.argv[1:9]
+    file, name, n_threads, prompt_len, gen_len, n_runs, budget, kv, spec, n_draft = sys.argv[1:11]
     res = measure(Path(file), name, threads=int(n_threads), n_prompt=int(prompt_len), n_gen=int(gen_len),
-                  repeats=int(n_runs), memory_budget=int(budget) or None, kv_cache=kv)
+                  repeats=int(n_runs), memory_budget=int(budget) or None, kv_cache=kv, speculative=spec or None,
+                  draft_tokens=int(n_draft) or None)
     print(json.dumps(res.to_json()))

@@ -230,3 +230,9 @@ class Matcher:
         """Advance past `token` (which the last mask allowed)."""
         self._m.consume_token(int(token))
         self._raise_if_error()
+
+    def rollback(self, n: int) -> None:
+        """Undo the last `n` consumed tokens (speculative decoding's rejected drafts)."""
+        if n and not self._m.rollback(int(n)):
+            raise ConstraintError(f"the constraint cannot roll back {n} tokens")
+        self._raise_if_error()

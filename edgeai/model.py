@@ -226,8 +226,12 @@ class Model:
     """A loaded model: `generate`, `stream`, `chat`, `tokenize`, `detokenize`. Use it as a context
     manager, or call `close()` to free the engine's memory."""
 
-    def __init__(self, backend: Backend, *, device: Any = None, memory_budget: int | None = None) -> None:
+    def __init__(self, backend: Backend, *, device: Any = None, memory_budget: int | None = None,
+                 speculator: Any = None) -> None:
+        """speculator: an `edgeai.speculative.Speculator` over `backend` (generation then drafts and
+        verifies several tokens per engine call), or None."""
         self.backend = backend
+        self._speculator = speculator
         self.path: Path = backend.path
         self.device = device
         self.memory_budget = memory_budget
@@ -263,7 +267,12 @@ class Model:
         self.backend.truncate(0)
 
     def stats(self) -> BackendStats:
-        return self.backend.stats()
+        """The backend's counters; with speculative decoding, `extra["speculative"]` holds its
+        acceptance rate, mean accepted length and counts."""
+        stats = self.backend.stats()
+        if self._speculator is not None:
+            stats.extra["speculative"] = self._speculator.stats.as_dict()
+        return stats
 
     @staticmethod
     def sampling(**options: Any) -> Sampling:
@@ -339,6 +348,10 @@ class Model:
         cached = min(_common_prefix(be.history, tokens), len(tokens) - 1)
         be.truncate(cached)
         be.set_sampling(params)
+        spec = self._speculator
+        if spec is not None:
+            spec.begin(params)
+        plain_past: int | None = None
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stopper = _StopStrings(stops)
         pending = tokens[cached:]
@@ -443,30 +456,49 @@ class Model:
                                 forced = matcher.forced(mask)
                     if done:
                         break
-                if be.n_past + len(pending) > be.n_ctx or (mask is not None and forced is not None and logprobs is None
-                                                           and forced not in be.eog_ids):
+                # a forced run that stopped with a forced token still to append stopped for lack of room
+                forced_run_cut = mask is not None and forced is not None and logprobs is None and forced not in be.eog_ids
+                if be.n_past + len(pending) > be.n_ctx or forced_run_cut:
                     yield close(FinishReason.CONTEXT, None)
                     break
-                tok = be.step(pending, mask)
+                if spec is not None and stepped and logprobs is None and (matcher is None or active):
+                    # may return several tokens (accepted drafts, then the target's own); the last is not cached
+                    toks = spec.step(pending, be.history + pending, limit=max_tokens - n_gen, mask=mask,
+                                     matcher=matcher if active else None)
+                else:
+                    toks = [be.step(pending, mask)]
                 if not stepped:
                     prompt_s, stepped = time.perf_counter() - t0, True
                 else:
                     decode_s += time.perf_counter() - t0
-                n_gen += 1
-                lp = token_logprobs(be.logits(), tok, logprobs) if logprobs is not None else None
-                if tok in be.eog_ids:
-                    yield replace(close(FinishReason.STOP, tok), logprobs=lp)
+                keep = be.n_past - (len(toks) - 1)  # positions plain decoding would have cached before toks[0]
+                finished = False
+                for j, tok in enumerate(toks):
+                    plain_past = keep + j  # what plain decoding caches before toks[j]: stopping here rolls back to it
+                    n_gen += 1
+                    # logprobs turn speculation off (below), so the logits are those of this one token
+                    lp = token_logprobs(be.logits(), tok, logprobs) if logprobs is not None else None
+                    if tok in be.eog_ids:
+                        be.truncate(plain_past)
+                        yield replace(close(FinishReason.STOP, tok), logprobs=lp)
+                        finished = True
+                        break
+                    if active:
+                        matcher.consume(tok)
+                    chunk, done = emit(tok, lp)
+                    yield chunk
+                    if done:
+                        be.truncate(plain_past)
+                        finished = True
+                        break
+                    active = matcher is not None and (split is None or split.done)
+                if finished:
                     break
-                if active:
-                    matcher.consume(tok)
-                chunk, done = emit(tok, lp)
-                yield chunk
-                if done:
-                    break
-                active = matcher is not None and (split is None or split.done)
-                pending = [tok]
+                pending = [toks[-1]]
             self._cache_suspect = False
         except GeneratorExit:  # the consumer stopped at a yield: the cache matches the history
+            if plain_past is not None and be.n_past > plain_past:
+                be.truncate(plain_past)  # drop drafts accepted after the token the consumer stopped at
             self._cache_suspect = False
             raise
 
@@ -633,6 +665,8 @@ class Model:
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
         """Free the engine's memory; the model is unusable afterwards. Idempotent."""
+        if self._speculator is not None:
+            self._speculator.close()
         self.backend.close()
 
     def __enter__(self) -> Model:

@@ -174,6 +174,7 @@ class NativeBackend(VocabText):
             raise
         self.n_ctx = n_ctx
         self.n_vocab = int(config["n_vocab"])
+        self.n_layer = int(config["n_layer"])
         self.bos_id = self._vocab.bos_id
         self.add_bos = self._vocab.add_bos  # tokenize() starts with BOS
         self.eos_id = self._vocab.eos_id
@@ -237,11 +238,15 @@ class NativeBackend(VocabText):
             raise OptionError(f"cannot evict positions [{start}, {end}) of a KV cache holding {engine.n_past}")
         engine.evict(start, end)
 
-    def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """Append tokens and return their logits [len(tokens), n_vocab] (tests, evaluation)."""
+    def eval_logits(self, tokens: Sequence[int], skip_layers: Sequence[bool] | None = None) -> np.ndarray:
+        """Append tokens and return their logits [len(tokens), n_vocab] (tests, evaluation, speculative
+        verification). skip_layers: [n_layer] flags of layers left out (self-speculative drafting:
+        the KV positions it fills are the draft's, to be truncated)."""
         tokens = [int(t) for t in tokens]
         self._check_room(tokens)
-        return self._call("eval", tokens, True)
+        if skip_layers is not None:
+            skip_layers = [1 if s else 0 for s in skip_layers]
+        return self._call("eval", tokens, True, skip_layers)
 
     def logits(self) -> np.ndarray:
         return self._live().logits()

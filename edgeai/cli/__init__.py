@@ -236,15 +236,18 @@ _MODEL_OPTS = dict(
     threads=typer.Option(None, "--threads", "-t", help="Threads (default: the device's, else one per performance core)."),
     kv_cache=typer.Option(None, "--kv-cache", help="KV cache type: f16 (default), q8_0 (about half the memory), q4_0 "
                           "(a quarter), or keys/values such as q8_0/q4_0."),
+    speculative=typer.Option(None, "--speculative", help="Speculative decoding (native): lookup, self (layer skipping) "
+                             "or a draft model's path (same vocabulary); the output is unchanged."),
+    draft_tokens=typer.Option(None, "--draft-tokens", help="Most tokens drafted per verification (1-14, default 8)."),
 )
 
 
-def _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache):
+def _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache, speculative=None, draft_tokens=None):
     from edgeai.api import load
 
     try:
         return load(model, backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
-                    kv_cache=kv_cache)
+                    kv_cache=kv_cache, speculative=speculative, draft_tokens=draft_tokens)
     except EdgeAIError as exc:
         _fail(exc)
 
@@ -266,6 +269,7 @@ def run(
     backend: str = _MODEL_OPTS["backend"], memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"],
     device: Optional[str] = _MODEL_OPTS["device"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
     threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
+    speculative: Optional[str] = _MODEL_OPTS["speculative"], draft_tokens: Optional[int] = _MODEL_OPTS["draft_tokens"],
 ) -> None:
     """Answer PROMPT once and print it (for scripts): the chat template by default, --raw for completion.
     With --json-schema, --grammar or --regex the answer is constrained to match (exit status 1 if it
@@ -290,7 +294,8 @@ def run(
         constraint = _constraint_options(json_schema, grammar, regex)
         result = run_model(model, prompt, raw=raw, max_tokens=max_tokens, temperature=temperature, seed=seed,
                            backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
-                           kv_cache=kv_cache, on_text=None if json_output else write_text, **constraint)
+                           kv_cache=kv_cache, on_text=None if json_output else write_text,
+                           speculative=speculative, draft_tokens=draft_tokens, **constraint)
     except EdgeAIError as exc:
         _fail(exc)
     show_run(result, json_output=json_output)
@@ -319,11 +324,12 @@ def chat(
     backend: str = _MODEL_OPTS["backend"], memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"],
     device: Optional[str] = _MODEL_OPTS["device"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
     threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
+    speculative: Optional[str] = _MODEL_OPTS["speculative"], draft_tokens: Optional[int] = _MODEL_OPTS["draft_tokens"],
 ) -> None:
     """Chat with a model in the terminal (/help inside lists the commands)."""
     from edgeai.cli.repl import chat as run_chat
 
-    with _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache) as m:
+    with _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache, speculative, draft_tokens) as m:
         run_chat(m, system=system)
 
 
@@ -366,6 +372,7 @@ def bench(
     n_gen: int = typer.Option(32, "--n-gen", help="Tokens decoded per run."),
     repeats: int = typer.Option(3, "--repeats", help="Runs per backend (medians are shown)."),
     memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
+    speculative: Optional[str] = _MODEL_OPTS["speculative"], draft_tokens: Optional[int] = _MODEL_OPTS["draft_tokens"],
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Prefill/decode tokens/s, time to first token and peak memory of backends on the same file."""
@@ -375,7 +382,8 @@ def bench(
 
     try:
         results = run_bench(model, backend, threads=threads, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats,
-                            memory_budget=memory_budget, kv_cache=kv_cache)
+                            memory_budget=memory_budget, kv_cache=kv_cache, speculative=speculative,
+                            draft_tokens=draft_tokens)
         show_bench(model, results, roofline(model, n_prompt + n_gen // 2), n_prompt=n_prompt, n_gen=n_gen,
                    repeats=repeats, json_output=json_output)
     except EdgeAIError as exc:

@@ -307,6 +307,11 @@ class Repl:
         if "expert_cache_hit_rate" in st.extra:
             table.add_row("expert cache", f"{100 * st.extra['expert_cache_hit_rate']:.1f}% hits"
                           + (f", {st.extra['expert_cache']}" if "expert_cache" in st.extra else ""))
+        if "speculative" in st.extra:
+            sp = st.extra["speculative"]
+            table.add_row("speculative", f"{sp['drafter']}: {100 * sp['acceptance_rate']:.0f}% of drafted tokens accepted, "
+                                         f"{sp['mean_accepted_length']:.2f} per verification ({sp['verifications']} "
+                                         f"verifications, {sp['plain_steps']} plain steps)")
         table.add_row("backend", f"{st.backend}, {st.threads} thread{'s' if st.threads > 1 else ''}")
         self.console.print(table)
 

@@ -70,6 +70,10 @@ def show_bench(path: Path, results, roof, *, n_prompt: int, n_gen: int, repeats:
                       f"{r.ttft_s * 1000:.0f} ms{vs(q['ttft'])}", f"{format_bytes(r.peak_rss_bytes)}{vs(q['peak_rss'])}")
     console = Console()
     console.print(table)
+    for r in results:
+        if r.speculative:
+            console.print(f"{r.backend}: speculative ({r.speculative}), {100 * (r.acceptance_rate or 0):.0f}% of drafted "
+                          f"tokens accepted, {r.mean_accepted_length or 0:.2f} per verification")
     if len(results) > 1:
         console.print(f"ratios are against {base.backend}")
     if roof:

@@ -996,7 +996,10 @@ void packed8_k_tokens(const PackedK &pk, const uint8_t *x, size_t xs, float *y, 
 }
 
 constexpr int kTileRows = 4, kTileTokens = 3;
-constexpr int kPackMinTokens = 8;  // from this many tokens on, transposing 8 rows' codes pays
+// From this many tokens on, rows' codes are transposed 8 at a time (pays from 8 tokens). Below it a
+// batch takes the one-token kernels' accumulation order, so its logits equal decode's bit for bit:
+// speculative decoding verifies up to 15 tokens (edgeai/speculative.py) and relies on it.
+constexpr int kPackMinTokens = 16;
 
 // All tokens for the RM rows at w: full RN-token tiles, then one narrower tile for the rest.
 template <class K, int RM> void row_block(const Gemm &g, const uint8_t *w, float *y) {

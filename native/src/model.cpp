@@ -796,6 +796,7 @@ void Model::forward(const int32_t *tokens, int T, int pos0, float *logits_out, b
         else apply(0, size_t(T));
     };
     for (int l = 0; l < c.n_layer; ++l) {
+        if (skip_ && (*skip_)[l]) continue;  // self-speculation's draft: the layer passes its input through
         const Layer &L = layer_store_ ? acquire_layer(l) : layers_[l];
         norm_tokens(L.attn_norm);
         attention(L, l, T, pos0);
@@ -809,8 +810,16 @@ void Model::forward(const int32_t *tokens, int T, int pos0, float *logits_out, b
     matmul(output_, xb_.data(), logits_out, n_out);
 }
 
-void Model::eval(const std::vector<int32_t> &tokens, std::vector<float> *all_logits) {
+void Model::eval(const std::vector<int32_t> &tokens, std::vector<float> *all_logits, const std::vector<uint8_t> *skip_layers) {
     if (tokens.empty()) return;
+    if (skip_layers && skip_layers->size() != size_t(cfg_.n_layer))
+        throw ModelError("the layer mask has " + std::to_string(skip_layers->size()) + " entries for " + std::to_string(cfg_.n_layer) + " layers");
+    if (skip_layers && layer_store_) throw ModelError("layers cannot be skipped while dense layers are streamed");
+    struct Reset {  // skip_ holds only for this call, also when it throws
+        const std::vector<uint8_t> *&p;
+        ~Reset() { p = nullptr; }
+    } reset{skip_};
+    skip_ = skip_layers;
     if (history_.size() + tokens.size() > static_cast<size_t>(n_ctx_))
         throw ModelError("context full: " + std::to_string(history_.size()) + " + " + std::to_string(tokens.size()) +
                          " tokens exceed n_ctx=" + std::to_string(n_ctx_));
@@ -884,8 +893,9 @@ int Model::sample(const uint32_t *mask) {
 }
 
 // Same chain and semantics as runtimes/sampling.py: penalty -> top-k -> top-p -> min-p -> temperature.
-int sample_token(std::vector<float> z, const std::vector<int32_t> &history, const SamplingParams &s, std::mt19937_64 &rng,
-                 const uint32_t *mask) {
+// Greedy (temperature <= 0): the one arg-max token with weight 1.
+void sampling_candidates(std::vector<float> &z, const std::vector<int32_t> &history, const SamplingParams &s,
+                         const uint32_t *mask, std::vector<int> &ids, std::vector<double> &w) {
     if (mask) {  // first, as a grammar comes before every other stage: the rest choose among what it allows
         bool any = false;
         for (size_t t = 0; t < z.size(); ++t) {
@@ -904,8 +914,12 @@ int sample_token(std::vector<float> z, const std::vector<int32_t> &history, cons
             if (t >= 0 && size_t(t) < z.size()) z[t] = z[t] > 0 ? z[t] / s.repeat_penalty : z[t] * s.repeat_penalty;
     }
     const int V = static_cast<int>(z.size());
-    if (s.temperature <= 0.0f) return static_cast<int>(std::max_element(z.begin(), z.end()) - z.begin());
-    std::vector<int> ids(V);
+    if (s.temperature <= 0.0f) {
+        ids.assign(1, static_cast<int>(std::max_element(z.begin(), z.end()) - z.begin()));
+        w.assign(1, 1.0);
+        return;
+    }
+    ids.resize(V);
     std::iota(ids.begin(), ids.end(), 0);
     const int k = (s.top_k > 0 && s.top_k < V) ? s.top_k : V;
     auto before = [&](int a, int b) { return z[a] > z[b] || (z[a] == z[b] && a < b); };
@@ -932,10 +946,20 @@ int sample_token(std::vector<float> z, const std::vector<int32_t> &history, cons
         for (int i = 0; i < keep; ++i) m += p[i] >= s.min_p * p[0];
         keep = std::max(1, m);
     }
-    std::vector<double> w(keep);
+    ids.resize(keep);
+    w.resize(keep);
+    for (int i = 0; i < keep; ++i) w[i] = std::exp((double(z[ids[i]]) - z[ids[0]]) / s.temperature);
+}
+
+int sample_token(std::vector<float> z, const std::vector<int32_t> &history, const SamplingParams &s, std::mt19937_64 &rng,
+                 const uint32_t *mask) {
+    std::vector<int> ids;
+    std::vector<double> w;
+    sampling_candidates(z, history, s, mask, ids, w);
+    if (s.temperature <= 0.0f) return ids[0];
+    const int keep = static_cast<int>(ids.size());
     double wsum = 0.0;
-    for (int i = 0; i < keep; ++i)
-        wsum += (w[i] = std::exp((double(z[ids[i]]) - z[ids[0]]) / s.temperature));
+    for (double v : w) wsum += v;
     const double u = static_cast<double>(rng() >> 11) * 0x1.0p-53 * wsum;
     double cum = 0.0;
     for (int i = 0; i < keep; ++i) {

@@ -76,6 +76,11 @@ struct SamplingParams {
 // One token from logits [n_vocab] given the sequence so far (penalty -> top-k -> top-p -> min-p ->
 // temperature -> draw, as runtimes/sampling.py); temperature <= 0 is greedy. mask: nullptr, or
 // ceil(n_vocab / 32) words whose bit t % 32 of word t / 32 allows token t; a disallowed token is never drawn, and a mask allowing none is an error.
+// The tokens the sampler chooses among and their unnormalised weights, after the whole chain but the
+// draw (speculative decoding's target distribution p; sample_token draws from exactly these).
+// z is modified (mask and penalty applied). Greedy: the arg-max with weight 1.
+void sampling_candidates(std::vector<float> &z, const std::vector<int32_t> &history, const SamplingParams &s,
+                         const uint32_t *mask, std::vector<int> &ids, std::vector<double> &w);
 int sample_token(std::vector<float> logits, const std::vector<int32_t> &history, const SamplingParams &s,
                  std::mt19937_64 &rng, const uint32_t *mask = nullptr);
 
@@ -119,8 +124,11 @@ class Model {
     StreamingStore *layer_store() { return layer_store_.get(); }  // nullptr unless dense layers are streamed
 
     // Appends tokens to the KV cache (in batches of at most n_batch). Logits of the last token are
-    // kept; with all_logits, out receives [tokens.size()][n_vocab].
-    void eval(const std::vector<int32_t> &tokens, std::vector<float> *all_logits = nullptr);
+    // kept; with all_logits, out receives [tokens.size()][n_vocab]. skip_layers: nullptr, or
+    // [n_layer] flags; a flagged layer is not computed (its input passes through) and writes no KV:
+    // self-speculative drafting, whose positions the caller truncates and verifies afterwards.
+    void eval(const std::vector<int32_t> &tokens, std::vector<float> *all_logits = nullptr,
+              const std::vector<uint8_t> *skip_layers = nullptr);
     void truncate(int n);
     // Drops positions [start, end) from the KV cache and moves the later ones down by end - start,
     // their keys re-rotated to their new positions (as llama.cpp's context shift does): generation
@@ -187,6 +195,7 @@ class Model {
     std::vector<uint8_t> k_cache_, v_cache_;  // [n_layer][n_ctx][k_row_ or v_row_]: n_head_kv * head_dim f16, Q8_0 or Q4_0
     std::vector<int32_t> history_;
     std::vector<float> logits_;  // [n_vocab] of the last evaluated token
+    const std::vector<uint8_t> *skip_ = nullptr;  // [n_layer] layers eval() skips in this call, or none
 
     // scratch, sized for the current batch T (shapes in comments)
     int scratch_T_ = 0;

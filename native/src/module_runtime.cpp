@@ -27,10 +27,10 @@ using U8In = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::c
 using U32In = nb::ndarray<const uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 // A float vector handed to numpy without a copy (the capsule owns it).
-nb::ndarray<nb::numpy, float> to_numpy(std::vector<float> &&v, std::initializer_list<size_t> shape) {
-    auto *owned = new std::vector<float>(std::move(v));
-    nb::capsule owner(owned, [](void *p) noexcept { delete static_cast<std::vector<float> *>(p); });
-    return nb::ndarray<nb::numpy, float>(owned->data(), shape, owner);
+template <class T> nb::ndarray<nb::numpy, T> to_numpy(std::vector<T> &&v, std::initializer_list<size_t> shape) {
+    auto *owned = new std::vector<T>(std::move(v));
+    nb::capsule owner(owned, [](void *p) noexcept { delete static_cast<std::vector<T> *>(p); });
+    return nb::ndarray<nb::numpy, T>(owned->data(), shape, owner);
 }
 
 const edgeai::kern::Ops &ops_or_throw(const std::string &isa) {
@@ -357,6 +357,27 @@ void bind_runtime(nb::module_ &m) {
           nb::arg("mask") = nb::none(),
           "n_draws tokens from the engine's sampler over fixed logits (tests against runtimes.sampling).");
 
+    m.def("sampling_distribution",
+          [](F32In logits, const std::vector<int32_t> &history, float temperature, int top_k, float top_p, float min_p,
+             float repeat_penalty, int repeat_last_n, std::optional<U32In> mask) {
+              std::vector<float> z(logits.data(), logits.data() + logits.shape(0));
+              if (mask && mask->shape(0) != (z.size() + 31) / 32) throw nb::value_error("the token mask's length does not fit the logits");
+              const uint32_t *m = mask ? mask->data() : nullptr;
+              std::vector<int> ids;
+              std::vector<double> w;
+              {
+                  nb::gil_scoped_release release;
+                  edgeai::sampling_candidates(z, history, {temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, 0}, m, ids, w);
+              }
+              std::vector<int32_t> ids32(ids.begin(), ids.end());
+              const size_t n = ids32.size();
+              return nb::make_tuple(to_numpy(std::move(ids32), {n}), to_numpy(std::move(w), {n}));
+          },
+          nb::arg("logits"), nb::arg("history"), nb::arg("temperature"), nb::arg("top_k"), nb::arg("top_p"),
+          nb::arg("min_p"), nb::arg("repeat_penalty"), nb::arg("repeat_last_n"), nb::arg("mask") = nb::none(),
+          "(token ids int32 [k], weights float64 [k]): what the engine's sampler draws from after the whole chain "
+          "(mask, penalty, top-k, top-p, min-p, temperature), weights unnormalised; greedy: the arg-max, weight 1.");
+
     // The streaming store's options as a typed struct: Python (edgeai.runtimes.expert_store) checks
     // the user's options and fills one of these, so no option is parsed from a string here.
     nb::enum_<edgeai::CachePolicy>(m, "CachePolicy", "The streaming store's replacement policy (see expert_store.cpp).")
@@ -417,18 +438,20 @@ void bind_runtime(nb::module_ &m) {
         .def_prop_ro("resident_bytes", &edgeai::Model::resident_bytes)
         .def_prop_ro("scratch_bytes", &edgeai::Model::scratch_bytes)
         .def("eval",
-             [](edgeai::Model &self, const std::vector<int32_t> &tokens, bool all_logits) -> nb::object {
+             [](edgeai::Model &self, const std::vector<int32_t> &tokens, bool all_logits,
+                std::optional<std::vector<uint8_t>> skip_layers) -> nb::object {
                  std::vector<float> all;
                  {
                      nb::gil_scoped_release release;
-                     self.eval(tokens, all_logits ? &all : nullptr);
+                     self.eval(tokens, all_logits ? &all : nullptr, skip_layers ? &*skip_layers : nullptr);
                  }
                  if (!all_logits) return nb::none();
                  const size_t V = self.config().n_vocab;
                  return nb::cast(to_numpy(std::move(all), {tokens.size(), V}));
              },
-             nb::arg("tokens"), nb::arg("all_logits") = false,
-             "Append tokens to the KV cache; with all_logits, return their logits [len(tokens), n_vocab].")
+             nb::arg("tokens"), nb::arg("all_logits") = false, nb::arg("skip_layers") = nb::none(),
+             "Append tokens to the KV cache; with all_logits, return their logits [len(tokens), n_vocab]. "
+             "skip_layers: [n_layer] flags of layers not computed (self-speculative drafts; truncate after).")
         .def("step",
              [](edgeai::Model &self, const std::vector<int32_t> &tokens, std::optional<U32In> mask) {
                  const size_t words = (size_t(self.config().n_vocab) + 31) / 32;

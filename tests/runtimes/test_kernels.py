@@ -34,8 +34,8 @@ def test_matvec_matches_numpy_reference(isa, case):
 def test_gemm_matches_numpy_reference(isa, case, packed):
     """The prefill/decode kernels (rows x tokens): 27 rows (the case's rows, repeated in other
     orders: three 8-row groups, of which the AVX-512 sets take two at once in 512-bit registers, a
-    tile and single rows) and every token count from 1 to 9 (one token, tile remainders, the
-    4-token tiles, and the transposed 8-row paths from 8 tokens on). Tokens are the case's
+    tile and single rows) and token counts 1 to 9 and 15 to 17 (one token, tile remainders, the
+    4-token tiles, and the transposed 8-row paths from 16 tokens on). Tokens are the case's
     activations permuted and rescaled, plus an all-zero one. packed: the first 24 rows through the
     kernel set's load-time layout where it has one (the engine's path), the rest plain."""
     rng = np.random.default_rng(case.x.size)
@@ -43,11 +43,11 @@ def test_gemm_matches_numpy_reference(isa, case, packed):
     rows = np.ascontiguousarray(case.rows.reshape(case.n_rows, -1)[order]).ravel()
     weights = case.weights[order]
     tokens = [case.x]
-    for k in range(8):
+    for k in range(16):
         tokens.append(np.zeros_like(case.x) if k == 3 else rng.permutation(case.x) * np.float32(10.0 ** rng.integers(-2, 3)))
     X = np.stack(tokens).astype(np.float32)
     quantized = case.fmt not in ("f32", "f16", "bf16")
-    for T in range(1, len(tokens) + 1):
+    for T in [*range(1, 10), 15, 16, 17]:
         Y = _native.kernel_gemm(isa, case.ggml_type, rows, np.ascontiguousarray(X[:T]), len(order), packed)
         assert Y.shape == (T, len(order))
         for t in range(T):
@@ -189,3 +189,22 @@ def test_vector_swiglu():
         found[isa] = got.tobytes()
     assert ("avx2" in ISAS) <= bool(found)
     assert len(set(found.values())) <= 1
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_batches_below_16_tokens_give_the_one_token_results_bit_for_bit(isa, packed):
+    """Speculative verification (edgeai/speculative.py, at most 15 tokens a batch) is exact only if
+    every token of a batch gets the bits the one-token decode kernel gives it, for every type."""
+    order = np.array([0, 1, 2, 3, 4, 5, 3, 1, 4, 0, 5, 2, 2, 5, 1, 4, 2, 0, 3, 5, 5, 0, 2, 4, 1, 3, 3])  # as above
+    for case in CASES:
+        rng = np.random.default_rng(case.x.size)
+        rows = np.ascontiguousarray(case.rows.reshape(case.n_rows, -1)[order]).ravel()
+        X = np.stack([case.x] + [rng.permutation(case.x) * np.float32(10.0 ** rng.integers(-2, 3)) for _ in range(14)])
+        X = X.astype(np.float32)
+        single = [_native.kernel_gemm(isa, case.ggml_type, rows, np.ascontiguousarray(X[t:t + 1]), len(order),
+                                      packed)[0] for t in range(len(X))]
+        for T in range(2, len(X) + 1):
+            Y = _native.kernel_gemm(isa, case.ggml_type, rows, np.ascontiguousarray(X[:T]), len(order), packed)
+            for t in range(T):
+                assert Y[t].tobytes() == single[t].tobytes(), f"{isa} {case.fmt} T={T} token {t}"
