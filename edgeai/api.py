@@ -13,7 +13,8 @@ from edgeai.model import FinishReason, Model, Timings
 
 def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget: str | int | None = None,
          device: str | None = None, n_ctx: int | None = None, threads: int | None = None,
-         kv_cache: str | None = None, speculative: str | Path | None = None, draft_tokens: int | None = None) -> Model:
+         kv_cache: str | None = None, speculative: str | Path | None = None, draft_tokens: int | None = None,
+         context_overflow: str = "drop-turns") -> Model:
     """Load an artifact (a .gguf file or an ONNX folder; None: the bundled SmolLM2) as a `Model`.
 
     backend: "auto" (native where it runs the file, else llama.cpp for GGUF, onnxruntime for ONNX),
@@ -29,21 +30,28 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
     layers) or a draft model's path (a GGUF with the same vocabulary); draft_tokens: the most tokens
     drafted per verification (1..14, default 8; the draft length adapts below it). Output is the
     same as without it (greedy: token for token).
+    context_overflow: what a full KV cache does (`edgeai.context`): "drop-turns" (default; a
+    generation stops with finish reason "context", the chat REPL drops the oldest turns) or
+    "sink-window" (the first tokens and the latest stay, the oldest others are evicted and
+    generation goes on in the same memory; native and llama.cpp backends).
     """
+    from edgeai.context import ContextOverflow
+    from edgeai.options import checked_choice
     from edgeai.runtimes.registry import header_of, resolve
     from edgeai.speculative import speculative_options, speculator_for
 
     options = speculative_options(speculative, draft_tokens)  # checked before the (slow) load
+    overflow = checked_choice("context_overflow", context_overflow, ContextOverflow)
     path, budget, threads, profile = _resolve(path, memory_budget, device, threads)
     header = header_of(Path(path))  # read once: choosing the backend and loading it share it
     cls = resolve(Path(path), backend, header)
     engine = cls(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget, kv_cache=kv_cache, header=header)
     try:
         speculator = speculator_for(engine, options)
+        return Model(engine, device=profile, memory_budget=budget, speculator=speculator, context_overflow=overflow)
     except BaseException:
         engine.close()
         raise
-    return Model(engine, device=profile, memory_budget=budget, speculator=speculator)
 
 
 def plan(path: str | Path | None = None, *, memory_budget: str | int | None = None, device: str | None = None,
@@ -82,7 +90,7 @@ def run(model: str | Path | None, prompt: str, *, raw: bool = False, max_tokens:
         device: str | None = None, n_ctx: int | None = None, threads: int | None = None,
         kv_cache: str | None = None, grammar: str | None = None, json_schema: Any = None, regex: str | None = None,
         on_text: Callable[[str], None] | None = None, speculative: str | Path | None = None,
-        draft_tokens: int | None = None) -> RunResult:
+        draft_tokens: int | None = None, context_overflow: str = "drop-turns") -> RunResult:
     """Load `model`, answer `prompt` once and close it (`edgeai run`). The prompt is the user's turn
     in the model's chat template where it has one (as ollama run, llama-cli and mlx_lm.generate do);
     raw, or a model without a template: plain completion of the text. grammar (GBNF text),
@@ -90,7 +98,8 @@ def run(model: str | Path | None, prompt: str, *, raw: bool = False, max_tokens:
     each piece of text as it is generated. Other arguments as for `load` and `Model.stream`."""
     constraint = {"grammar": grammar, "json_schema": json_schema, "regex": regex}
     with load(model, backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
-              kv_cache=kv_cache, speculative=speculative, draft_tokens=draft_tokens) as m:
+              kv_cache=kv_cache, speculative=speculative, draft_tokens=draft_tokens,
+              context_overflow=context_overflow) as m:
         chat = not raw and not m.plain_chat
         if chat:
             chunks = m.chat([{"role": "user", "content": prompt}], stream=True, max_tokens=max_tokens,

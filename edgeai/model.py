@@ -145,15 +145,6 @@ def _checked_logprobs(n: int | None) -> int | None:
                                                 "shown beside each one (as OpenAI's top_logprobs)")
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class _StopStrings:
     """Holds back text that may be the start of a stop string; reports the first one found."""
 
@@ -227,10 +218,20 @@ class Model:
     manager, or call `close()` to free the engine's memory."""
 
     def __init__(self, backend: Backend, *, device: Any = None, memory_budget: int | None = None,
-                 speculator: Any = None) -> None:
+                 speculator: Any = None, context_overflow: str = "drop-turns") -> None:
         """speculator: an `edgeai.speculative.Speculator` over `backend` (generation then drafts and
-        verifies several tokens per engine call), or None."""
+        verifies several tokens per engine call), or None. context_overflow: what a full KV cache
+        does, "drop-turns" (stop; the REPL drops old turns) or "sink-window" (`edgeai.context`)."""
+        from edgeai.context import ContextWindow
+
         self.backend = backend
+        self.context = ContextWindow(context_overflow)
+        if self.context.slides and not backend.can_evict:
+            raise OptionError(f"context_overflow='sink-window' needs a backend that can evict KV positions; the "
+                              f"{backend.name} backend cannot (use the native or llama.cpp backend)")
+        if self.context.slides and backend.n_ctx - self.context.sink < 16:
+            raise OptionError(f"context_overflow='sink-window' needs a context of at least {self.context.sink + 16} "
+                              f"tokens (the sink of {self.context.sink} and a window); this one holds {backend.n_ctx}")
         self._speculator = speculator
         self.path: Path = backend.path
         self.device = device
@@ -270,6 +271,7 @@ class Model:
         """The backend's counters; with speculative decoding, `extra["speculative"]` holds its
         acceptance rate, mean accepted length and counts."""
         stats = self.backend.stats()
+        stats.extra["context"] = self.context.stats(self.backend)
         if self._speculator is not None:
             stats.extra["speculative"] = self._speculator.stats.as_dict()
         return stats
@@ -325,7 +327,7 @@ class Model:
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not tokens:
             raise OptionError("the prompt is empty (no tokens); give some text")
-        if len(tokens) >= self.n_ctx:
+        if len(tokens) >= self.n_ctx and not self.context.slides:
             raise ContextOverflowError(f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx} "
                                        "(with room for the answer); shorten it or load the model with a larger n_ctx")
         return tokens, params
@@ -341,12 +343,16 @@ class Model:
         """The generation loop. matcher: an `edgeai.constraints.Matcher`, applied once `split` (an
         `edgeai.tools.ThinkSplit`, chats with a thinking section) reaches the answer; tools: parse
         tool calls from the answer into the last chunk."""
-        be = self.backend
+        be, window = self.backend, self.context
         if self._cache_suspect:
             be.truncate(0)
+            window.kept(0)
         # reuse the cached prefix, but evaluate at least one token: its logits give the first sample
-        cached = min(_common_prefix(be.history, tokens), len(tokens) - 1)
-        be.truncate(cached)
+        keep, cached = window.reuse(be.history, tokens)
+        if cached == len(tokens):
+            keep, cached = keep - 1, cached - 1
+        be.truncate(keep)
+        window.kept(keep)
         be.set_sampling(params)
         spec = self._speculator
         if spec is not None:
@@ -356,6 +362,13 @@ class Model:
         stopper = _StopStrings(stops)
         pending = tokens[cached:]
         prev = tokens[-1]
+        if window.slides:
+            # a prompt longer than the window: read in pieces, the window sliding before each
+            while not window.make_room(be, len(pending)):
+                window.make_room(be, (be.n_ctx - window.sink) // 2)
+                piece = pending[:be.n_ctx - be.n_past]  # shorter than pending: the last token stays for the step
+                be.step(piece)  # its sample is not used: the next piece follows
+                pending = pending[len(piece):]
         prev_piece = be.detokenize([prev])
         n_gen, prompt_s, decode_s, stepped = 0, 0.0, 0.0, False
         active = matcher is not None and (split is None or split.done)
@@ -440,7 +453,7 @@ class Model:
                     # tokens the grammar forces are appended unsampled and evaluated with the next step
                     forced, done = matcher.forced(mask), False
                     while forced is not None and forced not in be.eog_ids and not done and logprobs is None:
-                        if be.n_past + len(pending) + 1 > be.n_ctx:
+                        if not window.make_room(be, len(pending) + 1):
                             break
                         matcher.consume(forced)
                         pending.append(forced)
@@ -458,7 +471,7 @@ class Model:
                         break
                 # a forced run that stopped with a forced token still to append stopped for lack of room
                 forced_run_cut = mask is not None and forced is not None and logprobs is None and forced not in be.eog_ids
-                if be.n_past + len(pending) > be.n_ctx or forced_run_cut:
+                if not window.make_room(be, len(pending)) or forced_run_cut:
                     yield close(FinishReason.CONTEXT, None)
                     break
                 if spec is not None and stepped and logprobs is None and (matcher is None or active):

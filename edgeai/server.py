@@ -633,7 +633,7 @@ def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int
           name: str | None = None, max_queue: int = 16, max_connections: int = 64, keep_alive: float = -1,
           backend: str = "auto", memory_budget: str | int | None = None, device: str | None = None,
           n_ctx: int | None = None, threads: int | None = None, kv_cache: str | None = None,
-          ready: Callable[[str], None] | None = None) -> None:
+          context_overflow: str = "drop-turns", ready: Callable[[str], None] | None = None) -> None:
     """Load `model` (default: the bundled SmolLM2) with `edgeai.load`'s options, then serve it over
     HTTP until interrupted (`edgeai serve`). api_key: required as a bearer token (None: open, which
     is why the default host is loopback); name: the model's name in the APIs (default: the file's
@@ -652,7 +652,7 @@ def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int
 
         model = default_model_path()
     config = ServerConfig(Path(model), dict(backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx,
-                                            threads=threads, kv_cache=kv_cache),
+                                            threads=threads, kv_cache=kv_cache, context_overflow=context_overflow),
                           name=name, api_key=api_key, max_queue=max_queue, keep_alive=keep_alive)
     app = create_app(config)
     asyncio.run(_preload(app))

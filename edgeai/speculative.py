@@ -180,13 +180,13 @@ class DraftModel:
         self._be.set_sampling(Sampling(temperature=0.0))
 
     def draft(self, context: Sequence[int], n: int) -> list[int]:
-        from edgeai.model import _common_prefix
+        from edgeai.context import common_prefix
 
         be = self._be
         n = min(n, be.n_ctx - len(context))  # a draft trained for a shorter context stops drafting there
         if n <= 0:
             return []
-        keep = min(_common_prefix(be.history, context), len(context) - 1)  # evaluate at least one token
+        keep = min(common_prefix(be.history, context), len(context) - 1)  # evaluate at least one token
         be.truncate(keep)
         pending = list(context[keep:])
         out: list[int] = []

@@ -116,6 +116,7 @@ class Backend(Protocol):
     """One loaded artifact and one sequence (KV cache) in an engine."""
 
     name: str  # "native", "llama.cpp", "onnxruntime"
+    can_evict: bool  # evict() works (context_overflow="sink-window" needs it)
     path: Path
     n_ctx: int  # positions the KV cache holds
     n_vocab: int

@@ -45,6 +45,7 @@ class LlamaCppBackend(VocabText):
     """A GGUF in llama.cpp: one model, one context, one sequence (see `runtimes.base.Backend`)."""
 
     name = "llama.cpp"
+    can_evict = True
 
     @classmethod
     def can_run(cls, path: Path, header=None) -> str | None:

@@ -87,6 +87,7 @@ class NativeBackend(VocabText):
     """A GGUF in edgeai's C++ engine: one model, one sequence (see `runtimes.base.Backend`)."""
 
     name = "native"
+    can_evict = True
 
     @classmethod
     def can_run(cls, path: Path, header: GGUFHeader | None = None) -> str | None:

@@ -216,6 +216,7 @@ class OnnxBackend:
     """One ONNX folder and one sequence in onnxruntime (`edgeai.runtimes.base.Backend`)."""
 
     name = "onnxruntime"
+    can_evict = False  # see evict()
 
     @classmethod
     def can_run(cls, path: Path, header=None) -> str | None:

@@ -239,15 +239,20 @@ _MODEL_OPTS = dict(
     speculative=typer.Option(None, "--speculative", help="Speculative decoding (native): lookup, self (layer skipping) "
                              "or a draft model's path (same vocabulary); the output is unchanged."),
     draft_tokens=typer.Option(None, "--draft-tokens", help="Most tokens drafted per verification (1-14, default 8)."),
+    context_overflow=typer.Option("drop-turns", "--context-overflow",
+                                  help="A full context: drop-turns (stop; the chat drops its oldest turns) or "
+                                       "sink-window (keep the first tokens and the latest, go on in the same memory)."),
 )
 
 
-def _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache, speculative=None, draft_tokens=None):
+def _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache, speculative=None, draft_tokens=None,
+          context_overflow="drop-turns"):
     from edgeai.api import load
 
     try:
         return load(model, backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
-                    kv_cache=kv_cache, speculative=speculative, draft_tokens=draft_tokens)
+                    kv_cache=kv_cache, speculative=speculative, draft_tokens=draft_tokens,
+                    context_overflow=context_overflow)
     except EdgeAIError as exc:
         _fail(exc)
 
@@ -270,6 +275,7 @@ def run(
     device: Optional[str] = _MODEL_OPTS["device"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
     threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
     speculative: Optional[str] = _MODEL_OPTS["speculative"], draft_tokens: Optional[int] = _MODEL_OPTS["draft_tokens"],
+    context_overflow: str = _MODEL_OPTS["context_overflow"],
 ) -> None:
     """Answer PROMPT once and print it (for scripts): the chat template by default, --raw for completion.
     With --json-schema, --grammar or --regex the answer is constrained to match (exit status 1 if it
@@ -295,7 +301,8 @@ def run(
         result = run_model(model, prompt, raw=raw, max_tokens=max_tokens, temperature=temperature, seed=seed,
                            backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
                            kv_cache=kv_cache, on_text=None if json_output else write_text,
-                           speculative=speculative, draft_tokens=draft_tokens, **constraint)
+                           speculative=speculative, draft_tokens=draft_tokens, context_overflow=context_overflow,
+                           **constraint)
     except EdgeAIError as exc:
         _fail(exc)
     show_run(result, json_output=json_output)
@@ -325,11 +332,13 @@ def chat(
     device: Optional[str] = _MODEL_OPTS["device"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
     threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
     speculative: Optional[str] = _MODEL_OPTS["speculative"], draft_tokens: Optional[int] = _MODEL_OPTS["draft_tokens"],
+    context_overflow: str = _MODEL_OPTS["context_overflow"],
 ) -> None:
     """Chat with a model in the terminal (/help inside lists the commands)."""
     from edgeai.cli.repl import chat as run_chat
 
-    with _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache, speculative, draft_tokens) as m:
+    with _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache, speculative, draft_tokens,
+               context_overflow) as m:
         run_chat(m, system=system)
 
 
@@ -346,6 +355,7 @@ def serve(
     backend: str = _MODEL_OPTS["backend"], memory_budget: Optional[str] = _MODEL_OPTS["memory_budget"],
     device: Optional[str] = _MODEL_OPTS["device"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
     threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
+    context_overflow: str = _MODEL_OPTS["context_overflow"],
 ) -> None:
     """Serve a model over HTTP: OpenAI's /v1/chat/completions, /v1/completions, /v1/models and ollama's
     /api/chat, /api/generate, /api/tags (streaming as server-sent events / NDJSON)."""
@@ -357,7 +367,7 @@ def serve(
     try:
         serve(model, host=host, port=port, api_key=api_key, name=name, max_queue=max_queue, keep_alive=keep_alive,
               backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
-              kv_cache=kv_cache, ready=lambda url: print(f"serving on {url} (OpenAI: {url}/v1, ollama: {url}/api)",
+              kv_cache=kv_cache, context_overflow=context_overflow, ready=lambda url: print(f"serving on {url} (OpenAI: {url}/v1, ollama: {url}/api)",
                                                          flush=True))
     except EdgeAIError as exc:
         _fail(exc)

@@ -166,7 +166,11 @@ class Repl:
         s.messages.append({"role": "user", "content": text})
         max_tokens = int(s.options.get("max_tokens", DEFAULT_MAX_TOKENS))
         try:
-            kept, dropped = s.model.fit_messages(s.conversation(), reserve=min(max_tokens, s.model.n_ctx // 2))
+            # a sliding cache (context_overflow="sink-window") keeps the whole conversation going itself
+            if s.model.context.slides:
+                kept, dropped = check_messages(s.conversation()), 0
+            else:
+                kept, dropped = s.model.fit_messages(s.conversation(), reserve=min(max_tokens, s.model.n_ctx // 2))
         except EdgeAIError as exc:  # the context is full, or the chat template refused the conversation
             s.messages.pop()
             self._error(exc)
@@ -304,6 +308,11 @@ class Repl:
         table.add_row("context", f"{st.n_past} of {st.n_ctx} positions in the KV cache"
                       + (f" ({format_bytes(st.extra['kv_bytes'])}" + (f" {st.extra['kv_type']}" if "kv_type" in st.extra else "")
                          + " allocated)" if "kv_bytes" in st.extra else ""))
+        ctx = st.extra.get("context")
+        if ctx:
+            table.add_row("overflow", f"{ctx['policy']}" + (f": {ctx['evicted']} positions evicted after the first "
+                                                            f"{ctx['sink']} ({ctx['evicted_total']} in all, "
+                                                            f"{ctx['evictions']} slides)" if ctx["evicted_total"] else ""))
         if "expert_cache_hit_rate" in st.extra:
             table.add_row("expert cache", f"{100 * st.extra['expert_cache_hit_rate']:.1f}% hits"
                           + (f", {st.extra['expert_cache']}" if "expert_cache" in st.extra else ""))
