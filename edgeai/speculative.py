@@ -245,13 +245,20 @@ def check_same_vocabulary(target, draft) -> None:
     if want is None or got is None:
         raise OptionError(f"{(target if want is None else draft).path.name} has no vocabulary ({key}) to compare: "
                           "a draft model needs the target's vocabulary")
-    if len(want) != len(got):
-        raise OptionError(f"the draft model {draft.path.name} has {len(got)} tokens but the target {target.path.name} "
-                          f"has {len(want)}: a draft needs the target's vocabulary")
-    for t, (a, b) in enumerate(zip(want, got)):
+    compare_vocabularies(got, want, draft=f"the draft model {draft.path.name}", target=f"the target {target.path.name}")
+
+
+def compare_vocabularies(draft_tokens: Sequence[bytes], target_tokens: Sequence[bytes], *, draft: str,
+                         target: str) -> None:
+    """OptionError naming `draft` and `target` (how to call each in the message) unless the token
+    strings are the same, in the same order."""
+    if len(draft_tokens) != len(target_tokens):
+        raise OptionError(f"{draft} has {len(draft_tokens)} tokens but {target} has {len(target_tokens)}: a draft "
+                          "needs the target's vocabulary")
+    for t, (a, b) in enumerate(zip(target_tokens, draft_tokens)):
         if a != b:
-            raise OptionError(f"the draft model {draft.path.name} and the target {target.path.name} differ at token "
-                              f"{t} ({b!r} vs {a!r}): a draft needs the target's vocabulary")
+            raise OptionError(f"{draft} and {target} differ at token {t} ({b!r} vs {a!r}): a draft needs the "
+                              "target's vocabulary")
 
 
 @dataclass
