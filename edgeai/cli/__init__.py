@@ -284,7 +284,7 @@ def run(
             from edgeai.api import plan as make_plan
 
             show_plan(make_plan(model, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
-                                kv_cache=kv_cache),
+                                kv_cache=kv_cache, speculative=speculative, draft_tokens=draft_tokens),
                       json_output=json_output)
         except EdgeAIError as exc:
             _fail(exc)
