@@ -270,6 +270,37 @@ def test_logprobs_are_the_plain_decoders_with_a_drafter(tiny_chat_gguf):
     assert got == want and all(lp is not None for lp in got)
 
 
+# ---- every tiny family, f16 and q8_0 KV --------------------------------------------------------
+
+# head size 32 (2 heads of a 64-wide model; as many KV heads, as OLMoE needs): a q8_0 KV cache needs a multiple of 32
+KV32 = dict(num_attention_heads=2, num_key_value_heads=2, head_dim=32)
+
+
+@pytest.fixture(scope="module")
+def family_ggufs(tmp_path_factory):
+    from helpers import TINY_ARCHS, make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("spec-families")
+    return {a.name: edgeai.convert(make_tiny_checkpoint(root / a.name, a, **KV32), root / f"{a.name}.gguf",
+                                   outtype="f32") for a in TINY_ARCHS}
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3", "smollm", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
+                                  "qwen3_moe", "olmoe"])
+def test_greedy_lookup_is_token_identical_on_every_family(family_ggufs, arch):
+    path = family_ggufs[arch]
+    prompt = "the cat sat on the mat. the cat sat on the mat. the dog sat on the mat. the cat sat on the"
+    for kv in ("f16", "q8_0"):
+        want, history, _ = _plain(path, prompt, 40, kv)
+        with edgeai.load(path, backend="native", threads=1, kv_cache=kv, speculative="lookup", draft_tokens=6) as m:
+            m._speculator.adaptive = False  # draft on every match, however the timing goes
+            got, _ = _speculative(m, prompt, 40)
+            assert got == want, kv
+            assert m.backend.history == history, kv
+            st = m.stats().extra["speculative"]
+            assert st["verifications"] > 0 and st["accepted"] > 0, kv  # rollback after accepted runs exercised
+
+
 # ---- the memory plan -------------------------------------------------------------------------
 
 
