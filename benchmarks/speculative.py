@@ -5,11 +5,12 @@ plain native decode, native with each drafter, and llama-cpp-python's own prompt
 Run by hand on a quiet machine (never by tests):
 
     .venv/bin/python benchmarks/speculative.py [--rounds 3] [--threads 1 2] [--types q8_0 q4_0]
-        [--draft PATH | --make-draft K] [--drafters lookup self] [--max-tokens 128] [--out DIR]
+        [--draft PATH | --make-draft N] [--drafters lookup self] [--max-tokens 128] [--out DIR]
 
 Drafters: prompt lookup, self-speculation (layer skipping), and a draft model: `--draft PATH`, or
-`--make-draft K` to make one from SmolLM2 itself with edgeai (`edgeai convert --quant q4_0 --prune
-layers:K`, K blocks dropped, calibrated on standard-library docstrings; cached beside the targets).
+`--make-draft N` to make one from SmolLM2 itself with edgeai (`edgeai convert --draft-of TARGET
+--draft-layers N`: N blocks kept, 0 for the default, Q4_0, calibrated on standard-library docstrings;
+cached beside the targets).
 
 Tasks (written for this benchmark): input-grounded ones, where the answer copies from the prompt
 (rewrite a passage with its spelling fixed, edit given code, extract facts from a given text), and an
@@ -84,17 +85,20 @@ def model_file(kind: str) -> Path:
     return path
 
 
-def draft_file(drop: int) -> Path:
-    """SmolLM2 with `drop` blocks pruned, Q4_0: a draft made by edgeai from the target's checkpoint."""
+def draft_file(keep: int, target: Path) -> Path:
+    """A draft made by edgeai from SmolLM2's checkpoint for `target` (`edgeai.convert(draft_of=)`: the
+    blocks that change the hidden state least dropped, `keep` kept (0: the library's default), Q4_0),
+    calibrated on standard-library docstrings."""
     import argparse as a, collections, json as j, os, re, textwrap
 
-    path = BENCH / f"smollm2-draft-drop{drop}-q4_0.gguf"
+    import edgeai
+
+    path = BENCH / f"smollm2-draft-keep{keep or 'default'}-q4_0.gguf"
     if not path.exists():
         BENCH.mkdir(parents=True, exist_ok=True)
         calib = BENCH / "draft-calib.txt"
         calib.write_text("\n\n".join(m.__doc__ or "" for m in (a, collections, j, os, re, textwrap)))
-        subprocess.run([EDGEAI, "convert", "-o", str(path), "--quant", "q4_0", "--prune", f"layers:{drop}",
-                        "--calib", str(calib), "--force"], check=True, stdout=subprocess.DEVNULL)
+        edgeai.convert(None, path, draft_of=target, draft_layers=keep or None, calib=calib, force=True)
     return path
 
 
@@ -140,8 +144,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--types", nargs="+", default=["q8_0", "q4_0"])
     ap.add_argument("--draft", type=Path, default=None, help="a draft model GGUF with SmolLM2's vocabulary")
-    ap.add_argument("--make-draft", type=int, default=None, metavar="K",
-                    help="make the draft model: SmolLM2 with K blocks dropped, Q4_0")
+    ap.add_argument("--make-draft", type=int, default=None, metavar="N",
+                    help="make the draft model: SmolLM2 with N of its 30 blocks kept (0: edgeai's default), Q4_0")
     ap.add_argument("--drafters", nargs="+", default=["lookup", "self"], help="lookup and/or self")
     ap.add_argument("--fixed-length", action="store_true",
                     help="draft --draft-tokens every step (no adaptation): each drafter's raw acceptance")
@@ -155,7 +159,8 @@ def main() -> None:
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-    draft = args.draft or (draft_file(args.make_draft) if args.make_draft else None)
+    draft = args.draft or (draft_file(args.make_draft, model_file(args.types[0])) if args.make_draft is not None
+                           else None)
     drafters = list(args.drafters) + ([str(draft)] if draft else [])
     rows = []
     for kind in args.types:

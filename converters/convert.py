@@ -80,6 +80,8 @@ def convert(
     format: str = "gguf",
     block_size: int = 32,
     device: str | None = None,
+    draft_of: str | Path | None = None,
+    draft_layers: int | None = None,
 ) -> Path:
     """Convert a checkpoint to a GGUF file that llama.cpp and edgeai's runtime load, or (format="onnx")
     to an ONNX folder that onnxruntime runs (`edgeai.converters.onnx_export.export_onnx`).
@@ -113,11 +115,22 @@ def convert(
         block_size: weights per scale of ONNX int8/int4 weights (32, 64 or 128).
         device: ONNX only: the device profile whose CPU sets MatMulNBits' accuracy_level (None:
             this machine; `edgeai.converters.onnx_export.accuracy_level_for`).
+        draft_of: make a draft model for speculative decoding with this target GGUF
+            (`edgeai.converters.draft`): `src` (the checkpoint the target was converted from) with
+            fewer blocks, the ones that change the hidden state least on `calib` (needed), and
+            `quant` q4_0 unless given; the vocabulary is checked against the target's first.
+            Load it with `edgeai.load(target, speculative=output)`.
+        draft_layers: blocks the draft keeps (default: three quarters of the source's, rounded up).
 
     Returns:
         The path written.
     """
     threads, calib_ctx = checked_knobs(threads, calib_ctx)
+    target = _draft_target(draft_of, draft_layers, format, prune, calib)
+    if target is not None and quant is None and outtype is None and target_bpw is None:
+        from edgeai.converters.draft import DRAFT_QUANT
+
+        quant = DRAFT_QUANT
     # ---- ONNX export (edgeai.converters.onnx_export) ----
     if str(format).lower() == "onnx":
         if outtype is not None or target_bpw is not None or target_types is not None:
@@ -158,17 +171,46 @@ def convert(
     from edgeai.quant.prune import parse_prune
 
     prune_steps = parse_prune(prune)
-    calib_text = calibration_text(calib, method, prune_steps)
+    calib_text = calibration_text(calib, method, prune_steps, also_needed_by="--draft-of" if target else None)
     if output.exists() and not force:  # fail before any reading
         raise OutputError(f"{output} exists; pass --force (force=True) to overwrite it")
     check_not_source(output, Path(src) if src is not None else default_model_path())
     plan = open_plan(src, recipe, trust_pickle=trust_pickle)
     try:
+        if target is not None:
+            from edgeai.converters.draft import draft_step
+
+            prune_steps = (*prune_steps, draft_step(plan, target, draft_layers))
         prepared = prepare(plan, recipe, method, calib=calib, calib_text=calib_text, calib_ctx=calib_ctx,
                            prune_steps=prune_steps, target_bpw=target_bpw, target_types=target_types, threads=threads)
         return _write(plan, output, recipe, method, force, progress, threads, prepared.importance, prepared.encoded)
     finally:
         plan.close()
+
+
+def _draft_target(draft_of, draft_layers, format: str, prune, calib):
+    """The --draft-of target's header (None without --draft-of), the options that go with it checked
+    before any reading: OptionError naming the option."""
+    if draft_of is None:
+        if draft_layers is not None:
+            raise OptionError("--draft-layers sets how many blocks a draft keeps: give --draft-of TARGET.gguf too")
+        return None
+    if str(format).lower() != "gguf":
+        raise OptionError(f"--draft-of makes a GGUF draft for the native engine's speculative decoding; drop --format {format}")
+    from edgeai.quant.prune import PruneKind, parse_prune
+
+    if any(s.kind is PruneKind.LAYERS for s in parse_prune(prune)):
+        raise OptionError("--draft-of drops blocks itself: set how many it keeps with --draft-layers N, not --prune layers:K")
+    if calib is None:
+        raise OptionError("--draft-of chooses the blocks to drop on calibration text: pass --calib FILE (text like "
+                          "what the model will be asked)")
+    if draft_layers is not None:
+        from edgeai.options import checked_int
+
+        checked_int("draft_layers (--draft-layers)", draft_layers, minimum=1, why="blocks the draft keeps")
+    from edgeai.converters.draft import read_target
+
+    return read_target(draft_of)
 
 
 def _write(plan: ConversionPlan, output: Path, recipe: Recipe, method: Method, force: bool, progress: Progress | None,

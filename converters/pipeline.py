@@ -58,11 +58,14 @@ class Prepared:
     encoded: dict[str, list[np.ndarray]] | None = None  # GPTQ: tensors already encoded, by name
 
 
-def calibration_text(calib: str | Path | None, method: Method, prune_steps: Sequence[PruneSpec] = ()) -> str | None:
+def calibration_text(calib: str | Path | None, method: Method, prune_steps: Sequence[PruneSpec] = (),
+                     also_needed_by: str | None = None) -> str | None:
     """The calibration text the method or a pruning step needs (None when none does); OptionError
-    when it is missing, unreadable, or given to steps that ignore it."""
+    when it is missing, unreadable, or given to steps that ignore it. also_needed_by: the option of
+    another step that needs it (--draft-of)."""
     pruning = next((s for s in prune_steps if s.needs_calibration), None)
-    needed_by = f"--method {method.value}" if method.needs_calibration else f"--prune {pruning}" if pruning else None
+    needed_by = f"--method {method.value}" if method.needs_calibration else f"--prune {pruning}" if pruning else \
+        also_needed_by
     if needed_by is None:
         if calib is not None:
             raise OptionError(f"--calib is only used by calibrated methods and pruning; --method {method.value} ignores it")

@@ -38,14 +38,20 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
     from edgeai.context import ContextOverflow
     from edgeai.options import checked_choice
     from edgeai.runtimes.registry import header_of, resolve
-    from edgeai.speculative import speculative_options, speculator_for
+    from edgeai.speculative import cannot_speculate, speculative_options, speculator_for
 
     options = speculative_options(speculative, draft_tokens)  # checked before the (slow) load
     overflow = checked_choice("context_overflow", context_overflow, ContextOverflow)
     path, budget, threads, profile = _resolve(path, memory_budget, device, threads)
     header = header_of(Path(path))  # read once: choosing the backend and loading it share it
     cls = resolve(Path(path), backend, header)
-    engine = cls(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget, kv_cache=kv_cache, header=header)
+    planned = {}
+    if options is not None:
+        if cls.name != "native":
+            raise cannot_speculate(cls.name)
+        planned = {"speculative": options}  # the memory plan counts the draft and the verification
+    engine = cls(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget, kv_cache=kv_cache, header=header,
+                 **planned)
     try:
         speculator = speculator_for(engine, options)
         return Model(engine, device=profile, memory_budget=budget, speculator=speculator, context_overflow=overflow)
@@ -55,10 +61,14 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
 
 
 def plan(path: str | Path | None = None, *, memory_budget: str | int | None = None, device: str | None = None,
-         n_ctx: int | None = None, threads: int | None = None, kv_cache: str | None = None):
+         n_ctx: int | None = None, threads: int | None = None, kv_cache: str | None = None,
+         speculative: str | Path | None = None, draft_tokens: int | None = None):
     """How loading `path` in the native engine would split the memory budget, without loading it
-    (`edgeai run --plan`): a `runtimes.plan.MemoryPlan`. Raises BudgetError when it cannot fit.
-    Arguments as for `load`."""
+    (`edgeai run --plan`): a `runtimes.plan.MemoryPlan` (with speculative=, the draft model and the
+    verification's logits too). Raises BudgetError when it cannot fit. Arguments as for `load`."""
+    from edgeai.speculative import speculative_options
+
+    options = speculative_options(speculative, draft_tokens)
     from edgeai.errors import BackendError
     from edgeai.runtimes.native import NativeBackend
 
@@ -70,7 +80,7 @@ def plan(path: str | Path | None = None, *, memory_budget: str | int | None = No
     if reason:
         raise BackendError(f"memory plans are made for the native engine, which cannot run this file: {reason}")
     return NativeBackend.plan_for(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget, kv_cache=kv_cache,
-                                  header=header)
+                                  header=header, speculative=options)
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,45 @@ def speculative_options(speculative: str | Path | None, draft_tokens: int | None
     return SpeculativeOptions(DrafterKind(speculative.lower()), n)
 
 
+def draft_kv_cache(target_kv_cache: str, draft_head_dim: int) -> str:
+    """The draft model's KV cache type: the target's, unless the draft's head size cannot take a
+    quantized one (a multiple of 32 is needed), then f16."""
+    return target_kv_cache if draft_head_dim % 32 == 0 else "f16"
+
+
+def speculative_memory(options: SpeculativeOptions | None, target, config: dict, *, n_ctx: int, threads: int,
+                       kv_cache: str):
+    """What `options` add to the memory plan of a target (`target`: its GGUF header; `config`: its
+    engine config), a `runtimes.plan.SpeculativeMemory`, or None without speculation. A draft model is
+    checked (the target's vocabulary, a file the native engine runs) and planned as `DraftModel`
+    loads it: the target's context (at most the draft's trained one), threads and KV type."""
+    from edgeai.native_bridge import native as _native
+    from edgeai.runtimes.plan import ENGINE_OVERHEAD, SpeculativeMemory
+
+    if options is None:
+        return None
+    verify = 2 * MAX_VERIFY_TOKENS * int(config["n_vocab"]) * 4
+    if options.kind is not DrafterKind.MODEL:
+        return SpeculativeMemory(options.kind.value, verify, MAX_VERIFY_TOKENS)
+    from edgeai.gguf_header import read_header
+    from edgeai.runtimes.native import engine_config
+
+    from edgeai.runtimes.native import NativeBackend
+
+    header = read_header(options.draft_path)
+    check_same_vocabulary(target, header)
+    reason = NativeBackend.can_run(header.path, header)
+    if reason:
+        raise OptionError(f"the draft model {header.path.name} cannot run in the native engine: {reason}")
+    draft = engine_config(header)
+    draft_ctx = min(n_ctx, int(draft.pop("n_ctx_train")))
+    kv = draft_kv_cache(kv_cache, int(draft["head_dim"]))
+    sizes = _native.memory_sizes(header.native, draft, draft_ctx, threads, kv)
+    return SpeculativeMemory(options.kind.value, verify, MAX_VERIFY_TOKENS, Path(options.draft_path),
+                             sizes["dense"] + sizes["experts"], sizes["kv"], sizes["scratch"] + ENGINE_OVERHEAD,
+                             draft_ctx, kv)
+
+
 @runtime_checkable
 class Drafter(Protocol):
     """Proposes the tokens likely to follow a context. Deterministic given the context (the
@@ -175,8 +214,11 @@ class DraftModel:
         reason = NativeBackend.can_run(self.path, header)
         if reason:
             raise OptionError(f"the draft model {self.path.name} cannot run in the native engine: {reason}")
-        n_ctx = min(target.n_ctx, int(engine_config(header)["n_ctx_train"]))
-        self._be = NativeBackend(self.path, n_ctx=n_ctx, threads=threads or target.threads, header=header)
+        config = engine_config(header)
+        n_ctx = min(target.n_ctx, int(config["n_ctx_train"]))
+        # planned with the target (`speculative_memory`): no budget of its own
+        self._be = NativeBackend(self.path, n_ctx=n_ctx, threads=threads or target.threads, header=header,
+                                 kv_cache=draft_kv_cache(target.kv_cache, int(config["head_dim"])))
         self._be.set_sampling(Sampling(temperature=0.0))
 
     def draft(self, context: Sequence[int], n: int) -> list[int]:
@@ -245,13 +287,20 @@ def check_same_vocabulary(target, draft) -> None:
     if want is None or got is None:
         raise OptionError(f"{(target if want is None else draft).path.name} has no vocabulary ({key}) to compare: "
                           "a draft model needs the target's vocabulary")
-    if len(want) != len(got):
-        raise OptionError(f"the draft model {draft.path.name} has {len(got)} tokens but the target {target.path.name} "
-                          f"has {len(want)}: a draft needs the target's vocabulary")
-    for t, (a, b) in enumerate(zip(want, got)):
+    compare_vocabularies(got, want, draft=f"the draft model {draft.path.name}", target=f"the target {target.path.name}")
+
+
+def compare_vocabularies(draft_tokens: Sequence[bytes], target_tokens: Sequence[bytes], *, draft: str,
+                         target: str) -> None:
+    """OptionError naming `draft` and `target` (how to call each in the message) unless the token
+    strings are the same, in the same order."""
+    if len(draft_tokens) != len(target_tokens):
+        raise OptionError(f"{draft} has {len(draft_tokens)} tokens but {target} has {len(target_tokens)}: a draft "
+                          "needs the target's vocabulary")
+    for t, (a, b) in enumerate(zip(target_tokens, draft_tokens)):
         if a != b:
-            raise OptionError(f"the draft model {draft.path.name} and the target {target.path.name} differ at token "
-                              f"{t} ({b!r} vs {a!r}): a draft needs the target's vocabulary")
+            raise OptionError(f"{draft} and {target} differ at token {t} ({b!r} vs {a!r}): a draft needs the "
+                              "target's vocabulary")
 
 
 @dataclass
@@ -484,17 +533,22 @@ class Speculator:
         self.drafter.close()
 
 
+def cannot_speculate(backend_name: str) -> Exception:
+    """The refusal of a backend that cannot verify in a batch (llama.cpp, onnxruntime), by name."""
+    from edgeai.errors import BackendError
+
+    return BackendError(f"speculative decoding needs the native engine (batched verification with decode's logits bit "
+                        f"for bit, and KV rollback); the {backend_name} backend cannot speculate: load with "
+                        "backend='native' or without speculative=")
+
+
 def speculator_for(backend, options: SpeculativeOptions | None) -> Speculator | None:
     """The Speculator `options` ask for over `backend`, or None; a backend that cannot verify in a
     batch (no `eval_logits`: llama.cpp, onnxruntime) is refused by name."""
-    from edgeai.errors import BackendError
-
     if options is None:
         return None
     if not hasattr(backend, "eval_logits") or backend.name != "native":
-        raise BackendError(f"speculative decoding needs the native engine (batched verification and KV rollback); "
-                           f"the {backend.name} backend cannot speculate: load with backend='native' or without "
-                           "speculative=")
+        raise cannot_speculate(backend.name)
     if options.kind is DrafterKind.LOOKUP:
         drafter: Drafter = PromptLookup()
     elif options.kind is DrafterKind.MODEL:

@@ -83,6 +83,14 @@ def _prepare(path: Path, header: GGUFHeader | None, n_ctx: int | None,
     return header, config, n_ctx_train, n_ctx, threads
 
 
+def _speculative_memory(options, header: GGUFHeader, config: dict, n_ctx: int, threads: int, kv_cache: str):
+    if options is None:
+        return None
+    from edgeai.speculative import speculative_memory
+
+    return speculative_memory(options, header, {**config}, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
+
+
 class NativeBackend(VocabText):
     """A GGUF in edgeai's C++ engine: one model, one sequence (see `runtimes.base.Backend`)."""
 
@@ -119,23 +127,26 @@ class NativeBackend(VocabText):
 
     @classmethod
     def plan_for(cls, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
-                 memory_budget: int | None = None, kv_cache: str | None = None, header: GGUFHeader | None = None):
+                 memory_budget: int | None = None, kv_cache: str | None = None, header: GGUFHeader | None = None,
+                 speculative=None):
         """The memory plan loading `path` would follow (`runtimes.plan.MemoryPlan`), without loading
-        it; raises BudgetError as loading would."""
+        it; raises BudgetError as loading would. speculative: `edgeai.speculative.SpeculativeOptions`."""
         from edgeai.runtimes.plan import plan_memory
         from edgeai.runtimes.vocab import GGUFVocab
 
         header, config, _, n_ctx, threads = _prepare(path, header, n_ctx, threads)
         vocab = GGUFVocab(header.path, checked=True)  # held while planning, as when loading
         try:
-            return plan_memory(header, config, budget=memory_budget, n_ctx=n_ctx, threads=threads,
-                               kv_cache=kv_cache_type(kv_cache))
+            kv_cache = kv_cache_type(kv_cache)
+            return plan_memory(header, config, budget=memory_budget, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache,
+                               speculative=_speculative_memory(speculative, header, config, n_ctx, threads, kv_cache))
         finally:
             vocab.close()
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
                  memory_budget: int | None = None, kv_cache: str | None = None, isa: str = "",
-                 expert_store: Mapping | ExpertStoreOptions | None = None, header: GGUFHeader | None = None) -> None:
+                 expert_store: Mapping | ExpertStoreOptions | None = None, header: GGUFHeader | None = None,
+                 speculative=None) -> None:
         """Load `path` (a GGUF the engine runs, see `can_run`).
 
         kv_cache: "f16" (default), "q8_0", "q4_0", or keys/values such as "q8_0/q4_0"
@@ -148,6 +159,8 @@ class NativeBackend(VocabText):
         direct, trace, retries, prefetch (False: demand reads only); slots: stream with this many
         slots whatever the budget); unknown options and values are OptionErrors naming the choices.
         header: the file's header when the caller has read it (`edgeai.gguf_header.read_header`).
+        speculative: the `edgeai.speculative.SpeculativeOptions` the model will run with: the plan
+        counts the draft model and the verification's logits (`runtimes.plan.SpeculativeMemory`).
         """
         from edgeai.runtimes.plan import plan_memory
 
@@ -161,7 +174,9 @@ class NativeBackend(VocabText):
         self._vocab = GGUFVocab(self.path, checked=True)  # first: the planner counts it in the process's memory
         try:
             self.plan = plan_memory(header, config, budget=memory_budget, n_ctx=n_ctx, threads=self.threads,
-                                    kv_cache=self.kv_cache)
+                                    kv_cache=self.kv_cache,
+                                    speculative=_speculative_memory(speculative, header, config, n_ctx, self.threads,
+                                                                    self.kv_cache))
             options = checked_store_options(expert_store, n_layer=int(config["n_layer"]), n_expert=int(config["n_expert"]))
             # options with slots stream whatever the plan says (tests, benchmarks)
             stream = self.plan.stream_config(options) or (options if options.slots is not None else None)

@@ -41,6 +41,40 @@ SMALLER_KV_CACHES = ("q8_0", "q8_0/q4_0", "q4_0")
 
 
 @dataclass(frozen=True)
+class SpeculativeMemory:
+    """What speculative decoding adds to the target's plan (bytes; `edgeai.speculative.speculative_memory`).
+
+    The KV positions a verification writes lie inside the target's n_ctx (drafts are made only where
+    they fit), so its KV cache is as planned; a verification adds its logits, [batch, n_vocab] float32
+    twice (the engine's per-batch buffer and the result handed to Python), for the longest batch. A
+    draft model adds all it holds: its weights (memory-mapped, every one read per drafted token), its
+    KV cache and its compute buffers."""
+
+    drafter: str  # "lookup", "self" or "model"
+    verify: int  # logits of the longest verification batch
+    verify_tokens: int  # its positions
+    draft_path: Path | None = None
+    draft_weights: int = 0
+    draft_kv: int = 0
+    draft_scratch: int = 0  # compute buffers and the engine's allowance (its threads, its logits)
+    draft_n_ctx: int = 0
+    draft_kv_cache: str = "f16"
+
+    @property
+    def total(self) -> int:
+        return self.verify + self.draft_weights + self.draft_kv + self.draft_scratch
+
+    def rows(self) -> list[tuple[str, int, str]]:
+        rows = [("verification", self.verify, f"logits of up to {self.verify_tokens} positions ({self.drafter})")]
+        if self.draft_path is not None:
+            rows.append(("draft model", self.draft_weights + self.draft_kv + self.draft_scratch,
+                         f"{self.draft_path.name}: weights {format_bytes(self.draft_weights)} (memory-mapped), KV cache "
+                         f"{format_bytes(self.draft_kv)} ({self.draft_kv_cache}, {self.draft_n_ctx} positions), compute "
+                         f"buffers {format_bytes(self.draft_scratch)}"))
+        return rows
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     """How a budget is split for one model file (bytes)."""
 
@@ -61,6 +95,7 @@ class MemoryPlan:
     layer_slot: int = 0  # one layer's slot
     layer_slots: int = 0  # 0: dense weights resident; else streamed through this many slots
     kv_cache: str = "f16"  # the KV cache's element type ("q8_0/q4_0": keys q8_0, values q4_0)
+    speculative: SpeculativeMemory | None = None  # a drafter's and the verifications' share
 
     @property
     def streaming(self) -> bool:
@@ -75,7 +110,8 @@ class MemoryPlan:
     @property
     def fixed(self) -> int:
         """Everything but the experts."""
-        return self.process + self.dense_memory + self.kv + self.scratch + ENGINE_OVERHEAD
+        return (self.process + self.dense_memory + self.kv + self.scratch + ENGINE_OVERHEAD
+                + (self.speculative.total if self.speculative is not None else 0))
 
     @property
     def expert_memory(self) -> int:
@@ -117,8 +153,9 @@ class MemoryPlan:
                          f"({format_bytes(self.slot_bytes)} each), streamed from the file"))
         elif self.experts:
             rows.append(("experts", self.expert_memory, "all in memory (memory-mapped)"))
-        return rows + [("KV cache", self.kv, f"{self.kv_cache}, {self.n_ctx} positions"),
-                       ("compute buffers", self.scratch + ENGINE_OVERHEAD, "activations, logits, threads")]
+        rows += [("KV cache", self.kv, f"{self.kv_cache}, {self.n_ctx} positions"),
+                 ("compute buffers", self.scratch + ENGINE_OVERHEAD, "activations, logits, threads")]
+        return rows + (self.speculative.rows() if self.speculative is not None else [])
 
     def to_json(self) -> dict:
         return {"path": str(self.path), "budget": self.budget, "n_ctx": self.n_ctx, "kv_cache": self.kv_cache,
@@ -129,7 +166,7 @@ class MemoryPlan:
 
 
 def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: int, threads: int, kv_cache: str = "f16",
-                process_bytes: int | None = None) -> MemoryPlan:
+                process_bytes: int | None = None, speculative: SpeculativeMemory | None = None) -> MemoryPlan:
     """Split `budget` for the GGUF whose parsed header is `header` in the native engine (config:
     `runtimes.native.engine_config`).
 
@@ -137,6 +174,9 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
     keys/values such as "q8_0/q4_0"; a quantized type needs a head size that is a multiple of 32,
     else OptionError).
     process_bytes: what the process holds before the model (default: its resident set now).
+    speculative: what speculative decoding adds (a draft model, the verification's logits): part of
+    the fixed memory, so a budget too small for target and draft together is refused with the
+    smallest that fits both.
     Raises BudgetError when the model cannot run within the budget.
     """
     from edgeai.native_bridge import native
@@ -158,7 +198,7 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
     n_experts = int(config["n_layer"]) * int(config["n_expert"])
     plan = MemoryPlan(Path(path), budget, n_ctx, process_bytes, sizes["dense"], sizes["experts"], sizes["kv"],
                       sizes["scratch"], sizes["slot"], 0, int(config["n_expert_used"]), n_experts,
-                      int(config["n_layer"]), sizes["layer_matrices"], sizes["layer_slot"], 0, kv_cache)
+                      int(config["n_layer"]), sizes["layer_matrices"], sizes["layer_slot"], 0, kv_cache, speculative)
     if budget is None:
         _check_allocatable(plan)
     if budget is None or plan.total <= budget:
@@ -204,6 +244,9 @@ def _refusal(plan: MemoryPlan, budget: int, kv_savings: list[tuple[str, int]]) -
         parts += f", {plan.min_slots} expert slots {format_bytes(plan.min_slots * plan.slot_bytes)}"
     levers = [f"a context of {plan.n_ctx // 2} positions (--ctx) saves {format_bytes(plan.kv // 2)}"] if plan.n_ctx >= 128 else []
     levers += [f"a {kind} KV cache (--kv-cache {kind}) saves {format_bytes(saving)}" for kind, saving in kv_savings]
+    spec = plan.speculative
+    if spec is not None and spec.draft_path is not None:
+        levers.append(f"speculative='lookup' (no draft model) saves {format_bytes(spec.total - spec.verify)}")
     levers.append(f"a smaller quantization (edgeai convert --quant q4_k_m) shrinks the {format_bytes(plan.dense)} of "
                   "resident weights" + (" and the expert slots" if plan.experts else ""))
     return (f"{plan.path.name} needs at least {format_bytes(plan.minimum)} ({plan.minimum:,} bytes) at n_ctx={plan.n_ctx}, "

@@ -268,3 +268,95 @@ def test_logprobs_are_the_plain_decoders_with_a_drafter(tiny_chat_gguf):
         got = [c.logprobs for c in m.stream(prompt, max_tokens=12, temperature=0, logprobs=3)]
         assert m.stats().extra["speculative"]["accepted"] == 0
     assert got == want and all(lp is not None for lp in got)
+
+
+# ---- every tiny family, f16 and q8_0 KV --------------------------------------------------------
+
+# head size 32 (2 heads of a 64-wide model; as many KV heads, as OLMoE needs): a q8_0 KV cache needs a multiple of 32
+KV32 = dict(num_attention_heads=2, num_key_value_heads=2, head_dim=32)
+
+
+@pytest.fixture(scope="module")
+def family_ggufs(tmp_path_factory):
+    from helpers import TINY_ARCHS, make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("spec-families")
+    return {a.name: edgeai.convert(make_tiny_checkpoint(root / a.name, a, **KV32), root / f"{a.name}.gguf",
+                                   outtype="f32") for a in TINY_ARCHS}
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3", "smollm", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
+                                  "qwen3_moe", "olmoe"])
+def test_greedy_lookup_is_token_identical_on_every_family(family_ggufs, arch):
+    path = family_ggufs[arch]
+    prompt = "the cat sat on the mat. the cat sat on the mat. the dog sat on the mat. the cat sat on the"
+    for kv in ("f16", "q8_0"):
+        want, history, _ = _plain(path, prompt, 40, kv)
+        with edgeai.load(path, backend="native", threads=1, kv_cache=kv, speculative="lookup", draft_tokens=6) as m:
+            m._speculator.adaptive = False  # draft on every match, however the timing goes
+            got, _ = _speculative(m, prompt, 40)
+            assert got == want, kv
+            assert m.backend.history == history, kv
+            st = m.stats().extra["speculative"]
+            assert st["verifications"] > 0 and st["accepted"] > 0, kv  # rollback after accepted runs exercised
+
+
+# ---- the memory plan -------------------------------------------------------------------------
+
+
+def test_the_plan_counts_the_draft_model_and_the_verification():
+    from edgeai.errors import BudgetError
+    from edgeai.gguf_header import read_header
+    from edgeai.paths import default_model_path
+    from edgeai.runtimes.native import engine_config
+    from edgeai.runtimes.plan import plan_memory
+    from edgeai.speculative import speculative_options, speculative_memory
+
+    path = default_model_path()  # its own draft: the same vocabulary
+    header = read_header(path)
+    config = engine_config(header)
+    config.pop("n_ctx_train")
+
+    def plan(budget=None, speculative=None, kv="f16"):
+        extra = speculative_memory(speculative_options(speculative, None), header, config, n_ctx=1024, threads=2,
+                                   kv_cache=kv)
+        return plan_memory(header, config, budget=budget, n_ctx=1024, threads=2, kv_cache=kv, process_bytes=50 << 20,
+                           speculative=extra)
+
+    plain, lookup, draft = plan(), plan(speculative="lookup"), plan(speculative=str(path))
+    verify = 2 * MAX_VERIFY_TOKENS * config["n_vocab"] * 4
+    assert lookup.speculative.total == verify and lookup.total == plain.total + verify
+    assert [r[0] for r in lookup.rows()][-1] == "verification"
+    d = draft.speculative
+    assert d.draft_weights == plain.dense + plain.experts and d.draft_kv == plain.kv and d.draft_n_ctx == 1024
+    assert draft.total == plain.total + verify + d.draft_weights + d.draft_kv + d.draft_scratch
+    assert "draft model" in [r[0] for r in draft.rows()] and draft.to_json()["parts"]["draft model"] > d.draft_weights
+    q8 = plan(speculative=str(path), kv="q8_0").speculative
+    assert q8.draft_kv_cache == "q8_0" and q8.draft_kv < d.draft_kv  # the draft's KV follows the target's type
+    assert plan(draft.minimum, str(path)).total <= draft.minimum  # the minimum runs
+    with pytest.raises(BudgetError) as err:  # enough for the target alone, not with its draft
+        plan(plain.minimum + verify, str(path))
+    assert err.value.minimum == draft.minimum
+    assert "draft model" in str(err.value) and "speculative='lookup' (no draft model) saves" in str(err.value)
+
+
+def test_load_and_plan_refuse_a_budget_too_small_for_the_draft():
+    from edgeai.errors import BudgetError
+    from edgeai.paths import default_model_path
+
+    path = default_model_path()
+    plain = edgeai.plan(path, n_ctx=512, threads=1)
+    with_draft = edgeai.plan(path, n_ctx=512, threads=1, speculative=str(path))
+    assert with_draft.speculative is not None and with_draft.minimum > plain.minimum + with_draft.speculative.draft_weights
+    budget = plain.minimum + 8 * 2**20  # the target fits (with room for the process to grow a little)
+    edgeai.plan(path, n_ctx=512, threads=1, memory_budget=budget)
+    for call in (edgeai.plan, edgeai.load):
+        with pytest.raises(BudgetError, match=r"needs at least .*draft model") as err:
+            call(path, n_ctx=512, threads=1, memory_budget=budget, speculative=str(path))
+        assert err.value.minimum > budget
+
+
+def test_llama_cpp_refuses_every_drafter_by_name_before_loading(tiny_chat_gguf):
+    for spec in ("lookup", "self", str(tiny_chat_gguf)):
+        with pytest.raises(BackendError, match="the llama.cpp backend cannot speculate"):
+            edgeai.load(tiny_chat_gguf, backend="llama.cpp", speculative=spec)

@@ -96,6 +96,8 @@ def convert(
     format: str = typer.Option("gguf", "--format", help="gguf (a file) or onnx (a folder; --quant fp32|fp16|int8|int4)."),
     block_size: int = typer.Option(32, "--block-size", help="ONNX int8/int4: weights per scale (32, 64, 128)."),
     device: Optional[str] = typer.Option(None, "--device", help="ONNX: the device profile (`edgeai devices`) whose CPU sets MatMulNBits' accuracy_level (default: this machine)."),
+    draft_of: Optional[Path] = typer.Option(None, "--draft-of", help="Make a draft model for speculative decoding with this target GGUF (SRC: the checkpoint it was converted from): fewer blocks (chosen on --calib text), q4_0 unless --quant; use it with --speculative draft.gguf."),
+    draft_layers: Optional[int] = typer.Option(None, "--draft-layers", help="Blocks the draft keeps (default: three quarters of SRC's, rounded up)."),
 ) -> None:
     """Convert a checkpoint to GGUF, or to an ONNX folder for onnxruntime."""
     from edgeai.cli.progress import progress_bar
@@ -106,7 +108,8 @@ def convert(
             path = run_convert(src, output, outtype=outtype, quant=quant, method=method, calib=calib, calib_ctx=calib_ctx,
                                target_bpw=target_bpw, target_types=target_types.split(",") if target_types else None,
                                format=format, block_size=block_size, prune=prune, device=device,
-                               force=force, progress=progress, trust_pickle=trust_pickle, threads=threads)
+                               draft_of=draft_of, draft_layers=draft_layers, force=force, progress=progress,
+                               trust_pickle=trust_pickle, threads=threads)
     except EdgeAIError as exc:
         _fail(exc)
     except (KeyboardInterrupt, Terminated) as exc:
@@ -287,7 +290,7 @@ def run(
             from edgeai.api import plan as make_plan
 
             show_plan(make_plan(model, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
-                                kv_cache=kv_cache),
+                                kv_cache=kv_cache, speculative=speculative, draft_tokens=draft_tokens),
                       json_output=json_output)
         except EdgeAIError as exc:
             _fail(exc)
