@@ -520,36 +520,60 @@ inline __m256 f16x8(const uint8_t *p, size_t rb) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(h)));
 }
 
-// 8 rows x RN tokens of Q4_0 / Q5_0 with one lane per row: each token's integer dots against the 8
-// rows are reduced to one vector, so converting, scaling and accumulating cost one instruction per
-// 8 rows; the -8 (-16) offset is d_w * -mid * (sum of x) through the activation block sums.
-template <bool FIVE, int RN> void rows8_q40_50(const uint8_t *w, size_t rb, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t n) {
-    constexpr int BYTES = FIVE ? 22 : 18;
+// The legacy 32-weight blocks: f16 d, for Q4_1 / Q5_1 f16 m, for Q5 a u32 of fifth bits, 16 nibble
+// bytes. Packed at load time (pack_legacy), per 8-row group and block: the 8 rows' f16 d, their f16 m,
+// 4 chunks of codes, the fifth-bit words; the same size as the 8 plain blocks.
+template <bool FIVE, bool AFFINE> struct LegacyBlock {
+    static constexpr int QH = AFFINE ? 4 : 2;       // offset of the fifth bits
+    static constexpr int QS = QH + (FIVE ? 4 : 0);  // offset of the nibbles
+    static constexpr int BYTES = QS + 16;
+    static constexpr size_t GROUP = 8 * BYTES;      // packed bytes per 8-row group and block
+    static constexpr int CODES = AFFINE ? 32 : 16;  // packed: offset of the code chunks
+    static constexpr int FIFTH = CODES + 128;       // packed: offset of the fifth-bit words
+};
+
+// The end of a legacy block for one token, one lane per row: the block's integer dots (codes 0..15
+// or 0..31) times d_w * d_x, plus the offset through the activation block sum sx: -mid * d_w * sx
+// (Q4_0 / Q5_0, -8 / -16) or m_w * sx (Q4_1 / Q5_1). Every path (decode, batches, plain or packed
+// rows, 256 or 512 bits) takes these steps in this order, so all give the same bits.
+template <bool FIVE, bool AFFINE> inline __m256 legacy_accumulate(__m256 acc, __m256 dw, __m256 mw, __m256i dots, const BlockQ8A *xb) {
+    const float sx = xb->hs[0] + xb->hs[1];
+    if (AFFINE)
+        return _mm256_fmadd_ps(dw, _mm256_mul_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(xb->d)),
+                               _mm256_fmadd_ps(mw, _mm256_set1_ps(sx), acc));
+    const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(xb->d), _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * sx));
+    return _mm256_fmadd_ps(dw, inner, acc);
+}
+
+// 8 rows x RN tokens of a legacy type with one lane per row: each token's integer dots against the 8
+// rows are reduced to one vector, so converting, scaling and accumulating cost a few instructions
+// per 8 rows.
+template <bool FIVE, bool AFFINE, int RN>
+void rows8_legacy(const uint8_t *w, size_t rb, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t n) {
+    using L = LegacyBlock<FIVE, AFFINE>;
     __m256 acc[RN];
     for (auto &v : acc) v = _mm256_setzero_ps();
     for (size_t b = 0; b < n / 32; ++b) {
         __m256i q[8];
         for (int r = 0; r < 8; ++r) {
-            const uint8_t *blk = w + r * rb + b * BYTES;
+            const uint8_t *blk = w + r * rb + b * L::BYTES;
             if (RN == 1) _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
-            q[r] = nibbles32(blk + (FIVE ? 6 : 2));
-            if (FIVE) q[r] = _mm256_or_si256(q[r], fifth_bits(blk + 2));
+            q[r] = nibbles32(blk + L::QS);
+            if (FIVE) q[r] = _mm256_or_si256(q[r], fifth_bits(blk + L::QH));
         }
-        const __m256 dw = f16x8(w + b * BYTES, rb);
+        const __m256 dw = f16x8(w + b * L::BYTES, rb), mw = AFFINE ? f16x8(w + b * L::BYTES + 2, rb) : _mm256_setzero_ps();
         for (int t = 0; t < RN; ++t) {
             const BlockQ8A *xb = xblocks(x, xs, t) + b;
             const __m256i xv = load_x(xb);
             __m256i p[8];
             for (int r = 0; r < 8; ++r) p[r] = dot_u8s8(q[r], xv);
-            const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(p)), _mm256_set1_ps(xb->d),
-                                                 _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (xb->hs[0] + xb->hs[1])));
-            acc[t] = _mm256_fmadd_ps(dw, inner, acc[t]);
+            acc[t] = legacy_accumulate<FIVE, AFFINE>(acc[t], dw, mw, reduce8(p), xb);
         }
     }
     for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
 }
 
-// The integer dot products of one Q4_0 / Q5_0 block with one token, one lane per row, summed over
+// The integer dot products of one legacy block with one token, one lane per row, summed over
 // the products of the low-nibble (half 0) and high-nibble (half 1) codes. AVX2 sums each half in
 // int16 (exact: 4 maddubs, <= 31496 for Q5) and widens once per block; VNNI sums in int32.
 template <class V, bool FIVE> struct BlockSumsT {
@@ -568,15 +592,6 @@ template <class V, bool FIVE> struct BlockSumsT {
 #endif
 };
 template <bool FIVE> using BlockSums = BlockSumsT<V256, FIVE>;
-
-// The end of a Q4_0 / Q5_0 block for one token, one lane per row: the block's integer dots times
-// the activation scale, with the -8 (-16) offset as d_w * -mid * (sum of x) through the
-// activation block sums, into acc.
-template <bool FIVE> inline __m256 q40_50_accumulate(__m256 acc, __m256 dw, __m256i dots, const BlockQ8A *xb) {
-    const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(xb->d),
-                                         _mm256_set1_ps(-(FIVE ? 16.0f : 8.0f) * (xb->hs[0] + xb->hs[1])));
-    return _mm256_fmadd_ps(dw, inner, acc);
-}
 
 // A growable array of this file's own (not std::vector: its members would be weak symbols that
 // every set's object defines, compiled with that set's flags, and the linker keeps one copy for
@@ -601,7 +616,7 @@ template <class T> class Buffer {
     size_t n_ = 0;
 };
 
-// Prefill over 8 rows of Q4_0 / Q5_0 for many tokens: the 8 rows' codes are first transposed
+// Prefill over 8 rows of a legacy type for many tokens: the 8 rows' codes are first transposed
 // into a buffer (per block, register k holds weights 4k..4k+3 of rows 0..7), so each token
 // multiplies them with its 4-byte activation groups broadcast and the products land directly in
 // one lane per row: no horizontal reduction per token. Sums of up to 8 (Q4) / 4 (Q5) maddubs
@@ -609,6 +624,7 @@ template <class T> class Buffer {
 struct Packed8 {
     Buffer<__m256i> codes;  // [block][k]
     Buffer<float> scales;   // [block][row]
+    Buffer<float> mins;     // [block][row]: Q4_1 / Q5_1
 };
 
 inline void transpose8x32(const __m256i r[8], __m256i *out) {
@@ -630,24 +646,26 @@ inline void transpose8x32(const __m256i r[8], __m256i *out) {
     }
 }
 
-template <bool FIVE> void pack8_q40_50(const uint8_t *w, size_t rb, size_t nb, Packed8 &pk) {
-    constexpr int BYTES = FIVE ? 22 : 18;
+template <bool FIVE, bool AFFINE> void pack8_legacy(const uint8_t *w, size_t rb, size_t nb, Packed8 &pk) {
+    using L = LegacyBlock<FIVE, AFFINE>;
     pk.codes.resize(nb * 8);
     pk.scales.resize(nb * 8);
+    if (AFFINE) pk.mins.resize(nb * 8);
     for (size_t b = 0; b < nb; ++b) {
         __m256i q[8];
         for (int r = 0; r < 8; ++r) {
-            const uint8_t *blk = w + r * rb + b * BYTES;
-            q[r] = nibbles32(blk + (FIVE ? 6 : 2));
-            if (FIVE) q[r] = _mm256_or_si256(q[r], fifth_bits(blk + 2));
+            const uint8_t *blk = w + r * rb + b * L::BYTES;
+            q[r] = nibbles32(blk + L::QS);
+            if (FIVE) q[r] = _mm256_or_si256(q[r], fifth_bits(blk + L::QH));
         }
         transpose8x32(q, &pk.codes[b * 8]);
-        _mm256_storeu_ps(&pk.scales[b * 8], f16x8(w + b * BYTES, rb));
+        _mm256_storeu_ps(&pk.scales[b * 8], f16x8(w + b * L::BYTES, rb));
+        if (AFFINE) _mm256_storeu_ps(&pk.mins[b * 8], f16x8(w + b * L::BYTES + 2, rb));
     }
 }
 
 // RN tokens against one transposed 8-row group: each code register is loaded once for RN tokens.
-template <bool FIVE, int RN>
+template <bool FIVE, bool AFFINE, int RN>
 void packed8_tokens(const Packed8 &pk, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb) {
     __m256 acc[RN];
     for (auto &v : acc) v = _mm256_setzero_ps();
@@ -667,8 +685,8 @@ void packed8_tokens(const Packed8 &pk, const uint8_t *x, size_t xs, float *y, si
                 s[t].add(1, wh, xg(t, 4 + k));
             }
         }
-        const __m256 dw = _mm256_loadu_ps(&pk.scales[b * 8]);
-        for (int t = 0; t < RN; ++t) acc[t] = q40_50_accumulate<FIVE>(acc[t], dw, s[t].dots(), xb[t]);
+        const __m256 dw = _mm256_loadu_ps(&pk.scales[b * 8]), mw = AFFINE ? _mm256_loadu_ps(&pk.mins[b * 8]) : _mm256_setzero_ps();
+        for (int t = 0; t < RN; ++t) acc[t] = legacy_accumulate<FIVE, AFFINE>(acc[t], dw, mw, s[t].dots(), xb[t]);
     }
     for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
 }
@@ -1022,37 +1040,44 @@ template <class K> void gemm_tiled(const Gemm &g) {
     for (; r < g.n_rows; ++r) row_block<K, 1>(g, g.w + size_t(r) * g.row_bytes, g.y + r);
 }
 
-// Q4_0 / Q5_0: groups of 8 rows with one lane per row (rows8), 4 tokens at a time; the last rows
-// (fewer than 8) by row tiles.
-template <bool FIVE> void gemm_q40_50(const Gemm &g) {
+// The legacy types: groups of 8 rows with one lane per row (rows8), 4 tokens at a time; from
+// kPackMinTokens tokens on, each group transposed first (Packed8). The last rows (fewer than 8) by row
+// tiles (Q4_0 / Q5_0) or by the one-row dot (Q4_1 / Q5_1), either for every token count alike.
+template <bool FIVE, bool AFFINE> void gemm_legacy(const Gemm &g) {
     constexpr int RN = 4;
     int r = 0;
     if (g.T >= kPackMinTokens) {
         Packed8 pk;  // per call, not thread_local: TLS lookups in a shared library cost a call each
         const size_t nb = g.n / 32;
         for (; r + 8 <= g.n_rows; r += 8) {
-            pack8_q40_50<FIVE>(g.w + size_t(r) * g.row_bytes, g.row_bytes, nb, pk);
+            pack8_legacy<FIVE, AFFINE>(g.w + size_t(r) * g.row_bytes, g.row_bytes, nb, pk);
             int t = 0;
-            for (; t + 4 <= g.T; t += 4) packed8_tokens<FIVE, 4>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
-            for (; t < g.T; ++t) packed8_tokens<FIVE, 1>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
+            for (; t + 4 <= g.T; t += 4)
+                packed8_tokens<FIVE, AFFINE, 4>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
+            for (; t < g.T; ++t) packed8_tokens<FIVE, AFFINE, 1>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
         }
     }
     for (; r + 8 <= g.n_rows; r += 8) {
         const uint8_t *w = g.w + size_t(r) * g.row_bytes;
         int t = 0;
-        for (; t + RN <= g.T; t += RN) rows8_q40_50<FIVE, RN>(w, g.row_bytes, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, g.n);
+        for (; t + RN <= g.T; t += RN)
+            rows8_legacy<FIVE, AFFINE, RN>(w, g.row_bytes, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, g.n);
         const uint8_t *x = g.x + t * g.x_stride;
         float *y = g.y + t * g.ldy + r;
         switch (g.T - t) {
-            case 1: rows8_q40_50<FIVE, 1>(w, g.row_bytes, x, g.x_stride, y, g.ldy, g.n); break;
-            case 2: rows8_q40_50<FIVE, 2>(w, g.row_bytes, x, g.x_stride, y, g.ldy, g.n); break;
-            case 3: rows8_q40_50<FIVE, 3>(w, g.row_bytes, x, g.x_stride, y, g.ldy, g.n); break;
+            case 1: rows8_legacy<FIVE, AFFINE, 1>(w, g.row_bytes, x, g.x_stride, y, g.ldy, g.n); break;
+            case 2: rows8_legacy<FIVE, AFFINE, 2>(w, g.row_bytes, x, g.x_stride, y, g.ldy, g.n); break;
+            case 3: rows8_legacy<FIVE, AFFINE, 3>(w, g.row_bytes, x, g.x_stride, y, g.ldy, g.n); break;
             default: break;
         }
     }
-    for (; r < g.n_rows; ++r) row_block<TileQ40_50<FIVE>, 1>(g, g.w + size_t(r) * g.row_bytes, g.y + r);
+    if constexpr (AFFINE) {
+        const Gemm rest{g.w + size_t(r) * g.row_bytes, g.row_bytes, g.n_rows - r, g.x, g.x_stride, g.T, g.y + r, g.ldy, g.n};
+        gemm_by_dot<dot_legacy<FIVE, true>>(rest);
+    } else {
+        for (; r < g.n_rows; ++r) row_block<TileQ40_50<FIVE>, 1>(g, g.w + size_t(r) * g.row_bytes, g.y + r);
+    }
 }
-
 
 // Q4_K / Q6_K: from kPackMinTokens tokens on, groups of 8 rows transposed per call (PackedK), 4
 // tokens at a time; fewer tokens and the last rows (fewer than 8) by row tiles.
@@ -1073,58 +1098,60 @@ template <bool SIX> void gemm_k(const Gemm &g) {
     else gemm_tiled<TileQ4_K>(rest);
 }
 
-// Q4_0 / Q5_0 packed at load time: per 8-row group and block, the 8 f16 scales, then 4 chunks of
-// 32 bytes; chunk c holds bytes 4c..4c+3 of each row's 16 code bytes (rows 0..7), so its low
-// nibbles are weights 4c..4c+3 and its high nibbles weights 16+4c..16+4c+3 of the 8 rows. Q5_0
-// then has 8 words of fifth bits, word 2c+h bit 4r+i = fifth bit of row r's weight 16h+4c+i.
-template <bool FIVE> constexpr size_t kGroupBytes = 8 * (FIVE ? 22 : 18);  // per 8-row group and block
-
-template <bool FIVE> void pack_q40_50(const uint8_t *w, size_t rb, size_t rows, size_t n, uint8_t *out) {
-    constexpr int BYTES = FIVE ? 22 : 18, QS = FIVE ? 6 : 2;
+// Legacy types packed at load time: per 8-row group and block, the 8 f16 scales (Q4_1 / Q5_1: then
+// the 8 f16 mins), then 4 chunks of 32 bytes; chunk c holds bytes 4c..4c+3 of each row's 16 code
+// bytes (rows 0..7), so its low nibbles are weights 4c..4c+3 and its high nibbles weights
+// 16+4c..16+4c+3 of the 8 rows. Q5 types then have 8 words of fifth bits, word 2c+h bit 4r+i =
+// fifth bit of row r's weight 16h+4c+i. (Offsets in LegacyBlock.)
+template <bool FIVE, bool AFFINE> void pack_legacy(const uint8_t *w, size_t rb, size_t rows, size_t n, uint8_t *out) {
+    using L = LegacyBlock<FIVE, AFFINE>;
     for (size_t g = 0; g < rows / 8; ++g)
-        for (size_t b = 0; b < n / 32; ++b, out += kGroupBytes<FIVE>) {
+        for (size_t b = 0; b < n / 32; ++b, out += L::GROUP) {
             uint32_t masks[8] = {};
             for (int r = 0; r < 8; ++r) {
-                const uint8_t *blk = w + (g * 8 + r) * rb + b * BYTES;
+                const uint8_t *blk = w + (g * 8 + r) * rb + b * L::BYTES;
                 std::memcpy(out + 2 * r, blk, 2);
-                for (int c = 0; c < 4; ++c) std::memcpy(out + 16 + 32 * c + 4 * r, blk + QS + 4 * c, 4);
+                if (AFFINE) std::memcpy(out + 16 + 2 * r, blk + 2, 2);
+                for (int c = 0; c < 4; ++c) std::memcpy(out + L::CODES + 32 * c + 4 * r, blk + L::QS + 4 * c, 4);
                 if (FIVE) {
                     uint32_t qh;
-                    std::memcpy(&qh, blk + 2, 4);
+                    std::memcpy(&qh, blk + L::QH, 4);
                     for (int c = 0; c < 4; ++c)
                         for (int h = 0; h < 2; ++h)
                             for (int i = 0; i < 4; ++i) masks[2 * c + h] |= ((qh >> (16 * h + 4 * c + i)) & 1u) << (4 * r + i);
                 }
             }
-            if (FIVE) std::memcpy(out + 144, masks, 32);
+            if (FIVE) std::memcpy(out + L::FIFTH, masks, 32);
         }
 }
 
-template <bool FIVE> void unpack_row_q40_50(const uint8_t *packed, size_t, size_t n, size_t r, uint8_t *row) {
-    constexpr int BYTES = FIVE ? 22 : 18, QS = FIVE ? 6 : 2;
+template <bool FIVE, bool AFFINE> void unpack_row_legacy(const uint8_t *packed, size_t, size_t n, size_t r, uint8_t *row) {
+    using L = LegacyBlock<FIVE, AFFINE>;
     const size_t nb = n / 32, l = r % 8;
-    const uint8_t *pw = packed + (r / 8) * nb * kGroupBytes<FIVE>;
-    for (size_t b = 0; b < nb; ++b, pw += kGroupBytes<FIVE>, row += BYTES) {
+    const uint8_t *pw = packed + (r / 8) * nb * L::GROUP;
+    for (size_t b = 0; b < nb; ++b, pw += L::GROUP, row += L::BYTES) {
         std::memcpy(row, pw + 2 * l, 2);
-        for (int c = 0; c < 4; ++c) std::memcpy(row + QS + 4 * c, pw + 16 + 32 * c + 4 * l, 4);
+        if (AFFINE) std::memcpy(row + 2, pw + 16 + 2 * l, 2);
+        for (int c = 0; c < 4; ++c) std::memcpy(row + L::QS + 4 * c, pw + L::CODES + 32 * c + 4 * l, 4);
         if (FIVE) {
             uint32_t masks[8], qh = 0;
-            std::memcpy(masks, pw + 144, 32);
+            std::memcpy(masks, pw + L::FIFTH, 32);
             for (int c = 0; c < 4; ++c)
                 for (int h = 0; h < 2; ++h)
                     for (int i = 0; i < 4; ++i) qh |= ((masks[2 * c + h] >> (4 * l + i)) & 1u) << (16 * h + 4 * c + i);
-            std::memcpy(row + 2, &qh, 4);
+            std::memcpy(row + L::QH, &qh, 4);
         }
     }
 }
 
-template <bool FIVE, int RN>
-void packed_q40_50_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
+template <bool FIVE, bool AFFINE, int RN>
+void packed_legacy_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
+    using L = LegacyBlock<FIVE, AFFINE>;
     __m256 acc[RN];
     for (auto &v : acc) v = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    for (size_t b = 0; b < nb; ++b, pw += kGroupBytes<FIVE>) {
-        if (RN == 1) prefetch_lines<kGroupBytes<FIVE>>(pw + kPrefetchGroups * group_bytes);
+    for (size_t b = 0; b < nb; ++b, pw += L::GROUP) {
+        if (RN == 1) prefetch_lines<L::GROUP>(pw + kPrefetchGroups * group_bytes);
         const BlockQ8A *xb[RN];
         for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + b;
         auto xg = [&](int t, int k) {
@@ -1132,11 +1159,11 @@ void packed_q40_50_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float 
         };
         BlockSums<FIVE> s[RN];
         for (int c = 0; c < 4; ++c) {
-            const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(pw + 16 + 32 * c));
+            const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(pw + L::CODES + 32 * c));
             __m256i lo = _mm256_and_si256(chunk, m4), hi = _mm256_and_si256(_mm256_srli_epi16(chunk, 4), m4);
             if (FIVE) {
-                lo = _mm256_or_si256(lo, fifth_bits(pw + 144 + 8 * c));
-                hi = _mm256_or_si256(hi, fifth_bits(pw + 144 + 8 * c + 4));
+                lo = _mm256_or_si256(lo, fifth_bits(pw + L::FIFTH + 8 * c));
+                hi = _mm256_or_si256(hi, fifth_bits(pw + L::FIFTH + 8 * c + 4));
             }
             for (int t = 0; t < RN; ++t) {
                 s[t].add(0, lo, xg(t, c));
@@ -1144,7 +1171,8 @@ void packed_q40_50_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float 
             }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(pw)));
-        for (int t = 0; t < RN; ++t) acc[t] = q40_50_accumulate<FIVE>(acc[t], dw, s[t].dots(), xb[t]);
+        const __m256 mw = AFFINE ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(pw + 16))) : _mm256_setzero_ps();
+        for (int t = 0; t < RN; ++t) acc[t] = legacy_accumulate<FIVE, AFFINE>(acc[t], dw, mw, s[t].dots(), xb[t]);
     }
     for (int t = 0; t < RN; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
 }
@@ -1185,32 +1213,39 @@ inline __m512i fifth_bits_pair(const uint8_t *p, size_t group_bytes) {
     return _mm512_maskz_mov_epi8(static_cast<__mmask64>(lo) | (static_cast<__mmask64>(hi) << 32), _mm512_set1_epi8(0x10));
 }
 
-template <bool FIVE, int RN>
-void packed16_q40_50_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
+template <bool FIVE, bool AFFINE, int RN>
+void packed16_legacy_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
+    using L = LegacyBlock<FIVE, AFFINE>;
     __m512 acc[RN];
     for (auto &v : acc) v = _mm512_setzero_ps();
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    for (size_t b = 0; b < nb; ++b, pw += kGroupBytes<FIVE>) {
+    for (size_t b = 0; b < nb; ++b, pw += L::GROUP) {
         const BlockQ8A *xb[RN];
         for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + b;
         BlockSums512<FIVE> s[RN];
         for (int c = 0; c < 4; ++c) {
-            const __m512i chunk = load_pair(pw + 16 + 32 * c, group_bytes);
+            const __m512i chunk = load_pair(pw + L::CODES + 32 * c, group_bytes);
             __m512i lo = _mm512_and_si512(chunk, m4), hi = _mm512_and_si512(_mm512_srli_epi16(chunk, 4), m4);
             if (FIVE) {
-                lo = _mm512_or_si512(lo, fifth_bits_pair(pw + 144 + 8 * c, group_bytes));
-                hi = _mm512_or_si512(hi, fifth_bits_pair(pw + 144 + 8 * c + 4, group_bytes));
+                lo = _mm512_or_si512(lo, fifth_bits_pair(pw + L::FIFTH + 8 * c, group_bytes));
+                hi = _mm512_or_si512(hi, fifth_bits_pair(pw + L::FIFTH + 8 * c + 4, group_bytes));
             }
             for (int t = 0; t < RN; ++t) {
                 s[t].add(0, lo, x_group512(xb[t], c));
                 s[t].add(1, hi, x_group512(xb[t], c + 4));
             }
         }
-        const __m512 dw = scales_pair(pw, group_bytes);
-        for (int t = 0; t < RN; ++t) {  // as q40_50_accumulate
-            const __m512 inner = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t].dots()), _mm512_set1_ps(xb[t]->d),
-                                                 _mm512_set1_ps(-(FIVE ? 16.0f : 8.0f) * (xb[t]->hs[0] + xb[t]->hs[1])));
-            acc[t] = _mm512_fmadd_ps(dw, inner, acc[t]);
+        const __m512 dw = scales_pair(pw, group_bytes), mw = AFFINE ? scales_pair(pw + 16, group_bytes) : _mm512_setzero_ps();
+        for (int t = 0; t < RN; ++t) {  // as legacy_accumulate
+            const float sx = xb[t]->hs[0] + xb[t]->hs[1];
+            if (AFFINE) {
+                acc[t] = _mm512_fmadd_ps(dw, _mm512_mul_ps(_mm512_cvtepi32_ps(s[t].dots()), _mm512_set1_ps(xb[t]->d)),
+                                         _mm512_fmadd_ps(mw, _mm512_set1_ps(sx), acc[t]));
+            } else {
+                const __m512 inner = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t].dots()), _mm512_set1_ps(xb[t]->d),
+                                                     _mm512_set1_ps(-(FIVE ? 16.0f : 8.0f) * sx));
+                acc[t] = _mm512_fmadd_ps(dw, inner, acc[t]);
+            }
         }
     }
     for (int t = 0; t < RN; ++t) _mm512_storeu_ps(y + t * ldy, acc[t]);
@@ -1218,28 +1253,28 @@ void packed16_q40_50_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, floa
 
 #endif
 
-template <bool FIVE> void gemm_packed_q40_50(const Gemm &g) {
-    const size_t nb = g.n / 32, group_bytes = nb * kGroupBytes<FIVE>;
+template <bool FIVE, bool AFFINE> void gemm_packed_legacy(const Gemm &g) {
+    const size_t nb = g.n / 32, group_bytes = nb * LegacyBlock<FIVE, AFFINE>::GROUP;
     int r = 0;
 #if defined(__AVX512BW__)
     for (; g.T >= 4 && r + 16 <= g.n_rows; r += 16) {  // 16 rows x 4 tokens, the other tokens below
         const uint8_t *pw = g.w + size_t(r / 8) * group_bytes;
         int t = 0;
         for (; t + 4 <= g.T; t += 4)
-            packed16_q40_50_tokens<FIVE, 4>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
+            packed16_legacy_tokens<FIVE, AFFINE, 4>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
         for (int rr = r; rr < r + 16; rr += 8)
             for (int u = t; u < g.T; ++u)
-                packed_q40_50_tokens<FIVE, 1>(g.w + size_t(rr / 8) * group_bytes, g.x + u * g.x_stride, g.x_stride,
-                                              g.y + u * g.ldy + rr, g.ldy, nb, group_bytes);
+                packed_legacy_tokens<FIVE, AFFINE, 1>(g.w + size_t(rr / 8) * group_bytes, g.x + u * g.x_stride, g.x_stride,
+                                                      g.y + u * g.ldy + rr, g.ldy, nb, group_bytes);
     }
 #endif
     for (; r + 8 <= g.n_rows; r += 8) {
         const uint8_t *pw = g.w + size_t(r / 8) * group_bytes;
         int t = 0;
         for (; t + 4 <= g.T; t += 4)
-            packed_q40_50_tokens<FIVE, 4>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
+            packed_legacy_tokens<FIVE, AFFINE, 4>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
         for (; t < g.T; ++t)
-            packed_q40_50_tokens<FIVE, 1>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
+            packed_legacy_tokens<FIVE, AFFINE, 1>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
     }
 }
 
@@ -1344,7 +1379,7 @@ void gemm_packed_q8_0(const Gemm &g) {
     }
 }
 
-// Q8_0 decode over 8 rows with one lane per row (as rows8_q40_50).
+// Q8_0 decode over 8 rows with one lane per row (as rows8_legacy).
 void rows8_q8_0(const uint8_t *w, size_t rb, const BlockQ8A *x, float *y, size_t n) {
     __m256 acc = _mm256_setzero_ps();
     for (size_t b = 0; b < n / 32; ++b, ++x) {
@@ -1395,8 +1430,8 @@ const Ops OPS = {
 #endif
     {dot_f32, dot_f16_row, dot_bf16, dot_legacy<false, false>, dot_legacy<false, true>, dot_legacy<true, false>,
      dot_legacy<true, true>, dot_q8_0, dot_q45_k<false>, dot_q45_k<true>, dot_q6_k},
-    {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>, gemm_q40_50<false>,
-     gemm_by_dot<dot_legacy<false, true>>, gemm_q40_50<true>, gemm_by_dot<dot_legacy<true, true>>,
+    {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>, gemm_legacy<false, false>,
+     gemm_legacy<false, true>, gemm_legacy<true, false>, gemm_legacy<true, true>,
      gemm_q8_0, gemm_k<false>, gemm_by_dot<dot_q45_k<true>>, gemm_k<true>},
     quantize_act,
     dot_f16v,
@@ -1405,9 +1440,12 @@ const Ops OPS = {
     axpy_q8_0v,
     dot_q4_0_f32v,
     axpy_q4_0v,
-    {nullptr, nullptr, nullptr, pack_q40_50<false>, nullptr, pack_q40_50<true>, nullptr, pack_q8_0},
-    {nullptr, nullptr, nullptr, gemm_packed_q40_50<false>, nullptr, gemm_packed_q40_50<true>, nullptr, gemm_packed_q8_0},
-    {nullptr, nullptr, nullptr, unpack_row_q40_50<false>, nullptr, unpack_row_q40_50<true>, nullptr, unpack_row_q8_0},
+    {nullptr, nullptr, nullptr, pack_legacy<false, false>, pack_legacy<false, true>, pack_legacy<true, false>,
+     pack_legacy<true, true>, pack_q8_0},
+    {nullptr, nullptr, nullptr, gemm_packed_legacy<false, false>, gemm_packed_legacy<false, true>,
+     gemm_packed_legacy<true, false>, gemm_packed_legacy<true, true>, gemm_packed_q8_0},
+    {nullptr, nullptr, nullptr, unpack_row_legacy<false, false>, unpack_row_legacy<false, true>,
+     unpack_row_legacy<true, false>, unpack_row_legacy<true, true>, unpack_row_q8_0},
     scores_f16,
     weighted_sum_f16,
     silu_mul,

@@ -74,7 +74,7 @@ def test_x86_sets_compute_the_same_bits_on_this_cpu(case):
             assert len(set(got.values())) == 1, f"{case.fmt} T={T} packed={packed}: sets differ"
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.fmt in ("q4_0", "q5_0", "q8_0")], ids=lambda c: f"{c.fmt}-{c.x.size}")
+@pytest.mark.parametrize("case", [c for c in CASES if c.fmt in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")], ids=lambda c: f"{c.fmt}-{c.x.size}")
 def test_packed_rows_read_back_exactly(case):
     """A row read back from the packed layout (the embedding of a tied, packed output matrix) is
     the row that was packed, in every position of two 8-row groups, in every set that packs."""

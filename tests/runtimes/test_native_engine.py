@@ -1,5 +1,5 @@
 """The native engine against llama.cpp on the same GGUF files: every architecture family on tiny
-models, and SmolLM2-135M at F16, Q8_0, Q4_0 and Q4_K; its sampler against the reference sampler;
+models, and SmolLM2-135M at F16, Q8_0, Q4_0, Q4_K and Q4_1 (the bundled file); its sampler against the reference sampler;
 and bad files, which must raise errors, never crash."""
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def smollm2(tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2-native")
     recipes = {"f16": dict(outtype="f16"), "q8_0": dict(outtype="q8_0"), "q4_0": dict(quant="q4_0"),
                "q4_k": dict(quant="q4_k_m")}
-    return {k: convert(default_model_path(), root / f"{k}.gguf", **kw) for k, kw in recipes.items()}
+    paths = {k: convert(default_model_path(), root / f"{k}.gguf", **kw) for k, kw in recipes.items()}
+    return {**paths, "q4_1": default_model_path()}
 
 
 def _prompt(backend: NativeBackend, n: int) -> list[int]:
@@ -151,7 +152,7 @@ def test_q8_0_kv_cache_needs_whole_blocks_per_head(tiny_ggufs):
         NativeBackend(tiny_ggufs["mistral"], n_ctx=64, kv_cache="q5_0")
 
 
-@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_k"])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_k", "q4_1"])
 def test_smollm2_quantized_agrees_with_llama_cpp_within_its_own_kernel_noise(smollm2, kind):
     """With int8 activations SmolLM2's logits move by ~1e-3 KLD between any two kernel paths, llama.cpp's
     own included: the same file through its batched (GEMM) and one-token (GEMV) paths differs by
