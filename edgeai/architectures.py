@@ -199,6 +199,7 @@ class ArchSpec:
     # added to every RMSNorm weight when converting: Gemma's checkpoints store w - 1 (its norm
     # multiplies by 1 + w); GGUF stores the factor itself, as llama.cpp's converter writes it
     norm_weight_offset: float = 0.0
+    chat_template: str | None = None  # the family's chat format, for GGUF files that carry none
 
     # ---- hyper-parameters -------------------------------------------------------------------
     def hparams(self, config: Mapping[str, object], config_path: str) -> HParams:
@@ -521,6 +522,27 @@ def _olmoe_kv_heads(hp: HParams) -> str | None:
     return None
 
 
+# Gemma 3's chat format (its instruction-tuned checkpoints' template, text parts only): a system
+# message joins the first user turn; the assistant's role is "model". For files that carry no template.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+def family_chat_template(gguf_arch: str) -> str | None:
+    """The chat template of an architecture family whose files may come without one (None: no default)."""
+    return next((s.chat_template for s in SPECS if s.gguf_arch == gguf_arch and s.chat_template), None)
+
+
 _QWEN_EXPERTS = dict(expert="mlp.experts.{xid}.{proj}_proj.weight", proj_names={"gate": "gate", "up": "up", "down": "down"})
 
 SPECS: tuple[ArchSpec, ...] = (
@@ -557,6 +579,7 @@ SPECS: tuple[ArchSpec, ...] = (
         query_scale_dim=gemma3_query_scale_dim,
         swa_pattern_default=6,  # llama.cpp's gemma3 loader: every 6th layer global when the file says nothing
         norm_weight_offset=1.0,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
     ),
     ArchSpec(
         family="Mixtral",

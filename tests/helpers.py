@@ -345,3 +345,31 @@ def write_random_moe_gguf(path: Path, *, n_embd: int = 256, n_layer: int = 4, n_
     source.close()
     tmp.replace(path)
     return path
+
+
+# Gemma 3 270M's config.json (google/gemma-3-270m) with only the sizes shrunk: the layer pattern (every
+# 6th layer global; 7 layers keep a local layer after the global one), the rotary bases, the query
+# scale (query_pre_attn_scalar == head_dim, as there), the tanh GELU, tied embeddings. The window is
+# 16 positions so that test contexts exceed it many times over.
+GEMMA3_TINY = TinyArch("gemma3", "gemma3_text", "spm", dict(
+    num_hidden_layers=7, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, intermediate_size=128,
+    sliding_window=16, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, rms_norm_eps=1e-6,
+    hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, final_logit_softcapping=None,
+    attn_logit_softcapping=None, max_position_embeddings=32768))
+
+
+def make_tiny_gemma3(folder: Path, seed: int = 0) -> Path:
+    """A random tiny Gemma 3 (`GEMMA3_TINY`) whose RMSNorm weights are random too (Gemma initialises
+    them to 0, i.e. a factor of 1, which would hide a missing +1 in the conversion)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    make_tiny_checkpoint(folder, GEMMA3_TINY, seed=seed)
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name, t in tensors.items():
+        if name.endswith("norm.weight"):
+            tensors[name] = (0.3 * torch.randn(t.shape, generator=gen)).to(t.dtype)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return folder
