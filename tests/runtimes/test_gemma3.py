@@ -154,6 +154,10 @@ def test_sliding_window_layers_keep_only_their_window(tiny):
     stepped = np.stack([b.eval_logits([t])[0] for t in tokens[200:]])
     np.testing.assert_allclose(stepped, ours[200:], atol=1e-4)
     b.close()
+    q8 = NativeBackend(path, n_ctx=512, threads=2, kv_cache="q8_0")  # the rings in the q8_0 cache too
+    assert q8.stats().extra["kv_bytes"] == 2 * (local_rows + global_rows) * row * 34 // 64
+    assert kld(theirs, q8.eval_logits(tokens)) < 1e-3  # 6.9e-5 measured
+    q8.close()
 
 
 def test_truncating_behind_a_ring_evaluates_the_prefix_again(tiny):
