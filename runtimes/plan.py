@@ -168,7 +168,9 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
             return replace(candidate, slots=int(slots))
     # what a q8_0 cache would save, when it is a lever left to pull
     q8_saving = plan.kv - native.kv_bytes(config, n_ctx, "q8_0") if kv_cache == "f16" and head_dim % 32 == 0 else 0
-    raise BudgetError(_refusal(min(candidates, key=lambda c: c.fixed), budget, q8_saving), plan.minimum)
+    # what half the context would save (less than half the cache where sliding-window rings stay as they are)
+    half_ctx_saving = plan.kv - native.kv_bytes(config, max(1, n_ctx // 2), kv_cache)
+    raise BudgetError(_refusal(min(candidates, key=lambda c: c.fixed), budget, q8_saving, half_ctx_saving), plan.minimum)
 
 
 def _check_allocatable(plan: MemoryPlan) -> None:
@@ -186,11 +188,12 @@ def _check_allocatable(plan: MemoryPlan) -> None:
                           "give a smaller context (--ctx) or a q8_0 KV cache (--kv-cache q8_0)", needed)
 
 
-def _refusal(plan: MemoryPlan, budget: int, q8_saving: int) -> str:
+def _refusal(plan: MemoryPlan, budget: int, q8_saving: int, half_ctx_saving: int) -> str:
     parts = ", ".join(f"{name} {format_bytes(size)}" for name, size, _ in plan.rows() if name != "experts")
     if plan.experts:
         parts += f", {plan.min_slots} expert slots {format_bytes(plan.min_slots * plan.slot_bytes)}"
-    levers = [f"a context of {plan.n_ctx // 2} positions (--ctx) saves {format_bytes(plan.kv // 2)}"] if plan.n_ctx >= 128 else []
+    levers = [f"a context of {plan.n_ctx // 2} positions (--ctx) saves {format_bytes(half_ctx_saving)}"] \
+        if plan.n_ctx >= 128 else []
     if q8_saving:
         levers.append(f"a q8_0 KV cache (--kv-cache q8_0) saves {format_bytes(q8_saving)}")
     levers.append(f"a smaller quantization (edgeai convert --quant q4_k_m) shrinks the {format_bytes(plan.dense)} of "
