@@ -658,10 +658,11 @@ void Model::post_norm(const Matrix &w, int T) {
     for (int t = 0; t < T; ++t) rmsnorm(&tmp_[size_t(t) * d], reinterpret_cast<const float *>(w.data), &tmp_[size_t(t) * d], d, cfg_.rms_eps);
 }
 
-// hb_[i] = gelu(hb_[i]) * hb2_[i] with GELU's tanh approximation (Gemma's gelu_pytorch_tanh), across
-// the pool for a batch as swiglu.
+// hb_[i] = gelu(hb_[i]) * hb2_[i] with GELU's tanh approximation (Gemma's gelu_pytorch_tanh), by the
+// kernel set's vector code where it has one, across the pool for a batch, as swiglu.
 void Model::geglu(size_t n) {
     auto apply = [this](size_t i0, size_t i1) {
+        if (ops_->gelu_mul) return ops_->gelu_mul(hb_.data() + i0, hb2_.data() + i0, i1 - i0);
         constexpr float kSqrt2OverPi = 0.79788456080286535588f, kCoef = 0.044715f;
         for (size_t i = i0; i < i1; ++i) {
             const float x = hb_[i];
