@@ -1,6 +1,7 @@
 """Gemma 3: a tiny random checkpoint (the real 270M's config with its sizes shrunk, `helpers.GEMMA3_TINY`)
 converted and run in llama.cpp and the native engine against transformers; its sliding-window layers
-over contexts many windows long (their KV rings, truncation behind a ring, eviction refused); and the
+over contexts many windows long (their KV rings in every KV cache type, truncation behind a ring,
+speculative rollback, eviction refused); and the
 real Gemma 3 270M (Q4_K_M, the optional `gemma3` extra) against llama.cpp on the same file."""
 
 from __future__ import annotations
@@ -160,13 +161,14 @@ def test_sliding_window_layers_keep_only_their_window(tiny):
     q8.close()
 
 
-def test_truncating_behind_a_ring_evaluates_the_prefix_again(tiny):
+@pytest.mark.parametrize("kv", ["f16", "q4_0", "q8_0/q4_0"])
+def test_truncating_behind_a_ring_evaluates_the_prefix_again(tiny, kv):
     """After 200 tokens the rings hold positions 121..199: keeping 190 needs 175.. (kept as is),
     keeping 100 needs 85.. (overwritten: the engine evaluates the 100 tokens again). Both continue
-    exactly as one pass would; eviction is refused, naming the reason."""
+    exactly as one pass would, in every KV cache type; eviction is refused, naming the reason."""
     _, path = tiny
     tokens = _tokens(240, seed=3)
-    b = NativeBackend(path, n_ctx=256, threads=2)
+    b = NativeBackend(path, n_ctx=256, threads=2, kv_cache=kv)
     full = b.eval_logits(tokens)
     for keep in (190, 100, 0):
         b.truncate(0)
@@ -177,6 +179,82 @@ def test_truncating_behind_a_ring_evaluates_the_prefix_again(tiny):
     with pytest.raises(BackendError, match="sliding-window"):
         b.evict(4, 8)
     b.close()
+
+
+@pytest.mark.parametrize("kv, bound", [("q4_0", 0.05), ("q8_0/q4_0", 0.03)])
+def test_rings_in_4_bit_and_mixed_kv_caches(tiny, kv, bound):
+    """The rings in a q4_0 cache and in q8_0 keys with q4_0 values (each ring row the size of its
+    cache's type): the bytes the engine and the planner count, logits over 19 windows near the f16
+    cache's (KLD 1.4e-2 and 9.4e-3 measured: a random model with head_dim 32, whose keys a 32-value
+    rotation smooths little), and batched equal to token by token after the rings have wrapped."""
+    _, path = tiny
+    tokens = _tokens(300, seed=2)
+    ref = NativeBackend(path, n_ctx=512, threads=2)
+    f16 = ref.eval_logits(tokens)
+    ref.close()
+    b = NativeBackend(path, n_ctx=512, threads=2, kv_cache=kv)
+    row = 1 * 32 * 2  # one position of one layer's keys in f16; q8_0 is 34/64 of it, q4_0 18/64
+    k_row, v_row = (row * 34 // 64 if kv.startswith("q8_0") else row * 18 // 64), row * 18 // 64
+    rows = 6 * (16 + 63) + 1 * 512  # six rings, one global layer
+    assert b.stats().extra["kv_bytes"] == rows * (k_row + v_row)
+    assert NativeBackend.plan_for(path, n_ctx=512, threads=2, kv_cache=kv).kv == b.stats().extra["kv_bytes"]
+    ours = b.eval_logits(tokens)
+    assert kld(f16, ours) < bound
+    assert (f16.argmax(1) == ours.argmax(1)).mean() > 0.6  # 0.76 and 0.79 measured
+    b.truncate(200)
+    stepped = np.stack([b.eval_logits([t])[0] for t in tokens[200:]])
+    np.testing.assert_allclose(stepped, ours[200:], atol=1e-4)
+    b.close()
+
+
+def test_a_refused_budget_offers_what_each_lever_saves_with_rings(tiny):
+    """At 8192 positions the refusal's levers count the rings as the plan does: half the context
+    shrinks only the global layer's cache (the rings stay at 16 + 63 rows), and each smaller KV type
+    saves its share of rings and global rows alike."""
+    from edgeai.budget import format_bytes
+    from edgeai.errors import BudgetError
+
+    _, path = tiny
+    plan = NativeBackend.plan_for(path, n_ctx=8192, threads=2)
+    row = 1 * 32 * 2
+    assert plan.kv == 2 * (6 * (16 + 63) + 8192) * row
+    with pytest.raises(BudgetError) as refused:
+        NativeBackend.plan_for(path, n_ctx=8192, threads=2, memory_budget=plan.process + 1000)
+    message = str(refused.value)
+    assert f"a context of 4096 positions (--ctx) saves {format_bytes(2 * 4096 * row)}" in message
+    for kind, share in (("q8_0", 34), ("q8_0/q4_0", 26), ("q4_0", 18)):
+        assert f"a {kind} KV cache (--kv-cache {kind}) saves {format_bytes(plan.kv - plan.kv * share // 64)}" in message
+
+
+@pytest.mark.parametrize("kv", ["f16", "q8_0/q4_0"])
+@pytest.mark.parametrize("spec", ["lookup", "self", "model"])
+def test_speculative_greedy_equals_plain_greedy_past_the_rings(tiny, kv, spec):
+    """Speculative decoding rolls its drafts back with truncate: a draft and its verification are at
+    most MAX_VERIFY_TOKENS positions, within the 63 rows a ring keeps beyond its window, so rollback
+    never reaches behind a ring. 30 prompt tokens and 90 greedy ones (the rings wrap after 79), with
+    14-token drafts every step (self-speculation rejects most of them: long rollbacks; the target as
+    its own draft model accepts them all, and its draft engine's rings roll back too): the same
+    tokens and the same cache as plain greedy decoding, and the next logits bit for bit."""
+    from edgeai.speculative import MAX_VERIFY_TOKENS
+
+    assert MAX_VERIFY_TOKENS <= 63
+    _, path = tiny
+    prompt = _tokens(30, seed=5)
+    with edgeai.load(path, backend="native", threads=1, n_ctx=256, kv_cache=kv) as m:
+        want = [c.token for c in m.stream(prompt, max_tokens=90, temperature=0) if c.token is not None]
+        history = m.backend.history
+        nxt = m.backend.eval_logits([want[-1]])[0]
+    assert len(history) > 16 + 63
+    with edgeai.load(path, backend="native", threads=1, n_ctx=256, kv_cache=kv,
+                     speculative=str(path) if spec == "model" else spec,  # the target as its own draft model
+                     draft_tokens=MAX_VERIFY_TOKENS - 1) as m:
+        m._speculator.adaptive = False  # draft every step, whether or not it pays
+        got = [c.token for c in m.stream(prompt, max_tokens=90, temperature=0) if c.token is not None]
+        assert got == want
+        assert m.backend.history == history
+        st = m.stats().extra["speculative"]
+        assert st["verifications"] > 0 and st["accepted"] > 0
+        assert np.array_equal(m.backend.eval_logits([want[-1]])[0], nxt)
 
 
 def test_vector_geglu_is_the_tanh_gelu(tiny):
