@@ -785,6 +785,9 @@ def export_onnx(
     try:
         if plan.spec is None or plan.hparams is None:
             raise UnsupportedArchitectureError(f"{src_path}: architecture {plan.arch!r} has no ONNX graph")
+        if plan.spec.sandwich_norms or plan.spec.swa_pattern_default is not None:
+            raise UnsupportedArchitectureError(f"{src_path}: the ONNX graph has no {plan.spec.family} layers (sliding "
+                                               "windows, norms after attention and FFN) yet; convert to GGUF instead")
         _check_block_size(plan, quant, block_size)
         if plan.hparams.head_dim % 16:
             raise UnsupportedArchitectureError(

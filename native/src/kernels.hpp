@@ -78,6 +78,9 @@ struct Ops {
     void (*weighted_sum_f16)(const uint16_t *v, size_t stride, int n, const float *p, size_t hd, float *out);
     // Optional (nullptr: std::exp per value): g[i] = silu(g[i]) * u[i], SwiGLU's gate times up.
     void (*silu_mul)(float *g, const float *u, size_t n);
+    // Optional (nullptr: std::tanh per value): g[i] = gelu_tanh(g[i]) * u[i], GeGLU (Gemma), computed
+    // as g / (1 + e^(-2y)) * u with y = sqrt(2/pi) (g + 0.044715 g^3), the same function.
+    void (*gelu_mul)(float *g, const float *u, size_t n);
 };
 
 // (The inline functions here are static for the reason in kernels_common.hpp.)

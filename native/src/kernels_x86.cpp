@@ -337,6 +337,25 @@ void silu_mul(float *g, const float *u, size_t n) {
     }
 }
 
+// GeGLU with GELU's tanh approximation: 0.5 g (1 + tanh y) = g / (1 + e^(-2y)), y = sqrt(2/pi) (g + 0.044715 g^3),
+// 8 at a time as silu_mul (libm's tanhf was a sixth of a Gemma 3 prefill).
+void gelu_mul(float *g, const float *u, size_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), c1 = _mm256_set1_ps(-2.0f * 0.79788456080286535588f),
+                 c3 = _mm256_set1_ps(-2.0f * 0.79788456080286535588f * 0.044715f);
+    auto eight = [&](__m256 x, __m256 up) {
+        const __m256 minus_2y = _mm256_mul_ps(x, _mm256_fmadd_ps(c3, _mm256_mul_ps(x, x), c1));
+        return _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, exp8(minus_2y))), up);
+    };
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(g + i, eight(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+    if (i < n) {
+        alignas(32) float gx[8] = {}, ux[8] = {};
+        for (size_t k = i; k < n; ++k) gx[k - i] = g[k], ux[k - i] = u[k];
+        _mm256_store_ps(gx, eight(_mm256_load_ps(gx), _mm256_load_ps(ux)));
+        for (size_t k = i; k < n; ++k) g[k] = gx[k - i];
+    }
+}
+
 float dot_q8_0_f32v(const uint8_t *k, const float *x, size_t n) {
     __m256 acc = _mm256_setzero_ps();
     for (size_t b = 0; b < n / 32; ++b, k += 34, x += 32) {
@@ -1449,6 +1468,7 @@ const Ops OPS = {
     scores_f16,
     weighted_sum_f16,
     silu_mul,
+    gelu_mul,
 };
 
 }  // namespace

@@ -135,9 +135,12 @@ std::string kv_type_name(KVTypes kv) {
     return k == v ? k : k + "/" + v;
 }
 
-const char *const CONFIG_FIELDS[14] = {"n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_expert",
+const char *const CONFIG_FIELDS[22] = {"n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_expert",
                                        "n_expert_used", "rms_eps", "rope_theta", "rope_linear_factor", "rope_neox",
-                                       "qk_norm", "moe_renormalize"};
+                                       "qk_norm", "moe_renormalize",
+                                       // Gemma 3
+                                       "ffn_gelu", "post_norms", "embd_scale", "attn_scale", "logit_softcap",
+                                       "rope_theta_swa", "n_swa", "swa_pattern"};
 
 bool set_config_field(ModelConfig &c, const std::string &key, double v) {
     int *const ints[] = {&c.n_vocab, &c.n_embd, &c.n_layer, &c.n_head, &c.n_head_kv, &c.head_dim, &c.n_expert, &c.n_expert_used};
@@ -149,6 +152,16 @@ bool set_config_field(ModelConfig &c, const std::string &key, double v) {
         else if (i == 11) c.rope_neox = v != 0;
         else if (i == 12) c.qk_norm = static_cast<QKNorm>(static_cast<int>(v));
         else c.moe_renormalize = v != 0;
+        return true;
+    }
+    bool *const flags[] = {&c.ffn_gelu, &c.post_norms};
+    float *const gemma_floats[] = {&c.embd_scale, &c.attn_scale, &c.logit_softcap, &c.rope_theta_swa};
+    int *const gemma_ints[] = {&c.n_swa, &c.swa_pattern};
+    for (int i = 14; i < 22; ++i) {
+        if (key != CONFIG_FIELDS[i]) continue;
+        if (i < 16) *flags[i - 14] = v != 0;
+        else if (i < 20) *gemma_floats[i - 16] = static_cast<float>(v);
+        else *gemma_ints[i - 20] = static_cast<int>(v);
         return true;
     }
     return false;
@@ -180,6 +193,10 @@ Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, 
     if (is_quantized(kv_type.k)) rot_k_ = pow2;
     if (is_quantized(kv_type.v)) rot_v_ = std::min(64, pow2);
     if (n_ctx <= 0) throw ModelError("n_ctx must be positive");
+    if (c.n_swa < 0 || c.swa_pattern < 0 || !(c.embd_scale > 0) || !std::isfinite(c.embd_scale) || !(c.attn_scale >= 0) ||
+        !std::isfinite(c.attn_scale) || !(c.logit_softcap >= 0) || !std::isfinite(c.logit_softcap) || !(c.rope_theta_swa > 0) ||
+        !std::isfinite(c.rope_theta_swa))
+        throw ModelError(path + ": inconsistent hyper-parameters (sliding window, pattern, embedding or attention scale, logit cap)");
     if ((c.n_expert > 0) != (c.n_expert_used > 0) || c.n_expert_used > c.n_expert)
         throw ModelError(path + ": expert_used_count " + std::to_string(c.n_expert_used) + " does not fit expert_count " +
                          std::to_string(c.n_expert));
@@ -217,6 +234,10 @@ Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, 
             L.k_norm = vector(p + "attn_k_norm.weight", full ? kv_dim : c.head_dim, true);
         }
         L.ffn_norm = vector(p + "ffn_norm.weight", c.n_embd, true);
+        if (c.post_norms) {
+            L.post_attn_norm = vector(p + "post_attention_norm.weight", c.n_embd, true);
+            L.post_ffn_norm = vector(p + "post_ffw_norm.weight", c.n_embd, true);
+        }
         if (c.n_expert == 0) {
             const gguf::TensorInfo *g = file_->tensor(p + "ffn_gate.weight");
             if (!g) throw ModelError(path + ": tensor " + p + "ffn_gate.weight is missing");
@@ -279,12 +300,20 @@ Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, 
         experts_ = std::make_unique<MmapExpertStore>(std::move(expert_layers));
     for (const gguf::TensorInfo &t : file_->tensors()) weight_bytes_ += t.nbytes;
 
-    k_cache_.assign(size_t(c.n_layer) * n_ctx * k_row_, 0);
-    v_cache_.assign(size_t(c.n_layer) * n_ctx * v_row_, 0);
+    size_t rows = 0;  // every layer's positions: n_ctx, or a ring's
+    for (int l = 0; l < c.n_layer; ++l) {
+        kv_base_.push_back(rows);
+        kv_cap_.push_back(kv_positions(c, l, n_ctx));
+        rows += size_t(kv_cap_.back());
+    }
+    k_cache_.assign(rows * k_row_, 0);
+    v_cache_.assign(rows * v_row_, 0);
     inv_freq_.resize(c.head_dim / 2);
+    inv_freq_swa_.resize(c.head_dim / 2);
     for (int i = 0; i < c.head_dim / 2; ++i) {
         inv_freq_[i] = std::pow(c.rope_theta, -2.0f * i / c.head_dim);
         if (!rope_freqs_.empty()) inv_freq_[i] /= rope_freqs_[i];
+        inv_freq_swa_[i] = std::pow(c.rope_theta_swa, -2.0f * i / c.head_dim);
     }
     logits_.assign(c.n_vocab, 0.0f);
     set_sampling(SamplingParams{});
@@ -431,7 +460,7 @@ Model::Scratch Model::scratch_sizes(const ModelConfig &c, int64_t max_ff, int n_
     s.kv = size_t(T) * kv_dim;
     s.ff = size_t(T) * static_cast<size_t>(max_ff);
     s.tmp = size_t(T) * std::max<size_t>({size_t(c.n_embd), size_t(c.n_expert), q_dim});
-    s.scores = size_t(threads) * n_ctx;
+    s.scores = size_t(threads) * n_ctx + (c.n_swa > 0 ? size_t(threads) * c.head_dim : 0);
     return s;
 }
 
@@ -440,7 +469,7 @@ size_t Model::Scratch::bytes(const ModelConfig &c, int T) const {
     const size_t widest = std::max<size_t>(std::max<size_t>(c.n_embd, size_t(c.n_head) * c.head_dim), ff / std::max(1, T));
     const size_t act_blocks = size_t(T) * (widest / kern::QA + 1);                 // xq_
     const size_t moe = c.n_expert ? size_t(T) * (c.n_expert + 3 * size_t(c.n_embd)) + c.n_embd + c.n_expert : 0;
-    const size_t logits = 2 * size_t(c.n_vocab);                                      // logits_ + one batch's last row
+    const size_t logits = size_t(c.n_vocab);                                          // logits_
     return (floats + moe + logits) * sizeof(float) + act_blocks * sizeof(kern::BlockQ8A);
 }
 
@@ -454,8 +483,15 @@ size_t Model::kv_row_bytes(const ModelConfig &c, KVType t) {
     return kv_dim * sizeof(uint16_t);
 }
 
+int Model::kv_positions(const ModelConfig &c, int layer, int n_ctx) {
+    if (!c.is_local(layer)) return n_ctx;
+    return static_cast<int>(std::min<int64_t>(n_ctx, int64_t(c.n_swa) + kBatch - 1));
+}
+
 size_t Model::kv_bytes_for(const ModelConfig &c, int n_ctx, KVTypes kv) {
-    return size_t(c.n_layer) * n_ctx * (kv_row_bytes(c, kv.k) + kv_row_bytes(c, kv.v));
+    size_t positions = 0;
+    for (int l = 0; l < c.n_layer; ++l) positions += size_t(kv_positions(c, l, n_ctx));
+    return positions * (kv_row_bytes(c, kv.k) + kv_row_bytes(c, kv.v));
 }
 
 MemorySizes Model::memory_sizes(const gguf::File &f, const ModelConfig &c, int n_ctx, int threads, KVTypes kv) {
@@ -538,11 +574,12 @@ void Model::matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_
         chunks);
 }
 
-void Model::rope(float *x, int n_heads, int pos) const {
+void Model::rope(float *x, int n_heads, int pos, bool local) const {
     const int hd = cfg_.head_dim, half = hd / 2;
-    const float p = static_cast<float>(pos) / cfg_.rope_linear_factor;
+    const float p = local ? static_cast<float>(pos) : static_cast<float>(pos) / cfg_.rope_linear_factor;
+    const std::vector<float> &inv_freq = local ? inv_freq_swa_ : inv_freq_;
     for (int i = 0; i < half; ++i) {
-        const float theta = p * inv_freq_[i], cs = std::cos(theta), sn = std::sin(theta);
+        const float theta = p * inv_freq[i], cs = std::cos(theta), sn = std::sin(theta);
         for (int h = 0; h < n_heads; ++h) {
             float *v = x + size_t(h) * hd;
             const int a = cfg_.rope_neox ? i : 2 * i, b = cfg_.rope_neox ? i + half : 2 * i + 1;
@@ -578,6 +615,8 @@ static void hadamard_chunks(float *x, int n, int chunk) {
 void Model::attention(const Layer &L, int layer, int T, int pos0) {
     const ModelConfig &c = cfg_;
     const int hd = c.head_dim, q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd, group = c.n_head / c.n_head_kv;
+    const bool local = c.is_local(layer);  // a sliding-window layer: its window of keys, in a ring of kv_cap_ rows
+    const int cap = kv_cap_[layer];
     matmul(L.wq, xb_.data(), q_.data(), T);
     matmul(L.wk, xb_.data(), k_.data(), T, kern::takes_q8(L.wq.wtype));
     matmul(L.wv, xb_.data(), v_.data(), T, kern::takes_q8(L.wk.wtype));
@@ -597,14 +636,14 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
                 for (int h = 0; h < c.n_head; ++h) rmsnorm(q + h * hd, qn, q + h * hd, hd, c.rms_eps);
                 for (int h = 0; h < c.n_head_kv; ++h) rmsnorm(k + h * hd, kn, k + h * hd, hd, c.rms_eps);
             }
-            rope(q, c.n_head, pos0 + t);
-            rope(k, c.n_head_kv, pos0 + t);
+            rope(q, c.n_head, pos0 + t, local);
+            rope(k, c.n_head_kv, pos0 + t, local);
             if (rot_k_) {
                 hadamard_chunks(q, q_dim, rot_k_);
                 hadamard_chunks(k, kv_dim, rot_k_);
             }
             if (rot_v_) hadamard_chunks(v, kv_dim, rot_v_);
-            const size_t row = size_t(layer) * n_ctx_ + pos0 + t;
+            const size_t row = kv_at(layer, pos0 + t);
             encode_kv(kv_type_.k, k, k_cache_.data() + row * k_row_, kv_dim);
             encode_kv(kv_type_.v, v, v_cache_.data() + row * v_row_, kv_dim);
         }
@@ -614,9 +653,9 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
     const KVType kt = kv_type_.k, vt = kv_type_.v;
     const bool batched_scores = kt == KVType::F16 && ops_->scores_f16 && hd % 8 == 0;
     const bool batched_values = vt == KVType::F16 && ops_->weighted_sum_f16 && hd % 8 == 0;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const uint8_t *kc = k_cache_.data() + size_t(layer) * n_ctx_ * k_row_;
-    const uint8_t *vc = v_cache_.data() + size_t(layer) * n_ctx_ * v_row_;
+    const float scale = c.attn_scale > 0 ? c.attn_scale : 1.0f / std::sqrt(static_cast<float>(hd));
+    const uint8_t *kc = k_cache_.data() + kv_base_[layer] * k_row_;
+    const uint8_t *vc = v_cache_.data() + kv_base_[layer] * v_row_;
     // one head's keys (values) at one position: whole blocks of the cache's type
     const size_t k_head = k_row_ / c.n_head_kv, v_head = v_row_ / c.n_head_kv;
     const size_t items = size_t(T) * c.n_head;
@@ -624,17 +663,21 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
         float *sc = scores_.data() + size_t(ti) * n_ctx_;
         for (size_t it = items * ti / nt; it < items * (ti + 1) / nt; ++it) {
             const int t = static_cast<int>(it / c.n_head), h = static_cast<int>(it % c.n_head), kvh = h / group;
-            const int n_keys = pos0 + t + 1;
+            // keys of positions first..pos: rows first % cap.. of the cache, in two runs where a ring wraps
+            const int pos = pos0 + t, first = local ? std::max(0, pos - c.n_swa + 1) : 0, n_keys = pos - first + 1;
+            const int row0 = first % cap, run0 = std::min(n_keys, cap - row0);
+            auto row_of = [&](int j) { return size_t(j < run0 ? row0 + j : j - run0); };
             const size_t q_at = size_t(t) * q_dim + size_t(h) * hd;
             const float *q = q_.data() + q_at;
             const uint8_t *kh = kc + size_t(kvh) * k_head, *vh = vc + size_t(kvh) * v_head;
             float mx = -INFINITY;
             if (batched_scores) {
-                ops_->scores_f16(reinterpret_cast<const uint16_t *>(kh), k_row_ / 2, n_keys, q, hd, sc);
+                ops_->scores_f16(reinterpret_cast<const uint16_t *>(kh + size_t(row0) * k_row_), k_row_ / 2, run0, q, hd, sc);
+                if (run0 < n_keys) ops_->scores_f16(reinterpret_cast<const uint16_t *>(kh), k_row_ / 2, n_keys - run0, q, hd, sc + run0);
                 for (int j = 0; j < n_keys; ++j) mx = std::max(mx, sc[j] *= scale);
             } else {
                 for (int j = 0; j < n_keys; ++j) {
-                    sc[j] = dot_kv(*ops_, kt, kh + size_t(j) * k_row_, q, hd) * scale;
+                    sc[j] = dot_kv(*ops_, kt, kh + row_of(j) * k_row_, q, hd) * scale;
                     mx = std::max(mx, sc[j]);
                 }
             }
@@ -644,16 +687,42 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
             const float inv = 1.0f / sum;
             if (batched_values) {
                 for (int j = 0; j < n_keys; ++j) sc[j] *= inv;
-                ops_->weighted_sum_f16(reinterpret_cast<const uint16_t *>(vh), v_row_ / 2, n_keys, sc, hd, out);
+                ops_->weighted_sum_f16(reinterpret_cast<const uint16_t *>(vh + size_t(row0) * v_row_), v_row_ / 2, run0, sc, hd, out);
+                if (run0 < n_keys) {  // the ring's wrapped run, summed apart and added
+                    float *rest = scores_.data() + size_t(pool_.size()) * n_ctx_ + size_t(ti) * hd;
+                    ops_->weighted_sum_f16(reinterpret_cast<const uint16_t *>(vh), v_row_ / 2, n_keys - run0, sc + run0, hd, rest);
+                    for (int i = 0; i < hd; ++i) out[i] += rest[i];
+                }
                 continue;
             }
             std::fill(out, out + hd, 0.0f);
-            for (int j = 0; j < n_keys; ++j) axpy_kv(*ops_, vt, sc[j] * inv, vh + size_t(j) * v_row_, out, hd);
+            for (int j = 0; j < n_keys; ++j) axpy_kv(*ops_, vt, sc[j] * inv, vh + row_of(j) * v_row_, out, hd);
         }
     });
     if (rot_v_) hadamard_chunks(att_out_.data(), T * q_dim, rot_v_);  // the values' rotation undone
     matmul(L.wo, att_out_.data(), tmp_.data(), T);
+    if (L.post_attn_norm) post_norm(L.post_attn_norm, T);
     for (size_t i = 0; i < size_t(T) * c.n_embd; ++i) x_[i] += tmp_[i];
+}
+
+void Model::post_norm(const Matrix &w, int T) {
+    const int d = cfg_.n_embd;
+    for (int t = 0; t < T; ++t) rmsnorm(&tmp_[size_t(t) * d], reinterpret_cast<const float *>(w.data), &tmp_[size_t(t) * d], d, cfg_.rms_eps);
+}
+
+// hb_[i] = gelu(hb_[i]) * hb2_[i] with GELU's tanh approximation (Gemma's gelu_pytorch_tanh), by the
+// kernel set's vector code where it has one, across the pool for a batch, as swiglu.
+void Model::geglu(size_t n) {
+    auto apply = [this](size_t i0, size_t i1) {
+        if (ops_->gelu_mul) return ops_->gelu_mul(hb_.data() + i0, hb2_.data() + i0, i1 - i0);
+        constexpr float kSqrt2OverPi = 0.79788456080286535588f, kCoef = 0.044715f;
+        for (size_t i = i0; i < i1; ++i) {
+            const float x = hb_[i];
+            hb_[i] = 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * x * (1.0f + kCoef * x * x))) * hb2_[i];
+        }
+    };
+    if (n < kParallelElements) apply(0, n);
+    else pool_.range(n, apply);
 }
 
 // hb_[i] = silu(hb_[i]) * hb2_[i] for the first n values, by the kernel set's vector code where it has
@@ -672,8 +741,10 @@ void Model::ffn(const Layer &L, int, int T) {
     const int64_t n_ff = L.gate.rows;
     matmul(L.gate, xb_.data(), hb_.data(), T);
     matmul(L.up, xb_.data(), hb2_.data(), T, kern::takes_q8(L.gate.wtype));
-    swiglu(size_t(T) * n_ff);
+    if (cfg_.ffn_gelu) geglu(size_t(T) * n_ff);
+    else swiglu(size_t(T) * n_ff);
     matmul(L.down, hb_.data(), tmp_.data(), T);
+    if (L.post_ffn_norm) post_norm(L.post_ffn_norm, T);
     for (size_t i = 0; i < size_t(T) * cfg_.n_embd; ++i) x_[i] += tmp_[i];
 }
 
@@ -784,6 +855,8 @@ void Model::forward(const int32_t *tokens, int T, int pos0, float *logits_out, b
     const int d = c.n_embd;
     ensure_scratch(T);
     for (int t = 0; t < T; ++t) embed(tokens[t], x_.data() + size_t(t) * d);
+    if (c.embd_scale != 1.0f)  // Gemma
+        for (size_t i = 0; i < size_t(T) * d; ++i) x_[i] *= c.embd_scale;
     const float *out_norm = reinterpret_cast<const float *>(output_norm_.data);
     // xb_[t] = rmsnorm(x_[t]) * w for every token of the batch: across the pool for a batch (serial,
     // it left the other threads waiting for a twentieth of a 2-thread prefill)
@@ -808,6 +881,8 @@ void Model::forward(const int32_t *tokens, int T, int pos0, float *logits_out, b
     const int first = all ? 0 : T - 1, n_out = T - first;
     for (int t = first; t < T; ++t) rmsnorm(&x_[size_t(t) * d], out_norm, &xb_[size_t(t - first) * d], d, c.rms_eps);
     matmul(output_, xb_.data(), logits_out, n_out);
+    if (c.logit_softcap > 0)  // Gemma 2 style soft cap (Gemma 3 files may set it)
+        for (size_t i = 0; i < size_t(n_out) * c.n_vocab; ++i) logits_out[i] = c.logit_softcap * std::tanh(logits_out[i] / c.logit_softcap);
 }
 
 void Model::eval(const std::vector<int32_t> &tokens, std::vector<float> *all_logits, const std::vector<uint8_t> *skip_layers) {
@@ -828,20 +903,34 @@ void Model::eval(const std::vector<int32_t> &tokens, std::vector<float> *all_log
             throw ModelError("token id " + std::to_string(t) + " is outside the vocabulary of " + std::to_string(cfg_.n_vocab));
     const size_t V = cfg_.n_vocab;
     if (all_logits) all_logits->assign(tokens.size() * V, 0.0f);
-    std::vector<float> batch_logits;
     for (size_t b = 0; b < tokens.size(); b += kBatch) {
         const int T = static_cast<int>(std::min<size_t>(kBatch, tokens.size() - b));
-        batch_logits.resize((all_logits ? T : 1) * V);
-        forward(tokens.data() + b, T, static_cast<int>(history_.size()), batch_logits.data(), all_logits != nullptr);
+        const int pos0 = static_cast<int>(history_.size());
+        // the logits go where they are kept: no vocabulary-sized buffer in between (262k for Gemma 3)
+        float *out = all_logits ? all_logits->data() + b * V : logits_.data();
+        forward(tokens.data() + b, T, pos0, out, all_logits != nullptr);
         history_.insert(history_.end(), tokens.begin() + b, tokens.begin() + b + T);
-        if (all_logits) std::copy(batch_logits.begin(), batch_logits.end(), all_logits->begin() + b * V);
-        std::copy(batch_logits.end() - V, batch_logits.end(), logits_.begin());
+        if (all_logits) std::copy(out + size_t(T - 1) * V, out + size_t(T) * V, logits_.begin());
+        // after this batch a ring holds positions pos0 + T - cap .. pos0 + T - 1 (a layer skipped for a
+        // self-speculative draft wrote none: counting it only makes truncate re-evaluate sooner than it must)
+        for (int l = 0; l < cfg_.n_layer; ++l)
+            ring_from_ = std::max(ring_from_, pos0 + T - kv_cap_[l]);
     }
 }
 
 void Model::truncate(int n) {
     if (n < 0 || n > n_past()) throw ModelError("cannot keep " + std::to_string(n) + " of " + std::to_string(n_past()) + " positions");
+    // The next token (position n) of a sliding-window layer reads positions n - n_swa + 1 .. n - 1;
+    // when the rings have overwritten some of them, the prefix is evaluated again from an empty cache.
+    if (n > 0 && std::max(0, n - cfg_.n_swa + 1) < ring_from_) {
+        std::vector<int32_t> keep(history_.begin(), history_.begin() + n);
+        history_.clear();
+        ring_from_ = 0;
+        eval(keep);
+        return;
+    }
     history_.resize(n);  // cache rows past n are simply overwritten later
+    if (n == 0) ring_from_ = 0;
 }
 
 void Model::set_sampling(const SamplingParams &p) {
@@ -857,6 +946,11 @@ void Model::evict(int start, int end) {
     const int delta = end - start;
     if (delta == 0) return;
     const ModelConfig &c = cfg_;
+    bool rings = false;
+    for (int l = 0; l < c.n_layer; ++l) rings |= c.is_local(l);
+    if (rings)
+        throw ModelError("cannot evict KV positions of a model with sliding-window layers: their rings would need the "
+                         "moved keys re-rotated in place, which the engine does not do; truncate and re-evaluate instead");
     const int kv_dim = c.n_head_kv * c.head_dim;
     // Each moved key: decoded, its Hadamard rotation undone (its own inverse), turned back by delta
     // positions (rotations compose: R(p - delta) = R(-delta) R(p)), rotated and encoded again. Values
@@ -868,7 +962,7 @@ void Model::evict(int start, int end) {
         uint8_t *kc = k_cache_.data(), *vc = v_cache_.data();
         for (size_t l = l0; l < l1; ++l)
             for (int p = end; p < n; ++p) {
-                const size_t from = l * n_ctx_ + p, to = from - delta;
+                const size_t from = kv_base_[l] + p, to = from - delta;  // rows (no rings here: n_ctx per layer)
                 decode_kv(kv_type_.k, kc + from * k_row_, k.data(), kv_dim);
                 if (rot_k_) hadamard_chunks(k.data(), kv_dim, rot_k_);
                 rope(k.data(), c.n_head_kv, -delta);
@@ -882,7 +976,10 @@ void Model::evict(int start, int end) {
 }
 
 int Model::sample(const uint32_t *mask) {
-    const int token = sample_token(logits_, history_, sampling_, rng_, mask);
+    // greedy without mask or penalty: the argmax, without sample_token's copy of the logits
+    const bool plain_greedy = sampling_.temperature <= 0.0f && !mask && (sampling_.repeat_penalty == 1.0f || sampling_.repeat_last_n <= 0);
+    const int token = plain_greedy ? static_cast<int>(std::max_element(logits_.begin(), logits_.end()) - logits_.begin())
+                                   : sample_token(logits_, history_, sampling_, rng_, mask);
     // Streaming: the next step starts with layer 0, which no earlier layer can predict; its router
     // applied to the sampled token's embedding guesses its experts while the caller takes the token.
     if (experts_->streams() && prefetch_ && scratch_T_ > 0) {

@@ -1,6 +1,7 @@
 // The forward pass of the Llama family (Llama, SmolLM, Mistral, Qwen2, Qwen3) and the MoE families
-// (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) over a GGUF file, with an f16, q8_0 or q4_0 KV cache (keys and
-// values of their own types) and sampling.
+// (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) and Gemma 3 (sliding-window layers keeping their keys and values
+// in rings) over a GGUF file, with an f16, q8_0 or q4_0 KV cache (keys and values of their own types) and
+// sampling.
 //
 // Weights are read in place from the memory map under their GGUF names. Family facts (rope style,
 // q/k norm kind, top-k renormalisation) come from the architecture table in edgeai/architectures.py
@@ -41,6 +42,16 @@ struct ModelConfig {
     bool rope_neox = false;            // halves (NEOX) instead of adjacent pairs (NORM)
     QKNorm qk_norm = QKNorm::NONE;
     bool moe_renormalize = false;      // renormalise the top-k routing weights to sum to 1
+    // Gemma 3: GELU(tanh)-gated FFN; RMSNorms on the attention and FFN outputs before their residual
+    // adds; the embedding times embd_scale (sqrt(n_embd)); queries scaled by attn_scale (0:
+    // 1/sqrt(head_dim)); final logits soft-capped (cap * tanh(z / cap); 0: none); and sliding-window
+    // layers: with n_swa > 0, layer il is local when il % swa_pattern < swa_pattern - 1 (llama.cpp's
+    // rule; swa_pattern 0: every layer), attends to the last n_swa positions, rotates with base
+    // rope_theta_swa and no scaling, and keeps its keys and values in a ring (kv_positions).
+    bool ffn_gelu = false, post_norms = false;
+    float embd_scale = 1.0f, attn_scale = 0.0f, logit_softcap = 0.0f, rope_theta_swa = 10000.0f;
+    int n_swa = 0, swa_pattern = 0;
+    bool is_local(int layer) const { return n_swa > 0 && (swa_pattern == 0 || layer % swa_pattern < swa_pattern - 1); }
 };
 
 // The KV types of a name: "f16" | "q8_0" | "q4_0" for keys and values alike, or "K/V" with a type for
@@ -52,7 +63,7 @@ std::string kv_type_name(KVTypes kv);
 // `value` (integers and booleans as numbers); false when no field has that name.
 bool set_config_field(ModelConfig &c, const std::string &key, double value);
 // Every field name set_config_field knows.
-extern const char *const CONFIG_FIELDS[14];
+extern const char *const CONFIG_FIELDS[22];
 
 // What a model of a given file and context needs in memory, in bytes (for the planner).
 struct MemorySizes {
@@ -95,6 +106,9 @@ class Model {
     static Scratch scratch_sizes(const ModelConfig &c, int64_t max_ff, int n_ctx, int threads, int T);
     static size_t kv_row_bytes(const ModelConfig &c, KVType t);  // one position of one layer's K (or V) of type t
     static size_t kv_bytes_for(const ModelConfig &c, int n_ctx, KVTypes kv);
+    // Positions layer `layer`'s cache holds: n_ctx, or for a sliding-window layer a ring of its window
+    // plus one prefill batch (a batch writes its keys before its first token reads the window behind it).
+    static int kv_positions(const ModelConfig &c, int layer, int n_ctx);
     static MemorySizes memory_sizes(const gguf::File &f, const ModelConfig &c, int n_ctx, int threads, KVTypes kv);
 
     // stream: nullptr reads experts in place from the memory map; else they are streamed into a
@@ -129,6 +143,10 @@ class Model {
     // self-speculative drafting, whose positions the caller truncates and verifies afterwards.
     void eval(const std::vector<int32_t> &tokens, std::vector<float> *all_logits = nullptr,
               const std::vector<uint8_t> *skip_layers = nullptr);
+    // Sliding-window layers: when their rings no longer hold the window behind position n, the kept
+    // prefix is evaluated again (as llama.cpp's backend rebuilds a cache that cannot drop a tail).
+    // A ring holds one batch (kBatch - 1 positions) beyond the window, so rolling back a speculative
+    // draft and its verification of fewer than kBatch tokens in all never needs that.
     void truncate(int n);
     // Drops positions [start, end) from the KV cache and moves the later ones down by end - start,
     // their keys re-rotated to their new positions (as llama.cpp's context shift does): generation
@@ -142,6 +160,7 @@ class Model {
   private:
     struct Layer {
         Matrix attn_norm, wq, wk, wv, wo, bq, bk, bv, q_norm, k_norm, ffn_norm;
+        Matrix post_attn_norm, post_ffn_norm;                   // Gemma's norms on the sublayer outputs
         Matrix gate, up, down;                                  // dense FFN
         Matrix router, gate_shexp, up_shexp, down_shexp, shexp_gate;  // MoE
     };
@@ -159,10 +178,15 @@ class Model {
     void attention(const Layer &L, int layer, int T, int pos0);
     void ffn(const Layer &L, int layer, int T);
     void swiglu(size_t n);
+    void geglu(size_t n);                          // Gemma: hb_ = gelu_tanh(hb_) * hb2_
+    void post_norm(const Matrix &w, int T);        // Gemma: tmp_[t] = rmsnorm(tmp_[t]) * w before the residual add
     static constexpr size_t kParallelElements = 1 << 14;  // below this, splitting costs more than it saves
     static constexpr int kParallelTokens = 8;  // per-token work of a batch this long goes across the pool
     void moe(const Layer &L, int layer, int T);
-    void rope(float *x, int n_heads, int pos) const;
+    void rope(float *x, int n_heads, int pos, bool local = false) const;  // local: a sliding-window layer's base
+    size_t kv_at(int layer, int pos) const {  // row of position pos in layer's K and V caches (times k_row_ or v_row_: bytes)
+        return kv_base_[layer] + size_t(pos % kv_cap_[layer]);
+    }
     void ensure_scratch(int T);
     void pack_weights();  // dense layer matrices and the output into the kernel set's packed layout
     void embed(int32_t token, float *out);
@@ -192,7 +216,11 @@ class Model {
     bool prefetch_ = true;                    // streaming: read the experts the next layer's router predicts ahead
     int prefetch_top_ = 0;                    // how many of them (the most likely)
     int rot_k_ = 0, rot_v_ = 0;               // quantized keys/values: Hadamard rotation sizes of keys/queries and values (0: none)
-    std::vector<uint8_t> k_cache_, v_cache_;  // [n_layer][n_ctx][k_row_ or v_row_]: n_head_kv * head_dim f16, Q8_0 or Q4_0
+    // [sum of kv_cap_][k_row_ or v_row_]: n_head_kv * head_dim f16, Q8_0 or Q4_0 per row, layer after layer
+    std::vector<uint8_t> k_cache_, v_cache_;
+    std::vector<size_t> kv_base_;             // [n_layer]: row of each layer's first position (in rows: K and V rows differ in bytes)
+    std::vector<int> kv_cap_;                 // [n_layer]: positions each layer holds (kv_positions; a ring when < n_ctx)
+    int ring_from_ = 0;                       // the oldest position every ring still holds (positions ring_from_..n_past-1)
     std::vector<int32_t> history_;
     std::vector<float> logits_;  // [n_vocab] of the last evaluated token
     const std::vector<uint8_t> *skip_ = nullptr;  // [n_layer] layers eval() skips in this call, or none
@@ -200,9 +228,10 @@ class Model {
     // scratch, sized for the current batch T (shapes in comments)
     int scratch_T_ = 0;
     std::vector<float> x_, xb_, q_, k_, v_, att_out_, hb_, hb2_, tmp_;  // [T][...]
-    std::vector<float> scores_;                                        // [threads][n_ctx]
+    std::vector<float> scores_;  // [threads][n_ctx], then [threads][head_dim] (a ring's second run of values)
     std::vector<kern::BlockQ8A> xq_;                                   // quantized activations
     std::vector<float> inv_freq_;                                      // [head_dim/2]
+    std::vector<float> inv_freq_swa_;                                  // [head_dim/2], sliding-window layers
     // MoE scratch, reused across layers and steps (no allocation per decode step)
     std::vector<float> moe_router_, moe_acc_, moe_xin_, moe_out_;
     std::vector<std::vector<std::pair<int, float>>> moe_routed_;

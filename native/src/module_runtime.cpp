@@ -339,6 +339,19 @@ void bind_runtime(nb::module_ &m) {
           nb::arg("isa"), nb::arg("g"), nb::arg("u"),
           "silu(g) * u with one kernel set's vector SwiGLU (tests); None where the set has none.");
 
+    m.def("kernel_gelu_mul",
+          [](const std::string &isa, F32In g, F32In u) -> nb::object {
+              const edgeai::kern::Ops &ops = ops_or_throw(isa);
+              if (!ops.gelu_mul) return nb::none();
+              const size_t n = g.shape(0);
+              if (u.shape(0) != n) throw nb::value_error("g and u must have the same length");
+              std::vector<float> out(g.data(), g.data() + n);
+              ops.gelu_mul(out.data(), u.data(), n);
+              return nb::cast(to_numpy(std::move(out), {n}));
+          },
+          nb::arg("isa"), nb::arg("g"), nb::arg("u"),
+          "gelu_tanh(g) * u with one kernel set's vector GeGLU (tests); None where the set has none.");
+
     m.def("sample_logits",
           [](F32In logits, const std::vector<int32_t> &history, float temperature, int top_k, float top_p, float min_p,
              float repeat_penalty, int repeat_last_n, uint64_t seed, int n_draws, std::optional<U32In> mask) {
