@@ -228,7 +228,8 @@ class Model:
         self.context = ContextWindow(context_overflow)
         if self.context.slides and not backend.can_evict:
             raise OptionError(f"context_overflow='sink-window' needs a backend that can evict KV positions; the "
-                              f"{backend.name} backend cannot (use the native or llama.cpp backend)")
+                              f"{backend.name} backend cannot for {backend.path.name} (use the llama.cpp backend, or "
+                              "the native one for a model without sliding-window layers)")
         if self.context.slides and backend.n_ctx - self.context.sink < 16:
             raise OptionError(f"context_overflow='sink-window' needs a context of at least {self.context.sink + 16} "
                               f"tokens (the sink of {self.context.sink} and a window); this one holds {backend.n_ctx}")

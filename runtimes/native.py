@@ -201,6 +201,7 @@ class NativeBackend(VocabText):
         self.n_vocab = int(config["n_vocab"])
         self.n_layer = int(config["n_layer"])
         self._sliding_window = int(config["n_swa"])
+        self.can_evict = not self._sliding_window  # see evict(): rings cannot shift
         self.bos_id = self._vocab.bos_id
         self.add_bos = self._vocab.add_bos  # tokenize() starts with BOS
         self.eos_id = self._vocab.eos_id

@@ -161,6 +161,15 @@ def test_sliding_window_layers_keep_only_their_window(tiny):
     q8.close()
 
 
+def test_a_sliding_cache_is_refused_where_rings_cannot_shift(tiny):
+    import edgeai
+    from edgeai.errors import OptionError
+
+    _, path = tiny
+    with pytest.raises(OptionError, match="native backend cannot for .*use the llama.cpp backend"):
+        edgeai.load(path, backend="native", n_ctx=128, context_overflow="sink-window")
+
+
 @pytest.mark.parametrize("kv", ["f16", "q4_0", "q8_0/q4_0"])
 def test_truncating_behind_a_ring_evaluates_the_prefix_again(tiny, kv):
     """After 200 tokens the rings hold positions 121..199: keeping 190 needs 175.. (kept as is),
