@@ -235,6 +235,18 @@ class LlamaCppBackend(VocabText):
         self._decode(tokens)
         return sample(self._logits, self._history, self._sampling, self._rng, mask)
 
+    def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append tokens to the KV cache and return their logits [len(tokens), n_vocab] (as the
+        native backend's eval_logits: long-context scoring through a sliding cache)."""
+        self._live()
+        tokens = [int(t) for t in tokens]
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(f"{self.n_past} cached + {len(tokens)} new tokens exceed the context of "
+                                       f"{self.n_ctx}; evict or truncate first")
+        out = np.empty((len(tokens), self.n_vocab), np.float32)
+        self._decode(tokens, every_position=out)
+        return out
+
     def all_logits(self, tokens: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
         """Logits at every position of `tokens` evaluated from an empty cache: [len(tokens), n_vocab]
         float32, written into `out` when given (the evaluator's reused buffer)."""
