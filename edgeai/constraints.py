@@ -195,6 +195,12 @@ class Matcher:
         self._eog = np.asarray(sorted(int(t) for t in eog_ids if 0 <= int(t) < n_vocab), np.int64)
         self._raise_if_error()
 
+    def copy(self) -> Matcher:
+        """An independent matcher in this one's state (llguidance's deep copy: the compiled
+        grammar and the lexer states built so far are shared, so a copy of a fresh matcher skips
+        compiling the grammar again)."""
+        return Matcher(self._m.deep_copy(), self.n_vocab, self._eog)
+
     def _raise_if_error(self) -> None:
         if self._m.is_error():
             raise ConstraintError(f"the constraint failed: {_clean(self._m.get_error())}")

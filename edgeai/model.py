@@ -25,6 +25,7 @@ from edgeai.runtimes.base import Backend, BackendStats, Sampling
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
+MATCHER_CACHE = 16  # compiled constraints a Model keeps (`Model._matcher`)
 SAMPLING_OPTIONS = tuple(f.name for f in fields(Sampling))
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -242,6 +243,7 @@ class Model:
         specials = backend.tokenize("", add_special=True)
         self._bos_prefix = [t for t in specials[:1] if t == backend.bos_id]
         self._cache_suspect = False  # an interrupted step may have left the cache out of step with history
+        self._matchers: dict[str, Any] = {}  # grammar -> a compiled Matcher never advanced (see _matcher)
 
     # -- plumbing --------------------------------------------------------------------------------
     @property
@@ -334,10 +336,19 @@ class Model:
         return tokens, params
 
     def _matcher(self, constraint):
-        """A fresh grammar state for `constraint` over this model's vocabulary (None for None)."""
+        """A fresh grammar state for `constraint` over this model's vocabulary (None for None).
+        Apps and servers ask for the same few schemas again and again: the last MATCHER_CACHE
+        constraints are kept compiled, and each generation gets a copy."""
         if constraint is None:
             return None
-        return constraint.matcher(self.backend.constraint_tokenizer(), eog_ids=self.backend.eog_ids)
+        cache = self._matchers
+        pristine = cache.pop(constraint.grammar, None)
+        if pristine is None:
+            pristine = constraint.matcher(self.backend.constraint_tokenizer(), eog_ids=self.backend.eog_ids)
+        cache[constraint.grammar] = pristine  # most recently used last
+        while len(cache) > MATCHER_CACHE:
+            del cache[next(iter(cache))]
+        return pristine.copy()
 
     def _stream(self, tokens: list[int], max_tokens: int, stops: list[str], params: Sampling, matcher=None,
                 split=None, tools: bool = False, logprobs: int | None = None) -> Iterator[Chunk]:

@@ -163,6 +163,23 @@ def test_cut_short_output_is_marked_incomplete(tiny_chat_gguf):
         assert r.finish_reason is FinishReason.LENGTH and not r.incomplete  # no constraint, nothing to satisfy
 
 
+def test_a_repeated_constraint_is_compiled_once_and_answers_the_same(tiny_chat_gguf, monkeypatch):
+    from edgeai import constraints, model
+
+    compiled = []
+    make = constraints.Constraint.matcher
+    monkeypatch.setattr(constraints.Constraint, "matcher", lambda self, *a, **k: compiled.append(self.kind) or make(self, *a, **k))
+    monkeypatch.setattr(model, "MATCHER_CACHE", 2)
+    with edgeai.load(tiny_chat_gguf, backend="native", threads=1) as m:
+        first = [m.generate("x", json_schema=TINY_SCHEMAS[0], max_tokens=60, seed=s) for s in range(3)]
+        again = [m.generate("x", json_schema=TINY_SCHEMAS[0], max_tokens=60, seed=s) for s in range(3)]
+        assert again == first and compiled == ["json_schema"]  # each generation a copy of one compiled matcher
+        m.generate("x", regex="[ab]{3}", max_tokens=5)
+        m.generate("x", regex="[cd]{3}", max_tokens=5)  # the schema, least recently used, leaves the cache
+        m.generate("x", json_schema=TINY_SCHEMAS[0], max_tokens=5)
+        assert compiled == ["json_schema", "regex", "regex", "json_schema"]
+
+
 # -- tool calls ---------------------------------------------------------------------------------------------------
 def _weather_tool():
     return {"type": "function", "function": {"name": "get_weather", "description": "Weather",
