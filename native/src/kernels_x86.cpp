@@ -756,7 +756,10 @@ void pack8_q8_0(const uint8_t *w, size_t rb, size_t nb, Packed8 &pk) {
     }
 }
 
-template <int RN> void packed8_q8_0_tokens(const Packed8 &pk, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb) {
+// SMALL: codes of magnitude <= 12 (MXFP4's values), whose 8 maddubs per block sum exactly in int16
+// (<= 24384) before one widening, where AVX2 has no vpdpbusd; the same integers either way.
+template <int RN, bool SMALL = false>
+void packed8_q8_0_tokens(const Packed8 &pk, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb) {
     __m256 acc[RN];
     for (auto &v : acc) v = _mm256_setzero_ps();
     for (size_t b = 0; b < nb; ++b) {
@@ -769,9 +772,19 @@ template <int RN> void packed8_q8_0_tokens(const Packed8 &pk, const uint8_t *x, 
             const __m256i aw = _mm256_load_si256(W + k), sw = _mm256_load_si256(W + 8 + k);
             for (int t = 0; t < RN; ++t) {
                 const __m256i xv = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(xb[t]->qs + 4 * k)));
+#if !defined(EDGEAI_VNNI)
+                if (SMALL) {
+                    s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, sw)));
+                    continue;
+                }
+#endif
                 s[t] = dpbusd(s[t], aw, _mm256_sign_epi8(xv, sw));
             }
         }
+#if !defined(EDGEAI_VNNI)
+        if (SMALL)
+            for (int t = 0; t < RN; ++t) s[t] = _mm256_madd_epi16(s[t], _mm256_set1_epi16(1));
+#endif
         const __m256 dw = _mm256_loadu_ps(&pk.scales[b * 8]);
         for (int t = 0; t < RN; ++t)
             acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xb[t]->d)), _mm256_cvtepi32_ps(s[t]), acc[t]);
@@ -1475,11 +1488,14 @@ float dot_mxfp4(const uint8_t *row, const void *xv, size_t n) {
     return acc;
 }
 
-// The 8 rows' scales of block b, one lane per row.
+// The 8 rows' scales of block b, one lane per row (e8m0_half in 8 lanes).
 inline __m256 mxfp4_scales8(const uint8_t *w, size_t rb, size_t b) {
-    alignas(32) float d[8];
-    for (int r = 0; r < 8; ++r) d[r] = e8m0_half(w[r * rb + b * 17]);
-    return _mm256_load_ps(d);
+    const uint8_t *p = w + b * 17;
+    const __m256i e = _mm256_setr_epi32(p[0], p[rb], p[2 * rb], p[3 * rb], p[4 * rb], p[5 * rb], p[6 * rb], p[7 * rb]);
+    const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
+    const __m256i subnormal = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);  // e 0, 1
+    const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e);
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(normal, subnormal, small));
 }
 
 // Decode over 8 rows with one lane per row (as rows8_q8_0).
@@ -1499,7 +1515,7 @@ void rows8_mxfp4(const uint8_t *w, size_t rb, const BlockQ8A *x, float *y, size_
 }
 
 // 8 rows transposed per call into Q8_0's layout of Packed8 (|values|, then the signed values; float
-// scales), which packed8_q8_0_tokens multiplies with any number of tokens.
+// scales), which packed8_q8_0_tokens<RN, SMALL> multiplies with any number of tokens.
 void pack8_mxfp4(const uint8_t *w, size_t rb, size_t nb, Packed8 &pk) {
     pk.codes.resize(nb * 16);
     pk.scales.resize(nb * 8);
@@ -1523,8 +1539,8 @@ void gemm_mxfp4(const Gemm &g) {
         for (; r + 8 <= g.n_rows; r += 8) {
             pack8_mxfp4(g.w + size_t(r) * g.row_bytes, g.row_bytes, nb, pk);
             int t = 0;
-            for (; t + 4 <= g.T; t += 4) packed8_q8_0_tokens<4>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
-            for (; t < g.T; ++t) packed8_q8_0_tokens<1>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
+            for (; t + 4 <= g.T; t += 4) packed8_q8_0_tokens<4, true>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
+            for (; t < g.T; ++t) packed8_q8_0_tokens<1, true>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
         }
     } else {
         for (; r + 8 <= g.n_rows; r += 8)
