@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 ImportanceLookup = Callable[[str, int], "np.ndarray | None"]
 
 # Types whose grid GPTQ's column-by-column rounding cannot use (non-uniform).
-GRIDLESS = ("iq4_nl", "iq4_xs")
+GRIDLESS = ("iq4_nl", "iq4_xs", "mxfp4")
 
 
 # Calibration runs the model in numpy on chunks of calib_ctx tokens: attention holds a
@@ -119,7 +119,7 @@ def prepare(plan: ConversionPlan, recipe: Recipe, method: Method, *, calib: str 
             gridless = sorted({t.fmt.name for t in plan.tensors if t.fmt.name in GRIDLESS})
             if gridless:  # GPTQ rounds each column on a uniform grid; IQ4's is not
                 raise OptionError(f"--method gptq does not write {', '.join(gridless)}; use --method imatrix or awq "
-                                  "for them, or a recipe (or --target-types) without IQ4 types")
+                                  "for them, or a recipe (or --target-types) without IQ4 or MXFP4 types")
             out.encoded = gptq(plan, calib_text, calib_ctx, calib_name, threads)
         if method is Method.AWQ:
             out.importance = awq(plan, calib_text, calib_ctx, calib_name, threads)

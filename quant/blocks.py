@@ -363,3 +363,59 @@ def dequantize_iq4_xs(blocks: np.ndarray) -> np.ndarray:
     dl = d * (ls - 32).astype(np.float32)  # [n, 8]
     codes = _unpack_nibbles(blocks[:, 8:].reshape(n * 8, 16))  # [n*8, 32]
     return (dl.reshape(n * 8, 1) * IQ4_KVALUES[codes]).reshape(n, QK_K)
+
+
+# ---- MXFP4: x = 2^(e-128) * E2M1_DOUBLED[q], one E8M0 exponent byte e and 16 nibble bytes per 32 -------
+# (ggml's block_mxfp4; the OCP microscaling format.) The E2M1 values are stored doubled as int8 so
+# the table holds integers; the scale is halved to match (ggml's e8m0_to_fp32_half).
+E2M1_DOUBLED = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
+_MXFP4_CHUNK = 8192  # blocks per step of the encoder: its (blocks, 32, 16) error array stays ~16 MB
+
+
+def e8m0_half(e: np.ndarray) -> np.ndarray:
+    """2^(e-128) as float32 for E8M0 bytes e: half the scale the byte encodes (e = 0 and 1 are subnormal)."""
+    e = e.astype(np.uint32)
+    bits = np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << np.uint32(23))
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def _mxfp4_exponent(amax: np.ndarray) -> np.ndarray:
+    """ggml's `(uint8_t)(floorf(log2f(amax)) - 2 + 127)`, 0 for amax = 0.
+
+    The float32 log2 is taken as float64's rounded to float32 (the correctly rounded value, which
+    glibc's log2f gives: amax just below a power of two rounds up to it, and so does the exponent).
+    The C cast wraps modulo 256 on x86-64 (through a 32-bit conversion): amax below 2^-125 gives a
+    large exponent, an infinite amax 0, as ggml's bytes have them.
+    """
+    amax = amax.astype(np.float32, copy=False)
+    finite = np.isfinite(amax) & (amax > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log2 = np.log2(np.where(finite, amax, np.float32(1)).astype(np.float64)).astype(np.float32)
+    e = np.floor(log2).astype(np.int64) + 125
+    return np.where(finite, e & 0xFF, 0).astype(np.uint8)
+
+
+def quantize_mxfp4(blocks: np.ndarray) -> np.ndarray:
+    """(n, 32) float32 -> (n, 17) uint8, bit for bit ggml's quantize_row_mxfp4_ref: with d = 2^(e-128)
+    the block's largest magnitude is 8 to 16 times d (the doubled table ends at 12: larger values
+    round down to it), and each value takes the table entry of least float32 |entry * d - x| (ties:
+    the lower index, so +0 before -0; a NaN value: index 0; NaNs never count toward the largest)."""
+    blocks = blocks.astype(np.float32, copy=False)
+    out = np.empty((blocks.shape[0], 17), np.uint8)
+    table = E2M1_DOUBLED.astype(np.float32)
+    for s in range(0, blocks.shape[0], _MXFP4_CHUNK):
+        x = blocks[s:s + _MXFP4_CHUNK]
+        e = _mxfp4_exponent(np.fmax.reduce(np.abs(x), axis=1, initial=np.float32(0)))
+        grid = table * e8m0_half(e)[:, None]  # [n, 16]: exact (small integers times a power of two)
+        with np.errstate(invalid="ignore"):
+            err = np.abs(grid[:, None, :] - x[:, :, None])  # [n, 32, 16] float32, as the C loop rounds it
+        codes = np.argmin(err, axis=2).astype(np.uint8)  # first minimum; an all-NaN row: 0
+        out[s:s + _MXFP4_CHUNK, 0] = e
+        out[s:s + _MXFP4_CHUNK, 1:] = _pack_nibbles(codes)
+    return out
+
+
+def dequantize_mxfp4(blocks: np.ndarray) -> np.ndarray:
+    d = e8m0_half(blocks[:, :1])  # [n, 1]
+    with np.errstate(over="ignore"):  # e = 255: 12 * 2^127 is inf, in ggml too
+        return d * E2M1_DOUBLED[_unpack_nibbles(blocks[:, 1:])].astype(np.float32)

@@ -105,6 +105,7 @@ FORMATS: dict[str, QuantFormat] = {
         QuantFormat("q6_k", GGMLQuantizationType.Q6_K, 256, 210, B.quantize_q6_k, B.dequantize_q6_k),
         QuantFormat("iq4_nl", GGMLQuantizationType.IQ4_NL, 32, 18, B.quantize_iq4_nl, B.dequantize_iq4_nl),
         QuantFormat("iq4_xs", GGMLQuantizationType.IQ4_XS, 256, 136, B.quantize_iq4_xs, B.dequantize_iq4_xs),
+        QuantFormat("mxfp4", GGMLQuantizationType.MXFP4, 32, 17, B.quantize_mxfp4, B.dequantize_mxfp4),
     )
 }
 # formats the C++ block quantizer implements (both fits)

@@ -82,7 +82,7 @@ class TypeChoice:
 
 F32_ROLES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "rope_freqs.weight")
 FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl", "iq4_nl": "f16", "q4_0": "f16", "q4_1": "f16", "q5_0": "f16",
-            "q5_1": "f16", "q8_0": "f16", "f16": "f32", "bf16": "f32"}
+            "q5_1": "f16", "q8_0": "f16", "mxfp4": "f16", "f16": "f32", "bf16": "f32"}
 
 _OUTPUT = Rule(r"(output|token_embd)\.weight", "q6_k")  # applied to token_embd only when it doubles as output
 _MOE_ATTENTION = Rule(r"attn_(v|k|q|output)\.weight", "q8_0", moe_only=True)  # attention is a sliver of an MoE
@@ -99,6 +99,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("q6_k", "q6_k", description="Q6_K everywhere"),
     Recipe("iq4_nl", "iq4_nl", (_OUTPUT,), "IQ4_NL (non-uniform 4-bit grid, 4.5 bits), output Q6_K"),
     Recipe("iq4_xs", "iq4_xs", (_OUTPUT,), "IQ4_XS (IQ4_NL with 6-bit sub-block scales, 4.25 bits), output Q6_K"),
+    Recipe("mxfp4", "mxfp4", (_OUTPUT,), "MXFP4 (4-bit floats under a power-of-two scale per 32, 4.25 bits), output Q6_K"),
+    # llama.cpp's MXFP4_MOE: the experts as gpt-oss ships them, every other matrix Q8_0
+    Recipe("mxfp4_moe", "q8_0", (Rule(r"ffn_(gate|up|down)_exps\.weight", "mxfp4"),), "MoE experts MXFP4, the rest Q8_0"),
     Recipe("q4_k_s", "q4_k", (_OUTPUT, _MOE_ATTENTION, Rule(r"ffn_down(_exps)?\.weight", "q5_k", Layers.FIRST_EIGHTH)),
            "Q4_K, FFN down of the first eighth Q5_K, output Q6_K"),
     Recipe("q4_k_m", "q4_k", (_OUTPUT, _MOE_ATTENTION, Rule(r"attn_v\.weight", "q6_k", Layers.MORE_BITS),

@@ -82,7 +82,7 @@ def convert(
     src: Optional[Path] = typer.Argument(None, help="Hugging Face folder or .gguf file (default: the bundled SmolLM2)."),
     output: Path = typer.Option(..., "--output", "-o", help="GGUF file (or, with --format onnx, folder) to write."),
     outtype: Optional[str] = typer.Option(None, "--outtype", help="One type for all weights: f32, f16 (default), bf16, q8_0."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="A recipe instead: q4_0, q4_1, q5_0, q5_1, iq4_nl, iq4_xs, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (--format onnx: fp32, fp16, int8, int4)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="A recipe instead: q4_0, q4_1, q5_0, q5_1, iq4_nl, iq4_xs, mxfp4, mxfp4_moe, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (--format onnx: fp32, fp16, int8, int4)."),
     method: str = typer.Option("rtn", "--method", help="rtn (no data), imatrix, awq or gptq (these need --calib)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text file (UTF-8)."),
     calib_ctx: int = typer.Option(512, "--calib-ctx", help="Tokens per calibration chunk."),

@@ -43,7 +43,7 @@ struct Gemm {
 };
 using GemmFn = void (*)(const Gemm &g);
 
-enum WType : int { W_F32, W_F16, W_BF16, W_Q4_0, W_Q4_1, W_Q5_0, W_Q5_1, W_Q8_0, W_Q4_K, W_Q5_K, W_Q6_K, W_COUNT };
+enum WType : int { W_F32, W_F16, W_BF16, W_Q4_0, W_Q4_1, W_Q5_0, W_Q5_1, W_Q8_0, W_Q4_K, W_Q5_K, W_Q6_K, W_MXFP4, W_COUNT };
 
 struct Ops {
     const char *isa;
@@ -110,6 +110,7 @@ static inline int wtype_of_ggml(uint32_t t) {
         case gguf::Q4_K: return W_Q4_K;
         case gguf::Q5_K: return W_Q5_K;
         case gguf::Q6_K: return W_Q6_K;
+        case gguf::MXFP4: return W_MXFP4;
         default: return -1;
     }
 }

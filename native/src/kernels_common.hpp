@@ -37,15 +37,26 @@ inline void k4_scales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
     }
 }
 
+// MXFP4 (ggml's block_mxfp4: E8M0 exponent byte e, then 16 bytes of 4-bit E2M1 codes, weight j in the
+// low nibble of byte j, weight j+16 in its high nibble): the E2M1 values doubled, so they are
+// integers (ggml's kvalues_mxfp4), and the scale halved to match: w = 2^(e-128) * E2M1_DOUBLED[code].
+alignas(16) constexpr int8_t E2M1_DOUBLED[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+inline float e8m0_half(uint8_t e) {
+    const uint32_t bits = e < 2 ? uint32_t(0x00200000) << e : uint32_t(e - 1) << 23;  // e 0, 1: subnormal
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
 struct TypeLayout {
     int block;   // weights per block
     int bytes;   // bytes per block
 };
 constexpr TypeLayout LAYOUT[W_COUNT] = {
-    {1, 4}, {1, 2}, {1, 2}, {32, 18}, {32, 20}, {32, 22}, {32, 24}, {32, 34}, {256, 144}, {256, 176}, {256, 210},
+    {1, 4}, {1, 2}, {1, 2}, {32, 18}, {32, 20}, {32, 22}, {32, 24}, {32, 34}, {256, 144}, {256, 176}, {256, 210}, {32, 17},
 };
 
-// One 32-weight sub-block `sub` of a block as codes q[32] (int, possibly signed for Q8_0) with
+// One 32-weight sub-block `sub` of a block as codes q[32] (int, signed for Q8_0 and MXFP4) with
 // w = a[h]*q + b[h] on half h (values 0-15, 16-31).
 inline void unpack_sub(int w, const uint8_t *blk, int sub, int q[32], float a[2], float b[2]) {
     switch (w) {
@@ -102,6 +113,16 @@ inline void unpack_sub(int w, const uint8_t *blk, int sub, int q[32], float a[2]
             a[1] = d * sc[2 * sub + 1];
             b[0] = -32.0f * a[0];
             b[1] = -32.0f * a[1];
+            return;
+        }
+        case W_MXFP4: {
+            const uint8_t *qs = blk + 1;
+            for (int j = 0; j < 16; ++j) {
+                q[j] = E2M1_DOUBLED[qs[j] & 15];
+                q[j + 16] = E2M1_DOUBLED[qs[j] >> 4];
+            }
+            a[0] = a[1] = e8m0_half(blk[0]);
+            b[0] = b[1] = 0.0f;
             return;
         }
         default: return;

@@ -77,6 +77,21 @@ template <bool FIVE, bool AFFINE, bool Q8> float dot_block32(const uint8_t *row,
     return acc;
 }
 
+// MXFP4: the 4-bit codes become their doubled E2M1 values (signed bytes) by one table lookup (TBL),
+// then the integer dot as Q8_0's, times the block's scale 2^(e-128) and the activations' d.
+float dot_mxfp4(const uint8_t *row, const void *xv, size_t n) {
+    const BlockQ8A *x = static_cast<const BlockQ8A *>(xv);
+    const int8x16_t table = vld1q_s8(E2M1_DOUBLED);
+    float acc = 0.0f;
+    for (size_t b = 0; b < n / 32; ++b, row += 17, ++x) {
+        const uint8x16_t t = vld1q_u8(row + 1);
+        const int8x16_t q0 = vqtbl1q_s8(table, vandq_u8(t, vdupq_n_u8(15))), q1 = vqtbl1q_s8(table, vshrq_n_u8(t, 4));
+        const int32_t s = dot16(q0, vld1q_s8(x->qs)) + dot16(q1, vld1q_s8(x->qs + 16));
+        acc += e8m0_half(row[0]) * x->d * static_cast<float>(s);
+    }
+    return acc;
+}
+
 #if defined(EDGEAI_I8MM)
 // Prefill of the 32-weight block types by SMMLA: vmmlaq_s32(s, a, b), a = 8 codes of row r then 8
 // of row r+1, b = 8 activations of token t then 8 of token t+1, adds the 2x2 integer products
@@ -346,19 +361,19 @@ const Ops OPS = {
 #endif
     {dot_f32, dot_f16_row, dot_bf16, dot_block32<false, false, false>, dot_block32<false, true, false>,
      dot_block32<true, false, false>, dot_block32<true, true, false>, dot_block32<false, false, true>, dot_q45_k<false>,
-     dot_q45_k<true>, dot_q6_k},
+     dot_q45_k<true>, dot_q6_k, dot_mxfp4},
 #if defined(EDGEAI_I8MM)
     {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>,
      gemm_i8mm<false, false, false>, gemm_i8mm<false, true, false>,
      gemm_i8mm<true, false, false>, gemm_i8mm<true, true, false>,
      gemm_i8mm<false, false, true>, gemm_by_dot<dot_q45_k<false>>, gemm_by_dot<dot_q45_k<true>>,
-     gemm_by_dot<dot_q6_k>},
+     gemm_by_dot<dot_q6_k>, gemm_by_dot<dot_mxfp4>},
 #else
     {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>,
      gemm_by_dot<dot_block32<false, false, false>>, gemm_by_dot<dot_block32<false, true, false>>,
      gemm_by_dot<dot_block32<true, false, false>>, gemm_by_dot<dot_block32<true, true, false>>,
      gemm_by_dot<dot_block32<false, false, true>>, gemm_by_dot<dot_q45_k<false>>, gemm_by_dot<dot_q45_k<true>>,
-     gemm_by_dot<dot_q6_k>},
+     gemm_by_dot<dot_q6_k>, gemm_by_dot<dot_mxfp4>},
 #endif
     quantize_act,
     dot_f16v,

@@ -92,10 +92,10 @@ void axpy_q4_0_ref(float alpha, const uint8_t *v, float *y, size_t n) {
 const Ops OPS = {
     "scalar",
     {dot_f32, dot_f16_row, dot_bf16, dot_q<W_Q4_0>, dot_q<W_Q4_1>, dot_q<W_Q5_0>, dot_q<W_Q5_1>, dot_q<W_Q8_0>,
-     dot_q<W_Q4_K>, dot_q<W_Q5_K>, dot_q<W_Q6_K>},
+     dot_q<W_Q4_K>, dot_q<W_Q5_K>, dot_q<W_Q6_K>, dot_q<W_MXFP4>},
     {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>, gemm_by_dot<dot_q<W_Q4_0>>,
      gemm_by_dot<dot_q<W_Q4_1>>, gemm_by_dot<dot_q<W_Q5_0>>, gemm_by_dot<dot_q<W_Q5_1>>, gemm_by_dot<dot_q<W_Q8_0>>,
-     gemm_by_dot<dot_q<W_Q4_K>>, gemm_by_dot<dot_q<W_Q5_K>>, gemm_by_dot<dot_q<W_Q6_K>>},
+     gemm_by_dot<dot_q<W_Q4_K>>, gemm_by_dot<dot_q<W_Q5_K>>, gemm_by_dot<dot_q<W_Q6_K>>, gemm_by_dot<dot_q<W_MXFP4>>},
     quantize_act_ref,
     dot_f16_ref,
     axpy_f16_ref,

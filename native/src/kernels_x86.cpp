@@ -11,8 +11,8 @@
 //
 // Weight codes are unpacked to unsigned bytes (0..63) and multiplied with the signed activation
 // bytes (maddubs, or vpdpbusd with VNNI); the per-half offsets of each type come from
-// BlockQ8A::hs (see kernels.hpp). Q8_0's codes are signed, so they use the sign trick
-// (|q| * sign(x, q)). The integer sums are exact in every set (no int16 pair sum of a caller
+// BlockQ8A::hs (see kernels.hpp). Q8_0's codes are signed, and so are MXFP4's values (looked up
+// from its codes), so they use the sign trick (|q| * sign(x, q)). The integer sums are exact in every set (no int16 pair sum of a caller
 // exceeds 32767), so every set computes the same integers; the float steps are the same source.
 #include <immintrin.h>
 
@@ -756,7 +756,10 @@ void pack8_q8_0(const uint8_t *w, size_t rb, size_t nb, Packed8 &pk) {
     }
 }
 
-template <int RN> void packed8_q8_0_tokens(const Packed8 &pk, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb) {
+// SMALL: codes of magnitude <= 12 (MXFP4's values), whose 8 maddubs per block sum exactly in int16
+// (<= 24384) before one widening, where AVX2 has no vpdpbusd; the same integers either way.
+template <int RN, bool SMALL = false>
+void packed8_q8_0_tokens(const Packed8 &pk, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb) {
     __m256 acc[RN];
     for (auto &v : acc) v = _mm256_setzero_ps();
     for (size_t b = 0; b < nb; ++b) {
@@ -769,9 +772,19 @@ template <int RN> void packed8_q8_0_tokens(const Packed8 &pk, const uint8_t *x, 
             const __m256i aw = _mm256_load_si256(W + k), sw = _mm256_load_si256(W + 8 + k);
             for (int t = 0; t < RN; ++t) {
                 const __m256i xv = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(xb[t]->qs + 4 * k)));
+#if !defined(EDGEAI_VNNI)
+                if (SMALL) {
+                    s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, sw)));
+                    continue;
+                }
+#endif
                 s[t] = dpbusd(s[t], aw, _mm256_sign_epi8(xv, sw));
             }
         }
+#if !defined(EDGEAI_VNNI)
+        if (SMALL)
+            for (int t = 0; t < RN; ++t) s[t] = _mm256_madd_epi16(s[t], _mm256_set1_epi16(1));
+#endif
         const __m256 dw = _mm256_loadu_ps(&pk.scales[b * 8]);
         for (int t = 0; t < RN; ++t)
             acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xb[t]->d)), _mm256_cvtepi32_ps(s[t]), acc[t]);
@@ -1437,6 +1450,105 @@ void gemm_q8_0(const Gemm &g) {
     gemm_tiled<TileQ8_0>({g.w + size_t(r) * g.row_bytes, g.row_bytes, g.n_rows - r, g.x, g.x_stride, g.T, g.y + r, g.ldy, g.n});
 }
 
+// ---- MXFP4: the 4-bit codes become their doubled E2M1 values (signed bytes, |v| <= 12) by one
+// table lookup, then multiply as Q8_0's codes do (sign trick); the scale 2^(e-128) is a float.
+// Every path takes one float step per block and row: acc = fma(d_w * d_x, float(integer dot), acc),
+// whole-block integer dots exact in every set, so decode, batches (plain rows, transposed groups),
+// the rows left over and every x86 set give the same bits.
+
+// The 32 weights of a block's 16 code bytes as signed bytes (weights 0-15, then 16-31).
+inline __m256i mxfp4_values(const uint8_t *qs) {
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i *>(E2M1_DOUBLED)));
+    return _mm256_shuffle_epi8(table, nibbles32(qs));
+}
+
+// Integer dot of one block with one activation block, 8 int32 lanes.
+inline __m256i mxfp4_block_dot(const uint8_t *blk, __m256i xv) {
+    const __m256i q = mxfp4_values(blk + 1);
+    return dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
+}
+
+inline int hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+// fma(a, b, c) rounded once, as one lane of _mm256_fmadd_ps.
+inline float fma1(float a, float b, float c) {
+    return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
+}
+
+float dot_mxfp4(const uint8_t *row, const void *xv, size_t n) {
+    const BlockQ8A *x = static_cast<const BlockQ8A *>(xv);
+    float acc = 0.0f;
+    for (size_t b = 0; b < n / 32; ++b, row += 17, ++x)
+        acc = fma1(e8m0_half(row[0]) * x->d, static_cast<float>(hsum_i32(mxfp4_block_dot(row, load_x(x)))), acc);
+    return acc;
+}
+
+// The 8 rows' scales of block b, one lane per row (e8m0_half in 8 lanes).
+inline __m256 mxfp4_scales8(const uint8_t *w, size_t rb, size_t b) {
+    const uint8_t *p = w + b * 17;
+    const __m256i e = _mm256_setr_epi32(p[0], p[rb], p[2 * rb], p[3 * rb], p[4 * rb], p[5 * rb], p[6 * rb], p[7 * rb]);
+    const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
+    const __m256i subnormal = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);  // e 0, 1
+    const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e);
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(normal, subnormal, small));
+}
+
+// Decode over 8 rows with one lane per row (as rows8_q8_0).
+void rows8_mxfp4(const uint8_t *w, size_t rb, const BlockQ8A *x, float *y, size_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (size_t b = 0; b < n / 32; ++b, ++x) {
+        const __m256i xv = load_x(x);
+        __m256i p[8];
+        for (int r = 0; r < 8; ++r) {
+            const uint8_t *blk = w + r * rb + b * 17;
+            _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
+            p[r] = mxfp4_block_dot(blk, xv);
+        }
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(mxfp4_scales8(w, rb, b), _mm256_set1_ps(x->d)), _mm256_cvtepi32_ps(reduce8(p)), acc);
+    }
+    _mm256_storeu_ps(y, acc);
+}
+
+// 8 rows transposed per call into Q8_0's layout of Packed8 (|values|, then the signed values; float
+// scales), which packed8_q8_0_tokens<RN, SMALL> multiplies with any number of tokens.
+void pack8_mxfp4(const uint8_t *w, size_t rb, size_t nb, Packed8 &pk) {
+    pk.codes.resize(nb * 16);
+    pk.scales.resize(nb * 8);
+    for (size_t b = 0; b < nb; ++b) {
+        __m256i q[8];
+        for (int r = 0; r < 8; ++r) q[r] = mxfp4_values(w + r * rb + b * 17 + 1);
+        __m256i *out = &pk.codes[b * 16];
+        transpose8x32(q, out + 8);
+        for (int k = 0; k < 8; ++k) out[k] = _mm256_sign_epi8(out[8 + k], out[8 + k]);
+        _mm256_storeu_ps(&pk.scales[b * 8], mxfp4_scales8(w, rb, b));
+    }
+}
+
+// One token: 8-row groups by rows8_mxfp4; more tokens: 8-row groups transposed, 4 tokens at a time;
+// the last rows (fewer than 8) one dot per token.
+void gemm_mxfp4(const Gemm &g) {
+    int r = 0;
+    const size_t nb = g.n / 32;
+    if (g.T >= 2) {
+        Packed8 pk;
+        for (; r + 8 <= g.n_rows; r += 8) {
+            pack8_mxfp4(g.w + size_t(r) * g.row_bytes, g.row_bytes, nb, pk);
+            int t = 0;
+            for (; t + 4 <= g.T; t += 4) packed8_q8_0_tokens<4, true>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
+            for (; t < g.T; ++t) packed8_q8_0_tokens<1, true>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
+        }
+    } else {
+        for (; r + 8 <= g.n_rows; r += 8)
+            rows8_mxfp4(g.w + size_t(r) * g.row_bytes, g.row_bytes, reinterpret_cast<const BlockQ8A *>(g.x), g.y + r, g.n);
+    }
+    gemm_by_dot<dot_mxfp4>({g.w + size_t(r) * g.row_bytes, g.row_bytes, g.n_rows - r, g.x, g.x_stride, g.T, g.y + r, g.ldy, g.n});
+}
+
 const Ops OPS = {
 #if defined(EDGEAI_AVX512_VNNI)
     "avx512-vnni",
@@ -1448,10 +1560,10 @@ const Ops OPS = {
     "avx2",
 #endif
     {dot_f32, dot_f16_row, dot_bf16, dot_legacy<false, false>, dot_legacy<false, true>, dot_legacy<true, false>,
-     dot_legacy<true, true>, dot_q8_0, dot_q45_k<false>, dot_q45_k<true>, dot_q6_k},
+     dot_legacy<true, true>, dot_q8_0, dot_q45_k<false>, dot_q45_k<true>, dot_q6_k, dot_mxfp4},
     {gemm_by_dot<dot_f32>, gemm_by_dot<dot_f16_row>, gemm_by_dot<dot_bf16>, gemm_legacy<false, false>,
      gemm_legacy<false, true>, gemm_legacy<true, false>, gemm_legacy<true, true>,
-     gemm_q8_0, gemm_k<false>, gemm_by_dot<dot_q45_k<true>>, gemm_k<true>},
+     gemm_q8_0, gemm_k<false>, gemm_by_dot<dot_q45_k<true>>, gemm_k<true>, gemm_mxfp4},
     quantize_act,
     dot_f16v,
     axpy_f16v,

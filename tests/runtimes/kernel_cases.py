@@ -13,7 +13,7 @@ import numpy as np
 
 from edgeai.quant.formats import FORMATS, dequantize, quantize
 
-TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
+TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "mxfp4"]
 
 
 @dataclass

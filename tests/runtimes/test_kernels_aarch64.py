@@ -88,6 +88,7 @@ def engine(runtime, tmp_path_factory) -> Path:
     ("mistral", {"quant": "q4_0"}, "q8_0"),  # head_dim 32 (below): the q8_0 cache needs whole blocks per head
     ("llama", {"outtype": "f32"}, "q8_0/q4_0"),
     ("qwen3_moe", {"outtype": "f32"}, "f16"),
+    ("qwen3_moe", {"quant": "mxfp4_moe"}, "f16"),  # MXFP4 experts (TBL lookups), the rest Q8_0
 ])
 def test_engine_runs_on_aarch64_and_matches_this_machine(engine, tmp_path, arch, weights, kv):
     """Dense and MoE families, quantized and float weights, both KV caches: the AArch64 engine
