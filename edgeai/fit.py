@@ -23,6 +23,7 @@ from edgeai.errors import CheckpointError, OptionError
 from edgeai.runtimes.base import DEFAULT_N_CTX, KV_ELEMENT_BYTES, kv_cache_type, kv_cache_types
 
 N_BATCH = 512  # the prefill batch the scratch is sized for (the llama.cpp backend's n_batch)
+RING_BATCH = 64  # native/src/model.cpp kBatch: a local layer's ring holds its window plus one batch - 1
 # Buffers besides weights, KV cache and activations (graph, batch, sampler, the Python side):
 # measured with llama.cpp on SmolLM2-135M at n_ctx 512, 2048 and 4096 (RSS after a prefill).
 ENGINE_OVERHEAD = 16 * 2**20
@@ -45,6 +46,8 @@ class ModelShape:
     n_ctx_train: int
     n_expert: int = 0
     n_expert_used: int = 0
+    sliding_window: int = 0  # Gemma 3's local layers attend to this many positions...
+    local_layers: int = 0  # ...and this many layers are local (their KV is a ring)
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,9 @@ def kv_cache_bytes(shape: ModelShape, n_ctx: int, kv_cache: str | None = None) -
     values q4_0), as the native engine allocates them."""
     k, v = kv_cache_types(kv_cache)
     per_position = shape.head_dim_k * KV_ELEMENT_BYTES[k] + shape.head_dim_v * KV_ELEMENT_BYTES[v]
-    return round(shape.n_layer * n_ctx * shape.n_head_kv * per_position)
+    ring = min(n_ctx, shape.sliding_window + RING_BATCH - 1)
+    positions = (shape.n_layer - shape.local_layers) * n_ctx + shape.local_layers * ring
+    return round(positions * shape.n_head_kv * per_position)
 
 
 def scratch_bytes(shape: ModelShape, n_ctx: int, n_batch: int = N_BATCH) -> int:
@@ -193,9 +198,27 @@ def gguf_shape_and_weights(path: Path) -> tuple[ModelShape, WeightBytes]:
     shape = ModelShape(get("block_count"), n_embd, n_head, get("attention.head_count_kv", n_head), head_k,
                        get("attention.value_length", head_k), len(tokens) or get("vocab_size"),
                        get("feed_forward_length", 0) or get("expert_feed_forward_length", 0), get("context_length"),
-                       get("expert_count", 0), get("expert_used_count", 0))
+                       get("expert_count", 0), get("expert_used_count", 0), *_local_layers(meta, str(path)))
     has_output = "output.weight" in tensors
     return shape, _split(((name, t.nbytes) for name, t in tensors.items()), has_output)
+
+
+def _count_local(hp) -> int:
+    from edgeai.architectures import is_local_layer
+
+    return sum(is_local_layer(hp, il) for il in range(hp.n_layer))
+
+
+def _local_layers(meta, path: str) -> tuple[int, int]:
+    """(sliding window, local layers) of a GGUF whose family the architecture table knows; (0, 0)
+    for the others (llama.cpp's families: their caches are counted whole)."""
+    from edgeai.architectures import UnsupportedArchitectureError, hparams_from_gguf, spec_for_gguf
+
+    try:
+        hp = hparams_from_gguf(meta, spec_for_gguf(meta, path), path)
+    except UnsupportedArchitectureError:
+        return 0, 0
+    return hp.sliding_window, _count_local(hp)
 
 
 def _split(named_bytes, has_output: bool) -> WeightBytes:
@@ -224,7 +247,8 @@ def _checkpoint_estimates(folder: Path, device: DeviceProfile, budget: int | Non
         finally:
             plan.close()
         shape = ModelShape(hp.n_layer, hp.n_embd, hp.n_head, hp.n_head_kv, hp.head_dim, hp.head_dim, hp.n_vocab,
-                           hp.n_ff or hp.n_ff_exp, hp.n_ctx_train, hp.n_expert, hp.n_expert_used)
+                           hp.n_ff or hp.n_ff_exp, hp.n_ctx_train, hp.n_expert, hp.n_expert_used,
+                           hp.sliding_window, _count_local(hp))
         out.append(estimate(shape, weights, device, budget=budget, n_ctx=n_ctx, label=recipe, kv_cache=kv_cache))
     return out
 

@@ -161,6 +161,17 @@ def test_sliding_window_layers_keep_only_their_window(tiny):
     q8.close()
 
 
+def test_fit_counts_the_rings_as_the_engine_allocates_them(tiny):
+    from edgeai.fit import gguf_shape_and_weights, kv_cache_bytes
+
+    _, path = tiny
+    shape, _ = gguf_shape_and_weights(path)
+    assert shape.local_layers == 6 and shape.sliding_window == 16
+    for n_ctx, kind in ((512, None), (8192, None), (8192, "q8_0"), (40, "q8_0/q4_0")):
+        assert kv_cache_bytes(shape, n_ctx, kind) == NativeBackend.plan_for(path, n_ctx=n_ctx, threads=1,
+                                                                          kv_cache=kind).kv
+
+
 def test_a_sliding_cache_is_refused_where_rings_cannot_shift(tiny):
     import edgeai
     from edgeai.errors import OptionError
