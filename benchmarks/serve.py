@@ -2,16 +2,19 @@
 
 Run by hand (never by tests):
 
-    .venv/bin/python benchmarks/serve.py [--model FILE] [--threads 2] [--rounds 3] [--tokens 64]
+    .venv/bin/python benchmarks/serve.py [--model FILE] [--threads 2] [--rounds 3] [--tokens 64] [--parallel 8]
 
 Measured, medians over rounds, greedy, the same prompts everywhere:
 - single stream: decode tokens/s of one streamed chat through HTTP (the official `openai` client)
   against the same chats through the in-process API (`Model.chat(stream=True)`), same engine and
   threads: the cost of the HTTP layer on a machine the server, the client and the engine share;
-- concurrency: total tokens/s with 1, 2, 4 and 8 concurrent streams (each `--tokens` long);
+- concurrency: total tokens/s with 1, 2, 4 and 8 concurrent streams (each `--tokens` long), the
+  server decoding up to `--parallel` of them in one batched step (1: one at a time, as before
+  batching);
 - prefix reuse: time to first token of a second chat turn over a ~1,000-token history against the
   first turn's (the server keeps the conversation's KV cache between requests).
-The server runs as `edgeai serve` in a child process. Figures and the CPU model go to serve.json in --out.
+The server runs as `edgeai serve` in a child process. Figures, the CPU model and the load average
+go to serve-parallelN.json in --out.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ def cpu_model() -> str:
     return platform.processor()
 
 
-def start_server(model: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, threads: int, parallel: int = 1) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([EDGEAI, "serve", str(model), "--port", "0", "--backend", "native", "--threads", str(threads),
-                             "--n-ctx", "2048", "--max-queue", "16"], stdout=subprocess.PIPE, text=True)
+                             "--n-ctx", "2048", "--max-queue", "16", "--parallel", str(parallel)],
+                            stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -82,6 +86,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--parallel", type=int, default=8, help="the server's sequence slots (1: no batching)")
     ap.add_argument("--out", type=Path, default=Path("build/bench"))
     args = ap.parse_args()
 
@@ -96,7 +101,7 @@ def main() -> None:
     for r in range(args.rounds):
         with edgeai.load(model_path, backend="native", threads=args.threads, n_ctx=2048) as m:
             local = [stream_local(m, c, args.tokens) for c in chats[:4]]
-        proc, url = start_server(model_path, args.threads)
+        proc, url = start_server(model_path, args.threads, args.parallel)
         try:
             client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
             name = client.models.list().data[0].id
@@ -124,6 +129,8 @@ def main() -> None:
 
     med = statistics.median
     result = {"cpu": cpu_model(), "threads": args.threads, "model": model_path.name, "rounds": args.rounds,
+              "parallel": args.parallel, "load_average": Path("/proc/loadavg").read_text().split()[:3]
+              if Path("/proc/loadavg").exists() else None,
               "single_stream": {"http_tps": med([x["http_tps"] for x in rounds]), "in_process_tps": med([x["local_tps"] for x in rounds]),
                                 "ratio": med([x["http_tps"] / x["local_tps"] for x in rounds])},
               "total_tps_by_streams": {k: med([x["total_tps"][k] for x in rounds]) for k in (1, 2, 4, 8)},
@@ -131,7 +138,7 @@ def main() -> None:
                               "ttft_second_s": med([x["ttft_second"] for x in rounds]),
                               "ratio": med([x["ttft_first"] / x["ttft_second"] for x in rounds])}}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"serve-parallel{args.parallel}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

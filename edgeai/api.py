@@ -3,6 +3,7 @@ split, without loading; `edgeai.run`: one answer from it."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,11 +11,13 @@ from typing import Any
 
 from edgeai.model import FinishReason, Model, Timings
 
+log = logging.getLogger(__name__)
+
 
 def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget: str | int | None = None,
          device: str | None = None, n_ctx: int | None = None, threads: int | None = None,
          kv_cache: str | None = None, speculative: str | Path | None = None, draft_tokens: int | None = None,
-         context_overflow: str = "drop-turns") -> Model:
+         context_overflow: str = "drop-turns", parallel: int = 1) -> Model:
     """Load an artifact (a .gguf file or an ONNX folder; None: the bundled SmolLM2) as a `Model`.
 
     backend: "auto" (native where it runs the file, else llama.cpp for GGUF, onnxruntime for ONNX),
@@ -34,13 +37,25 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
     generation stops with finish reason "context", the chat REPL drops the oldest turns) or
     "sink-window" (the first tokens and the latest stay, the oldest others are evicted and
     generation goes on in the same memory; native and llama.cpp backends).
+    parallel: sequence slots (1..64; native backend), each with its own KV cache of n_ctx positions
+    (the memory plan counts them all): `Model.batch()` then decodes that many requests together,
+    one batched engine step for all, as `edgeai serve --parallel N` does. Another backend runs one
+    sequence (requests queue), said in a warning.
     """
     from edgeai.context import ContextOverflow
     from edgeai.options import checked_choice
     from edgeai.runtimes.registry import header_of, resolve
     from edgeai.speculative import cannot_speculate, speculative_options, speculator_for
 
+    from edgeai.runtimes.native import checked_parallel
+
     options = speculative_options(speculative, draft_tokens)  # checked before the (slow) load
+    parallel = checked_parallel(parallel)
+    if options is not None and parallel > 1:
+        from edgeai.errors import OptionError
+
+        raise OptionError(f"speculative decoding drafts for one sequence; parallel={parallel} decodes several in one "
+                          "batched step: choose one of them (parallel=1, or no speculative)")
     overflow = checked_choice("context_overflow", context_overflow, ContextOverflow)
     path, budget, threads, profile = _resolve(path, memory_budget, device, threads)
     header = header_of(Path(path))  # read once: choosing the backend and loading it share it
@@ -50,6 +65,12 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
         if cls.name != "native":
             raise cannot_speculate(cls.name)
         planned = {"speculative": options}  # the memory plan counts the draft and the verification
+    if parallel > 1:
+        if cls.name == "native":
+            planned["parallel"] = parallel  # the memory plan counts every slot's KV cache
+        else:
+            log.warning("the %s backend decodes one sequence at a time: parallel=%d is "
+                                                "ignored, requests run one after another", cls.name, parallel)
     engine = cls(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget, kv_cache=kv_cache, header=header,
                  **planned)
     try:
@@ -62,7 +83,7 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
 
 def plan(path: str | Path | None = None, *, memory_budget: str | int | None = None, device: str | None = None,
          n_ctx: int | None = None, threads: int | None = None, kv_cache: str | None = None,
-         speculative: str | Path | None = None, draft_tokens: int | None = None):
+         speculative: str | Path | None = None, draft_tokens: int | None = None, parallel: int = 1):
     """How loading `path` in the native engine would split the memory budget, without loading it
     (`edgeai run --plan`): a `runtimes.plan.MemoryPlan` (with speculative=, the draft model and the
     verification's logits too). Raises BudgetError when it cannot fit. Arguments as for `load`."""
@@ -80,7 +101,7 @@ def plan(path: str | Path | None = None, *, memory_budget: str | int | None = No
     if reason:
         raise BackendError(f"memory plans are made for the native engine, which cannot run this file: {reason}")
     return NativeBackend.plan_for(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget, kv_cache=kv_cache,
-                                  header=header, speculative=options)
+                                  header=header, speculative=options, parallel=parallel)
 
 
 @dataclass(frozen=True)

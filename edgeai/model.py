@@ -15,12 +15,16 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgeai.batch import STEP_PENDING
 from edgeai.errors import ContextOverflowError, OptionError
 from edgeai.runtimes.base import Backend, BackendStats, Sampling
+
+if TYPE_CHECKING:
+    from edgeai.batch import BatchGenerator
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +274,16 @@ class Model:
         """Empty the KV cache."""
         self.backend.truncate(0)
 
+    def batch(self, *, prefill_chunk: int = 64) -> BatchGenerator:
+        """Several generations at once on this model (continuous batching): an `edgeai.batch.BatchGenerator`
+        whose `submit` / `submit_chat` take `stream`'s and `chat`'s arguments and return iterators of
+        `Chunk`. With `load(parallel=N)` (native backend) up to N of them decode together, one batched
+        engine step for all; otherwise they run one after another. Use the model only through the
+        generator while it has requests."""
+        from edgeai.batch import BatchGenerator
+
+        return BatchGenerator(self, prefill_chunk=prefill_chunk)
+
     def stats(self) -> BackendStats:
         """The backend's counters; with speculative decoding, `extra["speculative"]` holds its
         acceptance rate, mean accepted length and counts."""
@@ -352,9 +366,19 @@ class Model:
 
     def _stream(self, tokens: list[int], max_tokens: int, stops: list[str], params: Sampling, matcher=None,
                 split=None, tools: bool = False, logprobs: int | None = None) -> Iterator[Chunk]:
+        """The generation loop (`_generate`), made now and started at its first chunk. A backend that is
+        a slot of a `BatchGenerator` learns the prompt here, before its slot is chosen."""
+        announce = getattr(self.backend, "announce", None)
+        if announce is not None:
+            announce(tokens)
+        return self._generate(tokens, max_tokens, stops, params, matcher, split, tools, logprobs)
+
+    def _generate(self, tokens: list[int], max_tokens: int, stops: list[str], params: Sampling, matcher=None,
+                  split=None, tools: bool = False, logprobs: int | None = None) -> Iterator[Chunk]:
         """The generation loop. matcher: an `edgeai.constraints.Matcher`, applied once `split` (an
         `edgeai.tools.ThinkSplit`, chats with a thinking section) reaches the answer; tools: parse
-        tool calls from the answer into the last chunk."""
+        tool calls from the answer into the last chunk. Over a slot of a `BatchGenerator` it yields
+        STEP_PENDING where it waits for its batched step."""
         be, window = self.backend, self.context
         if self._cache_suspect:
             be.truncate(0)
@@ -490,6 +514,10 @@ class Model:
                     # may return several tokens (accepted drafts, then the target's own); the last is not cached
                     toks = spec.step(pending, be.history + pending, limit=max_tokens - n_gen, mask=mask,
                                      matcher=matcher if active else None)
+                elif getattr(be, "batched", False):  # a slot of a BatchGenerator: stepped together with the others
+                    be.request(pending, mask)
+                    yield STEP_PENDING
+                    toks = [be.result()]
                 else:
                     toks = [be.step(pending, mask)]
                 if not stepped:

@@ -1,10 +1,11 @@
 """Several callers, one model: generation jobs run on a worker thread that owns the `Model`, and
 their chunks reach each caller as they are made (usable without HTTP; `edgeai serve` is built on it).
 
-Today every backend decodes one sequence per step, so jobs run one at a time in arrival order and
-the rest wait in a bounded queue; a job whose caller goes away is closed at its next chunk, which
-frees the model for the next one. (Decoding several sequences in one batched step needs per-sequence
-KV slots in the engine; this class is where that scheduling goes.)
+A model with several sequence slots (`load(parallel=N)`, the native engine) runs up to N jobs at once
+through an `edgeai.batch.BatchGenerator`: one batched engine step for all of them, jobs admitted
+into free slots and retired between steps (continuous batching). Any other model runs one job at a
+time, in arrival order. Either way, jobs not yet running wait in a bounded queue (more: BusyError,
+HTTP 503), and a job whose caller goes away is stopped at its next step, which frees its slot.
 """
 
 from __future__ import annotations
@@ -68,29 +69,42 @@ class Job:
 
 
 class Scheduler:
-    """Runs jobs on `model` from one worker thread, in arrival order; at most `max_queue` wait."""
+    """Runs jobs on `model` from one worker thread, in arrival order, as many at once as the model has
+    sequence slots (`slots`); at most `max_queue` wait."""
 
     def __init__(self, model: Any, *, max_queue: int = 16) -> None:
         self.model = model
         self.max_queue = max_queue
+        self.slots = int(getattr(model.backend, "n_seq", 1))
+        self._batch = model.batch() if self.slots > 1 else None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._waiting = 0
         self._lock = threading.Lock()
-        self.running: Job | None = None
-        self._worker = threading.Thread(target=self._work, name="edgeai-scheduler", daemon=True)
+        self.running: Job | None = None  # one job at a time: the one running
+        self._live: dict[Any, Job] = {}  # batched: the requests started and their jobs
+        self._worker = threading.Thread(target=self._work if self._batch is None else self._work_batched,
+                                        name="edgeai-scheduler", daemon=True)
         self._worker.start()
 
     @property
     def waiting(self) -> int:
-        """Jobs queued and not yet started."""
-        return self._waiting
+        """Jobs queued and not yet started (batched: not yet given a slot)."""
+        return self._waiting + (self._batch.waiting if self._batch is not None else 0)
+
+    @property
+    def active(self) -> int:
+        """Jobs generating now."""
+        return self._batch.active if self._batch is not None else int(self.running is not None)
 
     def submit(self, start: Callable[[Any], Iterator[Any]], *, loop: asyncio.AbstractEventLoop | None = None) -> Job:
-        """Queue `start(model)` (a function returning an iterator, e.g. of `Chunk`s); BusyError when
-        `max_queue` jobs wait already. loop: the event loop of an async caller."""
+        """Queue `start(model)` (a function returning an iterator, e.g. of `Chunk`s: with slots, it must
+        call the model's `stream` or `chat(..., stream=True)`); BusyError when `max_queue` jobs wait
+        already. loop: the event loop of an async caller."""
         with self._lock:
-            if self._waiting >= self.max_queue:
-                raise BusyError(f"{self._waiting} requests are waiting for the model already (the most this server "
+            waiting = self.waiting
+            if waiting >= self.max_queue:
+                slots = f" ({self.slots} generate at once)" if self.slots > 1 else ""
+                raise BusyError(f"{waiting} requests are waiting for the model already{slots} (the most this server "
                                 f"queues: {self.max_queue}); try again shortly")
             self._waiting += 1
         job = Job(start, loop)
@@ -121,6 +135,58 @@ class Scheduler:
                     close()
                 self.running = None
                 job.put(_END)
+
+    def _work_batched(self) -> None:
+        batch, live = self._batch, self._live
+        closing = False
+        while not (closing and not batch.busy):
+            try:  # new jobs: wait for one when idle, else take those already queued
+                job = self._jobs.get(block=not batch.busy and not closing)
+                while True:
+                    if job is None:
+                        closing = True
+                    else:
+                        self._start(job)
+                    job = self._jobs.get_nowait()
+            except queue.Empty:
+                pass
+            for request, job in live.items():
+                if job.cancelled.is_set() and not request.cancelled:
+                    log.info("a caller went away: its generation stops")
+                    request.cancel()
+            try:
+                batch.step()
+            except BaseException as exc:  # noqa: BLE001 - a bug here must not leave callers waiting
+                log.exception("the batch generator failed")
+                for request, job in live.items():
+                    job.put(exc)
+                    job.put(_END)
+                live.clear()
+                self._batch = batch = self.model.batch()
+                continue
+            for request, job in list(live.items()):
+                for chunk in request.take():
+                    job.put(chunk)
+                if request.done:
+                    if request.error is not None:
+                        job.put(request.error)
+                    job.put(_END)
+                    del live[request]
+
+    def _start(self, job: Job) -> None:
+        """A queued job into the batch generator (its request waits there for a slot)."""
+        with self._lock:
+            self._waiting -= 1
+        if job.cancelled.is_set():
+            job.put(_END)
+            return
+        try:
+            request = self._batch.submit_job(job.start)
+        except BaseException as exc:  # noqa: BLE001 - bad options: handed to the caller
+            job.put(exc)
+            job.put(_END)
+            return
+        self._live[request] = job
 
     def close(self) -> None:
         """Stop the worker after the jobs already queued."""

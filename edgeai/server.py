@@ -98,7 +98,7 @@ class ModelHost:
     async def maybe_unload(self) -> None:
         async with self._lock:
             s = self.scheduler
-            if s is None or self.unload_at is None or time.monotonic() < self.unload_at or s.running or s.waiting:
+            if s is None or self.unload_at is None or time.monotonic() < self.unload_at or s.active or s.waiting:
                 return
             self.scheduler = None
             s.close()
@@ -410,7 +410,8 @@ def create_app(config: ServerConfig, *, loader: Callable[..., Model] | None = No
     async def health(request: Request) -> Response:
         s = host.scheduler
         return JSONResponse({"status": "ok", "model": name, "loaded": s is not None,
-                             "busy": bool(s and s.running), "waiting": s.waiting if s else 0})
+                             "busy": bool(s and s.active), "waiting": s.waiting if s else 0,
+                             "active": s.active if s else 0, "slots": s.slots if s else None})
 
     # -- ollama ---------------------------------------------------------------------------------------------
     def ollama_options(body: dict) -> dict:
@@ -633,13 +634,15 @@ def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int
           name: str | None = None, max_queue: int = 16, max_connections: int = 64, keep_alive: float = -1,
           backend: str = "auto", memory_budget: str | int | None = None, device: str | None = None,
           n_ctx: int | None = None, threads: int | None = None, kv_cache: str | None = None,
-          context_overflow: str = "drop-turns", ready: Callable[[str], None] | None = None) -> None:
+          context_overflow: str = "drop-turns", parallel: int = 1, ready: Callable[[str], None] | None = None) -> None:
     """Load `model` (default: the bundled SmolLM2) with `edgeai.load`'s options, then serve it over
     HTTP until interrupted (`edgeai serve`). api_key: required as a bearer token (None: open, which
     is why the default host is loopback); name: the model's name in the APIs (default: the file's
     stem); max_queue: requests waiting for the model before 503; max_connections: open connections;
     keep_alive: seconds the model stays loaded after its last request (< 0: for ever; ollama clients
-    set it per request). ready(url) is called once the server listens."""
+    set it per request). parallel: requests decoded together in one batched step (sequence slots of
+    the native engine, each with its own KV cache; other backends run one at a time); the rest wait
+    in the queue. ready(url) is called once the server listens."""
     import uvicorn
 
     from edgeai.options import checked_int
@@ -652,7 +655,8 @@ def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int
 
         model = default_model_path()
     config = ServerConfig(Path(model), dict(backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx,
-                                            threads=threads, kv_cache=kv_cache, context_overflow=context_overflow),
+                                            threads=threads, kv_cache=kv_cache, context_overflow=context_overflow,
+                                            parallel=parallel),
                           name=name, api_key=api_key, max_queue=max_queue, keep_alive=keep_alive)
     app = create_app(config)
     asyncio.run(_preload(app))

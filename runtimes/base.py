@@ -4,7 +4,8 @@ parameters they share.
 A backend owns one loaded artifact and one sequence: a KV cache holding `n_past` positions and
 the token ids that filled them (`history`). The API layer (`edgeai.api`) builds everything else
 (streaming, stop strings, chat templates, prompt-prefix reuse) from these few calls, so a new
-engine only has to implement this file's `Backend`.
+engine only has to implement this file's `Backend`. (The native engine can hold several sequences,
+`n_seq` slots: the same calls then take `seq=`, and `edgeai.batch` steps them together.)
 
 Sampling order, the same in every backend (llama.cpp's default chain, without the exotic stages):
 repetition penalty over the last `repeat_last_n` tokens -> top-k -> top-p -> min-p ->
@@ -117,6 +118,7 @@ class Backend(Protocol):
 
     name: str  # "native", "llama.cpp", "onnxruntime"
     can_evict: bool  # evict() works (context_overflow="sink-window" needs it)
+    n_seq: int  # sequence slots: 1, but for the native engine loaded with parallel=N (its calls then take seq=)
     path: Path
     n_ctx: int  # positions the KV cache holds
     n_vocab: int

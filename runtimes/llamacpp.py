@@ -46,6 +46,7 @@ class LlamaCppBackend(VocabText):
 
     name = "llama.cpp"
     can_evict = True
+    n_seq = 1  # one sequence: requests run one at a time
 
     @classmethod
     def can_run(cls, path: Path, header=None) -> str | None:

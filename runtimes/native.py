@@ -100,11 +100,25 @@ def _speculative_memory(options, header: GGUFHeader, config: dict, n_ctx: int, t
     return speculative_memory(options, header, {**config}, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
 
 
+MAX_PARALLEL = 64  # sequence slots the engine holds at most (one batched decode step is one forward batch)
+
+
+def checked_parallel(parallel: int) -> int:
+    from edgeai.options import checked_int
+
+    return checked_int("parallel", parallel, minimum=1, maximum=MAX_PARALLEL,
+                       why="sequence slots, each with its own KV cache: requests decoded together in one batched step")
+
+
 class NativeBackend(VocabText):
-    """A GGUF in edgeai's C++ engine: one model, one sequence (see `runtimes.base.Backend`)."""
+    """A GGUF in edgeai's C++ engine: one model and `n_seq` sequence slots (see `runtimes.base.Backend`).
+
+    The `Backend` calls act on slot 0; each takes `seq=` for another slot, and `step_batch` steps
+    several slots at once (`edgeai.batch.BatchGenerator` drives it)."""
 
     name = "native"
     can_evict = True
+    n_seq = 1
 
     @classmethod
     def can_run(cls, path: Path, header: GGUFHeader | None = None) -> str | None:
@@ -137,7 +151,7 @@ class NativeBackend(VocabText):
     @classmethod
     def plan_for(cls, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
                  memory_budget: int | None = None, kv_cache: str | None = None, header: GGUFHeader | None = None,
-                 speculative=None):
+                 speculative=None, parallel: int = 1):
         """The memory plan loading `path` would follow (`runtimes.plan.MemoryPlan`), without loading
         it; raises BudgetError as loading would. speculative: `edgeai.speculative.SpeculativeOptions`."""
         from edgeai.runtimes.plan import plan_memory
@@ -148,14 +162,15 @@ class NativeBackend(VocabText):
         try:
             kv_cache = kv_cache_type(kv_cache)
             return plan_memory(header, config, budget=memory_budget, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache,
-                               speculative=_speculative_memory(speculative, header, config, n_ctx, threads, kv_cache))
+                               speculative=_speculative_memory(speculative, header, config, n_ctx, threads, kv_cache),
+                               n_seq=checked_parallel(parallel))
         finally:
             vocab.close()
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
                  memory_budget: int | None = None, kv_cache: str | None = None, isa: str = "",
                  expert_store: Mapping | ExpertStoreOptions | None = None, header: GGUFHeader | None = None,
-                 speculative=None) -> None:
+                 speculative=None, parallel: int = 1) -> None:
         """Load `path` (a GGUF the engine runs, see `can_run`).
 
         kv_cache: "f16" (default), "q8_0", "q4_0", or keys/values such as "q8_0/q4_0"
@@ -170,10 +185,13 @@ class NativeBackend(VocabText):
         header: the file's header when the caller has read it (`edgeai.gguf_header.read_header`).
         speculative: the `edgeai.speculative.SpeculativeOptions` the model will run with: the plan
         counts the draft model and the verification's logits (`runtimes.plan.SpeculativeMemory`).
+        parallel: sequence slots (1..64), each with its own KV cache of n_ctx positions (the planner
+        counts them all), for batched decoding of several sequences (`edgeai.batch`).
         """
         from edgeai.runtimes.plan import plan_memory
 
         header, config, self.n_ctx_train, n_ctx, self.threads = _prepare(path, header, n_ctx, threads)
+        self.n_seq = checked_parallel(parallel)
         self.path = header.path
         self.memory_budget = memory_budget
         self.kv_cache = kv_cache_type(kv_cache)
@@ -185,13 +203,14 @@ class NativeBackend(VocabText):
             self.plan = plan_memory(header, config, budget=memory_budget, n_ctx=n_ctx, threads=self.threads,
                                     kv_cache=self.kv_cache,
                                     speculative=_speculative_memory(speculative, header, config, n_ctx, self.threads,
-                                                                    self.kv_cache))
+                                                                    self.kv_cache), n_seq=self.n_seq)
             options = checked_store_options(expert_store, n_layer=int(config["n_layer"]), n_expert=int(config["n_expert"]))
             # options with slots stream whatever the plan says (tests, benchmarks)
             stream = self.plan.stream_config(options) or (options if options.slots is not None else None)
             try:
                 self._engine = _native.Engine(header.native, config, n_ctx, self.threads, isa,
-                                              None if stream is None else native_stream_config(stream), self.kv_cache)
+                                              None if stream is None else native_stream_config(stream), self.kv_cache,
+                                              self.n_seq)
             except _native.ModelError as exc:
                 raise CheckpointError(str(exc)) from exc
         except BaseException:
@@ -223,21 +242,38 @@ class NativeBackend(VocabText):
     def history(self) -> list[int]:
         return list(self._live().history)
 
-    def truncate(self, n: int) -> None:
-        engine = self._live()
-        if not 0 <= n <= engine.n_past:
-            raise OptionError(f"cannot keep {n} positions of a KV cache holding {engine.n_past}")
-        engine.truncate(n)
+    def _seq(self, seq: int) -> int:
+        if not (isinstance(seq, int) and 0 <= seq < self.n_seq):
+            raise OptionError(f"sequence slot {seq!r} does not exist: {self.path.name} is loaded with {self.n_seq} "
+                              f"(slots 0..{self.n_seq - 1}; load(parallel=N) for more)")
+        return seq
 
-    def set_sampling(self, sampling: Sampling) -> None:
+    def n_past_of(self, seq: int) -> int:
+        """Positions slot `seq`'s KV cache holds."""
+        return self._live().past_of(self._seq(seq))
+
+    def history_of(self, seq: int) -> list[int]:
+        """Token ids in slot `seq`'s KV cache."""
+        return list(self._live().history_of(self._seq(seq)))
+
+    def truncate(self, n: int, seq: int = 0) -> None:
+        engine = self._live()
+        n_past = engine.past_of(self._seq(seq))
+        if not 0 <= n <= n_past:
+            raise OptionError(f"cannot keep {n} positions of a KV cache holding {n_past}")
+        engine.truncate(n, seq)
+
+    def set_sampling(self, sampling: Sampling, seq: int = 0) -> None:
         seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
         self._live().set_sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
-                                  sampling.repeat_penalty, sampling.repeat_last_n, seed & (2**64 - 1))
+                                  sampling.repeat_penalty, sampling.repeat_last_n, seed & (2**64 - 1), self._seq(seq))
 
-    def _check_room(self, tokens: Sequence[int]) -> None:
-        if self.n_past + len(tokens) > self.n_ctx:
-            raise ContextOverflowError(f"{self.n_past} + {len(tokens)} tokens exceed the context of {self.n_ctx} "
-                                       f"positions of {self.path.name}")
+    def _check_room(self, tokens: Sequence[int], seq: int = 0) -> None:
+        n_past = self._live().past_of(self._seq(seq))
+        if n_past + len(tokens) > self.n_ctx:
+            slot = f" (sequence slot {seq})" if self.n_seq > 1 else ""
+            raise ContextOverflowError(f"{n_past} + {len(tokens)} tokens exceed the context of {self.n_ctx} "
+                                       f"positions of {self.path.name}{slot}")
         bad = [t for t in tokens if not 0 <= t < self.n_vocab]
         if bad:
             raise OptionError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.n_vocab - 1})")
@@ -250,25 +286,46 @@ class NativeBackend(VocabText):
         except _native.ModelError as exc:
             raise CheckpointError(str(exc)) from exc
 
-    def step(self, tokens: Sequence[int], mask: np.ndarray | None = None) -> int:
+    def _mask(self, mask: np.ndarray | None) -> np.ndarray | None:
+        if mask is None:
+            return None
+        from edgeai.runtimes.sampling import checked_mask
+
+        return checked_mask(mask, self.n_vocab)  # the engine applies it in C++, GIL released
+
+    def step(self, tokens: Sequence[int], mask: np.ndarray | None = None, seq: int = 0) -> int:
         tokens = [int(t) for t in tokens]
-        self._check_room(tokens)
-        if mask is not None:
-            from edgeai.runtimes.sampling import checked_mask
+        self._check_room(tokens, seq)
+        return int(self._call("step", tokens, self._mask(mask), seq))
 
-            mask = checked_mask(mask, self.n_vocab)  # the engine applies it in C++, GIL released
-        return int(self._call("step", tokens, mask))
+    def step_batch(self, steps: Sequence[tuple[int, Sequence[int], bool, np.ndarray | None]]) -> list[int]:
+        """One engine call for several slots: each (slot, tokens, sample, mask) appends `tokens` to
+        the slot's cache and, with `sample`, draws its next token with the slot's sampler under `mask`
+        (-1 where not sampled). One-token entries share one forward batch: every weight is read
+        once for them all; each slot gets the logits it would get alone (`Engine.step_batch`)."""
+        seqs, tokens, sample, masks = [], [], [], []
+        for seq, toks, smp, mask in steps:
+            toks = [int(t) for t in toks]
+            self._check_room(toks, seq)
+            seqs.append(seq)
+            tokens.append(toks)
+            sample.append(bool(smp))
+            masks.append(self._mask(mask))
+        if len(set(seqs)) != len(seqs):
+            raise OptionError(f"a batched step names a sequence slot twice: {seqs}")
+        return [int(t) for t in self._call("step_batch", seqs, tokens, sample, masks)]
 
-    def evict(self, start: int, end: int) -> None:
+    def evict(self, start: int, end: int, seq: int = 0) -> None:
         engine = self._live()
-        if not 0 <= start <= end <= engine.n_past:
-            raise OptionError(f"cannot evict positions [{start}, {end}) of a KV cache holding {engine.n_past}")
+        n_past = engine.past_of(self._seq(seq))
+        if not 0 <= start <= end <= n_past:
+            raise OptionError(f"cannot evict positions [{start}, {end}) of a KV cache holding {n_past}")
         if self._sliding_window and end > start:
             from edgeai.errors import BackendError
 
             raise BackendError(f"{self.path.name} has sliding-window layers, whose KV rings the native engine does not "
                                "shift: it cannot evict positions; truncate and evaluate again, or use the llama.cpp backend")
-        engine.evict(start, end)
+        engine.evict(start, end, seq)
 
     def eval_logits(self, tokens: Sequence[int], skip_layers: Sequence[bool] | None = None) -> np.ndarray:
         """Append tokens and return their logits [len(tokens), n_vocab] (tests, evaluation, speculative
@@ -280,8 +337,8 @@ class NativeBackend(VocabText):
             skip_layers = [1 if s else 0 for s in skip_layers]
         return self._call("eval", tokens, True, skip_layers)
 
-    def logits(self) -> np.ndarray:
-        return self._live().logits()
+    def logits(self, seq: int = 0) -> np.ndarray:
+        return self._live().logits(self._seq(seq))
 
     def stats(self):
         e = self._live()
@@ -289,7 +346,8 @@ class NativeBackend(VocabText):
         for part in (store, store.get("layers")):
             if part is not None:  # the engine reports its enum; users read the name they set
                 part["policy"] = policy_name(part["policy"])
-        extra = {"kv_bytes": e.kv_bytes, "kv_type": e.kv_type, "isa": e.isa, "memory_budget": self.memory_budget, "expert_store": store}
+        extra = {"kv_bytes": e.kv_bytes, "kv_type": e.kv_type, "isa": e.isa, "memory_budget": self.memory_budget,
+                 "parallel": self.n_seq, "expert_store": store}
         if store["streaming"] and store["hits"] + store["misses"]:
             extra["expert_cache_hit_rate"] = store["hits"] / (store["hits"] + store["misses"])
             extra["expert_cache"] = f"{store['slots']} slots, {store['bytes_read'] / 2**20:.1f} MiB read ({store['io']})"

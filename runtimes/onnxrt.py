@@ -217,6 +217,7 @@ class OnnxBackend:
 
     name = "onnxruntime"
     can_evict = False  # see evict()
+    n_seq = 1  # one sequence: requests run one at a time
 
     @classmethod
     def can_run(cls, path: Path, header=None) -> str | None:

@@ -96,6 +96,14 @@ class MemoryPlan:
     layer_slots: int = 0  # 0: dense weights resident; else streamed through this many slots
     kv_cache: str = "f16"  # the KV cache's element type ("q8_0/q4_0": keys q8_0, values q4_0)
     speculative: SpeculativeMemory | None = None  # a drafter's and the verifications' share
+    n_seq: int = 1  # sequence slots (parallel=N): `kv` and `scratch` hold every one's share
+    slot_bytes_per_seq: int = 0  # what one more sequence slot costs: its KV cache and its logits
+
+    def with_seqs(self, n: int) -> MemoryPlan:
+        """This plan with n sequence slots instead of n_seq."""
+        per_kv = self.kv // self.n_seq
+        extra = (self.slot_bytes_per_seq - per_kv) * (n - self.n_seq)  # logits
+        return replace(self, n_seq=n, kv=per_kv * n, scratch=self.scratch + extra)
 
     @property
     def streaming(self) -> bool:
@@ -153,12 +161,14 @@ class MemoryPlan:
                          f"({format_bytes(self.slot_bytes)} each), streamed from the file"))
         elif self.experts:
             rows.append(("experts", self.expert_memory, "all in memory (memory-mapped)"))
-        rows += [("KV cache", self.kv, f"{self.kv_cache}, {self.n_ctx} positions"),
+        slots = f" in each of {self.n_seq} sequence slots" if self.n_seq > 1 else ""
+        rows += [("KV cache", self.kv, f"{self.kv_cache}, {self.n_ctx} positions{slots}"),
                  ("compute buffers", self.scratch + ENGINE_OVERHEAD, "activations, logits, threads")]
         return rows + (self.speculative.rows() if self.speculative is not None else [])
 
     def to_json(self) -> dict:
         return {"path": str(self.path), "budget": self.budget, "n_ctx": self.n_ctx, "kv_cache": self.kv_cache,
+                "parallel": self.n_seq,
                 "streaming": self.streaming,
                 "slots": self.slots, "slot_bytes": self.slot_bytes, "layer_slots": self.layer_slots,
                 "layer_slot_bytes": self.layer_slot, "total": self.total, "minimum": self.minimum,
@@ -166,7 +176,8 @@ class MemoryPlan:
 
 
 def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: int, threads: int, kv_cache: str = "f16",
-                process_bytes: int | None = None, speculative: SpeculativeMemory | None = None) -> MemoryPlan:
+                process_bytes: int | None = None, speculative: SpeculativeMemory | None = None,
+                n_seq: int = 1) -> MemoryPlan:
     """Split `budget` for the GGUF whose parsed header is `header` in the native engine (config:
     `runtimes.native.engine_config`).
 
@@ -177,6 +188,8 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
     speculative: what speculative decoding adds (a draft model, the verification's logits): part of
     the fixed memory, so a budget too small for target and draft together is refused with the
     smallest that fits both.
+    n_seq: sequence slots (`load(parallel=)`): each holds a KV cache of n_ctx positions and its
+    logits; a budget too small for them all is refused with the number of slots that fits.
     Raises BudgetError when the model cannot run within the budget.
     """
     from edgeai.native_bridge import native
@@ -196,9 +209,12 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
         process_bytes = psutil.Process().memory_info().rss
     sizes = native.memory_sizes(header.native, config, n_ctx, threads, kv_cache)
     n_experts = int(config["n_layer"]) * int(config["n_expert"])
+    # a slot beyond the first: its KV cache, its logits, and its row of a batched step's logits
+    per_seq = sizes["kv"] + 2 * 4 * int(config["n_vocab"])
     plan = MemoryPlan(Path(path), budget, n_ctx, process_bytes, sizes["dense"], sizes["experts"], sizes["kv"],
                       sizes["scratch"], sizes["slot"], 0, int(config["n_expert_used"]), n_experts,
-                      int(config["n_layer"]), sizes["layer_matrices"], sizes["layer_slot"], 0, kv_cache, speculative)
+                      int(config["n_layer"]), sizes["layer_matrices"], sizes["layer_slot"], 0, kv_cache, speculative,
+                      1, per_seq).with_seqs(n_seq)
     if budget is None:
         _check_allocatable(plan)
     if budget is None or plan.total <= budget:
@@ -217,9 +233,12 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
                      ", dense layers too" if candidate.layer_slots else "")
             return replace(candidate, slots=int(slots))
     # what each smaller KV cache would save, when it is a lever left to pull
-    savings = [(kind, plan.kv - native.kv_bytes(config, n_ctx, kind)) for kind in SMALLER_KV_CACHES] if head_dim % 32 == 0 else []
+    # (in every sequence slot)
+    one_kv = plan.kv // plan.n_seq
+    savings = [(kind, plan.n_seq * (one_kv - native.kv_bytes(config, n_ctx, kind))) for kind in SMALLER_KV_CACHES] \
+        if head_dim % 32 == 0 else []
     # what half the context would save (less than half the cache where sliding-window rings stay as they are)
-    half_ctx_saving = plan.kv - native.kv_bytes(config, max(1, n_ctx // 2), kv_cache)
+    half_ctx_saving = plan.n_seq * (one_kv - native.kv_bytes(config, max(1, n_ctx // 2), kv_cache))
     raise BudgetError(_refusal(min(candidates, key=lambda c: c.fixed), budget, [(k, s) for k, s in savings if s > 0],
                                half_ctx_saving), plan.minimum)
 
@@ -244,7 +263,13 @@ def _refusal(plan: MemoryPlan, budget: int, kv_savings: list[tuple[str, int]], h
     parts = ", ".join(f"{name} {format_bytes(size)}" for name, size, _ in plan.rows() if name != "experts")
     if plan.experts:
         parts += f", {plan.min_slots} expert slots {format_bytes(plan.min_slots * plan.slot_bytes)}"
-    levers = [f"a context of {plan.n_ctx // 2} positions (--ctx) saves {format_bytes(half_ctx_saving)}"] \
+    levers = []
+    if plan.n_seq > 1:  # the slots that fit, if any: the minimum falls by one slot's share per slot dropped
+        fits = max((k for k in range(1, plan.n_seq) if plan.with_seqs(k).minimum <= budget), default=0)
+        levers.append(f"{fits} sequence slot{'s' * (fits > 1)} (--parallel {fits}) fit{'s' * (fits == 1)} in it" if fits else
+                      f"even one sequence slot saves only {format_bytes((plan.n_seq - 1) * plan.slot_bytes_per_seq)} "
+                      f"(--parallel 1)")
+    levers += [f"a context of {plan.n_ctx // 2} positions (--ctx) saves {format_bytes(half_ctx_saving)}"] \
         if plan.n_ctx >= 128 else []
     levers += [f"a {kind} KV cache (--kv-cache {kind}) saves {format_bytes(saving)}" for kind, saving in kv_savings]
     spec = plan.speculative
@@ -252,6 +277,7 @@ def _refusal(plan: MemoryPlan, budget: int, kv_savings: list[tuple[str, int]], h
         levers.append(f"speculative='lookup' (no draft model) saves {format_bytes(spec.total - spec.verify)}")
     levers.append(f"a smaller quantization (edgeai convert --quant q4_k_m) shrinks the {format_bytes(plan.dense)} of "
                   "resident weights" + (" and the expert slots" if plan.experts else ""))
-    return (f"{plan.path.name} needs at least {format_bytes(plan.minimum)} ({plan.minimum:,} bytes) at n_ctx={plan.n_ctx}, "
+    slots = f" with {plan.n_seq} sequence slots" if plan.n_seq > 1 else ""
+    return (f"{plan.path.name} needs at least {format_bytes(plan.minimum)} ({plan.minimum:,} bytes) at n_ctx={plan.n_ctx}{slots}, "
             f"more than the memory budget of {format_bytes(budget)} ({budget:,} bytes): {parts}. To run it: raise the "
             f"budget to {format_bytes(plan.minimum)}, or " + "; ".join(levers) + ".")

@@ -244,6 +244,62 @@ def test_concurrent_streams_equal_the_same_requests_one_at_a_time(client, name):
     assert together == alone
 
 
+@pytest.fixture(scope="module")
+def batched():
+    """A server decoding up to three requests in one batched step (--parallel 3)."""
+    s = Served("--backend", "native", "--threads", "1", "--n-ctx", "512", "--parallel", "3")
+    yield s
+    s.close()
+
+
+def test_batched_streams_equal_the_same_requests_one_at_a_time(batched):
+    """Four streams on three slots (the fourth waits for a slot) through the openai client: each
+    greedy answer equals the same request run alone, while /health saw several generate at once;
+    then a client that disconnects mid-stream frees its slot at the next step."""
+    client = openai.OpenAI(base_url=batched.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    (model,) = client.models.list().data
+    prompts = ["Name a fruit.", "Name a planet.", "Count from one to twenty.", "Name a river."]
+
+    def ask(p):
+        return "".join((c.choices[0].delta.content or "") for c in client.chat.completions.create(
+            model=model.id, messages=[{"role": "user", "content": p}], max_tokens=24, temperature=0, stream=True)
+            if c.choices)
+
+    alone = [ask(p) for p in prompts]
+    seen, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.append(batched.request("GET", "/health")[1])
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(ask, prompts))
+    finally:
+        stop.set()
+        watcher.join()
+    assert together == alone
+    assert seen[0]["slots"] == 3 and max(h["active"] for h in seen) >= 2
+    assert max(h["active"] for h in seen) <= 3
+
+    conn = http.client.HTTPConnection("127.0.0.1", batched.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Once upon a time", "max_tokens": 400,
+                                                         "stream": True}), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200 and r.readline().startswith(b"data: ")
+    assert batched.request("GET", "/health")[1]["active"] == 1
+    conn.sock.close()  # gone mid-stream
+    conn.close()
+    deadline = time.monotonic() + 20
+    while batched.request("GET", "/health")[1]["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert batched.request("GET", "/health")[1]["active"] == 0
+    assert ask(prompts[0]) == alone[0]  # the slots serve on
+
+
 def test_a_full_queue_answers_503_with_a_reason(server, name):
     body = {"model": name, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 60}
     with ThreadPoolExecutor(8) as pool:  # one runs, four wait (--max-queue 4), the rest are turned away

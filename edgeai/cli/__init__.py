@@ -359,6 +359,9 @@ def serve(
     device: Optional[str] = _MODEL_OPTS["device"], n_ctx: Optional[int] = _MODEL_OPTS["n_ctx"],
     threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
     context_overflow: str = _MODEL_OPTS["context_overflow"],
+    parallel: int = typer.Option(1, "--parallel", help="Requests decoded together in one batched step (native "
+                                 "backend: sequence slots, each with its own KV cache of --n-ctx positions); the rest "
+                                 "wait in the queue."),
 ) -> None:
     """Serve a model over HTTP: OpenAI's /v1/chat/completions, /v1/completions, /v1/models and ollama's
     /api/chat, /api/generate, /api/tags (streaming as server-sent events / NDJSON)."""
@@ -370,7 +373,7 @@ def serve(
     try:
         serve(model, host=host, port=port, api_key=api_key, name=name, max_queue=max_queue, keep_alive=keep_alive,
               backend=backend, memory_budget=memory_budget, device=device, n_ctx=n_ctx, threads=threads,
-              kv_cache=kv_cache, context_overflow=context_overflow, ready=lambda url: print(f"serving on {url} (OpenAI: {url}/v1, ollama: {url}/api)",
+              kv_cache=kv_cache, context_overflow=context_overflow, parallel=parallel, ready=lambda url: print(f"serving on {url} (OpenAI: {url}/v1, ollama: {url}/api)",
                                                          flush=True))
     except EdgeAIError as exc:
         _fail(exc)

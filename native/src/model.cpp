@@ -4,6 +4,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <numeric>
 
@@ -168,7 +169,7 @@ bool set_config_field(ModelConfig &c, const std::string &key, double v) {
 }
 
 Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, int n_ctx, int n_threads,
-             const std::string &isa, const StreamConfig *stream, KVTypes kv_type)
+             const std::string &isa, const StreamConfig *stream, KVTypes kv_type, int n_seq)
     : file_(std::move(file)), cfg_(config), n_ctx_(n_ctx), ops_(isa.empty() ? &kern::best() : kern::named(isa)), pool_(n_threads),
       kv_type_(kv_type) {
     const std::string &path = file_->path();
@@ -193,6 +194,8 @@ Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, 
     if (is_quantized(kv_type.k)) rot_k_ = pow2;
     if (is_quantized(kv_type.v)) rot_v_ = std::min(64, pow2);
     if (n_ctx <= 0) throw ModelError("n_ctx must be positive");
+    if (n_seq < 1 || n_seq > kBatch)
+        throw ModelError("n_seq (sequence slots) must be 1.." + std::to_string(kBatch) + ", got " + std::to_string(n_seq));
     if (c.n_swa < 0 || c.swa_pattern < 0 || !(c.embd_scale > 0) || !std::isfinite(c.embd_scale) || !(c.attn_scale >= 0) ||
         !std::isfinite(c.attn_scale) || !(c.logit_softcap >= 0) || !std::isfinite(c.logit_softcap) || !(c.rope_theta_swa > 0) ||
         !std::isfinite(c.rope_theta_swa))
@@ -300,11 +303,11 @@ Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, 
         experts_ = std::make_unique<MmapExpertStore>(std::move(expert_layers));
     for (const gguf::TensorInfo &t : file_->tensors()) weight_bytes_ += t.nbytes;
 
-    size_t rows = 0;  // every layer's positions: n_ctx, or a ring's
+    size_t rows = 0;  // every layer's positions: n_ctx, or a ring's, for each slot
     for (int l = 0; l < c.n_layer; ++l) {
         kv_base_.push_back(rows);
         kv_cap_.push_back(kv_positions(c, l, n_ctx));
-        rows += size_t(kv_cap_.back());
+        rows += size_t(kv_cap_.back()) * n_seq;
     }
     k_cache_.assign(rows * k_row_, 0);
     v_cache_.assign(rows * v_row_, 0);
@@ -315,8 +318,11 @@ Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, 
         if (!rope_freqs_.empty()) inv_freq_[i] /= rope_freqs_[i];
         inv_freq_swa_[i] = std::pow(c.rope_theta_swa, -2.0f * i / c.head_dim);
     }
-    logits_.assign(c.n_vocab, 0.0f);
-    set_sampling(SamplingParams{});
+    seqs_.resize(n_seq);
+    for (int s = 0; s < n_seq; ++s) {
+        seqs_[s].logits.assign(c.n_vocab, 0.0f);
+        set_sampling(SamplingParams{}, s);
+    }
     pack_weights();
 }
 
@@ -612,7 +618,7 @@ static void hadamard_chunks(float *x, int n, int chunk) {
     for (int i = 0; i < n; i += chunk) hadamard(x + i, chunk);
 }
 
-void Model::attention(const Layer &L, int layer, int T, int pos0) {
+void Model::attention(const Layer &L, int layer, int T) {
     const ModelConfig &c = cfg_;
     const int hd = c.head_dim, q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd, group = c.n_head / c.n_head_kv;
     const bool local = c.is_local(layer);  // a sliding-window layer: its window of keys, in a ring of kv_cap_ rows
@@ -636,14 +642,14 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
                 for (int h = 0; h < c.n_head; ++h) rmsnorm(q + h * hd, qn, q + h * hd, hd, c.rms_eps);
                 for (int h = 0; h < c.n_head_kv; ++h) rmsnorm(k + h * hd, kn, k + h * hd, hd, c.rms_eps);
             }
-            rope(q, c.n_head, pos0 + t, local);
-            rope(k, c.n_head_kv, pos0 + t, local);
+            rope(q, c.n_head, row_pos_[t], local);
+            rope(k, c.n_head_kv, row_pos_[t], local);
             if (rot_k_) {
                 hadamard_chunks(q, q_dim, rot_k_);
                 hadamard_chunks(k, kv_dim, rot_k_);
             }
             if (rot_v_) hadamard_chunks(v, kv_dim, rot_v_);
-            const size_t row = kv_at(layer, pos0 + t);
+            const size_t row = kv_at(layer, row_seq_[t], row_pos_[t]);
             encode_kv(kv_type_.k, k, k_cache_.data() + row * k_row_, kv_dim);
             encode_kv(kv_type_.v, v, v_cache_.data() + row * v_row_, kv_dim);
         }
@@ -654,8 +660,6 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
     const bool batched_scores = kt == KVType::F16 && ops_->scores_f16 && hd % 8 == 0;
     const bool batched_values = vt == KVType::F16 && ops_->weighted_sum_f16 && hd % 8 == 0;
     const float scale = c.attn_scale > 0 ? c.attn_scale : 1.0f / std::sqrt(static_cast<float>(hd));
-    const uint8_t *kc = k_cache_.data() + kv_base_[layer] * k_row_;
-    const uint8_t *vc = v_cache_.data() + kv_base_[layer] * v_row_;
     // one head's keys (values) at one position: whole blocks of the cache's type
     const size_t k_head = k_row_ / c.n_head_kv, v_head = v_row_ / c.n_head_kv;
     const size_t items = size_t(T) * c.n_head;
@@ -663,8 +667,10 @@ void Model::attention(const Layer &L, int layer, int T, int pos0) {
         float *sc = scores_.data() + size_t(ti) * n_ctx_;
         for (size_t it = items * ti / nt; it < items * (ti + 1) / nt; ++it) {
             const int t = static_cast<int>(it / c.n_head), h = static_cast<int>(it % c.n_head), kvh = h / group;
-            // keys of positions first..pos: rows first % cap.. of the cache, in two runs where a ring wraps
-            const int pos = pos0 + t, first = local ? std::max(0, pos - c.n_swa + 1) : 0, n_keys = pos - first + 1;
+            // keys of positions first..pos: rows first % cap.. of the row's slot, in two runs where a ring wraps
+            const size_t slot_row = kv_base_[layer] + size_t(row_seq_[t]) * cap;
+            const uint8_t *kc = k_cache_.data() + slot_row * k_row_, *vc = v_cache_.data() + slot_row * v_row_;
+            const int pos = row_pos_[t], first = local ? std::max(0, pos - c.n_swa + 1) : 0, n_keys = pos - first + 1;
             const int row0 = first % cap, run0 = std::min(n_keys, cap - row0);
             auto row_of = [&](int j) { return size_t(j < run0 ? row0 + j : j - run0); };
             const size_t q_at = size_t(t) * q_dim + size_t(h) * hd;
@@ -850,7 +856,7 @@ const Model::Layer &Model::acquire_layer(int l) {
     return layer_view_;
 }
 
-void Model::forward(const int32_t *tokens, int T, int pos0, float *logits_out, bool all) {
+void Model::forward(const int32_t *tokens, int T, const std::vector<int> &out_rows, float *logits_out) {
     const ModelConfig &c = cfg_;
     const int d = c.n_embd;
     ensure_scratch(T);
@@ -872,20 +878,35 @@ void Model::forward(const int32_t *tokens, int T, int pos0, float *logits_out, b
         if (skip_ && (*skip_)[l]) continue;  // self-speculation's draft: the layer passes its input through
         const Layer &L = layer_store_ ? acquire_layer(l) : layers_[l];
         norm_tokens(L.attn_norm);
-        attention(L, l, T, pos0);
+        attention(L, l, T);
         norm_tokens(L.ffn_norm);
         if (c.n_expert) moe(L, l, T);
         else ffn(L, l, T);
         if (layer_store_) layer_store_->release(l);
     }
-    const int first = all ? 0 : T - 1, n_out = T - first;
-    for (int t = first; t < T; ++t) rmsnorm(&x_[size_t(t) * d], out_norm, &xb_[size_t(t - first) * d], d, c.rms_eps);
+    const int n_out = static_cast<int>(out_rows.size());
+    if (n_out == 0) return;
+    for (int i = 0; i < n_out; ++i) rmsnorm(&x_[size_t(out_rows[i]) * d], out_norm, &xb_[size_t(i) * d], d, c.rms_eps);
     matmul(output_, xb_.data(), logits_out, n_out);
     if (c.logit_softcap > 0)  // Gemma 2 style soft cap (Gemma 3 files may set it)
         for (size_t i = 0; i < size_t(n_out) * c.n_vocab; ++i) logits_out[i] = c.logit_softcap * std::tanh(logits_out[i] / c.logit_softcap);
 }
 
-void Model::eval(const std::vector<int32_t> &tokens, std::vector<float> *all_logits, const std::vector<uint8_t> *skip_layers) {
+const Model::Sequence &Model::at(int seq) const {
+    if (seq < 0 || seq >= static_cast<int>(seqs_.size()))
+        throw ModelError("sequence slot " + std::to_string(seq) + " does not exist: this engine has " + std::to_string(seqs_.size()) +
+                         " (slots 0.." + std::to_string(seqs_.size() - 1) + ")");
+    return seqs_[seq];
+}
+
+void Model::kept_rows(Sequence &S, int pos_end) {
+    // after positions up to pos_end - 1 a ring holds positions pos_end - cap .. pos_end - 1 (a layer skipped
+    // for a self-speculative draft wrote none: counting it only makes truncate re-evaluate sooner than it must)
+    for (int l = 0; l < cfg_.n_layer; ++l) S.ring_from = std::max(S.ring_from, pos_end - kv_cap_[l]);
+}
+
+void Model::eval(const std::vector<int32_t> &tokens, std::vector<float> *all_logits, const std::vector<uint8_t> *skip_layers, int seq) {
+    Sequence &S = at(seq);
     if (tokens.empty()) return;
     if (skip_layers && skip_layers->size() != size_t(cfg_.n_layer))
         throw ModelError("the layer mask has " + std::to_string(skip_layers->size()) + " entries for " + std::to_string(cfg_.n_layer) + " layers");
@@ -895,51 +916,125 @@ void Model::eval(const std::vector<int32_t> &tokens, std::vector<float> *all_log
         ~Reset() { p = nullptr; }
     } reset{skip_};
     skip_ = skip_layers;
-    if (history_.size() + tokens.size() > static_cast<size_t>(n_ctx_))
-        throw ModelError("context full: " + std::to_string(history_.size()) + " + " + std::to_string(tokens.size()) +
-                         " tokens exceed n_ctx=" + std::to_string(n_ctx_));
+    if (S.history.size() + tokens.size() > static_cast<size_t>(n_ctx_))
+        throw ModelError("context full: " + std::to_string(S.history.size()) + " + " + std::to_string(tokens.size()) +
+                         " tokens exceed n_ctx=" + std::to_string(n_ctx_) + (seqs_.size() > 1 ? " (slot " + std::to_string(seq) + ")" : ""));
     for (int32_t t : tokens)
         if (t < 0 || t >= cfg_.n_vocab)
             throw ModelError("token id " + std::to_string(t) + " is outside the vocabulary of " + std::to_string(cfg_.n_vocab));
     const size_t V = cfg_.n_vocab;
     if (all_logits) all_logits->assign(tokens.size() * V, 0.0f);
+    std::vector<int> out_rows;
     for (size_t b = 0; b < tokens.size(); b += kBatch) {
         const int T = static_cast<int>(std::min<size_t>(kBatch, tokens.size() - b));
-        const int pos0 = static_cast<int>(history_.size());
+        const int pos0 = static_cast<int>(S.history.size());
+        row_seq_.assign(T, seq);
+        row_pos_.resize(T);
+        std::iota(row_pos_.begin(), row_pos_.end(), pos0);
+        out_rows.resize(all_logits ? T : 1);
+        std::iota(out_rows.begin(), out_rows.end(), all_logits ? 0 : T - 1);
         // the logits go where they are kept: no vocabulary-sized buffer in between (262k for Gemma 3)
-        float *out = all_logits ? all_logits->data() + b * V : logits_.data();
-        forward(tokens.data() + b, T, pos0, out, all_logits != nullptr);
-        history_.insert(history_.end(), tokens.begin() + b, tokens.begin() + b + T);
-        if (all_logits) std::copy(out + size_t(T - 1) * V, out + size_t(T) * V, logits_.begin());
-        // after this batch a ring holds positions pos0 + T - cap .. pos0 + T - 1 (a layer skipped for a
-        // self-speculative draft wrote none: counting it only makes truncate re-evaluate sooner than it must)
-        for (int l = 0; l < cfg_.n_layer; ++l)
-            ring_from_ = std::max(ring_from_, pos0 + T - kv_cap_[l]);
+        float *out = all_logits ? all_logits->data() + b * V : S.logits.data();
+        forward(tokens.data() + b, T, out_rows, out);
+        S.history.insert(S.history.end(), tokens.begin() + b, tokens.begin() + b + T);
+        if (all_logits) std::copy(out + size_t(T - 1) * V, out + size_t(T) * V, S.logits.begin());
+        kept_rows(S, pos0 + T);
     }
 }
 
-void Model::truncate(int n) {
-    if (n < 0 || n > n_past()) throw ModelError("cannot keep " + std::to_string(n) + " of " + std::to_string(n_past()) + " positions");
+std::vector<int32_t> Model::step(const std::vector<SeqStep> &steps) {
+    // checked first, so that a bad entry changes no slot
+    std::vector<uint8_t> seen(seqs_.size(), 0);
+    for (const SeqStep &e : steps) {
+        const Sequence &S = at(e.seq);
+        if (seen[e.seq]++) throw ModelError("sequence slot " + std::to_string(e.seq) + " appears twice in one batched step");
+        if (e.tokens.empty()) throw ModelError("sequence slot " + std::to_string(e.seq) + " has no tokens in this step");
+        if (S.history.size() + e.tokens.size() > static_cast<size_t>(n_ctx_))
+            throw ModelError("context full: " + std::to_string(S.history.size()) + " + " + std::to_string(e.tokens.size()) +
+                             " tokens exceed n_ctx=" + std::to_string(n_ctx_) + " (slot " + std::to_string(e.seq) + ")");
+        for (int32_t t : e.tokens)
+            if (t < 0 || t >= cfg_.n_vocab)
+                throw ModelError("token id " + std::to_string(t) + " is outside the vocabulary of " + std::to_string(cfg_.n_vocab) +
+                                 " (slot " + std::to_string(e.seq) + ")");
+    }
+    // several tokens (a prompt): alone, in eval()'s batches, so that its rows get the bits they get alone
+    std::vector<const SeqStep *> decode;
+    for (const SeqStep &e : steps) {
+        if (e.tokens.size() > 1) eval(e.tokens, nullptr, nullptr, e.seq);
+        else decode.push_back(&e);
+    }
+    // one token per slot: one batch for all (n_seq <= kBatch rows)
+    if (!decode.empty()) {
+        const int T = static_cast<int>(decode.size()), V = cfg_.n_vocab;
+        std::vector<int32_t> tokens(T);
+        row_seq_.resize(T);
+        row_pos_.resize(T);
+        std::vector<int> out_rows(T);
+        for (int t = 0; t < T; ++t) {
+            tokens[t] = decode[t]->tokens[0];
+            row_seq_[t] = decode[t]->seq;
+            row_pos_[t] = static_cast<int>(seqs_[decode[t]->seq].history.size());
+            out_rows[t] = t;
+        }
+        batch_logits_.resize(size_t(T) * V);
+        forward(tokens.data(), T, out_rows, batch_logits_.data());
+        for (int t = 0; t < T; ++t) {
+            Sequence &S = seqs_[row_seq_[t]];
+            S.history.push_back(tokens[t]);
+            std::copy(batch_logits_.begin() + size_t(t) * V, batch_logits_.begin() + size_t(t + 1) * V, S.logits.begin());
+            kept_rows(S, row_pos_[t] + 1);
+        }
+    }
+    // each slot samples with its own generator: across the pool, the draws are those made one by one
+    std::vector<int32_t> out(steps.size(), -1);
+    std::vector<size_t> drawn;
+    for (size_t i = 0; i < steps.size(); ++i)
+        if (steps[i].sample) drawn.push_back(i);
+    std::vector<std::exception_ptr> failed(drawn.size());
+    auto draw = [&](int j, int) {
+        const SeqStep &e = steps[drawn[j]];
+        Sequence &S = seqs_[e.seq];
+        const SamplingParams &p = S.sampling;
+        const bool plain_greedy = p.temperature <= 0.0f && !e.mask && (p.repeat_penalty == 1.0f || p.repeat_last_n <= 0);
+        try {
+            out[drawn[j]] = plain_greedy ? static_cast<int32_t>(std::max_element(S.logits.begin(), S.logits.end()) - S.logits.begin())
+                                         : sample_token(S.logits, S.history, p, S.rng, e.mask);
+        } catch (...) {
+            failed[j] = std::current_exception();
+        }
+    };
+    if (drawn.size() > 1) pool_.run(draw, static_cast<int>(drawn.size()));
+    else if (!drawn.empty()) draw(0, 1);
+    for (const std::exception_ptr &f : failed)
+        if (f) std::rethrow_exception(f);
+    return out;
+}
+
+void Model::truncate(int n, int seq) {
+    Sequence &S = at(seq);
+    if (n < 0 || n > n_past(seq)) throw ModelError("cannot keep " + std::to_string(n) + " of " + std::to_string(n_past(seq)) + " positions");
     // The next token (position n) of a sliding-window layer reads positions n - n_swa + 1 .. n - 1;
     // when the rings have overwritten some of them, the prefix is evaluated again from an empty cache.
-    if (n > 0 && std::max(0, n - cfg_.n_swa + 1) < ring_from_) {
-        std::vector<int32_t> keep(history_.begin(), history_.begin() + n);
-        history_.clear();
-        ring_from_ = 0;
-        eval(keep);
+    if (n > 0 && std::max(0, n - cfg_.n_swa + 1) < S.ring_from) {
+        std::vector<int32_t> keep(S.history.begin(), S.history.begin() + n);
+        S.history.clear();
+        S.ring_from = 0;
+        eval(keep, nullptr, nullptr, seq);
         return;
     }
-    history_.resize(n);  // cache rows past n are simply overwritten later
-    if (n == 0) ring_from_ = 0;
+    S.history.resize(n);  // cache rows past n are simply overwritten later
+    if (n == 0) S.ring_from = 0;
 }
 
-void Model::set_sampling(const SamplingParams &p) {
-    sampling_ = p;
-    rng_.seed(p.seed);
+void Model::set_sampling(const SamplingParams &p, int seq) {
+    Sequence &S = at(seq);
+    S.sampling = p;
+    S.rng.seed(p.seed);
 }
 
-void Model::evict(int start, int end) {
-    const int n = n_past();
+void Model::evict(int start, int end, int seq) {
+    Sequence &S = at(seq);
+    const int n = n_past(seq);
     if (start < 0 || end < start || end > n)
         throw ModelError("cannot evict positions [" + std::to_string(start) + ", " + std::to_string(end) + ") of a KV cache holding " +
                          std::to_string(n));
@@ -962,7 +1057,7 @@ void Model::evict(int start, int end) {
         uint8_t *kc = k_cache_.data(), *vc = v_cache_.data();
         for (size_t l = l0; l < l1; ++l)
             for (int p = end; p < n; ++p) {
-                const size_t from = kv_base_[l] + p, to = from - delta;  // rows (no rings here: n_ctx per layer)
+                const size_t from = kv_at(int(l), seq, p), to = from - delta;  // rows (no rings here: n_ctx per layer and slot)
                 decode_kv(kv_type_.k, kc + from * k_row_, k.data(), kv_dim);
                 if (rot_k_) hadamard_chunks(k.data(), kv_dim, rot_k_);
                 rope(k.data(), c.n_head_kv, -delta);
@@ -972,14 +1067,16 @@ void Model::evict(int start, int end) {
             }
     };
     pool_.range(size_t(c.n_layer), move);  // layers are independent
-    history_.erase(history_.begin() + start, history_.begin() + end);
+    S.history.erase(S.history.begin() + start, S.history.begin() + end);
 }
 
-int Model::sample(const uint32_t *mask) {
+int Model::sample(const uint32_t *mask, int seq) {
+    Sequence &S = at(seq);
     // greedy without mask or penalty: the argmax, without sample_token's copy of the logits
-    const bool plain_greedy = sampling_.temperature <= 0.0f && !mask && (sampling_.repeat_penalty == 1.0f || sampling_.repeat_last_n <= 0);
-    const int token = plain_greedy ? static_cast<int>(std::max_element(logits_.begin(), logits_.end()) - logits_.begin())
-                                   : sample_token(logits_, history_, sampling_, rng_, mask);
+    const SamplingParams &p = S.sampling;
+    const bool plain_greedy = p.temperature <= 0.0f && !mask && (p.repeat_penalty == 1.0f || p.repeat_last_n <= 0);
+    const int token = plain_greedy ? static_cast<int>(std::max_element(S.logits.begin(), S.logits.end()) - S.logits.begin())
+                                   : sample_token(S.logits, S.history, p, S.rng, mask);
     // Streaming: the next step starts with layer 0, which no earlier layer can predict; its router
     // applied to the sampled token's embedding guesses its experts while the caller takes the token.
     if (experts_->streams() && prefetch_ && scratch_T_ > 0) {

@@ -97,7 +97,7 @@ int sample_token(std::vector<float> logits, const std::vector<int32_t> &history,
 
 class Model {
   public:
-    static constexpr int kBatch = 64;  // prefill tokens per forward call (bounds scratch memory)
+    static constexpr int kBatch = 64;  // prefill tokens per forward call (bounds scratch memory); also the most slots
     // Element counts of the compute buffers for a batch of T tokens (ensure_scratch allocates these).
     struct Scratch {
         size_t x = 0, xb = 0, q = 0, kv = 0, att = 0, ff = 0, tmp = 0, scores = 0;
@@ -116,17 +116,21 @@ class Model {
     // map is then no longer read, so a file truncated while running is a read error, not a SIGBUS).
     // file: a header parsed once by the caller (Python hands the one it planned with), shared so
     // that its map lives as long as the model.
+    // n_seq: sequence slots, each with its own KV rows (n_ctx positions, or its own rings), history,
+    // logits, sampling parameters and random generator; at most kBatch (a decode step of every slot is
+    // one forward batch). Every per-sequence call takes the slot (default 0: one-sequence callers).
     Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, int n_ctx, int n_threads,
-          const std::string &isa, const StreamConfig *stream = nullptr, KVTypes kv_type = {});
+          const std::string &isa, const StreamConfig *stream = nullptr, KVTypes kv_type = {}, int n_seq = 1);
     Model(const std::string &path, const ModelConfig &config, int n_ctx, int n_threads, const std::string &isa,
-          const StreamConfig *stream = nullptr, KVTypes kv_type = {})
-        : Model(std::make_shared<const gguf::File>(path), config, n_ctx, n_threads, isa, stream, kv_type) {}
+          const StreamConfig *stream = nullptr, KVTypes kv_type = {}, int n_seq = 1)
+        : Model(std::make_shared<const gguf::File>(path), config, n_ctx, n_threads, isa, stream, kv_type, n_seq) {}
     ~Model();
 
     const ModelConfig &config() const { return cfg_; }
     int n_ctx() const { return n_ctx_; }
-    int n_past() const { return static_cast<int>(history_.size()); }
-    const std::vector<int32_t> &history() const { return history_; }
+    int n_seq() const { return static_cast<int>(seqs_.size()); }
+    int n_past(int seq = 0) const { return static_cast<int>(at(seq).history.size()); }
+    const std::vector<int32_t> &history(int seq = 0) const { return at(seq).history; }
     const char *isa() const { return ops_->isa; }
     int threads() const { return pool_.size(); }
     size_t weight_bytes() const { return weight_bytes_; }
@@ -142,20 +146,38 @@ class Model {
     // [n_layer] flags; a flagged layer is not computed (its input passes through) and writes no KV:
     // self-speculative drafting, whose positions the caller truncates and verifies afterwards.
     void eval(const std::vector<int32_t> &tokens, std::vector<float> *all_logits = nullptr,
-              const std::vector<uint8_t> *skip_layers = nullptr);
+              const std::vector<uint8_t> *skip_layers = nullptr, int seq = 0);
     // Sliding-window layers: when their rings no longer hold the window behind position n, the kept
     // prefix is evaluated again (as llama.cpp's backend rebuilds a cache that cannot drop a tail).
     // A ring holds one batch (kBatch - 1 positions) beyond the window, so rolling back a speculative
     // draft and its verification of fewer than kBatch tokens in all never needs that.
-    void truncate(int n);
+    void truncate(int n, int seq = 0);
     // Drops positions [start, end) from the KV cache and moves the later ones down by end - start,
     // their keys re-rotated to their new positions (as llama.cpp's context shift does): generation
     // goes on without recomputing them. The overflow policies (sink + window, compaction) use it.
-    void evict(int start, int end);
-    const std::vector<float> &logits() const { return logits_; }
+    void evict(int start, int end, int seq = 0);
+    const std::vector<float> &logits(int seq = 0) const { return at(seq).logits; }
 
-    void set_sampling(const SamplingParams &p);
-    int sample(const uint32_t *mask = nullptr);  // from logits(), with the penalty over history()
+    void set_sampling(const SamplingParams &p, int seq = 0);
+    int sample(const uint32_t *mask = nullptr, int seq = 0);  // from logits(seq), with the penalty over history(seq)
+
+    // One entry of a batched step: `tokens` appended to slot `seq`; with `sample`, its next token is
+    // then drawn from the last one's logits with the slot's own parameters and generator, under
+    // `mask` (nullptr, or ceil(n_vocab / 32) words as sample_token's).
+    struct SeqStep {
+        int seq = 0;
+        std::vector<int32_t> tokens;
+        bool sample = true;
+        const uint32_t *mask = nullptr;
+    };
+    // Several slots at once (continuous batching): every one-token entry (decode) goes into one
+    // forward batch, so each weight matrix is read once for all of them; an entry of several tokens
+    // (a prompt, forced tokens) is evaluated as eval() would, on its own, first. Each row attends to
+    // its own slot's keys at its own position, so a slot gets the bits it would get alone wherever
+    // the kernels give a batch's rows the one-token bits (batches below 16 rows, test_kernels.py).
+    // Everything is checked before anything is computed. Returns the sampled token per entry (-1
+    // where not sampled).
+    std::vector<int32_t> step(const std::vector<SeqStep> &steps);
 
   private:
     struct Layer {
@@ -171,11 +193,13 @@ class Model {
     const Layer &acquire_layer(int l);
     void prefetch_experts(int layer);             // the experts `layer`'s router picks for the current state
     Matrix vector(const std::string &name, int64_t n, bool required);
-    void forward(const int32_t *tokens, int T, int pos0, float *logits_out, bool all);
+    // The batch's rows: token tokens[t] of slot row_seq_[t] at position row_pos_[t] (a slot's rows in
+    // order of position); logits_out receives [out_rows.size()][n_vocab], the rows out_rows.
+    void forward(const int32_t *tokens, int T, const std::vector<int> &out_rows, float *logits_out);
     // y[T][w.rows] = x[T][w.cols] . w^T. reuse_activations: x is the input the previous matmul
     // quantized (same values, same width), so its int8 blocks are used again.
     void matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_activations = false);
-    void attention(const Layer &L, int layer, int T, int pos0);
+    void attention(const Layer &L, int layer, int T);
     void ffn(const Layer &L, int layer, int T);
     void swiglu(size_t n);
     void geglu(size_t n);                          // Gemma: hb_ = gelu_tanh(hb_) * hb2_
@@ -184,9 +208,19 @@ class Model {
     static constexpr int kParallelTokens = 8;  // per-token work of a batch this long goes across the pool
     void moe(const Layer &L, int layer, int T);
     void rope(float *x, int n_heads, int pos, bool local = false) const;  // local: a sliding-window layer's base
-    size_t kv_at(int layer, int pos) const {  // row of position pos in layer's K and V caches (times k_row_ or v_row_: bytes)
-        return kv_base_[layer] + size_t(pos % kv_cap_[layer]);
+    size_t kv_at(int layer, int seq, int pos) const {  // row of slot seq's position pos in layer's K and V caches (times k_row_ or v_row_: bytes)
+        return kv_base_[layer] + size_t(seq) * kv_cap_[layer] + size_t(pos % kv_cap_[layer]);
     }
+    struct Sequence {  // one slot's state besides its KV rows
+        std::vector<int32_t> history;
+        int ring_from = 0;          // the oldest position every ring still holds (positions ring_from..n_past-1)
+        std::vector<float> logits;  // [n_vocab] of the last evaluated token
+        SamplingParams sampling;
+        std::mt19937_64 rng;
+    };
+    const Sequence &at(int seq) const;
+    Sequence &at(int seq) { return const_cast<Sequence &>(static_cast<const Model *>(this)->at(seq)); }
+    void kept_rows(Sequence &S, int pos_end);  // after positions ..pos_end - 1 were written: what the rings still hold
     void ensure_scratch(int T);
     void pack_weights();  // dense layer matrices and the output into the kernel set's packed layout
     void embed(int32_t token, float *out);
@@ -216,13 +250,14 @@ class Model {
     bool prefetch_ = true;                    // streaming: read the experts the next layer's router predicts ahead
     int prefetch_top_ = 0;                    // how many of them (the most likely)
     int rot_k_ = 0, rot_v_ = 0;               // quantized keys/values: Hadamard rotation sizes of keys/queries and values (0: none)
-    // [sum of kv_cap_][k_row_ or v_row_]: n_head_kv * head_dim f16, Q8_0 or Q4_0 per row, layer after layer
+    // [n_seq * sum of kv_cap_][k_row_ or v_row_]: n_head_kv * head_dim f16, Q8_0 or Q4_0 per row; layer
+    // after layer, and within a layer slot after slot (kv_at)
     std::vector<uint8_t> k_cache_, v_cache_;
-    std::vector<size_t> kv_base_;             // [n_layer]: row of each layer's first position (in rows: K and V rows differ in bytes)
-    std::vector<int> kv_cap_;                 // [n_layer]: positions each layer holds (kv_positions; a ring when < n_ctx)
-    int ring_from_ = 0;                       // the oldest position every ring still holds (positions ring_from_..n_past-1)
-    std::vector<int32_t> history_;
-    std::vector<float> logits_;  // [n_vocab] of the last evaluated token
+    std::vector<size_t> kv_base_;             // [n_layer]: row of each layer's first position in slot 0 (in rows: K and V rows differ in bytes)
+    std::vector<int> kv_cap_;                 // [n_layer]: positions each layer holds per slot (kv_positions; a ring when < n_ctx)
+    std::vector<Sequence> seqs_;              // [n_seq]
+    std::vector<int> row_seq_, row_pos_;      // [T]: the current batch's slot and position per row
+    std::vector<float> batch_logits_;         // [n_seq][n_vocab]: a batched decode step's logits
     const std::vector<uint8_t> *skip_ = nullptr;  // [n_layer] layers eval() skips in this call, or none
 
     // scratch, sized for the current batch T (shapes in comments)
@@ -237,9 +272,6 @@ class Model {
     std::vector<std::vector<std::pair<int, float>>> moe_routed_;
     std::vector<int> moe_idx_, moe_order_;
     std::vector<float> moe_pred_in_, moe_pred_;  // [n_embd], [n_expert]: next layer's router on this state
-
-    SamplingParams sampling_;
-    std::mt19937_64 rng_;
 };
 
 }  // namespace edgeai

@@ -88,6 +88,13 @@ nb::dict stats_dict(const edgeai::ExpertStoreStats &s, size_t slot_bytes) {
     return d;
 }
 
+void check_mask(const edgeai::Model &self, const std::optional<U32In> &mask) {
+    const size_t words = (size_t(self.config().n_vocab) + 31) / 32;
+    if (mask && mask->shape(0) != words)
+        throw nb::value_error(("the token mask has " + std::to_string(mask->shape(0)) + " words; a vocabulary of " +
+                               std::to_string(self.config().n_vocab) + " tokens takes " + std::to_string(words)).c_str());
+}
+
 }  // namespace
 
 void bind_runtime(nb::module_ &m) {
@@ -418,20 +425,21 @@ void bind_runtime(nb::module_ &m) {
         .def_rw("retries", &edgeai::StreamConfig::retries)
         .def_rw("inject_read_faults", &edgeai::StreamConfig::inject_read_faults);
 
-    nb::class_<edgeai::Model>(m, "Engine", "One model and one sequence (KV cache) in the native engine.")
+    nb::class_<edgeai::Model>(m, "Engine", "One model and its sequence slots (KV caches) in the native engine.")
         .def("__init__",
              [](edgeai::Model *self, std::shared_ptr<edgeai::gguf::File> file, const nb::dict &config, int n_ctx, int n_threads,
-                const std::string &isa, std::optional<edgeai::StreamConfig> stream, const std::string &kv_type) {
+                const std::string &isa, std::optional<edgeai::StreamConfig> stream, const std::string &kv_type, int n_seq) {
                  edgeai::ModelConfig c = config_from(config);
                  const edgeai::KVTypes kv = edgeai::kv_type_named(kv_type);
                  nb::gil_scoped_release release;
-                 new (self) edgeai::Model(std::move(file), c, n_ctx, n_threads, isa, stream ? &*stream : nullptr, kv);
+                 new (self) edgeai::Model(std::move(file), c, n_ctx, n_threads, isa, stream ? &*stream : nullptr, kv, n_seq);
              },
              nb::arg("file"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("isa") = "",
-             nb::arg("stream") = nb::none(), nb::arg("kv_type") = "f16",
+             nb::arg("stream") = nb::none(), nb::arg("kv_type") = "f16", nb::arg("n_seq") = 1,
              "kv_type: 'f16', 'q8_0', 'q4_0' (the KV cache's element type), or 'K/V' such as 'q8_0/q4_0' (keys "
              "q8_0, values q4_0). stream: None (experts read in place from the memory map) or a StreamConfig: experts "
-             "streamed into a cache of `slots` experts.")
+             "streamed into a cache of `slots` experts. n_seq: sequence slots (each its own KV cache of n_ctx "
+             "positions, history, logits and sampler); every per-sequence method takes `seq` (default 0).")
         .def("store_stats",
              [](edgeai::Model &self) {
                  nb::dict d = stats_dict(self.experts().stats(), self.experts().slot_bytes());
@@ -452,50 +460,70 @@ void bind_runtime(nb::module_ &m) {
         .def_prop_ro("scratch_bytes", &edgeai::Model::scratch_bytes)
         .def("eval",
              [](edgeai::Model &self, const std::vector<int32_t> &tokens, bool all_logits,
-                std::optional<std::vector<uint8_t>> skip_layers) -> nb::object {
+                std::optional<std::vector<uint8_t>> skip_layers, int seq) -> nb::object {
                  std::vector<float> all;
                  {
                      nb::gil_scoped_release release;
-                     self.eval(tokens, all_logits ? &all : nullptr, skip_layers ? &*skip_layers : nullptr);
+                     self.eval(tokens, all_logits ? &all : nullptr, skip_layers ? &*skip_layers : nullptr, seq);
                  }
                  if (!all_logits) return nb::none();
                  const size_t V = self.config().n_vocab;
                  return nb::cast(to_numpy(std::move(all), {tokens.size(), V}));
              },
-             nb::arg("tokens"), nb::arg("all_logits") = false, nb::arg("skip_layers") = nb::none(),
+             nb::arg("tokens"), nb::arg("all_logits") = false, nb::arg("skip_layers") = nb::none(), nb::arg("seq") = 0,
              "Append tokens to the KV cache; with all_logits, return their logits [len(tokens), n_vocab]. "
              "skip_layers: [n_layer] flags of layers not computed (self-speculative drafts; truncate after).")
         .def("step",
-             [](edgeai::Model &self, const std::vector<int32_t> &tokens, std::optional<U32In> mask) {
-                 const size_t words = (size_t(self.config().n_vocab) + 31) / 32;
-                 if (mask && mask->shape(0) != words)
-                     throw nb::value_error(("the token mask has " + std::to_string(mask->shape(0)) + " words; a vocabulary of " +
-                                            std::to_string(self.config().n_vocab) + " tokens takes " + std::to_string(words)).c_str());
+             [](edgeai::Model &self, const std::vector<int32_t> &tokens, std::optional<U32In> mask, int seq) {
+                 check_mask(self, mask);
                  const uint32_t *m = mask ? mask->data() : nullptr;  // the array stays alive: the caller holds it
                  nb::gil_scoped_release release;
-                 self.eval(tokens);
-                 return self.sample(m);
+                 self.eval(tokens, nullptr, nullptr, seq);
+                 return self.sample(m, seq);
              },
-             nb::arg("tokens"), nb::arg("mask") = nb::none(),
+             nb::arg("tokens"), nb::arg("mask") = nb::none(), nb::arg("seq") = 0,
              "Append tokens, then sample the next one (one call per decode step). mask: None, or uint32 words "
              "[ceil(n_vocab / 32)], bit t % 32 of word t / 32 allowing token t (applied before every other sampling stage).")
-        .def("evict", &edgeai::Model::evict, nb::arg("start"), nb::arg("end"),
+        .def("step_batch",
+             [](edgeai::Model &self, const std::vector<int> &seqs, const std::vector<std::vector<int32_t>> &tokens,
+                const std::vector<bool> &sample, const std::vector<std::optional<U32In>> &masks) {
+                 const size_t n = seqs.size();
+                 if (tokens.size() != n || sample.size() != n || masks.size() != n)
+                     throw nb::value_error("seqs, tokens, sample and masks must have one entry per sequence");
+                 std::vector<edgeai::Model::SeqStep> steps(n);
+                 for (size_t i = 0; i < n; ++i) {
+                     check_mask(self, masks[i]);
+                     steps[i] = {seqs[i], tokens[i], sample[i], masks[i] ? masks[i]->data() : nullptr};
+                 }
+                 nb::gil_scoped_release release;
+                 return self.step(steps);
+             },
+             nb::arg("seqs"), nb::arg("tokens"), nb::arg("sample"), nb::arg("masks"),
+             "One batched step over several slots: tokens[i] appended to slot seqs[i] (one token each: one forward "
+             "batch for all; more: evaluated on its own first), then where sample[i] its next token drawn with the "
+             "slot's sampler under masks[i] (None or uint32 words). Returns a token per entry (-1: not sampled).")
+        .def("evict", &edgeai::Model::evict, nb::arg("start"), nb::arg("end"), nb::arg("seq") = 0,
              "Drop KV positions [start, end); later positions move down, their keys re-rotated (no recomputation).")
         .def("logits",
-             [](edgeai::Model &self) {
-                 std::vector<float> v(self.logits());
+             [](edgeai::Model &self, int seq) {
+                 std::vector<float> v(self.logits(seq));
                  return to_numpy(std::move(v), {v.size()});
              },
-             "Logits [n_vocab] of the last evaluated token (a copy).")
-        .def("truncate", &edgeai::Model::truncate, nb::arg("n"), "Keep the first n positions of the KV cache.")
+             nb::arg("seq") = 0, "Logits [n_vocab] of the last evaluated token (a copy).")
+        .def("truncate", &edgeai::Model::truncate, nb::arg("n"), nb::arg("seq") = 0, "Keep the first n positions of the KV cache.")
         .def("set_sampling",
              [](edgeai::Model &self, float temperature, int top_k, float top_p, float min_p, float repeat_penalty,
-                int repeat_last_n, uint64_t seed) {
-                 self.set_sampling({temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed});
+                int repeat_last_n, uint64_t seed, int seq) {
+                 self.set_sampling({temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed}, seq);
              },
              nb::arg("temperature"), nb::arg("top_k"), nb::arg("top_p"), nb::arg("min_p"), nb::arg("repeat_penalty"),
-             nb::arg("repeat_last_n"), nb::arg("seed"))
-        .def_prop_ro("n_past", &edgeai::Model::n_past)
+             nb::arg("repeat_last_n"), nb::arg("seed"), nb::arg("seq") = 0)
+        .def_prop_ro("n_past", [](const edgeai::Model &self) { return self.n_past(); })
+        .def("past_of", [](const edgeai::Model &self, int seq) { return self.n_past(seq); }, nb::arg("seq"),
+             "Positions slot seq's KV cache holds.")
+        .def("history_of", [](const edgeai::Model &self, int seq) { return self.history(seq); }, nb::arg("seq"),
+             "Token ids in slot seq's KV cache.")
+        .def_prop_ro("n_seq", &edgeai::Model::n_seq)
         .def_prop_ro("n_ctx", &edgeai::Model::n_ctx)
         .def_prop_ro("history", [](const edgeai::Model &self) { return self.history(); })
         .def_prop_ro("isa", [](const edgeai::Model &self) { return std::string(self.isa()); })

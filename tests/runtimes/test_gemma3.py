@@ -201,6 +201,45 @@ def test_truncating_behind_a_ring_evaluates_the_prefix_again(tiny, kv):
     b.close()
 
 
+@pytest.mark.parametrize("kv", ["f16", "q8_0/q4_0"])
+def test_sequence_slots_have_rings_of_their_own(tiny, kv):
+    """Three slots decoded in batched steps, from prompts of 90, 30 and 5 tokens, for 40 tokens (the
+    rings of 16 + 63 rows wrap in every slot, at different places): each slot's logits are those it
+    gets alone, bit for bit; truncating one slot behind its rings evaluates only its own prefix again."""
+    _, path = tiny
+    prompts = [_tokens(90, seed=4), _tokens(30, seed=5), _tokens(5, seed=6)]
+    b = NativeBackend(path, n_ctx=256, threads=2, kv_cache=kv, parallel=3)
+    assert b.stats().extra["kv_bytes"] == 3 * NativeBackend.plan_for(path, n_ctx=256, kv_cache=kv).kv
+    prompt_logits = b.eval_logits(prompts[0])
+    alone = []
+    for p in prompts:
+        b.truncate(0)
+        b.set_sampling(GREEDY)
+        toks, logits = [b.step(p)], [b.logits()]
+        for _ in range(40):
+            toks.append(b.step([toks[-1]]))
+            logits.append(b.logits())
+        alone.append((toks, logits))
+    b.truncate(0)
+    for s in range(3):
+        b.set_sampling(GREEDY, seq=s)
+    got = [([t], [b.logits(seq=s)]) for s, t in enumerate(b.step_batch([(s, p, True, None) for s, p in enumerate(prompts)]))]
+    for _ in range(40):
+        for s, t in enumerate(b.step_batch([(s, [got[s][0][-1]], True, None) for s in range(3)])):
+            got[s][0].append(t)
+            got[s][1].append(b.logits(seq=s))
+    for s in range(3):
+        assert got[s][0] == alone[s][0]
+        assert all(x.tobytes() == y.tobytes() for x, y in zip(got[s][1], alone[s][1])), f"slot {s}"
+    others = [b.history_of(1), b.history_of(2)]
+    history = b.history_of(0)
+    b.truncate(60, seq=0)  # the rings hold positions from 130 - 79 on: 60 is evaluated again
+    assert b.history_of(0) == history[:60] and [b.history_of(1), b.history_of(2)] == others
+    b.step_batch([(0, history[60:70], False, None)])
+    np.testing.assert_allclose(b.logits(seq=0), prompt_logits[69], atol=1e-4)
+    b.close()
+
+
 @pytest.mark.parametrize("kv, bound", [("q4_0", 0.05), ("q8_0/q4_0", 0.03)])
 def test_rings_in_4_bit_and_mixed_kv_caches(tiny, kv, bound):
     """The rings in a q4_0 cache and in q8_0 keys with q4_0 values (each ring row the size of its
