@@ -45,7 +45,7 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
     from edgeai.context import ContextOverflow
     from edgeai.options import checked_choice
     from edgeai.runtimes.registry import header_of, resolve
-    from edgeai.speculative import cannot_speculate, speculative_options, speculator_for
+    from edgeai.speculative import cannot_speculate, memory_of, speculative_options, speculator_for
 
     from edgeai.runtimes.native import checked_parallel
 
@@ -64,7 +64,7 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
     if options is not None:
         if cls.name != "native":
             raise cannot_speculate(cls.name)
-        planned = {"speculative": options}  # the memory plan counts the draft and the verification
+        planned = {"speculative": memory_of(options)}  # the memory plan counts the draft and the verification
     if parallel > 1:
         if cls.name == "native":
             planned["parallel"] = parallel  # the memory plan counts every slot's KV cache
@@ -87,7 +87,7 @@ def plan(path: str | Path | None = None, *, memory_budget: str | int | None = No
     """How loading `path` in the native engine would split the memory budget, without loading it
     (`edgeai run --plan`): a `runtimes.plan.MemoryPlan` (with speculative=, the draft model and the
     verification's logits too). Raises BudgetError when it cannot fit. Arguments as for `load`."""
-    from edgeai.speculative import speculative_options
+    from edgeai.speculative import memory_of, speculative_options
 
     options = speculative_options(speculative, draft_tokens)
     from edgeai.errors import BackendError
@@ -101,7 +101,7 @@ def plan(path: str | Path | None = None, *, memory_budget: str | int | None = No
     if reason:
         raise BackendError(f"memory plans are made for the native engine, which cannot run this file: {reason}")
     return NativeBackend.plan_for(Path(path), n_ctx=n_ctx, threads=threads, memory_budget=budget, kv_cache=kv_cache,
-                                  header=header, speculative=options, parallel=parallel)
+                                  header=header, speculative=memory_of(options), parallel=parallel)
 
 
 @dataclass(frozen=True)

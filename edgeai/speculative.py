@@ -130,6 +130,14 @@ def speculative_memory(options: SpeculativeOptions | None, target, config: dict,
                              draft_ctx, kv)
 
 
+def memory_of(options: SpeculativeOptions | None):
+    """`speculative_memory` bound to `options` (None without speculation): what the native backend
+    takes to plan the memory speculation adds."""
+    if options is None:
+        return None
+    return lambda target, config, **sizes: speculative_memory(options, target, config, **sizes)
+
+
 @runtime_checkable
 class Drafter(Protocol):
     """Proposes the tokens likely to follow a context. Deterministic given the context (the

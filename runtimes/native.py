@@ -92,12 +92,13 @@ def _prepare(path: Path, header: GGUFHeader | None, n_ctx: int | None,
     return header, config, n_ctx_train, n_ctx, threads
 
 
-def _speculative_memory(options, header: GGUFHeader, config: dict, n_ctx: int, threads: int, kv_cache: str):
-    if options is None:
+def _speculative_memory(plan_speculation, header: GGUFHeader, config: dict, n_ctx: int, threads: int, kv_cache: str):
+    """What speculation adds to the plan: `plan_speculation` is the caller's function (the API binds
+    `edgeai.speculative.speculative_memory` to its options, so that this layer never imports the
+    generation layer above it), or None."""
+    if plan_speculation is None:
         return None
-    from edgeai.speculative import speculative_memory
-
-    return speculative_memory(options, header, {**config}, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
+    return plan_speculation(header, {**config}, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
 
 
 MAX_PARALLEL = 64  # sequence slots the engine holds at most (one batched decode step is one forward batch)
@@ -153,7 +154,7 @@ class NativeBackend(VocabText):
                  memory_budget: int | None = None, kv_cache: str | None = None, header: GGUFHeader | None = None,
                  speculative=None, parallel: int = 1):
         """The memory plan loading `path` would follow (`runtimes.plan.MemoryPlan`), without loading
-        it; raises BudgetError as loading would. speculative: `edgeai.speculative.SpeculativeOptions`."""
+        it; raises BudgetError as loading would. speculative: as for the constructor."""
         from edgeai.runtimes.plan import plan_memory
         from edgeai.runtimes.vocab import GGUFVocab
 
@@ -183,8 +184,9 @@ class NativeBackend(VocabText):
         direct, trace, retries, prefetch (False: demand reads only); slots: stream with this many
         slots whatever the budget); unknown options and values are OptionErrors naming the choices.
         header: the file's header when the caller has read it (`edgeai.gguf_header.read_header`).
-        speculative: the `edgeai.speculative.SpeculativeOptions` the model will run with: the plan
-        counts the draft model and the verification's logits (`runtimes.plan.SpeculativeMemory`).
+        speculative: None, or a function (header, config, n_ctx=, threads=, kv_cache=) -> the
+        `runtimes.plan.SpeculativeMemory` of the speculation the model will run with (the draft model
+        and the verification's logits), which the plan counts.
         parallel: sequence slots (1..64), each with its own KV cache of n_ctx positions (the planner
         counts them all), for batched decoding of several sequences (`edgeai.batch`).
         """
