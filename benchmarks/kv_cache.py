@@ -36,7 +36,7 @@ LLAMA_CPP_KINDS = ["f16", "q8_0", "q8_0/q4_0", "q4_0"]
 def main() -> None:
     from edgeai.evaluate import evaluate
     from edgeai.gguf_header import read_header
-    from edgeai.native_bridge import native
+    from edgeai.native_bridge import kv_types, native
     from edgeai.paths import default_model_path
     from edgeai.runtimes.native import engine_config
 
@@ -54,14 +54,14 @@ def main() -> None:
     model = (args.model or default_model_path()).resolve()
     text = write_text(args.work / "eval.txt", args.text, site_packages_licenses)
     config = engine_config(read_header(model))
-    f16_bytes = native.kv_bytes(config, 1, "f16")
+    f16_bytes = native.kv_bytes(config, 1, kv_types("f16"))
 
     rows = []
     runs = [("native", k) for k in KINDS] + ([("llama.cpp", k) for k in LLAMA_CPP_KINDS] if args.llama_cpp else [])
     for backend, kind in runs:
         r = evaluate(model, model, text, n_ctx=args.ctx, n_chunks=args.chunks, threads=args.threads, backend=backend,
                      kv_cache=kind)
-        per_token = native.kv_bytes(config, 1, kind)
+        per_token = native.kv_bytes(config, 1, kv_types(kind))
         rows.append({"backend": backend, "kv_cache": kind, "bytes_per_token": per_token,
                      "of_f16": per_token / f16_bytes, "ppl": r.ppl, "ref_ppl": r.ref_ppl, "kld_mean": r.kld_mean,
                      "kld_p99": r.kld_p99, "top1": r.top1, "n_tokens": r.n_tokens})

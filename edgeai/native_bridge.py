@@ -16,3 +16,13 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
     ) from exc
 
 native = _native
+
+
+def kv_types(value: str | None):
+    """A KV cache type as the engine takes it (`native.KVTypes`): `value` is the name users write,
+    "f16", "q8_0", "q4_0" or keys/values such as "q8_0/q4_0" (None: f16), checked with an OptionError
+    naming the choices (`runtimes.base.kv_cache_types`)."""
+    from edgeai.runtimes.base import kv_cache_types
+
+    k, v = kv_cache_types(value)
+    return native.KVTypes(native.KVType[k.upper()], native.KVType[v.upper()])

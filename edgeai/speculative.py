@@ -103,6 +103,7 @@ def speculative_memory(options: SpeculativeOptions | None, target, config: dict,
     engine config), a `runtimes.plan.SpeculativeMemory`, or None without speculation. A draft model is
     checked (the target's vocabulary, a file the native engine runs) and planned as `DraftModel`
     loads it: the target's context (at most the draft's trained one), threads and KV type."""
+    from edgeai.native_bridge import kv_types
     from edgeai.native_bridge import native as _native
     from edgeai.runtimes.plan import ENGINE_OVERHEAD, SpeculativeMemory
 
@@ -124,7 +125,7 @@ def speculative_memory(options: SpeculativeOptions | None, target, config: dict,
     draft = engine_config(header)
     draft_ctx = min(n_ctx, int(draft.pop("n_ctx_train")))
     kv = draft_kv_cache(kv_cache, int(draft["head_dim"]))
-    sizes = _native.memory_sizes(header.native, draft, draft_ctx, threads, kv)
+    sizes = _native.memory_sizes(header.native, draft, draft_ctx, threads, kv_types(kv))
     return SpeculativeMemory(options.kind.value, verify, MAX_VERIFY_TOKENS, Path(options.draft_path),
                              sizes["dense"] + sizes["experts"], sizes["kv"], sizes["scratch"] + ENGINE_OVERHEAD,
                              draft_ctx, kv)

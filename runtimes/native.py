@@ -22,6 +22,7 @@ import numpy as np
 from edgeai.errors import (CheckpointError, ContextOverflowError, OptionError,
                            UnsupportedArchitectureError)
 from edgeai.gguf_header import GGUFHeader, read_header
+from edgeai.native_bridge import kv_types
 from edgeai.native_bridge import native as _native
 from edgeai.runtimes.expert_store import ExpertStoreOptions, checked_store_options, native_stream_config, policy_name
 from edgeai.runtimes.base import DEFAULT_N_CTX, BackendStats, Sampling, kv_cache_type
@@ -211,7 +212,7 @@ class NativeBackend(VocabText):
             stream = self.plan.stream_config(options) or (options if options.slots is not None else None)
             try:
                 self._engine = _native.Engine(header.native, config, n_ctx, self.threads, isa,
-                                              None if stream is None else native_stream_config(stream), self.kv_cache,
+                                              None if stream is None else native_stream_config(stream), kv_types(self.kv_cache),
                                               self.n_seq)
             except _native.ModelError as exc:
                 raise CheckpointError(str(exc)) from exc

@@ -192,7 +192,7 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
     logits; a budget too small for them all is refused with the number of slots that fits.
     Raises BudgetError when the model cannot run within the budget.
     """
-    from edgeai.native_bridge import native
+    from edgeai.native_bridge import kv_types, native
 
     from edgeai.runtimes.base import kv_cache_type, kv_cache_types
 
@@ -207,7 +207,7 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
         import psutil
 
         process_bytes = psutil.Process().memory_info().rss
-    sizes = native.memory_sizes(header.native, config, n_ctx, threads, kv_cache)
+    sizes = native.memory_sizes(header.native, config, n_ctx, threads, kv_types(kv_cache))
     n_experts = int(config["n_layer"]) * int(config["n_expert"])
     # a slot beyond the first: its KV cache, its logits, and its row of a batched step's logits
     per_seq = sizes["kv"] + 2 * 4 * int(config["n_vocab"])
@@ -235,10 +235,10 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
     # what each smaller KV cache would save, when it is a lever left to pull
     # (in every sequence slot)
     one_kv = plan.kv // plan.n_seq
-    savings = [(kind, plan.n_seq * (one_kv - native.kv_bytes(config, n_ctx, kind))) for kind in SMALLER_KV_CACHES] \
+    savings = [(kind, plan.n_seq * (one_kv - native.kv_bytes(config, n_ctx, kv_types(kind)))) for kind in SMALLER_KV_CACHES] \
         if head_dim % 32 == 0 else []
     # what half the context would save (less than half the cache where sliding-window rings stay as they are)
-    half_ctx_saving = plan.n_seq * (one_kv - native.kv_bytes(config, max(1, n_ctx // 2), kv_cache))
+    half_ctx_saving = plan.n_seq * (one_kv - native.kv_bytes(config, max(1, n_ctx // 2), kv_types(kv_cache)))
     raise BudgetError(_refusal(min(candidates, key=lambda c: c.fixed), budget, [(k, s) for k, s in savings if s > 0],
                                half_ctx_saving), plan.minimum)
 

@@ -154,10 +154,23 @@ void bind_runtime(nb::module_ &m) {
     m.def("gguf_parse_count", &edgeai::gguf::File::parse_count,
           "GGUF headers this process has parsed (every GGUFFile and every engine built from a path).");
 
+    // KV cache types cross the seam typed: Python checks the names users write (OptionError naming the
+    // choices, runtimes.base.kv_cache_types) and hands these over (edgeai.native_bridge.kv_types).
+    nb::enum_<edgeai::KVType>(m, "KVType", "A KV cache element type.")
+        .value("F16", edgeai::KVType::F16)
+        .value("Q8_0", edgeai::KVType::Q8_0)
+        .value("Q4_0", edgeai::KVType::Q4_0);
+    nb::class_<edgeai::KVTypes>(m, "KVTypes", "The KV cache's key type and value type.")
+        .def(nb::init<>())
+        .def("__init__", [](edgeai::KVTypes *t, edgeai::KVType k, edgeai::KVType v) { new (t) edgeai::KVTypes{k, v}; },
+             nb::arg("k"), nb::arg("v"))
+        .def_rw("k", &edgeai::KVTypes::k)
+        .def_rw("v", &edgeai::KVTypes::v)
+        .def("__repr__", [](const edgeai::KVTypes &t) { return "KVTypes(" + edgeai::kv_type_name(t) + ")"; });
+
     m.def("memory_sizes",
-          [](const edgeai::gguf::File &file, const nb::dict &config, int n_ctx, int n_threads, const std::string &kv_type) {
+          [](const edgeai::gguf::File &file, const nb::dict &config, int n_ctx, int n_threads, edgeai::KVTypes kv) {
               const edgeai::ModelConfig c = config_from(config);
-              const edgeai::KVTypes kv = edgeai::kv_type_named(kv_type);
               edgeai::MemorySizes s;
               {
                   nb::gil_scoped_release release;
@@ -173,12 +186,12 @@ void bind_runtime(nb::module_ &m) {
               d["scratch"] = s.scratch;
               return d;
           },
-          nb::arg("file"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("kv_type") = "f16",
+          nb::arg("file"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("kv_type") = edgeai::KVTypes{},
           "Bytes the engine would need for this file: {dense, experts, slot, layer_matrices, layer_slot, kv, scratch} "
           "(the planner's inputs).");
     m.def("kv_bytes",
-          [](const nb::dict &config, int n_ctx, const std::string &kv_type) {
-              return edgeai::Model::kv_bytes_for(config_from(config), n_ctx, edgeai::kv_type_named(kv_type));
+          [](const nb::dict &config, int n_ctx, edgeai::KVTypes kv_type) {
+              return edgeai::Model::kv_bytes_for(config_from(config), n_ctx, kv_type);
           },
           nb::arg("config"), nb::arg("n_ctx"), nb::arg("kv_type"), "Bytes of the KV cache of n_ctx positions of this type.");
     m.def("engine_types",
@@ -286,11 +299,8 @@ void bind_runtime(nb::module_ &m) {
           },
           nb::arg("isa"), nb::arg("x"), "Activation blocks (d, half sums, codes) as one kernel set makes them (tests).");
     m.def("kernel_kv",
-          [](const std::string &isa, const std::string &kv_type, U8In v, F32In x, float alpha) {
+          [](const std::string &isa, edgeai::KVType t, U8In v, F32In x, float alpha) {
               const edgeai::kern::Ops &ops = ops_or_throw(isa);
-              const edgeai::KVTypes types = edgeai::kv_type_named(kv_type);
-              if (types.k != types.v) throw nb::value_error("kv_type must name one type here ('f16', 'q8_0' or 'q4_0')");
-              const edgeai::KVType t = types.k;
               const size_t n = x.shape(0);
               const size_t row = t == edgeai::KVType::Q8_0 ? n / 32 * 34 : t == edgeai::KVType::Q4_0 ? n / 32 * 18 : 2 * n;
               if (v.shape(0) != row || (t != edgeai::KVType::F16 && n % 32))
@@ -428,16 +438,15 @@ void bind_runtime(nb::module_ &m) {
     nb::class_<edgeai::Model>(m, "Engine", "One model and its sequence slots (KV caches) in the native engine.")
         .def("__init__",
              [](edgeai::Model *self, std::shared_ptr<edgeai::gguf::File> file, const nb::dict &config, int n_ctx, int n_threads,
-                const std::string &isa, std::optional<edgeai::StreamConfig> stream, const std::string &kv_type, int n_seq) {
+                const std::string &isa, std::optional<edgeai::StreamConfig> stream, edgeai::KVTypes kv, int n_seq) {
                  edgeai::ModelConfig c = config_from(config);
-                 const edgeai::KVTypes kv = edgeai::kv_type_named(kv_type);
                  nb::gil_scoped_release release;
                  new (self) edgeai::Model(std::move(file), c, n_ctx, n_threads, isa, stream ? &*stream : nullptr, kv, n_seq);
              },
              nb::arg("file"), nb::arg("config"), nb::arg("n_ctx"), nb::arg("n_threads"), nb::arg("isa") = "",
-             nb::arg("stream") = nb::none(), nb::arg("kv_type") = "f16", nb::arg("n_seq") = 1,
-             "kv_type: 'f16', 'q8_0', 'q4_0' (the KV cache's element type), or 'K/V' such as 'q8_0/q4_0' (keys "
-             "q8_0, values q4_0). stream: None (experts read in place from the memory map) or a StreamConfig: experts "
+             nb::arg("stream") = nb::none(), nb::arg("kv_type") = edgeai::KVTypes{}, nb::arg("n_seq") = 1,
+             "kv_type: a KVTypes, the keys' and the values' element types (edgeai.native_bridge.kv_types('q8_0/q4_0')). "
+             "stream: None (experts read in place from the memory map) or a StreamConfig: experts "
              "streamed into a cache of `slots` experts. n_seq: sequence slots (each its own KV cache of n_ctx "
              "positions, history, logits and sampler); every per-sequence method takes `seq` (default 0).")
         .def("store_stats",

@@ -110,7 +110,7 @@ def test_f16_attention_kernels(isa, n):
     rng = np.random.default_rng(n)
     v = (rng.standard_normal(n) * 4).astype(np.float16)
     x = rng.standard_normal(n).astype(np.float32)
-    dot, y = _native.kernel_kv(isa, "f16", v.view(np.uint8), x, 0.75)
+    dot, y = _native.kernel_kv(isa, _native.KVType.F16, v.view(np.uint8), x, 0.75)
     exact = v.astype(np.float64) @ x
     assert abs(dot - exact) <= 1e-5 * (np.abs(v.astype(np.float64)) @ np.abs(x)) + 1e-6
     np.testing.assert_allclose(y, x + 0.75 * v.astype(np.float32), rtol=1e-6, atol=1e-6)
@@ -129,7 +129,7 @@ def test_quantized_kv_cache_kernels(isa, n, kind):
     v = quantize(values, FORMATS[kind])
     decoded = dequantize(v, FORMATS[kind]).astype(np.float64)
     x = rng.standard_normal(n).astype(np.float32)
-    dot, y = _native.kernel_kv(isa, kind, v, x, -0.625)
+    dot, y = _native.kernel_kv(isa, _native.KVType[kind.upper()], v, x, -0.625)
     assert abs(dot - decoded @ x) <= 1e-5 * (np.abs(decoded) @ np.abs(x)) + 1e-6
     np.testing.assert_allclose(y, x - 0.625 * decoded, rtol=1e-5, atol=1e-5)
 
@@ -159,7 +159,7 @@ def test_batched_attention_kernels(hd):
             assert part.tobytes() == scores[19 - n:].tobytes(), f"{isa}: {n} keys"
         axpy = np.zeros(hd, np.float32)
         for j in range(19):
-            axpy = _native.kernel_kv(isa, "f16", raw(values[j]), axpy, float(p[j]))[1]
+            axpy = _native.kernel_kv(isa, _native.KVType.F16, raw(values[j]), axpy, float(p[j]))[1]
         assert out.tobytes() == axpy.tobytes(), isa
         found[isa] = scores.tobytes() + out.tobytes()
     assert ("avx2" in ISAS) <= bool(found)

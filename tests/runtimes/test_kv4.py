@@ -65,15 +65,19 @@ def test_bad_names_are_refused_before_the_engine(tiny):
         NativeBackend(tiny[64], n_ctx=32, kv_cache="q5_0")
     with pytest.raises(OptionError, match="'q4_0/q5_0' is not one of"):
         edgeai.load(tiny[64], backend="llama.cpp", n_ctx=32, kv_cache="q4_0/q5_0")
-    # the engine's own check, for callers of the extension (no crash, an error naming the choices)
+    # the engine takes typed KV types only (checked names become native.KVTypes at the seam)
     from edgeai.gguf_header import read_header
+    from edgeai.native_bridge import kv_types
     from edgeai.runtimes.native import engine_config
 
     config = engine_config(read_header(tiny[64]))  # 2 layers, 2 KV heads of 64
-    for bad in ("q5_0", "q8_0/q4_0/f16", "q8_0/"):
-        with pytest.raises(_native.ModelError, match="not one of f16, q8_0, q4_0, or keys/values"):
-            _native.kv_bytes(config, 8, bad)
-    assert _native.kv_bytes(config, 8, "q8_0/q4_0") == 2 * 8 * 2 * (2 * 34 + 2 * 18)
+    with pytest.raises(TypeError):
+        _native.kv_bytes(config, 8, "q8_0/q4_0")
+    with pytest.raises(OptionError, match="'q8_0/q4_0/f16' is not one of"):
+        kv_types("q8_0/q4_0/f16")
+    mixed = kv_types("q8_0/q4_0")
+    assert (mixed.k, mixed.v) == (_native.KVType.Q8_0, _native.KVType.Q4_0)
+    assert _native.kv_bytes(config, 8, mixed) == 2 * 8 * 2 * (2 * 34 + 2 * 18)
 
 
 def test_tiny_quantized_caches_equal_the_float64_model_of_the_same_cache(tiny):
