@@ -30,6 +30,8 @@ RULES = (
     ("edgeai.converters", "edgeai.api", "converters are what the API is built on"),
     ("edgeai.quant", "edgeai.api", "quant is what the API is built on"),
     ("edgeai.devices", "edgeai.api", "devices are what the API is built on"),
+    *(("edgeai.runtimes", f"edgeai.{m}", "runtimes are what generation is built on")
+      for m in ("model", "speculative", "batch", "context", "constraints", "tools", "scheduler", "server")),
 )
 
 
