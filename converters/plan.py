@@ -179,6 +179,7 @@ def _plan_hf(folder: Path, recipe: Recipe, trust_pickle: bool) -> ConversionPlan
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
+_FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up|down)_proj")  # gpt-oss: all experts in one tensor
 
 
 def _check_counts(config_path: Path, config: Mapping[str, object], hp: HParams, infos: Mapping[str, object]) -> None:
@@ -189,7 +190,7 @@ def _check_counts(config_path: Path, config: Mapping[str, object], hp: HParams, 
     if hp.n_layer != held:
         raise TensorError(f"{config_path}: num_hidden_layers is {hp.n_layer}, but the tensors hold {held} layer(s) "
                           f"(model.layers.0 .. model.layers.{held - 1}); the config and the weights do not match")
-    if hp.n_expert:
+    if hp.n_expert and not any(_FUSED_EXPERTS.search(name) for name in infos):  # fused: their shapes are checked
         experts = {int(m.group(1)) for name in infos if (m := _EXPERT.search(name))}
         held = max(experts) + 1 if experts else 0
         if hp.n_expert != held:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 from edgeai.errors import CheckpointError, UnsupportedArchitectureError
+
+log = logging.getLogger(__name__)
 
 
 class RopeStyle(enum.Enum):
@@ -34,6 +37,13 @@ class FFNActivation(enum.Enum):
 
     SILU = "silu"  # SwiGLU (Llama, Qwen, the MoE families)
     GELU_TANH = "gelu_tanh"  # GeGLU with the tanh approximation (Gemma: gelu_pytorch_tanh)
+    # gpt-oss's experts: g = min(gate, limit), u = clamp(up, -limit, limit), g * sigmoid(alpha * g) * (u + 1),
+    # with llama.cpp's fixed alpha and limit (SWIGLU_OAI below); llama.cpp's graph reads neither from the file
+    SWIGLU_OAI = "swiglu_oai"
+
+
+SWIGLU_OAI = (1.702, 7.0)  # (alpha, limit) of llama.cpp's ggml_swiglu_oai in its gpt-oss graph
+YARN_BETAS = (32.0, 1.0)  # (beta_fast, beta_slow) llama.cpp uses where an architecture reads no yarn keys
 
 
 class QKNorm(enum.Enum):
@@ -150,6 +160,10 @@ class MoESpec:
     router: str
     expert: str  # with {xid} and {proj}
     proj_names: Mapping[str, str]  # gguf role (gate/up/down) -> checkpoint projection name
+    # gpt-oss: all experts in one tensor per projection, "in" before "out" (x @ W): `expert` names
+    # gate_up_proj [n_expert, n_embd, 2 * n_ff_exp] (gate and up in alternate columns) and down_proj
+    # [n_expert, n_ff_exp, n_embd], each with a `_bias`; the router has a bias too
+    fused: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,6 +214,13 @@ class ArchSpec:
     # multiplies by 1 + w); GGUF stores the factor itself, as llama.cpp's converter writes it
     norm_weight_offset: float = 0.0
     chat_template: str | None = None  # the family's chat format, for GGUF files that carry none
+    # gpt-oss: a learned logit per head joining each softmax's denominator (attn_sinks), a bias on the
+    # attention output, the pre-FFN norm under llama.cpp's name for it in this graph, and sliding-window
+    # layers that rotate exactly as the full ones (no base of their own, the same scaling)
+    attn_sinks: bool = False
+    attn_output_bias: bool = False
+    ffn_norm_gguf: str = "ffn_norm"
+    swa_own_rope: bool = True
 
     # ---- hyper-parameters -------------------------------------------------------------------
     def hparams(self, config: Mapping[str, object], config_path: str) -> HParams:
@@ -268,7 +289,9 @@ class ArchSpec:
         """The Gemma 3 keys of a config (window, layer pattern, local rotary base, logit cap), checked
         against what llama.cpp's gemma3 graph computes; a CheckpointError names what it cannot."""
         problems = []
-        if local_rope is not None:
+        if not self.swa_own_rope:  # the local layers rotate as the full ones
+            theta_key, theta = "rope_theta", hp.rope_theta
+        elif local_rope is not None:
             if local_rope.get("rope_type", "default") != "default":
                 problems.append(f"rope_parameters.sliding_attention.rope_type is {local_rope.get('rope_type')!r}; "
                                 "llama.cpp rotates local layers without scaling")
@@ -291,22 +314,22 @@ class ArchSpec:
         pattern = swa_pattern_of(local)
         if pattern is None:
             problems.append(f"layer_types {['L' if x else 'G' for x in local]} (L: sliding, G: full) is not a periodic "
-                            "pattern with every n-th layer global, the one llama.cpp's gemma3 graph reads")
+                            f"pattern with every n-th layer global, the one llama.cpp's {self.gguf_arch} graph reads")
         window = whole_number(config_path, "sliding_window", config.get("sliding_window", 0), "sliding_window") \
             if any(local) else 0
         if any(local) and window == 0:
             problems.append("sliding_window is 0 but some layers are sliding-window layers")
         if config.get("attn_logit_softcapping") is not None:
-            problems.append("attn_logit_softcapping is set; Gemma 3 has none and llama.cpp's gemma3 graph ignores it")
+            problems.append(f"attn_logit_softcapping is set; llama.cpp's {self.gguf_arch} graph ignores it")
         if config.get("use_bidirectional_attention"):
             problems.append("use_bidirectional_attention is set (an embedding model); this converts causal language models")
         activation = config.get("hidden_activation") or config.get("hidden_act")
-        if activation not in ("gelu_pytorch_tanh", "gelu_new"):
+        if self.ffn_act is FFNActivation.GELU_TANH and activation not in ("gelu_pytorch_tanh", "gelu_new"):
             problems.append(f"hidden_activation {activation!r} is not the tanh GELU llama.cpp's gemma3 graph computes")
         expected = self.query_scale_dim(hp) if self.query_scale_dim else hp.head_dim
         scalar = config.get("query_pre_attn_scalar", expected)
         if scalar != expected:
-            problems.append(f"query_pre_attn_scalar is {scalar!r}, but llama.cpp's gemma3 graph scales queries by "
+            problems.append(f"query_pre_attn_scalar is {scalar!r}, but llama.cpp's {self.gguf_arch} graph scales queries by "
                             f"1/sqrt({expected}) for this shape (it stores no scale in the file)")
         cap = config.get("final_logit_softcapping") or 0.0
         if cap:
@@ -331,16 +354,23 @@ class ArchSpec:
                     f"{'renormalizes' if self.moe.renormalizes_top_k else 'keeps'} the top-k routing weights; "
                     "this checkpoint would compute different outputs there"
                 )
+            if self.ffn_act is FFNActivation.SWIGLU_OAI:
+                got = (config.get("swiglu_alpha", SWIGLU_OAI[0]), config.get("swiglu_limit", SWIGLU_OAI[1]))
+                if tuple(float(v) for v in got) != SWIGLU_OAI:
+                    problems.append(f"swiglu_alpha, swiglu_limit are {got}; llama.cpp's {self.gguf_arch} graph computes "
+                                    f"with {SWIGLU_OAI} (the file stores no such key)")
             if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1) or 1) != 1:
                 problems.append("dense layers between MoE layers (mlp_only_layers / decoder_sparse_step) are not supported")
         if hp.head_dim % 2:
             problems.append(f"head_dim {hp.head_dim} is odd; rotary position embeddings rotate pairs of dimensions")
         scaling = hp.rope_scaling or {}
         rope_type = scaling.get("rope_type")
-        if rope_type not in (None, "linear", "llama3"):
-            problems.append(f"rope_type {rope_type!r} is not supported yet (supported: default, linear, llama3)")
+        if rope_type not in (None, "linear", "llama3", "yarn"):
+            problems.append(f"rope_type {rope_type!r} is not supported yet (supported: default, linear, llama3, yarn)")
         elif rope_type is not None:
             positive_real(config_path, "rope_scaling.factor", scaling.get("factor"))
+            if rope_type == "yarn":
+                problems += _yarn_problems(scaling, config_path, self.gguf_arch)
             if rope_type == "llama3" and not float(scaling.get("high_freq_factor", 4.0)) > float(
                     scaling.get("low_freq_factor", 1.0)):
                 problems.append("rope_scaling's high_freq_factor must be larger than its low_freq_factor (llama3)")
@@ -377,10 +407,14 @@ class ArchSpec:
                 kv["attention.sliding_window_pattern"] = hp.swa_pattern
             if hp.final_logit_softcap:
                 kv["final_logit_softcapping"] = hp.final_logit_softcap
+        if self.swa_pattern_default is not None and not self.swa_own_rope:
+            del kv["rope.freq_base_swa"]  # llama.cpp's gpt-oss graph takes rope.freq_base when the key is absent
         scaling = hp.rope_scaling or {}
-        if scaling.get("rope_type") == "linear":
-            kv["rope.scaling.type"] = "linear"
+        if scaling.get("rope_type") in ("linear", "yarn"):
+            kv["rope.scaling.type"] = scaling["rope_type"]
             kv["rope.scaling.factor"] = float(scaling["factor"])
+        if scaling.get("rope_type") == "yarn":
+            kv["rope.scaling.original_context_length"] = int(scaling["original_max_position_embeddings"])
         return kv
 
     # ---- tensors ----------------------------------------------------------------------------
@@ -410,6 +444,10 @@ class ArchSpec:
                 one("attn_k.bias", (kv_dim,), "self_attn.k_proj.bias", permute_k)
                 one("attn_v.bias", (kv_dim,), "self_attn.v_proj.bias")
             one("attn_output.weight", (hp.n_embd, q_dim), "self_attn.o_proj.weight")
+            if self.attn_output_bias:
+                one("attn_output.bias", (hp.n_embd,), "self_attn.o_proj.bias")
+            if self.attn_sinks:
+                one("attn_sinks.weight", (hp.n_head,), "self_attn.sinks")
             if self.qk_norm is QKNorm.PER_HEAD:
                 one("attn_q_norm.weight", (hp.head_dim,), "self_attn.q_norm.weight", norm)
                 one("attn_k_norm.weight", (hp.head_dim,), "self_attn.k_norm.weight", norm)
@@ -421,7 +459,7 @@ class ArchSpec:
                 one("ffn_norm.weight", (hp.n_embd,), "pre_feedforward_layernorm.weight", norm)
                 one("post_ffw_norm.weight", (hp.n_embd,), "post_feedforward_layernorm.weight", norm)
             else:
-                one("ffn_norm.weight", (hp.n_embd,), "post_attention_layernorm.weight")
+                one(f"{self.ffn_norm_gguf}.weight", (hp.n_embd,), "post_attention_layernorm.weight")
             if self.moe is None:
                 one("ffn_gate.weight", (hp.n_ff, hp.n_embd), "mlp.gate_proj.weight")
                 one("ffn_up.weight", (hp.n_ff, hp.n_embd), "mlp.up_proj.weight")
@@ -429,6 +467,9 @@ class ArchSpec:
                 continue
             moe = self.moe
             one("ffn_gate_inp.weight", (hp.n_expert, hp.n_embd), moe.router)
+            if moe.fused:
+                out += _fused_experts(hp, layer, blk, moe)
+                continue
             for role, shape in (
                 ("gate", (hp.n_expert, hp.n_ff_exp, hp.n_embd)),
                 ("up", (hp.n_expert, hp.n_ff_exp, hp.n_embd)),
@@ -477,6 +518,30 @@ def _permute_rows(n_head: int) -> Callable[[np.ndarray], np.ndarray]:
     return permute
 
 
+def _fused_experts(hp: HParams, layer: str, blk: str, moe: MoESpec) -> list[PlannedTensor]:
+    """gpt-oss's stacked experts (MoESpec.fused) as llama.cpp's gate/up/down [n_expert, out, in] and
+    their biases [n_expert, out]: gate and up are the even and odd columns of gate_up_proj."""
+    E, F, H = hp.n_expert, hp.n_ff_exp, hp.n_embd
+    gate_up, down = layer + moe.expert.format(proj="gate_up_proj"), layer + moe.expert.format(proj="down_proj")
+    router_bias = layer + moe.router.removesuffix("weight") + "bias"
+
+    def columns(first: int) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda w: w[..., first::2].transpose(0, 2, 1)
+
+    def bias_columns(first: int) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda b: b[..., first::2]
+
+    return [
+        PlannedTensor(f"{blk}ffn_gate_inp.bias", (E,), (router_bias,)),
+        PlannedTensor(f"{blk}ffn_gate_exps.weight", (E, F, H), (gate_up,), columns(0), source_shape=(E, H, 2 * F)),
+        PlannedTensor(f"{blk}ffn_up_exps.weight", (E, F, H), (gate_up,), columns(1), source_shape=(E, H, 2 * F)),
+        PlannedTensor(f"{blk}ffn_down_exps.weight", (E, H, F), (down,), lambda w: w.transpose(0, 2, 1), source_shape=(E, F, H)),
+        PlannedTensor(f"{blk}ffn_gate_exps.bias", (E, F), (gate_up + "_bias",), bias_columns(0), source_shape=(E, 2 * F)),
+        PlannedTensor(f"{blk}ffn_up_exps.bias", (E, F), (gate_up + "_bias",), bias_columns(1), source_shape=(E, 2 * F)),
+        PlannedTensor(f"{blk}ffn_down_exps.bias", (E, H), (down + "_bias",)),
+    ]
+
+
 def _flatten(w: np.ndarray) -> np.ndarray:
     return w.reshape(-1)
 
@@ -486,6 +551,29 @@ def _add(offset: float) -> Callable[[np.ndarray], np.ndarray]:
         return w + np.float32(offset)
 
     return add
+
+
+def _yarn_problems(scaling: Mapping[str, object], config_path: str, arch: str) -> list[str]:
+    """What in a YaRN rope_scaling llama.cpp would compute differently: it reads the factor and the
+    original context from the file, takes beta_fast 32 and beta_slow 1, derives the attention factor
+    (0.1 ln(factor) + 1) itself, and always rounds the correction range outwards to whole dimensions."""
+    problems = []
+    if not isinstance(scaling.get("original_max_position_embeddings"), int) or \
+            scaling["original_max_position_embeddings"] <= 0:
+        problems.append("rope_scaling (yarn) needs original_max_position_embeddings, a whole number > 0")
+    betas = (scaling.get("beta_fast") or YARN_BETAS[0], scaling.get("beta_slow") or YARN_BETAS[1])
+    if tuple(float(b) for b in betas) != YARN_BETAS:
+        problems.append(f"rope_scaling's beta_fast, beta_slow are {betas}; llama.cpp's {arch} graph uses {YARN_BETAS}")
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        if scaling.get(key) is not None:
+            problems.append(f"rope_scaling.{key} is set; llama.cpp derives the YaRN attention factor from the factor alone")
+    if scaling.get("truncate") is False:
+        # gpt-oss's own setting: its correction range is [8.09, 17.4] (20b), llama.cpp's [8, 18]; the two
+        # rotations differ by a fraction of a percent in a few middle frequencies
+        log.warning("%s: rope_scaling.truncate is false, but llama.cpp (and edgeai, computing as llama.cpp does) "
+                    "round YaRN's correction range to whole dimensions; rotations differ slightly from the checkpoint's",
+                    config_path)
+    return problems
 
 
 def llama3_rope_factors(hp: HParams) -> np.ndarray | None:
@@ -582,6 +670,22 @@ SPECS: tuple[ArchSpec, ...] = (
         chat_template=GEMMA3_CHAT_TEMPLATE,
     ),
     ArchSpec(
+        family="gpt-oss",
+        hf_architectures=("GptOssForCausalLM",),
+        gguf_arch="gpt-oss",
+        rope=RopeStyle.NEOX,
+        always_bias=True,
+        output_required=True,
+        moe=MoESpec(renormalizes_top_k=True, shared_expert=False, router="mlp.router.weight",
+                    expert="mlp.experts.{proj}", proj_names={}, fused=True),
+        swa_pattern_default=2,  # llama.cpp's gpt-oss loader: every other layer (the first) sliding
+        swa_own_rope=False,
+        attn_sinks=True,
+        attn_output_bias=True,
+        ffn_norm_gguf="post_attention_norm",
+        ffn_act=FFNActivation.SWIGLU_OAI,
+    ),
+    ArchSpec(
         family="Mixtral",
         hf_architectures=("MixtralForCausalLM",),
         gguf_arch="llama",
@@ -675,6 +779,10 @@ def hparams_from_gguf(metadata: Mapping[str, object], spec: ArchSpec, source: st
     scaling = None
     if metadata.get(f"{a}.rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": real("rope.scaling.factor", None)}
+    elif metadata.get(f"{a}.rope.scaling.type") == "yarn":
+        scaling = {"rope_type": "yarn", "factor": real("rope.scaling.factor", None),
+                   "original_max_position_embeddings": count("n_ctx_train", "rope.scaling.original_context_length",
+                                                             get("context_length", 2048))}
     n_layer = count("n_layer", "block_count")
     window = pattern = 0
     theta_swa = cap = 0.0
@@ -690,7 +798,7 @@ def hparams_from_gguf(metadata: Mapping[str, object], spec: ArchSpec, source: st
         else:
             pattern = count("swa_pattern", "attention.sliding_window_pattern", spec.swa_pattern_default)
         pattern = pattern if window else 0
-        theta_swa = real("rope.freq_base_swa", 10000.0)
+        theta_swa = real("rope.freq_base_swa", 10000.0 if spec.swa_own_rope else real("rope.freq_base", 10000.0))
         if metadata.get(f"{a}.final_logit_softcapping"):
             cap = real("final_logit_softcapping", None)
     return HParams(

@@ -224,7 +224,7 @@ def _local_layers(meta, path: str) -> tuple[int, int]:
 def _split(named_bytes, has_output: bool) -> WeightBytes:
     dense = experts = embedding = 0
     for name, n in named_bytes:
-        if "_exps." in name:
+        if "_exps.weight" in name:  # stacked experts (their biases stay resident)
             experts += n
         elif name == "token_embd.weight" and has_output:
             embedding += n

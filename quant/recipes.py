@@ -167,8 +167,8 @@ def tensor_type(name: str, shape: tuple[int, ...], recipe: Recipe | OutType, *, 
     """The format tensor `name` (numpy-order `shape`) is written in under `recipe`."""
     if isinstance(recipe, OutType):
         recipe = RECIPES[recipe.value]
-    if len(shape) <= 1:
-        return TypeChoice(FORMATS["f32"])  # 1-D: norms, biases
+    if len(shape) <= 1 or name.endswith(".bias"):
+        return TypeChoice(FORMATS["f32"])  # 1-D: norms, biases; and stacked experts' biases (gpt-oss)
     if name.endswith(F32_ROLES):
         return TypeChoice(FORMATS["f32"])  # routers
     match = _BLOCK.match(name)

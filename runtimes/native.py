@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 def engine_config(header: GGUFHeader) -> dict:
     """The engine's ModelConfig for a GGUF: hyper-parameters from its header, family facts from
     the architecture table. Raises UnsupportedArchitectureError for what the engine does not run."""
-    from edgeai.architectures import FFNActivation, QKNorm, RopeStyle, hparams_from_gguf, spec_for_gguf
+    from edgeai.architectures import (SWIGLU_OAI, YARN_BETAS, FFNActivation, QKNorm, RopeStyle, hparams_from_gguf,
+                                      spec_for_gguf)
 
     meta, path = header.metadata, header.path
     try:
@@ -72,6 +73,16 @@ def engine_config(header: GGUFHeader) -> dict:
         "swa_pattern": hp.swa_pattern,
         "rope_theta_swa": hp.rope_theta_swa or hp.rope_theta,
         "logit_softcap": hp.final_logit_softcap,
+        # gpt-oss (off for every other family)
+        "attn_sinks": spec.attn_sinks,
+        "ffn_norm_post_attention": spec.ffn_norm_gguf == "post_attention_norm",
+        "swa_rope_global": not spec.swa_own_rope,
+        "swiglu_alpha": SWIGLU_OAI[0] if spec.ffn_act is FFNActivation.SWIGLU_OAI else 0.0,
+        "swiglu_limit": SWIGLU_OAI[1] if spec.ffn_act is FFNActivation.SWIGLU_OAI else 0.0,
+        "rope_yarn_factor": float(scaling["factor"]) if scaling.get("rope_type") == "yarn" else 0.0,
+        "rope_yarn_beta_fast": YARN_BETAS[0],
+        "rope_yarn_beta_slow": YARN_BETAS[1],
+        "rope_yarn_orig_ctx": int(scaling.get("original_max_position_embeddings", 0)),
         "n_ctx_train": hp.n_ctx_train,
     }
 

@@ -389,3 +389,41 @@ def make_tiny_gemma3(folder: Path, seed: int = 0) -> Path:
             tensors[name] = (0.3 * torch.randn(t.shape, generator=gen)).to(t.dtype)
     save_file(tensors, weights, metadata={"format": "pt"})
     return folder
+
+
+# gpt-oss-20b's config.json with the sizes shrunk (24 -> 4 layers, 2880 -> 64 wide, 32 -> 8 experts,
+# window 128 -> 16); every feature kept: alternating sliding/full layers, YaRN as shipped (truncate
+# false), attention biases and sinks, router bias, the clamped SwiGLU, an untied output.
+GPTOSS_TINY = TinyArch("gpt_oss", "gpt_oss", "qwen2", dict(
+    hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=64, num_local_experts=8, num_experts_per_tok=4, experts_per_token=4, sliding_window=16,
+    layer_types=["sliding_attention", "full_attention"] * 2, attention_bias=True, attention_dropout=0.0,
+    hidden_act="silu", initial_context_length=4096, max_position_embeddings=131072, rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                     "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
+    swiglu_limit=7.0, tie_word_embeddings=False, router_aux_loss_coef=0.9, output_router_logits=False,
+    initializer_range=0.1))
+
+
+def make_tiny_gptoss(folder: Path, seed: int = 0) -> Path:
+    """A random tiny gpt-oss (`GPTOSS_TINY`) whose norms, biases and sinks are random too and large
+    enough to matter: sinks take a real share of each softmax, and the experts' gate/up biases push
+    some values past the SwiGLU clamp (|x| > 7)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    make_tiny_checkpoint(folder, GPTOSS_TINY, seed=seed)
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    gen = torch.Generator().manual_seed(seed + 1)
+    # a decisive router, as trained ones are: random small logits leave near-ties in the top-k that a
+    # rounding anywhere (an f16 KV cache) flips, and one flipped expert moves a token's logits by ~0.5
+    scales = {"norm.weight": (1.0, 0.3), "sinks": (0.0, 1.0), "gate_up_proj_bias": (0.0, 4.0), "bias": (0.0, 0.3),
+              "router.weight": (0.0, 0.3)}
+    for name, t in tensors.items():
+        for suffix, (mean, std) in scales.items():
+            if name.endswith(suffix):
+                tensors[name] = (mean + std * torch.randn(t.shape, generator=gen)).to(t.dtype)
+                break
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return folder

@@ -139,7 +139,8 @@ struct Unit {
 size_t stream_slot_bytes(const std::vector<std::vector<size_t>> &unit_range_bytes);
 
 // The stacked expert tensors (ffn_{gate,up,down}_exps), the ones a streaming store reads from disk.
-inline bool is_expert_tensor(const std::string &name) { return name.find("_exps.") != std::string::npos; }
+// stacked expert matrices; their biases (gpt-oss, [n_expert][rows] F32) are small and stay resident
+inline bool is_expert_tensor(const std::string &name) { return name.find("_exps.weight") != std::string::npos; }
 
 // A fixed number of slots filled by direct reads of units, shared by the expert store and the
 // dense-layer streamer. Thread-safe between the forward pass (one thread) and its readers.

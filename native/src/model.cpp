@@ -136,12 +136,16 @@ std::string kv_type_name(KVTypes kv) {
     return k == v ? k : k + "/" + v;
 }
 
-const char *const CONFIG_FIELDS[22] = {"n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_expert",
+const char *const CONFIG_FIELDS[31] = {"n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_expert",
                                        "n_expert_used", "rms_eps", "rope_theta", "rope_linear_factor", "rope_neox",
                                        "qk_norm", "moe_renormalize",
                                        // Gemma 3
                                        "ffn_gelu", "post_norms", "embd_scale", "attn_scale", "logit_softcap",
-                                       "rope_theta_swa", "n_swa", "swa_pattern"};
+                                       "rope_theta_swa", "n_swa", "swa_pattern",
+                                       // gpt-oss
+                                       "attn_sinks", "ffn_norm_post_attention", "swa_rope_global", "swiglu_alpha",
+                                       "swiglu_limit", "rope_yarn_factor", "rope_yarn_beta_fast", "rope_yarn_beta_slow",
+                                       "rope_yarn_orig_ctx"};
 
 bool set_config_field(ModelConfig &c, const std::string &key, double v) {
     int *const ints[] = {&c.n_vocab, &c.n_embd, &c.n_layer, &c.n_head, &c.n_head_kv, &c.head_dim, &c.n_expert, &c.n_expert_used};
@@ -163,6 +167,15 @@ bool set_config_field(ModelConfig &c, const std::string &key, double v) {
         if (i < 16) *flags[i - 14] = v != 0;
         else if (i < 20) *gemma_floats[i - 16] = static_cast<float>(v);
         else *gemma_ints[i - 20] = static_cast<int>(v);
+        return true;
+    }
+    bool *const oai_flags[] = {&c.attn_sinks, &c.ffn_norm_post_attention, &c.swa_rope_global};
+    float *const oai_floats[] = {&c.swiglu_alpha, &c.swiglu_limit, &c.rope_yarn_factor, &c.rope_yarn_beta_fast, &c.rope_yarn_beta_slow};
+    for (int i = 22; i < 31; ++i) {
+        if (key != CONFIG_FIELDS[i]) continue;
+        if (i < 25) *oai_flags[i - 22] = v != 0;
+        else if (i < 30) *oai_floats[i - 25] = static_cast<float>(v);
+        else c.rope_yarn_orig_ctx = static_cast<int>(v);
         return true;
     }
     return false;
@@ -236,7 +249,9 @@ Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, 
             L.q_norm = vector(p + "attn_q_norm.weight", full ? q_dim : c.head_dim, true);
             L.k_norm = vector(p + "attn_k_norm.weight", full ? kv_dim : c.head_dim, true);
         }
-        L.ffn_norm = vector(p + "ffn_norm.weight", c.n_embd, true);
+        L.bo = vector(p + "attn_output.bias", c.n_embd, false);
+        if (c.attn_sinks) L.sinks = vector(p + "attn_sinks.weight", c.n_head, true);
+        L.ffn_norm = vector(p + (c.ffn_norm_post_attention ? "post_attention_norm.weight" : "ffn_norm.weight"), c.n_embd, true);
         if (c.post_norms) {
             L.post_attn_norm = vector(p + "post_attention_norm.weight", c.n_embd, true);
             L.post_ffn_norm = vector(p + "post_ffw_norm.weight", c.n_embd, true);
@@ -264,6 +279,12 @@ Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, 
             }
             max_ff_ = std::max(max_ff_, n_ff);
             expert_layers.push_back(el);
+            L.router_b = vector(p + "ffn_gate_inp.bias", c.n_expert, false);
+            const char *biases[3] = {"ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias"};
+            for (int k = 0; k < 3; ++k) {  // [n_expert][rows] F32, all or none
+                L.exps_b[k] = matrix(p + biases[k], rows[k], c.n_expert, k > 0 && bool(L.exps_b[0]));
+                if (L.exps_b[k] && L.exps_b[k].wtype != kern::W_F32) throw ModelError(path + ": tensor " + p + biases[k] + " should be F32");
+            }
             if (file_->tensor(p + "ffn_gate_shexp.weight")) {
                 const gguf::TensorInfo *s = file_->tensor(p + "ffn_gate_shexp.weight");
                 const int64_t n_sh = static_cast<int64_t>(s->ne.size() == 2 ? s->ne[1] : 0);
@@ -313,9 +334,25 @@ Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, 
     v_cache_.assign(rows * v_row_, 0);
     inv_freq_.resize(c.head_dim / 2);
     inv_freq_swa_.resize(c.head_dim / 2);
+    // YaRN as ggml computes it (ggml_rope_yarn_corr_dims, rope_yarn): frequencies below the correction
+    // range divided by the factor, above it kept, a linear ramp between; the range rounded outwards
+    float yarn_lo = 0.0f, yarn_hi = 0.0f;
+    if (c.rope_yarn_factor > 0) {
+        if (c.rope_yarn_orig_ctx <= 0) throw ModelError(path + ": YaRN rope scaling without an original context length");
+        auto corr_dim = [&](float rotations) {
+            return c.head_dim * std::log(c.rope_yarn_orig_ctx / (rotations * 2.0f * float(M_PI))) / (2.0f * std::log(c.rope_theta));
+        };
+        yarn_lo = std::max(0.0f, std::floor(corr_dim(c.rope_yarn_beta_fast)));
+        yarn_hi = std::min(float(c.head_dim - 1), std::ceil(corr_dim(c.rope_yarn_beta_slow)));
+        rope_mscale_ = 1.0f + 0.1f * std::log(c.rope_yarn_factor);
+    }
     for (int i = 0; i < c.head_dim / 2; ++i) {
         inv_freq_[i] = std::pow(c.rope_theta, -2.0f * i / c.head_dim);
         if (!rope_freqs_.empty()) inv_freq_[i] /= rope_freqs_[i];
+        if (c.rope_yarn_factor > 0) {
+            const float keep = 1.0f - std::min(1.0f, std::max(0.0f, (i - yarn_lo) / std::max(0.001f, yarn_hi - yarn_lo)));
+            inv_freq_[i] = inv_freq_[i] / c.rope_yarn_factor * (1.0f - keep) + inv_freq_[i] * keep;
+        }
         inv_freq_swa_[i] = std::pow(c.rope_theta_swa, -2.0f * i / c.head_dim);
     }
     seqs_.resize(n_seq);
@@ -580,12 +617,14 @@ void Model::matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_
         chunks);
 }
 
-void Model::rope(float *x, int n_heads, int pos, bool local) const {
+void Model::rope(float *x, int n_heads, int pos, bool local, bool magnitude) const {
     const int hd = cfg_.head_dim, half = hd / 2;
+    local = local && !cfg_.swa_rope_global;
     const float p = local ? static_cast<float>(pos) : static_cast<float>(pos) / cfg_.rope_linear_factor;
     const std::vector<float> &inv_freq = local ? inv_freq_swa_ : inv_freq_;
+    const float m = local || !magnitude ? 1.0f : rope_mscale_;
     for (int i = 0; i < half; ++i) {
-        const float theta = p * inv_freq[i], cs = std::cos(theta), sn = std::sin(theta);
+        const float theta = p * inv_freq[i], cs = m * std::cos(theta), sn = m * std::sin(theta);
         for (int h = 0; h < n_heads; ++h) {
             float *v = x + size_t(h) * hd;
             const int a = cfg_.rope_neox ? i : 2 * i, b = cfg_.rope_neox ? i + half : 2 * i + 1;
@@ -687,7 +726,9 @@ void Model::attention(const Layer &L, int layer, int T) {
                     mx = std::max(mx, sc[j]);
                 }
             }
-            float sum = 0.0f;
+            const float sink = L.sinks ? reinterpret_cast<const float *>(L.sinks.data)[h] : -INFINITY;
+            mx = std::max(mx, sink);
+            float sum = L.sinks ? std::exp(sink - mx) : 0.0f;  // the sink takes its share of the softmax, then is dropped
             for (int j = 0; j < n_keys; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
             float *out = att_out_.data() + q_at;
             const float inv = 1.0f / sum;
@@ -707,6 +748,9 @@ void Model::attention(const Layer &L, int layer, int T) {
     });
     if (rot_v_) hadamard_chunks(att_out_.data(), T * q_dim, rot_v_);  // the values' rotation undone
     matmul(L.wo, att_out_.data(), tmp_.data(), T);
+    if (L.bo)
+        for (int t = 0; t < T; ++t)
+            for (int i = 0; i < c.n_embd; ++i) tmp_[size_t(t) * c.n_embd + i] += reinterpret_cast<const float *>(L.bo.data)[i];
     if (L.post_attn_norm) post_norm(L.post_attn_norm, T);
     for (size_t i = 0; i < size_t(T) * c.n_embd; ++i) x_[i] += tmp_[i];
 }
@@ -743,6 +787,14 @@ void Model::swiglu(size_t n) {
     else pool_.range(n, apply);
 }
 
+void Model::swiglu_oai(size_t n) {
+    const float alpha = cfg_.swiglu_alpha, limit = cfg_.swiglu_limit;
+    for (size_t i = 0; i < n; ++i) {
+        const float g = std::min(hb_[i], limit), u = std::min(std::max(hb2_[i], -limit), limit);
+        hb_[i] = g / (1.0f + std::exp(-alpha * g)) * (u + 1.0f);
+    }
+}
+
 void Model::ffn(const Layer &L, int, int T) {
     const int64_t n_ff = L.gate.rows;
     matmul(L.gate, xb_.data(), hb_.data(), T);
@@ -760,6 +812,9 @@ void Model::moe(const Layer &L, int layer, int T) {
     std::vector<float> &router = moe_router_;  // [T][E]
     router.resize(size_t(T) * E);
     matmul(L.router, xb_.data(), router.data(), T);
+    if (L.router_b)
+        for (int t = 0; t < T; ++t)
+            for (int e = 0; e < E; ++e) router[size_t(t) * E + e] += reinterpret_cast<const float *>(L.router_b.data)[e];
     // routing: softmax over all experts, top-k by probability, optional renormalisation
     auto &routed = moe_routed_;  // expert -> (token, weight)
     routed.resize(E);
@@ -798,9 +853,20 @@ void Model::moe(const Layer &L, int layer, int T) {
         const int64_t n_ff = w.gate.rows;
         matmul(w.gate, xin.data(), hb_.data(), Te);
         matmul(w.up, xin.data(), hb2_.data(), Te, kern::takes_q8(w.gate.wtype));
-        swiglu(size_t(Te) * n_ff);
+        // expert e's bias rows added to each of its tokens' outputs (gpt-oss)
+        auto add_bias = [&](const Matrix &b, float *y, int64_t n) {
+            if (!b) return;
+            const float *row = reinterpret_cast<const float *>(b.row(e));
+            for (int i = 0; i < Te; ++i)
+                for (int64_t j = 0; j < n; ++j) y[size_t(i) * n + j] += row[j];
+        };
+        add_bias(L.exps_b[0], hb_.data(), n_ff);
+        add_bias(L.exps_b[1], hb2_.data(), n_ff);
+        if (c.swiglu_limit > 0) swiglu_oai(size_t(Te) * n_ff);
+        else swiglu(size_t(Te) * n_ff);
         out.resize(size_t(Te) * d);
         matmul(w.down, hb_.data(), out.data(), Te);
+        add_bias(L.exps_b[2], out.data(), d);
         experts_->release(layer, e);
         for (int i = 0; i < Te; ++i) {
             float *a = &acc[size_t(tokens[i].first) * d];
@@ -836,6 +902,8 @@ void Model::prefetch_experts(int layer) {
     // x_ is the residual stream after this layer's attention: normalised as the next layer will.
     rmsnorm(x_.data(), reinterpret_cast<const float *>(N.ffn_norm.data), moe_pred_in_.data(), c.n_embd, c.rms_eps);
     matmul(N.router, moe_pred_in_.data(), moe_pred_.data(), 1);
+    if (N.router_b)
+        for (int e = 0; e < c.n_expert; ++e) moe_pred_[e] += reinterpret_cast<const float *>(N.router_b.data)[e];
     std::vector<int> &idx = moe_idx_;
     idx.resize(c.n_expert);
     std::iota(idx.begin(), idx.end(), 0);
@@ -1060,7 +1128,7 @@ void Model::evict(int start, int end, int seq) {
                 const size_t from = kv_at(int(l), seq, p), to = from - delta;  // rows (no rings here: n_ctx per layer and slot)
                 decode_kv(kv_type_.k, kc + from * k_row_, k.data(), kv_dim);
                 if (rot_k_) hadamard_chunks(k.data(), kv_dim, rot_k_);
-                rope(k.data(), c.n_head_kv, -delta);
+                rope(k.data(), c.n_head_kv, -delta, false, false);
                 if (rot_k_) hadamard_chunks(k.data(), kv_dim, rot_k_);
                 encode_kv(kv_type_.k, k.data(), kc + to * k_row_, kv_dim);
                 std::memmove(vc + to * v_row_, vc + from * v_row_, v_row_);

@@ -51,6 +51,16 @@ struct ModelConfig {
     bool ffn_gelu = false, post_norms = false;
     float embd_scale = 1.0f, attn_scale = 0.0f, logit_softcap = 0.0f, rope_theta_swa = 10000.0f;
     int n_swa = 0, swa_pattern = 0;
+    // gpt-oss: a learned per-head logit in each softmax's denominator (attn_sinks) and a bias on the
+    // attention output; the pre-FFN norm named post_attention_norm; router and expert biases; experts
+    // gated by the clamped SwiGLU min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u, +-limit) + 1)
+    // when swiglu_limit > 0; sliding-window layers rotating as the full ones (swa_rope_global); and
+    // YaRN (rope_yarn_factor > 0: ggml's frequency mix over the rounded correction range of
+    // rope_yarn_orig_ctx and betas fast/slow, cos and sin times 1 + 0.1 ln(factor))
+    bool attn_sinks = false, ffn_norm_post_attention = false, swa_rope_global = false;
+    float swiglu_alpha = 0.0f, swiglu_limit = 0.0f;
+    float rope_yarn_factor = 0.0f, rope_yarn_beta_fast = 32.0f, rope_yarn_beta_slow = 1.0f;
+    int rope_yarn_orig_ctx = 0;
     bool is_local(int layer) const { return n_swa > 0 && (swa_pattern == 0 || layer % swa_pattern < swa_pattern - 1); }
 };
 
@@ -63,7 +73,7 @@ std::string kv_type_name(KVTypes kv);
 // `value` (integers and booleans as numbers); false when no field has that name.
 bool set_config_field(ModelConfig &c, const std::string &key, double value);
 // Every field name set_config_field knows.
-extern const char *const CONFIG_FIELDS[22];
+extern const char *const CONFIG_FIELDS[31];
 
 // What a model of a given file and context needs in memory, in bytes (for the planner).
 struct MemorySizes {
@@ -185,6 +195,7 @@ class Model {
         Matrix post_attn_norm, post_ffn_norm;                   // Gemma's norms on the sublayer outputs
         Matrix gate, up, down;                                  // dense FFN
         Matrix router, gate_shexp, up_shexp, down_shexp, shexp_gate;  // MoE
+        Matrix bo, sinks, router_b, exps_b[3];  // gpt-oss: output bias, [n_head] sinks, router and [n_expert][rows] expert biases
     };
 
     Matrix matrix(const std::string &name, int64_t cols, int64_t rows, bool required);
@@ -202,12 +213,15 @@ class Model {
     void attention(const Layer &L, int layer, int T);
     void ffn(const Layer &L, int layer, int T);
     void swiglu(size_t n);
+    void swiglu_oai(size_t n);                     // gpt-oss's experts: the clamped SwiGLU (ModelConfig)
     void geglu(size_t n);                          // Gemma: hb_ = gelu_tanh(hb_) * hb2_
     void post_norm(const Matrix &w, int T);        // Gemma: tmp_[t] = rmsnorm(tmp_[t]) * w before the residual add
     static constexpr size_t kParallelElements = 1 << 14;  // below this, splitting costs more than it saves
     static constexpr int kParallelTokens = 8;  // per-token work of a batch this long goes across the pool
     void moe(const Layer &L, int layer, int T);
-    void rope(float *x, int n_heads, int pos, bool local = false) const;  // local: a sliding-window layer's base
+    // local: a sliding-window layer's base; magnitude: YaRN's factor on cos and sin (not when turning
+    // cached keys by a position difference)
+    void rope(float *x, int n_heads, int pos, bool local = false, bool magnitude = true) const;
     size_t kv_at(int layer, int seq, int pos) const {  // row of slot seq's position pos in layer's K and V caches (times k_row_ or v_row_: bytes)
         return kv_base_[layer] + size_t(seq) * kv_cap_[layer] + size_t(pos % kv_cap_[layer]);
     }
@@ -267,6 +281,7 @@ class Model {
     std::vector<kern::BlockQ8A> xq_;                                   // quantized activations
     std::vector<float> inv_freq_;                                      // [head_dim/2]
     std::vector<float> inv_freq_swa_;                                  // [head_dim/2], sliding-window layers
+    float rope_mscale_ = 1.0f;                                         // YaRN: cos and sin times this
     // MoE scratch, reused across layers and steps (no allocation per decode step)
     std::vector<float> moe_router_, moe_acc_, moe_xin_, moe_out_;
     std::vector<std::vector<std::pair<int, float>>> moe_routed_;
