@@ -419,3 +419,30 @@ def dequantize_mxfp4(blocks: np.ndarray) -> np.ndarray:
     d = e8m0_half(blocks[:, :1])  # [n, 1]
     with np.errstate(over="ignore"):  # e = 255: 12 * 2^127 is inf, in ggml too
         return d * E2M1_DOUBLED[_unpack_nibbles(blocks[:, 1:])].astype(np.float32)
+
+
+# ---- MXFP4 as OpenAI ships it (gpt-oss; transformers' Mxfp4 integration) ----------------------------
+# `X_blocks` [..., rows, n_in/32, 16] U8 and `X_scales` [..., rows, n_in/32] U8: the same E8M0 exponent
+# byte and the same E2M1 codes as ggml's block_mxfp4, only the codes sit in another order: element 2i
+# in the low nibble of byte i and 2i+1 in its high nibble (ggml: j low and j+16 high in byte j).
+# Moving the nibbles is the whole conversion: no value is re-encoded.
+
+
+def mxfp4_from_openai(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """OpenAI's blocks [..., 16] and scales [...] (U8) -> ggml block_mxfp4 bytes [..., 17], bit for bit
+    the same values."""
+    assert blocks.shape[-1] == 16 and blocks.shape[:-1] == scales.shape, (blocks.shape, scales.shape)
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)  # element order
+    out = np.empty((*blocks.shape[:-1], 17), np.uint8)
+    out[..., 0] = scales
+    out[..., 1:] = codes[..., :16] | (codes[..., 16:] << 4)
+    return out
+
+
+def mxfp4_to_openai(ggml_blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml block_mxfp4 bytes [..., 17] -> OpenAI's (blocks [..., 16], scales [...]): the inverse of
+    `mxfp4_from_openai`."""
+    assert ggml_blocks.shape[-1] == 17, ggml_blocks.shape
+    qs = ggml_blocks[..., 1:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # element order
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8), ggml_blocks[..., 0].copy()

@@ -101,3 +101,25 @@ def test_round_trip_error():
     rms = np.sqrt(np.mean((dequantize(quantize(x, MXFP4), MXFP4) - x.reshape(-1)) ** 2))
     assert MXFP4.bits_per_weight == 4.25
     assert rms < 0.16
+
+
+def test_openai_blocks_repack_to_the_values_transformers_decodes():
+    """OpenAI's MXFP4 layout (gpt-oss checkpoints: element 2i low and 2i+1 high in byte i, the E8M0
+    bytes apart) moved into ggml's block_mxfp4 without re-encoding: every byte and every exponent
+    0..255 decodes to what transformers' own dequantizer gives, and the move inverts exactly."""
+    torch = pytest.importorskip("torch")
+    mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+    from edgeai.quant.blocks import mxfp4_from_openai, mxfp4_to_openai
+
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, (2, 256, 3, 16), dtype=np.uint8)
+    blocks[0, :, 0] = np.arange(256, dtype=np.uint8)[:, None]  # every byte in every position
+    scales = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None], (2, 256, 3)).copy()  # every exponent
+    ggml = mxfp4_from_openai(blocks, scales)
+    ours = dequantize(ggml, MXFP4).reshape(2, 256, 96)
+    theirs = mxfp4.convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
+                                              dtype=torch.float32).numpy()  # [2, 96, 256]: in before out
+    np.testing.assert_array_equal(ours, theirs.transpose(0, 2, 1))
+    back_blocks, back_scales = mxfp4_to_openai(ggml)
+    np.testing.assert_array_equal(back_blocks, blocks)
+    np.testing.assert_array_equal(back_scales, scales)
