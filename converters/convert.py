@@ -92,6 +92,9 @@ def convert(
         output: the GGUF file to write. It appears only once complete.
         outtype: one element type for every weight matrix: f32, f16 (default), bf16 or q8_0.
         quant: a quantization recipe instead (see `edgeai.quant.recipes.RECIPES`: q4_0, q4_k_m, ...).
+            A checkpoint that ships its experts in MXFP4 (gpt-oss) defaults to mxfp4_moe: its expert
+            bytes are copied (nibbles reordered, no value re-encoded), the rest Q8_0; under any
+            other type its experts are decoded to float32 and encoded again.
         method: how block types choose their codes: rtn (no calibration data), imatrix (the
             squared error of each input column weighted by its mean x^2 on the calibration text;
             skipped when no type of the recipe uses it, e.g. q8_0), awq (activation-aware input
@@ -166,7 +169,17 @@ def convert(
             raise OptionError(f"--method gptq does not write {', '.join(t for t in target_types if t in GRIDLESS)}; "
                               "leave them out of --target-types")
         target_types = target_types or tuple(t for t in DEFAULT_CANDIDATES if t not in GRIDLESS)
-    recipe = get_recipe(quant) if quant is not None else get_recipe(parse_outtype(outtype or OutType.F16).value)
+    if quant is not None:
+        recipe = get_recipe(quant)
+    elif outtype is not None:
+        recipe = get_recipe(parse_outtype(outtype).value)
+    else:
+        from edgeai.converters.plan import default_recipe
+
+        recipe = get_recipe(default_recipe(src))
+        if recipe.name != OutType.F16.value:
+            log.info("the checkpoint ships MXFP4 experts: writing them as shipped, the rest Q8_0 (recipe %s); "
+                     "--outtype or --quant chooses otherwise", recipe.name)
     method = parse_method(method)
     from edgeai.quant.prune import parse_prune
 
@@ -213,6 +226,20 @@ def _draft_target(draft_of, draft_layers, format: str, prune, calib):
     return read_target(draft_of)
 
 
+def _log_shipped(plan: ConversionPlan) -> None:
+    """Say whether the tensors the checkpoint ships encoded are copied, or decoded and encoded again."""
+    shipped = [t for t in plan.tensors if t.shipped is not None]
+    copied = [t for t in shipped if t.shipped_bytes() is not None]
+    again = [t for t in shipped if t.shipped_bytes() is None]
+    if copied:
+        log.info("%d tensor(s) copied as the checkpoint ships them (%s)", len(copied), copied[0].shipped.fmt.name)
+    if again:
+        types = sorted({t.fmt.name for t in again})
+        log.info("%d tensor(s) the checkpoint ships in %s are decoded to float32 and encoded again as %s "
+                 "(e.g. %s; a type other than the shipped one, or values changed by pruning or AWQ)",
+                 len(again), again[0].shipped.fmt.name, ", ".join(types), again[0].name)
+
+
 def _write(plan: ConversionPlan, output: Path, recipe: Recipe, method: Method, force: bool, progress: Progress | None,
            threads: int, importance: ImportanceLookup | None = None,
            encoded: dict[str, list[np.ndarray]] | None = None) -> Path:
@@ -247,12 +274,15 @@ def _write(plan: ConversionPlan, output: Path, recipe: Recipe, method: Method, f
             for t in plan.tensors:
                 writer.add_tensor(t.name, t.shape, t.fmt.ggml_type, t.nbytes)
             writer.write_header()
+            _log_shipped(plan)
             total, done, what = sum(t.nbytes for t in plan.tensors), 0, f"converting to {output.name}"
             if progress:
                 progress(0, total, what)
             for t in plan.tensors:
                 if encoded is not None and t.name in encoded:  # already quantized (GPTQ)
                     chunks = encoded.pop(t.name)
+                elif (shipped := t.shipped_bytes()) is not None:  # the checkpoint's own bytes
+                    chunks = shipped()
                 else:
                     chunks = (
                         quantize(c, t.fmt, n_threads=threads, fit=Fit.SEARCH,

@@ -19,12 +19,13 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 from gguf import GGUFValueType
 
-from edgeai.architectures import ArchSpec, HParams, hparams_from_gguf, spec_for, spec_for_gguf
-from edgeai.converters.sources import GGUFSource, PickleCheckpoint, SafetensorsCheckpoint, TensorSource
+from edgeai.architectures import ArchSpec, HParams, PlannedTensor, hparams_from_gguf, spec_for, spec_for_gguf
+from edgeai.converters.sources import (GGUFSource, MXFP4Pairs, PickleCheckpoint, SafetensorsCheckpoint, TensorInfo,
+                                      TensorSource)
 from edgeai.converters.tokenizer import MetaKV, tokenizer_kv
 from edgeai.errors import CheckpointError, TensorError, UnsupportedArchitectureError
 from edgeai.paths import default_model_path
-from edgeai.quant.formats import QuantFormat
+from edgeai.quant.formats import FORMATS, QuantFormat
 from edgeai.quant.recipes import OutType, Recipe, get_recipe, tensor_type, validate
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,27 @@ class OutputTensor:
     fmt: QuantFormat
     chunks: Callable[[], Iterator[np.ndarray]]  # float32 pieces in file order (one per expert when stacked)
     fallback: str = ""  # why the recipe's type was replaced (rows that do not fill its blocks), if it was
+    shipped: Shipped | None = None  # the checkpoint's own encoding of these values, where it has one
 
     @property
     def nbytes(self) -> int:
         return self.fmt.nbytes(int(np.prod(self.shape, dtype=np.int64)))
+
+    def shipped_bytes(self) -> Callable[[], Iterator[np.ndarray]] | None:
+        """The checkpoint's encoded bytes when they are what this tensor writes: its type is the shipped
+        one and no step (pruning, AWQ) has changed its values since planning; else None."""
+        s = self.shipped
+        return s.raw if s is not None and s.fmt is self.fmt and s.chunks is self.chunks else None
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """Values a checkpoint ships already encoded (gpt-oss's MXFP4 experts): their bytes in `fmt`, and
+    the `chunks` (float32 decode) of the OutputTensor they were planned with."""
+
+    fmt: QuantFormat
+    raw: Callable[[], Iterator[np.ndarray]]  # uint8 pieces in file order
+    chunks: Callable[[], Iterator[np.ndarray]]
 
 
 @dataclass
@@ -107,7 +125,7 @@ def tensor_reader(source: TensorSource, names: tuple[str, ...], transform) -> Ca
     return chunks
 
 
-def _plan_hf(folder: Path, recipe: Recipe, trust_pickle: bool) -> ConversionPlan:
+def _read_config(folder: Path) -> dict:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder} has no config.json; a Hugging Face checkpoint folder needs one")
@@ -115,6 +133,42 @@ def _plan_hf(folder: Path, recipe: Recipe, trust_pickle: bool) -> ConversionPlan
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} holds a JSON {type(config).__name__}, not an object of settings")
+    return config
+
+
+# quantization_config.quant_method values whose encoded tensors edgeai reads (mxfp4: sources.MXFP4Pairs)
+SHIPPED_QUANT_METHODS = ("mxfp4",)
+
+
+def _shipped_quant_method(config: Mapping[str, object], config_path: Path) -> str | None:
+    """config.json's quantization_config.quant_method: None, or one of SHIPPED_QUANT_METHODS."""
+    qc = config.get("quantization_config")
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method not in SHIPPED_QUANT_METHODS:
+        raise CheckpointError(f"{config_path}: quantization_config.quant_method is {method!r}; edgeai reads checkpoints "
+                              f"in float32, float16, bfloat16 or {', '.join(SHIPPED_QUANT_METHODS)}: dequantize this one "
+                              "first (e.g. save it again from transformers with dequantize=True)")
+    return method
+
+
+def default_recipe(src: str | Path | None) -> str:
+    """The recipe when none is asked for: `mxfp4_moe` for a checkpoint that ships MXFP4 experts (they
+    stay as shipped, the rest Q8_0), f16 for any other."""
+    folder = Path(src) if src is not None else default_model_path()
+    if folder.is_dir() and (folder / "config.json").is_file() and \
+            _shipped_quant_method(_read_config(folder), folder / "config.json") == "mxfp4":
+        return "mxfp4_moe"
+    return OutType.F16.value
+
+
+def _plan_hf(folder: Path, recipe: Recipe, trust_pickle: bool) -> ConversionPlan:
+    config_path = folder / "config.json"
+    config = _read_config(folder)
+    shipped_quant = _shipped_quant_method(config, config_path)
     spec = spec_for(config.get("architectures"), str(config_path))
     hp = spec.hparams(config, str(config_path))
 
@@ -122,8 +176,13 @@ def _plan_hf(folder: Path, recipe: Recipe, trust_pickle: bool) -> ConversionPlan
     pickles = sorted(folder.glob("*.bin"))
     if safetensors or (folder / SafetensorsCheckpoint.INDEX).is_file():
         source: TensorSource = SafetensorsCheckpoint(folder)
+        if shipped_quant == "mxfp4":
+            source = MXFP4Pairs(source)
         source_files, source_format = safetensors, "safetensors"
     elif pickles:
+        if shipped_quant is not None:
+            raise CheckpointError(f"{config_path} says the weights are {shipped_quant}-encoded, which edgeai reads from "
+                                  "safetensors only; this folder holds a PyTorch pickle checkpoint")
         if not trust_pickle:
             raise CheckpointError(
                 f"{folder} holds a PyTorch pickle checkpoint ({pickles[0].name}); unpickling can run code. "
@@ -139,9 +198,13 @@ def _plan_hf(folder: Path, recipe: Recipe, trust_pickle: bool) -> ConversionPlan
         planned = spec.plan(hp)
         missing = [s for p in planned for s in p.sources if s not in infos]
         if missing:
+            hint = ""
+            if missing[0] + "_blocks" in infos:
+                hint = (f"; the checkpoint ships it as MXFP4 ({missing[0]}_blocks/_scales), but config.json has no "
+                        "quantization_config with quant_method \"mxfp4\": restore it from the original checkpoint")
             raise TensorError(
                 f"{folder}: tensor {missing[0]!r} is missing ({len(missing)} missing in all); "
-                f"a {spec.family} checkpoint with this config.json needs it"
+                f"a {spec.family} checkpoint with this config.json needs it{hint}"
             )
         unexpected = sorted(set(infos) - spec.used_sources(planned, set(infos)))
         if unexpected:
@@ -151,6 +214,9 @@ def _plan_hf(folder: Path, recipe: Recipe, trust_pickle: bool) -> ConversionPlan
             )
         for p in planned:
             for s in p.sources:
+                if infos[s].dtype == "U8":  # bytes that are no MXFP4 pair's (those read as dtype MXFP4)
+                    raise TensorError(f"{folder}: tensor {s!r} is U8, which edgeai reads only as MXFP4 _blocks/_scales "
+                                      "pairs; save the checkpoint in float32, float16 or bfloat16")
                 if tuple(infos[s].shape) != p.expected_source_shape():
                     raise TensorError(
                         f"{folder}: tensor {s!r} has shape {list(infos[s].shape)}, expected "
@@ -166,7 +232,8 @@ def _plan_hf(folder: Path, recipe: Recipe, trust_pickle: bool) -> ConversionPlan
                 chunks = lambda gen=gen: iter((gen(),))  # noqa: E731
             else:
                 chunks = tensor_reader(source, p.sources, p.transform)
-            tensors.append(OutputTensor(p.name, p.shape, choice.fmt, chunks, choice.fallback))
+            tensors.append(OutputTensor(p.name, p.shape, choice.fmt, chunks, choice.fallback,
+                                        _shipped(source, p, infos, chunks)))
         arch = spec.gguf_arch
         kv = [MetaKV(f"{arch}.{k}", v) for k, v in spec.gguf_kv(hp).items()]
         kv += tokenizer_kv(folder, hp.n_vocab, config)
@@ -175,6 +242,25 @@ def _plan_hf(folder: Path, recipe: Recipe, trust_pickle: bool) -> ConversionPlan
         raise
     name = str(config.get("_name_or_path") or folder.name)
     return ConversionPlan(arch, name, kv, tensors, source_files, source, source_format, spec, hp)
+
+
+def _shipped(source: TensorSource, p: PlannedTensor, infos: Mapping[str, TensorInfo],
+             chunks: Callable[[], Iterator[np.ndarray]]) -> Shipped | None:
+    """The shipped MXFP4 bytes of planned tensor `p`, when its one source is an MXFP4 pair and the
+    spec says which of its rows it takes."""
+    if len(p.sources) != 1 or infos[p.sources[0]].dtype != MXFP4Pairs.DTYPE:
+        return None
+    if p.block_rows is None:  # a spec with no block layout for this tensor: it is decoded and re-encoded
+        return None
+    assert isinstance(source, MXFP4Pairs)
+    name, rows = p.sources[0], p.block_rows
+
+    def raw() -> Iterator[np.ndarray]:
+        for blocks in source.read_mxfp4(name, rows):
+            yield blocks.reshape(-1)
+        source.release(name)
+
+    return Shipped(FORMATS["mxfp4"], raw, chunks)
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")

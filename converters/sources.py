@@ -15,7 +15,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -64,6 +64,8 @@ _SAFETENSORS_DTYPES: dict[str, tuple[np.dtype, object]] = {
     "F64": (np.dtype("<f8"), None),
     "BF16": (np.dtype("<u2"), _bf16_to_f32),
 }
+# dtypes held only as bytes of an encoded tensor (MXFP4 blocks and scales: `MXFP4Pairs`), never as values
+_STORED_DTYPES: dict[str, np.dtype] = {"U8": np.dtype("u1")}
 
 
 class SafetensorsFile:
@@ -128,12 +130,13 @@ class SafetensorsFile:
                 or offsets[0] > offsets[1]:
             raise malformed(f"data_offsets {offsets!r:.80} is not [begin, end] with 0 <= begin <= end")
         shape, (begin, end) = tuple(shape), offsets
-        if dtype not in _SAFETENSORS_DTYPES:
+        if dtype not in _SAFETENSORS_DTYPES and dtype not in _STORED_DTYPES:
             raise TensorError(
                 f"{self.path}: tensor {name!r} has dtype {dtype}, which edgeai does not convert "
-                f"(supported: {', '.join(_SAFETENSORS_DTYPES)}); save the checkpoint in float32, float16 or bfloat16"
+                f"(supported: {', '.join(_SAFETENSORS_DTYPES)}, and U8 as MXFP4 blocks and scales); save the "
+                "checkpoint in float32, float16 or bfloat16"
             )
-        itemsize = _SAFETENSORS_DTYPES[dtype][0].itemsize
+        itemsize = (_SAFETENSORS_DTYPES[dtype][0] if dtype in _SAFETENSORS_DTYPES else _STORED_DTYPES[dtype]).itemsize
         expected = math.prod(shape) * itemsize  # exact: numpy's int64 product wraps for hostile shapes
         if end - begin != expected:
             raise CheckpointError(
@@ -152,6 +155,10 @@ class SafetensorsFile:
 
     def read(self, name: str) -> np.ndarray:
         info, begin = self._tensors[name]
+        if info.dtype in _STORED_DTYPES:
+            raise TensorError(f"{self.path}: tensor {name!r} is {info.dtype}, which edgeai reads only as half of an "
+                              "MXFP4 `_blocks`/`_scales` pair (config.json's quantization_config quant_method "
+                              "\"mxfp4\"); this one is not part of such a pair")
         storage, decode = _SAFETENSORS_DTYPES[info.dtype]
         count = info.nbytes // storage.itemsize
         raw = np.frombuffer(self._mm, dtype=storage, count=count, offset=begin) if count else np.empty(0, storage)
@@ -162,6 +169,14 @@ class SafetensorsFile:
         else:
             values = raw.astype(np.float32)
         return values.reshape(info.shape)
+
+    def read_stored(self, name: str) -> np.ndarray:
+        """The tensor as stored (its own dtype, not decoded): a read-only view of the mapped file."""
+        info, begin = self._tensors[name]
+        storage = _STORED_DTYPES.get(info.dtype) or _SAFETENSORS_DTYPES[info.dtype][0]
+        count = info.nbytes // storage.itemsize
+        raw = np.frombuffer(self._mm, dtype=storage, count=count, offset=begin) if count else np.empty(0, storage)
+        return raw.reshape(info.shape)
 
     def release(self, name: str) -> None:
         info, begin = self._tensors[name]
@@ -232,6 +247,9 @@ class SafetensorsCheckpoint:
     def read(self, name: str) -> np.ndarray:
         return self._owner[name].read(name)
 
+    def read_stored(self, name: str) -> np.ndarray:
+        return self._owner[name].read_stored(name)
+
     def release(self, name: str) -> None:
         self._owner[name].release(name)
 
@@ -239,6 +257,76 @@ class SafetensorsCheckpoint:
         for f in self._files:
             f.close()
         self._files.clear()
+
+
+class MXFP4Pairs:
+    """A safetensors checkpoint whose matrices ship MXFP4-encoded, as OpenAI ships gpt-oss's experts:
+    `X_blocks` [..., rows, n_in/32, 16] U8 and `X_scales` [..., rows, n_in/32] U8 (rows are outputs).
+
+    Each pair appears as one tensor `X` of dtype "MXFP4" in the layout transformers dequantizes it
+    to, [..., n_in, rows] (the last two axes swapped), so a spec's float transforms apply unchanged;
+    `read` decodes it (ggml's values, which are transformers' too). `read_mxfp4` gives the shipped
+    codes as ggml block_mxfp4 bytes [..., rows, n_in/32, 17], nibbles moved, nothing re-encoded.
+    Every other tensor passes through.
+    """
+
+    DTYPE = "MXFP4"
+
+    def __init__(self, inner: SafetensorsCheckpoint):
+        self.inner = inner
+        self.path = inner.path
+        infos = inner.infos()
+        self._pairs: dict[str, TensorInfo] = {}
+        for name in infos:
+            if not name.endswith(("_blocks", "_scales")):
+                continue
+            stem = name.removesuffix("_blocks").removesuffix("_scales")
+            blocks, scales = infos.get(stem + "_blocks"), infos.get(stem + "_scales")
+            if blocks is None or scales is None:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has no {(stem + '_scales') if scales is None else (stem + '_blocks')!r} "
+                                      "beside it; MXFP4 weights ship as a _blocks/_scales pair, the checkpoint is incomplete")
+            if stem in self._pairs:
+                continue
+            if blocks.dtype != "U8" or scales.dtype != "U8" or len(blocks.shape) < 3 or blocks.shape[-1] != 16 \
+                    or blocks.shape[:-1] != scales.shape:
+                raise CheckpointError(
+                    f"{self.path}: {stem + '_blocks'!r} {blocks.dtype} {list(blocks.shape)} and {stem + '_scales'!r} "
+                    f"{scales.dtype} {list(scales.shape)} are not an MXFP4 pair (U8 [..., rows, n_in/32, 16] and "
+                    "U8 [..., rows, n_in/32]); the file is corrupt or not an MXFP4 checkpoint")
+            *lead, rows, n_blocks, _ = blocks.shape
+            self._pairs[stem] = TensorInfo(stem, (*lead, n_blocks * 32, rows), self.DTYPE, blocks.nbytes + scales.nbytes)
+        self._infos = {n: i for n, i in infos.items() if n.removesuffix("_blocks").removesuffix("_scales") not in self._pairs}
+        self._infos.update(self._pairs)
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return dict(self._infos)
+
+    def read_mxfp4(self, name: str, select: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[np.ndarray]:
+        """Pair `name`'s codes as ggml block_mxfp4 bytes, one leading index (expert) at a time:
+        [rows, n_in/32, 17] each. `select` picks rows first, on arrays [lead, rows, ...] (a view)."""
+        from edgeai.quant.blocks import mxfp4_from_openai
+
+        blocks, scales = self.inner.read_stored(name + "_blocks"), self.inner.read_stored(name + "_scales")
+        if select is not None:
+            blocks, scales = select(blocks), select(scales)
+        for index in range(blocks.shape[0]):
+            yield mxfp4_from_openai(blocks[index], scales[index])
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self._pairs:
+            return self.inner.read(name)
+        from edgeai.quant.formats import FORMATS, dequantize
+
+        ggml = np.stack(list(self.read_mxfp4(name)))
+        values = dequantize(ggml, FORMATS["mxfp4"]).reshape(*ggml.shape[:-2], -1)  # [..., rows, n_in]
+        return values.swapaxes(-1, -2)
+
+    def release(self, name: str) -> None:
+        for part in ((name + "_blocks", name + "_scales") if name in self._pairs else (name,)):
+            self.inner.release(part)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class PickleCheckpoint:

@@ -162,7 +162,8 @@ class MoESpec:
     proj_names: Mapping[str, str]  # gguf role (gate/up/down) -> checkpoint projection name
     # gpt-oss: all experts in one tensor per projection, "in" before "out" (x @ W): `expert` names
     # gate_up_proj [n_expert, n_embd, 2 * n_ff_exp] (gate and up in alternate columns) and down_proj
-    # [n_expert, n_ff_exp, n_embd], each with a `_bias`; the router has a bias too
+    # [n_expert, n_ff_exp, n_embd], each with a `_bias`; the router has a bias too. OpenAI's own
+    # checkpoints ship both MXFP4-encoded, out before in (`converters.sources.MXFP4Pairs`)
     fused: bool = False
 
 
@@ -179,6 +180,9 @@ class PlannedTensor:
     transform: Callable[[np.ndarray], np.ndarray] | None = None
     generated: Callable[[], np.ndarray] | None = None  # for tensors computed from the config (rope_freqs)
     source_shape: tuple[int, ...] | None = None  # each source's shape, where it is not `shape` (or shape[1:])
+    # for a source shipped block-encoded (MXFP4 `_blocks`/`_scales`, rows = outputs): which of its
+    # [n_expert, rows, ...] rows this tensor takes, as `transform` takes them from the float layout
+    block_rows: Callable[[np.ndarray], np.ndarray] | None = None
 
     def expected_source_shape(self) -> tuple[int, ...]:
         if self.source_shape is not None:
@@ -528,18 +532,28 @@ def _fused_experts(hp: HParams, layer: str, blk: str, moe: MoESpec) -> list[Plan
     def columns(first: int) -> Callable[[np.ndarray], np.ndarray]:
         return lambda w: w[..., first::2].transpose(0, 2, 1)
 
+    def rows(first: int) -> Callable[[np.ndarray], np.ndarray]:  # the same, on shipped MXFP4 [E, 2F, ...]
+        return lambda a: a[:, first::2]
+
     def bias_columns(first: int) -> Callable[[np.ndarray], np.ndarray]:
         return lambda b: b[..., first::2]
 
     return [
         PlannedTensor(f"{blk}ffn_gate_inp.bias", (E,), (router_bias,)),
-        PlannedTensor(f"{blk}ffn_gate_exps.weight", (E, F, H), (gate_up,), columns(0), source_shape=(E, H, 2 * F)),
-        PlannedTensor(f"{blk}ffn_up_exps.weight", (E, F, H), (gate_up,), columns(1), source_shape=(E, H, 2 * F)),
-        PlannedTensor(f"{blk}ffn_down_exps.weight", (E, H, F), (down,), lambda w: w.transpose(0, 2, 1), source_shape=(E, F, H)),
+        PlannedTensor(f"{blk}ffn_gate_exps.weight", (E, F, H), (gate_up,), columns(0), source_shape=(E, H, 2 * F),
+                      block_rows=rows(0)),
+        PlannedTensor(f"{blk}ffn_up_exps.weight", (E, F, H), (gate_up,), columns(1), source_shape=(E, H, 2 * F),
+                      block_rows=rows(1)),
+        PlannedTensor(f"{blk}ffn_down_exps.weight", (E, H, F), (down,), lambda w: w.transpose(0, 2, 1), source_shape=(E, F, H),
+                      block_rows=_same),
         PlannedTensor(f"{blk}ffn_gate_exps.bias", (E, F), (gate_up + "_bias",), bias_columns(0), source_shape=(E, 2 * F)),
         PlannedTensor(f"{blk}ffn_up_exps.bias", (E, F), (gate_up + "_bias",), bias_columns(1), source_shape=(E, 2 * F)),
         PlannedTensor(f"{blk}ffn_down_exps.bias", (E, H), (down + "_bias",)),
     ]
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
 
 
 def _flatten(w: np.ndarray) -> np.ndarray:
