@@ -427,3 +427,33 @@ def make_tiny_gptoss(folder: Path, seed: int = 0) -> Path:
                 break
     save_file(tensors, weights, metadata={"format": "pt"})
     return folder
+
+
+# what OpenAI's gpt-oss checkpoints say: only the experts are MXFP4
+GPTOSS_MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": [
+    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+
+
+def gptoss_with_mxfp4_experts(f32_folder: Path, folder: Path) -> Path:
+    """A copy of a float gpt-oss checkpoint whose experts are MXFP4 as OpenAI ships them: each
+    `mlp.experts.{gate_up,down}_proj` [E, in, out] encoded by edgeai's reference encoder (ggml's
+    bytes) and stored as `_blocks` [E, out, in/32, 16] and `_scales` [E, out, in/32] U8, with the
+    config's quantization_config."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from edgeai.quant.blocks import mxfp4_to_openai
+    from edgeai.quant.formats import FORMATS, quantize
+
+    shutil.copytree(f32_folder, folder)
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        w = np.ascontiguousarray(tensors.pop(name).swapaxes(-1, -2))  # [E, out, in]
+        ggml = quantize(w, FORMATS["mxfp4"]).reshape(*w.shape[:-1], w.shape[-1] // 32, 17)
+        tensors[name + "_blocks"], tensors[name + "_scales"] = mxfp4_to_openai(ggml)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = GPTOSS_MXFP4_CONFIG
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
