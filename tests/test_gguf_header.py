@@ -118,19 +118,20 @@ def test_an_array_key_that_is_not_utf8(tiny_chat_gguf, tmp_path):
 
 
 def test_newer_ggml_types_are_read_and_left_to_llama_cpp(tiny_chat_gguf, tmp_path):
-    """MXFP4 (gpt-oss's experts) and the other types ggml added after BF16: the reader knows their
-    block layout, inspect counts them, and the native backend names the type and points to llama.cpp."""
+    """MXFP4 (added to ggml after BF16) and IQ4_NL: the reader knows their block layout and inspect
+    counts them; one the native engine does not run (IQ4_NL) is named, pointing to llama.cpp."""
     from edgeai.runtimes.native import NativeBackend
 
     data = bytearray(tiny_chat_gguf.read_bytes())
     name = b"blk.0.attn_q.weight"
     at = data.find(struct.pack("<Q", len(name)) + name) + 8 + len(name)
     n_dims = struct.unpack_from("<I", data, at)[0]
-    struct.pack_into("<I", data, at + 4 + 8 * n_dims, 39)  # F32 -> MXFP4: 17 bytes per 32 weights, inside the old bytes
-    bad = tmp_path / "mxfp4.gguf"
-    bad.write_bytes(bytes(data))
-    t = read_header(bad).tensors[name.decode()]
-    assert t.type_name == "MXFP4" and t.nbytes == t.n_elements // 32 * 17
-    assert inspect_artifact(bad).types["MXFP4"].count == 1
-    reason = NativeBackend.can_run(bad)
-    assert "MXFP4" in reason and "llama.cpp" in reason
+    for code, type_name, block, size in ((39, "MXFP4", 32, 17), (20, "IQ4_NL", 32, 18)):  # inside the F32's bytes
+        struct.pack_into("<I", data, at + 4 + 8 * n_dims, code)
+        bad = tmp_path / f"{type_name}.gguf"
+        bad.write_bytes(bytes(data))
+        t = read_header(bad).tensors[name.decode()]
+        assert t.type_name == type_name and t.nbytes == t.n_elements // block * size
+        assert inspect_artifact(bad).types[type_name].count == 1
+    reason = NativeBackend.can_run(bad)  # IQ4_NL: no kernel here
+    assert "IQ4_NL" in reason and "llama.cpp" in reason

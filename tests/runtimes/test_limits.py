@@ -135,7 +135,7 @@ def test_corrupt_ggufs_get_no_llama_cpp_advice_unsupported_ones_do(tiny_chat_ggu
     at = _stored_at(bytes(data), name)
     n_dims = struct.unpack_from("<I", data, at + len(name))[0]
     type_at = at + len(name) + 4 + 8 * n_dims
-    struct.pack_into("<I", data, type_at, 39)  # MXFP4: a real ggml type the native reader does not know
+    struct.pack_into("<I", data, type_at, 20)  # IQ4_NL: a real ggml type the native engine does not run
     newer = tmp_path / "newer.gguf"
     newer.write_bytes(bytes(data))
     from edgeai.runtimes.native import NativeBackend
