@@ -191,6 +191,19 @@ def llama_cpp_logits(llm, tokens: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
+def native_greedy(backend, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after `prompt` from a native backend, from an empty cache (one step each)."""
+    from edgeai.runtimes.base import GREEDY
+
+    backend.truncate(0)
+    backend.set_sampling(GREEDY)
+    out, nxt = [], backend.step(prompt)
+    for _ in range(n):
+        out.append(nxt)
+        nxt = backend.step([nxt])
+    return out
+
+
 def llama_cpp_greedy(llm, tokens: list[int], n: int) -> list[int]:
     """n greedy tokens after `tokens`, one eval per step (no sampling code involved)."""
     llm.reset()

@@ -15,19 +15,9 @@ from edgeai.errors import BackendError, CheckpointError
 from edgeai.runtimes.base import GREEDY
 from edgeai.runtimes.native import NativeBackend, engine_config
 from helpers import (GEMMA3_TINY, VARIED_TEXT, hf_logits_and_greedy, kld, llama_cpp_greedy, llama_cpp_logits,
-                     llama_cpp_model, make_tiny_gemma3)
+                     llama_cpp_model, make_tiny_gemma3, native_greedy)
 
 N_GREEDY = 16
-
-
-def native_greedy(backend: NativeBackend, prompt: list[int], n: int) -> list[int]:
-    backend.truncate(0)
-    backend.set_sampling(GREEDY)
-    out, nxt = [], backend.step(prompt)
-    for _ in range(n):
-        out.append(nxt)
-        nxt = backend.step([nxt])
-    return out
 
 
 @pytest.fixture(scope="module")

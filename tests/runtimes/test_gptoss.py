@@ -25,23 +25,13 @@ import edgeai
 from edgeai.runtimes.base import GREEDY
 from edgeai.runtimes.native import NativeBackend, engine_config
 from helpers import (gptoss_with_mxfp4_experts, hf_logits_and_greedy, kld, llama_cpp_greedy, llama_cpp_logits,
-                     llama_cpp_model, make_tiny_gptoss)
+                     llama_cpp_model, make_tiny_gptoss, native_greedy)
 
 N_GREEDY = 16
 # Our KV cache holds f16 keys and values, llama.cpp's here F32; with this model's sharp attention
 # (random q/k biases) that rounding moves logits by up to ~1e-2, as it does in llama.cpp: the same
 # file with an f16 cache there differs from transformers by 2e-2.
 F16_KV_BOUND = 2e-2
-
-
-def native_greedy(backend: NativeBackend, prompt: list[int], n: int) -> list[int]:
-    backend.truncate(0)
-    backend.set_sampling(GREEDY)
-    out, nxt = [], backend.step(prompt)
-    for _ in range(n):
-        out.append(nxt)
-        nxt = backend.step([nxt])
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,7 @@ from edgeai.paths import default_model_path
 from edgeai.runtimes.base import GREEDY, Sampling
 from edgeai.runtimes.native import NativeBackend
 from edgeai.runtimes.sampling import apply_repeat_penalty, candidates
-from helpers import TINY_ARCHS, kld, llama_cpp_greedy, llama_cpp_logits, llama_cpp_model, make_tiny_checkpoint
-
-
-def native_greedy(backend: NativeBackend, prompt: list[int], n: int) -> list[int]:
-    backend.truncate(0)
-    backend.set_sampling(GREEDY)
-    out, nxt = [], backend.step(prompt)
-    for _ in range(n):
-        out.append(nxt)
-        nxt = backend.step([nxt])
-    return out
+from helpers import TINY_ARCHS, kld, llama_cpp_greedy, llama_cpp_logits, llama_cpp_model, make_tiny_checkpoint, native_greedy
 
 
 @pytest.fixture(scope="module")
