@@ -22,16 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench_common import cpu_model  # noqa: E402
+
 EDGEAI = str(Path(sys.executable).parent / "edgeai")
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    import platform
-
-    return platform.processor()
 
 
 def one_run(path: Path, threads: int, repeats: int, gen: int) -> dict:

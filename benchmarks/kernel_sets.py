@@ -20,30 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from bench_common import cpu_model, model_file  # noqa: E402
+
 BENCH = Path.home() / ".cache" / "edgeai-bench"
 EDGEAI = str(Path(sys.executable).parent / "edgeai")
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
-def model_file(kind: str) -> Path:
-    path = BENCH / f"smollm2-{kind}.gguf"
-    if not path.exists():
-        BENCH.mkdir(parents=True, exist_ok=True)
-        subprocess.run([EDGEAI, "convert", "-o", str(path), "--quant", kind, "--force"], check=True,
-                       stdout=subprocess.DEVNULL)
-    return path
 
 
 def bench(path: Path, isa: str | None, threads: int, repeats: int, gen: int) -> dict:

@@ -34,7 +34,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import platform
 import re
 import signal
 import socket
@@ -46,6 +45,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from bench_common import cpu_model  # noqa: E402
 
 EDGEAI = str(Path(sys.executable).parent / "edgeai")
 LLAMA_SERVER = Path.home() / ".cache/edgeai-bench/llama-server-build/build/bin/llama-server"
@@ -61,11 +62,6 @@ PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicy
            "Describe your ideal weekend.", "Write a poem about the moon."]
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def free_port() -> int:

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_common import cpu_model, model_file  # noqa: E402
 
 BENCH = Path.home() / ".cache" / "edgeai-bench"
 EDGEAI = str(Path(sys.executable).parent / "edgeai")
@@ -69,20 +69,8 @@ TASKS = {
 TEMPERATURES = (0.0, 0.7)
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
-def model_file(kind: str) -> Path:
-    path = BENCH / f"smollm2-{kind}.gguf"
-    if not path.exists():
-        BENCH.mkdir(parents=True, exist_ok=True)
-        subprocess.run([EDGEAI, "convert", "-o", str(path), "--quant", kind, "--force"], check=True,
-                       stdout=subprocess.DEVNULL)
-    return path
 
 
 def draft_file(keep: int, target: Path) -> Path:
