@@ -36,7 +36,9 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
     context_overflow: what a full KV cache does (`edgeai.context`): "drop-turns" (default; a
     generation stops with finish reason "context", the chat REPL drops the oldest turns) or
     "sink-window" (the first tokens and the latest stay, the oldest others are evicted and
-    generation goes on in the same memory; native and llama.cpp backends).
+    generation goes on in the same memory; native and llama.cpp backends) or "compact" (the first
+    and latest tokens stay, and per layer and head those the latest queries attend to most: a long
+    prompt's question keeps what it asks about; native backend, models without sliding windows).
     parallel: sequence slots (1..64; native backend), each with its own KV cache of n_ctx positions
     (the memory plan counts them all): `Model.batch()` then decodes that many requests together,
     one batched engine step for all, as `edgeai serve --parallel N` does. Another backend runs one
@@ -65,6 +67,10 @@ def load(path: str | Path | None = None, *, backend: str = "auto", memory_budget
         if cls.name != "native":
             raise cannot_speculate(cls.name)
         planned = {"speculative": memory_of(options)}  # the memory plan counts the draft and the verification
+    if overflow is ContextOverflow.COMPACT and cls.name == "native":
+        from edgeai.context import OBSERVE
+
+        planned["observe"] = OBSERVE  # the engine keeps the latest queries for compaction (the plan counts them)
     if parallel > 1:
         if cls.name == "native":
             planned["parallel"] = parallel  # the memory plan counts every slot's KV cache

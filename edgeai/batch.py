@@ -81,6 +81,9 @@ class SlotBackend:
     def evict(self, start: int, end: int) -> None:
         self._backend.evict(start, end, seq=self.seq)
 
+    def compact(self, keep: int, sink: int, recent: int, probe: Sequence[int] = ()):
+        return self._backend.compact(keep, sink, recent, probe, seq=self.seq)
+
     def set_sampling(self, sampling) -> None:
         self._backend.set_sampling(sampling, seq=self.seq)
 

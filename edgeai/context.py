@@ -9,11 +9,20 @@
   (`Backend.evict`: the later keys are re-rotated to their new positions, nothing is recomputed)
   and generation goes on. Prompts longer than the context are read piece by piece the same way.
   Memory stays what the cache was sized for, however long the conversation.
+- "compact" (after SnapKV, Li et al. 2024): when the cache fills, it keeps per layer and KV head the
+  sinks, the latest `COMPACT_RECENT` positions, and between them the positions the latest queries
+  attend to most (`Backend.compact`: scored by the last `OBSERVE` queries, max-pooled over
+  neighbours, moved down re-rotated; native backend). A prompt longer than the cache is read piece
+  by piece and each compaction is scored by the prompt's own end (its last `OBSERVE` tokens are
+  evaluated after the cache as a probe, then dropped): what the prompt asks decides what of the text
+  before it is kept, which a window cannot do (a passkey far back in a long text).
 
 A cache that slid holds `tokens[:sink] + tokens[sink + evicted:]` of the conversation so far.
 `ContextWindow` remembers how many tokens were evicted and a digest of them, so that the next call
 whose prompt continues the same conversation reuses the cache (only the new tokens are evaluated);
-any other prompt reuses what the cache really holds and no more.
+any other prompt reuses what the cache really holds and no more. A compacted cache's first
+`compacted` positions stand for the conversation's first `folded` tokens (a digest of them is kept
+the same way), and the positions after them hold the tokens that came since.
 """
 
 from __future__ import annotations
@@ -32,12 +41,15 @@ DEFAULT_SINK = 4  # StreamingLLM's choice: four initial tokens restore the model
 # cache, rounds again) all later keys, so one position at a time would cost a pass over the cache per
 # token; a larger share loses more context at each slide (llama.cpp's context shift drops half).
 EVICT_SHARE = 8
+OBSERVE = 32  # queries a compaction scores the cache by (SnapKV's observation window)
+COMPACT_RECENT = OBSERVE  # the latest positions a compaction always keeps: the observed queries' own
 
 
 class ContextOverflow(str, Enum):
     """The policies by the names users write."""
     DROP_TURNS = "drop-turns"
     SINK_WINDOW = "sink-window"
+    COMPACT = "compact"
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -66,16 +78,36 @@ class ContextWindow:
         self.evicted_total = 0  # over the model's life (stats)
         self.evictions = 0
         self._evicted_digest = _digest([])
+        self.compacted = 0  # cache positions standing for the first `folded` tokens (compact)
+        self.folded = 0
+        self.compacted_total = 0  # positions dropped by compactions over the model's life (stats)
+        self.compactions = 0
+        self._folded_digest = _digest([])
 
     @property
     def slides(self) -> bool:
-        """The cache evicts to make room instead of stopping."""
-        return self.policy is ContextOverflow.SINK_WINDOW
+        """The cache makes room (evicting or compacting) instead of stopping."""
+        return self.policy is not ContextOverflow.DROP_TURNS
+
+    @property
+    def compacts(self) -> bool:
+        return self.policy is ContextOverflow.COMPACT
+
+    @property
+    def min_context(self) -> int:
+        """The smallest cache the policy works in: its kept positions and a piece of prompt."""
+        return self.sink + 16 + (COMPACT_RECENT + OBSERVE if self.compacts else 0)
 
     def reuse(self, cached: Sequence[int], tokens: Sequence[int]) -> tuple[int, int]:
         """(cache positions to keep, prompt tokens they stand for) when `tokens` is the next prompt
         and `cached` the tokens the cache holds. The two differ by the evicted tokens when the
         prompt continues the conversation the cache slid over."""
+        if self.folded:
+            p, f = self.compacted, self.folded
+            if len(tokens) > f and _digest(tokens[:f]).digest() == self._folded_digest.digest():
+                q = common_prefix(cached[p:], tokens[f:])
+                return p + q, f + q
+            return min(common_prefix(cached, tokens), self.sink), min(common_prefix(cached, tokens), self.sink)
         s, e = self.sink, self.evicted
         if e and len(tokens) > s + e and list(tokens[:s]) == list(cached[:s]) \
                 and _digest(tokens[s:s + e]).digest() == self._evicted_digest.digest():
@@ -91,14 +123,31 @@ class ContextWindow:
         stands between the cache and the tokens it holds."""
         if n <= self.sink:
             self.evicted, self._evicted_digest = 0, _digest([])
+            self.compacted, self.folded, self._folded_digest = 0, 0, _digest([])
 
-    def make_room(self, backend, needed: int) -> bool:
+    def read_prompt(self, backend, pending: list[int], prompt: Sequence[int]) -> list[int]:
+        """Evaluate the start of `pending` (the rest of `prompt` not in the cache) piece by piece,
+        making room before each, until what is left fits; returns what is left. A sliding policy only:
+        the others stop at a prompt that does not fit."""
+        probe = list(prompt[-OBSERVE:]) if self.compacts else []
+        while not self.make_room(backend, len(pending), probe):
+            self.make_room(backend, (backend.n_ctx - self.sink) // 2, probe)
+            # shorter than pending: the last token stays for the caller's step; a probe's room stays free
+            piece = pending[:backend.n_ctx - backend.n_past - len(probe)]
+            backend.step(piece)  # its sample is not used: the next piece follows
+            pending = pending[len(piece):]
+        return pending
+
+    def make_room(self, backend, needed: int, probe: Sequence[int] = ()) -> bool:
         """Ensure `needed` more positions fit in `backend`'s cache, evicting the oldest positions
-        after the sinks if the policy slides; False when they do not fit (the policy stops, or
-        `needed` is more than the window can ever hold)."""
+        after the sinks (sink-window) or compacting (compact: scored by `probe`'s queries, tokens
+        evaluated after the cache and dropped, as many as fit; without, by the latest positions'); False
+        when they do not fit (the policy stops, or `needed` is more than the window can ever hold)."""
         free = backend.n_ctx - backend.n_past
         if needed <= free:
             return True
+        if self.compacts:
+            return self._compact(backend, needed, free, probe)
         window = backend.n_ctx - self.sink
         if not self.slides or needed > window:
             return False
@@ -112,7 +161,26 @@ class ContextWindow:
         log.debug("context full: evicted positions %d..%d (%d evicted so far)", self.sink, self.sink + k, self.evicted)
         return True
 
+    def _compact(self, backend, needed: int, free: int, probe: Sequence[int]) -> bool:
+        n, recent = backend.n_past, COMPACT_RECENT
+        window = backend.n_ctx - self.sink - recent
+        if needed > window:
+            return False
+        k = min(max(needed - free, window // EVICT_SHARE), n - self.sink - recent)  # positions dropped
+        cached = backend.history
+        # the cache's positions from `compacted` on hold the tokens since the last compaction: folded in now
+        self._folded_digest.update(np.asarray(cached[self.compacted:n], np.int32).tobytes())
+        self.folded += n - self.compacted
+        backend.compact(n - k, self.sink, recent, list(probe)[len(probe) - min(free, len(probe)):])
+        self.compacted = n - k
+        self.compacted_total += k
+        self.compactions += 1
+        log.debug("context full: compacted %d positions to %d (%d tokens folded so far)", n, n - k, self.folded)
+        return True
+
     def stats(self, backend) -> dict:
-        """The cache's fill, policy and evictions (`Model.stats().extra["context"]`)."""
+        """The cache's fill, policy, evictions and compactions (`Model.stats().extra["context"]`)."""
         return {"policy": self.policy.value, "n_ctx": backend.n_ctx, "fill": backend.n_past, "sink": self.sink,
-                "evicted": self.evicted, "evicted_total": self.evicted_total, "evictions": self.evictions}
+                "evicted": self.evicted, "evicted_total": self.evicted_total, "evictions": self.evictions,
+                "compacted": self.compacted, "folded": self.folded, "compacted_total": self.compacted_total,
+                "compactions": self.compactions}

@@ -226,17 +226,23 @@ class Model:
                  speculator: Any = None, context_overflow: str = "drop-turns") -> None:
         """speculator: an `edgeai.speculative.Speculator` over `backend` (generation then drafts and
         verifies several tokens per engine call), or None. context_overflow: what a full KV cache
-        does, "drop-turns" (stop; the REPL drops old turns) or "sink-window" (`edgeai.context`)."""
+        does, "drop-turns" (stop; the REPL drops old turns), "sink-window" or "compact" (`edgeai.context`;
+        compact needs a backend loaded with observe=, as `edgeai.load` does)."""
         from edgeai.context import ContextWindow
 
         self.backend = backend
         self.context = ContextWindow(context_overflow)
+        policy = self.context.policy.value
+        if self.context.compacts and not getattr(backend, "can_compact", False):
+            raise OptionError(f"context_overflow='compact' needs a backend that can compact its KV cache per head; the "
+                              f"{backend.name} backend cannot for {backend.path.name} (use the native backend for a model "
+                              "without sliding-window layers, or context_overflow='sink-window')")
         if self.context.slides and not backend.can_evict:
-            raise OptionError(f"context_overflow='sink-window' needs a backend that can evict KV positions; the "
+            raise OptionError(f"context_overflow='{policy}' needs a backend that can evict KV positions; the "
                               f"{backend.name} backend cannot for {backend.path.name} (use the llama.cpp backend, or "
                               "the native one for a model without sliding-window layers)")
-        if self.context.slides and backend.n_ctx - self.context.sink < 16:
-            raise OptionError(f"context_overflow='sink-window' needs a context of at least {self.context.sink + 16} "
+        if self.context.slides and backend.n_ctx < self.context.min_context:
+            raise OptionError(f"context_overflow='{policy}' needs a context of at least {self.context.min_context} "
                               f"tokens (the sink of {self.context.sink} and a window); this one holds {backend.n_ctx}")
         self._speculator = speculator
         self.path: Path = backend.path
@@ -398,13 +404,8 @@ class Model:
         stopper = _StopStrings(stops)
         pending = tokens[cached:]
         prev = tokens[-1]
-        if window.slides:
-            # a prompt longer than the window: read in pieces, the window sliding before each
-            while not window.make_room(be, len(pending)):
-                window.make_room(be, (be.n_ctx - window.sink) // 2)
-                piece = pending[:be.n_ctx - be.n_past]  # shorter than pending: the last token stays for the step
-                be.step(piece)  # its sample is not used: the next piece follows
-                pending = pending[len(piece):]
+        if window.slides:  # a prompt longer than the window: read in pieces, making room before each
+            pending = window.read_prompt(be, pending, tokens)
         prev_piece = be.detokenize([prev])
         n_gen, prompt_s, decode_s, stepped = 0, 0.0, 0.0, False
         active = matcher is not None and (split is None or split.done)

@@ -118,6 +118,7 @@ class Backend(Protocol):
 
     name: str  # "native", "llama.cpp", "onnxruntime"
     can_evict: bool  # evict() works (context_overflow="sink-window" needs it)
+    can_compact: bool  # compact() works (context_overflow="compact" needs it)
     n_seq: int  # sequence slots: 1, but for the native engine loaded with parallel=N (its calls then take seq=)
     path: Path
     n_ctx: int  # positions the KV cache holds
@@ -154,6 +155,14 @@ class Backend(Protocol):
         """Drop positions [start, end) of the KV cache; the later ones move down by end - start, their
         keys re-rotated to the new positions, without recomputation (context-overflow policies).
         A backend whose cache cannot shift raises BackendError saying so."""
+
+    def compact(self, keep: int, sink: int, recent: int, probe: Sequence[int] = ()) -> np.ndarray:
+        """Keep `keep` of the cache's positions, chosen per layer and KV head by how much the latest
+        queries attend to them (SnapKV-style, `edgeai.context`): the first `sink`, the last `recent`
+        and the best scored between, moved down with their keys re-rotated. probe: tokens evaluated
+        after the cache first, whose queries then score it (a long prompt's end: what it asks decides
+        what of the text is kept), and dropped. Returns the kept positions [n_layer, n_head_kv, keep].
+        A backend that cannot raises BackendError saying so."""
 
     def set_sampling(self, sampling: Sampling) -> None:
         """Use these parameters from now on; re-seeds the random generator."""

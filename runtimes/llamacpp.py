@@ -46,6 +46,7 @@ class LlamaCppBackend(VocabText):
 
     name = "llama.cpp"
     can_evict = True
+    can_compact = False  # llama.cpp's cache drops and shifts whole positions for every layer and head
     n_seq = 1  # one sequence: requests run one at a time
 
     @classmethod
@@ -221,6 +222,10 @@ class LlamaCppBackend(VocabText):
         ll.llama_memory_seq_rm(self._mem, 0, start, end)
         ll.llama_memory_seq_add(self._mem, 0, end, -1, start - end)  # keys re-rotated at the next decode
         del self._history[start:end]
+
+    def compact(self, keep: int, sink: int, recent: int, probe: Sequence[int] = ()) -> np.ndarray:
+        raise BackendError("the llama.cpp backend cannot compact its KV cache (it keeps or drops a position in every "
+                           "layer and head at once): use context_overflow='sink-window', or the native backend")
 
     def step(self, tokens: Sequence[int], mask: np.ndarray | None = None) -> int:
         self._live()

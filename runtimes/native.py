@@ -131,6 +131,7 @@ class NativeBackend(VocabText):
 
     name = "native"
     can_evict = True
+    can_compact = True
     n_seq = 1
 
     @classmethod
@@ -164,9 +165,9 @@ class NativeBackend(VocabText):
     @classmethod
     def plan_for(cls, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
                  memory_budget: int | None = None, kv_cache: str | None = None, header: GGUFHeader | None = None,
-                 speculative=None, parallel: int = 1):
+                 speculative=None, parallel: int = 1, observe: int = 0):
         """The memory plan loading `path` would follow (`runtimes.plan.MemoryPlan`), without loading
-        it; raises BudgetError as loading would. speculative: as for the constructor."""
+        it; raises BudgetError as loading would. speculative, parallel, observe: as for the constructor."""
         from edgeai.runtimes.plan import plan_memory
         from edgeai.runtimes.vocab import GGUFVocab
 
@@ -176,14 +177,14 @@ class NativeBackend(VocabText):
             kv_cache = kv_cache_type(kv_cache)
             return plan_memory(header, config, budget=memory_budget, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache,
                                speculative=_speculative_memory(speculative, header, config, n_ctx, threads, kv_cache),
-                               n_seq=checked_parallel(parallel))
+                               n_seq=checked_parallel(parallel), observe=observe)
         finally:
             vocab.close()
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
                  memory_budget: int | None = None, kv_cache: str | None = None, isa: str = "",
                  expert_store: Mapping | ExpertStoreOptions | None = None, header: GGUFHeader | None = None,
-                 speculative=None, parallel: int = 1) -> None:
+                 speculative=None, parallel: int = 1, observe: int = 0) -> None:
         """Load `path` (a GGUF the engine runs, see `can_run`).
 
         kv_cache: "f16" (default), "q8_0", "q4_0", or keys/values such as "q8_0/q4_0"
@@ -201,6 +202,8 @@ class NativeBackend(VocabText):
         and the verification's logits), which the plan counts.
         parallel: sequence slots (1..64), each with its own KV cache of n_ctx positions (the planner
         counts them all), for batched decoding of several sequences (`edgeai.batch`).
+        observe: the engine keeps the queries of each slot's last `observe` positions, which
+        `compact` scores the cached keys by (context_overflow="compact"; the planner counts them).
         """
         from edgeai.runtimes.plan import plan_memory
 
@@ -217,7 +220,7 @@ class NativeBackend(VocabText):
             self.plan = plan_memory(header, config, budget=memory_budget, n_ctx=n_ctx, threads=self.threads,
                                     kv_cache=self.kv_cache,
                                     speculative=_speculative_memory(speculative, header, config, n_ctx, self.threads,
-                                                                    self.kv_cache), n_seq=self.n_seq)
+                                                                    self.kv_cache), n_seq=self.n_seq, observe=observe)
             options = checked_store_options(expert_store, n_layer=int(config["n_layer"]), n_expert=int(config["n_expert"]))
             # options with slots stream whatever the plan says (tests, benchmarks)
             stream = self.plan.stream_config(options) or (options if options.slots is not None else None)
@@ -234,7 +237,9 @@ class NativeBackend(VocabText):
         self.n_vocab = int(config["n_vocab"])
         self.n_layer = int(config["n_layer"])
         self._sliding_window = int(config["n_swa"])
-        self.can_evict = not self._sliding_window  # see evict(): rings cannot shift
+        self.can_evict = self.can_compact = not self._sliding_window  # see evict(): rings cannot shift
+        if observe:
+            self._engine.observe(observe)
         self.bos_id = self._vocab.bos_id
         self.add_bos = self._vocab.add_bos  # tokenize() starts with BOS
         self.eos_id = self._vocab.eos_id
@@ -340,6 +345,28 @@ class NativeBackend(VocabText):
             raise BackendError(f"{self.path.name} has sliding-window layers, whose KV rings the native engine does not "
                                "shift: it cannot evict positions; truncate and evaluate again, or use the llama.cpp backend")
         engine.evict(start, end, seq)
+
+    def compact(self, keep: int, sink: int, recent: int, probe: Sequence[int] = (), seq: int = 0) -> np.ndarray:
+        engine = self._live()
+        slot = self._seq(seq)
+        n = engine.past_of(slot)
+        if not 0 <= sink + recent <= keep <= n:
+            raise OptionError(f"cannot compact a KV cache of {n} positions to {keep} keeping {sink} sink and {recent} "
+                              "recent ones (0 <= sink + recent <= keep <= positions held)")
+        if not self.can_compact:
+            from edgeai.errors import BackendError
+
+            raise BackendError(f"{self.path.name} has sliding-window layers, whose KV rings the native engine does not "
+                               "shift: it cannot compact its cache; use context_overflow='drop-turns'")
+        if not engine.observed:
+            raise OptionError("compaction scores keys by the latest queries, which this engine does not keep: load it "
+                              "with observe=N (edgeai.load(context_overflow='compact') does)")
+        probe = list(probe)
+        if probe:
+            if n + len(probe) > self.n_ctx:
+                raise OptionError(f"a probe of {len(probe)} tokens does not fit after {n} of {self.n_ctx} positions")
+            self._call("eval", probe, False, None, slot)
+        return self._call("compact", n, keep, sink, recent, slot)
 
     def eval_logits(self, tokens: Sequence[int], skip_layers: Sequence[bool] | None = None) -> np.ndarray:
         """Append tokens and return their logits [len(tokens), n_vocab] (tests, evaluation, speculative

@@ -217,6 +217,7 @@ class OnnxBackend:
 
     name = "onnxruntime"
     can_evict = False  # see evict()
+    can_compact = False
     n_seq = 1  # one sequence: requests run one at a time
 
     @classmethod
@@ -458,6 +459,13 @@ class OnnxBackend:
         parts = [self._run(tokens[i:i + N_BATCH]).copy() for i in range(0, len(tokens), N_BATCH)]
         self._last = parts[-1][-1]
         return np.concatenate(parts)
+
+    def compact(self, keep: int, sink: int, recent: int, probe: Sequence[int] = ()) -> np.ndarray:
+        """Refused, as evict."""
+        from edgeai.errors import BackendError
+
+        raise BackendError("the onnxruntime backend cannot compact its KV cache (its graph rotates the keys it caches); "
+                           "use the native backend")
 
     def evict(self, start: int, end: int) -> None:
         """Refused: the graph rotates keys inside GroupQueryAttention before caching them, and

@@ -177,7 +177,7 @@ class MemoryPlan:
 
 def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: int, threads: int, kv_cache: str = "f16",
                 process_bytes: int | None = None, speculative: SpeculativeMemory | None = None,
-                n_seq: int = 1) -> MemoryPlan:
+                n_seq: int = 1, observe: int = 0) -> MemoryPlan:
     """Split `budget` for the GGUF whose parsed header is `header` in the native engine (config:
     `runtimes.native.engine_config`).
 
@@ -190,6 +190,8 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
     smallest that fits both.
     n_seq: sequence slots (`load(parallel=)`): each holds a KV cache of n_ctx positions and its
     logits; a budget too small for them all is refused with the number of slots that fits.
+    observe: queries kept per slot and layer for compaction (`NativeBackend(observe=)`), counted
+    with each slot.
     Raises BudgetError when the model cannot run within the budget.
     """
     from edgeai.native_bridge import kv_types, native
@@ -210,9 +212,11 @@ def plan_memory(header: GGUFHeader, config: dict, *, budget: int | None, n_ctx: 
     sizes = native.memory_sizes(header.native, config, n_ctx, threads, kv_types(kv_cache))
     n_experts = int(config["n_layer"]) * int(config["n_expert"])
     # a slot beyond the first: its KV cache, its logits, and its row of a batched step's logits
-    per_seq = sizes["kv"] + 2 * 4 * int(config["n_vocab"])
+    # (and, with context_overflow="compact", the queries its compactions score by)
+    observed = native.observe_bytes(config, observe) if observe else 0
+    per_seq = sizes["kv"] + 2 * 4 * int(config["n_vocab"]) + observed
     plan = MemoryPlan(Path(path), budget, n_ctx, process_bytes, sizes["dense"], sizes["experts"], sizes["kv"],
-                      sizes["scratch"], sizes["slot"], 0, int(config["n_expert_used"]), n_experts,
+                      sizes["scratch"] + observed, sizes["slot"], 0, int(config["n_expert_used"]), n_experts,
                       int(config["n_layer"]), sizes["layer_matrices"], sizes["layer_slot"], 0, kv_cache, speculative,
                       1, per_seq).with_seqs(n_seq)
     if budget is None:

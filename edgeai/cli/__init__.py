@@ -244,7 +244,8 @@ _MODEL_OPTS = dict(
     draft_tokens=typer.Option(None, "--draft-tokens", help="Most tokens drafted per verification (1-14, default 8)."),
     context_overflow=typer.Option("drop-turns", "--context-overflow",
                                   help="A full context: drop-turns (stop; the chat drops its oldest turns) or "
-                                       "sink-window (keep the first tokens and the latest, go on in the same memory)."),
+                                       "sink-window (keep the first tokens and the latest, go on in the same memory) or "
+                                       "compact (also keep, per layer and head, what the latest tokens attend to most)."),
 )
 
 

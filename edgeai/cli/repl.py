@@ -166,7 +166,7 @@ class Repl:
         s.messages.append({"role": "user", "content": text})
         max_tokens = int(s.options.get("max_tokens", DEFAULT_MAX_TOKENS))
         try:
-            # a sliding cache (context_overflow="sink-window") keeps the whole conversation going itself
+            # a sliding or compacting cache (context_overflow=) keeps the whole conversation going itself
             if s.model.context.slides:
                 kept, dropped = check_messages(s.conversation()), 0
             else:
@@ -312,7 +312,9 @@ class Repl:
         if ctx:
             table.add_row("overflow", f"{ctx['policy']}" + (f": {ctx['evicted']} positions evicted after the first "
                                                             f"{ctx['sink']} ({ctx['evicted_total']} in all, "
-                                                            f"{ctx['evictions']} slides)" if ctx["evicted_total"] else ""))
+                                                            f"{ctx['evictions']} slides)" if ctx["evicted_total"] else "")
+                          + (f": {ctx['folded']} tokens held in {ctx['compacted']} positions ({ctx['compacted_total']} "
+                             f"dropped in all, {ctx['compactions']} compactions)" if ctx["compactions"] else ""))
         if "expert_cache_hit_rate" in st.extra:
             table.add_row("expert cache", f"{100 * st.extra['expert_cache_hit_rate']:.1f}% hits"
                           + (f", {st.extra['expert_cache']}" if "expert_cache" in st.extra else ""))

@@ -688,6 +688,11 @@ void Model::attention(const Layer &L, int layer, int T) {
                 hadamard_chunks(k, kv_dim, rot_k_);
             }
             if (rot_v_) hadamard_chunks(v, kv_dim, rot_v_);
+            if (obs_window_) {  // compaction scores keys by the latest queries
+                const size_t at = (size_t(row_seq_[t]) * c.n_layer + layer) * obs_window_ + size_t(row_pos_[t] % obs_window_);
+                std::copy(q, q + q_dim, obs_q_.data() + at * q_dim);
+                obs_pos_[at] = row_pos_[t];
+            }
             const size_t row = kv_at(layer, row_seq_[t], row_pos_[t]);
             encode_kv(kv_type_.k, k, k_cache_.data() + row * k_row_, kv_dim);
             encode_kv(kv_type_.v, v, v_cache_.data() + row * v_row_, kv_dim);
@@ -1100,6 +1105,26 @@ void Model::set_sampling(const SamplingParams &p, int seq) {
     S.rng.seed(p.seed);
 }
 
+void Model::refuse_rings(const char *what) const {
+    for (int l = 0; l < cfg_.n_layer; ++l)
+        if (cfg_.is_local(l))
+            throw ModelError(std::string("cannot ") + what + " KV positions of a model with sliding-window layers: their rings "
+                             "would need the moved keys re-rotated in place, which the engine does not do; truncate and "
+                             "re-evaluate instead");
+}
+
+// Rotations compose: R(p - delta) = R(-delta) R(p). The Hadamard rotation is its own inverse. A
+// quantized key is rounded again by each move (as in llama.cpp's context shift of a quantized
+// cache): its error grows with the number of moves, not with their size.
+void Model::shift_key(const uint8_t *src, uint8_t *dst, int values, int delta) const {
+    std::vector<float> k(values);
+    decode_kv(kv_type_.k, src, k.data(), values);
+    if (rot_k_) hadamard_chunks(k.data(), values, rot_k_);
+    rope(k.data(), values / cfg_.head_dim, -delta, false, false);
+    if (rot_k_) hadamard_chunks(k.data(), values, rot_k_);
+    encode_kv(kv_type_.k, k.data(), dst, values);
+}
+
 void Model::evict(int start, int end, int seq) {
     Sequence &S = at(seq);
     const int n = n_past(seq);
@@ -1108,34 +1133,112 @@ void Model::evict(int start, int end, int seq) {
                          std::to_string(n));
     const int delta = end - start;
     if (delta == 0) return;
-    const ModelConfig &c = cfg_;
-    bool rings = false;
-    for (int l = 0; l < c.n_layer; ++l) rings |= c.is_local(l);
-    if (rings)
-        throw ModelError("cannot evict KV positions of a model with sliding-window layers: their rings would need the "
-                         "moved keys re-rotated in place, which the engine does not do; truncate and re-evaluate instead");
-    const int kv_dim = c.n_head_kv * c.head_dim;
-    // Each moved key: decoded, its Hadamard rotation undone (its own inverse), turned back by delta
-    // positions (rotations compose: R(p - delta) = R(-delta) R(p)), rotated and encoded again. Values
-    // carry no position: their rows move as they are. A quantized key is rounded again by each move
-    // (as in llama.cpp's context shift of a quantized cache): its error grows with the number of
-    // evictions that move it, not with their size.
+    refuse_rings("evict");
+    const int kv_dim = cfg_.n_head_kv * cfg_.head_dim;
+    // Each later key moves down by delta, turned back by delta positions; values carry no position.
     auto move = [&](size_t l0, size_t l1) {
-        std::vector<float> k(kv_dim);
         uint8_t *kc = k_cache_.data(), *vc = v_cache_.data();
         for (size_t l = l0; l < l1; ++l)
             for (int p = end; p < n; ++p) {
                 const size_t from = kv_at(int(l), seq, p), to = from - delta;  // rows (no rings here: n_ctx per layer and slot)
-                decode_kv(kv_type_.k, kc + from * k_row_, k.data(), kv_dim);
-                if (rot_k_) hadamard_chunks(k.data(), kv_dim, rot_k_);
-                rope(k.data(), c.n_head_kv, -delta, false, false);
-                if (rot_k_) hadamard_chunks(k.data(), kv_dim, rot_k_);
-                encode_kv(kv_type_.k, k.data(), kc + to * k_row_, kv_dim);
+                shift_key(kc + from * k_row_, kc + to * k_row_, kv_dim, delta);
                 std::memmove(vc + to * v_row_, vc + from * v_row_, v_row_);
             }
     };
-    pool_.range(size_t(c.n_layer), move);  // layers are independent
+    pool_.range(size_t(cfg_.n_layer), move);  // layers are independent
     S.history.erase(S.history.begin() + start, S.history.begin() + end);
+    if (obs_window_)  // the observed queries' positions no longer match the cache's
+        std::fill(obs_pos_.begin() + size_t(seq) * cfg_.n_layer * obs_window_, obs_pos_.begin() + size_t(seq + 1) * cfg_.n_layer * obs_window_, -1);
+}
+
+void Model::observe(int window) {
+    if (window < 0 || window > n_ctx_) throw ModelError("cannot observe " + std::to_string(window) + " queries with a context of " + std::to_string(n_ctx_));
+    obs_window_ = window;
+    const size_t entries = size_t(seqs_.size()) * cfg_.n_layer * window;
+    obs_q_.assign(entries * cfg_.n_head * cfg_.head_dim, 0.0f);
+    obs_pos_.assign(entries, -1);
+}
+
+std::vector<int32_t> Model::compact(int n, int keep, int sink, int recent, int seq, std::vector<float> *scores_out) {
+    Sequence &S = at(seq);
+    const int past = n_past(seq);
+    if (n < 0 || n > past || keep < 0 || keep > n || sink < 0 || recent < 0 || sink + recent > keep)
+        throw ModelError("cannot compact the first " + std::to_string(n) + " of " + std::to_string(past) + " positions to " + std::to_string(keep) +
+                         " keeping " + std::to_string(sink) + " sink and " + std::to_string(recent) + " recent ones (0 <= sink + recent <= keep <= n <= positions held)");
+    refuse_rings("compact");
+    const ModelConfig &c = cfg_;
+    const int hd = c.head_dim, q_dim = c.n_head * hd, group = c.n_head / c.n_head_kv, n_kv = c.n_head_kv;
+    const int middle = keep - sink - recent, lo = sink, hi = n - recent;  // the middle candidates: [lo, hi)
+    const float scale = c.attn_scale > 0 ? c.attn_scale : 1.0f / std::sqrt(static_cast<float>(hd));
+    const size_t k_head = k_row_ / n_kv, v_head = v_row_ / n_kv;
+    std::vector<int32_t> kept(size_t(c.n_layer) * n_kv * keep);
+    if (scores_out) scores_out->assign(size_t(c.n_layer) * n_kv * n, 0.0f);
+    // the observed queries of this slot: those of the last obs_window_ positions evaluated (probe included)
+    const int newest = past - 1;
+    auto work = [&](size_t i0, size_t i1) {
+        std::vector<float> keys(size_t(n) * hd), score(n), logit(n), pooled(n);
+        std::vector<int> order;
+        for (size_t item = i0; item < i1; ++item) {
+            const int l = int(item / n_kv), kvh = int(item % n_kv);
+            uint8_t *kc = k_cache_.data() + kv_at(l, seq, 0) * k_row_ + kvh * k_head;
+            uint8_t *vc = v_cache_.data() + kv_at(l, seq, 0) * v_row_ + kvh * v_head;
+            std::fill(score.begin(), score.end(), 0.0f);
+            if (obs_window_ && middle > 0 && hi > lo) {
+                for (int j = 0; j < n; ++j) decode_kv(kv_type_.k, kc + size_t(j) * k_row_, keys.data() + size_t(j) * hd, hd);
+                const size_t base = (size_t(seq) * c.n_layer + l) * obs_window_;
+                for (int e = 0; e < obs_window_; ++e) {
+                    const int qp = obs_pos_[base + e];
+                    if (qp < 0 || qp > newest || qp <= newest - obs_window_) continue;  // none, rolled back, or older
+                    const int m = std::min(qp, n - 1) + 1;  // the keys this query saw among the kept candidates
+                    for (int g = 0; g < group; ++g) {
+                        const float *q = obs_q_.data() + (base + e) * q_dim + size_t(kvh * group + g) * hd;
+                        float mx = -INFINITY;
+                        for (int j = 0; j < m; ++j) {
+                            float d = 0.0f;
+                            for (int i = 0; i < hd; ++i) d += q[i] * keys[size_t(j) * hd + i];
+                            mx = std::max(mx, logit[j] = d * scale);
+                        }
+                        double sum = 0.0;
+                        for (int j = 0; j < m; ++j) sum += (logit[j] = std::exp(logit[j] - mx));
+                        const float inv = float(1.0 / sum);
+                        for (int j = 0; j < m; ++j) score[j] += logit[j] * inv;
+                    }
+                }
+            }
+            if (scores_out) std::copy(score.begin(), score.end(), scores_out->begin() + item * n);
+            // max-pool the candidates' scores over kPoolWidth neighbours (within the candidates)
+            for (int j = lo; j < hi; ++j) {
+                float best = 0.0f;
+                for (int o = std::max(lo, j - kPoolWidth / 2); o <= std::min(hi - 1, j + kPoolWidth / 2); ++o) best = std::max(best, score[o]);
+                pooled[j] = best;
+            }
+            order.resize(std::max(0, hi - lo));
+            std::iota(order.begin(), order.end(), lo);
+            const int take = std::min(middle, hi - lo);
+            std::partial_sort(order.begin(), order.begin() + take, order.end(),
+                              [&](int a, int b) { return pooled[a] > pooled[b] || (pooled[a] == pooled[b] && a > b); });
+            std::sort(order.begin(), order.begin() + take);
+            int32_t *k_out = kept.data() + item * keep;
+            int w = 0;
+            for (int p = 0; p < sink; ++p) k_out[w++] = p;
+            for (int i = 0; i < take; ++i) k_out[w++] = order[i];
+            for (int p = hi; p < n; ++p) k_out[w++] = p;
+            // move down in order: position k_out[i] >= i, and the rows written so far are below it
+            for (int i = 0; i < keep; ++i) {
+                const int p = k_out[i];
+                if (p == i) continue;
+                shift_key(kc + size_t(p) * k_row_, kc + size_t(i) * k_row_, hd, p - i);
+                std::memmove(vc + size_t(i) * v_row_, vc + size_t(p) * v_row_, v_head);
+            }
+        }
+    };
+    pool_.range(size_t(c.n_layer) * n_kv, work);
+    std::vector<int32_t> h(S.history.begin(), S.history.begin() + sink);
+    h.insert(h.end(), S.history.begin() + (n - (keep - sink)), S.history.begin() + n);
+    S.history = std::move(h);
+    if (obs_window_)  // positions changed: the next compaction waits for new queries
+        std::fill(obs_pos_.begin() + size_t(seq) * c.n_layer * obs_window_, obs_pos_.begin() + size_t(seq + 1) * c.n_layer * obs_window_, -1);
+    return kept;
 }
 
 int Model::sample(const uint32_t *mask, int seq) {

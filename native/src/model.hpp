@@ -166,6 +166,29 @@ class Model {
     // their keys re-rotated to their new positions (as llama.cpp's context shift does): generation
     // goes on without recomputing them. The overflow policies (sink + window, compaction) use it.
     void evict(int start, int end, int seq = 0);
+    // Compaction (context_overflow="compact", after SnapKV, Li et al. 2024): the engine keeps the
+    // queries of the last `window` positions each slot evaluated, per layer, so that a compaction can
+    // score the cached keys by how much those queries attend to them. 0 (the default) keeps none.
+    void observe(int window);
+    int observed() const { return obs_window_; }
+    static size_t observe_bytes_for(const ModelConfig &c, int window, int n_seq) {
+        return size_t(n_seq) * c.n_layer * window * (size_t(c.n_head) * c.head_dim * sizeof(float) + sizeof(int));
+    }
+    // Keeps `keep` of the first n positions of slot seq's cache, chosen per layer and KV head: the
+    // first `sink`, the last `recent` before n, and between them the positions with the highest score,
+    // where a position's score is the attention probability the observed queries (the last `window`
+    // evaluated positions, which may lie past n: a probe the caller evaluated and is dropped here) give
+    // it, summed over those queries and the query heads of the KV head, then max-pooled over
+    // kPoolWidth neighbours (SnapKV's pooling: a kept token keeps its neighbours' context); ties go to
+    // the later position. Kept positions move down in order, their keys re-rotated to their new
+    // positions (as evict); positions n.. are dropped. History becomes the sink tokens and the last
+    // keep - sink tokens (what the slot's repeat penalty reads; the cache between holds a different
+    // selection per head). Returns the kept positions [n_layer][n_head_kv][keep]; scores_out, if given,
+    // receives the scores before pooling [n_layer][n_head_kv][n].
+    // SnapKV pools over 7; a number's digits are single tokens in SmolLM2's vocabulary, and the passkey
+    // test (benchmarks/long_context.py) lost the last digits of some keys at 7 where 11..31 kept them all.
+    static constexpr int kPoolWidth = 15;
+    std::vector<int32_t> compact(int n, int keep, int sink, int recent, int seq = 0, std::vector<float> *scores_out = nullptr);
     const std::vector<float> &logits(int seq = 0) const { return at(seq).logits; }
 
     void set_sampling(const SamplingParams &p, int seq = 0);
@@ -234,7 +257,11 @@ class Model {
     };
     const Sequence &at(int seq) const;
     Sequence &at(int seq) { return const_cast<Sequence &>(static_cast<const Model *>(this)->at(seq)); }
-    void kept_rows(Sequence &S, int pos_end);  // after positions ..pos_end - 1 were written: what the rings still hold
+    void kept_rows(Sequence &S, int pos_end);
+    void refuse_rings(const char *what) const;  // evict and compact cannot move the keys of a ring
+    // A key (one or more heads of it, `values` floats in the cache's encoding) turned back by delta
+    // positions: decoded, rotation undone, rotary-shifted, rotated and encoded again at dst.
+    void shift_key(const uint8_t *src, uint8_t *dst, int values, int delta) const;  // after positions ..pos_end - 1 were written: what the rings still hold
     void ensure_scratch(int T);
     void pack_weights();  // dense layer matrices and the output into the kernel set's packed layout
     void embed(int32_t token, float *out);
@@ -273,6 +300,9 @@ class Model {
     std::vector<int> row_seq_, row_pos_;      // [T]: the current batch's slot and position per row
     std::vector<float> batch_logits_;         // [n_seq][n_vocab]: a batched decode step's logits
     const std::vector<uint8_t> *skip_ = nullptr;  // [n_layer] layers eval() skips in this call, or none
+    int obs_window_ = 0;                      // observe(): queries kept per slot and layer
+    std::vector<float> obs_q_;                // [n_seq][n_layer][obs_window_][n_head * head_dim], rotated as attention uses them
+    std::vector<int> obs_pos_;                // [n_seq][n_layer][obs_window_]: position of each (-1: none)
 
     // scratch, sized for the current batch T (shapes in comments)
     int scratch_T_ = 0;

@@ -194,6 +194,9 @@ void bind_runtime(nb::module_ &m) {
               return edgeai::Model::kv_bytes_for(config_from(config), n_ctx, kv_type);
           },
           nb::arg("config"), nb::arg("n_ctx"), nb::arg("kv_type"), "Bytes of the KV cache of n_ctx positions of this type.");
+    m.def("observe_bytes",
+          [](const nb::dict &config, int window) { return edgeai::Model::observe_bytes_for(config_from(config), window, 1); },
+          nb::arg("config"), nb::arg("window"), "Bytes one sequence slot's observed queries take (Model.observe(window)).");
     m.def("engine_types",
           [] {
               nb::dict out;
@@ -513,6 +516,26 @@ void bind_runtime(nb::module_ &m) {
              "slot's sampler under masks[i] (None or uint32 words). Returns a token per entry (-1: not sampled).")
         .def("evict", &edgeai::Model::evict, nb::arg("start"), nb::arg("end"), nb::arg("seq") = 0,
              "Drop KV positions [start, end); later positions move down, their keys re-rotated (no recomputation).")
+        .def("observe", &edgeai::Model::observe, nb::arg("window"),
+             "Keep the queries of the last `window` positions of each slot, per layer (compaction scores keys by them).")
+        .def_prop_ro("observed", &edgeai::Model::observed)
+        .def("compact",
+             [](edgeai::Model &self, int n, int keep, int sink, int recent, int seq, bool scores) {
+                 std::vector<float> sc;
+                 std::vector<int32_t> kept;
+                 {
+                     nb::gil_scoped_release release;
+                     kept = self.compact(n, keep, sink, recent, seq, scores ? &sc : nullptr);
+                 }
+                 const size_t L = self.config().n_layer, H = self.config().n_head_kv;
+                 nb::object k = nb::cast(to_numpy(std::move(kept), {L, H, size_t(keep)}));
+                 if (!scores) return k;
+                 return nb::object(nb::make_tuple(k, to_numpy(std::move(sc), {L, H, size_t(n)})));
+             },
+             nb::arg("n"), nb::arg("keep"), nb::arg("sink"), nb::arg("recent"), nb::arg("seq") = 0, nb::arg("scores") = false,
+             "Keep `keep` of the first n positions per layer and KV head (Model::compact: the first `sink`, the last "
+             "`recent`, the best scored by the observed queries between); positions n.. are dropped. Returns the kept "
+             "positions int32 [n_layer, n_head_kv, keep]; with scores, also the scores float32 [n_layer, n_head_kv, n].")
         .def("logits",
              [](edgeai::Model &self, int seq) {
                  std::vector<float> v(self.logits(seq));
