@@ -1,6 +1,7 @@
 """Context-overflow policies (`edgeai.context`): a sliding cache (sink-window) that keeps the first
-tokens and the latest, reads prompts longer than the context, reuses its cache across calls that
-continue the conversation, and holds its memory flat over a generation many times its size."""
+tokens and the latest, and a compacting one (compact) that also keeps what the latest queries attend
+to; both read prompts longer than the context, reuse their cache across calls that continue the
+conversation, and hold their memory flat over a generation many times their size."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 
 import edgeai
-from edgeai.context import ContextWindow, common_prefix
-from edgeai.errors import ContextOverflowError, OptionError
+from edgeai.context import COMPACT_RECENT, OBSERVE, ContextWindow, common_prefix
+from edgeai.errors import BackendError, ContextOverflowError, OptionError
 
 N_CTX = 64
 
@@ -90,12 +91,17 @@ def test_drop_turns_stops_at_a_full_context(tiny_chat_gguf):
 
 
 def test_options_are_checked_by_name(tiny_chat_gguf, tiny_chat_onnx):
-    with pytest.raises(OptionError, match="context_overflow must be one of drop-turns, sink-window, got 'shift'"):
+    with pytest.raises(OptionError, match="context_overflow must be one of drop-turns, sink-window, compact, got 'shift'"):
         edgeai.load(tiny_chat_gguf, context_overflow="shift")
     with pytest.raises(OptionError, match="the onnxruntime backend cannot"):
         edgeai.load(tiny_chat_onnx, context_overflow="sink-window")
     with pytest.raises(OptionError, match="needs a context of at least 20"):
         edgeai.load(tiny_chat_gguf, n_ctx=16, context_overflow="sink-window")
+    with pytest.raises(OptionError, match="'compact' needs a context of at least 84"):
+        edgeai.load(tiny_chat_gguf, n_ctx=64, context_overflow="compact")
+    for backend, path in (("llama.cpp", tiny_chat_gguf), ("onnxruntime", tiny_chat_onnx)):
+        with pytest.raises(OptionError, match=f"the {backend} backend cannot"):
+            edgeai.load(path, backend=backend, n_ctx=128, context_overflow="compact")
 
 
 def test_window_bookkeeping():
@@ -123,6 +129,74 @@ def test_window_bookkeeping():
     assert not ContextWindow("drop-turns").make_room(cache, 5) and common_prefix([1, 2, 3], [1, 2, 4]) == 2
     w.kept(2)
     assert w.evicted == 0 and w.reuse(cache.history, seq) == (2, 2)
+
+
+def test_compact_bookkeeping():
+    """A compacted cache's first positions stand for every token before them: a prompt continuing
+    the conversation reuses all of it, any other only the sinks."""
+    class Cache:
+        n_ctx = 2 * (4 + COMPACT_RECENT + OBSERVE)
+
+        def __init__(self, tokens):
+            self.history, self.calls = list(tokens), []
+
+        @property
+        def n_past(self):
+            return len(self.history)
+
+        def compact(self, keep, sink, recent, probe):
+            self.calls.append((keep, sink, recent, list(probe)))
+            self.history = self.history[:sink] + self.history[len(self.history) - (keep - sink):]
+
+    w = ContextWindow("compact", sink=4)
+    seq = list(range(1000, 1000 + Cache.n_ctx - 3))
+    cache = Cache(seq)
+    probe = list(range(7, 7 + OBSERVE + 5))
+    assert w.make_room(cache, 10, probe)
+    window = Cache.n_ctx - 4 - COMPACT_RECENT
+    # 7 more positions than were free, but a compaction frees an eighth of the window at least; the
+    # probe's tokens are as many of its last ones as fit in the free room
+    dropped = window // 8
+    keep = len(seq) - dropped
+    assert dropped > 10 - 3 and cache.calls == [(keep, 4, COMPACT_RECENT, probe[-3:])]
+    assert (w.compacted, w.folded, w.compactions, w.compacted_total) == (keep, len(seq), 1, dropped)
+    more = seq + [5, 6, 7]
+    cache.history += [5, 6]
+    assert w.reuse(cache.history, more) == (keep + 2, len(seq) + 2)
+    assert w.reuse(cache.history, seq[:20] + [1]) == (4, 4)  # inside the folded part: the sinks only
+    assert not w.make_room(cache, window + 1)
+    w.kept(4)
+    assert w.folded == 0 and w.reuse(cache.history, more) == (4, 4)
+
+
+def test_compact_generates_past_the_context_and_reuses_its_cache(tiny_chat_gguf):
+    n_ctx = 128
+    with edgeai.load(tiny_chat_gguf, backend="native", n_ctx=n_ctx, threads=1, context_overflow="compact") as m:
+        _free_running(m)
+        first = m.tokenize("one two three four five six seven")
+        out = [c.token for c in m.stream(first, max_tokens=4 * n_ctx, temperature=0)]
+        assert len(out) == 4 * n_ctx
+        ctx = m.stats().extra["context"]
+        assert ctx["policy"] == "compact" and ctx["compactions"] >= 3 and ctx["folded"] > n_ctx
+        assert m.backend.n_past <= n_ctx
+        # the continuation reuses the whole compacted cache: only its new tokens are evaluated
+        cont = first + out + m.tokenize("more words", add_special=False)
+        chunks = list(m.stream(cont, max_tokens=2, temperature=0))
+        t = chunks[-1].timings
+        assert t.prompt_tokens == len(cont) - (len(first) + len(out) - 1)
+        # a prompt longer than the context is read in pieces, each compaction scored by its end
+        long = m.tokenize("the quick brown fox jumps over the lazy dog " * 30)
+        assert len(long) > 3 * n_ctx
+        before = m.context.compactions
+        assert m.generate(long, max_tokens=4, temperature=0).finish_reason == "length"
+        assert m.context.compactions > before and m.backend.n_past <= n_ctx
+        m.backend.truncate(0)
+        with pytest.raises(OptionError, match="cannot compact a KV cache of 0 positions to 10"):
+            m.backend.compact(10, 4, 8)
+    with edgeai.load(tiny_chat_gguf, backend="llama.cpp", n_ctx=n_ctx, threads=1) as m:
+        m.backend.step([5, 6, 7])
+        with pytest.raises(BackendError, match="llama.cpp backend cannot compact"):
+            m.backend.compact(2, 1, 1)
 
 
 CHILD = r"""

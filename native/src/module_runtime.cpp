@@ -516,6 +516,8 @@ void bind_runtime(nb::module_ &m) {
              "slot's sampler under masks[i] (None or uint32 words). Returns a token per entry (-1: not sampled).")
         .def("evict", &edgeai::Model::evict, nb::arg("start"), nb::arg("end"), nb::arg("seq") = 0,
              "Drop KV positions [start, end); later positions move down, their keys re-rotated (no recomputation).")
+        .def_prop_ro_static("POOL_WIDTH", [](nb::handle) { return edgeai::Model::kPoolWidth; },
+                            "Neighbours a compaction max-pools a position's score over (Model::compact).")
         .def("observe", &edgeai::Model::observe, nb::arg("window"),
              "Keep the queries of the last `window` positions of each slot, per layer (compaction scores keys by them).")
         .def_prop_ro("observed", &edgeai::Model::observed)

@@ -102,8 +102,9 @@ def kv_model(kind: str, head_dim: int, rotate: bool = True) -> KVModel:
 EXACT: KVModel = (exact_cache, exact_cache)
 
 
-def _block(cfg: ForwardConfig, w: dict, x: np.ndarray, cache: KVModel) -> np.ndarray:
-    """One dense block over x [T, n_embd] with causal attention over the cache's keys and values."""
+def _block(cfg: ForwardConfig, w: dict, x: np.ndarray, cache: KVModel, probs: list | None = None) -> np.ndarray:
+    """One dense block over x [T, n_embd] with causal attention over the cache's keys and values;
+    probs: a list that receives the attention probabilities [n_head_kv, group, T, T]."""
     T, d, hk = x.shape[0], cfg.head_dim, cfg.n_head_kv
     h = _norm(x, w["attn_norm.weight"], cfg.rms_eps)
     q, k, v = (_linear(w, r, h) for r in ("attn_q", "attn_k", "attn_v"))
@@ -120,6 +121,8 @@ def _block(cfg: ForwardConfig, w: dict, x: np.ndarray, cache: KVModel) -> np.nda
     scores += np.triu(np.full((T, T), -np.inf), k=1)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
+    if probs is not None:
+        probs.append(p)
     out = np.einsum("kgts,skd->tkgd", p, v).reshape(T, cfg.n_head * d)
     x = x + _linear(w, "attn_output", out)
     h = _norm(x, w["ffn_norm.weight"], cfg.rms_eps)
@@ -146,5 +149,66 @@ def reference_logits(path: Path, tokens: Sequence[int], caches: dict[str, KVMode
         out_w = (embd if cfg.output_weight == "token_embd.weight" else plan.read(cfg.output_weight)).astype(np.float64)
         rows = slice(-last if last else 0, None)
         return {name: _norm(h[rows], norm, cfg.rms_eps) @ out_w.T for name, h in hidden.items()}
+    finally:
+        plan.close()
+
+
+def attention_scores(path: Path, tokens: Sequence[int], window: int, cache: KVModel = (f16_cache, f16_cache)) -> np.ndarray:
+    """What compaction scores a cache by (`Model::compact` in native/src/model.cpp), in float64: per
+    layer and KV head, the attention probability each position gets from the last `window` positions'
+    queries, summed over them and over the KV head's query heads: [n_layer, n_head_kv, len(tokens)]."""
+    from edgeai.converters.plan import open_plan
+
+    plan = open_plan(path, "f32")
+    try:
+        cfg = ForwardConfig.from_plan(plan)
+        hidden = plan.read("token_embd.weight")[np.asarray(tokens)].astype(np.float64)
+        probs: list[np.ndarray] = []
+        for i in range(cfg.n_layer):
+            w = {role: t.astype(np.float64) for role, t in load_block(plan, i).tensors.items()}
+            hidden = _block(cfg, w, hidden, cache, probs)
+        return np.stack([p[:, :, -window:, :].sum(axis=(1, 2)) for p in probs])
+    finally:
+        plan.close()
+
+
+def one_layer_logits_over(path: Path, tokens: Sequence[int], kept: np.ndarray, token: int,
+                          cache: KVModel = (f16_cache, f16_cache)) -> np.ndarray:
+    """Float64 logits [n_vocab] of `token` after a one-layer model's cache was compacted to the
+    positions kept[kv_head] of `tokens` (moved down to positions 0.., as the engine moves them), the
+    token at the next position. In one layer a key and value depend only on their token and position,
+    so this is attention over exactly the kept entries."""
+    from edgeai.converters.plan import open_plan
+
+    plan = open_plan(path, "f32")
+    try:
+        cfg = ForwardConfig.from_plan(plan)
+        assert cfg.n_layer == 1 and cfg.qk_norm is QKNorm.NONE
+        embd = plan.read("token_embd.weight").astype(np.float64)
+        w = {role: t.astype(np.float64) for role, t in load_block(plan, 0).tensors.items()}
+        d, hk = cfg.head_dim, cfg.n_head_kv
+        group, keep = cfg.n_head // hk, kept.shape[-1]
+        seq = np.asarray(list(tokens) + [token])
+        x = embd[seq]
+        h = _norm(x, w["attn_norm.weight"], cfg.rms_eps)
+        q, k, v = (_linear(w, r, h) for r in ("attn_q", "attn_k", "attn_v"))
+        k, v = k.reshape(len(seq), hk, d), v.reshape(len(seq), hk, d)
+        # the token's query at position `keep` (rows 0..keep of a rotation, the last one)
+        q_last = _rope(cfg, np.repeat(q[-1:].reshape(1, cfg.n_head, d), keep + 1, axis=0))[-1]
+        out = np.empty((cfg.n_head, d))
+        for kvh in range(hk):
+            rows = list(kept[kvh]) + [len(seq) - 1]  # the kept positions at 0..keep-1, then the token
+            kh = cache[0](_rope(cfg, k[rows, kvh][:, None, :]).reshape(len(rows), d))
+            vh = cache[1](v[rows, kvh])
+            for g in range(group):
+                s = kh @ q_last[kvh * group + g] / np.sqrt(d)
+                p = np.exp(s - s.max())
+                out[kvh * group + g] = (p / p.sum()) @ vh
+        x = x[-1] + _linear(w, "attn_output", out.reshape(1, -1))[0]
+        hn = _norm(x, w["ffn_norm.weight"], cfg.rms_eps)
+        a = _linear(w, "ffn_gate", hn)
+        x = x + _linear(w, "ffn_down", a / (1 + np.exp(-a)) * _linear(w, "ffn_up", hn))
+        out_w = embd if cfg.output_weight == "token_embd.weight" else plan.read(cfg.output_weight).astype(np.float64)
+        return _norm(x, plan.read("output_norm.weight").astype(np.float64), cfg.rms_eps) @ out_w.T
     finally:
         plan.close()

@@ -1,6 +1,6 @@
-"""The engine seam the next capabilities land on: a step with a token mask (structured output) and
-KV-cache eviction with the later keys re-rotated (context-overflow policies), in every backend that
-can, with the same answers."""
+"""The engine seam the next capabilities land on: a step with a token mask (structured output),
+KV-cache eviction with the later keys re-rotated and compaction per layer and KV head (context-overflow
+policies), in every backend that can, with the same answers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import edgeai
+from edgeai.context import OBSERVE
 from edgeai.errors import BackendError, OptionError
 from edgeai.runtimes.base import GREEDY, Sampling
 from edgeai.runtimes.sampling import allowed, make_rng, sample
@@ -143,3 +144,57 @@ def test_onnxruntime_refuses_to_evict(tiny_chat_onnx):
         m.backend.step([5, 6, 7])
         with pytest.raises(BackendError, match="cannot evict"):
             m.backend.evict(0, 1)
+
+
+LONG = [int(t) for t in np.random.default_rng(11).integers(3, 200, 100)]
+
+
+def _rule(scores: np.ndarray, keep: int, sink: int, recent: int) -> np.ndarray:
+    """The compaction rule over scores [n_layer, n_kv, n] (native/src/model.cpp, Model::compact)."""
+    from edgeai import _native
+
+    width = _native.Engine.POOL_WIDTH
+    n = scores.shape[-1]
+    lo, hi = sink, n - recent
+    kept = np.empty(scores.shape[:2] + (keep,), np.int64)
+    for idx in np.ndindex(scores.shape[:2]):
+        s = scores[idx]
+        pooled = np.array([s[max(lo, j - width // 2):min(hi, j + width // 2 + 1)].max() for j in range(lo, hi)])
+        order = sorted(range(lo, hi), key=lambda j: (-pooled[j - lo], -j))[:keep - sink - recent]
+        kept[idx] = list(range(sink)) + sorted(order) + list(range(hi, n))
+    return kept
+
+
+def test_compaction_keeps_exactly_the_positions_the_rule_selects(tiny_llamas):
+    """The engine's scores are the float64 model's attention of the last OBSERVE queries (summed over
+    them and a KV head's query heads), and the kept positions are the rule's over them."""
+    from kv_reference import attention_scores
+
+    with edgeai.load(tiny_llamas[2], backend="native", n_ctx=128, threads=2, context_overflow="compact") as m:
+        b = m.backend
+        b.eval_logits(LONG)
+        kept, scores = b._call("compact", len(LONG), 50, 4, 8, 0, True)
+        assert kept.shape == (2, 2, 50) and scores.shape == (2, 2, len(LONG))
+        assert b.n_past == 50 and b.history == LONG[:4] + LONG[-46:]
+    ref = attention_scores(tiny_llamas[2], LONG, OBSERVE)
+    np.testing.assert_allclose(scores, ref, rtol=2e-3, atol=2e-4)
+    np.testing.assert_array_equal(kept, _rule(scores, 50, 4, 8))
+    # the heads choose differently: a per-head rule, not one set for all
+    assert len({tuple(k) for k in kept.reshape(-1, 50)}) > 1
+
+
+@pytest.mark.parametrize("kv_cache,tol", [("f16", 1e-2), ("q8_0", 0.1)])
+def test_after_compaction_the_next_step_attends_over_exactly_the_kept_entries(tiny_llamas, kv_cache, tol):
+    """One layer: each KV head's kept keys, moved down and re-rotated, and the next token, give the
+    float64 model's logits of attention over exactly those entries at their new positions."""
+    from kv_reference import kv_model, one_layer_logits_over
+
+    with edgeai.load(tiny_llamas[1], backend="native", n_ctx=128, threads=1, kv_cache=kv_cache,
+                     context_overflow="compact") as m:
+        b = m.backend
+        b.eval_logits(LONG)
+        kept = b.compact(40, 4, 8, probe=[9, 8, 7])
+        assert b.n_past == 40
+        after = b.eval_logits([7])[0]
+    ref = one_layer_logits_over(tiny_llamas[1], LONG, kept[0], 7, kv_model(kv_cache, 32))
+    assert np.max(np.abs(after - ref)) < tol * np.max(np.abs(ref))
