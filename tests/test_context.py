@@ -202,31 +202,33 @@ def test_compact_generates_past_the_context_and_reuses_its_cache(tiny_chat_gguf)
 CHILD = r"""
 import json, sys, resource
 import edgeai
-m = edgeai.load(sys.argv[1], backend="native", n_ctx=64, threads=1, context_overflow="sink-window")
+m = edgeai.load(sys.argv[1], backend="native", n_ctx=int(sys.argv[4]), threads=1, context_overflow=sys.argv[3])
 m.backend.eog_ids = frozenset()
 n = 0
 for c in m.stream("a b c", max_tokens=int(sys.argv[2]), temperature=0):
     n += 1
 print(json.dumps({"tokens": n, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "evicted": m.context.evicted_total}))
+                  "dropped": m.context.evicted_total + m.context.compacted_total}))
 """
 
 
-def test_memory_stays_flat_over_a_generation_many_times_the_context(tiny_chat_gguf, tmp_path):
+@pytest.mark.parametrize("policy,n_ctx", [("sink-window", N_CTX), ("compact", 2 * N_CTX)])
+def test_memory_stays_flat_over_a_generation_many_times_the_context(tiny_chat_gguf, tmp_path, policy, n_ctx):
     """Twenty times more tokens than a short run, in the short run's peak memory (a cgroup's limit)."""
     from edgeai.devices.cgroup import run_limited, unavailable
 
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    short = json.loads(subprocess.run([sys.executable, str(script), str(tiny_chat_gguf), str(4 * N_CTX)],
+    args = [policy, str(n_ctx)]
+    short = json.loads(subprocess.run([sys.executable, str(script), str(tiny_chat_gguf), str(4 * n_ctx), *args],
                                       capture_output=True, text=True, check=True).stdout)
     why = unavailable()
     if why:
         pytest.skip(f"cannot enforce a memory limit here: {why}")
     limit = short["maxrss_kib"] * 1024 + (8 << 20)  # the short run's peak and 8 MiB for the page cache's swings
-    r = run_limited([sys.executable, str(script), str(tiny_chat_gguf), str(80 * N_CTX)], limit, timeout=240)
+    r = run_limited([sys.executable, str(script), str(tiny_chat_gguf), str(80 * n_ctx), *args], limit, timeout=240)
     assert r.returncode == 0 and not r.oom_killed, r.stderr[-2000:]
     long = json.loads(r.stdout)
-    assert long["tokens"] == 80 * N_CTX and long["evicted"] > 70 * N_CTX
+    assert long["tokens"] == 80 * n_ctx and long["dropped"] > 70 * n_ctx
     assert long["maxrss_kib"] <= short["maxrss_kib"] + 2048  # flat: at most 2 MiB more over 20x the tokens
     assert np.isfinite(r.peak) and r.peak <= limit
