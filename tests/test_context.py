@@ -158,7 +158,7 @@ def test_compact_bookkeeping():
     # probe's tokens are as many of its last ones as fit in the free room
     dropped = window // 8
     keep = len(seq) - dropped
-    assert dropped > 10 - 3 and cache.calls == [(keep, 4, COMPACT_RECENT, probe[-3:])]
+    assert dropped > 10 - 3 and cache.calls == [(keep, 4, max(COMPACT_RECENT, (keep - 4) // 2), probe[-3:])]
     assert (w.compacted, w.folded, w.compactions, w.compacted_total) == (keep, len(seq), 1, dropped)
     more = seq + [5, 6, 7]
     cache.history += [5, 6]
