@@ -140,8 +140,8 @@ class ContextWindow:
         while len(pending) > backend.n_ctx - backend.n_past:
             if not self.make_room(backend, most, probe):
                 raise AssertionError("half the window always fits")  # pragma: no cover
-            # shorter than pending: the last token stays for the caller's step; a probe's room stays free
-            piece = pending[:min(most, backend.n_ctx - backend.n_past - len(probe))]
+            # the last token stays for the caller's step; a probe's room stays free
+            piece = pending[:min(most, backend.n_ctx - backend.n_past - len(probe), len(pending) - 1)]
             backend.step(piece)  # its sample is not used: the next piece follows
             pending = pending[len(piece):]
         return pending
