@@ -10,6 +10,7 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -241,6 +242,47 @@ def hf_logits_and_greedy(folder: Path, tokens: list[int], n: int) -> tuple[np.nd
     with torch.no_grad():
         logits = model(torch.tensor([tokens])).logits[0].float().numpy()
     return logits, hf_greedy(model, tokens, n)
+
+
+class Run(NamedTuple):
+    """One engine's logits over a prompt ([n_tokens, n_vocab]) and its greedy tokens after it."""
+
+    logits: np.ndarray
+    greedy: list[int]
+
+
+def native_and_llama_cpp(path: Path, tokens: list[int], n_greedy: int) -> tuple[Run, Run]:
+    """(ours, llama.cpp's) on the same GGUF: each engine's logits over `tokens` and its n_greedy
+    greedy tokens after them (native_greedy, llama_cpp_greedy). Ours with its f16 KV cache,
+    llama.cpp's F32 (llama_cpp_model); both 256 positions, 2 threads."""
+    from edgeai.runtimes.native import NativeBackend
+
+    b = NativeBackend(path, n_ctx=256, threads=2)
+    try:
+        ours = Run(b.eval_logits(tokens), native_greedy(b, tokens, n_greedy))
+    finally:
+        b.close()
+    llm = llama_cpp_model(path)
+    return ours, Run(llama_cpp_logits(llm, tokens), llama_cpp_greedy(llm, tokens, n_greedy))
+
+
+def assert_agrees_with_transformers_and_llama_cpp(folder: Path, path: Path, tokens: list[int], n_greedy: int, *,
+                                                  llama_cpp_bound: float, native_bound: float, kld_bound: float) -> None:
+    """The three-way check of a tiny checkpoint (`folder`) and its conversion (`path`): over `tokens`,
+    llama.cpp's logits within llama_cpp_bound of transformers' and ours within native_bound (largest
+    difference), KLD of ours from transformers' and from llama.cpp's each below kld_bound, and
+    n_greedy greedy tokens of both engines equal to transformers'."""
+    ref = Run(*hf_logits_and_greedy(folder, tokens, n_greedy))
+    ours, theirs = native_and_llama_cpp(path, tokens, n_greedy)
+    diff = np.abs(theirs.logits - ref.logits).max()
+    assert diff < llama_cpp_bound, f"llama.cpp's logits differ from transformers' by {diff} (bound {llama_cpp_bound})"
+    diff = np.abs(ours.logits - ref.logits).max()
+    assert diff < native_bound, f"our logits differ from transformers' by {diff} (bound {native_bound})"
+    from_ref, from_theirs = kld(ref.logits, ours.logits), kld(theirs.logits, ours.logits)
+    assert from_ref < kld_bound and from_theirs < kld_bound, \
+        f"KLD of ours from transformers' {from_ref}, from llama.cpp's {from_theirs} (bound {kld_bound})"
+    assert theirs.greedy == ref.greedy, f"llama.cpp's greedy tokens {theirs.greedy} != transformers' {ref.greedy}"
+    assert ours.greedy == ref.greedy, f"our greedy tokens {ours.greedy} != transformers' {ref.greedy}"
 
 
 def smollm2_hf_checkpoint(folder: Path) -> Path:

@@ -119,12 +119,14 @@ template <bool FIVE, bool AFFINE> float dot_legacy(const uint8_t *row, const voi
     return hsum(acc) + off;
 }
 
+// Integer dot of a block's signed values q (Q8_0, MXFP4) with one activation block, 8 int32 lanes (sign trick).
+inline __m256i signed_dot(__m256i q, __m256i xv) { return dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q)); }
+
 float dot_q8_0(const uint8_t *row, const void *xv, size_t n) {
     const BlockQ8A *x = static_cast<const BlockQ8A *>(xv);
     __m256 acc = _mm256_setzero_ps();
     for (size_t b = 0; b < n / 32; ++b, row += 34, ++x) {
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(row + 2));
-        const __m256i p = dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(load_x(x), q));
+        const __m256i p = signed_dot(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(row + 2)), load_x(x));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16_at(row) * x->d), acc);
     }
     return hsum(acc);
@@ -741,19 +743,51 @@ struct TileQ8_0 {
     }
 };
 
-// Q8_0 prefill over 8 transposed rows (as Packed8 for Q4_0): per block 8 registers of |codes| then
-// 8 of the signed codes; each token's broadcast activations take the codes' signs (sign trick).
-void pack8_q8_0(const uint8_t *w, size_t rb, size_t nb, Packed8 &pk) {
+// The block types whose 32 weights are signed bytes times one float scale per block, multiplied by
+// the sign trick (|q| * sign(x, q)): Q8_0 (Q8_0Block) and MXFP4 (MXFP4Block, with the MXFP4
+// kernels). A block type B gives
+//   BYTES                  bytes of one block
+//   values(blk)            its 32 weights as signed bytes
+//   scales8(w, rb, b)      block b's scale of the 8 rows at w (rb bytes apart), one lane per row
+// Its static members are inline, so the loops below compile to what a loop per type would.
+struct Q8_0Block {
+    static constexpr size_t BYTES = 34;
+    static __m256i values(const uint8_t *blk) { return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2)); }
+    static __m256 scales8(const uint8_t *w, size_t rb, size_t b) { return f16x8(w + b * BYTES, rb); }
+};
+
+// Prefill over 8 transposed rows of a signed-byte block type (as Packed8 for Q4_0): per block 8
+// registers of |values| then 8 of the signed values, and the 8 rows' float scales; each token's
+// broadcast activations take the values' signs (packed8_q8_0_tokens).
+template <class B> void pack8_signed(const uint8_t *w, size_t rb, size_t nb, Packed8 &pk) {
     pk.codes.resize(nb * 16);
     pk.scales.resize(nb * 8);
     for (size_t b = 0; b < nb; ++b) {
         __m256i q[8];
-        for (int r = 0; r < 8; ++r) q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + r * rb + b * 34 + 2));
+        for (int r = 0; r < 8; ++r) q[r] = B::values(w + r * rb + b * B::BYTES);
         __m256i *out = &pk.codes[b * 16];
         transpose8x32(q, out + 8);
         for (int k = 0; k < 8; ++k) out[k] = _mm256_sign_epi8(out[8 + k], out[8 + k]);
-        _mm256_storeu_ps(&pk.scales[b * 8], f16x8(w + b * 34, rb));
+        _mm256_storeu_ps(&pk.scales[b * 8], B::scales8(w, rb, b));
     }
+}
+
+// Decode over 8 rows of a signed-byte block type with one lane per row (as rows8_legacy): per
+// block the 8 rows' integer dots reduced to one vector, then one float step per 8 rows,
+// acc = fma(d_w * d_x, float(dots), acc).
+template <class B> void rows8_signed(const uint8_t *w, size_t rb, const BlockQ8A *x, float *y, size_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (size_t b = 0; b < n / 32; ++b, ++x) {
+        const __m256i xv = load_x(x);
+        __m256i p[8];
+        for (int r = 0; r < 8; ++r) {
+            const uint8_t *blk = w + r * rb + b * B::BYTES;
+            _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
+            p[r] = signed_dot(B::values(blk), xv);
+        }
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(B::scales8(w, rb, b), _mm256_set1_ps(x->d)), _mm256_cvtepi32_ps(reduce8(p)), acc);
+    }
+    _mm256_storeu_ps(y, acc);
 }
 
 // SMALL: codes of magnitude <= 12 (MXFP4's values), whose 8 maddubs per block sum exactly in int16
@@ -1411,25 +1445,7 @@ void gemm_packed_q8_0(const Gemm &g) {
     }
 }
 
-// Q8_0 decode over 8 rows with one lane per row (as rows8_legacy).
-void rows8_q8_0(const uint8_t *w, size_t rb, const BlockQ8A *x, float *y, size_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    for (size_t b = 0; b < n / 32; ++b, ++x) {
-        const __m256i xv = load_x(x);
-        __m256i p[8];
-        for (int r = 0; r < 8; ++r) {
-            const uint8_t *blk = w + r * rb + b * 34;
-            _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
-            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2));
-            p[r] = dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
-        }
-        const __m256 dw = f16x8(w + b * 34, rb);
-        acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(x->d)), _mm256_cvtepi32_ps(reduce8(p)), acc);
-    }
-    _mm256_storeu_ps(y, acc);
-}
-
-// Q8_0 on plain rows: 8-row groups transposed per call for any batch, one token by rows8_q8_0,
+// Q8_0 on plain rows: 8-row groups transposed per call for any batch, one token by rows8_signed,
 // the last rows by tiles. Whole-block integer sums scaled once per block, as the load-time packed
 // kernel does, so that plain and packed rows give bit-identical results (dense layers streamed
 // from disk are not packed, and must compute what the resident layers compute).
@@ -1439,14 +1455,15 @@ void gemm_q8_0(const Gemm &g) {
         Packed8 pk;
         const size_t nb = g.n / 32;
         for (; r + 8 <= g.n_rows; r += 8) {
-            pack8_q8_0(g.w + size_t(r) * g.row_bytes, g.row_bytes, nb, pk);
+            pack8_signed<Q8_0Block>(g.w + size_t(r) * g.row_bytes, g.row_bytes, nb, pk);
             int t = 0;
             for (; t + 4 <= g.T; t += 4) packed8_q8_0_tokens<4>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
             for (; t < g.T; ++t) packed8_q8_0_tokens<1>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
         }
     }
     if (g.T == 1)
-        for (; r + 8 <= g.n_rows; r += 8) rows8_q8_0(g.w + size_t(r) * g.row_bytes, g.row_bytes, reinterpret_cast<const BlockQ8A *>(g.x), g.y + r, g.n);
+        for (; r + 8 <= g.n_rows; r += 8)
+            rows8_signed<Q8_0Block>(g.w + size_t(r) * g.row_bytes, g.row_bytes, reinterpret_cast<const BlockQ8A *>(g.x), g.y + r, g.n);
     gemm_tiled<TileQ8_0>({g.w + size_t(r) * g.row_bytes, g.row_bytes, g.n_rows - r, g.x, g.x_stride, g.T, g.y + r, g.ldy, g.n});
 }
 
@@ -1460,12 +1477,6 @@ void gemm_q8_0(const Gemm &g) {
 inline __m256i mxfp4_values(const uint8_t *qs) {
     const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i *>(E2M1_DOUBLED)));
     return _mm256_shuffle_epi8(table, nibbles32(qs));
-}
-
-// Integer dot of one block with one activation block, 8 int32 lanes.
-inline __m256i mxfp4_block_dot(const uint8_t *blk, __m256i xv) {
-    const __m256i q = mxfp4_values(blk + 1);
-    return dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
 }
 
 inline int hsum_i32(__m256i v) {
@@ -1484,7 +1495,7 @@ float dot_mxfp4(const uint8_t *row, const void *xv, size_t n) {
     const BlockQ8A *x = static_cast<const BlockQ8A *>(xv);
     float acc = 0.0f;
     for (size_t b = 0; b < n / 32; ++b, row += 17, ++x)
-        acc = fma1(e8m0_half(row[0]) * x->d, static_cast<float>(hsum_i32(mxfp4_block_dot(row, load_x(x)))), acc);
+        acc = fma1(e8m0_half(row[0]) * x->d, static_cast<float>(hsum_i32(signed_dot(mxfp4_values(row + 1), load_x(x)))), acc);
     return acc;
 }
 
@@ -1498,38 +1509,16 @@ inline __m256 mxfp4_scales8(const uint8_t *w, size_t rb, size_t b) {
     return _mm256_castsi256_ps(_mm256_blendv_epi8(normal, subnormal, small));
 }
 
-// Decode over 8 rows with one lane per row (as rows8_q8_0).
-void rows8_mxfp4(const uint8_t *w, size_t rb, const BlockQ8A *x, float *y, size_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    for (size_t b = 0; b < n / 32; ++b, ++x) {
-        const __m256i xv = load_x(x);
-        __m256i p[8];
-        for (int r = 0; r < 8; ++r) {
-            const uint8_t *blk = w + r * rb + b * 17;
-            _mm_prefetch(reinterpret_cast<const char *>(blk + kPrefetchRows * rb), _MM_HINT_T0);
-            p[r] = mxfp4_block_dot(blk, xv);
-        }
-        acc = _mm256_fmadd_ps(_mm256_mul_ps(mxfp4_scales8(w, rb, b), _mm256_set1_ps(x->d)), _mm256_cvtepi32_ps(reduce8(p)), acc);
-    }
-    _mm256_storeu_ps(y, acc);
-}
+// MXFP4 as a signed-byte block type (see Q8_0Block): 8-row groups decode by rows8_signed<MXFP4Block>, and
+// pack8_signed<MXFP4Block> transposes them into Q8_0's layout of Packed8, which
+// packed8_q8_0_tokens<RN, SMALL> multiplies with any number of tokens.
+struct MXFP4Block {
+    static constexpr size_t BYTES = 17;
+    static __m256i values(const uint8_t *blk) { return mxfp4_values(blk + 1); }
+    static __m256 scales8(const uint8_t *w, size_t rb, size_t b) { return mxfp4_scales8(w, rb, b); }
+};
 
-// 8 rows transposed per call into Q8_0's layout of Packed8 (|values|, then the signed values; float
-// scales), which packed8_q8_0_tokens<RN, SMALL> multiplies with any number of tokens.
-void pack8_mxfp4(const uint8_t *w, size_t rb, size_t nb, Packed8 &pk) {
-    pk.codes.resize(nb * 16);
-    pk.scales.resize(nb * 8);
-    for (size_t b = 0; b < nb; ++b) {
-        __m256i q[8];
-        for (int r = 0; r < 8; ++r) q[r] = mxfp4_values(w + r * rb + b * 17 + 1);
-        __m256i *out = &pk.codes[b * 16];
-        transpose8x32(q, out + 8);
-        for (int k = 0; k < 8; ++k) out[k] = _mm256_sign_epi8(out[8 + k], out[8 + k]);
-        _mm256_storeu_ps(&pk.scales[b * 8], mxfp4_scales8(w, rb, b));
-    }
-}
-
-// One token: 8-row groups by rows8_mxfp4; more tokens: 8-row groups transposed, 4 tokens at a time;
+// One token: 8-row groups by rows8_signed; more tokens: 8-row groups transposed, 4 tokens at a time;
 // the last rows (fewer than 8) one dot per token.
 void gemm_mxfp4(const Gemm &g) {
     int r = 0;
@@ -1537,14 +1526,14 @@ void gemm_mxfp4(const Gemm &g) {
     if (g.T >= 2) {
         Packed8 pk;
         for (; r + 8 <= g.n_rows; r += 8) {
-            pack8_mxfp4(g.w + size_t(r) * g.row_bytes, g.row_bytes, nb, pk);
+            pack8_signed<MXFP4Block>(g.w + size_t(r) * g.row_bytes, g.row_bytes, nb, pk);
             int t = 0;
             for (; t + 4 <= g.T; t += 4) packed8_q8_0_tokens<4, true>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
             for (; t < g.T; ++t) packed8_q8_0_tokens<1, true>(pk, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb);
         }
     } else {
         for (; r + 8 <= g.n_rows; r += 8)
-            rows8_mxfp4(g.w + size_t(r) * g.row_bytes, g.row_bytes, reinterpret_cast<const BlockQ8A *>(g.x), g.y + r, g.n);
+            rows8_signed<MXFP4Block>(g.w + size_t(r) * g.row_bytes, g.row_bytes, reinterpret_cast<const BlockQ8A *>(g.x), g.y + r, g.n);
     }
     gemm_by_dot<dot_mxfp4>({g.w + size_t(r) * g.row_bytes, g.row_bytes, g.n_rows - r, g.x, g.x_stride, g.T, g.y + r, g.ldy, g.n});
 }

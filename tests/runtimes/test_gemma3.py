@@ -14,8 +14,8 @@ from edgeai.architectures import SPECS
 from edgeai.errors import BackendError, CheckpointError
 from edgeai.runtimes.base import GREEDY
 from edgeai.runtimes.native import NativeBackend, engine_config
-from helpers import (GEMMA3_TINY, VARIED_TEXT, hf_logits_and_greedy, kld, llama_cpp_greedy, llama_cpp_logits,
-                     llama_cpp_model, make_tiny_gemma3, native_greedy)
+from helpers import (GEMMA3_TINY, VARIED_TEXT, assert_agrees_with_transformers_and_llama_cpp, kld, llama_cpp_greedy,
+                     llama_cpp_logits, llama_cpp_model, make_tiny_gemma3, native_greedy)
 
 N_GREEDY = 16
 
@@ -39,18 +39,8 @@ def test_tiny_gemma3_agrees_with_transformers_and_llama_cpp(tiny):
     cache holds f16 values), and Gemma's norm after attention carries that into the residual (our
     engine equals a float64 reference with f16-rounded values to 6e-7)."""
     folder, path = tiny
-    tokens = _tokens(80)
-    ref, ref_greedy = hf_logits_and_greedy(folder, tokens, N_GREEDY)
-    llm = llama_cpp_model(path)
-    theirs = llama_cpp_logits(llm, tokens)
-    b = NativeBackend(path, n_ctx=256, threads=2)
-    ours = b.eval_logits(tokens)
-    assert np.abs(theirs - ref).max() < 5e-3
-    assert np.abs(ours - ref).max() < 5e-3
-    assert kld(ref, ours) < 1e-4 and kld(theirs, ours) < 1e-4
-    assert llama_cpp_greedy(llm, tokens, N_GREEDY) == ref_greedy
-    assert native_greedy(b, tokens, N_GREEDY) == ref_greedy
-    b.close()
+    assert_agrees_with_transformers_and_llama_cpp(folder, path, _tokens(80), N_GREEDY, llama_cpp_bound=5e-3,
+                                                  native_bound=5e-3, kld_bound=1e-4)
 
 
 def test_the_conversion_writes_what_llama_cpp_reads(tiny):

@@ -24,8 +24,8 @@ import pytest
 import edgeai
 from edgeai.runtimes.base import GREEDY
 from edgeai.runtimes.native import NativeBackend, engine_config
-from helpers import (gptoss_with_mxfp4_experts, hf_logits_and_greedy, kld, llama_cpp_greedy, llama_cpp_logits,
-                     llama_cpp_model, make_tiny_gptoss, native_greedy)
+from helpers import (assert_agrees_with_transformers_and_llama_cpp, gptoss_with_mxfp4_experts, hf_logits_and_greedy, kld,
+                     llama_cpp_logits, llama_cpp_model, make_tiny_gptoss, native_and_llama_cpp, native_greedy)
 
 N_GREEDY = 16
 # Our KV cache holds f16 keys and values, llama.cpp's here F32; with this model's sharp attention
@@ -57,30 +57,16 @@ def test_tiny_gptoss_agrees_with_transformers_and_llama_cpp(tiny):
     """80 tokens, five windows of 16: logits of transformers, llama.cpp and ours agree, and so do 16
     greedy tokens (YaRN's range rounded in the checkpoint too: see the module's note)."""
     folder, path = tiny["rounded"]
-    tokens = _tokens(80)
-    ref, ref_greedy = hf_logits_and_greedy(folder, tokens, N_GREEDY)
-    llm = llama_cpp_model(path)
-    theirs = llama_cpp_logits(llm, tokens)
-    b = NativeBackend(path, n_ctx=256, threads=2)
-    ours = b.eval_logits(tokens)
-    assert np.abs(theirs - ref).max() < 1e-3
-    assert np.abs(ours - ref).max() < F16_KV_BOUND
-    assert kld(ref, ours) < 1e-5 and kld(theirs, ours) < 1e-5
-    assert llama_cpp_greedy(llm, tokens, N_GREEDY) == ref_greedy
-    assert native_greedy(b, tokens, N_GREEDY) == ref_greedy
-    b.close()
+    assert_agrees_with_transformers_and_llama_cpp(folder, path, _tokens(80), N_GREEDY, llama_cpp_bound=1e-3,
+                                                  native_bound=F16_KV_BOUND, kld_bound=1e-5)
 
 
 def test_shipped_yarn_runs_as_llama_cpp_runs_it(tiny):
     """The checkpoint as shipped (truncate: false): our engine computes what llama.cpp computes."""
     _, path = tiny["shipped"]
-    tokens = _tokens(80, seed=3)
-    llm = llama_cpp_model(path)
-    theirs = llama_cpp_logits(llm, tokens)
-    b = NativeBackend(path, n_ctx=256, threads=2)
-    assert np.abs(b.eval_logits(tokens) - theirs).max() < F16_KV_BOUND
-    assert native_greedy(b, tokens, N_GREEDY) == llama_cpp_greedy(llm, tokens, N_GREEDY)
-    b.close()
+    ours, theirs = native_and_llama_cpp(path, _tokens(80, seed=3), N_GREEDY)
+    assert np.abs(ours.logits - theirs.logits).max() < F16_KV_BOUND
+    assert ours.greedy == theirs.greedy
 
 
 def test_the_conversion_writes_what_llama_cpp_reads(tiny):
@@ -124,14 +110,9 @@ def test_mxfp4_experts_run_as_in_llama_cpp(tiny, tmp_path):
     types = {name: t.type_name for name, t in read_header(path).tensors.items()}
     assert types["blk.0.ffn_down_exps.weight"] == "MXFP4" and types["blk.0.attn_q.weight"] == "Q8_0"
     assert types["blk.0.ffn_gate_exps.bias"] == "F32" and types["blk.0.attn_sinks.weight"] == "F32"
-    tokens = _tokens(80, seed=4)
-    llm = llama_cpp_model(path)
-    theirs = llama_cpp_logits(llm, tokens)
-    b = NativeBackend(path, n_ctx=256, threads=2)
-    ours = b.eval_logits(tokens)
-    assert kld(theirs, ours) < 1e-4
-    assert native_greedy(b, tokens, N_GREEDY) == llama_cpp_greedy(llm, tokens, N_GREEDY)
-    b.close()
+    ours, theirs = native_and_llama_cpp(path, _tokens(80, seed=4), N_GREEDY)
+    assert kld(theirs.logits, ours.logits) < 1e-4
+    assert ours.greedy == theirs.greedy
 
 
 def test_sliding_window_layers_keep_only_their_window(tiny):
@@ -210,15 +191,10 @@ def test_shipped_mxfp4_runs_as_in_llama_cpp(shipped_mxfp4):
     engines' different activation rounding (int8 with an f32 scale here, an f16 one there; see
     test_mxfp4_models), so the typical position is held to the tighter bound."""
     _, path, _ = shipped_mxfp4
-    tokens = _tokens(80, seed=5)
-    llm = llama_cpp_model(path)
-    theirs = llama_cpp_logits(llm, tokens)
-    b = NativeBackend(path, n_ctx=256, threads=2)
-    ours = b.eval_logits(tokens)
-    assert kld(theirs, ours) < 2e-4
-    assert np.median([kld(theirs[i:i + 1], ours[i:i + 1]) for i in range(len(tokens))]) < 1e-4
-    assert native_greedy(b, tokens, N_GREEDY) == llama_cpp_greedy(llm, tokens, N_GREEDY)
-    b.close()
+    ours, theirs = native_and_llama_cpp(path, _tokens(80, seed=5), N_GREEDY)
+    assert kld(theirs.logits, ours.logits) < 2e-4
+    assert np.median([kld(theirs.logits[i:i + 1], ours.logits[i:i + 1]) for i in range(len(ours.logits))]) < 1e-4
+    assert ours.greedy == theirs.greedy
 
 
 def test_other_types_decode_the_shipped_experts(shipped_mxfp4, tmp_path, caplog):
