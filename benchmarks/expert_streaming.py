@@ -1,11 +1,12 @@
 """Expert streaming under hard memory limits: edgeai's native engine against llama.cpp (mmap).
 
-The benchmark issue 7 asks for. Run it by hand (it is not a test; it needs root for the memory
-cgroups, about 5 GB of disk and 20-30 minutes):
+The benchmark issue 7 asks for, and issue 20 on a gpt-oss-shaped file. Run it by hand (it is not a
+test; it needs root for the memory cgroups, about 5 GB of disk and 20-30 minutes):
 
     sudo .venv/bin/python benchmarks/expert_streaming.py            # everything, table + JSON
     .venv/bin/python benchmarks/expert_streaming.py --show           # print the last report again
     sudo .venv/bin/python benchmarks/expert_streaming.py --alignment-ab   # 4 KiB- vs 32-byte-aligned file
+    sudo .venv/bin/python benchmarks/expert_streaming.py --shape gpt-oss --limits 0.5,0.2   # MXFP4 experts
 
 What it does:
 1. Model: writes an MoE GGUF of about 2.2 GB in Qwen3-MoE shape (architecture `qwen3moe`: n_embd
@@ -17,6 +18,16 @@ What it does:
    GGUF's default 32-byte alignment (reads must be rounded out). Both are cached in --work. The
    file is proven by llama.cpp loading it and by greedy tokens of llama.cpp and of our engine
    (unconstrained and streaming at the smallest budget) after the same prompt.
+   --shape gpt-oss writes the other model (`Shape`, SHAPES): architecture `gpt-oss` planned by its
+   converter spec, gpt-oss-20b's 24 layers, 32 experts of which 4 are used, alternating 128-position
+   sliding-window and full layers, attention sinks, biases on attention, router and experts, YaRN,
+   an untied output; n_embd = expert FFN 1280 (2880 in gpt-oss-20b) and 32 query / 4 KV heads of 64
+   (64 / 8), so the file is 2.17 GB, 92 % of it experts. The experts are MXFP4 (random E2M1 codes,
+   whose table is symmetric: mean 0; E8M0 exponents drawn so the weights' mean square is the
+   target), everything else as in the Qwen3-MoE file (Q4_0; norms, router, biases, sinks F32).
+   Weights are scaled as GPT-2 initialises them (see SHAPES): at gain 1 this random gpt-oss graph is
+   chaotic: llama.cpp with and without its repacked kernels disagrees with itself. Its report is
+   WORK/report-gpt-oss.json.
 2. Disk: random O_DIRECT reads of whole expert slices (one projection of one expert, the unit the
    store reads) of this file, by 1 and by 4 threads (the store's reader count), after evicting the
    file from the page cache.
@@ -49,12 +60,13 @@ step (one token through the whole model, logits, sampling). --decode greedy is t
 
 Figures: tokens/s is the median over runs of (decode steps / their summed wall time); bytes per
 token and bandwidth are medians too; hit rates and the rest come from the median run (by tok/s).
-Everything is written to WORK/report.json; the table is printed.
+Everything is written to WORK/report.json (report-gpt-oss.json for --shape gpt-oss); the table is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -63,13 +75,77 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 WORK = Path.home() / ".cache" / "edgeai-bench" / "expert-streaming"
-SHAPE = dict(n_embd=2048, n_layer=12, n_expert=64, n_expert_used=8, n_ff_exp=768, n_head=16, n_head_kv=2,
-             head_dim=128)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The benchmark model of one --shape: sizes, weight formats, and the hyper-parameters the
+    architecture's converter spec (edgeai.architectures.SPECS) plans its tensors and metadata from."""
+
+    name: str  # --shape
+    arch: str  # GGUF architecture, one of SPECS' gguf_arch
+    n_embd: int
+    n_layer: int
+    n_expert: int
+    n_expert_used: int
+    n_ff_exp: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    expert_format: str  # FORMATS key of the stacked expert matrices; every other matrix is Q4_0
+    file_type: int  # general.file_type (llama.cpp's LlamaFileType of the mix)
+    file_stem: str  # cached as {file_stem}-align{alignment}.gguf in --work
+    # Scales of the random weights. Every matrix has weights of rms gain/sqrt(its input width), gain 1
+    # (outputs keep the input's scale) but for the output matrix (4: logits spread of ~4), an untied
+    # embedding (embedding_rms: the rms of its entries) and the matrices that write into the residual
+    # stream, the attention output and the experts' down (branch_gain).
+    embedding_rms: float = 1.0
+    branch_gain: float = 1.0
+    extra: dict = field(default_factory=dict)  # the rest of HParams (rope, window, biases, tying)
+
+    def hparams(self, n_vocab: int):
+        from edgeai.architectures import HParams
+
+        return HParams(n_vocab=n_vocab, n_embd=self.n_embd, n_layer=self.n_layer, n_head=self.n_head,
+                       n_head_kv=self.n_head_kv, head_dim=self.head_dim, n_expert=self.n_expert,
+                       n_expert_used=self.n_expert_used, n_ff_exp=self.n_ff_exp, **self.extra)
+
+    def policies(self) -> tuple[str, ...]:
+        # next-use: on main since 5f9bd0e (a failed row on older engines); ":demand" runs a policy without
+        # prefetching, so that its hit rate compares with the demand-only replays on equal terms; ":topN"
+        # prefetches the N likeliest experts (the engine's default: half of the experts a token uses)
+        return ("lru", "lfu", "layer", "next-use", "next-use:demand", f"next-use:top{self.n_expert_used}")
+
+
+SHAPES = {
+    # Qwen3-30B-A3B's expert size and routing, 12 layers: 2.2 GB
+    "qwen3moe": Shape("qwen3moe", "qwen3moe", n_embd=2048, n_layer=12, n_expert=64, n_expert_used=8, n_ff_exp=768,
+                      n_head=16, n_head_kv=2, head_dim=128, expert_format="q4_0", file_type=2,  # MOSTLY_Q4_0
+                      file_stem="qwen3moe-2gb-q4_0-zm",
+                      extra=dict(n_ff=6144, n_ctx_train=4096, rope_theta=1e6, rms_eps=1e-6, rope_scaling=None,
+                                 tie_embeddings=True, attention_bias=False, norm_topk_prob=True)),
+    # gpt-oss-20b's 24 layers, 32 experts, top-4 routing, attention sinks and biases, every other layer a
+    # 128-position sliding window, YaRN (factor 32 over 4096) on rope base 150000, untied output; widths
+    # shrunk (n_embd = expert FFN 2880 -> 1280, 64/8 heads of 64 -> 32/4) so the file is about 2 GB.
+    # Weights scaled as GPT-2 initialises them (embeddings of rms 1, residual branches 1/sqrt(2 n_layer)):
+    # with every branch at gain 1 this random graph is chaotic, a rounding difference (llama.cpp with
+    # and without its repacked Q4_0 kernels) changes the argmax at 14 of 32 positions, so no two engines
+    # could agree on greedy tokens
+    "gpt-oss": Shape("gpt-oss", "gpt-oss", n_embd=1280, n_layer=24, n_expert=32, n_expert_used=4, n_ff_exp=1280,
+                     n_head=32, n_head_kv=4, head_dim=64, expert_format="mxfp4", file_type=38,  # MOSTLY_MXFP4_MOE
+                     file_stem="gpt-oss-2gb-mxfp4", embedding_rms=1.0, branch_gain=1 / math.sqrt(2 * 24),
+                     extra=dict(n_ff=1280, n_ctx_train=131072, rope_theta=150000.0, rms_eps=1e-5,
+                                rope_scaling={"rope_type": "yarn", "factor": 32.0,
+                                              "original_max_position_embeddings": 4096},
+                                tie_embeddings=False, attention_bias=True, norm_topk_prob=True,
+                                sliding_window=128, swa_pattern=2, rope_theta_swa=150000.0)),
+}
 PROMPT = "The history of the printing press begins in"
 # Teacher-forced decode text (--decode text): ordinary prose, so consecutive tokens differ.
 TEXT = ("The printing press changed how knowledge travelled across Europe. Before it, books were copied by "
@@ -80,29 +156,28 @@ TEXT = ("The printing press changed how knowledge travelled across Europe. Befor
         "them. Pamphlets, calendars, maps and news sheets followed, and with them new readers, new arguments "
         "and new ways of checking what others had written.")
 LIMITS = (0.75, 0.5, 0.2)
-POLICY_LIMITS = (0.5, 0.2)  # where every replacement policy runs
-# next-use: on main since 5f9bd0e (a failed row on older engines); ":demand" runs a policy without
-# prefetching, so that its hit rate compares with the demand-only replays on equal terms; ":topN"
-# prefetches the N likeliest experts (the engine's default: half of the experts a token uses)
-POLICIES = ("lru", "lfu", "layer", "next-use", "next-use:demand", "next-use:top8")
+POLICY_LIMITS = (0.5, 0.2)  # where every replacement policy runs (Shape.policies)
 ENGINES = {"ours": "ours", "llama": "llama.cpp", "llama-mmap": "llama.cpp mmap"}  # child name -> row name
 N_CTX = 256
 Q4_RMS = math.sqrt(17.5)  # rms of the weights -7..7 (and 0 twice) that q4_blocks writes, in units of the scale
+# rms of MXFP4's 16 E2M1 values, doubled as quant.blocks.E2M1_DOUBLED holds them (0, +-1, +-2, +-3, +-4, +-6,
+# +-8, +-12; 0 twice): uniform random codes give weights of this rms times 2^(e-128) for the E8M0 byte e
+MXFP4_RMS = math.sqrt(34.25)
 
 
 # --- 1. the model ----------------------------------------------------------------------------------
 
-def model_path(work: Path, alignment: int) -> Path:
-    return work / f"qwen3moe-2gb-q4_0-zm-align{alignment}.gguf"
+def model_path(work: Path, alignment: int, shape: Shape = SHAPES["qwen3moe"]) -> Path:
+    return work / f"{shape.file_stem}-align{alignment}.gguf"
 
 
-def make_model(dest: Path, alignment: int, seed: int = 0) -> Path:
-    """Write the benchmark MoE (see the module docstring) to `dest` unless it is there already."""
+def make_model(dest: Path, alignment: int, seed: int = 0, shape: Shape = SHAPES["qwen3moe"]) -> Path:
+    """Write the benchmark MoE of `shape` (see the module docstring) to `dest` unless it is there already."""
     from gguf import GGMLQuantizationType, GGUFValueType
 
     from edgeai.gguf_writer import GGUFWriter
     from edgeai.converters.sources import GGUFSource
-    from edgeai.architectures import SPECS, HParams
+    from edgeai.architectures import SPECS
     from edgeai.paths import atomic_output, default_model_path
     from edgeai.quant.formats import FORMATS
 
@@ -112,17 +187,15 @@ def make_model(dest: Path, alignment: int, seed: int = 0) -> Path:
     meta = source.metadata()
     tok_keys = [k for k in meta if k.startswith("tokenizer.")]
     n_vocab = len(meta["tokenizer.ggml.tokens"])
-    spec = next(s for s in SPECS if s.gguf_arch == "qwen3moe")
-    s = SHAPE
-    hp = HParams(n_vocab=n_vocab, n_embd=s["n_embd"], n_layer=s["n_layer"], n_ff=6144, n_head=s["n_head"],
-                 n_head_kv=s["n_head_kv"], head_dim=s["head_dim"], n_ctx_train=4096, rope_theta=1e6, rms_eps=1e-6,
-                 rope_scaling=None, tie_embeddings=True, attention_bias=False, n_expert=s["n_expert"],
-                 n_expert_used=s["n_expert_used"], n_ff_exp=s["n_ff_exp"], norm_topk_prob=True)
+    spec = next(s for s in SPECS if s.gguf_arch == shape.arch)
+    hp = shape.hparams(n_vocab)
     planned = spec.plan(hp)
-    q4, f32 = FORMATS["q4_0"], FORMATS["f32"]
+    q4, f32, experts = FORMATS["q4_0"], FORMATS["f32"], FORMATS[shape.expert_format]
 
-    def fmt_of(name: str, shape: tuple[int, ...]):
-        return f32 if len(shape) == 1 or "ffn_gate_inp" in name else q4
+    def fmt_of(name: str, dims: tuple[int, ...]):
+        if len(dims) == 1 or name.endswith(".bias") or "ffn_gate_inp" in name:
+            return f32  # norms, router, biases (gpt-oss's expert biases are [n_expert, rows]), sinks
+        return experts if "_exps." in name else q4
 
     rng = np.random.default_rng(seed)
 
@@ -139,28 +212,58 @@ def make_model(dest: Path, alignment: int, seed: int = 0) -> Path:
         blocks[:, :2] = d.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
         return blocks
 
-    def chunks(name: str, shape: tuple[int, ...]):
-        if fmt_of(name, shape) is f32:
-            if "ffn_gate_inp" in name:  # router: logits of unit scale for a normalised input
-                yield (rng.standard_normal(shape) / math.sqrt(shape[-1])).astype(np.float32)
-            else:
-                yield np.ones(shape, dtype=np.float32)
+    def mxfp4_blocks(n_blocks: int, cols: int, gain: float) -> np.ndarray:
+        """Random MXFP4 blocks whose weights have rms gain/sqrt(cols), as q4_blocks.
+
+        Uniform codes need no correction: E2M1's table is symmetric (each value with its negative, +0
+        and -0), so the weights' mean is 0. The scale is a power of two: each block takes 2^lo or
+        2^(lo+1), the larger with the probability that makes the mean square weight the target's."""
+        blocks = np.empty((n_blocks, 17), dtype=np.uint8)
+        blocks[:, 1:] = np.frombuffer(rng.bytes(n_blocks * 16), dtype=np.uint8).reshape(n_blocks, 16)
+        half_scale = gain / (MXFP4_RMS * math.sqrt(cols))  # the wanted 2^(e-128) (quant.blocks.e8m0_half)
+        lo = math.floor(math.log2(half_scale))
+        p_up = (half_scale ** 2 / 4.0 ** lo - 1) / 3  # (1 - p) 4^lo + p 4^(lo+1) = half_scale^2
+        blocks[:, 0] = 128 + lo + (rng.random(n_blocks) < p_up)
+        return blocks
+
+    def f32_values(name: str, dims: tuple[int, ...]) -> np.ndarray:
+        if "ffn_gate_inp.weight" in name:  # router: logits of unit scale for a normalised input
+            return (rng.standard_normal(dims) / math.sqrt(dims[-1])).astype(np.float32)
+        if "attn_sinks" in name:  # one logit per head in each softmax's denominator, as large as a score
+            return rng.standard_normal(dims).astype(np.float32)
+        if name.endswith(".bias"):  # small next to the unit-scale outputs they are added to
+            return (0.1 * rng.standard_normal(dims)).astype(np.float32)
+        return np.ones(dims, dtype=np.float32)  # norms
+
+    def chunks(name: str, dims: tuple[int, ...]):
+        fmt = fmt_of(name, dims)
+        if fmt is f32:
+            yield f32_values(name, dims)
             return
-        cols = shape[-1]
-        gain = 4.0 if name == "token_embd.weight" else 1.0  # tied output: logits spread of ~4
-        per = int(np.prod(shape[-2:])) // 32  # blocks of one matrix (one expert of a stacked tensor)
-        for _ in range(int(np.prod(shape[:-2])) if len(shape) == 3 else 1):
-            yield q4_blocks(per, cols, gain)
+        blocks = mxfp4_blocks if fmt.name == "mxfp4" else q4_blocks
+        cols = dims[-1]
+        if name == "output.weight" or (name == "token_embd.weight" and hp.tie_embeddings):
+            gain = 4.0
+        elif name == "token_embd.weight":
+            gain = shape.embedding_rms * math.sqrt(cols)
+        elif "attn_output" in name or "ffn_down" in name:
+            gain = shape.branch_gain
+        else:
+            gain = 1.0
+        per = int(np.prod(dims[-2:])) // 32  # blocks of one matrix (one expert of a stacked tensor)
+        for _ in range(int(np.prod(dims[:-2])) if len(dims) == 3 else 1):
+            yield blocks(per, cols, gain)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
+    arch = shape.arch
     with atomic_output(dest, force=False) as tmp, open(tmp, "wb") as out:
         w = GGUFWriter(out, alignment=alignment)
-        w.add("general.architecture", "qwen3moe")
-        w.add("general.name", "edgeai expert-streaming benchmark (random Qwen3-MoE shape)")
-        w.add("general.file_type", 2, GGUFValueType.UINT32)  # MOSTLY_Q4_0
+        w.add("general.architecture", arch)
+        w.add("general.name", f"edgeai expert-streaming benchmark (random {spec.family} shape)")
+        w.add("general.file_type", shape.file_type, GGUFValueType.UINT32)
         w.add("general.quantization_version", 2, GGUFValueType.UINT32)
         for key, value in spec.gguf_kv(hp).items():
-            w.add(f"qwen3moe.{key}", value)
+            w.add(f"{arch}.{key}", value)
         for key in tok_keys:
             vtype, sub = source.value_type(key)
             w.add(key, meta[key], vtype, sub if vtype == GGUFValueType.ARRAY else None)
@@ -176,13 +279,14 @@ def make_model(dest: Path, alignment: int, seed: int = 0) -> Path:
 
 
 def expert_slices(path: Path) -> list[tuple[int, int]]:
-    """(absolute file offset, bytes) of every expert's slice of every stacked expert tensor."""
+    """(absolute file offset, bytes) of every expert's slice of every stacked expert matrix (not the
+    experts' biases: the engine keeps them in memory)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
     out = []
     for t in reader.tensors:
-        if "_exps." in t.name:
+        if "_exps.weight" in t.name:
             n_expert = int(t.shape[-1])
             per = int(t.n_bytes) // n_expert
             out += [(int(t.data_offset) + e * per, per) for e in range(n_expert)]
@@ -319,26 +423,39 @@ def child_ours(a: argparse.Namespace) -> dict:
             "plan": plan, "memory": _memory()}
 
 
+@contextlib.contextmanager
+def _llama_repack(on: bool):
+    """Llama() models made inside with llama.cpp's repacked CPU weights on (its default) or off.
+
+    llama.cpp's CPU backend repacks Q4_0 weights (AVX2: interleaved rows) into anonymous memory by
+    default, so nothing of them is read from the memory map afterwards; with the extra buffer types
+    off (model parameter use_extra_bufts) it computes from the mmap (what the issue calls llama.cpp's
+    way). Llama() takes no option for it: its default model parameters are patched."""
+    import llama_cpp
+
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def no_repack():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    if not on:
+        llama_cpp.llama_cpp.llama_model_default_params = no_repack
+    try:
+        yield
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default_params
+
+
 def child_llama(a: argparse.Namespace) -> dict:
     import llama_cpp
     from llama_cpp import Llama
 
-    if a.child == "llama-mmap":
-        # llama.cpp's CPU backend repacks Q4_0 weights (AVX2: interleaved rows) into anonymous
-        # memory by default, so nothing of them is read from the memory map afterwards; with the
-        # extra buffer types off it computes from the mmap (what the issue calls llama.cpp's way).
-        # Llama() takes no option for it: its default model parameters are patched.
-        default_params = llama_cpp.llama_cpp.llama_model_default_params
-
-        def no_repack():
-            params = default_params()
-            params.use_extra_bufts = False
-            return params
-
-        llama_cpp.llama_cpp.llama_model_default_params = no_repack
     io0, t0 = _read_bytes(), time.perf_counter()
-    llm = Llama(model_path=a.model, n_ctx=N_CTX, n_batch=64, n_threads=a.threads, n_threads_batch=a.threads,
-                verbose=False)
+    with _llama_repack(a.child != "llama-mmap"):
+        llm = Llama(model_path=a.model, n_ctx=N_CTX, n_batch=64, n_threads=a.threads, n_threads_batch=a.threads,
+                    verbose=False)
     n_vocab = llm.n_vocab()
     prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
     forced = _decode_tokens(lambda s: llm.tokenize(s.encode(), add_bos=False, special=False), a.decode, a.tokens)
@@ -392,7 +509,7 @@ def run_child(engine: str, model: Path, limit: int | None, args: argparse.Namesp
 
 # --- 4. figures ------------------------------------------------------------------------------------
 
-def figures(r: dict, disk_bw: float) -> dict:
+def figures(r: dict, disk_bw: float, shape: Shape) -> dict:
     """One run's figures (tok/s, bytes per token, bandwidth, hit rates...)."""
     from edgeai.runtimes import expert_replay
 
@@ -431,20 +548,20 @@ def figures(r: dict, disk_bw: float) -> dict:
         f["layer_hit_rates"] = [float(h / (h + m)) if h + m else float("nan") for h, m in zip(lh, lm)]
         trace, start = r["trace"], r["trace_prefill"]
         decode_keys = np.array(trace[start:])
-        counts = np.bincount(decode_keys, minlength=len(lh) * SHAPE["n_expert"]).reshape(len(lh), -1)
+        counts = np.bincount(decode_keys, minlength=len(lh) * shape.n_expert).reshape(len(lh), -1)
         top = np.sort(counts, axis=1)[:, ::-1]
         # how concentrated the routing is: experts used during decode, and the share of accesses that
         # go to each layer's n_expert_used most used experts
         f["distinct_experts"] = int((counts > 0).sum())
-        f["top_k_share"] = float(top[:, :SHAPE["n_expert_used"]].sum() / max(1, counts.sum()))
+        f["top_k_share"] = float(top[:, :shape.n_expert_used].sum() / max(1, counts.sum()))
         f["replay"] = {name: expert_replay.hit_rate(fn(trace, st1["slots"]), start)
                        for name, fn in expert_replay.REPLAYS.items()}
     return f
 
 
-def summarize(runs: list[dict], disk_bw: float) -> dict:
+def summarize(runs: list[dict], disk_bw: float, shape: Shape) -> dict:
     """Median figures over runs; the detailed ones from the median run."""
-    figs = [figures(r, disk_bw) for r in runs]
+    figs = [figures(r, disk_bw, shape) for r in runs]
     good = [f for f in figs if f["ok"]]
     out = {"runs": len(runs), "completed": len(good), "oom_kills": sum(bool(r["oom_killed"]) for r in runs),
            "peak_max": max(r["peak"] for r in runs), "limit": runs[0]["limit"]}
@@ -474,7 +591,8 @@ def print_report(rep: dict) -> None:
     con = Console(width=220)
     disk = rep["disk"]
     con.print(f"model {rep['model']['path']} ({rep['model']['bytes'] / 2**30:.2f} GiB, expert slice "
-              f"{disk['4']['slice_bytes'] / 2**10:.0f} KiB); threads {rep['threads']}; decode {rep['decode']}; "
+              f"{disk['4']['slice_bytes'] / 2**10:.0f} KiB); CPU {rep.get('cpu', '?')}; threads {rep['threads']}; "
+              f"decode {rep['decode']}; "
               f"load average at start {rep['loadavg_start']}, end {rep.get('loadavg_end')}")
     con.print(f"disk, random O_DIRECT reads of expert slices: 1 thread {disk['1']['bandwidth'] / 2**20:,.0f} MiB/s, "
               f"4 threads {disk['4']['bandwidth'] / 2**20:,.0f} MiB/s")
@@ -508,11 +626,11 @@ def print_report(rep: dict) -> None:
     con.print(t)
     lt = Table(title="ours: per-layer decode hit rate (%) of the median run")
     lt.add_column("run")
-    n_layer = SHAPE["n_layer"]
+    n_layer = rep["model"]["shape"]["n_layer"]
     for i in range(n_layer):
         lt.add_column(str(i), justify="right")
     lt.add_column("experts used", justify="right")
-    lt.add_column(f"top-{SHAPE['n_expert_used']} share %", justify="right")
+    lt.add_column(f"top-{rep['model']['shape']['n_expert_used']} share %", justify="right")
     for row in rep["rows"]:
         s = row["summary"]
         if row["engine"] == "ours" and "layer_hit_rates" in s:
@@ -535,30 +653,34 @@ def print_report(rep: dict) -> None:
 def check_model(path: Path, args: argparse.Namespace, n: int = 8, n_text: int = 24) -> dict:
     """llama.cpp loads the file; both engines agree on it.
 
-    Greedy tokens after the prompt (random weights: they repeat one token, so this alone shows
-    little), then the logits at every position of prompt + `n_text` tokens of TEXT: argmax agreement
-    and the largest difference against the logits' spread. Ours streaming from 16 slots must give
-    the unconstrained run's logits exactly.
+    Greedy tokens after the prompt (random Qwen3-MoE weights: they repeat one token, so this alone
+    shows little), then the logits at every position of prompt + `n_text` tokens of TEXT: argmax
+    agreement and the largest difference against the logits' spread. Ours streaming from 16 slots
+    must give the unconstrained run's logits exactly. The yardstick of rounding: llama.cpp with its
+    repacked kernels against llama.cpp without them (mmap), the same figures.
     """
     from llama_cpp import Llama
 
     from edgeai.runtimes.base import Sampling
     from edgeai.runtimes.native import NativeBackend
 
-    llm = Llama(model_path=str(path), n_ctx=N_CTX, n_batch=N_CTX, n_threads=args.threads, logits_all=True,
-                verbose=False)
-    prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
-    text = prompt + llm.tokenize((" " + TEXT).encode(), add_bos=False, special=False)[:n_text]
-    llm.eval(prompt)
-    theirs = []
-    for _ in range(n):
-        theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([theirs[-1]])
-    llm.reset()
-    llm.eval(text)
-    their_logits = np.array(llm.scores[: len(text)], dtype=np.float32)
-    del llm
     greedy, logits = {}, {}
+    for label, repack in (("llama.cpp", True), ("llama.cpp mmap", False)):
+        with _llama_repack(repack):
+            llm = Llama(model_path=str(path), n_ctx=N_CTX, n_batch=N_CTX, n_threads=args.threads, logits_all=True,
+                        verbose=False)
+        prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
+        text = prompt + llm.tokenize((" " + TEXT).encode(), add_bos=False, special=False)[:n_text]
+        llm.eval(prompt)
+        toks = []
+        for _ in range(n):
+            toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([toks[-1]])
+        greedy[label] = toks
+        llm.reset()
+        llm.eval(text)
+        logits[label] = np.array(llm.scores[: len(text)], dtype=np.float32)
+        del llm
     for label, store in (("ours", None), ("ours streaming", {"slots": 16})):
         be = NativeBackend(path, n_ctx=N_CTX, threads=args.threads, expert_store=store)
         be.set_sampling(Sampling(temperature=0))
@@ -569,12 +691,20 @@ def check_model(path: Path, args: argparse.Namespace, n: int = 8, n_text: int = 
         be.truncate(0)
         logits[label] = be.eval_logits(text)
         be.close()
-    ours = logits["ours"]
-    return {"prompt": prompt, "greedy": {"llama.cpp": theirs, **greedy},
+    ours, theirs, theirs_mmap = logits["ours"], logits["llama.cpp"], logits["llama.cpp mmap"]
+
+    def same_prefix(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    return {"prompt": prompt, "greedy": greedy,
+            "greedy_same_prefix_llama": same_prefix(greedy["ours"], greedy["llama.cpp"]),
+            "greedy_same_prefix_llama_mmap_vs_llama": same_prefix(greedy["llama.cpp mmap"], greedy["llama.cpp"]),
             "text_positions": len(text),
-            "argmax_agree_llama": int((ours.argmax(1) == their_logits.argmax(1)).sum()),
-            "max_abs_logit_diff_llama": float(np.abs(ours - their_logits).max()),
-            "logit_std": float(their_logits.std()),
+            "argmax_agree_llama": int((ours.argmax(1) == theirs.argmax(1)).sum()),
+            "max_abs_logit_diff_llama": float(np.abs(ours - theirs).max()),
+            "argmax_agree_llama_mmap_vs_llama": int((theirs_mmap.argmax(1) == theirs.argmax(1)).sum()),
+            "max_abs_logit_diff_llama_mmap_vs_llama": float(np.abs(theirs_mmap - theirs).max()),
+            "logit_std": float(theirs.std()),
             "streaming_identical": bool(np.array_equal(ours, logits["ours streaming"])
                                         and greedy["ours"] == greedy["ours streaming"])}
 
@@ -582,12 +712,13 @@ def check_model(path: Path, args: argparse.Namespace, n: int = 8, n_text: int = 
 def alignment_ab(args: argparse.Namespace) -> None:
     """Ours at 50 % on both files, runs interleaved (the machine's load drifts between rows)."""
     args.work.mkdir(parents=True, exist_ok=True)
+    shape = SHAPES[args.shape]
     tok_s: dict[int, list[float]] = {4096: [], 32: []}
     for i in range(args.runs):
         for alignment in tok_s:
-            path = make_model(model_path(args.work, alignment), alignment)
+            path = make_model(model_path(args.work, alignment, shape), alignment, shape=shape)
             r = run_child("ours", path, path.stat().st_size // 2, args, tokens=args.tokens, cap=args.cap)
-            f = figures(r, float("nan"))
+            f = figures(r, float("nan"), shape)
             tok_s[alignment].append(f["tok_s"])
             print(f"alignment {alignment} run {i}: {f['tok_s']:.2f} tok/s, {f['store_bytes_per_tok'] / 2**20:.1f} MiB "
                   f"read/tok, stall {1000 * f['stall_s_per_tok']:.1f} ms/tok", flush=True)
@@ -598,6 +729,8 @@ def alignment_ab(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=WORK)
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="qwen3moe",
+                    help="the benchmark model: Qwen3-MoE (Q4_0) or gpt-oss (MXFP4 experts), both about 2 GB")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64, help="decode steps of ours")
@@ -608,7 +741,8 @@ def main() -> None:
     ap.add_argument("--limits", default=",".join(str(x) for x in LIMITS))
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--skip-policies", action="store_true")
-    ap.add_argument("--policies", default=",".join(POLICIES), help="replacement policies compared at POLICY_LIMITS")
+    ap.add_argument("--policies", help="replacement policies compared at POLICY_LIMITS (default: Shape.policies, "
+                    "all of them)")
     ap.add_argument("--skip-unaligned", action="store_true")
     ap.add_argument("--alignment-ab", action="store_true",
                     help="only: ours at 50%% on the 4096- and the 32-byte-aligned file, runs interleaved")
@@ -630,7 +764,9 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result))
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    report_path = args.work / "report.json"
+    shape = SHAPES[args.shape]
+    policies = args.policies.split(",") if args.policies else shape.policies()
+    report_path = args.work / ("report.json" if shape.name == "qwen3moe" else f"report-{shape.name}.json")
     if args.show:
         print_report(json.loads(report_path.read_text()))
         return
@@ -638,15 +774,18 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    rep: dict = {"threads": args.threads, "decode": args.decode, "loadavg_start": os.getloadavg(), "rows": []}
-    aligned = make_model(model_path(args.work, 4096), 4096)
+    from bench_common import cpu_model
+
+    rep: dict = {"threads": args.threads, "decode": args.decode, "cpu": cpu_model(), "loadavg_start": os.getloadavg(),
+                 "rows": []}
+    aligned = make_model(model_path(args.work, 4096, shape), 4096, shape=shape)
     size = aligned.stat().st_size
-    rep["model"] = {"path": str(aligned), "bytes": size, "shape": SHAPE}
+    rep["model"] = {"path": str(aligned), "bytes": size, "shape": asdict(shape)}
     log(f"model {aligned} ({size / 2**30:.2f} GiB)")
     if not args.skip_check:
         rep["check"] = check_model(aligned, args)
         log(f"agreement check: {rep['check']}")
-    unaligned = None if args.skip_unaligned else make_model(model_path(args.work, 32), 32)
+    unaligned = None if args.skip_unaligned else make_model(model_path(args.work, 32, shape), 32, shape=shape)
 
     # median of 3 passes (each reads every slice at most once, in a new random order)
     rep["disk"] = {str(n): sorted((disk_bandwidth(aligned, n, seed=i) for i in range(3)),
@@ -667,7 +806,7 @@ def main() -> None:
             if warm:  # unconstrained reference: the whole file in the page cache
                 subprocess.run(["cat", str(model)], stdout=subprocess.DEVNULL, check=True)
             r = run_child(engine, model, limit, args, policy=policy, tokens=tokens, cap=cap, drop=not warm)
-            f = figures(r, rep["disk_bw"]) if r.get("steps") else {"ok": False}
+            f = figures(r, rep["disk_bw"], shape) if r.get("steps") else {"ok": False}
             log(f"{label} {engine} {policy} run {i}: " + (f"{f['tok_s']:.2f} tok/s, peak {_mb(r['peak'])} MiB, "
                 f"read {_mb(f['io_bytes_per_tok'])} MiB/tok" + (f", hit {f['hit_rate']:.2f} belady "
                 f"{f['replay']['belady']:.2f}" if 'hit_rate' in f else "") if f["ok"] else
@@ -675,7 +814,7 @@ def main() -> None:
             runs.append(r)
             if r["oom_killed"]:  # the same limit kills it again: one run shows it
                 break
-        summary = summarize(runs, rep["disk_bw"])
+        summary = summarize(runs, rep["disk_bw"], shape)
         for r in runs:  # traces are big: kept only while summarising
             r.pop("trace", None)
         rep["rows"].append({"label": label, "engine": ENGINES[engine], "policy": policy or summary.get("policy", ""),
@@ -692,7 +831,7 @@ def main() -> None:
             measure(label, engine, aligned, limit)
         if frac in POLICY_LIMITS and not args.skip_policies:
             default = next(r["policy"] for r in rep["rows"] if r["label"] == label and r["engine"] == "ours")
-            for policy in args.policies.split(","):
+            for policy in policies:
                 if policy != default:  # the default ran above
                     measure(label, "ours", aligned, limit, policy=policy)
         if frac == 0.5 and unaligned is not None:
