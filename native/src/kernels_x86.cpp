@@ -17,6 +17,7 @@
 #include <immintrin.h>
 
 #include <new>
+#include <type_traits>
 
 #include "kernels_common.hpp"
 
@@ -1210,14 +1211,17 @@ template <bool FIVE, bool AFFINE> void unpack_row_legacy(const uint8_t *packed, 
     }
 }
 
+// prefetch: read the next group ahead (for one token always: decode is bound by the weights' reads;
+// for a tile of tokens in its first pass over the rows: the later passes find them in cache).
 template <bool FIVE, bool AFFINE, int RN>
-void packed_legacy_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
+void packed_legacy_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes,
+                          bool prefetch) {
     using L = LegacyBlock<FIVE, AFFINE>;
     __m256 acc[RN];
     for (auto &v : acc) v = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (size_t b = 0; b < nb; ++b, pw += L::GROUP) {
-        if (RN == 1) prefetch_lines<L::GROUP>(pw + kPrefetchGroups * group_bytes);
+        if (prefetch) prefetch_lines<L::GROUP>(pw + kPrefetchGroups * group_bytes);
         const BlockQ8A *xb[RN];
         for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + b;
         auto xg = [&](int t, int k) {
@@ -1280,12 +1284,17 @@ inline __m512i fifth_bits_pair(const uint8_t *p, size_t group_bytes) {
 }
 
 template <bool FIVE, bool AFFINE, int RN>
-void packed16_legacy_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
+void packed16_legacy_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes,
+                            bool prefetch) {  // prefetch: as packed_legacy_tokens', the next pair of groups
     using L = LegacyBlock<FIVE, AFFINE>;
     __m512 acc[RN];
     for (auto &v : acc) v = _mm512_setzero_ps();
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     for (size_t b = 0; b < nb; ++b, pw += L::GROUP) {
+        if (prefetch) {
+            prefetch_lines<L::GROUP>(pw + 2 * kPrefetchGroups * group_bytes);
+            prefetch_lines<L::GROUP>(pw + (2 * kPrefetchGroups + 1) * group_bytes);
+        }
         const BlockQ8A *xb[RN];
         for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + b;
         BlockSums512<FIVE> s[RN];
@@ -1319,31 +1328,6 @@ void packed16_legacy_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, floa
 
 #endif
 
-template <bool FIVE, bool AFFINE> void gemm_packed_legacy(const Gemm &g) {
-    const size_t nb = g.n / 32, group_bytes = nb * LegacyBlock<FIVE, AFFINE>::GROUP;
-    int r = 0;
-#if defined(__AVX512BW__)
-    for (; g.T >= 4 && r + 16 <= g.n_rows; r += 16) {  // 16 rows x 4 tokens, the other tokens below
-        const uint8_t *pw = g.w + size_t(r / 8) * group_bytes;
-        int t = 0;
-        for (; t + 4 <= g.T; t += 4)
-            packed16_legacy_tokens<FIVE, AFFINE, 4>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
-        for (int rr = r; rr < r + 16; rr += 8)
-            for (int u = t; u < g.T; ++u)
-                packed_legacy_tokens<FIVE, AFFINE, 1>(g.w + size_t(rr / 8) * group_bytes, g.x + u * g.x_stride, g.x_stride,
-                                                      g.y + u * g.ldy + rr, g.ldy, nb, group_bytes);
-    }
-#endif
-    for (; r + 8 <= g.n_rows; r += 8) {
-        const uint8_t *pw = g.w + size_t(r / 8) * group_bytes;
-        int t = 0;
-        for (; t + 4 <= g.T; t += 4)
-            packed_legacy_tokens<FIVE, AFFINE, 4>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
-        for (; t < g.T; ++t)
-            packed_legacy_tokens<FIVE, AFFINE, 1>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
-    }
-}
-
 // Q8_0 packed at load time: per 8-row group and block, the 8 f16 scales, then 8 chunks of 32
 // bytes; chunk k holds codes 4k..4k+3 of rows 0..7 (the transposed layout of Packed8, signed codes
 // only: the absolute values are taken per use, so the packed copy is the plain rows' size).
@@ -1369,11 +1353,12 @@ void unpack_row_q8_0(const uint8_t *packed, size_t, size_t n, size_t r, uint8_t 
 }
 
 template <int RN>
-void packed_q8_0_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
+void packed_q8_0_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes,
+                        bool prefetch) {  // prefetch: as packed_legacy_tokens'
     __m256 acc[RN];
     for (auto &v : acc) v = _mm256_setzero_ps();
     for (size_t b = 0; b < nb; ++b, pw += kGroupBytesQ8) {
-        if (RN == 1) prefetch_lines<kGroupBytesQ8>(pw + kPrefetchGroups * group_bytes);
+        if (prefetch) prefetch_lines<kGroupBytesQ8>(pw + kPrefetchGroups * group_bytes);
         const BlockQ8A *xb[RN];
         for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + b;
         __m256i s[RN];
@@ -1395,11 +1380,16 @@ void packed_q8_0_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y
 
 #if defined(__AVX512BW__)
 template <int RN>
-void packed16_q8_0_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes) {
+void packed16_q8_0_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb, size_t group_bytes,
+                          bool prefetch) {  // prefetch: as packed16_legacy_tokens'
     __m512 acc[RN];
     for (auto &v : acc) v = _mm512_setzero_ps();
     const __m512i zero = _mm512_setzero_si512();
     for (size_t b = 0; b < nb; ++b, pw += kGroupBytesQ8) {
+        if (prefetch) {
+            prefetch_lines<kGroupBytesQ8>(pw + 2 * kPrefetchGroups * group_bytes);
+            prefetch_lines<kGroupBytesQ8>(pw + (2 * kPrefetchGroups + 1) * group_bytes);
+        }
         const BlockQ8A *xb[RN];
         for (int t = 0; t < RN; ++t) xb[t] = xblocks(x, xs, t) + b;
         __m512i s[RN];
@@ -1421,29 +1411,81 @@ void packed16_q8_0_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float 
 }
 #endif
 
-void gemm_packed_q8_0(const Gemm &g) {
-    const size_t nb = g.n / 32, group_bytes = nb * kGroupBytesQ8;
+// The tiling of the load-time packed kernels, K::tokens8<RN> computing RN tokens on one 8-row group
+// and K::tokens16<RN> (AVX-512) on two neighbouring ones: tiles of 4 tokens, then one tile of the 1-3
+// left, so that a batched decode step of 2-7 sequences or a short speculative verification reads and
+// unpacks each weight once. Each token's sums are the same in every tile, so every T gives a token the
+// bits it gets alone. The first pass over a row group prefetches the next one (later passes find it in
+// cache): without it a tile of several tokens waited on memory (see the README's batched decoding).
+template <class K> void gemm_packed(const Gemm &g, size_t group_bytes) {
+    const size_t nb = g.n / 32;
+    auto tiles = [&](auto run) {  // run(std::integral_constant<int, RN>, first token)
+        int t = 0;
+        for (; t + 4 <= g.T; t += 4) run(std::integral_constant<int, 4>{}, t);
+        switch (g.T - t) {
+            case 3: run(std::integral_constant<int, 3>{}, t); break;
+            case 2: run(std::integral_constant<int, 2>{}, t); break;
+            case 1: run(std::integral_constant<int, 1>{}, t); break;
+            default: break;
+        }
+    };
     int r = 0;
 #if defined(__AVX512BW__)
-    for (; g.T >= 4 && r + 16 <= g.n_rows; r += 16) {  // 16 rows x 4 tokens, the other tokens below
+    for (; g.T >= 2 && r + 16 <= g.n_rows; r += 16) {  // 16 rows at once; a lone token by 8-row groups
         const uint8_t *pw = g.w + size_t(r / 8) * group_bytes;
-        int t = 0;
-        for (; t + 4 <= g.T; t += 4)
-            packed16_q8_0_tokens<4>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
-        for (int rr = r; rr < r + 16; rr += 8)
-            for (int u = t; u < g.T; ++u)
-                packed_q8_0_tokens<1>(g.w + size_t(rr / 8) * group_bytes, g.x + u * g.x_stride, g.x_stride, g.y + u * g.ldy + rr,
-                                      g.ldy, nb, group_bytes);
+        tiles([&](auto rn, int t) {
+            constexpr int RN = decltype(rn)::value;
+            const uint8_t *x = g.x + t * g.x_stride;
+            float *y = g.y + t * g.ldy + r;
+            if (RN == 1) {
+                K::template tokens8<1>(pw, x, g.x_stride, y, g.ldy, nb, group_bytes, true);
+                K::template tokens8<1>(pw + group_bytes, x, g.x_stride, y + 8, g.ldy, nb, group_bytes, true);
+            } else {
+                K::template tokens16<RN>(pw, x, g.x_stride, y, g.ldy, nb, group_bytes, t == 0);
+            }
+        });
     }
 #endif
     for (; r + 8 <= g.n_rows; r += 8) {
         const uint8_t *pw = g.w + size_t(r / 8) * group_bytes;
-        int t = 0;
-        for (; t + 4 <= g.T; t += 4)
-            packed_q8_0_tokens<4>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
-        for (; t < g.T; ++t) packed_q8_0_tokens<1>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes);
+        tiles([&](auto rn, int t) {
+            constexpr int RN = decltype(rn)::value;
+            K::template tokens8<RN>(pw, g.x + t * g.x_stride, g.x_stride, g.y + t * g.ldy + r, g.ldy, nb, group_bytes, RN == 1 || t == 0);
+        });
     }
 }
+
+template <bool FIVE, bool AFFINE> struct PackedLegacy {
+    template <int RN> static void tokens8(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb,
+                                          size_t group_bytes, bool prefetch) {
+        packed_legacy_tokens<FIVE, AFFINE, RN>(pw, x, xs, y, ldy, nb, group_bytes, prefetch);
+    }
+#if defined(__AVX512BW__)
+    template <int RN> static void tokens16(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb,
+                                           size_t group_bytes, bool prefetch) {
+        packed16_legacy_tokens<FIVE, AFFINE, RN>(pw, x, xs, y, ldy, nb, group_bytes, prefetch);
+    }
+#endif
+};
+
+struct PackedQ8_0 {
+    template <int RN> static void tokens8(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb,
+                                          size_t group_bytes, bool prefetch) {
+        packed_q8_0_tokens<RN>(pw, x, xs, y, ldy, nb, group_bytes, prefetch);
+    }
+#if defined(__AVX512BW__)
+    template <int RN> static void tokens16(const uint8_t *pw, const uint8_t *x, size_t xs, float *y, size_t ldy, size_t nb,
+                                           size_t group_bytes, bool prefetch) {
+        packed16_q8_0_tokens<RN>(pw, x, xs, y, ldy, nb, group_bytes, prefetch);
+    }
+#endif
+};
+
+template <bool FIVE, bool AFFINE> void gemm_packed_legacy(const Gemm &g) {
+    gemm_packed<PackedLegacy<FIVE, AFFINE>>(g, g.n / 32 * LegacyBlock<FIVE, AFFINE>::GROUP);
+}
+
+void gemm_packed_q8_0(const Gemm &g) { gemm_packed<PackedQ8_0>(g, g.n / 32 * kGroupBytesQ8); }
 
 // Q8_0 on plain rows: 8-row groups transposed per call for any batch, one token by rows8_signed,
 // the last rows by tiles. Whole-block integer sums scaled once per block, as the load-time packed
