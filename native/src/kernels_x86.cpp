@@ -1412,26 +1412,22 @@ void packed16_q8_0_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float 
 #endif
 
 // The tiling of the load-time packed kernels, K::tokens8<RN> computing RN tokens on one 8-row group
-// and K::tokens16<RN> (AVX-512) on two neighbouring ones: tiles of 4 tokens, then one tile of the 1-3
-// left, so that a batched decode step of 2-7 sequences or a short speculative verification reads and
-// unpacks each weight once. Each token's sums are the same in every tile, so every T gives a token the
-// bits it gets alone. The first pass over a row group prefetches the next one (later passes find it in
-// cache): without it a tile of several tokens waited on memory (see the README's batched decoding).
+// and K::tokens16<RN> (AVX-512) on two neighbouring ones: tiles of 4 tokens, then the 1-3 left one by
+// one (tiles of 2 and 3 measured slower than that: SmolLM2 Q4_0, a batched step of 2 sequences 9.0 ms
+// against 6.9, AMD EPYC Zen 4, 1 thread). Each token's sums are the same in every tile, so every T
+// gives a token the bits it gets alone. The first pass over a row group prefetches the next one (later
+// passes find it in cache): without it a tile of 4 tokens waited on memory (4 sequences in one step:
+// 15.0 ms before, 9.9 after; 8: 19.0, 15.4).
 template <class K> void gemm_packed(const Gemm &g, size_t group_bytes) {
     const size_t nb = g.n / 32;
     auto tiles = [&](auto run) {  // run(std::integral_constant<int, RN>, first token)
         int t = 0;
         for (; t + 4 <= g.T; t += 4) run(std::integral_constant<int, 4>{}, t);
-        switch (g.T - t) {
-            case 3: run(std::integral_constant<int, 3>{}, t); break;
-            case 2: run(std::integral_constant<int, 2>{}, t); break;
-            case 1: run(std::integral_constant<int, 1>{}, t); break;
-            default: break;
-        }
+        for (; t < g.T; ++t) run(std::integral_constant<int, 1>{}, t);
     };
     int r = 0;
 #if defined(__AVX512BW__)
-    for (; g.T >= 2 && r + 16 <= g.n_rows; r += 16) {  // 16 rows at once; a lone token by 8-row groups
+    for (; g.T >= 4 && r + 16 <= g.n_rows; r += 16) {  // 16 rows x 4 tokens; the tokens left by 8-row groups
         const uint8_t *pw = g.w + size_t(r / 8) * group_bytes;
         tiles([&](auto rn, int t) {
             constexpr int RN = decltype(rn)::value;
