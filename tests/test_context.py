@@ -169,6 +169,20 @@ def test_compact_bookkeeping():
     assert w.folded == 0 and w.reuse(cache.history, more) == (4, 4)
 
 
+def test_the_planner_counts_the_observed_queries_of_every_slot(tiny_chat_gguf):
+    from edgeai.gguf_header import read_header
+    from edgeai.native_bridge import native
+    from edgeai.runtimes.native import NativeBackend, engine_config
+
+    plain = NativeBackend.plan_for(tiny_chat_gguf, n_ctx=128, parallel=2)
+    observed = NativeBackend.plan_for(tiny_chat_gguf, n_ctx=128, parallel=2, observe=OBSERVE)
+    config = engine_config(read_header(tiny_chat_gguf))
+    one = native.observe_bytes(config, OBSERVE)  # [n_layer][32 queries][n_head * head_dim] floats and positions
+    assert one == int(config["n_layer"]) * OBSERVE * (int(config["n_head"]) * int(config["head_dim"]) * 4 + 4)
+    # counted with each slot (the plan's total also holds the process's resident set, which moves)
+    assert observed.scratch - plain.scratch == 2 * one and observed.slot_bytes_per_seq - plain.slot_bytes_per_seq == one
+
+
 def test_compact_generates_past_the_context_and_reuses_its_cache(tiny_chat_gguf):
     n_ctx = 128
     with edgeai.load(tiny_chat_gguf, backend="native", n_ctx=n_ctx, threads=1, context_overflow="compact") as m:
