@@ -195,9 +195,10 @@ def _partials(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.*.partial"))
 
 
-def _convert_until_writing(out: Path, seconds: float) -> subprocess.Popen:
-    """`edgeai convert` of the bundled SmolLM2 (about 7 s of writing) to `out`, `seconds` after its
-    temporary file appeared."""
+def _convert_until_writing(out: Path, seconds: float = 0.0, written: int = 0) -> subprocess.Popen:
+    """`edgeai convert` of the bundled SmolLM2 (145 MB of Q8_0; 1-7 s of writing, by the machine's
+    load) to `out`, `seconds` after its temporary file appeared and holds at least `written` bytes (a
+    point inside the write that does not depend on how fast this machine writes)."""
     old = set(_partials(out))
     proc = subprocess.Popen([EDGEAI, "convert", "-o", str(out), "--outtype", "q8_0", "--force", "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -208,6 +209,11 @@ def _convert_until_writing(out: Path, seconds: float) -> subprocess.Popen:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the conversion never started writing"
         time.sleep(0.01)
+    (partial,) = set(_partials(out)) - old
+    while partial.stat().st_size < written:
+        assert proc.poll() is None, "the conversion ended before it wrote the bytes awaited"
+        assert time.monotonic() < deadline, "the conversion stopped writing"
+        time.sleep(0.002)
     time.sleep(seconds)
     assert proc.poll() is None, "the conversion ended before the signal"
     return proc
@@ -236,8 +242,8 @@ def test_a_killed_conversion_leaves_no_output_and_the_next_run_cleans_up(tmp_pat
     lock = os.open(live, os.O_RDONLY)
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        for seconds in (0.0, 1.5):
-            proc = _convert_until_writing(out, seconds)
+        for written in (0, 64 << 20):  # as it starts writing, and with 64 of its 145 MB written
+            proc = _convert_until_writing(out, written=written)
             proc.kill()
             proc.wait()
             time.sleep(1.0)  # the next run removes leftovers older than a second (a writer locks its own at once)
