@@ -703,7 +703,7 @@ void Model::attention(const Layer &L, int layer, int T) {
     const KVType kt = kv_type_.k, vt = kv_type_.v;
     const bool batched_scores = kt == KVType::F16 && ops_->scores_f16 && hd % 8 == 0;
     const bool batched_values = vt == KVType::F16 && ops_->weighted_sum_f16 && hd % 8 == 0;
-    const float scale = c.attn_scale > 0 ? c.attn_scale : 1.0f / std::sqrt(static_cast<float>(hd));
+    const float scale = attn_scale();
     // one head's keys (values) at one position: whole blocks of the cache's type
     const size_t k_head = k_row_ / c.n_head_kv, v_head = v_row_ / c.n_head_kv;
     const size_t items = size_t(T) * c.n_head;
@@ -1116,13 +1116,18 @@ void Model::refuse_rings(const char *what) const {
 // Rotations compose: R(p - delta) = R(-delta) R(p). The Hadamard rotation is its own inverse. A
 // quantized key is rounded again by each move (as in llama.cpp's context shift of a quantized
 // cache): its error grows with the number of moves, not with their size.
-void Model::shift_key(const uint8_t *src, uint8_t *dst, int values, int delta) const {
-    std::vector<float> k(values);
-    decode_kv(kv_type_.k, src, k.data(), values);
-    if (rot_k_) hadamard_chunks(k.data(), values, rot_k_);
-    rope(k.data(), values / cfg_.head_dim, -delta, false, false);
-    if (rot_k_) hadamard_chunks(k.data(), values, rot_k_);
-    encode_kv(kv_type_.k, k.data(), dst, values);
+void Model::shift_key(const uint8_t *src, uint8_t *dst, int values, int delta, float *tmp) const {
+    decode_kv(kv_type_.k, src, tmp, values);
+    if (rot_k_) hadamard_chunks(tmp, values, rot_k_);
+    rope(tmp, values / cfg_.head_dim, -delta, false, false);
+    if (rot_k_) hadamard_chunks(tmp, values, rot_k_);
+    encode_kv(kv_type_.k, tmp, dst, values);
+}
+
+void Model::forget_queries(int seq) {
+    if (!obs_window_) return;
+    const size_t per_seq = size_t(cfg_.n_layer) * obs_window_;
+    std::fill(obs_pos_.begin() + size_t(seq) * per_seq, obs_pos_.begin() + size_t(seq + 1) * per_seq, -1);
 }
 
 void Model::evict(int start, int end, int seq) {
@@ -1137,18 +1142,18 @@ void Model::evict(int start, int end, int seq) {
     const int kv_dim = cfg_.n_head_kv * cfg_.head_dim;
     // Each later key moves down by delta, turned back by delta positions; values carry no position.
     auto move = [&](size_t l0, size_t l1) {
+        std::vector<float> tmp(kv_dim);
         uint8_t *kc = k_cache_.data(), *vc = v_cache_.data();
         for (size_t l = l0; l < l1; ++l)
             for (int p = end; p < n; ++p) {
                 const size_t from = kv_at(int(l), seq, p), to = from - delta;  // rows (no rings here: n_ctx per layer and slot)
-                shift_key(kc + from * k_row_, kc + to * k_row_, kv_dim, delta);
+                shift_key(kc + from * k_row_, kc + to * k_row_, kv_dim, delta, tmp.data());
                 std::memmove(vc + to * v_row_, vc + from * v_row_, v_row_);
             }
     };
     pool_.range(size_t(cfg_.n_layer), move);  // layers are independent
     S.history.erase(S.history.begin() + start, S.history.begin() + end);
-    if (obs_window_)  // the observed queries' positions no longer match the cache's
-        std::fill(obs_pos_.begin() + size_t(seq) * cfg_.n_layer * obs_window_, obs_pos_.begin() + size_t(seq + 1) * cfg_.n_layer * obs_window_, -1);
+    forget_queries(seq);
 }
 
 void Model::observe(int window) {
@@ -1169,14 +1174,14 @@ std::vector<int32_t> Model::compact(int n, int keep, int sink, int recent, int s
     const ModelConfig &c = cfg_;
     const int hd = c.head_dim, q_dim = c.n_head * hd, group = c.n_head / c.n_head_kv, n_kv = c.n_head_kv;
     const int middle = keep - sink - recent, lo = sink, hi = n - recent;  // the middle candidates: [lo, hi)
-    const float scale = c.attn_scale > 0 ? c.attn_scale : 1.0f / std::sqrt(static_cast<float>(hd));
+    const float scale = attn_scale();
     const size_t k_head = k_row_ / n_kv, v_head = v_row_ / n_kv;
     std::vector<int32_t> kept(size_t(c.n_layer) * n_kv * keep);
     if (scores_out) scores_out->assign(size_t(c.n_layer) * n_kv * n, 0.0f);
     // the observed queries of this slot: those of the last obs_window_ positions evaluated (probe included)
     const int newest = past - 1;
     auto work = [&](size_t i0, size_t i1) {
-        std::vector<float> keys(size_t(n) * hd), score(n), logit(n), pooled(n);
+        std::vector<float> score(n), logit(n), pooled(n), tmp(hd);
         std::vector<int> order;
         for (size_t item = i0; item < i1; ++item) {
             const int l = int(item / n_kv), kvh = int(item % n_kv);
@@ -1184,7 +1189,6 @@ std::vector<int32_t> Model::compact(int n, int keep, int sink, int recent, int s
             uint8_t *vc = v_cache_.data() + kv_at(l, seq, 0) * v_row_ + kvh * v_head;
             std::fill(score.begin(), score.end(), 0.0f);
             if (obs_window_ && middle > 0 && hi > lo) {
-                for (int j = 0; j < n; ++j) decode_kv(kv_type_.k, kc + size_t(j) * k_row_, keys.data() + size_t(j) * hd, hd);
                 const size_t base = (size_t(seq) * c.n_layer + l) * obs_window_;
                 for (int e = 0; e < obs_window_; ++e) {
                     const int qp = obs_pos_[base + e];
@@ -1193,11 +1197,8 @@ std::vector<int32_t> Model::compact(int n, int keep, int sink, int recent, int s
                     for (int g = 0; g < group; ++g) {
                         const float *q = obs_q_.data() + (base + e) * q_dim + size_t(kvh * group + g) * hd;
                         float mx = -INFINITY;
-                        for (int j = 0; j < m; ++j) {
-                            float d = 0.0f;
-                            for (int i = 0; i < hd; ++i) d += q[i] * keys[size_t(j) * hd + i];
-                            mx = std::max(mx, logit[j] = d * scale);
-                        }
+                        for (int j = 0; j < m; ++j)  // as attention scores them, from the cache's own encoding
+                            mx = std::max(mx, logit[j] = dot_kv(*ops_, kv_type_.k, kc + size_t(j) * k_row_, q, hd) * scale);
                         double sum = 0.0;
                         for (int j = 0; j < m; ++j) sum += (logit[j] = std::exp(logit[j] - mx));
                         const float inv = float(1.0 / sum);
@@ -1227,7 +1228,7 @@ std::vector<int32_t> Model::compact(int n, int keep, int sink, int recent, int s
             for (int i = 0; i < keep; ++i) {
                 const int p = k_out[i];
                 if (p == i) continue;
-                shift_key(kc + size_t(p) * k_row_, kc + size_t(i) * k_row_, hd, p - i);
+                shift_key(kc + size_t(p) * k_row_, kc + size_t(i) * k_row_, hd, p - i, tmp.data());
                 std::memmove(vc + size_t(i) * v_row_, vc + size_t(p) * v_row_, v_head);
             }
         }
@@ -1236,8 +1237,7 @@ std::vector<int32_t> Model::compact(int n, int keep, int sink, int recent, int s
     std::vector<int32_t> h(S.history.begin(), S.history.begin() + sink);
     h.insert(h.end(), S.history.begin() + (n - (keep - sink)), S.history.begin() + n);
     S.history = std::move(h);
-    if (obs_window_)  // positions changed: the next compaction waits for new queries
-        std::fill(obs_pos_.begin() + size_t(seq) * c.n_layer * obs_window_, obs_pos_.begin() + size_t(seq + 1) * c.n_layer * obs_window_, -1);
+    forget_queries(seq);  // positions changed: the next compaction waits for new queries
     return kept;
 }
 

@@ -257,11 +257,15 @@ class Model {
     };
     const Sequence &at(int seq) const;
     Sequence &at(int seq) { return const_cast<Sequence &>(static_cast<const Model *>(this)->at(seq)); }
-    void kept_rows(Sequence &S, int pos_end);
+    void kept_rows(Sequence &S, int pos_end);  // after positions ..pos_end - 1 were written: what the rings still hold
     void refuse_rings(const char *what) const;  // evict and compact cannot move the keys of a ring
     // A key (one or more heads of it, `values` floats in the cache's encoding) turned back by delta
-    // positions: decoded, rotation undone, rotary-shifted, rotated and encoded again at dst.
-    void shift_key(const uint8_t *src, uint8_t *dst, int values, int delta) const;  // after positions ..pos_end - 1 were written: what the rings still hold
+    // positions: decoded into tmp[values], rotation undone, rotary-shifted, rotated and encoded at dst.
+    void shift_key(const uint8_t *src, uint8_t *dst, int values, int delta, float *tmp) const;
+    void forget_queries(int seq);  // the observed queries' positions no longer match the cache's
+    float attn_scale() const {     // the scores' scale: the file's, else 1/sqrt(head_dim)
+        return cfg_.attn_scale > 0 ? cfg_.attn_scale : 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));
+    }
     void ensure_scratch(int T);
     void pack_weights();  // dense layer matrices and the output into the kernel set's packed layout
     void embed(int32_t token, float *out);
