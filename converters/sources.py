@@ -154,17 +154,16 @@ class SafetensorsFile:
         return (info for info, _ in self._tensors.values())
 
     def read(self, name: str) -> np.ndarray:
-        info, begin = self._tensors[name]
+        info = self._tensors[name][0]
         if info.dtype in _STORED_DTYPES:
             raise TensorError(f"{self.path}: tensor {name!r} is {info.dtype}, which edgeai reads only as half of an "
                               "MXFP4 `_blocks`/`_scales` pair (config.json's quantization_config quant_method "
                               "\"mxfp4\"); this one is not part of such a pair")
-        storage, decode = _SAFETENSORS_DTYPES[info.dtype]
-        count = info.nbytes // storage.itemsize
-        raw = np.frombuffer(self._mm, dtype=storage, count=count, offset=begin) if count else np.empty(0, storage)
+        decode = _SAFETENSORS_DTYPES[info.dtype][1]
+        raw = self.read_stored(name).reshape(-1)
         if decode is not None:
             values = decode(raw)
-        elif storage == np.dtype("<f4"):
+        elif raw.dtype == np.dtype("<f4"):
             values = raw  # a read-only view of the mapped file: no copy of the largest tensors
         else:
             values = raw.astype(np.float32)

@@ -42,10 +42,10 @@ DEFAULT_SINK = 4  # StreamingLLM's choice: four initial tokens restore the model
 # token; a larger share loses more context at each slide (llama.cpp's context shift drops half).
 EVICT_SHARE = 8
 OBSERVE = 32  # queries a compaction scores the cache by (SnapKV's observation window)
-# The latest positions a compaction always keeps: at least the observed queries' own, and half of what
-# it keeps (H2O's split between recent and heavy-hitter positions, Zhang et al. 2023): on the license
-# text of benchmarks/long_context.py, 2,048 tokens through a cache of 256, perplexity 19.48 with the 32
-# alone, 19.00 with half (sink-window: 17.82, see the README).
+# The fewest latest positions a compaction keeps: the observed queries' own. It keeps more, half of
+# what it keeps (`_compact`; H2O's split between recent and heavy-hitter positions, Zhang et al. 2023):
+# on the license text of benchmarks/long_context.py, 2,048 tokens through a cache of 256, perplexity
+# 19.48 with the 32 alone, 19.00 with half (sink-window: 17.82, see the README).
 COMPACT_RECENT = OBSERVE
 
 
@@ -111,7 +111,8 @@ class ContextWindow:
             if len(tokens) > f and _digest(tokens[:f]).digest() == self._folded_digest.digest():
                 q = common_prefix(cached[p:], tokens[f:])
                 return p + q, f + q
-            return min(common_prefix(cached, tokens), self.sink), min(common_prefix(cached, tokens), self.sink)
+            n = min(common_prefix(cached, tokens), self.sink)  # past the sinks the positions stand for others
+            return n, n
         s, e = self.sink, self.evicted
         if e and len(tokens) > s + e and list(tokens[:s]) == list(cached[:s]) \
                 and _digest(tokens[s:s + e]).digest() == self._evicted_digest.digest():
