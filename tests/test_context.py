@@ -169,6 +169,20 @@ def test_compact_bookkeeping():
     assert w.folded == 0 and w.reuse(cache.history, more) == (4, 4)
 
 
+def test_compaction_needs_the_observed_queries(tiny_chat_gguf):
+    from edgeai.runtimes.native import NativeBackend
+
+    b = NativeBackend(tiny_chat_gguf, n_ctx=128, threads=1)  # loaded without observe=
+    try:
+        b.step([5, 6, 7, 8, 9, 10])
+        with pytest.raises(OptionError, match="load it with observe=N"):
+            b.compact(4, 1, 1)
+        with pytest.raises(OptionError, match="compact a KV cache of 6 positions to 7"):
+            b.compact(7, 1, 1)
+    finally:
+        b.close()
+
+
 def test_the_planner_counts_the_observed_queries_of_every_slot(tiny_chat_gguf):
     from edgeai.gguf_header import read_header
     from edgeai.native_bridge import native
