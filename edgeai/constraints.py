@@ -16,7 +16,9 @@ llguidance's), `consume(token)` advances it.
 
 JSON is generated with a fixed separator style (`", "` and `": "`, as `json.dumps` writes) and no
 other whitespace between tokens: a small model cannot ramble with spaces and newlines inside the
-structure, and the user's schema is used as given (never simplified).
+structure, and the user's schema is used as given (never simplified). For the same reason a JSON
+number's digits come in runs of at most `JSON_DIGITS` (see there): a bound on the mask, not on the
+schema.
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ log = logging.getLogger(__name__)
 # JSON whitespace: exactly one space after ',' and ':' and none elsewhere (bounded, see above).
 # lenient=False: a schema keyword the engine does not implement is refused by name, not ignored.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
+
+# JSON numbers: at most this many digits in a row (an integral part, a fraction, an exponent), the
+# bound llama.cpp's JSON Schema grammars put on each part. A float64 keeps 15-17 significant digits,
+# so a longer run adds nothing a JSON reader keeps, and without a bound a small model that starts
+# repeating a digit fills max_tokens inside one number ("33.19888...", which JSON's grammar allows as
+# it allows endless whitespace; llguidance has no option for it). It bounds the mask, never the
+# schema: where the grammar allows nothing but more digits (a const, a range that needs them), they
+# stay allowed.
+JSON_DIGITS = 16
 
 
 class ConstraintError(OptionError):
@@ -60,7 +71,8 @@ class Constraint:
         error = llguidance.LLMatcher.validate_grammar(self.grammar, tokenizer)
         if error:
             raise ConstraintError(f"the {_OPTION[self.kind]} cannot be used: {_clean(error)}")
-        return Matcher(llguidance.LLMatcher(tokenizer, self.grammar, log_level=0), tokenizer.vocab_size, eog_ids)
+        digits = _digit_tokens(tokenizer) if self.kind in ("json_schema", "json_object") else None
+        return Matcher(llguidance.LLMatcher(tokenizer, self.grammar, log_level=0), tokenizer.vocab_size, eog_ids, digits)
 
 
 # the user-facing option of each kind, for messages
@@ -183,23 +195,90 @@ def read_constraint_file(path, kind: str) -> Any:
         raise ConstraintError(f"the JSON Schema file {path} is not valid JSON: {exc}") from None
 
 
+class DigitTokens:
+    """Of one vocabulary, the tokens that are nothing but ASCII digits, by length (`JSON_DIGITS`)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer  # kept: its bytes decode the tokens a matcher consumes
+        n = tokenizer.vocab_size
+        lengths = np.zeros(n, np.int32)
+        for t in range(n):
+            b = tokenizer.decode_bytes([t])
+            if b.isdigit():  # bytes.isdigit: ASCII digits only, False for b""
+                lengths[t] = len(b)
+        self._lengths = lengths
+        self._longer: dict[int, np.ndarray | None] = {}
+
+    def longer_than(self, k: int) -> np.ndarray | None:
+        """Mask words [ceil(n_vocab / 32)] of the digit tokens longer than k (None: there are none)."""
+        if k not in self._longer:
+            bits = self._lengths > k
+            words = None
+            if bits.any():
+                packed = np.packbits(bits, bitorder="little")  # token t: byte t >> 3, bit t & 7
+                words = np.zeros((bits.size + 31) // 32, np.uint32)
+                words.view(np.uint8)[:packed.size] = packed  # little-endian words: token t is bit t & 31 of word t >> 5
+            self._longer[k] = words
+        return self._longer[k]
+
+
+# id(tokenizer) -> its table, the last few vocabularies (about 0.2 s to make for 49k tokens; a table
+# keeps its tokenizer alive, so an id stays its tokenizer's while it is here)
+_digit_tables: dict[int, DigitTokens] = {}
+DIGIT_TABLES = 4
+
+
+def _digit_tokens(tokenizer: Any) -> DigitTokens:
+    table = _digit_tables.pop(id(tokenizer), None) or DigitTokens(tokenizer)
+    _digit_tables[id(tokenizer)] = table  # most recently used last
+    while len(_digit_tables) > DIGIT_TABLES:
+        del _digit_tables[next(iter(_digit_tables))]
+    return table
+
+
+def _scan_json(state: tuple[bool, bool, int], text: bytes) -> tuple[bool, bool, int]:
+    """(in a string, after a backslash in it, digits in a row outside strings) after `text`."""
+    in_string, escaped, run = state
+    for b in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif b == 0x5C:  # backslash
+                escaped = True
+            elif b == 0x22:  # closing quote
+                in_string = False
+        elif b == 0x22:
+            in_string, run = True, 0
+        elif 0x30 <= b <= 0x39:
+            run += 1
+        else:
+            run = 0
+    return in_string, escaped, run
+
+
 class Matcher:
     """One generation's grammar state. `mask()` -> the tokens allowed next, as uint32 words;
     `consume(token)` after each token is appended. End-of-generation tokens are allowed exactly when
-    the grammar is complete (`accepting`)."""
+    the grammar is complete (`accepting`). digits: for JSON output, the vocabulary's digit tokens:
+    runs of digits outside strings are then bounded by `JSON_DIGITS`."""
 
-    def __init__(self, matcher: Any, n_vocab: int, eog_ids: Sequence[int]) -> None:
+    def __init__(self, matcher: Any, n_vocab: int, eog_ids: Sequence[int], digits: DigitTokens | None = None) -> None:
         self._m = matcher
         self.n_vocab = n_vocab
         self._words = np.zeros((n_vocab + 31) // 32, np.uint32)
         self._eog = np.asarray(sorted(int(t) for t in eog_ids if 0 <= int(t) < n_vocab), np.int64)
+        self._digits = digits
+        self._scan: tuple[bool, bool, int] = (False, False, 0)  # _scan_json's state of the output so far
+        self._scans: list[tuple[bool, bool, int]] = []  # the state before each consumed token (rollback)
         self._raise_if_error()
 
     def copy(self) -> Matcher:
         """An independent matcher in this one's state (llguidance's deep copy: the compiled
         grammar and the lexer states built so far are shared, so a copy of a fresh matcher skips
         compiling the grammar again)."""
-        return Matcher(self._m.deep_copy(), self.n_vocab, self._eog)
+        other = Matcher(self._m.deep_copy(), self.n_vocab, self._eog, self._digits)
+        other._scan, other._scans = self._scan, list(self._scans)
+        return other
 
     def _raise_if_error(self) -> None:
         if self._m.is_error():
@@ -222,6 +301,12 @@ class Matcher:
         self._raise_if_error()
         if self._eog.size and self._m.is_accepting():
             self._words[self._eog >> 5] |= (np.uint32(1) << (self._eog & 31).astype(np.uint32))
+        if self._digits is not None and not self._scan[0]:
+            over = self._digits.longer_than(JSON_DIGITS - self._scan[2])
+            if over is not None:
+                kept = self._words & ~over
+                if kept.any():  # else the grammar wants more digits: its word stands (see JSON_DIGITS)
+                    self._words[:] = kept
         return self._words
 
     def forced(self, mask: np.ndarray) -> int | None:
@@ -236,9 +321,15 @@ class Matcher:
         """Advance past `token` (which the last mask allowed)."""
         self._m.consume_token(int(token))
         self._raise_if_error()
+        if self._digits is not None:
+            self._scans.append(self._scan)
+            self._scan = _scan_json(self._scan, self._digits.tokenizer.decode_bytes([int(token)]))
 
     def rollback(self, n: int) -> None:
         """Undo the last `n` consumed tokens (speculative decoding's rejected drafts)."""
         if n and not self._m.rollback(int(n)):
             raise ConstraintError(f"the constraint cannot roll back {n} tokens")
         self._raise_if_error()
+        if self._digits is not None and n:
+            self._scan = self._scans[-n]
+            del self._scans[-n:]

@@ -180,6 +180,70 @@ def test_a_repeated_constraint_is_compiled_once_and_answers_the_same(tiny_chat_g
         assert compiled == ["json_schema", "regex", "regex", "json_schema"]
 
 
+# -- bounded digits in JSON numbers ------------------------------------------------------------------------------
+def _digit_token(m, d: str) -> int:
+    ids = m.tokenize(d, add_special=False)
+    assert len(ids) == 1, f"{d!r} is not one token here"
+    return ids[0]
+
+
+def _allowed(mask, token: int) -> bool:
+    return bool(mask[token >> 5] >> (token & 31) & 1)
+
+
+def test_json_numbers_take_at_most_json_digits_in_a_row(tiny_chat_gguf):
+    """Outside strings a run of digits ends after JSON_DIGITS (the mask drops digit tokens, keeps the
+    rest); inside a string digits run on; where the grammar allows nothing but digits they stay;
+    rollback and copy carry the count."""
+    from edgeai.constraints import JSON_DIGITS, json_schema_constraint
+
+    with edgeai.load(tiny_chat_gguf, backend="native", threads=1) as m:
+        tok, eog = m.backend.constraint_tokenizer(), m.backend.eog_ids
+        one, zero, dot, quote = (_digit_token(m, c) for c in "10.\"")
+
+        def after(schema, tokens):
+            mt = json_schema_constraint(schema).matcher(tok, eog_ids=eog)
+            for t in tokens:
+                assert _allowed(mt.mask(), t)
+                mt.consume(t)
+            return mt
+
+        mt = after({"type": "number"}, [one, dot] + [one] * (JSON_DIGITS - 1))
+        assert _allowed(mt.mask(), one)  # 15 fraction digits: one more may come
+        mt.consume(one)
+        mask = mt.mask()
+        assert not _allowed(mask, one) and any(_allowed(mask, e) for e in eog)  # 16: the number ends
+        twin = mt.copy()
+        mt.rollback(1)
+        assert _allowed(mt.mask(), one) and not _allowed(twin.mask(), one)
+
+        mt = after({"type": "string"}, [quote] + [one] * (JSON_DIGITS + 4))
+        assert _allowed(mt.mask(), one)  # a string's digits are text
+
+        mt = after({"const": 10 ** (JSON_DIGITS + 3)}, [one] + [zero] * (JSON_DIGITS - 1))
+        assert _allowed(mt.mask(), zero)  # the schema needs 20 digits: they stay allowed
+
+
+def test_a_model_that_repeats_a_digit_still_ends_its_number():
+    """SmolLM2 made to pick a digit whenever the grammar allows one (as it did on its own in the
+    benchmark: "33.19888..." until max_tokens): the answer ends and validates."""
+    schema = {"type": "object", "properties": {"km": {"type": "number", "minimum": 0, "maximum": 100}},
+              "required": ["km"], "additionalProperties": False}
+    with edgeai.load(default_model_path(), backend="native", n_ctx=512, threads=1) as m:
+        eight = _digit_token(m, "8")
+        step = m.backend.step
+
+        def digit_loving(tokens, mask=None):
+            token = step(tokens, mask)
+            return eight if mask is not None and _allowed(mask, eight) else token
+
+        m.backend.step = digit_loving
+        reply = m.generate("How far is it?", json_schema=schema, max_tokens=120, temperature=0)
+        _check(reply, schema)
+        assert reply.finish_reason is FinishReason.STOP
+        assert re.fullmatch(r'\{"km": 8?8\.8{16}\}', str(reply)), str(reply)
+
+
 # -- tool calls ---------------------------------------------------------------------------------------------------
 def _weather_tool():
     return {"type": "function", "function": {"name": "get_weather", "description": "Weather",
