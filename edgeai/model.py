@@ -196,7 +196,9 @@ def _compile_template(source: str | None, model_name: str):
 def check_messages(messages: Any) -> list[dict]:
     """Messages as `[{"role": ..., "content": ...}]`; an OptionError names the first bad one.
     Besides role and content, an assistant message may carry `tool_calls` (content then may be
-    None) and a tool message `tool_call_id` and `name` (OpenAI's shapes); other keys are dropped."""
+    None) and its thinking (`reasoning_content`, or ollama's `thinking`: templates that render a turn's
+    thinking read one of them), a tool message `tool_call_id` and `name` (OpenAI's shapes); other keys
+    are dropped."""
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
         raise OptionError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
     out = []
@@ -211,6 +213,9 @@ def check_messages(messages: Any) -> list[dict]:
         msg = {"role": m["role"], "content": m.get("content")}
         if calls:
             msg["tool_calls"] = calls
+        for key in ("reasoning_content", "thinking"):
+            if m["role"] == "assistant" and isinstance(m.get(key), str) and m[key]:
+                msg[key] = m[key]
         for key in ("tool_call_id", "name"):
             if m["role"] == "tool" and isinstance(m.get(key), str):
                 msg[key] = m[key]
@@ -408,7 +413,12 @@ class Model:
             pending = window.read_prompt(be, pending, tokens)
         prev_piece = be.detokenize([prev])
         n_gen, prompt_s, decode_s, stepped = 0, 0.0, 0.0, False
-        active = matcher is not None and (split is None or split.done)
+        def gate():
+            """(the matcher in force, whether it applies now): a split's tool call brings its own."""
+            m = getattr(split, "matcher", None) or matcher
+            return m, m is not None and (split is None or split.done)
+
+        matcher, active = gate()
         answer: list[str] = []  # the answer's text so far (tool calls are parsed from it)
 
         def timings() -> Timings:
@@ -450,6 +460,8 @@ class Model:
             text += show(stopper.flush() + out)
             incomplete = matcher is not None and not (active and matcher.accepting)
             calls: tuple = ()
+            if getattr(split, "carries_calls", False) and not incomplete and split.tool_calls():
+                calls, reason = tuple(split.tool_calls()), FinishReason.TOOL_CALLS
             if call_mode != "text":
                 from edgeai.tools import parse_tool_calls
 
@@ -545,7 +557,7 @@ class Model:
                         be.truncate(plain_past)
                         finished = True
                         break
-                    active = matcher is not None and (split is None or split.done)
+                    matcher, active = gate()
                 if finished:
                     break
                 pending = [toks[-1]]
@@ -570,7 +582,9 @@ class Model:
 
         tools: OpenAI-style tools, given to a template that renders `tools` itself, else described
         in a system message (`edgeai.tools`, the generic format). think: the template's
-        `enable_thinking` (Qwen3's switch for its thinking section); None leaves its default.
+        `enable_thinking` (Qwen3's switch for its thinking section); for a harmony template (gpt-oss),
+        whose model always thinks, its `reasoning_effort`: "low", "medium" or "high" (ollama's levels),
+        False for "low", True for the template's default; None leaves the default.
 
         Raises ChatTemplateError, for this call only, when the template refuses the conversation
         (its own raise_exception(...), e.g. "no system messages") or is stopped by the sandbox's
@@ -592,7 +606,16 @@ class Model:
         if checked and native:
             variables["tools"] = openai_tools(checked)
         if think is not None:
-            variables["enable_thinking"] = bool(think)
+            from edgeai.tools import REASONING_EFFORTS, is_harmony
+
+            if not isinstance(think, bool) and think not in REASONING_EFFORTS:
+                raise OptionError(f"think must be True, False or one of {', '.join(REASONING_EFFORTS)}, got {think!r:.40}")
+            if is_harmony(self.chat_template) and not self.plain_chat:
+                # harmony's thinking cannot be turned off: False asks for the least, True for the template's default
+                if think is not True:
+                    variables["reasoning_effort"] = "low" if think is False else think
+            else:
+                variables["enable_thinking"] = bool(think)
         if self._template is not None and not self._template_failed:
             try:
                 return render(self._template, variables, self.path.name)
@@ -613,10 +636,18 @@ class Model:
 
     @property
     def thinks(self) -> bool:
-        """Whether the chat template has a thinking section (`<think>`, as Qwen3's and DeepSeek-R1's)."""
+        """Whether the chat template has a thinking section (`<think>`, as Qwen3's and DeepSeek-R1's,
+        or harmony's analysis channel, gpt-oss's)."""
         from edgeai.tools import THINK_OPEN
 
-        return not self.plain_chat and THINK_OPEN in (self.chat_template or "")
+        return not self.plain_chat and (THINK_OPEN in (self.chat_template or "") or self.harmony)
+
+    @property
+    def harmony(self) -> bool:
+        """Whether chats use OpenAI's harmony format (gpt-oss's template: channels, `edgeai.tools.HarmonySplit`)."""
+        from edgeai.tools import is_harmony
+
+        return not self.plain_chat and is_harmony(self.chat_template)
 
     def chat_tokens(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
                     tools: Sequence[Mapping] | None = None, think: bool | None = None) -> list[int]:
@@ -669,12 +700,16 @@ class Model:
         default); the thinking text comes apart from the answer (`reasoning_content`, `Chunk.reasoning`)
         and a constraint applies to the answer after it. Constraints, logprobs and sampling: see `stream`.
         """
-        from edgeai.constraints import ConstraintError, constraint_from
-        from edgeai.tools import THINK_CLOSE, THINK_OPEN, ThinkSplit, check_tool_choice, check_tools, tool_call_constraint
+        from edgeai.constraints import ConstraintError, constraint_from, json_schema_constraint
+        from edgeai.tools import (THINK_CLOSE, THINK_OPEN, HarmonySplit, ThinkSplit, check_tool_choice, check_tools,
+                                  harmony_call_header, tool_call_constraint)
 
         constraint = constraint_from(grammar=grammar, json_schema=json_schema, regex=regex,
                                      response_format=response_format)
+        harmony = self.harmony
         checked, mode = None, None
+        call_constraints: dict = {}  # harmony: each callable tool's arguments constraint
+        named = None  # harmony: the tool the answer must call
         if tools is not None:
             checked = check_tools(tools)
             mode, callable_tools = check_tool_choice(tool_choice, checked)
@@ -684,13 +719,33 @@ class Model:
                 if constraint is not None:
                     raise ConstraintError("tools and a constraint (grammar, json_schema, regex, response_format) "
                                           "cannot be combined: the tools' schemas constrain the calls")
-                constraint = tool_call_constraint(callable_tools, mode, parallel=bool(parallel_tool_calls),
-                                                  **self._call_marker_ids())
+                if harmony:
+                    call_constraints = {t.name: json_schema_constraint(t.parameters, option=f"the parameters of tool {t.name!r}")
+                                        for t in callable_tools}
+                    if mode == "required":
+                        if len(callable_tools) > 1:
+                            raise OptionError("tool_choice 'required' with several tools: with a harmony template "
+                                              "(gpt-oss) the answer can be made to call one named tool; name it "
+                                              "({'type': 'function', 'function': {'name': ...}}) or use 'auto'")
+                        named = callable_tools[0].name
+                else:
+                    constraint = tool_call_constraint(callable_tools, mode, parallel=bool(parallel_tool_calls),
+                                                      **self._call_marker_ids())
         elif tool_choice is not None:
             raise OptionError("tool_choice needs tools")
         text = self.render_chat(messages, tools=checked, think=think)
         split = None
-        if self.thinks and not text.rstrip().endswith(THINK_CLOSE):  # (a closed section: no thinking this time)
+        if harmony:
+            # the answer's messages: analysis is the thinking, the final message (a constraint's) or a call
+            # (its tool's arguments constraint) the answer; a named call is opened in the prompt
+            if named is not None:
+                text += harmony_call_header(named)
+
+            def matcher_for(name: str):
+                return self._matcher(call_constraints[name]) if name in call_constraints else None
+
+            split = HarmonySplit(matcher_for, call=named)
+        elif self.thinks and not text.rstrip().endswith(THINK_CLOSE):  # (a closed section: no thinking this time)
             if constraint is not None and not text.rstrip().endswith(THINK_OPEN):
                 # the model would open its thinking itself, but a constraint in force from the first token
                 # would forbid that: open it here, and the constraint starts after </think>
@@ -701,7 +756,7 @@ class Model:
         if self.plain_chat:
             stops += PLAIN_STOPS
         chunks = self._stream(tokens, max_tokens, stops, params, self._matcher(constraint), split,
-                              tools=checked is not None, logprobs=_checked_logprobs(logprobs))
+                              tools=checked is not None and not harmony, logprobs=_checked_logprobs(logprobs))
         return chunks if stream else Reply.of(chunks)
 
     def _call_marker_ids(self) -> dict:

@@ -128,6 +128,17 @@ def _get(body: Mapping, name: str, kind: type | tuple, default: Any = None, *, w
     return value
 
 
+def _think(body: Mapping, name: str = "think", kinds: tuple = (bool, str)) -> Any:
+    """ollama's `think` (true, false, or a level for gpt-oss) or OpenAI's `reasoning_effort` (a level)."""
+    from edgeai.tools import REASONING_EFFORTS
+
+    value = _get(body, name, kinds)
+    if isinstance(value, str) and value not in REASONING_EFFORTS:
+        raise HTTPError(400, f"'{name}' must be {'true, false or ' if bool in kinds else ''}one of "
+                             f"{', '.join(REASONING_EFFORTS)}, got {json.dumps(value)[:40]}", name)
+    return value
+
+
 def _sampling(body: Mapping, *, where: str = "") -> dict:
     out = {}
     for name, kind in SAMPLING_FIELDS.items():
@@ -299,6 +310,8 @@ def create_app(config: ServerConfig, *, loader: Callable[..., Model] | None = No
         kwargs = _get(body, "chat_template_kwargs", dict, {})
         if "enable_thinking" in kwargs:
             opts["think"] = bool(kwargs["enable_thinking"])
+        if body.get("reasoning_effort") is not None:  # OpenAI's; a harmony template's (gpt-oss) level
+            opts["think"] = _think(body, "reasoning_effort", (str,))
         stream = _get(body, "stream", bool, False)
         include_usage = bool(_get(body, "stream_options", dict, {}).get("include_usage"))
         job, items, first = await start(lambda m: m.chat(messages, stream=True, **opts))
@@ -483,7 +496,7 @@ def create_app(config: ServerConfig, *, loader: Callable[..., Model] | None = No
         if body.get("tools"):
             opts["tools"] = body["tools"]
         if body.get("think") is not None:
-            opts["think"] = _get(body, "think", bool)
+            opts["think"] = _think(body)
         keep = keep_alive_of(body)
         t_start = time.perf_counter()
         job, items, first = await start(lambda m: m.chat(msgs, stream=True, **opts), keep)
@@ -524,7 +537,7 @@ def create_app(config: ServerConfig, *, loader: Callable[..., Model] | None = No
         raw = _get(body, "raw", bool, False)
         opts = ollama_options(body)
         if body.get("think") is not None:
-            opts["think"] = _get(body, "think", bool)
+            opts["think"] = _think(body)
         keep = keep_alive_of(body)
 
         def job_fn(m: Model):

@@ -14,6 +14,10 @@ earlier calls written back into the assistant turns as the same text, tool resul
 `<tool_response>` blocks in a `tool` turn. The arguments are constrained by each tool's own
 `parameters` schema (used as given); with tool_choice "auto" an answer is either plain text or,
 from its first character, tool calls.
+
+Harmony templates (gpt-oss) have their own format, which their template renders and `HarmonySplit`
+reads back: messages on channels, "analysis" the thinking, "final" the answer, and a call a
+"commentary" message addressed `to=functions.NAME` whose body is the JSON arguments.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from edgeai.errors import OptionError
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# harmony (gpt-oss): a message is `<|start|>ROLE<|channel|>NAME[ to=RECIPIENT][ <|constrain|>TYPE]<|message|>BODY<|end|>`
+H_START, H_CHANNEL, H_MESSAGE, H_END, H_CONSTRAIN = "<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|constrain|>"
+REASONING_EFFORTS = ("low", "medium", "high")  # harmony's `reasoning_effort` (ollama's think levels for gpt-oss)
 TOOL_CHOICES = ("auto", "none", "required")
 
 GENERIC_TOOLS_PROMPT = (
@@ -98,6 +105,16 @@ def openai_tools(tools: list[Tool]) -> list[dict]:
             for t in tools]
 
 
+def is_harmony(source: str | None) -> bool:
+    """Whether a chat template writes OpenAI's harmony format (gpt-oss): channels and messages."""
+    return bool(source) and H_CHANNEL in source and H_MESSAGE in source
+
+
+def harmony_call_header(name: str) -> str:
+    """The header that opens a call of tool `name`, as gpt-oss writes it (after `<|start|>assistant`)."""
+    return f"{H_CHANNEL}commentary to=functions.{name} {H_CONSTRAIN}json{H_MESSAGE}"
+
+
 def template_knows_tools(source: str | None) -> bool:
     """Whether a chat template renders the `tools` variable itself."""
     return bool(source) and re.search(r"\btools\b", source) is not None
@@ -134,6 +151,8 @@ def messages_for_template(messages: list[dict], tools: list[Tool] | None, native
         if native:
             if calls:
                 m["tool_calls"] = [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]
+            if m.get("reasoning_content") and "thinking" not in m:
+                m["thinking"] = m["reasoning_content"]  # the field harmony templates read a turn's thinking from
         else:
             m.pop("tool_calls", None)
             if calls:
@@ -255,6 +274,103 @@ class ThinkSplit:
         """What is held back, at the end: an unfinished thinking section stays thinking."""
         buf, self.buf = self.buf, ""
         return (buf, "") if self.state == "inside" else ("", buf)
+
+
+class HarmonySplit:
+    """Streams a harmony answer (gpt-oss; the prompt ends with `<|start|>assistant`) into (thinking,
+    answer) parts, as ThinkSplit does for `<think>` sections. The answer is a run of messages, each a
+    header `<|channel|>NAME[ to=RECIPIENT][ <|constrain|>TYPE]<|message|>` and a body ended by `<|end|>`
+    (then `<|start|>assistant` and the next header) or by the end of generation (`<|return|>` and
+    `<|call|>` are end-of-generation tokens, never text). Bodies on "analysis" are thinking; on
+    "final", the answer; a message to `functions.NAME` is a call whose body is its JSON arguments
+    (`calls`, not text); other commentary (a preamble to calls) is answer text. Headers are not text.
+
+    done: a final message or a call has begun (a constraint applies to its body). matcher_for(name):
+    the `Matcher` for a call's arguments (None: unconstrained), taken when its body begins and kept
+    as `matcher`. call: the prompt already opened a call of this tool (a named tool_choice)."""
+
+    carries_calls = True  # tool calls come from here, not from the answer's text
+
+    def __init__(self, matcher_for=None, call: str | None = None) -> None:
+        self.buf = ""
+        self.in_body = False
+        self.kind = ""  # of the open body: "think", "answer" or "call"
+        self.done = False
+        self.calls: list[list[str]] = []  # [name, arguments text]
+        self.matcher = None
+        self._matcher_for = matcher_for
+        if call is not None:
+            self._open(harmony_call_header(call))
+
+    def _open(self, header: str) -> None:
+        channel = re.search(re.escape(H_CHANNEL) + r"\s*([\w-]+)", header)
+        to = re.search(r"\bto=([^\s<]+)", header)
+        self.in_body = True
+        if to is not None and to.group(1).startswith("functions."):
+            name = to.group(1)[len("functions."):]
+            self.kind, self.done = "call", True
+            self.calls.append([name, ""])
+            if self._matcher_for is not None:
+                self.matcher = self._matcher_for(name)
+        elif channel is not None and channel.group(1) == "analysis":
+            self.kind = "think"
+        else:
+            self.kind = "answer"
+            self.done = self.done or (channel is not None and channel.group(1) == "final")
+
+    def _body(self, text: str, think: list[str], answer: list[str]) -> None:
+        if self.kind == "think":
+            think.append(text)
+        elif self.kind == "call":
+            self.calls[-1][1] += text
+        else:
+            answer.append(text)
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """(thinking text, answer text) that `text` adds; a possible marker's start is held back."""
+        self.buf += text
+        think: list[str] = []
+        answer: list[str] = []
+        while True:
+            if not self.in_body:
+                i = self.buf.find(H_MESSAGE)
+                if i < 0:
+                    break  # the header goes on (headers are a few tokens)
+                self._open(self.buf[:i])
+                self.buf = self.buf[i + len(H_MESSAGE):]
+            else:
+                i = self.buf.find(H_END)
+                if i < 0:
+                    keep = _partial_suffix(self.buf, H_END)
+                    self._body(self.buf[:len(self.buf) - keep], think, answer)
+                    self.buf = self.buf[len(self.buf) - keep:]
+                    break
+                self._body(self.buf[:i], think, answer)
+                self.buf, self.in_body = self.buf[i + len(H_END):], False
+        return "".join(think), "".join(answer)
+
+    def flush(self) -> tuple[str, str]:
+        """What is held back, at the end (an unfinished header is dropped: it is not text)."""
+        think: list[str] = []
+        answer: list[str] = []
+        if self.in_body:
+            self._body(self.buf, think, answer)
+        self.buf = ""
+        return "".join(think), "".join(answer)
+
+    def tool_calls(self) -> list[dict]:
+        """The calls made, as OpenAI `tool_calls` entries (a call whose arguments are not a JSON
+        object is left out)."""
+        out = []
+        for name, arguments in self.calls:
+            try:
+                args = json.loads(arguments)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(args, dict):
+                out.append({"id": "call_" + secrets.token_hex(8), "type": "function",
+                            "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}})
+        return out
 
 
 def _partial_suffix(text: str, marker: str) -> int:

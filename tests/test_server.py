@@ -191,6 +191,8 @@ def test_the_official_ollama_client(server, name):
     ("/v1/completions", {"prompt": "x", "grammar": 'root ::= "a" b'}, 400, "Rule 'b'"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("/api/chat", {"messages": [{"role": "user", "content": "x"}], "format": "xml"}, 400, "'format'"),
+    ("/api/chat", {"messages": [{"role": "user", "content": "x"}], "think": "max"}, 400, "'think' must be true, false or one of low"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "reasoning_effort": True}, 400, "'reasoning_effort'"),
     ("/v1/chat/completions", b"x" * (5 * 2**20), 413, "larger than"),
     ("/v1/nothing", {}, 404, "no such endpoint"),
 ])

@@ -433,3 +433,118 @@ def test_repl_format_command(tiny_chat_gguf, tmp_path):
         assert "unclosed group" in console.export_text()
         repl.command("/format off")
         assert repl.session.constraint == {}
+
+
+# -- harmony (gpt-oss): channels --------------------------------------------------------------------------------
+# A harmony-format template written for the tests (gpt-oss's own is OpenAI's): reasoning effort in the
+# system message, tools in the developer message, calls as commentary to functions.NAME, the generation
+# prompt `<|start|>assistant`. In the tiny vocabulary its markers are plain text; in gpt-oss's they are
+# special tokens, which the detokenizer writes as the same text.
+HARMONY_TEMPLATE = (
+    "<|start|>system<|message|>Reasoning: {{ reasoning_effort | default('medium') }}<|end|>"
+    "{%- if tools %}<|start|>developer<|message|># Tools\n{% for t in tools %}{{ t.function.name }}: "
+    "{{ t.function.parameters | tojson }}\n{% endfor %}<|end|>{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}"
+    "{%- if m.thinking %}<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking }}<|end|>{% endif %}"
+    "<|start|>assistant to=functions.{{ m.tool_calls[0].function.name }}<|channel|>commentary json<|message|>"
+    "{{ m.tool_calls[0].function.arguments | tojson }}<|call|>"
+    "{%- elif m.role == 'assistant' %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>"
+    "{%- elif m.role == 'tool' %}<|start|>functions to=assistant<|channel|>commentary<|message|>{{ m.content | tojson }}<|end|>"
+    "{%- else %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
+
+
+@pytest.mark.parametrize("pieces, reasoning, answer, calls", [
+    (["<|channel|>analysis<|mess", "age|>let me ", "see<|e", "nd|><|start|>assistant<|channel|>final<|message|>",
+      '{"a"', ": 1}"], "let me see", '{"a": 1}', []),
+    (["<|channel|>final<|message|>hi", " there"], "", "hi there", []),
+    (["<|channel|>analysis<|message|>weather?<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather ",
+      '<|constrain|>json<|message|>{"city": ', '"Oslo"}'], "weather?", "", [("get_weather", {"city": "Oslo"})]),
+    (["<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant to=functions.f<|channel|>commentary json",
+      "<|message|>{}"], "", "Checking.", [("f", {})]),
+    (["<|channel|>analysis<|message|>never ends"], "never ends", "", []),
+    (["<|channel|>analysis<|message|>x<|end|><|start|>assistant<|chan"], "x", "", []),  # a cut header is no text
+])
+def test_harmony_messages_are_split_by_channel(pieces, reasoning, answer, calls):
+    from edgeai.tools import HarmonySplit
+
+    split, got = HarmonySplit(), ([], [])
+    for p in pieces:
+        t, a = split.feed(p)
+        got[0].append(t)
+        got[1].append(a)
+    t, a = split.flush()
+    assert ("".join(got[0]) + t, "".join(got[1]) + a) == (reasoning, answer)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in split.tool_calls()] == calls
+
+
+def _scripted(m, monkeypatch, text: str, masks: list[bool]) -> None:
+    """The backend's steps write `text` first (unconstrained steps: a random model never would), then sample."""
+    script = m.tokenize(text, add_special=False)
+    step = m.backend.step
+
+    def scripted(tokens, mask=None):
+        masks.append(mask is not None)
+        token = step(tokens, mask)
+        return script.pop(0) if mask is None and script else token
+
+    monkeypatch.setattr(m.backend, "step", scripted)
+
+
+def test_harmony_thinking_levels_and_the_constraint_after_the_analysis(tiny_chat_gguf, tmp_path, monkeypatch):
+    path = _with_template(tiny_chat_gguf, tmp_path, HARMONY_TEMPLATE)
+    msgs = [{"role": "user", "content": "hi"}]
+    with edgeai.load(path, backend="native", threads=1, n_ctx=2048) as m:
+        assert m.harmony and m.thinks
+        assert "Reasoning: medium" in m.render_chat(msgs) and "Reasoning: medium" in m.render_chat(msgs, think=True)
+        assert "Reasoning: low" in m.render_chat(msgs, think=False)
+        assert "Reasoning: high" in m.render_chat(msgs, think="high")
+        with pytest.raises(edgeai.errors.OptionError, match="think must be"):
+            m.render_chat(msgs, think="max")
+
+        masks: list[bool] = []
+        head = "<|channel|>analysis<|message|>let me see<|end|><|start|>assistant<|channel|>final<|message|>"
+        _scripted(m, monkeypatch, head, masks)
+        reply = m.chat(msgs, json_schema=TINY_SCHEMAS[1], max_tokens=300, seed=2, temperature=1.0)
+        assert reply.reasoning_content == "let me see" and not reply.incomplete
+        _check(reply, TINY_SCHEMAS[1])
+        n_head = len(m.tokenize(head, add_special=False))
+        assert not any(masks[:n_head]) and all(masks[n_head:])
+
+
+def test_harmony_tool_calls_follow_each_tools_schema(tiny_chat_gguf, tmp_path, monkeypatch):
+    path = _with_template(tiny_chat_gguf, tmp_path, HARMONY_TEMPLATE)
+    tools = [_weather_tool(), _time_tool()]
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    with edgeai.load(path, backend="native", threads=1, n_ctx=2048) as m:
+        # auto: the model thinks, then addresses get_weather; from its message on, its schema holds
+        masks: list[bool] = []
+        _scripted(m, monkeypatch, "<|channel|>analysis<|message|>weather<|end|><|start|>assistant<|channel|>"
+                                  "commentary to=functions.get_weather <|constrain|>json<|message|>", masks)
+        reply = m.chat(msgs, tools=tools, max_tokens=200, seed=0, temperature=1.0)
+        assert reply.finish_reason is FinishReason.TOOL_CALLS and not reply.incomplete and str(reply) == ""
+        assert reply.reasoning_content == "weather"
+        (call,) = reply.tool_calls
+        assert call["function"]["name"] == "get_weather" and any(masks)
+        jsonschema.validate(json.loads(call["function"]["arguments"]), tools[0]["function"]["parameters"])
+        monkeypatch.undo()
+
+        # a named tool: the prompt opens its call, every step is constrained
+        reply = m.chat(msgs, tools=tools, tool_choice={"type": "function", "function": {"name": "get_time"}},
+                       max_tokens=200, seed=1, temperature=1.0)
+        (call,) = reply.tool_calls
+        assert call["function"]["name"] == "get_time" and reply.reasoning_content == ""
+        jsonschema.validate(json.loads(call["function"]["arguments"]), tools[1]["function"]["parameters"])
+
+        # the call and its result go back through the template (its thinking as `thinking`)
+        turn = msgs + [{**reply.message(), "reasoning_content": "zone?"}, {"role": "tool", "content": "12:00", "tool_call_id": call["id"]}]
+        text = m.render_chat(turn)
+        assert "to=functions.get_time<|channel|>commentary json<|message|>" in text and "analysis<|message|>zone?" in text
+        assert text.endswith('<|message|>"12:00"<|end|><|start|>assistant')
+
+        with pytest.raises(edgeai.errors.OptionError, match="name it"):
+            m.chat(msgs, tools=tools, tool_choice="required")
+        (only,) = m.chat(msgs, tools=tools[:1], tool_choice="required", max_tokens=200, seed=2).tool_calls
+        assert only["function"]["name"] == "get_weather"
