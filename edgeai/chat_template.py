@@ -20,6 +20,7 @@ also stop on `raise_exception`.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 import threading
@@ -84,6 +85,14 @@ def _weight(value: Any) -> int:
     return len(value) if isinstance(value, range) else 0
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    """`tojson` as transformers gives it to chat templates: json.dumps, plain text. (jinja2's own
+    escapes <, >, & and ' for HTML and returns Markup, which escapes the template text it is added to:
+    gpt-oss's `"<|channel|>..." + message.content|tojson` came out as `&lt;|channel|&gt;...`.)"""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 class BoundedEnvironment(ImmutableSandboxedEnvironment):
     """The sandbox with bounds on sizes, numbers, loops and time (module docstring)."""
 
@@ -93,6 +102,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
     def __init__(self) -> None:
         super().__init__(trim_blocks=True, lstrip_blocks=True)
         self._render = threading.local()
+        self.filters["tojson"] = _tojson
         self.filters = {name: self._bounded(name, f) for name, f in self.filters.items()}
         self.filters[_LOOP_FILTER] = self._loop
         self.globals.pop("lipsum", None)  # n paragraphs of filler text: an amplifier no chat template needs
@@ -176,8 +186,8 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
                     raise _Limit(f"sums {len(args[1]):,} sequences, copying more than {MAX_CHARS:,} items")
             if name == "tojson" and isinstance(kwargs.get("indent", args[2] if len(args) > 2 else None), int):
                 indent = kwargs.get("indent", args[2] if len(args) > 2 else 0)
-                if indent * _weight(args[1]) > MAX_CHARS:  # every item gets the indent
-                    raise _Limit(f"indents {_weight(args[1]):,} items by {indent:,} in tojson")
+                if indent * _weight(args[0]) > MAX_CHARS:  # every item gets the indent
+                    raise _Limit(f"indents {_weight(args[0]):,} items by {indent:,} in tojson")
             return self.sized(f(*args, **kwargs))
 
         return bounded

@@ -106,6 +106,7 @@ def test_a_template_refusing_the_conversation_is_an_error_for_that_call(model):
     ("{{ ('x' * 100000).replace('', 'y' * 100000) }}", "replace\\(\\) on values of 100,000 and 100,000"),
     ("{{ ([[0] * 1000] * 100000)|sum(start=[]) }}", "filter 'sum' on a value holding 100,100,000"),
     ("{{ 7 ** 1000000 }}", "raises 7 to the power 1,000,000"),
+    ("{{ (range(100000)|list)|tojson(indent=1000) }}", "indents 100,000 items by 1,000 in tojson"),
     ("{% macro f(n) %}{{ f(n) ~ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
 ])
 def test_hostile_chat_templates_are_refused_quickly(shared_model, source, message):

@@ -548,3 +548,22 @@ def test_harmony_tool_calls_follow_each_tools_schema(tiny_chat_gguf, tmp_path, m
             m.chat(msgs, tools=tools, tool_choice="required")
         (only,) = m.chat(msgs, tools=tools[:1], tool_choice="required", max_tokens=200, seed=2).tool_calls
         assert only["function"]["name"] == "get_weather"
+
+
+def test_harmony_template_renders_as_transformers_renders_it(tiny_chat_gguf, tmp_path):
+    """Tools, a call with its thinking, a tool result with <, &, ' and non-ASCII text: the same text
+    as transformers' apply_chat_template (its `tojson` is plain json.dumps, not jinja2's HTML-safe one)."""
+    from transformers import AutoTokenizer
+
+    path = _with_template(tiny_chat_gguf, tmp_path, HARMONY_TEMPLATE)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    msgs = [{"role": "user", "content": "Weather in Zürich?"},
+            {"role": "assistant", "content": "", "thinking": "a <tool> & 'then' answer",
+             "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich <3>", "unit": "C"}}}]},
+            {"role": "tool", "content": "<b>21 °C</b> & 'dry'"}]
+    with edgeai.load(path, backend="native", threads=1, n_ctx=2048) as m:
+        for effort in (None, "high"):
+            ours = m.render_chat(msgs, tools=[_weather_tool()], think=effort)
+            theirs = hf.apply_chat_template(msgs, tools=[_weather_tool()], tokenize=False, add_generation_prompt=True,
+                                            **({"reasoning_effort": effort} if effort else {}))
+            assert ours == theirs and "&lt;" not in ours
