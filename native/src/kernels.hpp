@@ -70,12 +70,17 @@ struct Ops {
     // The inverse of pack for one row: the plain bytes of row r (in a whole 8-row group) from the
     // packed data (an output matrix tied to the embedding is looked up there, not kept twice).
     void (*unpack_row[W_COUNT])(const uint8_t *packed, size_t row_bytes, size_t n, size_t r, uint8_t *row);
-    // Optional (nullptr: dot_f16 per key): out[j] = k_j . q for n_keys f16 keys `stride` values apart,
-    // hd a multiple of 8; a set computes every key's score alike, whatever its neighbours.
-    void (*scores_f16)(const uint16_t *k, size_t stride, int n_keys, const float *q, size_t hd, float *out);
-    // Optional (nullptr: axpy_f16 per value): out = sum_j p[j] * v_j over n f16 values `stride` apart,
-    // hd a multiple of 8, in the order j = 0..n-1 (as the axpy loop adds them).
-    void (*weighted_sum_f16)(const uint16_t *v, size_t stride, int n, const float *p, size_t hd, float *out);
+    // Optional (nullptr: dot_f16 per key): out[h * out_stride + j] = k_j . q_h for n_keys f16 keys
+    // `stride` values apart and `heads` query heads that share them (grouped-query attention; q_h at
+    // q + h * hd), hd a multiple of 8; a set computes every key's score alike, whatever its neighbours
+    // and however many heads come with it.
+    void (*scores_f16)(const uint16_t *k, size_t stride, int n_keys, const float *q, int heads, size_t hd, float *out,
+                       size_t out_stride);
+    // Optional (nullptr: axpy_f16 per value): out_h = sum_j p_h[j] * v_j over n f16 values `stride`
+    // apart for `heads` heads (p_h at p + h * p_stride, out_h at out + h * hd), hd a multiple of 8, in
+    // the order j = 0..n-1 (as the axpy loop adds them), whatever the number of heads.
+    void (*weighted_sum_f16)(const uint16_t *v, size_t stride, int n, const float *p, size_t p_stride, int heads, size_t hd,
+                             float *out);
     // Optional (nullptr: std::exp per value): g[i] = silu(g[i]) * u[i], SwiGLU's gate times up.
     void (*silu_mul)(float *g, const float *u, size_t n);
     // Optional (nullptr: std::tanh per value): g[i] = gelu_tanh(g[i]) * u[i], GeGLU (Gemma), computed

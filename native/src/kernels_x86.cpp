@@ -263,42 +263,82 @@ inline __m256 reduce8_ps(const __m256 v[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
 }
 
-// Attention scores over an f16 K cache, 8 keys per step: one accumulator per key over the head's
-// values, the 8 reduced together (no horizontal sum per key, no call per key).
-void scores_f16(const uint16_t *k, size_t stride, int n_keys, const float *q, size_t hd, float *out) {
+// Heads of a KV head's group computed together by the attention kernels below: each key and value
+// row is converted from f16 once for all of them. Three hold 24 sums in the AVX-512 sets' 32 vector
+// registers; AVX2's 16 take one head at a time.
+#if defined(__AVX512F__)
+constexpr int kHeadsTogether = 3;
+#else
+constexpr int kHeadsTogether = 1;
+#endif
+
+// Attention scores of G query heads over an f16 K cache, 8 keys per step: one accumulator per key and
+// head over the head's values, the 8 of a head reduced together (no horizontal sum per key, no call
+// per key). Each head's sums are the ones it gets alone (G = 1), in the same order.
+template <int G>
+void scores_f16_heads(const uint16_t *k, size_t stride, int n_keys, const float *q, size_t hd, float *out, size_t out_stride) {
     auto key = [&](int j, size_t d) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(k + size_t(j) * stride + d))); };
     for (int j = 0; j < n_keys; j += 8) {
         const int m = n_keys - j < 8 ? n_keys - j : 8;
-        __m256 a[8];
-        for (auto &v : a) v = _mm256_setzero_ps();
+        __m256 a[G][8];
+        for (auto &h : a)
+            for (auto &v : h) v = _mm256_setzero_ps();
         for (size_t d = 0; d < hd; d += 8) {
-            const __m256 qv = _mm256_loadu_ps(q + d);
+            __m256 qv[G];
+            for (int g = 0; g < G; ++g) qv[g] = _mm256_loadu_ps(q + g * hd + d);
+            auto add = [&](int r) {
+                const __m256 kr = key(j + r, d);
+                for (int g = 0; g < G; ++g) a[g][r] = _mm256_fmadd_ps(kr, qv[g], a[g][r]);
+            };
             if (m == 8)
-                for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(key(j + r, d), qv, a[r]);
+                for (int r = 0; r < 8; ++r) add(r);
             else
-                for (int r = 0; r < m; ++r) a[r] = _mm256_fmadd_ps(key(j + r, d), qv, a[r]);
+                for (int r = 0; r < m; ++r) add(r);
         }
-        alignas(32) float s[8];
-        _mm256_store_ps(s, reduce8_ps(a));
-        for (int r = 0; r < m; ++r) out[j + r] = s[r];
+        for (int g = 0; g < G; ++g) {
+            alignas(32) float s[8];
+            _mm256_store_ps(s, reduce8_ps(a[g]));
+            for (int r = 0; r < m; ++r) out[g * out_stride + j + r] = s[r];
+        }
     }
 }
 
-// The attention output over an f16 V cache: 64 output values at a time stay in registers while
-// every value row adds to them (axpy per row loads and stores the output each time).
-void weighted_sum_f16(const uint16_t *v, size_t stride, int n, const float *p, size_t hd, float *out) {
+void scores_f16(const uint16_t *k, size_t stride, int n_keys, const float *q, int heads, size_t hd, float *out, size_t out_stride) {
+    int h = 0;
+    for (; kHeadsTogether >= 3 && h + 3 <= heads; h += 3) scores_f16_heads<3>(k, stride, n_keys, q + h * hd, hd, out + h * out_stride, out_stride);
+    for (; kHeadsTogether >= 2 && h + 2 <= heads; h += 2) scores_f16_heads<2>(k, stride, n_keys, q + h * hd, hd, out + h * out_stride, out_stride);
+    for (; h < heads; ++h) scores_f16_heads<1>(k, stride, n_keys, q + h * hd, hd, out + h * out_stride, out_stride);
+}
+
+// The attention output of G heads over an f16 V cache: 64 output values per head at a time stay in
+// registers while every value row, converted once, adds to them (axpy per row loads and stores the
+// output each time). Each head's sums are the ones it gets alone, in the same order.
+template <int G>
+void weighted_sum_f16_heads(const uint16_t *v, size_t stride, int n, const float *p, size_t p_stride, size_t hd, float *out) {
     for (size_t d0 = 0; d0 < hd; d0 += 64) {
         const int m = static_cast<int>((hd - d0 < 64 ? hd - d0 : 64) / 8);
-        __m256 a[8];
-        for (auto &x : a) x = _mm256_setzero_ps();
+        __m256 a[G][8];
+        for (auto &h : a)
+            for (auto &x : h) x = _mm256_setzero_ps();
         for (int j = 0; j < n; ++j) {
-            const __m256 pj = _mm256_set1_ps(p[j]);
+            __m256 pj[G];
+            for (int g = 0; g < G; ++g) pj[g] = _mm256_set1_ps(p[g * p_stride + j]);
             const uint16_t *row = v + size_t(j) * stride + d0;
-            for (int i = 0; i < m; ++i)
-                a[i] = _mm256_fmadd_ps(pj, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + 8 * i))), a[i]);
+            for (int i = 0; i < m; ++i) {
+                const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + 8 * i)));
+                for (int g = 0; g < G; ++g) a[g][i] = _mm256_fmadd_ps(pj[g], x, a[g][i]);
+            }
         }
-        for (int i = 0; i < m; ++i) _mm256_storeu_ps(out + d0 + 8 * i, a[i]);
+        for (int g = 0; g < G; ++g)
+            for (int i = 0; i < m; ++i) _mm256_storeu_ps(out + g * hd + d0 + 8 * i, a[g][i]);
     }
+}
+
+void weighted_sum_f16(const uint16_t *v, size_t stride, int n, const float *p, size_t p_stride, int heads, size_t hd, float *out) {
+    int h = 0;
+    for (; kHeadsTogether >= 3 && h + 3 <= heads; h += 3) weighted_sum_f16_heads<3>(v, stride, n, p + h * p_stride, p_stride, hd, out + h * hd);
+    for (; kHeadsTogether >= 2 && h + 2 <= heads; h += 2) weighted_sum_f16_heads<2>(v, stride, n, p + h * p_stride, p_stride, hd, out + h * hd);
+    for (; h < heads; ++h) weighted_sum_f16_heads<1>(v, stride, n, p + h * p_stride, p_stride, hd, out + h * hd);
 }
 
 // e^x for 8 floats: 2^n * e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, so r keeps

@@ -503,7 +503,9 @@ Model::Scratch Model::scratch_sizes(const ModelConfig &c, int64_t max_ff, int n_
     s.kv = size_t(T) * kv_dim;
     s.ff = size_t(T) * static_cast<size_t>(max_ff);
     s.tmp = size_t(T) * std::max<size_t>({size_t(c.n_embd), size_t(c.n_expert), q_dim});
-    s.scores = size_t(threads) * n_ctx + (c.n_swa > 0 ? size_t(threads) * c.head_dim : 0);
+    // [threads][a KV head's query heads][n_ctx] (attention's work items), then as much of head_dim (a ring's second run of values)
+    const size_t group = size_t(c.n_head / std::max(1, c.n_head_kv));
+    s.scores = size_t(threads) * n_ctx * group + (c.n_swa > 0 ? size_t(threads) * c.head_dim * group : 0);
     return s;
 }
 
@@ -706,49 +708,71 @@ void Model::attention(const Layer &L, int layer, int T) {
     const float scale = attn_scale();
     // one head's keys (values) at one position: whole blocks of the cache's type
     const size_t k_head = k_row_ / c.n_head_kv, v_head = v_row_ / c.n_head_kv;
-    const size_t items = size_t(T) * c.n_head;
+    // A work item: one token's `heads` query heads of one KV head, their keys and values read once
+    // (f16 caches: the kernels take the heads together), as many of the group as still leave a
+    // work item for every thread.
+    auto heads_per_item = [&] {  // the most of the group (a divisor of it) that leave an item per thread
+        for (int d = group; d > 1; --d)
+            if (group % d == 0 && size_t(T) * c.n_head / d >= size_t(pool_.size())) return d;
+        return 1;
+    };
+    const int heads = batched_scores && batched_values ? heads_per_item() : 1;
+    const size_t items = size_t(T) * c.n_head / heads;
     pool_.run([&](int ti, int nt) {
-        float *sc = scores_.data() + size_t(ti) * n_ctx_;
+        float *sc0 = scores_.data() + size_t(ti) * n_ctx_ * heads;  // [heads][n_ctx]
         for (size_t it = items * ti / nt; it < items * (ti + 1) / nt; ++it) {
-            const int t = static_cast<int>(it / c.n_head), h = static_cast<int>(it % c.n_head), kvh = h / group;
+            const int t = static_cast<int>(it * heads / c.n_head), h0 = static_cast<int>(it * heads % c.n_head), kvh = h0 / group;
             // keys of positions first..pos: rows first % cap.. of the row's slot, in two runs where a ring wraps
             const size_t slot_row = kv_base_[layer] + size_t(row_seq_[t]) * cap;
             const uint8_t *kc = k_cache_.data() + slot_row * k_row_, *vc = v_cache_.data() + slot_row * v_row_;
             const int pos = row_pos_[t], first = local ? std::max(0, pos - c.n_swa + 1) : 0, n_keys = pos - first + 1;
             const int row0 = first % cap, run0 = std::min(n_keys, cap - row0);
             auto row_of = [&](int j) { return size_t(j < run0 ? row0 + j : j - run0); };
-            const size_t q_at = size_t(t) * q_dim + size_t(h) * hd;
-            const float *q = q_.data() + q_at;
+            const size_t q_at = size_t(t) * q_dim + size_t(h0) * hd;  // the item's first head; the others follow, hd apart
             const uint8_t *kh = kc + size_t(kvh) * k_head, *vh = vc + size_t(kvh) * v_head;
-            float mx = -INFINITY;
             if (batched_scores) {
-                ops_->scores_f16(reinterpret_cast<const uint16_t *>(kh + size_t(row0) * k_row_), k_row_ / 2, run0, q, hd, sc);
-                if (run0 < n_keys) ops_->scores_f16(reinterpret_cast<const uint16_t *>(kh), k_row_ / 2, n_keys - run0, q, hd, sc + run0);
-                for (int j = 0; j < n_keys; ++j) mx = std::max(mx, sc[j] *= scale);
-            } else {
-                for (int j = 0; j < n_keys; ++j) {
-                    sc[j] = dot_kv(*ops_, kt, kh + row_of(j) * k_row_, q, hd) * scale;
-                    mx = std::max(mx, sc[j]);
+                const float *q = q_.data() + q_at;
+                ops_->scores_f16(reinterpret_cast<const uint16_t *>(kh + size_t(row0) * k_row_), k_row_ / 2, run0, q, heads, hd, sc0, n_ctx_);
+                if (run0 < n_keys)
+                    ops_->scores_f16(reinterpret_cast<const uint16_t *>(kh), k_row_ / 2, n_keys - run0, q, heads, hd, sc0 + run0, n_ctx_);
+            }
+            for (int g = 0; g < heads; ++g) {  // each head's softmax
+                const int h = h0 + g;
+                float *sc = sc0 + size_t(g) * n_ctx_;
+                float mx = -INFINITY;
+                if (batched_scores) {
+                    for (int j = 0; j < n_keys; ++j) mx = std::max(mx, sc[j] *= scale);
+                } else {
+                    const float *q = q_.data() + q_at + size_t(g) * hd;
+                    for (int j = 0; j < n_keys; ++j) {
+                        sc[j] = dot_kv(*ops_, kt, kh + row_of(j) * k_row_, q, hd) * scale;
+                        mx = std::max(mx, sc[j]);
+                    }
+                }
+                const float sink = L.sinks ? reinterpret_cast<const float *>(L.sinks.data)[h] : -INFINITY;
+                mx = std::max(mx, sink);
+                float sum = L.sinks ? std::exp(sink - mx) : 0.0f;  // the sink takes its share of the softmax, then is dropped
+                for (int j = 0; j < n_keys; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
+                const float inv = 1.0f / sum;
+                if (batched_values) {
+                    for (int j = 0; j < n_keys; ++j) sc[j] *= inv;
+                } else {
+                    float *out = att_out_.data() + q_at + size_t(g) * hd;
+                    std::fill(out, out + hd, 0.0f);
+                    for (int j = 0; j < n_keys; ++j) axpy_kv(*ops_, vt, sc[j] * inv, vh + row_of(j) * v_row_, out, hd);
                 }
             }
-            const float sink = L.sinks ? reinterpret_cast<const float *>(L.sinks.data)[h] : -INFINITY;
-            mx = std::max(mx, sink);
-            float sum = L.sinks ? std::exp(sink - mx) : 0.0f;  // the sink takes its share of the softmax, then is dropped
-            for (int j = 0; j < n_keys; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
-            float *out = att_out_.data() + q_at;
-            const float inv = 1.0f / sum;
             if (batched_values) {
-                for (int j = 0; j < n_keys; ++j) sc[j] *= inv;
-                ops_->weighted_sum_f16(reinterpret_cast<const uint16_t *>(vh + size_t(row0) * v_row_), v_row_ / 2, run0, sc, hd, out);
+                float *out = att_out_.data() + q_at;
+                ops_->weighted_sum_f16(reinterpret_cast<const uint16_t *>(vh + size_t(row0) * v_row_), v_row_ / 2, run0, sc0, n_ctx_,
+                                       heads, hd, out);
                 if (run0 < n_keys) {  // the ring's wrapped run, summed apart and added
-                    float *rest = scores_.data() + size_t(pool_.size()) * n_ctx_ + size_t(ti) * hd;
-                    ops_->weighted_sum_f16(reinterpret_cast<const uint16_t *>(vh), v_row_ / 2, n_keys - run0, sc + run0, hd, rest);
-                    for (int i = 0; i < hd; ++i) out[i] += rest[i];
+                    float *rest = scores_.data() + size_t(pool_.size()) * n_ctx_ * heads + size_t(ti) * hd * heads;
+                    ops_->weighted_sum_f16(reinterpret_cast<const uint16_t *>(vh), v_row_ / 2, n_keys - run0, sc0 + run0, n_ctx_,
+                                           heads, hd, rest);
+                    for (int i = 0; i < hd * heads; ++i) out[i] += rest[i];
                 }
-                continue;
             }
-            std::fill(out, out + hd, 0.0f);
-            for (int j = 0; j < n_keys; ++j) axpy_kv(*ops_, vt, sc[j] * inv, vh + row_of(j) * v_row_, out, hd);
         }
     });
     if (rot_v_) hadamard_chunks(att_out_.data(), T * q_dim, rot_v_);  // the values' rotation undone

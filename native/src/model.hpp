@@ -311,7 +311,7 @@ class Model {
     // scratch, sized for the current batch T (shapes in comments)
     int scratch_T_ = 0;
     std::vector<float> x_, xb_, q_, k_, v_, att_out_, hb_, hb2_, tmp_;  // [T][...]
-    std::vector<float> scores_;  // [threads][n_ctx], then [threads][head_dim] (a ring's second run of values)
+    std::vector<float> scores_;  // [threads][heads][n_ctx], then [threads][heads][head_dim] (a ring's second run of values)
     std::vector<kern::BlockQ8A> xq_;                                   // quantized activations
     std::vector<float> inv_freq_;                                      // [head_dim/2]
     std::vector<float> inv_freq_swa_;                                  // [head_dim/2], sliding-window layers

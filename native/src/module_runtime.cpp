@@ -331,20 +331,25 @@ void bind_runtime(nb::module_ &m) {
           "one kernel set (tests of the attention kernels).");
 
     m.def("kernel_attention_f16",
-          [](const std::string &isa, U8In keys, U8In values, F32In q, F32In p) -> nb::object {
+          [](const std::string &isa, U8In keys, U8In values, F32In q, F32In p, int heads) -> nb::object {
               const edgeai::kern::Ops &ops = ops_or_throw(isa);
               if (!ops.scores_f16 || !ops.weighted_sum_f16) return nb::none();
-              const size_t hd = q.shape(0), n = p.shape(0);
+              if (heads < 1 || q.shape(0) % size_t(heads) || p.shape(0) % size_t(heads))
+                  throw nb::value_error("q and p must hold `heads` equal parts");
+              const size_t hd = q.shape(0) / size_t(heads), n = p.shape(0) / size_t(heads);
               if (hd % 8 || keys.shape(0) != 2 * hd * n || values.shape(0) != 2 * hd * n)
-                  throw nb::value_error("keys and values must be p's length of rows of q's length in f16, a multiple of 8");
-              std::vector<float> scores(n), out(hd);
-              ops.scores_f16(reinterpret_cast<const uint16_t *>(keys.data()), hd, static_cast<int>(n), q.data(), hd, scores.data());
-              ops.weighted_sum_f16(reinterpret_cast<const uint16_t *>(values.data()), hd, static_cast<int>(n), p.data(), hd, out.data());
-              return nb::make_tuple(to_numpy(std::move(scores), {n}), to_numpy(std::move(out), {hd}));
+                  throw nb::value_error("keys and values must be n rows of a head's length in f16, a multiple of 8");
+              std::vector<float> scores(size_t(heads) * n), out(size_t(heads) * hd);
+              ops.scores_f16(reinterpret_cast<const uint16_t *>(keys.data()), hd, static_cast<int>(n), q.data(), heads, hd,
+                             scores.data(), n);
+              ops.weighted_sum_f16(reinterpret_cast<const uint16_t *>(values.data()), hd, static_cast<int>(n), p.data(), n, heads,
+                                   hd, out.data());
+              return nb::make_tuple(to_numpy(std::move(scores), {size_t(heads), n}), to_numpy(std::move(out), {size_t(heads), hd}));
           },
-          nb::arg("isa"), nb::arg("keys"), nb::arg("values"), nb::arg("q"), nb::arg("p"),
-          "(keys . q, sum_j p[j] values[j]) over n f16 rows with one kernel set's batched attention kernels (tests); "
-          "None where the set has none.");
+          nb::arg("isa"), nb::arg("keys"), nb::arg("values"), nb::arg("q"), nb::arg("p"), nb::arg("heads") = 1,
+          "([heads, n] keys . q_h, [heads, hd] sum_j p_h[j] values[j]) over n f16 rows shared by `heads` query heads "
+          "(q: heads * hd floats, p: heads * n) with one kernel set's batched attention kernels (tests); None where "
+          "the set has none.");
 
     m.def("kernel_silu_mul",
           [](const std::string &isa, F32In g, F32In u) -> nb::object {

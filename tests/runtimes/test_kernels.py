@@ -152,11 +152,21 @@ def test_batched_attention_kernels(hd):
         got = _native.kernel_attention_f16(isa, raw(keys), raw(values), q, p)
         if got is None:
             continue
-        scores, out = got
+        scores, out = got[0][0], got[1][0]
         assert np.all(np.abs(scores - expected) <= bound), f"{isa}: {np.abs(scores - expected).max()}"
         for n in range(1, 19):
             part, _ = _native.kernel_attention_f16(isa, raw(keys[19 - n:]), raw(values[19 - n:]), q, p[19 - n:])
-            assert part.tobytes() == scores[19 - n:].tobytes(), f"{isa}: {n} keys"
+            assert part[0].tobytes() == scores[19 - n:].tobytes(), f"{isa}: {n} keys"
+        # the query heads of a KV head computed together (1 to 7: groups of 3, 2 and 1): each head's
+        # scores and output are the bits it gets alone
+        qs = rng.standard_normal((7, hd)).astype(np.float32)
+        ps = rng.dirichlet(np.ones(19), 7).astype(np.float32)
+        alone = [_native.kernel_attention_f16(isa, raw(keys), raw(values), qs[h], ps[h]) for h in range(7)]
+        for heads in range(1, 8):
+            s_h, o_h = _native.kernel_attention_f16(isa, raw(keys), raw(values), qs[:heads].ravel(), ps[:heads].ravel(), heads)
+            for h in range(heads):
+                assert s_h[h].tobytes() == alone[h][0][0].tobytes() and o_h[h].tobytes() == alone[h][1][0].tobytes(), \
+                    f"{isa}: head {h} of {heads}"
         axpy = np.zeros(hd, np.float32)
         for j in range(19):
             axpy = _native.kernel_kv(isa, _native.KVType.F16, raw(values[j]), axpy, float(p[j]))[1]
