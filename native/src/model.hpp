@@ -241,6 +241,7 @@ class Model {
     void post_norm(const Matrix &w, int T);        // Gemma: tmp_[t] = rmsnorm(tmp_[t]) * w before the residual add
     static constexpr size_t kParallelElements = 1 << 14;  // below this, splitting costs more than it saves
     static constexpr int kParallelTokens = 8;  // per-token work of a batch this long goes across the pool
+    static constexpr int kGroupHeadsTokens = 16;  // a batch this long computes a KV head's query heads together (attention)
     void moe(const Layer &L, int layer, int T);
     // local: a sliding-window layer's base; magnitude: YaRN's factor on cos and sin (not when turning
     // cached keys by a position difference)
