@@ -366,21 +366,26 @@ def test_think_switch_follows_the_template_and_the_constraint_holds(tiny_chat_gg
         assert reply.incomplete and str(reply) == "" and len(reply.reasoning_content) > 0
 
 
+def _scripted(m, monkeypatch, text: str, masks: list[bool]) -> None:
+    """The backend's steps write `text` first (unconstrained steps: a random model never would), then sample."""
+    script = m.tokenize(text, add_special=False)
+    step = m.backend.step
+
+    def scripted(tokens, mask=None):
+        masks.append(mask is not None)
+        token = step(tokens, mask)
+        return script.pop(0) if mask is None and script else token
+
+    monkeypatch.setattr(m.backend, "step", scripted)
+
+
 def test_the_constraint_starts_when_the_thinking_ends(tiny_chat_gguf, tmp_path, monkeypatch):
     """The model's thinking is scripted (a random model never closes it): unconstrained steps write
     "ok, sure</think>", then every step has a mask and the answer validates."""
     path = _with_template(tiny_chat_gguf, tmp_path, THINK_TEMPLATE)
     with edgeai.load(path, backend="native", threads=1, n_ctx=512) as m:
-        script = m.tokenize("ok, sure</think>", add_special=False)
         masks: list[bool] = []
-        step = m.backend.step
-
-        def scripted(tokens, mask=None):
-            masks.append(mask is not None)
-            token = step(tokens, mask)
-            return script.pop(0) if mask is None and script else token
-
-        monkeypatch.setattr(m.backend, "step", scripted)
+        _scripted(m, monkeypatch, "ok, sure</think>", masks)
         reply = m.chat([{"role": "user", "content": "hi"}], think=True, json_schema=TINY_SCHEMAS[1],
                        max_tokens=300, seed=2, temperature=1.0)
         assert reply.reasoning_content == "ok, sure"
@@ -478,19 +483,6 @@ def test_harmony_messages_are_split_by_channel(pieces, reasoning, answer, calls)
     t, a = split.flush()
     assert ("".join(got[0]) + t, "".join(got[1]) + a) == (reasoning, answer)
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in split.tool_calls()] == calls
-
-
-def _scripted(m, monkeypatch, text: str, masks: list[bool]) -> None:
-    """The backend's steps write `text` first (unconstrained steps: a random model never would), then sample."""
-    script = m.tokenize(text, add_special=False)
-    step = m.backend.step
-
-    def scripted(tokens, mask=None):
-        masks.append(mask is not None)
-        token = step(tokens, mask)
-        return script.pop(0) if mask is None and script else token
-
-    monkeypatch.setattr(m.backend, "step", scripted)
 
 
 def test_harmony_thinking_levels_and_the_constraint_after_the_analysis(tiny_chat_gguf, tmp_path, monkeypatch):
