@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 # lenient=False: a schema keyword the engine does not implement is refused by name, not ignored.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
 
-# JSON numbers: at most this many digits in a row (an integral part, a fraction, an exponent), the
+# JSON numbers: at most this many digits in a row (an integral part, a fraction, an exponent: a token
+# that also ends the run, such as "99,", can carry it one token past), the
 # bound llama.cpp's JSON Schema grammars put on each part. A float64 keeps 15-17 significant digits,
 # so a longer run adds nothing a JSON reader keeps, and without a bound a small model that starts
 # repeating a digit fills max_tokens inside one number ("33.19888...", which JSON's grammar allows as
@@ -302,7 +303,8 @@ class Matcher:
         if self._eog.size and self._m.is_accepting():
             self._words[self._eog >> 5] |= (np.uint32(1) << (self._eog & 31).astype(np.uint32))
         if self._digits is not None and not self._scan[0]:
-            over = self._digits.longer_than(JSON_DIGITS - self._scan[2])
+            # (a run the grammar made longer than the bound: no more digits as soon as it allows an end)
+            over = self._digits.longer_than(max(0, JSON_DIGITS - self._scan[2]))
             if over is not None:
                 kept = self._words & ~over
                 if kept.any():  # else the grammar wants more digits: its word stands (see JSON_DIGITS)

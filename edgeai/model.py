@@ -387,9 +387,11 @@ class Model:
     def _generate(self, tokens: list[int], max_tokens: int, stops: list[str], params: Sampling, matcher=None,
                   split=None, tools: bool = False, logprobs: int | None = None) -> Iterator[Chunk]:
         """The generation loop. matcher: an `edgeai.constraints.Matcher`, applied once `split` (an
-        `edgeai.tools.ThinkSplit`, chats with a thinking section) reaches the answer; tools: parse
-        tool calls from the answer into the last chunk. Over a slot of a `BatchGenerator` it yields
-        STEP_PENDING where it waits for its batched step."""
+        `edgeai.tools.ThinkSplit` or `HarmonySplit`, chats with a thinking section) reaches the answer;
+        a split's own `matcher` (a harmony tool call's arguments) takes over while it has one, and a
+        split that `carries_calls` gives the tool calls; tools: parse generic-format tool calls from the
+        answer into the last chunk. Over a slot of a `BatchGenerator` it yields STEP_PENDING where it
+        waits for its batched step."""
         be, window = self.backend, self.context
         if self._cache_suspect:
             be.truncate(0)
@@ -413,9 +415,11 @@ class Model:
             pending = window.read_prompt(be, pending, tokens)
         prev_piece = be.detokenize([prev])
         n_gen, prompt_s, decode_s, stepped = 0, 0.0, 0.0, False
+        base = matcher
+
         def gate():
             """(the matcher in force, whether it applies now): a split's tool call brings its own."""
-            m = getattr(split, "matcher", None) or matcher
+            m = getattr(split, "matcher", None) or base
             return m, m is not None and (split is None or split.done)
 
         matcher, active = gate()
@@ -460,8 +464,9 @@ class Model:
             text += show(stopper.flush() + out)
             incomplete = matcher is not None and not (active and matcher.accepting)
             calls: tuple = ()
-            if getattr(split, "carries_calls", False) and not incomplete and split.tool_calls():
-                calls, reason = tuple(split.tool_calls()), FinishReason.TOOL_CALLS
+            found = split.tool_calls() if getattr(split, "carries_calls", False) and not incomplete else []
+            if found:
+                calls, reason = tuple(found), FinishReason.TOOL_CALLS
             if call_mode != "text":
                 from edgeai.tools import parse_tool_calls
 
@@ -557,7 +562,14 @@ class Model:
                         be.truncate(plain_past)
                         finished = True
                         break
+                    before = (matcher, active)
                     matcher, active = gate()
+                    if (matcher, active) != before and j < len(toks) - 1:
+                        # the constraint in force changed inside accepted drafts (a harmony call's header
+                        # ended): the drafts after this token were not checked against it; drop them
+                        be.truncate(plain_past)
+                        toks = toks[:j + 1]
+                        break
                 if finished:
                     break
                 pending = [toks[-1]]
@@ -744,7 +756,7 @@ class Model:
             def matcher_for(name: str):
                 return self._matcher(call_constraints[name]) if name in call_constraints else None
 
-            split = HarmonySplit(matcher_for, call=named)
+            split = HarmonySplit(matcher_for, call=named, tools=call_constraints.keys())
         elif self.thinks and not text.rstrip().endswith(THINK_CLOSE):  # (a closed section: no thinking this time)
             if constraint is not None and not text.rstrip().endswith(THINK_OPEN):
                 # the model would open its thinking itself, but a constraint in force from the first token

@@ -310,8 +310,10 @@ def create_app(config: ServerConfig, *, loader: Callable[..., Model] | None = No
         kwargs = _get(body, "chat_template_kwargs", dict, {})
         if "enable_thinking" in kwargs:
             opts["think"] = bool(kwargs["enable_thinking"])
-        if body.get("reasoning_effort") is not None:  # OpenAI's; a harmony template's (gpt-oss) level
-            opts["think"] = _think(body, "reasoning_effort", (str,))
+        if body.get("reasoning_effort") is not None and "enable_thinking" not in kwargs:
+            # OpenAI's; a harmony template's (gpt-oss) level, thinking on for others; "minimal" is gpt-oss's "low"
+            opts["think"] = _think({"reasoning_effort": "low" if body["reasoning_effort"] == "minimal"
+                                    else body["reasoning_effort"]}, "reasoning_effort", (str,))
         stream = _get(body, "stream", bool, False)
         include_usage = bool(_get(body, "stream_options", dict, {}).get("include_usage"))
         job, items, first = await start(lambda m: m.chat(messages, stream=True, **opts))

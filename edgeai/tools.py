@@ -283,31 +283,34 @@ class HarmonySplit:
     (then `<|start|>assistant` and the next header) or by the end of generation (`<|return|>` and
     `<|call|>` are end-of-generation tokens, never text). Bodies on "analysis" are thinking; on
     "final", the answer; a message to `functions.NAME` is a call whose body is its JSON arguments
-    (`calls`, not text); other commentary (a preamble to calls) is answer text. Headers are not text.
+    (`calls`, not text) when NAME is one of `tools`; other commentary (a preamble to calls, a message
+    to a tool not offered) is answer text. Headers are not text; output with no header at all (a model
+    that does not write harmony) is the answer, given at the end.
 
     done: a final message or a call has begun (a constraint applies to its body). matcher_for(name):
     the `Matcher` for a call's arguments (None: unconstrained), taken when its body begins and kept
     as `matcher`. call: the prompt already opened a call of this tool (a named tool_choice)."""
 
-    carries_calls = True  # tool calls come from here, not from the answer's text
-
-    def __init__(self, matcher_for=None, call: str | None = None) -> None:
+    def __init__(self, matcher_for=None, call: str | None = None, tools=()) -> None:
         self.buf = ""
         self.in_body = False
+        self.opened = False  # a message has begun
         self.kind = ""  # of the open body: "think", "answer" or "call"
         self.done = False
         self.calls: list[list[str]] = []  # [name, arguments text]
         self.matcher = None
         self._matcher_for = matcher_for
+        self.tools = frozenset(tools) | ({call} if call is not None else set())
+        self.carries_calls = bool(self.tools)  # tool calls come from here, not from the answer's text
         if call is not None:
             self._open(harmony_call_header(call))
 
     def _open(self, header: str) -> None:
         channel = re.search(re.escape(H_CHANNEL) + r"\s*([\w-]+)", header)
-        to = re.search(r"\bto=([^\s<]+)", header)
-        self.in_body = True
-        if to is not None and to.group(1).startswith("functions."):
-            name = to.group(1)[len("functions."):]
+        to = re.search(r"\bto=functions\.([^\s<]+)", header)
+        self.in_body = self.opened = True
+        if to is not None and to.group(1) in self.tools:
+            name = to.group(1)
             self.kind, self.done = "call", True
             self.calls.append([name, ""])
             if self._matcher_for is not None:
@@ -355,6 +358,8 @@ class HarmonySplit:
         answer: list[str] = []
         if self.in_body:
             self._body(self.buf, think, answer)
+        elif not self.opened and H_CHANNEL not in self.buf:  # (a first header cut short is not text either)
+            answer.append(self.buf)
         self.buf = ""
         return "".join(think), "".join(answer)
 

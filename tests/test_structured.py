@@ -222,6 +222,9 @@ def test_json_numbers_take_at_most_json_digits_in_a_row(tiny_chat_gguf):
 
         mt = after({"const": 10 ** (JSON_DIGITS + 3)}, [one] + [zero] * (JSON_DIGITS - 1))
         assert _allowed(mt.mask(), zero)  # the schema needs 20 digits: they stay allowed
+        mt = after({"type": "integer", "minimum": 10 ** JSON_DIGITS}, [one] + [zero] * JSON_DIGITS)
+        mask = mt.mask()  # 17 digits, the least the schema allows: now it may end, so it must
+        assert not _allowed(mask, zero) and any(_allowed(mask, e) for e in eog)
 
 
 def test_a_model_that_repeats_a_digit_still_ends_its_number():
@@ -471,11 +474,13 @@ HARMONY_TEMPLATE = (
       "<|message|>{}"], "", "Checking.", [("f", {})]),
     (["<|channel|>analysis<|message|>never ends"], "never ends", "", []),
     (["<|channel|>analysis<|message|>x<|end|><|start|>assistant<|chan"], "x", "", []),  # a cut header is no text
+    (["plain text, no ", "harmony"], "", "plain text, no harmony", []),  # a model that does not write it
+    (["<|channel|>commentary to=functions.nope<|message|>{}"], "", "{}", []),  # a tool not offered: text
 ])
 def test_harmony_messages_are_split_by_channel(pieces, reasoning, answer, calls):
     from edgeai.tools import HarmonySplit
 
-    split, got = HarmonySplit(), ([], [])
+    split, got = HarmonySplit(tools=["get_weather", "f"]), ([], [])
     for p in pieces:
         t, a = split.feed(p)
         got[0].append(t)
@@ -513,13 +518,21 @@ def test_harmony_tool_calls_follow_each_tools_schema(tiny_chat_gguf, tmp_path, m
     with edgeai.load(path, backend="native", threads=1, n_ctx=2048) as m:
         # auto: the model thinks, then addresses get_weather; from its message on, its schema holds
         masks: list[bool] = []
-        _scripted(m, monkeypatch, "<|channel|>analysis<|message|>weather<|end|><|start|>assistant<|channel|>"
-                                  "commentary to=functions.get_weather <|constrain|>json<|message|>", masks)
+        head = ("<|channel|>analysis<|message|>weather<|end|><|start|>assistant<|channel|>"
+                "commentary to=functions.get_weather <|constrain|>json<|message|>")
+        _scripted(m, monkeypatch, head, masks)
         reply = m.chat(msgs, tools=tools, max_tokens=200, seed=0, temperature=1.0)
         assert reply.finish_reason is FinishReason.TOOL_CALLS and not reply.incomplete and str(reply) == ""
         assert reply.reasoning_content == "weather"
         (call,) = reply.tool_calls
-        assert call["function"]["name"] == "get_weather" and any(masks)
+        n_head = len(m.tokenize(head, add_special=False))
+        assert call["function"]["name"] == "get_weather" and not any(masks[:n_head]) and all(masks[n_head:])
+        monkeypatch.undo()
+
+        # a message to a tool not offered is text, and no call
+        _scripted(m, monkeypatch, '<|channel|>commentary to=functions.rm_rf <|constrain|>json<|message|>{"a": 1}', [])
+        reply = m.chat(msgs, tools=tools, max_tokens=80, seed=0, temperature=1.0)
+        assert reply.tool_calls == [] and str(reply).startswith('{"a": 1}')
         jsonschema.validate(json.loads(call["function"]["arguments"]), tools[0]["function"]["parameters"])
         monkeypatch.undo()
 
@@ -559,3 +572,39 @@ def test_harmony_template_renders_as_transformers_renders_it(tiny_chat_gguf, tmp
             theirs = hf.apply_chat_template(msgs, tools=[_weather_tool()], tokenize=False, add_generation_prompt=True,
                                             **({"reasoning_effort": effort} if effort else {}))
             assert ours == theirs and "&lt;" not in ours
+
+
+def test_drafts_past_a_harmony_call_header_are_dropped(tiny_chat_gguf, tmp_path):
+    """Speculative decoding accepts several tokens at once; when a call's header ends inside them, the
+    tokens after it were drafted without the tool's mask: they are dropped (the cache cut back) and
+    the arguments are generated under the mask. (Before: the unmasked tokens reached the matcher.)"""
+    path = _with_template(tiny_chat_gguf, tmp_path, HARMONY_TEMPLATE)
+    with edgeai.load(path, backend="native", threads=1, n_ctx=2048) as m:
+        be = m.backend
+        header = m.tokenize("<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>", add_special=False)
+        junk = m.tokenize("xx yy", add_special=False)  # not JSON: the tool's mask forbids it
+
+        class Accepting:  # a speculator whose first verification "accepts" the header and junk after it
+            calls = 0
+
+            def begin(self, params):
+                pass
+
+            def step(self, pending, context, *, limit, mask=None, matcher=None):
+                Accepting.calls += 1
+                if Accepting.calls > 1:
+                    return [be.step(pending, mask)]
+                toks = header + junk
+                be.step(pending + toks[:-1])  # evaluated as a verification would: the last is not cached
+                return toks
+
+            def close(self):
+                pass
+
+        m._speculator = Accepting()
+        reply = m.chat([{"role": "user", "content": "time?"}], tools=[_time_tool()], max_tokens=200, seed=0, temperature=1.0)
+        assert Accepting.calls > 1, reply
+        assert reply.tool_calls, (str(reply), reply.finish_reason, reply.incomplete, reply.reasoning_content)
+        (call,) = reply.tool_calls
+        jsonschema.validate(json.loads(call["function"]["arguments"]), _time_tool()["function"]["parameters"])
+        assert be.history[-1] != junk[-1]

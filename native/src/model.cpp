@@ -413,7 +413,7 @@ Model::~Model() = default;
 
 size_t Model::kv_bytes() const { return k_cache_.size() + v_cache_.size(); }
 
-size_t Model::scratch_bytes() const { return scratch_sizes(cfg_, max_ff_, n_ctx_, pool_.size(), kBatch).bytes(cfg_, kBatch); }
+size_t Model::scratch_bytes() const { return scratch_sizes(cfg_, max_ff_, n_ctx_, pool_.size(), kBatch, kv_type_).bytes(cfg_, kBatch); }
 
 // Streaming: every tensor but the stacked experts is read once into memory, so after loading the
 // memory map is never touched again (its pages are not charged to the process, and a file that
@@ -494,7 +494,12 @@ Matrix Model::vector(const std::string &name, int64_t n, bool required) {
     return m;
 }
 
-Model::Scratch Model::scratch_sizes(const ModelConfig &c, int64_t max_ff, int n_ctx, int threads, int T) {
+int Model::grouped_heads(const ModelConfig &c, int T, KVTypes kv) {
+    const bool f16 = kv.k == KVType::F16 && kv.v == KVType::F16;  // the grouped kernels read f16 caches
+    return f16 && T >= kGroupHeadsTokens ? c.n_head / std::max(1, c.n_head_kv) : 1;
+}
+
+Model::Scratch Model::scratch_sizes(const ModelConfig &c, int64_t max_ff, int n_ctx, int threads, int T, KVTypes kv) {
     const size_t q_dim = size_t(c.n_head) * c.head_dim, kv_dim = size_t(c.n_head_kv) * c.head_dim;
     Scratch s;
     s.x = size_t(T) * c.n_embd;
@@ -503,9 +508,9 @@ Model::Scratch Model::scratch_sizes(const ModelConfig &c, int64_t max_ff, int n_
     s.kv = size_t(T) * kv_dim;
     s.ff = size_t(T) * static_cast<size_t>(max_ff);
     s.tmp = size_t(T) * std::max<size_t>({size_t(c.n_embd), size_t(c.n_expert), q_dim});
-    // [threads][a KV head's query heads][n_ctx] (attention's work items), then as much of head_dim (a ring's second run of values)
-    const size_t group = size_t(c.n_head / std::max(1, c.n_head_kv));
-    s.scores = size_t(threads) * n_ctx * group + (c.n_swa > 0 ? size_t(threads) * c.head_dim * group : 0);
+    // [threads][heads of a work item][n_ctx] (attention), then as much of head_dim (a ring's second run of values)
+    const size_t heads = size_t(grouped_heads(c, T, kv));
+    s.scores = size_t(threads) * n_ctx * heads + (c.n_swa > 0 ? size_t(threads) * c.head_dim * heads : 0);
     return s;
 }
 
@@ -566,13 +571,13 @@ MemorySizes Model::memory_sizes(const gguf::File &f, const ModelConfig &c, int n
         }
     m.layer_slot = stream_slot_bytes(layer_units);
     m.kv = kv_bytes_for(c, n_ctx, kv);
-    m.scratch = scratch_sizes(c, max_ff, n_ctx, threads, kBatch).bytes(c, kBatch);
+    m.scratch = scratch_sizes(c, max_ff, n_ctx, threads, kBatch, kv).bytes(c, kBatch);
     return m;
 }
 
 void Model::ensure_scratch(int T) {
     if (T <= scratch_T_) return;
-    const Scratch s = scratch_sizes(cfg_, max_ff_, n_ctx_, pool_.size(), T);
+    const Scratch s = scratch_sizes(cfg_, max_ff_, n_ctx_, pool_.size(), T, kv_type_);
     x_.assign(s.x, 0);
     xb_.assign(s.xb, 0);
     q_.assign(s.q, 0);
@@ -708,17 +713,18 @@ void Model::attention(const Layer &L, int layer, int T) {
     const float scale = attn_scale();
     // one head's keys (values) at one position: whole blocks of the cache's type
     const size_t k_head = k_row_ / c.n_head_kv, v_head = v_row_ / c.n_head_kv;
-    // A work item: one token's `heads` query heads of one KV head. In a prompt's chunk (f16 caches) the
-    // kernels take a KV head's query heads together, each key and value row converted once for them:
-    // prefill of 2,000 tokens 1.25x faster (SmolLM2, 3 heads a KV head, AMD EPYC Zen 4, 2 threads). In
-    // decode the rows come from memory once either way and grouping measured 4-9 % slower (context
-    // 1,000, 1 thread; one and four sequences), so a decode step takes the heads one by one.
+    // A work item: one token's `heads` query heads of one KV head. In a batch of 16 rows and more (a
+    // prompt's chunk; verifications stop at 15) with f16 caches the kernels take a KV head's query heads
+    // together, each key and value row converted once for them: a 2,000-token prefill 1.15-1.18x faster
+    // (SmolLM2, 3 heads a KV head, AMD EPYC Zen 4, 1 and 2 threads). Where every row comes from memory
+    // once either way grouping measured 4-9 % slower (decode at context 1,000, one and four sequences),
+    // so decode steps take the heads one by one (a batched step of 16 sequences or more groups them too).
     auto heads_per_item = [&] {  // the most of the group (a divisor of it) that leave an item per thread
-        for (int d = group; d > 1; --d)
+        for (int d = grouped_heads(c, T, kv_type_); d > 1; --d)
             if (group % d == 0 && size_t(T) * c.n_head / d >= size_t(pool_.size())) return d;
         return 1;
     };
-    const int heads = batched_scores && batched_values && T >= kGroupHeadsTokens ? heads_per_item() : 1;
+    const int heads = batched_scores && batched_values ? heads_per_item() : 1;
     const size_t items = size_t(T) * c.n_head / heads;
     pool_.run([&](int ti, int nt) {
         float *sc0 = scores_.data() + size_t(ti) * n_ctx_ * heads;  // [heads][n_ctx]

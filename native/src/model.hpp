@@ -113,7 +113,7 @@ class Model {
         size_t x = 0, xb = 0, q = 0, kv = 0, att = 0, ff = 0, tmp = 0, scores = 0;
         size_t bytes(const ModelConfig &c, int T) const;  // + activation blocks, MoE buffers, logits
     };
-    static Scratch scratch_sizes(const ModelConfig &c, int64_t max_ff, int n_ctx, int threads, int T);
+    static Scratch scratch_sizes(const ModelConfig &c, int64_t max_ff, int n_ctx, int threads, int T, KVTypes kv);
     static size_t kv_row_bytes(const ModelConfig &c, KVType t);  // one position of one layer's K (or V) of type t
     static size_t kv_bytes_for(const ModelConfig &c, int n_ctx, KVTypes kv);
     // Positions layer `layer`'s cache holds: n_ctx, or for a sliding-window layer a ring of its window
@@ -242,6 +242,8 @@ class Model {
     static constexpr size_t kParallelElements = 1 << 14;  // below this, splitting costs more than it saves
     static constexpr int kParallelTokens = 8;  // per-token work of a batch this long goes across the pool
     static constexpr int kGroupHeadsTokens = 16;  // a batch this long computes a KV head's query heads together (attention)
+    // Query heads of a KV head that attention's work items take together for a batch of T tokens with caches kv.
+    static int grouped_heads(const ModelConfig &c, int T, KVTypes kv);
     void moe(const Layer &L, int layer, int T);
     // local: a sliding-window layer's base; magnitude: YaRN's factor on cos and sin (not when turning
     // cached keys by a position difference)
