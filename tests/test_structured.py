@@ -443,6 +443,36 @@ def test_repl_format_command(tiny_chat_gguf, tmp_path):
         assert repl.session.constraint == {}
 
 
+def test_repl_shows_the_thinking_apart_and_switches_it(tiny_chat_gguf, tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from edgeai.cli.repl import Repl
+
+    path = _with_template(tiny_chat_gguf, tmp_path, THINK_TEMPLATE)
+    with edgeai.load(path, backend="native", threads=1, n_ctx=512) as m:
+        console = Console(record=True, width=200)
+        repl = Repl(m, console=console)
+        repl.session.options.update(temperature=1.0, seed=3, max_tokens=30)
+        _scripted(m, monkeypatch, "<think>pondering</think>", [])
+        repl.turn("hello")
+        out = console.export_text()
+        assert "pondering" in out and "pondering" not in repl.session.messages[-1]["content"]
+        monkeypatch.undo()
+        asked = []
+        render = m.render_chat
+        monkeypatch.setattr(m, "render_chat", lambda msgs, **k: asked.append(k.get("think")) or render(msgs, **k))
+        repl.command("/think off")
+        assert repl.session.think is False and "think: off" in console.export_text()
+        repl.turn("again")
+        assert asked[-1] is False  # (the context check before it renders without the switch)
+        repl.command("/think sometimes")
+        assert "/think on | off" in console.export_text() and repl.session.think is False
+    with edgeai.load(tiny_chat_gguf, backend="native", threads=1, n_ctx=512) as plain:
+        repl = Repl(plain, console=console)
+        repl.command("/think on")
+        assert "no thinking section" in console.export_text() and repl.session.think is None
+
+
 # -- harmony (gpt-oss): channels --------------------------------------------------------------------------------
 # A harmony-format template written for the tests (gpt-oss's own is OpenAI's): reasoning effort in the
 # system message, tools in the developer message, calls as commentary to functions.NAME, the generation

@@ -36,6 +36,7 @@ HELP = """\
 /set [NAME VALUE]  show or set an option: temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, max_tokens
 /stats             speed of the last answer, memory, context use
 /format [json|schema FILE|grammar FILE|regex RE|off]  constrain the answers (show it without an argument)
+/think [on|off|low|medium|high|default]  thinking models: turn thinking on or off (gpt-oss: its effort)
 /save FILE         write the conversation as JSON
 /load FILE         read a conversation written by /save
 /exit              leave (or Ctrl-D)
@@ -90,6 +91,7 @@ class ChatSession:
     last: Timings | None = None
     constraint: dict[str, Any] = field(default_factory=dict)  # Model.chat's structured-output keywords (/format)
     format_label: str = "off"
+    think: bool | str | None = None  # Model.chat's think= (/think); None: the template's default
 
     def conversation(self) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -183,8 +185,15 @@ class Repl:
         pieces: list[str] = []
         chunks = None
         try:
-            chunks = s.model.chat(kept, stream=True, max_tokens=max_tokens, **sampling, **s.constraint)
+            chunks = s.model.chat(kept, stream=True, max_tokens=max_tokens, think=s.think, **sampling, **s.constraint)
+            thinking = False
             for chunk in chunks:
+                if chunk.reasoning:  # a thinking model's thinking: shown dim, apart, not kept in the conversation
+                    thinking = True
+                    self.console.print(chunk.reasoning, style="dim italic", end="", soft_wrap=True, markup=False, highlight=False)
+                if chunk.text and thinking:
+                    thinking = False
+                    self.console.print()
                 pieces.append(chunk.text)
                 # soft_wrap: pieces are printed as they come, never re-wrapped mid-word
                 self.console.print(chunk.text, style="cyan", end="", soft_wrap=True, markup=False, highlight=False)
@@ -231,6 +240,8 @@ class Repl:
                 self._stats()
             elif name == "format":
                 self._format(arg)
+            elif name == "think":
+                self._think(arg)
             elif name == "save":
                 self._save(arg)
             elif name == "load":
@@ -287,6 +298,22 @@ class Repl:
         constraint_from(**new)  # validates
         s.constraint, s.format_label = new, arg
         self.console.print(f"[dim]format: {escape(arg)}[/]")
+
+    def _think(self, arg: str) -> None:
+        """/think: on, off, a level (gpt-oss's reasoning effort), default (the template's); checked
+        against the model's template here, so a wrong value is refused before the next turn."""
+        from edgeai.tools import REASONING_EFFORTS
+
+        s = self.session
+        if arg:
+            values = {"on": True, "off": False, "default": None, **{e: e for e in REASONING_EFFORTS}}
+            if arg not in values:
+                raise OptionError(f"/think {' | '.join(values)}")
+            if not s.model.thinks and values[arg] is not None:
+                raise OptionError("this model's chat template has no thinking section")
+            s.think = values[arg]
+        shown = {True: "on", False: "off", None: "default"}.get(s.think, s.think)
+        self.console.print(f"[dim]think: {shown}[/]")
 
     def _stats(self) -> None:
         import psutil
