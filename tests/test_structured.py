@@ -466,11 +466,17 @@ def test_repl_shows_the_thinking_apart_and_switches_it(tiny_chat_gguf, tmp_path,
         repl.turn("again")
         assert asked[-1] is False  # (the context check before it renders without the switch)
         repl.command("/think sometimes")
-        assert "/think on | off" in console.export_text() and repl.session.think is False
+        assert "think: on | off" in console.export_text() and repl.session.think is False
     with edgeai.load(tiny_chat_gguf, backend="native", threads=1, n_ctx=512) as plain:
         repl = Repl(plain, console=console)
         repl.command("/think on")
         assert "no thinking section" in console.export_text() and repl.session.think is None
+    from typer.testing import CliRunner
+
+    from edgeai.cli import app
+
+    result = CliRunner().invoke(app, ["chat", str(tiny_chat_gguf), "--think", "high", "--threads", "1"], input="/exit\n")
+    assert result.exit_code == 1 and "no thinking section" in result.output
 
 
 # -- harmony (gpt-oss): channels --------------------------------------------------------------------------------

@@ -337,13 +337,18 @@ def chat(
     threads: Optional[int] = _MODEL_OPTS["threads"], kv_cache: Optional[str] = _MODEL_OPTS["kv_cache"],
     speculative: Optional[str] = _MODEL_OPTS["speculative"], draft_tokens: Optional[int] = _MODEL_OPTS["draft_tokens"],
     context_overflow: str = _MODEL_OPTS["context_overflow"],
+    think: Optional[str] = typer.Option(None, "--think", help="Thinking models: on, off, or gpt-oss's effort low, "
+                                        "medium, high (as /think; default: the template's)."),
 ) -> None:
     """Chat with a model in the terminal (/help inside lists the commands)."""
     from edgeai.cli.repl import chat as run_chat
 
-    with _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache, speculative, draft_tokens,
-               context_overflow) as m:
-        run_chat(m, system=system)
+    try:
+        with _load(model, backend, memory_budget, device, n_ctx, threads, kv_cache, speculative, draft_tokens,
+                   context_overflow) as m:
+            run_chat(m, system=system, think=think)
+    except EdgeAIError as exc:  # a model that does not load, a --think it cannot take
+        _fail(exc)
 
 
 @command()

@@ -299,20 +299,23 @@ class Repl:
         s.constraint, s.format_label = new, arg
         self.console.print(f"[dim]format: {escape(arg)}[/]")
 
-    def _think(self, arg: str) -> None:
-        """/think: on, off, a level (gpt-oss's reasoning effort), default (the template's); checked
-        against the model's template here, so a wrong value is refused before the next turn."""
+    def set_think(self, arg: str) -> None:
+        """think= of the next turns from on, off, a level (gpt-oss's reasoning effort) or default (the
+        template's); checked against the model's template here, so a wrong value is refused at once."""
         from edgeai.tools import REASONING_EFFORTS
 
-        s = self.session
+        values = {"on": True, "off": False, "default": None, **{e: e for e in REASONING_EFFORTS}}
+        if arg not in values:
+            raise OptionError(f"think: {' | '.join(values)}, not {arg!r:.20}")
+        if not self.session.model.thinks and values[arg] is not None:
+            raise OptionError("this model's chat template has no thinking section")
+        self.session.think = values[arg]
+
+    def _think(self, arg: str) -> None:
+        """/think [on|off|low|medium|high|default] (see set_think); shows the setting."""
         if arg:
-            values = {"on": True, "off": False, "default": None, **{e: e for e in REASONING_EFFORTS}}
-            if arg not in values:
-                raise OptionError(f"/think {' | '.join(values)}")
-            if not s.model.thinks and values[arg] is not None:
-                raise OptionError("this model's chat template has no thinking section")
-            s.think = values[arg]
-        shown = {True: "on", False: "off", None: "default"}.get(s.think, s.think)
+            self.set_think(arg)
+        shown = {True: "on", False: "off", None: "default"}.get(self.session.think, self.session.think)
         self.console.print(f"[dim]think: {shown}[/]")
 
     def _stats(self) -> None:
@@ -374,9 +377,13 @@ def _write_history(readline, path: Path) -> None:
         pass
 
 
-def chat(model: Model, *, system: str | None = None, options: dict[str, Any] | None = None) -> None:
-    """Run the REPL on `model` until the user leaves."""
+def chat(model: Model, *, system: str | None = None, options: dict[str, Any] | None = None,
+         think: str | None = None) -> None:
+    """Run the REPL on `model` until the user leaves. think: as /think (on, off, low, medium, high,
+    default); a value the model cannot take is an OptionError before the REPL starts."""
     repl = Repl(model, system=system)
     if options:
         repl.session.options.update(options)
+    if think is not None:
+        repl.set_think(think)
     repl.run()
