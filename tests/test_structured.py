@@ -342,14 +342,14 @@ def test_tool_round_trip_through_a_template_with_tools(tiny_chat_gguf, tmp_path)
     (["deep thought", "</think>", "42"], True, "deep thought", "42"),
     (["never closed"], True, "never closed", ""),
 ])
+def _split_all(split, pieces) -> tuple[str, str]:
+    """(thinking, answer) of `pieces` streamed through a ThinkSplit or HarmonySplit, then flushed."""
+    got = [split.feed(p) for p in pieces] + [split.flush()]
+    return "".join(t for t, _ in got), "".join(a for _, a in got)
+
+
 def test_thinking_is_split_from_the_answer(pieces, opened, reasoning, answer):
-    split, got = ThinkSplit(opened), ([], [])
-    for p in pieces:
-        t, a = split.feed(p)
-        got[0].append(t)
-        got[1].append(a)
-    t, a = split.flush()
-    assert ("".join(got[0]) + t, "".join(got[1]) + a) == (reasoning, answer)
+    assert _split_all(ThinkSplit(opened), pieces) == (reasoning, answer)
 
 
 def test_think_switch_follows_the_template_and_the_constraint_holds(tiny_chat_gguf, tmp_path):
@@ -516,13 +516,8 @@ HARMONY_TEMPLATE = (
 def test_harmony_messages_are_split_by_channel(pieces, reasoning, answer, calls):
     from edgeai.tools import HarmonySplit
 
-    split, got = HarmonySplit(tools=["get_weather", "f"]), ([], [])
-    for p in pieces:
-        t, a = split.feed(p)
-        got[0].append(t)
-        got[1].append(a)
-    t, a = split.flush()
-    assert ("".join(got[0]) + t, "".join(got[1]) + a) == (reasoning, answer)
+    split = HarmonySplit(tools=["get_weather", "f"])
+    assert _split_all(split, pieces) == (reasoning, answer)
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in split.tool_calls()] == calls
 
 
