@@ -336,18 +336,18 @@ def test_tool_round_trip_through_a_template_with_tools(tiny_chat_gguf, tmp_path)
 
 
 # -- thinking ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("pieces, opened, reasoning, answer", [
-    (["<th", "ink>", "let me ", "see</thi", "nk>\n\n", "{\"a\"", ": 1}"], False, "let me see", '{"a": 1}'),
-    (["  hello", " there"], False, "", "  hello there"),
-    (["deep thought", "</think>", "42"], True, "deep thought", "42"),
-    (["never closed"], True, "never closed", ""),
-])
 def _split_all(split, pieces) -> tuple[str, str]:
     """(thinking, answer) of `pieces` streamed through a ThinkSplit or HarmonySplit, then flushed."""
     got = [split.feed(p) for p in pieces] + [split.flush()]
     return "".join(t for t, _ in got), "".join(a for _, a in got)
 
 
+@pytest.mark.parametrize("pieces, opened, reasoning, answer", [
+    (["<th", "ink>", "let me ", "see</thi", "nk>\n\n", "{\"a\"", ": 1}"], False, "let me see", '{"a": 1}'),
+    (["  hello", " there"], False, "", "  hello there"),
+    (["deep thought", "</think>", "42"], True, "deep thought", "42"),
+    (["never closed"], True, "never closed", ""),
+])
 def test_thinking_is_split_from_the_answer(pieces, opened, reasoning, answer):
     assert _split_all(ThinkSplit(opened), pieces) == (reasoning, answer)
 
