@@ -213,13 +213,10 @@ class DigitTokens:
     def longer_than(self, k: int) -> np.ndarray | None:
         """Mask words [ceil(n_vocab / 32)] of the digit tokens longer than k (None: there are none)."""
         if k not in self._longer:
+            from edgeai.runtimes.sampling import mask_words
+
             bits = self._lengths > k
-            words = None
-            if bits.any():
-                packed = np.packbits(bits, bitorder="little")  # token t: byte t >> 3, bit t & 7
-                words = np.zeros((bits.size + 31) // 32, np.uint32)
-                words.view(np.uint8)[:packed.size] = packed  # little-endian words: token t is bit t & 31 of word t >> 5
-            self._longer[k] = words
+            self._longer[k] = mask_words(bits) if bits.any() else None
         return self._longer[k]
 
 

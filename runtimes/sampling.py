@@ -62,6 +62,15 @@ def checked_mask(mask: np.ndarray, n_vocab: int) -> np.ndarray:
     return np.ascontiguousarray(mask)
 
 
+def mask_words(allow: np.ndarray) -> np.ndarray:
+    """The token mask (see `checked_mask`) allowing the tokens `allow` [n_vocab] (bool) marks: the
+    inverse of `allowed`."""
+    packed = np.packbits(np.asarray(allow, bool), bitorder="little")  # token t: byte t >> 3, bit t & 7
+    words = np.zeros((len(allow) + 31) // 32, "<u4")
+    words.view(np.uint8)[:packed.size] = packed  # little-endian words: token t is bit t & 31 of word t >> 5
+    return words.astype(np.uint32, copy=False)
+
+
 def allowed(mask: np.ndarray, n_vocab: int) -> np.ndarray:
     """The bool [n_vocab] a token mask allows (see `checked_mask`)."""
     mask = checked_mask(mask, n_vocab)
