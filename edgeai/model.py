@@ -618,11 +618,11 @@ class Model:
         if checked and native:
             variables["tools"] = openai_tools(checked)
         if think is not None:
-            from edgeai.tools import REASONING_EFFORTS, is_harmony
+            from edgeai.tools import REASONING_EFFORTS
 
             if not isinstance(think, bool) and think not in REASONING_EFFORTS:
                 raise OptionError(f"think must be True, False or one of {', '.join(REASONING_EFFORTS)}, got {think!r:.40}")
-            if is_harmony(self.chat_template) and not self.plain_chat:
+            if self.harmony:
                 # harmony's thinking cannot be turned off: False asks for the least, True for the template's default
                 if think is not True:
                     variables["reasoning_effort"] = "low" if think is False else think
@@ -732,6 +732,8 @@ class Model:
                     raise ConstraintError("tools and a constraint (grammar, json_schema, regex, response_format) "
                                           "cannot be combined: the tools' schemas constrain the calls")
                 if harmony:
+                    if parallel_tool_calls:
+                        raise OptionError("parallel_tool_calls: a harmony template (gpt-oss) makes one call per answer")
                     call_constraints = {t.name: json_schema_constraint(t.parameters, option=f"the parameters of tool {t.name!r}")
                                         for t in callable_tools}
                     if mode == "required":

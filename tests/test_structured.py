@@ -582,6 +582,8 @@ def test_harmony_tool_calls_follow_each_tools_schema(tiny_chat_gguf, tmp_path, m
 
         with pytest.raises(edgeai.errors.OptionError, match="name it"):
             m.chat(msgs, tools=tools, tool_choice="required")
+        with pytest.raises(edgeai.errors.OptionError, match="one call per answer"):
+            m.chat(msgs, tools=tools, parallel_tool_calls=True)
         (only,) = m.chat(msgs, tools=tools[:1], tool_choice="required", max_tokens=200, seed=2).tool_calls
         assert only["function"]["name"] == "get_weather"
 
