@@ -24,6 +24,9 @@ from edgeai.runtimes.base import DEFAULT_N_CTX, KV_ELEMENT_BYTES, kv_cache_type,
 
 N_BATCH = 512  # the prefill batch the scratch is sized for (the llama.cpp backend's n_batch)
 RING_BATCH = 64  # native/src/model.cpp kBatch: a local layer's ring holds its window plus one batch - 1
+# native/src/model.hpp kExactRecent: a 4-bit K or V cache also keeps each layer's latest positions in
+# f16, in a ring of that plus one batch - 1 rows (and the position each row holds, an int)
+EXACT_RECENT = 64
 # Buffers besides weights, KV cache and activations (graph, batch, sampler, the Python side):
 # measured with llama.cpp on SmolLM2-135M at n_ctx 512, 2048 and 4096 (RSS after a prefill).
 ENGINE_OVERHEAD = 16 * 2**20
@@ -114,7 +117,9 @@ def kv_cache_bytes(shape: ModelShape, n_ctx: int, kv_cache: str | None = None) -
     per_position = shape.head_dim_k * KV_ELEMENT_BYTES[k] + shape.head_dim_v * KV_ELEMENT_BYTES[v]
     ring = min(n_ctx, shape.sliding_window + RING_BATCH - 1)
     positions = (shape.n_layer - shape.local_layers) * n_ctx + shape.local_layers * ring
-    return round(positions * shape.n_head_kv * per_position)
+    exact_values = (shape.head_dim_k if k == "q4_0" else 0) + (shape.head_dim_v if v == "q4_0" else 0)
+    exact = shape.n_layer * min(n_ctx, EXACT_RECENT + RING_BATCH - 1) * (shape.n_head_kv * exact_values * 2 + 4) if exact_values else 0
+    return round(positions * shape.n_head_kv * per_position) + exact
 
 
 def scratch_bytes(shape: ModelShape, n_ctx: int, n_batch: int = N_BATCH) -> int:

@@ -332,6 +332,13 @@ Model::Model(std::shared_ptr<const gguf::File> file, const ModelConfig &config, 
     }
     k_cache_.assign(rows * k_row_, 0);
     v_cache_.assign(rows * v_row_, 0);
+    if (keeps_exact(kv_type.k) || keeps_exact(kv_type.v)) {
+        exact_rows_ = exact_rows(n_ctx);
+        const size_t exact = size_t(n_seq) * c.n_layer * exact_rows_;
+        if (keeps_exact(kv_type.k)) exact_k_.assign(exact * kv_dim, 0);
+        if (keeps_exact(kv_type.v)) exact_v_.assign(exact * kv_dim, 0);
+        exact_pos_.assign(exact, -1);
+    }
     inv_freq_.resize(c.head_dim / 2);
     inv_freq_swa_.resize(c.head_dim / 2);
     // YaRN as ggml computes it (ggml_rope_yarn_corr_dims, rope_yarn): frequencies below the correction
@@ -411,7 +418,9 @@ void Model::embed(int32_t token, float *out) {
 
 Model::~Model() = default;
 
-size_t Model::kv_bytes() const { return k_cache_.size() + v_cache_.size(); }
+size_t Model::kv_bytes() const {
+    return k_cache_.size() + v_cache_.size() + (exact_k_.size() + exact_v_.size()) * sizeof(uint16_t) + exact_pos_.size() * sizeof(int);
+}
 
 size_t Model::scratch_bytes() const { return scratch_sizes(cfg_, max_ff_, n_ctx_, pool_.size(), kBatch, kv_type_).bytes(cfg_, kBatch); }
 
@@ -541,7 +550,10 @@ int Model::kv_positions(const ModelConfig &c, int layer, int n_ctx) {
 size_t Model::kv_bytes_for(const ModelConfig &c, int n_ctx, KVTypes kv) {
     size_t positions = 0;
     for (int l = 0; l < c.n_layer; ++l) positions += size_t(kv_positions(c, l, n_ctx));
-    return positions * (kv_row_bytes(c, kv.k) + kv_row_bytes(c, kv.v));
+    const int exact = keeps_exact(kv.k) + keeps_exact(kv.v);
+    const size_t exact_rows_all = exact ? size_t(c.n_layer) * exact_rows(n_ctx) : 0;  // and a position per row
+    return positions * (kv_row_bytes(c, kv.k) + kv_row_bytes(c, kv.v)) +
+           exact_rows_all * (exact * kv_row_bytes(c, KVType::F16) + sizeof(int));
 }
 
 MemorySizes Model::memory_sizes(const gguf::File &f, const ModelConfig &c, int n_ctx, int threads, KVTypes kv) {
@@ -703,6 +715,12 @@ void Model::attention(const Layer &L, int layer, int T) {
             const size_t row = kv_at(layer, row_seq_[t], row_pos_[t]);
             encode_kv(kv_type_.k, k, k_cache_.data() + row * k_row_, kv_dim);
             encode_kv(kv_type_.v, v, v_cache_.data() + row * v_row_, kv_dim);
+            if (exact_rows_) {
+                const size_t e = exact_at(layer, row_seq_[t], row_pos_[t]);
+                if (!exact_k_.empty()) encode_kv(KVType::F16, k, reinterpret_cast<uint8_t *>(exact_k_.data() + e * kv_dim), kv_dim);
+                if (!exact_v_.empty()) encode_kv(KVType::F16, v, reinterpret_cast<uint8_t *>(exact_v_.data() + e * kv_dim), kv_dim);
+                exact_pos_[e] = row_pos_[t];
+            }
         }
     };
     if (T >= kParallelTokens) pool_.range(size_t(T), prepare);
@@ -738,6 +756,13 @@ void Model::attention(const Layer &L, int layer, int T) {
             auto row_of = [&](int j) { return size_t(j < run0 ? row0 + j : j - run0); };
             const size_t q_at = size_t(t) * q_dim + size_t(h0) * hd;  // the item's first head; the others follow, hd apart
             const uint8_t *kh = kc + size_t(kvh) * k_head, *vh = vc + size_t(kvh) * v_head;
+            // key j's f16 row (its head) when a 4-bit cache holds it exactly (exact_rows_), else null
+            const int exact0 = exact_rows_ ? std::max(0, pos - kExactRecent + 1 - first) : n_keys;
+            auto exact = [&](const std::vector<uint16_t> &rows, int j) -> const uint16_t * {
+                if (j < exact0 || rows.empty()) return nullptr;
+                const size_t e = exact_at(layer, row_seq_[t], first + j);
+                return exact_pos_[e] == first + j ? rows.data() + e * kv_dim + size_t(kvh) * hd : nullptr;
+            };
             if (batched_scores) {
                 const float *q = q_.data() + q_at;
                 ops_->scores_f16(reinterpret_cast<const uint16_t *>(kh + size_t(row0) * k_row_), k_row_ / 2, run0, q, heads, hd, sc0, n_ctx_);
@@ -753,7 +778,8 @@ void Model::attention(const Layer &L, int layer, int T) {
                 } else {
                     const float *q = q_.data() + q_at + size_t(g) * hd;
                     for (int j = 0; j < n_keys; ++j) {
-                        sc[j] = dot_kv(*ops_, kt, kh + row_of(j) * k_row_, q, hd) * scale;
+                        const uint16_t *ke = exact(exact_k_, j);
+                        sc[j] = (ke ? ops_->dot_f16(ke, q, hd) : dot_kv(*ops_, kt, kh + row_of(j) * k_row_, q, hd)) * scale;
                         mx = std::max(mx, sc[j]);
                     }
                 }
@@ -767,7 +793,10 @@ void Model::attention(const Layer &L, int layer, int T) {
                 } else {
                     float *out = att_out_.data() + q_at + size_t(g) * hd;
                     std::fill(out, out + hd, 0.0f);
-                    for (int j = 0; j < n_keys; ++j) axpy_kv(*ops_, vt, sc[j] * inv, vh + row_of(j) * v_row_, out, hd);
+                    for (int j = 0; j < n_keys; ++j) {
+                        if (const uint16_t *ve = exact(exact_v_, j)) ops_->axpy_f16(sc[j] * inv, ve, out, hd);
+                        else axpy_kv(*ops_, vt, sc[j] * inv, vh + row_of(j) * v_row_, out, hd);
+                    }
                 }
             }
             if (batched_values) {
@@ -1148,12 +1177,41 @@ void Model::refuse_rings(const char *what) const {
 // Rotations compose: R(p - delta) = R(-delta) R(p). The Hadamard rotation is its own inverse. A
 // quantized key is rounded again by each move (as in llama.cpp's context shift of a quantized
 // cache): its error grows with the number of moves, not with their size.
-void Model::shift_key(const uint8_t *src, uint8_t *dst, int values, int delta, float *tmp) const {
-    decode_kv(kv_type_.k, src, tmp, values);
+void Model::shift_key(KVType t, const uint8_t *src, uint8_t *dst, int values, int delta, float *tmp) const {
+    decode_kv(t, src, tmp, values);
     if (rot_k_) hadamard_chunks(tmp, values, rot_k_);
     rope(tmp, values / cfg_.head_dim, -delta, false, false);
     if (rot_k_) hadamard_chunks(tmp, values, rot_k_);
-    encode_kv(kv_type_.k, tmp, dst, values);
+    encode_kv(t, tmp, dst, values);
+}
+
+// The exact rows of positions end..n-1 that a ring still holds move to their positions less
+// end - start (keys re-rotated from their f16 bits, as shift_key does for the cache); the rows of
+// positions start.. no longer held are forgotten. Staged first: a move can land on a row still to move.
+void Model::shift_exact(int layer, int seq, int start, int end, int n, float *tmp) {
+    const int kv_dim = cfg_.n_head_kv * cfg_.head_dim, delta = end - start;
+    const size_t row0 = exact_at(layer, seq, 0), per_pos = size_t(kv_dim) * sizeof(uint16_t);
+    std::vector<int> moved;
+    std::vector<uint16_t> staged_k, staged_v;
+    for (int p = std::max(end, n - exact_rows_); p < n; ++p) {
+        const size_t e = exact_at(layer, seq, p);
+        if (exact_pos_[e] != p) continue;
+        moved.push_back(p - delta);
+        if (!exact_k_.empty()) {
+            staged_k.resize(staged_k.size() + kv_dim);
+            shift_key(KVType::F16, reinterpret_cast<const uint8_t *>(exact_k_.data() + e * kv_dim),
+                      reinterpret_cast<uint8_t *>(staged_k.data() + staged_k.size() - kv_dim), kv_dim, delta, tmp);
+        }
+        if (!exact_v_.empty()) staged_v.insert(staged_v.end(), exact_v_.begin() + e * kv_dim, exact_v_.begin() + (e + 1) * kv_dim);
+    }
+    for (size_t r = row0; r < row0 + exact_rows_; ++r)
+        if (exact_pos_[r] >= start) exact_pos_[r] = -1;
+    for (size_t i = 0; i < moved.size(); ++i) {
+        const size_t e = exact_at(layer, seq, moved[i]);
+        if (!exact_k_.empty()) std::memcpy(exact_k_.data() + e * kv_dim, staged_k.data() + i * kv_dim, per_pos);
+        if (!exact_v_.empty()) std::memcpy(exact_v_.data() + e * kv_dim, staged_v.data() + i * kv_dim, per_pos);
+        exact_pos_[e] = moved[i];
+    }
 }
 
 void Model::forget_queries(int seq) {
@@ -1179,9 +1237,11 @@ void Model::evict(int start, int end, int seq) {
         for (size_t l = l0; l < l1; ++l)
             for (int p = end; p < n; ++p) {
                 const size_t from = kv_at(int(l), seq, p), to = from - delta;  // rows (no rings here: n_ctx per layer and slot)
-                shift_key(kc + from * k_row_, kc + to * k_row_, kv_dim, delta, tmp.data());
+                shift_key(kv_type_.k, kc + from * k_row_, kc + to * k_row_, kv_dim, delta, tmp.data());
                 std::memmove(vc + to * v_row_, vc + from * v_row_, v_row_);
             }
+        if (exact_rows_)
+            for (size_t l = l0; l < l1; ++l) shift_exact(int(l), seq, start, end, n, tmp.data());
     };
     pool_.range(size_t(cfg_.n_layer), move);  // layers are independent
     S.history.erase(S.history.begin() + start, S.history.begin() + end);
@@ -1260,12 +1320,17 @@ std::vector<int32_t> Model::compact(int n, int keep, int sink, int recent, int s
             for (int i = 0; i < keep; ++i) {
                 const int p = k_out[i];
                 if (p == i) continue;
-                shift_key(kc + size_t(p) * k_row_, kc + size_t(i) * k_row_, hd, p - i, tmp.data());
+                shift_key(kv_type_.k, kc + size_t(p) * k_row_, kc + size_t(i) * k_row_, hd, p - i, tmp.data());
                 std::memmove(vc + size_t(i) * v_row_, vc + size_t(p) * v_row_, v_head);
             }
         }
     };
     pool_.range(size_t(c.n_layer) * n_kv, work);
+    // each head kept its own positions: the exact rows past the sinks (which stay) no longer match
+    if (exact_rows_)
+        for (int l = 0; l < c.n_layer; ++l)
+            for (size_t e = exact_at(l, seq, 0); e < exact_at(l, seq, 0) + exact_rows_; ++e)
+                if (exact_pos_[e] >= sink) exact_pos_[e] = -1;
     std::vector<int32_t> h(S.history.begin(), S.history.begin() + sink);
     h.insert(h.end(), S.history.begin() + (n - (keep - sink)), S.history.begin() + n);
     S.history = std::move(h);

@@ -19,9 +19,16 @@ from edgeai.architectures import QKNorm, RopeStyle
 from edgeai.quant.forward import ForwardConfig, load_block
 
 # A cache model: rows [T, n_head_kv * head_dim] (keys after RoPE, or values) -> what attention reads.
+# One with an `exact_recent` attribute R reads the R latest positions of each query through its `exact`
+# attribute instead (f16).
 CacheModel = Callable[[np.ndarray], np.ndarray]
 # The keys' cache model and the values'.
 KVModel = tuple[CacheModel, CacheModel]
+
+
+# native/src/model.hpp kExactRecent: a 4-bit cache keeps its latest positions in f16 too, and attention
+# reads those from there
+EXACT_RECENT = 64
 
 
 def hadamard(n: int) -> np.ndarray:
@@ -50,11 +57,15 @@ def block_cache(kind: str, rotation: int = 0) -> CacheModel:
 
     fmt = FORMATS[kind]
 
-    def model(rows: np.ndarray) -> np.ndarray:
+    def rotated(rows: np.ndarray, rounding: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         x = rows.reshape(-1, rotation) @ hadamard(rotation) if rotation else rows
-        y = dequantize(quantize(x.astype(np.float32).ravel(), fmt), fmt).astype(np.float64).reshape(x.shape)
+        y = rounding(x)
         return (y @ hadamard(rotation) if rotation else y).reshape(rows.shape)
 
+    def model(rows: np.ndarray) -> np.ndarray:
+        return rotated(rows, lambda x: dequantize(quantize(x.astype(np.float32).ravel(), fmt), fmt).astype(np.float64).reshape(x.shape))
+
+    model.exact = lambda rows: rotated(rows, f16_cache)  # the engine's f16 rows of the same rotated values
     return model
 
 
@@ -89,13 +100,21 @@ def _linear(w: dict, role: str, x: np.ndarray) -> np.ndarray:
     return y if bias is None else y + bias
 
 
-def kv_model(kind: str, head_dim: int, rotate: bool = True) -> KVModel:
+def kv_model(kind: str, head_dim: int, rotate: bool = True, exact_recent: int = EXACT_RECENT) -> KVModel:
     """The cache models of a KV cache type as the engine names it ("q4_0", "q8_0/q4_0", ...), with the
-    engine's rotations (or none: rotate=False, a plain per-block quantizer)."""
+    engine's rotations (or none: rotate=False, a plain per-block quantizer); a 4-bit half reads the
+    `exact_recent` latest positions of each query as f16 (0: none), as the engine does."""
     rot_k, rot_v = rotation_sizes(head_dim) if rotate else (0, 0)
     parts = kind.split("/")
     k, v = parts[0], parts[-1]
-    one = lambda t, rot: f16_cache if t == "f16" else block_cache(t, rot)  # noqa: E731
+
+    def one(t: str, rot: int) -> CacheModel:
+        if t == "f16":
+            return f16_cache
+        model = block_cache(t, rot)
+        model.exact_recent = exact_recent if t == "q4_0" else 0
+        return model
+
     return one(k, rot_k), one(v, rot_v)
 
 
@@ -114,16 +133,24 @@ def _block(cfg: ForwardConfig, w: dict, x: np.ndarray, cache: KVModel, probs: li
     if cfg.qk_norm is QKNorm.PER_HEAD:
         q, k = _norm(q, w["attn_q_norm.weight"], cfg.rms_eps), _norm(k, w["attn_k_norm.weight"], cfg.rms_eps)
     q, k = _rope(cfg, q), _rope(cfg, k)
-    k = cache[0](k.reshape(T, hk * d)).reshape(T, hk, d)  # [T, n_head_kv, d] as attention reads them
-    v = cache[1](v).reshape(T, hk, d)
     group = cfg.n_head // hk
-    scores = np.einsum("tkgd,skd->kgts", q.reshape(T, hk, group, d), k) / np.sqrt(d)  # [hk, group, T, T]
-    scores += np.triu(np.full((T, T), -np.inf), k=1)
+    qg = q.reshape(T, hk, group, d)
+    # [T (query), T (key)]: the keys (values) a query reads as f16 rather than through the cache model
+    lag = np.arange(T)[:, None] - np.arange(T)[None, :]
+    exact_k, exact_v = ((lag >= 0) & (lag < getattr(m, "exact_recent", 0)) for m in cache)
+    kc = cache[0](k.reshape(T, hk * d)).reshape(T, hk, d)  # [T, n_head_kv, d] as attention reads them
+    scores = np.einsum("tkgd,skd->kgts", qg, kc)  # [hk, group, T, T]
+    if exact_k.any():
+        scores = np.where(exact_k, np.einsum("tkgd,skd->kgts", qg, cache[0].exact(k.reshape(T, hk * d)).reshape(T, hk, d)), scores)
+    scores = scores / np.sqrt(d) + np.triu(np.full((T, T), -np.inf), k=1)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     if probs is not None:
         probs.append(p)
-    out = np.einsum("kgts,skd->tkgd", p, v).reshape(T, cfg.n_head * d)
+    out = np.einsum("kgts,skd->tkgd", np.where(exact_v, 0.0, p), cache[1](v).reshape(T, hk, d))
+    if exact_v.any():
+        out += np.einsum("kgts,skd->tkgd", np.where(exact_v, p, 0.0), cache[1].exact(v).reshape(T, hk, d))
+    out = out.reshape(T, cfg.n_head * d)
     x = x + _linear(w, "attn_output", out)
     h = _norm(x, w["ffn_norm.weight"], cfg.rms_eps)
     a = _linear(w, "ffn_gate", h)

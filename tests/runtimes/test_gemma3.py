@@ -235,7 +235,9 @@ def test_rings_in_4_bit_and_mixed_kv_caches(tiny, kv, bound):
     row = 1 * 32 * 2  # one position of one layer's keys in f16; q8_0 is 34/64 of it, q4_0 18/64
     k_row, v_row = (row * 34 // 64 if kv.startswith("q8_0") else row * 18 // 64), row * 18 // 64
     rows = 6 * (16 + 63) + 1 * 512  # six rings, one global layer
-    assert b.stats().extra["kv_bytes"] == rows * (k_row + v_row)
+    # and each 4-bit half's f16 rows of the latest positions: 7 layers x (64 + 63) rows, with their positions
+    exact = 7 * (64 + 63) * ((2 if kv == "q4_0" else 1) * row + 4)
+    assert b.stats().extra["kv_bytes"] == rows * (k_row + v_row) + exact
     assert NativeBackend.plan_for(path, n_ctx=512, threads=2, kv_cache=kv).kv == b.stats().extra["kv_bytes"]
     ours = b.eval_logits(tokens)
     assert kld(f16, ours) < bound
@@ -261,8 +263,9 @@ def test_a_refused_budget_offers_what_each_lever_saves_with_rings(tiny):
         NativeBackend.plan_for(path, n_ctx=8192, threads=2, memory_budget=plan.process + 1000)
     message = str(refused.value)
     assert f"a context of 4096 positions (--ctx) saves {format_bytes(2 * 4096 * row)}" in message
-    for kind, share in (("q8_0", 34), ("q8_0/q4_0", 26), ("q4_0", 18)):
-        assert f"a {kind} KV cache (--kv-cache {kind}) saves {format_bytes(plan.kv - plan.kv * share // 64)}" in message
+    # (the 4-bit halves keep their latest positions in f16 too: 7 layers x (64 + 63) rows, with their positions)
+    for kind, share, exact in (("q8_0", 34, 0), ("q8_0/q4_0", 26, 7 * 127 * (row + 4)), ("q4_0", 18, 7 * 127 * (2 * row + 4))):
+        assert f"a {kind} KV cache (--kv-cache {kind}) saves {format_bytes(plan.kv - plan.kv * share // 64 - exact)}" in message
 
 
 @pytest.mark.parametrize("kv", ["f16", "q8_0/q4_0"])
