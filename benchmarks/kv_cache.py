@@ -1,7 +1,8 @@
 """KV cache types in the native engine: bytes per token and perplexity, f16 against the quantized caches.
 
 For each KV cache type (f16, q8_0, q4_0 and mixed keys/values such as q8_0/q4_0) on SmolLM2-135M (the
-bundled GGUF, or --model): the cache's bytes per token of context (all layers, keys and values), and
+bundled GGUF, or --model): the cache's bytes per token of context (all layers, keys and values) and
+what does not grow with it (a 4-bit half's f16 rows of the latest 64 positions, 2.8 MiB for q4_0), and
 `edgeai eval` with the native engine scoring the model under that cache, against the same file in
 llama.cpp with an F32 cache:
 
@@ -27,6 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import kv_cache_sizes  # noqa: E402
 from quant_vs_llamacpp import site_packages_licenses, write_text  # noqa: E402
 
 KINDS = ["f16", "q8_0", "f16/q4_0", "q8_0/q4_0", "q4_0"]  # largest first
@@ -35,10 +37,7 @@ LLAMA_CPP_KINDS = ["f16", "q8_0", "q8_0/q4_0", "q4_0"]
 
 def main() -> None:
     from edgeai.evaluate import evaluate
-    from edgeai.gguf_header import read_header
-    from edgeai.native_bridge import kv_types, native
     from edgeai.paths import default_model_path
-    from edgeai.runtimes.native import engine_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None, help="a GGUF the native engine runs (default: the bundled SmolLM2)")
@@ -53,19 +52,19 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     model = (args.model or default_model_path()).resolve()
     text = write_text(args.work / "eval.txt", args.text, site_packages_licenses)
-    config = engine_config(read_header(model))
-    f16_bytes = native.kv_bytes(config, 1, kv_types("f16"))
+    f16_bytes, _ = kv_cache_sizes(model, "f16")
 
     rows = []
     runs = [("native", k) for k in KINDS] + ([("llama.cpp", k) for k in LLAMA_CPP_KINDS] if args.llama_cpp else [])
     for backend, kind in runs:
         r = evaluate(model, model, text, n_ctx=args.ctx, n_chunks=args.chunks, threads=args.threads, backend=backend,
                      kv_cache=kind)
-        per_token = native.kv_bytes(config, 1, kv_types(kind))
-        rows.append({"backend": backend, "kv_cache": kind, "bytes_per_token": per_token,
+        per_token, fixed = kv_cache_sizes(model, kind)
+        rows.append({"backend": backend, "kv_cache": kind, "bytes_per_token": per_token, "fixed_bytes": fixed if backend == "native" else 0,
                      "of_f16": per_token / f16_bytes, "ppl": r.ppl, "ref_ppl": r.ref_ppl, "kld_mean": r.kld_mean,
                      "kld_p99": r.kld_p99, "top1": r.top1, "n_tokens": r.n_tokens})
-        print(f"{backend:9s} {kind:10s} {per_token:6d} B/token ({per_token / f16_bytes:5.1%} of f16)  ppl {r.ppl:8.4f}  "
+        print(f"{backend:9s} {kind:10s} {per_token:6d} B/token ({per_token / f16_bytes:5.1%} of f16)"
+              + (f" + {fixed / 2**20:.2f} MiB of f16 rows" if fixed and backend == "native" else "") + f"  ppl {r.ppl:8.4f}  "
               f"KLD {r.kld_mean:.5f} (p99 {r.kld_p99:.4f})  top-1 {r.top1:.2%}", flush=True)
 
     print(f"\n{model.name}, {text.name}: {rows[0]['n_tokens']} scored tokens ({args.chunks} chunks of {args.ctx}); "

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import cpu_model  # noqa: E402
+from bench_common import cpu_model, kv_cache_sizes  # noqa: E402
 from quant_vs_llamacpp import site_packages_licenses  # noqa: E402
 
 KV_KINDS = ["f16", "q8_0", "q8_0/q4_0", "q4_0"]
@@ -190,12 +190,8 @@ def perplexity(path: Path, args: argparse.Namespace) -> dict:
 
     fits = lambda b, n: b.n_ctx - b.n_past >= n  # noqa: E731 (the full cache never needs room)
     run("full", args.tokens, native, fits)
-    kv_bytes = {"f16": native.stats().extra["kv_bytes"] / args.tokens}
     native.close()
-    for kind in KV_KINDS[1:]:
-        b = NativeBackend(path, n_ctx=512, threads=args.threads, kv_cache=kind)
-        kv_bytes[kind] = b.stats().extra["kv_bytes"] / 512
-        b.close()
+    kv_bytes = {kind: kv_cache_sizes(path, kind)[0] for kind in KV_KINDS}  # per position (4-bit: + fixed f16 rows)
     for cache in args.caches:
         b = NativeBackend(path, n_ctx=cache, threads=args.threads)
         run("sink-window (native)", cache, b, ContextWindow("sink-window").make_room)
