@@ -77,11 +77,12 @@ def f16_cache(rows: np.ndarray) -> np.ndarray:
     return rows.astype(np.float16).astype(np.float64)
 
 
-def _rope(cfg: ForwardConfig, x: np.ndarray) -> np.ndarray:
-    """x [T, n_heads, d] rotated to positions 0..T-1 in float64."""
+def _rope(cfg: ForwardConfig, x: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+    """x [T, n_heads, d] rotated to positions 0..T-1 (or `positions` [T], any sign) in float64."""
     d = cfg.head_dim
     inv_freq = cfg.rope_theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
-    angles = (np.arange(x.shape[0], dtype=np.float64) * cfg.position_scale)[:, None, None] * inv_freq  # [T, 1, d/2]
+    at = np.arange(x.shape[0], dtype=np.float64) if positions is None else np.asarray(positions, np.float64)
+    angles = (at * cfg.position_scale)[:, None, None] * inv_freq  # [T, 1, d/2]
     cos, sin = np.cos(angles), np.sin(angles)
     if cfg.rope is RopeStyle.NEOX:
         a, b = x[..., : d // 2], x[..., d // 2:]
@@ -200,11 +201,15 @@ def attention_scores(path: Path, tokens: Sequence[int], window: int, cache: KVMo
 
 
 def one_layer_logits_over(path: Path, tokens: Sequence[int], kept: np.ndarray, token: int,
-                          cache: KVModel = (f16_cache, f16_cache)) -> np.ndarray:
+                          cache: KVModel = (f16_cache, f16_cache), sink: int = 0) -> np.ndarray:
     """Float64 logits [n_vocab] of `token` after a one-layer model's cache was compacted to the
     positions kept[kv_head] of `tokens` (moved down to positions 0.., as the engine moves them), the
     token at the next position. In one layer a key and value depend only on their token and position,
-    so this is attention over exactly the kept entries."""
+    so this is attention over exactly the kept entries. A 4-bit cache (an `exact_recent` model) as
+    `Model::compact` leaves it (keep within its f16 rows' reach, and tokens within its ring of 127, so
+    that the sinks' rows are still held): the `sink` first positions and the new token read from
+    their f16 rows, the others from their 4-bit rows (a moved key rounded at its old position, turned
+    back and rounded again)."""
     from edgeai.converters.plan import open_plan
 
     plan = open_plan(path, "f32")
@@ -223,10 +228,26 @@ def one_layer_logits_over(path: Path, tokens: Sequence[int], kept: np.ndarray, t
         # the token's query at position `keep` (rows 0..keep of a rotation, the last one)
         q_last = _rope(cfg, np.repeat(q[-1:].reshape(1, cfg.n_head, d), keep + 1, axis=0))[-1]
         out = np.empty((cfg.n_head, d))
+        def rows_of(model: CacheModel, x: np.ndarray, rows: list[int], key: bool) -> np.ndarray:
+            """What attention reads of x [n, d] (keys rotated to their new positions 0..n-1)."""
+            new = np.arange(len(rows))
+            at_new = _rope(cfg, x[:, None, :])[:, 0] if key else x
+            if not getattr(model, "exact_recent", 0):
+                return model(at_new)
+            assert len(rows) <= model.exact_recent, "the new token's query reads every held f16 row"
+            old = np.asarray(rows)
+            out = model(at_new)  # kept in place: rounded once
+            if key:  # moved: rounded at the old position, turned back by the move, rounded again
+                once = model(_rope(cfg, x[:, None, :], old)[:, 0])
+                moved = model(_rope(cfg, once[:, None, :], new - old)[:, 0])
+                out = np.where((old != new)[:, None], moved, out)
+            exact = (new < sink) | (new == len(rows) - 1)
+            return np.where(exact[:, None], model.exact(at_new), out)
+
         for kvh in range(hk):
             rows = list(kept[kvh]) + [len(seq) - 1]  # the kept positions at 0..keep-1, then the token
-            kh = cache[0](_rope(cfg, k[rows, kvh][:, None, :]).reshape(len(rows), d))
-            vh = cache[1](v[rows, kvh])
+            kh = rows_of(cache[0], k[rows, kvh], rows, True)
+            vh = rows_of(cache[1], v[rows, kvh], rows, False)
             for g in range(group):
                 s = kh @ q_last[kvh * group + g] / np.sqrt(d)
                 p = np.exp(s - s.max())
