@@ -23,6 +23,30 @@ log = logging.getLogger(__name__)
 
 _END = object()
 
+# Items for async callers, by event loop, delivered together (`deliver`): one wakeup of a loop for all
+# the chunks of a batched step rather than one per chunk.
+Outbox = dict[asyncio.AbstractEventLoop, list[tuple["Job", Any]]]
+
+
+def _put_all(items: list[tuple[Job, Any]]) -> None:  # on the caller's loop
+    for job, item in items:
+        job._items.put_nowait(item)
+
+
+def _send(loop: asyncio.AbstractEventLoop, items: list[tuple[Job, Any]]) -> None:
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the caller's loop is closed: nobody is listening
+        for job, _ in items:
+            job.cancelled.set()
+
+
+def deliver(outbox: Outbox) -> None:
+    """Hand each event loop its items of `outbox` in one call, in order, and empty it."""
+    for loop, items in outbox.items():
+        _send(loop, items)
+    outbox.clear()
+
 
 class BusyError(EdgeAIError):
     """The queue of waiting jobs is full: try again later (HTTP 503)."""
@@ -38,15 +62,15 @@ class Job:
         self._loop = loop
         self._items: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
 
-    def put(self, item: Any) -> None:
-        """From the worker thread: hand an item (or an exception, or the end) to the caller."""
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._items.put_nowait, item)
-            except RuntimeError:  # the caller's loop is closed: nobody is listening
-                self.cancelled.set()
-        else:
+    def put(self, item: Any, outbox: Outbox | None = None) -> None:
+        """From the worker thread: hand an item (or an exception, or the end) to the caller; with an
+        `outbox`, an async caller's item waits there for the outbox's delivery."""
+        if self._loop is None:
             self._items.put(item)
+        elif outbox is not None:
+            outbox.setdefault(self._loop, []).append((self, item))
+        else:
+            _send(self._loop, [(self, item)])
 
     def cancel(self) -> None:
         """The caller is gone: the worker stops the job at its next item."""
@@ -164,14 +188,16 @@ class Scheduler:
                 live.clear()
                 self._batch = batch = self.model.batch()
                 continue
+            outbox: Outbox = {}
             for request, job in list(live.items()):
                 for chunk in request.take():
-                    job.put(chunk)
+                    job.put(chunk, outbox)
                 if request.done:
                     if request.error is not None:
-                        job.put(request.error)
-                    job.put(_END)
+                        job.put(request.error, outbox)
+                    job.put(_END, outbox)
                     del live[request]
+            deliver(outbox)
 
     def _start(self, job: Job) -> None:
         """A queued job into the batch generator (its request waits there for a slot)."""
