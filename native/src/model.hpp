@@ -120,7 +120,8 @@ class Model {
     // A 4-bit K or V cache also keeps the latest kExactRecent positions of each slot and layer in f16
     // (KIVI's full-precision residual, Liu et al. 2024), and attention reads those positions from there:
     // SmolLM2-135M, perplexity against the f16 cache, float64 model of the caches, 1,024 tokens in chunks
-    // of 512: q4_0 +6.8 %, with 16 exact +0.3 %, with 32 within 0.6 % either way, with 64 +0.1 %.
+    // of 512: q4_0 +6.8 %, with 16 exact +1.3 %, 32 +0.4 %, 64 +0.1 %; the engine (benchmarks/kv_cache.py
+    // --ctx 512 --chunks 8): 32 +1.06 %, 64 +0.50 % (+5.8 % without).
     static constexpr int kExactRecent = 64;
     static bool keeps_exact(KVType t) { return t == KVType::Q4_0; }
     // The rows of that ring per slot and layer: a batch (up to kBatch tokens) writes its positions before
