@@ -360,3 +360,32 @@ def test_llama_cpp_refuses_every_drafter_by_name_before_loading(tiny_chat_gguf):
     for spec in ("lookup", "self", str(tiny_chat_gguf)):
         with pytest.raises(BackendError, match="the llama.cpp backend cannot speculate"):
             edgeai.load(tiny_chat_gguf, backend="llama.cpp", speculative=spec)
+
+
+def test_the_cost_of_a_verification_is_learnt_for_every_size_at_once():
+    """Verifications of 2 tokens that cost 1.5 plain steps each teach the slope (0.5 a token), and
+    every size is costed by it: a size never verified is not taken for cheap (the per-size running
+    figure it replaces either kept a stale sample or guessed 0.1 a token for sizes not yet seen)."""
+
+    class Lookup:
+        name, cheap, source = "lookup", True, 2
+
+        def draft(self, context, n):
+            return [1] * n
+
+        def close(self):
+            pass
+
+    spec = Speculator(None, Lookup(), 8)
+    spec._plain_s = 0.004
+    spec._counts[2] = [9.0, 1.0]  # acceptance 0.9: drafting pays at the initial slope
+    assert spec.draft_length(8, 1, source=2) == 8
+    for _ in range(40):
+        spec._learn(2, 1, 1, 2, 0.006, 0.0, 2)  # 2 tokens verified in 1.5 plain steps
+    assert spec._slope == pytest.approx(0.5, rel=1e-3)
+    expected = {k: spec._gain(k, 1, spec._acceptance(2)) for k in range(1, 9)}
+    for k in (3, 8):  # sizes never verified: costed 1 + 0.5 (b - 1) plain steps
+        a = min(spec._acceptance(2), 0.98)
+        assert expected[k] == pytest.approx((1 - a ** (k + 1)) / (1 - a) / (1 + 0.5 * k), rel=1e-3)
+    spec._counts[2] = [3.0, 7.0]  # acceptance 0.3: at 0.5 a token no draft pays
+    assert spec.draft_length(8, 1, source=2) == 0
