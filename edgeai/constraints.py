@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -308,6 +310,12 @@ class Matcher:
                     self._words[:] = kept
         return self._words
 
+    def forces_nothing(self) -> bool:
+        """The grammar allows more than one next byte, so the next mask cannot allow one token only
+        (llguidance's forced bytes, a few microseconds: no pass over the vocabulary). False does not
+        mean a token is forced. `MaskAhead` is worth starting only where this holds."""
+        return not self._m.compute_ff_bytes()
+
     def forced(self, mask: np.ndarray) -> int | None:
         """The one token `mask` allows, or None when it allows several."""
         nz = np.flatnonzero(mask)
@@ -332,3 +340,34 @@ class Matcher:
         if self._digits is not None and n:
             self._scan = self._scans[-n]
             del self._scans[-n:]
+
+
+_ahead_pool: ThreadPoolExecutor | None = None
+_ahead_lock = threading.Lock()
+
+
+class MaskAhead:
+    """A matcher's next mask, computed on a worker thread while the caller's forward pass runs (the
+    issue's "mask for step t+1 while step t's forward runs"; llguidance releases the GIL while it
+    computes, the engine while it evaluates). The matcher belongs to the worker until `words()` or
+    `settle()` returns. Started only where the mask cannot force a token (`Matcher.forces_nothing`):
+    a forced token must be known before the step, to be evaluated with it in one batch."""
+
+    def __init__(self, matcher: Matcher) -> None:
+        global _ahead_pool
+        with _ahead_lock:
+            if _ahead_pool is None:  # one thread for every model: a mask takes tens of microseconds
+                _ahead_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeai-mask")
+        self.matcher = matcher
+        self._future: Future = _ahead_pool.submit(matcher.mask)
+
+    def words(self) -> np.ndarray:
+        """The mask (waits for it; a ConstraintError of the computation is raised here)."""
+        return self._future.result()
+
+    def settle(self) -> None:
+        """Wait for the computation, whatever its outcome (the matcher is the caller's again)."""
+        try:
+            self._future.result()
+        except Exception:  # noqa: BLE001 - raised to the caller of words(), when there is one
+            pass

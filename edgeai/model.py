@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeai.batch import STEP_PENDING
+from edgeai.constraints import MaskAhead
 from edgeai.errors import ContextOverflowError, OptionError
 from edgeai.runtimes.base import Backend, BackendStats, Sampling
 
@@ -494,18 +495,35 @@ class Model:
                 return replace(close(FinishReason.LENGTH, tok, text, think), logprobs=lp), True
             return Chunk(text, tok, None, timings(), think, logprobs=lp), False
 
+        # masks made while the forward pass runs: the plain step of an engine that can wait for one
+        overlaps = getattr(be, "overlaps_masks", False) and not getattr(be, "batched", False)
+        carried = None  # such a mask that turned out to force a token (the next round starts from it)
+
+        def sample_under(ahead: MaskAhead) -> np.ndarray | None:
+            """The step's mask, or None where it forces a token: that one is appended unsampled (above)."""
+            words = ahead.words()
+            forced = ahead.matcher.forced(words)
+            return None if forced is not None and forced not in be.eog_ids and logprobs is None else words
+
         self._cache_suspect = True
         try:
             while True:
                 t0 = time.perf_counter()
-                mask = None
+                mask, ahead = None, None
                 if active:
                     if matcher.stopped:  # complete, and nothing may follow: no step needed
                         yield close(FinishReason.STOP, None)
                         break
-                    mask = matcher.mask()
+                    # a mask that cannot force a token is made during the step (not for a speculative one)
+                    ahead_ok = overlaps and not (spec is not None and stepped and logprobs is None)
+                    if carried is not None:  # made during the last step, and it forces a token
+                        mask, carried = carried, None
+                    elif ahead_ok and matcher.forces_nothing():
+                        ahead = MaskAhead(matcher)
+                    else:
+                        mask = matcher.mask()
                     # tokens the grammar forces are appended unsampled and evaluated with the next step
-                    forced, done = matcher.forced(mask), False
+                    forced, done = (matcher.forced(mask) if mask is not None else None), False
                     while forced is not None and forced not in be.eog_ids and not done and logprobs is None:
                         if not window.make_room(be, len(pending) + 1):
                             break
@@ -518,6 +536,8 @@ class Model:
                             if matcher.stopped:
                                 yield close(FinishReason.STOP, None)
                                 done = True
+                            elif ahead_ok and matcher.forces_nothing():  # the run ends here
+                                ahead, mask, forced = MaskAhead(matcher), None, None
                             else:
                                 mask = matcher.mask()
                                 forced = matcher.forced(mask)
@@ -526,6 +546,8 @@ class Model:
                 # a forced run that stopped with a forced token still to append stopped for lack of room
                 forced_run_cut = mask is not None and forced is not None and logprobs is None and forced not in be.eog_ids
                 if not window.make_room(be, len(pending)) or forced_run_cut:
+                    if ahead is not None:
+                        ahead.settle()  # the matcher is this thread's again
                     yield close(FinishReason.CONTEXT, None)
                     break
                 if spec is not None and stepped and logprobs is None and (matcher is None or active):
@@ -536,12 +558,20 @@ class Model:
                     be.request(pending, mask)
                     yield STEP_PENDING
                     toks = [be.result()]
+                elif ahead is not None:
+                    try:
+                        toks = [be.step(pending, mask_fn=lambda: sample_under(ahead))]
+                    finally:
+                        ahead.settle()
                 else:
                     toks = [be.step(pending, mask)]
                 if not stepped:
                     prompt_s, stepped = time.perf_counter() - t0, True
                 else:
                     decode_s += time.perf_counter() - t0
+                if toks[0] < 0:  # the mask made during the step forces a token: nothing sampled, pending cached
+                    carried, pending = ahead.words(), []
+                    continue
                 keep = be.n_past - (len(toks) - 1)  # positions plain decoding would have cached before toks[0]
                 finished = False
                 for j, tok in enumerate(toks):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -312,10 +312,20 @@ class NativeBackend(VocabText):
 
         return checked_mask(mask, self.n_vocab)  # the engine applies it in C++, GIL released
 
-    def step(self, tokens: Sequence[int], mask: np.ndarray | None = None, seq: int = 0) -> int:
+    # step(..., mask_fn=): the mask may be computed while the forward pass runs (`edgeai.constraints.MaskAhead`)
+    overlaps_masks = True
+
+    def step(self, tokens: Sequence[int], mask: np.ndarray | None = None, seq: int = 0,
+             mask_fn: Callable[[], np.ndarray | None] | None = None) -> int:
+        """`Backend.step`; mask_fn, instead of mask: called once the forward pass is done for the mask
+        to sample under; its None means do not sample (the step returns -1, the tokens are cached)."""
         tokens = [int(t) for t in tokens]
         self._check_room(tokens, seq)
-        return int(self._call("step", tokens, self._mask(mask), seq))
+        if mask_fn is None:
+            return int(self._call("step", tokens, self._mask(mask), seq))
+        if mask is not None:
+            raise OptionError("give a step a mask or a mask_fn, not both")
+        return int(self._call("step", tokens, None, seq, lambda: None if (w := mask_fn()) is None else self._mask(w)))
 
     def step_batch(self, steps: Sequence[tuple[int, Sequence[int], bool, np.ndarray | None]]) -> list[int]:
         """One engine call for several slots: each (slot, tokens, sample, mask) appends `tokens` to

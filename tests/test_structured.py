@@ -8,10 +8,12 @@ import re
 import shutil
 
 import jsonschema
+import numpy as np
 import pytest
 
 import edgeai
 from edgeai.constraints import ConstraintError, Matcher, constraint_from
+from edgeai.errors import OptionError
 from edgeai.model import FinishReason
 from edgeai.paths import default_model_path
 from edgeai.tools import ThinkSplit
@@ -134,7 +136,7 @@ def test_forced_runs_are_batched_and_equal_token_by_token(monkeypatch):
     with edgeai.load(default_model_path(), backend="native", n_ctx=1024) as m:
         steps: list[int] = []
         step = m.backend.step
-        monkeypatch.setattr(m.backend, "step", lambda tokens, mask=None: steps.append(len(tokens)) or step(tokens, mask))
+        monkeypatch.setattr(m.backend, "step", lambda tokens, mask=None, **kw: steps.append(len(tokens)) or step(tokens, mask, **kw))
         chunks = list(m.chat([{"role": "user", "content": prompt}], json_schema=schema, max_tokens=200,
                              temperature=0, stream=True))
         batched = "".join(c.text for c in chunks)
@@ -151,6 +153,72 @@ def test_forced_runs_are_batched_and_equal_token_by_token(monkeypatch):
         assert max(steps[1:]) == 1
         assert "".join(c.text for c in chunks) == batched
         assert [c.token for c in chunks if c.token is not None and c.finish_reason is None] == tokens
+
+
+def _constrained_runs(m) -> tuple[list[list[int]], dict]:
+    """Tokens of constrained generations on `m` (schemas, a regex, greedy and sampled), and how the
+    native steps were called: with a mask made during the step ("ahead"), and how many sampled nothing."""
+    calls = {"ahead": 0, "unsampled": 0, "masks": 0}
+    step = type(m.backend).step
+
+    def counted(self, tokens, mask=None, seq=0, mask_fn=None):
+        calls["ahead"] += mask_fn is not None
+        calls["masks"] += mask is not None
+        tok = step(self, tokens, mask, seq, mask_fn)
+        calls["unsampled"] += tok < 0
+        return tok
+
+    runs = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(m.backend), "step", counted)
+        for i, schema in enumerate(TINY_SCHEMAS[:4]):
+            for temperature in (0.0, 1.0):
+                chunks = m.stream("Data:", json_schema=schema, max_tokens=300, seed=i, temperature=temperature)
+                runs.append([c.token for c in chunks if c.token is not None])
+        runs.append([c.token for c in m.stream("Code:", regex=r"[a-z]{3}-[0-9]{2,4}", max_tokens=40, seed=2,
+                                               temperature=1.0) if c.token is not None])
+    return runs, calls
+
+
+def test_masks_made_during_the_step_change_no_token(tiny_chat_gguf, monkeypatch):
+    """A mask that cannot force a token is made on a worker thread while the step's forward pass runs
+    (`MaskAhead`); the tokens are those of masks made before the step, greedy and sampled. Where such
+    a mask does force a token after all, the step samples nothing and the token is appended unsampled
+    as before (every mask made ahead, to reach that path)."""
+    from edgeai.runtimes.native import NativeBackend
+
+    with edgeai.load(tiny_chat_gguf, backend="native", threads=1, n_ctx=512) as m:
+        ahead, calls = _constrained_runs(m)
+        assert calls["ahead"] > 0 and calls["unsampled"] == 0
+        monkeypatch.setattr(NativeBackend, "overlaps_masks", False)
+        before, calls = _constrained_runs(m)
+        assert calls["ahead"] == 0 and calls["masks"] > 0
+        assert ahead == before
+        monkeypatch.setattr(NativeBackend, "overlaps_masks", True)
+        monkeypatch.setattr(Matcher, "forces_nothing", lambda self: True)
+        always, calls = _constrained_runs(m)
+        assert calls["unsampled"] > 0  # forced runs after a step that sampled nothing
+        assert always == before
+
+
+def test_a_step_waits_for_a_mask_made_meanwhile(tiny_chat_gguf):
+    """`NativeBackend.step(mask_fn=)`: called after the forward pass; its mask is applied, its None
+    samples nothing (-1, the tokens cached); a bad answer or a mask given twice is refused."""
+    from edgeai.runtimes.sampling import mask_words
+
+    with edgeai.load(tiny_chat_gguf, backend="native", threads=1, n_ctx=64) as m:
+        be = m.backend
+        only = mask_words(np.arange(be.n_vocab) == 7)
+        seen = []
+        assert be.step([1, 2, 3], mask_fn=lambda: seen.append(be.n_past) or only) == 7
+        assert seen == [3]  # called once the tokens were evaluated
+        assert be.step([7], mask_fn=lambda: None) == -1 and be.n_past == 4
+        with pytest.raises(OptionError, match="uint32 words"):
+            be.step([7], mask_fn=lambda: [1, 2])
+        with pytest.raises(TypeError, match="mask_fn must return None or"):  # the engine's own check
+            be._live().step([7], None, 0, lambda: [1, 2])
+        with pytest.raises(OptionError, match="a mask or a mask_fn"):
+            be.step([7], only, mask_fn=lambda: only)
 
 
 def test_cut_short_output_is_marked_incomplete(tiny_chat_gguf):
@@ -236,8 +304,13 @@ def test_a_model_that_repeats_a_digit_still_ends_its_number():
         eight = _digit_token(m, "8")
         step = m.backend.step
 
-        def digit_loving(tokens, mask=None):
-            token = step(tokens, mask)
+        def digit_loving(tokens, mask=None, mask_fn=None):
+            if mask_fn is not None:  # a mask made during the step: seen when the step asks for it
+                seen = []
+                token = step(tokens, mask_fn=lambda: seen.append(mask_fn()) or seen[0])
+                mask = seen[0]
+            else:
+                token = step(tokens, mask)
             return eight if mask is not None and _allowed(mask, eight) else token
 
         m.backend.step = digit_loving
@@ -374,10 +447,11 @@ def _scripted(m, monkeypatch, text: str, masks: list[bool]) -> None:
     script = m.tokenize(text, add_special=False)
     step = m.backend.step
 
-    def scripted(tokens, mask=None):
-        masks.append(mask is not None)
-        token = step(tokens, mask)
-        return script.pop(0) if mask is None and script else token
+    def scripted(tokens, mask=None, mask_fn=None):  # mask_fn: a mask made during the step
+        constrained = mask is not None or mask_fn is not None
+        masks.append(constrained)
+        token = step(tokens, mask, mask_fn=mask_fn)
+        return script.pop(0) if not constrained and script else token
 
     monkeypatch.setattr(m.backend, "step", scripted)
 

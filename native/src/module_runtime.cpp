@@ -491,16 +491,35 @@ void bind_runtime(nb::module_ &m) {
              "Append tokens to the KV cache; with all_logits, return their logits [len(tokens), n_vocab]. "
              "skip_layers: [n_layer] flags of layers not computed (self-speculative drafts; truncate after).")
         .def("step",
-             [](edgeai::Model &self, const std::vector<int32_t> &tokens, std::optional<U32In> mask, int seq) {
+             [](edgeai::Model &self, const std::vector<int32_t> &tokens, std::optional<U32In> mask, int seq,
+                nb::object mask_fn) {
                  check_mask(self, mask);
+                 if (mask && !mask_fn.is_none()) throw nb::value_error("give a mask or a mask_fn, not both");
                  const uint32_t *m = mask ? mask->data() : nullptr;  // the array stays alive: the caller holds it
+                 {
+                     nb::gil_scoped_release release;
+                     self.eval(tokens, nullptr, nullptr, seq);
+                 }
+                 std::optional<U32In> late;  // mask_fn's answer, alive until sampled
+                 if (!mask_fn.is_none()) {
+                     nb::object r = mask_fn();  // the mask computed while the forward pass ran (GIL held)
+                     if (r.is_none()) return -1;
+                     try {
+                         late = nb::cast<U32In>(r);
+                     } catch (const nb::cast_error &) {
+                         throw nb::type_error("mask_fn must return None or a contiguous 1-d uint32 array of mask words");
+                     }
+                     check_mask(self, late);
+                     m = late->data();
+                 }
                  nb::gil_scoped_release release;
-                 self.eval(tokens, nullptr, nullptr, seq);
                  return self.sample(m, seq);
              },
-             nb::arg("tokens"), nb::arg("mask") = nb::none(), nb::arg("seq") = 0,
+             nb::arg("tokens"), nb::arg("mask") = nb::none(), nb::arg("seq") = 0, nb::arg("mask_fn") = nb::none(),
              "Append tokens, then sample the next one (one call per decode step). mask: None, or uint32 words "
-             "[ceil(n_vocab / 32)], bit t % 32 of word t / 32 allowing token t (applied before every other sampling stage).")
+             "[ceil(n_vocab / 32)], bit t % 32 of word t / 32 allowing token t (applied before every other sampling stage). "
+             "mask_fn: instead of mask, called (with the GIL) once the forward pass is done, for the mask that "
+             "another thread computed meanwhile; its None means do not sample: the step returns -1.")
         .def("step_batch",
              [](edgeai::Model &self, const std::vector<int> &seqs, const std::vector<std::vector<int32_t>> &tokens,
                 const std::vector<bool> &sample, const std::vector<std::optional<U32In>> &masks) {
