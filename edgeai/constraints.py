@@ -75,7 +75,8 @@ class Constraint:
         if error:
             raise ConstraintError(f"the {_OPTION[self.kind]} cannot be used: {_clean(error)}")
         digits = _digit_tokens(tokenizer) if self.kind in ("json_schema", "json_object") else None
-        return Matcher(llguidance.LLMatcher(tokenizer, self.grammar, log_level=0), tokenizer.vocab_size, eog_ids, digits)
+        return Matcher(llguidance.LLMatcher(tokenizer, self.grammar, log_level=0), tokenizer.vocab_size, eog_ids, digits,
+                       tokenizer)
 
 
 # the user-facing option of each kind, for messages
@@ -262,10 +263,14 @@ class Matcher:
     the grammar is complete (`accepting`). digits: for JSON output, the vocabulary's digit tokens:
     runs of digits outside strings are then bounded by `JSON_DIGITS`."""
 
-    def __init__(self, matcher: Any, n_vocab: int, eog_ids: Sequence[int], digits: DigitTokens | None = None) -> None:
+    def __init__(self, matcher: Any, n_vocab: int, eog_ids: Sequence[int], digits: DigitTokens | None = None,
+                 tokenizer: Any = None) -> None:
         self._m = matcher
+        self._tokenizer = tokenizer  # the token bytes `forces_nothing` follows (None: it asks every time)
+        self._ff_left = b""  # bytes the grammar still forces, as far as known (see forces_nothing)
         self.n_vocab = n_vocab
         self._words = np.zeros((n_vocab + 31) // 32, np.uint32)
+        self._words_ptr = self._words.ctypes.data  # (.ctypes makes an object per use: a microsecond or two)
         self._eog = np.asarray(sorted(int(t) for t in eog_ids if 0 <= int(t) < n_vocab), np.int64)
         self._digits = digits
         self._scan: tuple[bool, bool, int] = (False, False, 0)  # _scan_json's state of the output so far
@@ -276,7 +281,7 @@ class Matcher:
         """An independent matcher in this one's state (llguidance's deep copy: the compiled
         grammar and the lexer states built so far are shared, so a copy of a fresh matcher skips
         compiling the grammar again)."""
-        other = Matcher(self._m.deep_copy(), self.n_vocab, self._eog, self._digits)
+        other = Matcher(self._m.deep_copy(), self.n_vocab, self._eog, self._digits, self._tokenizer)
         other._scan, other._scans = self._scan, list(self._scans)
         return other
 
@@ -297,7 +302,7 @@ class Matcher:
     def mask(self) -> np.ndarray:
         """The allowed next tokens, uint32 words [ceil(n_vocab / 32)] (a view reused by the next
         call: pass it to one step before asking again)."""
-        self._m.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)  # GIL released inside
+        self._m.unsafe_compute_mask_ptr(self._words_ptr, self._words.nbytes)  # GIL released inside
         self._raise_if_error()
         if self._eog.size and self._m.is_accepting():
             self._words[self._eog >> 5] |= (np.uint32(1) << (self._eog & 31).astype(np.uint32))
@@ -313,8 +318,11 @@ class Matcher:
     def forces_nothing(self) -> bool:
         """The grammar allows more than one next byte, so the next mask cannot allow one token only
         (llguidance's forced bytes, a few microseconds: no pass over the vocabulary). False does not
-        mean a token is forced. `MaskAhead` is worth starting only where this holds."""
-        return not self._m.compute_ff_bytes()
+        mean a token is forced. `MaskAhead` is worth starting only where this holds. Inside a forced
+        run no question is asked: the bytes left of the forced ones seen last are still forced."""
+        if not self._ff_left:
+            self._ff_left = self._m.compute_ff_bytes()
+        return not self._ff_left
 
     def forced(self, mask: np.ndarray) -> int | None:
         """The one token `mask` allows, or None when it allows several."""
@@ -328,14 +336,20 @@ class Matcher:
         """Advance past `token` (which the last mask allowed)."""
         self._m.consume_token(int(token))
         self._raise_if_error()
+        tok = self._tokenizer or (self._digits.tokenizer if self._digits is not None else None)
+        piece = tok.decode_bytes([int(token)]) if tok is not None and (self._ff_left or self._digits) else b""
+        # a token made of forced bytes leaves the rest of them forced
+        self._ff_left = self._ff_left[len(piece):] if piece and self._ff_left.startswith(piece) else b""
         if self._digits is not None:
             self._scans.append(self._scan)
-            self._scan = _scan_json(self._scan, self._digits.tokenizer.decode_bytes([int(token)]))
+            self._scan = _scan_json(self._scan, piece)
 
     def rollback(self, n: int) -> None:
         """Undo the last `n` consumed tokens (speculative decoding's rejected drafts)."""
         if n and not self._m.rollback(int(n)):
             raise ConstraintError(f"the constraint cannot roll back {n} tokens")
+        if n:
+            self._ff_left = b""
         self._raise_if_error()
         if self._digits is not None and n:
             self._scan = self._scans[-n]
