@@ -1,7 +1,8 @@
 """Long context in a fixed memory: perplexity over a text 16x the cache by context-overflow policy, and passkey retrieval.
 
 SmolLM2 (the bundled GGUF, or --model) scores one long text (the license texts in site-packages, as
-quant_vs_llamacpp.py builds its evaluation text offline; or --text), cut to --tokens tokens:
+quant_vs_llamacpp.py builds its evaluation text offline; `--corpus python-docs`: Python's language
+reference from the standard library; or --text), cut to --tokens tokens:
 
 - "full": one cache holding the whole text (n_ctx = --tokens, at most the model's 8,192);
 - for each cache size in --caches (default 256 and 512 positions, 1/32 and 1/16 of the text):
@@ -45,6 +46,18 @@ from bench_common import cpu_model, kv_cache_sizes  # noqa: E402
 from quant_vs_llamacpp import site_packages_licenses  # noqa: E402
 
 KV_KINDS = ["f16", "q8_0", "q8_0/q4_0", "q4_0"]
+
+
+def python_reference() -> str:
+    """Python's language reference as plain text (the standard library's `pydoc_data.topics`, what
+    `help("assert")` shows; sorted by topic): prose and grammar that repeats itself far less than
+    the license texts, whose copies of the same licenses favour a cache that holds them all."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+CORPORA = {"licenses": site_packages_licenses, "python-docs": python_reference}
 
 
 def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -127,7 +140,9 @@ def passkey(path: Path, args: argparse.Namespace) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--text", type=Path, default=None)
+    ap.add_argument("--text", type=Path, default=None, help="a UTF-8 text file (default: --corpus)")
+    ap.add_argument("--corpus", choices=sorted(CORPORA), default="licenses",
+                    help="the text this benchmark brings: site-packages' license texts, or Python's language reference")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--caches", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--chunk", type=int, default=32)
@@ -174,7 +189,7 @@ def perplexity(path: Path, args: argparse.Namespace) -> dict:
     from edgeai.runtimes.llamacpp import LlamaCppBackend
     from edgeai.runtimes.native import NativeBackend
 
-    text = args.text.read_text(encoding="utf-8") if args.text else site_packages_licenses()
+    text = args.text.read_text(encoding="utf-8") if args.text else CORPORA[args.corpus]()
     native = NativeBackend(path, n_ctx=args.tokens, threads=args.threads)
     tokens = native.tokenize(text)[:args.tokens]
     if len(tokens) < args.tokens:

@@ -535,9 +535,11 @@ class Speculator:
         st.accepted += accepted
         acc, rej = self._counts.get(source, (1.0, 1.0))
         self._counts[source] = [self.DECAY * acc + accepted, self.DECAY * rej + (accepted < drafted)]
-        if self._plain_s is not None and batch > 1:
+        if self._plain_s is None:
+            return  # no plain step yet: nothing to weigh the verification against
+        if batch > 1:
             self._slope = self._ema(self._slope, max(0.0, seconds / self._plain_s - 1) / (batch - 1))
-        if self._plain_s is not None and produced * self._plain_s > seconds + drafted_s:
+        if produced * self._plain_s > seconds + drafted_s:
             self._backoff = self.MIN_BACKOFF  # it paid: probe soon again after a pause
 
     @classmethod
