@@ -336,7 +336,7 @@ class Matcher:
         """Advance past `token` (which the last mask allowed)."""
         self._m.consume_token(int(token))
         self._raise_if_error()
-        tok = self._tokenizer or (self._digits.tokenizer if self._digits is not None else None)
+        tok = self._tokenizer if self._tokenizer is not None else self._digits.tokenizer if self._digits is not None else None
         piece = tok.decode_bytes([int(token)]) if tok is not None and (self._ff_left or self._digits) else b""
         # a token made of forced bytes leaves the rest of them forced
         self._ff_left = self._ff_left[len(piece):] if piece and self._ff_left.startswith(piece) else b""

@@ -500,9 +500,10 @@ void bind_runtime(nb::module_ &m) {
                      nb::gil_scoped_release release;
                      self.eval(tokens, nullptr, nullptr, seq);
                  }
-                 std::optional<U32In> late;  // mask_fn's answer, alive until sampled
+                 nb::object r;  // mask_fn's answer, alive until sampled
+                 std::optional<U32In> late;
                  if (!mask_fn.is_none()) {
-                     nb::object r = mask_fn();  // the mask computed while the forward pass ran (GIL held)
+                     r = mask_fn();  // the mask computed while the forward pass ran (GIL held)
                      if (r.is_none()) return -1;
                      try {
                          late = nb::cast<U32In>(r);
