@@ -499,17 +499,29 @@ class Model:
         overlaps = getattr(be, "overlaps_masks", False) and not getattr(be, "batched", False)
         carried = None  # such a mask that turned out to force a token (the next round starts from it)
 
+        def rides(mask: np.ndarray | None) -> int | None:
+            """The token `mask` forces where it is appended unsampled, to be evaluated with the next step
+            (not an end of generation, which is sampled to end it; not with logprobs: each token its own)."""
+            forced = matcher.forced(mask) if mask is not None else None
+            return forced if forced is not None and forced not in be.eog_ids and logprobs is None else None
+
+        def next_mask(ahead_ok: bool) -> tuple[np.ndarray | None, MaskAhead | None]:
+            """The next token's mask now, or (None, a `MaskAhead` making it during the step) where it
+            cannot force a token (a forced one must be known before the step, to be evaluated with it)."""
+            if ahead_ok and matcher.forces_nothing():
+                return None, MaskAhead(matcher)
+            return matcher.mask(), None
+
         def sample_under(ahead: MaskAhead) -> np.ndarray | None:
-            """The step's mask, or None where it forces a token: that one is appended unsampled (above)."""
+            """The step's mask, or None where it forces a token that rides with the next step."""
             words = ahead.words()
-            forced = ahead.matcher.forced(words)
-            return None if forced is not None and forced not in be.eog_ids and logprobs is None else words
+            return None if rides(words) is not None else words
 
         self._cache_suspect = True
         try:
             while True:
                 t0 = time.perf_counter()
-                mask, ahead = None, None
+                mask, ahead, forced = None, None, None
                 if active:
                     if matcher.stopped:  # complete, and nothing may follow: no step needed
                         yield close(FinishReason.STOP, None)
@@ -518,13 +530,11 @@ class Model:
                     ahead_ok = overlaps and not (spec is not None and stepped and logprobs is None)
                     if carried is not None:  # made during the last step, and it forces a token
                         mask, carried = carried, None
-                    elif ahead_ok and matcher.forces_nothing():
-                        ahead = MaskAhead(matcher)
                     else:
-                        mask = matcher.mask()
+                        mask, ahead = next_mask(ahead_ok)
                     # tokens the grammar forces are appended unsampled and evaluated with the next step
-                    forced, done = (matcher.forced(mask) if mask is not None else None), False
-                    while forced is not None and forced not in be.eog_ids and not done and logprobs is None:
+                    forced, done = rides(mask), False
+                    while forced is not None and not done:
                         if not window.make_room(be, len(pending) + 1):
                             break
                         matcher.consume(forced)
@@ -536,16 +546,13 @@ class Model:
                             if matcher.stopped:
                                 yield close(FinishReason.STOP, None)
                                 done = True
-                            elif ahead_ok and matcher.forces_nothing():  # the run ends here
-                                ahead, mask, forced = MaskAhead(matcher), None, None
                             else:
-                                mask = matcher.mask()
-                                forced = matcher.forced(mask)
+                                mask, ahead = next_mask(ahead_ok)
+                                forced = rides(mask)
                     if done:
                         break
                 # a forced run that stopped with a forced token still to append stopped for lack of room
-                forced_run_cut = mask is not None and forced is not None and logprobs is None and forced not in be.eog_ids
-                if not window.make_room(be, len(pending)) or forced_run_cut:
+                if not window.make_room(be, len(pending)) or forced is not None:
                     if ahead is not None:
                         ahead.settle()  # the matcher is this thread's again
                     yield close(FinishReason.CONTEXT, None)
