@@ -1185,12 +1185,18 @@ void Model::shift_key(KVType t, const uint8_t *src, uint8_t *dst, int values, in
     encode_kv(t, tmp, dst, values);
 }
 
+void Model::forget_exact(int layer, int seq, int from) {
+    const size_t row0 = exact_at(layer, seq, 0);
+    for (size_t r = row0; r < row0 + size_t(exact_rows_); ++r)
+        if (exact_pos_[r] >= from) exact_pos_[r] = -1;
+}
+
 // The exact rows of positions end..n-1 that a ring still holds move to their positions less
 // end - start (keys re-rotated from their f16 bits, as shift_key does for the cache); the rows of
 // positions start.. no longer held are forgotten. Staged first: a move can land on a row still to move.
 void Model::shift_exact(int layer, int seq, int start, int end, int n, float *tmp) {
     const int kv_dim = cfg_.n_head_kv * cfg_.head_dim, delta = end - start;
-    const size_t row0 = exact_at(layer, seq, 0), per_pos = size_t(kv_dim) * sizeof(uint16_t);
+    const size_t per_pos = size_t(kv_dim) * sizeof(uint16_t);
     std::vector<int> moved;
     std::vector<uint16_t> staged_k, staged_v;
     for (int p = std::max(end, n - exact_rows_); p < n; ++p) {
@@ -1204,8 +1210,7 @@ void Model::shift_exact(int layer, int seq, int start, int end, int n, float *tm
         }
         if (!exact_v_.empty()) staged_v.insert(staged_v.end(), exact_v_.begin() + e * kv_dim, exact_v_.begin() + (e + 1) * kv_dim);
     }
-    for (size_t r = row0; r < row0 + exact_rows_; ++r)
-        if (exact_pos_[r] >= start) exact_pos_[r] = -1;
+    forget_exact(layer, seq, start);
     for (size_t i = 0; i < moved.size(); ++i) {
         const size_t e = exact_at(layer, seq, moved[i]);
         if (!exact_k_.empty()) std::memcpy(exact_k_.data() + e * kv_dim, staged_k.data() + i * kv_dim, per_pos);
@@ -1328,9 +1333,7 @@ std::vector<int32_t> Model::compact(int n, int keep, int sink, int recent, int s
     pool_.range(size_t(c.n_layer) * n_kv, work);
     // each head kept its own positions: the exact rows past the sinks (which stay) no longer match
     if (exact_rows_)
-        for (int l = 0; l < c.n_layer; ++l)
-            for (size_t e = exact_at(l, seq, 0); e < exact_at(l, seq, 0) + exact_rows_; ++e)
-                if (exact_pos_[e] >= sink) exact_pos_[e] = -1;
+        for (int l = 0; l < c.n_layer; ++l) forget_exact(l, seq, sink);
     std::vector<int32_t> h(S.history.begin(), S.history.begin() + sink);
     h.insert(h.end(), S.history.begin() + (n - (keep - sink)), S.history.begin() + n);
     S.history = std::move(h);

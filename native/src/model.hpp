@@ -281,6 +281,7 @@ class Model {
     // positions: decoded into tmp[values], rotation undone, rotary-shifted, rotated and encoded at dst.
     void shift_key(KVType t, const uint8_t *src, uint8_t *dst, int values, int delta, float *tmp) const;
     void shift_exact(int layer, int seq, int start, int end, int n, float *tmp);  // evict()'s move of the exact rows
+    void forget_exact(int layer, int seq, int from);  // the exact rows of positions from.. hold nothing
     void forget_queries(int seq);  // the observed queries' positions no longer match the cache's
     float attn_scale() const {     // the scores' scale: the file's, else 1/sqrt(head_dim)
         return cfg_.attn_scale > 0 ? cfg_.attn_scale : 1.0f / std::sqrt(static_cast<float>(cfg_.head_dim));
