@@ -201,6 +201,29 @@ def test_masks_made_during_the_step_change_no_token(tiny_chat_gguf, monkeypatch)
         assert always == before
 
 
+def test_a_failure_of_a_mask_made_during_the_step_reaches_the_caller(tiny_chat_gguf, monkeypatch):
+    """A constraint error raised on the worker thread is raised by the generation, and the model
+    serves the next one as before."""
+    import threading
+
+    with edgeai.load(tiny_chat_gguf, backend="native", threads=1, n_ctx=512) as m:
+        expected = m.generate("Data:", json_schema=TINY_SCHEMAS[0], max_tokens=300, seed=0, temperature=1.0)
+        real = Matcher.mask
+
+        def failing(self):
+            if threading.current_thread() is not threading.main_thread():
+                raise ConstraintError("the constraint failed: made up for the test")
+            return real(self)
+
+        monkeypatch.setattr(Matcher, "mask", failing)
+        with pytest.raises(ConstraintError, match="made up for the test"):
+            m.generate("Data:", json_schema=TINY_SCHEMAS[0], max_tokens=300, seed=0, temperature=1.0)
+        monkeypatch.setattr(Matcher, "mask", real)
+        again = m.generate("Data:", json_schema=TINY_SCHEMAS[0], max_tokens=300, seed=0, temperature=1.0)
+        assert str(again) == str(expected)
+        _check(again, TINY_SCHEMAS[0])
+
+
 def test_a_step_waits_for_a_mask_made_meanwhile(tiny_chat_gguf):
     """`NativeBackend.step(mask_fn=)`: called after the forward pass; its mask is applied, its None
     samples nothing (-1, the tokens cached); a bad answer or a mask given twice is refused."""
