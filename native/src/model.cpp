@@ -603,35 +603,42 @@ void Model::ensure_scratch(int T) {
     scratch_T_ = T;
 }
 
-void Model::matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_activations) {
-    const int64_t rows = w.rows, cols = w.cols;
-    const void *act = x;
-    size_t stride_bytes = cols * sizeof(float);
-    if (kern::takes_q8(w.wtype)) {
+void Model::matmuls(std::initializer_list<std::pair<const Matrix *, float *>> outs, const float *x, int T) {
+    const int64_t cols = outs.begin()->first->cols;
+    bool q8 = false;
+    for (const auto &[w, y] : outs) q8 = q8 || kern::takes_q8(w->wtype);
+    if (q8) {  // the int8 blocks of x, once for every matrix that takes them
         const size_t nb = cols / kern::QA;
-        if (!reuse_activations) {
-            if (xq_.size() < nb * T) xq_.resize(nb * T);  // grow only: a resize up value-initializes, serially
-            auto quantize = [&](size_t t0, size_t t1) {
-                for (size_t t = t0; t < t1; ++t) ops_->quantize_act(x + t * cols, xq_.data() + nb * t, cols);
-            };
-            if (T >= kParallelTokens) pool_.range(size_t(T), quantize);  // a batch's tokens across the pool
-            else quantize(0, size_t(T));
-        }
-        act = xq_.data();
-        stride_bytes = nb * sizeof(kern::BlockQ8A);
+        if (xq_.size() < nb * T) xq_.resize(nb * T);  // grow only: a resize up value-initializes, serially
+        auto quantize = [&](size_t t0, size_t t1) {
+            for (size_t t = t0; t < t1; ++t) ops_->quantize_act(x + t * cols, xq_.data() + nb * t, cols);
+        };
+        if (T >= kParallelTokens) pool_.range(size_t(T), quantize);  // a batch's tokens across the pool
+        else quantize(0, size_t(T));
     }
-    const uint8_t *a = static_cast<const uint8_t *>(act);
     // rows in chunks of whole 16-row units (two 8-row groups: the kernels' row blocks, which the
-    // AVX-512 sets take two at a time), a few chunks per thread so a thread the OS runs late leaves
-    // its share to the others: 4 for a token; 2 for a batch, whose every chunk repacks the
-    // activations it reads (SmolLM2 Q4_0 prefill at 2 threads: 1510 tok/s with 4, 1615-1650 with 2,
-    // 1530-1600 with 1, 1250-1300 with 8; AMD EPYC Zen 4)
-    const size_t units = (rows + 15) / 16;
+    // AVX-512 sets take two at a time), the matrices' units one after another, a few chunks per thread
+    // so a thread the OS runs late leaves its share to the others: 4 for a token; 2 for a batch, whose
+    // every chunk repacks the activations it reads (SmolLM2 Q4_0 prefill at 2 threads: 1510 tok/s with
+    // 4, 1615-1650 with 2, 1530-1600 with 1, 1250-1300 with 8; AMD EPYC Zen 4)
+    size_t units = 0;
+    for (const auto &[w, y] : outs) units += (w->rows + 15) / 16;
     const int chunks = static_cast<int>(std::min<size_t>(units, size_t(pool_.size()) * (T > 1 ? 2 : 4)));
     pool_.run(
         [&](int i, int n) {
-            const size_t r0 = std::min<size_t>(rows, units * i / n * 16), r1 = std::min<size_t>(rows, units * (i + 1) / n * 16);
-            if (r0 < r1) kern::gemm_rows(*ops_, w.wtype, w.data, w.row_bytes, w.packed, r0, r1, a, stride_bytes, T, y, size_t(rows), size_t(cols));
+            const size_t u0 = units * i / n, u1 = units * (i + 1) / n;
+            size_t first = 0;  // the current matrix's first unit
+            for (const auto &[w, y] : outs) {
+                const size_t rows = size_t(w->rows), mine = (rows + 15) / 16, b = std::max(u0, first), e = std::min(u1, first + mine);
+                if (b < e) {
+                    const bool takes = kern::takes_q8(w->wtype);
+                    const uint8_t *a = takes ? reinterpret_cast<const uint8_t *>(xq_.data()) : reinterpret_cast<const uint8_t *>(x);
+                    const size_t stride = takes ? cols / kern::QA * sizeof(kern::BlockQ8A) : cols * sizeof(float);
+                    const size_t r0 = (b - first) * 16, r1 = std::min(rows, (e - first) * 16);
+                    kern::gemm_rows(*ops_, w->wtype, w->data, w->row_bytes, w->packed, r0, r1, a, stride, T, y, rows, size_t(cols));
+                }
+                first += mine;
+            }
         },
         chunks);
 }
@@ -681,9 +688,7 @@ void Model::attention(const Layer &L, int layer, int T) {
     const int hd = c.head_dim, q_dim = c.n_head * hd, kv_dim = c.n_head_kv * hd, group = c.n_head / c.n_head_kv;
     const bool local = c.is_local(layer);  // a sliding-window layer: its window of keys, in a ring of kv_cap_ rows
     const int cap = kv_cap_[layer];
-    matmul(L.wq, xb_.data(), q_.data(), T);
-    matmul(L.wk, xb_.data(), k_.data(), T, kern::takes_q8(L.wq.wtype));
-    matmul(L.wv, xb_.data(), v_.data(), T, kern::takes_q8(L.wk.wtype));
+    matmuls({{&L.wq, q_.data()}, {&L.wk, k_.data()}, {&L.wv, v_.data()}}, xb_.data(), T);
     // Per token: biases, q/k norms, rotary positions, rotations, and the token's keys and values into the
     // cache (its own rows), across the pool for a batch.
     auto prepare = [&](size_t t0, size_t t1) {
@@ -863,8 +868,7 @@ void Model::swiglu_oai(size_t n) {
 
 void Model::ffn(const Layer &L, int, int T) {
     const int64_t n_ff = L.gate.rows;
-    matmul(L.gate, xb_.data(), hb_.data(), T);
-    matmul(L.up, xb_.data(), hb2_.data(), T, kern::takes_q8(L.gate.wtype));
+    matmuls({{&L.gate, hb_.data()}, {&L.up, hb2_.data()}}, xb_.data(), T);
     if (cfg_.ffn_gelu) geglu(size_t(T) * n_ff);
     else swiglu(size_t(T) * n_ff);
     matmul(L.down, hb_.data(), tmp_.data(), T);
@@ -917,8 +921,7 @@ void Model::moe(const Layer &L, int layer, int T) {
         for (int i = 0; i < Te; ++i) std::memcpy(&xin[size_t(i) * d], &xb_[size_t(tokens[i].first) * d], d * sizeof(float));
         const ExpertWeights w = experts_->acquire(layer, e);
         const int64_t n_ff = w.gate.rows;
-        matmul(w.gate, xin.data(), hb_.data(), Te);
-        matmul(w.up, xin.data(), hb2_.data(), Te, kern::takes_q8(w.gate.wtype));
+        matmuls({{&w.gate, hb_.data()}, {&w.up, hb2_.data()}}, xin.data(), Te);
         // expert e's bias rows added to each of its tokens' outputs (gpt-oss)
         auto add_bias = [&](const Matrix &b, float *y, int64_t n) {
             if (!b) return;
@@ -942,8 +945,7 @@ void Model::moe(const Layer &L, int layer, int T) {
     }
     if (L.gate_shexp) {
         const int64_t n_sh = L.gate_shexp.rows;
-        matmul(L.gate_shexp, xb_.data(), hb_.data(), T);
-        matmul(L.up_shexp, xb_.data(), hb2_.data(), T, kern::takes_q8(L.gate_shexp.wtype));
+        matmuls({{&L.gate_shexp, hb_.data()}, {&L.up_shexp, hb2_.data()}}, xb_.data(), T);
         swiglu(size_t(T) * n_sh);
         matmul(L.down_shexp, hb_.data(), tmp_.data(), T);
         const float *gw = reinterpret_cast<const float *>(L.shexp_gate.data);

@@ -9,10 +9,12 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "expert_store.hpp"
@@ -241,9 +243,11 @@ class Model {
     // The batch's rows: token tokens[t] of slot row_seq_[t] at position row_pos_[t] (a slot's rows in
     // order of position); logits_out receives [out_rows.size()][n_vocab], the rows out_rows.
     void forward(const int32_t *tokens, int T, const std::vector<int> &out_rows, float *logits_out);
-    // y[T][w.rows] = x[T][w.cols] . w^T. reuse_activations: x is the input the previous matmul
-    // quantized (same values, same width), so its int8 blocks are used again.
-    void matmul(const Matrix &w, const float *x, float *y, int T, bool reuse_activations = false);
+    // y[T][w.rows] = x[T][w.cols] . w^T.
+    void matmul(const Matrix &w, const float *x, float *y, int T) { matmuls({{&w, y}}, x, T); }
+    // The same for several matrices of the same width reading the same x (q, k and v; gate and up):
+    // x quantized once, and one job of the pool for all (each job costs a wake and a join).
+    void matmuls(std::initializer_list<std::pair<const Matrix *, float *>> outs, const float *x, int T);
     void attention(const Layer &L, int layer, int T);
     void ffn(const Layer &L, int layer, int T);
     void swiglu(size_t n);
