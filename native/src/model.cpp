@@ -618,12 +618,15 @@ void Model::matmuls(std::initializer_list<std::pair<const Matrix *, float *>> ou
     }
     // rows in chunks of whole 16-row units (two 8-row groups: the kernels' row blocks, which the
     // AVX-512 sets take two at a time), the matrices' units one after another, a few chunks per thread
-    // so a thread the OS runs late leaves its share to the others: 4 for a token; 2 for a batch, whose
-    // every chunk repacks the activations it reads (SmolLM2 Q4_0 prefill at 2 threads: 1510 tok/s with
-    // 4, 1615-1650 with 2, 1530-1600 with 1, 1250-1300 with 8; AMD EPYC Zen 4)
+    // and matrix so a thread the OS runs late leaves its share to the others: 4 for a token; 2 for a
+    // batch, whose every chunk repacks the activations it reads (SmolLM2 Q4_0 prefill at 2 threads:
+    // 1510 tok/s with 4, 1615-1650 with 2, 1530-1600 with 1, 1250-1300 with 8; AMD EPYC Zen 4). Per
+    // matrix, because a server's threads share the cores with its clients: with the chunks of one
+    // matrix for q, k and v, four streams through HTTP ran at 280-345 tok/s against 337-349 in three
+    // interleaved runs; with as many as before, 336-421 against 291-357 (benchmarks/serve.py, Zen 3).
     size_t units = 0;
     for (const auto &[w, y] : outs) units += (w->rows + 15) / 16;
-    const int chunks = static_cast<int>(std::min<size_t>(units, size_t(pool_.size()) * (T > 1 ? 2 : 4)));
+    const int chunks = static_cast<int>(std::min<size_t>(units, size_t(pool_.size()) * (T > 1 ? 2 : 4) * outs.size()));
     pool_.run(
         [&](int i, int n) {
             const size_t u0 = units * i / n, u1 = units * (i + 1) / n;
