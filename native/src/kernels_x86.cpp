@@ -651,10 +651,9 @@ void rows8_legacy(const uint8_t *w, size_t rb, const uint8_t *x, size_t xs, floa
 
 // The integer dot products of one legacy block with one token, one lane per row, summed over
 // the products of the low-nibble (half 0) and high-nibble (half 1) codes. AVX2 sums in int16 and
-// widens once per block: Q4 both halves in one sum (exact: 8 maddubs, <= 30480), Q5 each half in its
-// own (4 maddubs, <= 31496). One sum for Q4 keeps a tile of 4 tokens in the 16 AVX2 registers (two
-// spilled to the stack each block: 4 sequences in one step 11.7-14.3 ms at 1 thread, Zen 3). VNNI
-// sums in int32.
+// widens once per block: Q4 both halves in one sum (exact: 8 maddubs, <= 30480), one register per token
+// (two sums: 12 stack accesses in the AVX2 packed Q4_0 kernel against 8, objdump), Q5 each half in its
+// own (4 maddubs, <= 31496). VNNI sums in int32.
 template <class V, bool FIVE> struct BlockSumsT {
     using I = typename V::I;
 #if defined(EDGEAI_VNNI)
@@ -1285,22 +1284,17 @@ void packed_legacy_tokens(const uint8_t *pw, const uint8_t *x, size_t xs, float 
             return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float *>(xb[t]->qs + 4 * k)));
         };
         BlockSums<FIVE> s[RN];
-        for (int c0 = 0; c0 < 4; c0 += 2) {  // two code chunks at a time, each token through both
-            __m256i lo[2], hi[2];
-            for (int j = 0; j < 2; ++j) {
-                const int c = c0 + j;
-                const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(pw + L::CODES + 32 * c));
-                lo[j] = _mm256_and_si256(chunk, m4), hi[j] = _mm256_and_si256(_mm256_srli_epi16(chunk, 4), m4);
-                if (FIVE) {
-                    lo[j] = _mm256_or_si256(lo[j], fifth_bits(pw + L::FIFTH + 8 * c));
-                    hi[j] = _mm256_or_si256(hi[j], fifth_bits(pw + L::FIFTH + 8 * c + 4));
-                }
+        for (int c = 0; c < 4; ++c) {
+            const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(pw + L::CODES + 32 * c));
+            __m256i lo = _mm256_and_si256(chunk, m4), hi = _mm256_and_si256(_mm256_srli_epi16(chunk, 4), m4);
+            if (FIVE) {
+                lo = _mm256_or_si256(lo, fifth_bits(pw + L::FIFTH + 8 * c));
+                hi = _mm256_or_si256(hi, fifth_bits(pw + L::FIFTH + 8 * c + 4));
             }
-            for (int t = 0; t < RN; ++t)
-                for (int j = 0; j < 2; ++j) {
-                    s[t].add(0, lo[j], xg(t, c0 + j));
-                    s[t].add(1, hi[j], xg(t, c0 + j + 4));
-                }
+            for (int t = 0; t < RN; ++t) {
+                s[t].add(0, lo, xg(t, c));
+                s[t].add(1, hi, xg(t, c + 4));
+            }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(pw)));
         const __m256 mw = AFFINE ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(pw + 16))) : _mm256_setzero_ps();
