@@ -266,7 +266,8 @@ class Matcher:
     def __init__(self, matcher: Any, n_vocab: int, eog_ids: Sequence[int], digits: DigitTokens | None = None,
                  tokenizer: Any = None) -> None:
         self._m = matcher
-        self._tokenizer = tokenizer  # the token bytes `forces_nothing` follows (None: it asks every time)
+        # the token bytes `consume` reads (forced runs, JSON digit runs); None: `forces_nothing` asks every time
+        self._tokenizer = tokenizer if tokenizer is not None else digits.tokenizer if digits is not None else None
         self._ff_left = b""  # bytes the grammar still forces, as far as known (see forces_nothing)
         self.n_vocab = n_vocab
         self._words = np.zeros((n_vocab + 31) // 32, np.uint32)
@@ -336,7 +337,7 @@ class Matcher:
         """Advance past `token` (which the last mask allowed)."""
         self._m.consume_token(int(token))
         self._raise_if_error()
-        tok = self._tokenizer if self._tokenizer is not None else self._digits.tokenizer if self._digits is not None else None
+        tok = self._tokenizer
         piece = tok.decode_bytes([int(token)]) if tok is not None and (self._ff_left or self._digits) else b""
         # a token made of forced bytes leaves the rest of them forced
         self._ff_left = self._ff_left[len(piece):] if piece and self._ff_left.startswith(piece) else b""
