@@ -20,14 +20,18 @@ their own, in the chunks a lone request uses).
 A backend with one sequence (llama.cpp, onnxruntime, or the native engine without `parallel`) runs
 the same API one request at a time, in arrival order.
 
-One thread drives a generator (`step`, or iterating its requests, which steps it); the server's
-scheduler (`edgeai.scheduler`) is that thread for HTTP requests.
+Its requests may be iterated from several threads (each `next` steps the generator, one step at a
+time); the server's scheduler (`edgeai.scheduler`) steps it from one thread for HTTP requests. With
+slots, the generator holds the model's own sequence (slot 0) while it has requests, as a generation
+does (`edgeai.turns`): a plain generation in another thread meanwhile is refused, one in the same
+thread ends the request it overwrote with `ModelBusyError`.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -174,6 +178,8 @@ class BatchGenerator:
         self._active: list[BatchRequest] = []
         self.steps = 0  # engine calls made
         self.batched_rows = 0  # sequences they stepped, in all
+        self._stepping = threading.Lock()  # one step at a time (requests iterated from several threads)
+        self._has_turn = False  # holds the model's own sequence (slots only: without, each request takes it)
 
     # -- submitting ----------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], **options: Any) -> BatchRequest:
@@ -225,6 +231,33 @@ class BatchGenerator:
         """One round: retire cancelled requests, admit waiting ones into free slots, advance every
         request to its next engine step (its chunks are then ready), and run those steps in one
         engine call. False when there is nothing left to do."""
+        with self._stepping:
+            self._hold_turn()
+            try:
+                return self._step()
+            finally:
+                if self._has_turn and not self.busy:
+                    self.model._turn.give_back(self)
+                    self._has_turn = False
+
+    def _hold_turn(self) -> None:
+        """With slots, hold the model's own sequence while there are requests (see the module); a
+        request on slot 0 whose cache another generation of this thread overwrote ends with the error."""
+        if not self.slotted or not self.busy:
+            return
+        turn = self.model._turn
+        if self._has_turn and not turn.holds(self):
+            from edgeai.errors import ModelBusyError
+
+            self._suspect[0] = True
+            for r in [r for r in self._active if r.slot == 0]:
+                self._finish(r, ModelBusyError("another generation ran on this model's own sequence (slot 0) during "
+                                               "this batched request; iterate the model's batch or its plain "
+                                               "generations, not both at once"))
+        turn.take(self)
+        self._has_turn = True
+
+    def _step(self) -> bool:
         for r in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(r)
             self._finish(r, None)

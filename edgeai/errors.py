@@ -59,3 +59,8 @@ class BudgetError(OptionError):
     def __init__(self, message: str, minimum: int) -> None:
         super().__init__(message)
         self.minimum = minimum
+
+
+class ModelBusyError(EdgeAIError):
+    """A model's sequence is in use by another generation (another thread's, or a newer one that took
+    it over): one generation at a time per model (`edgeai.turns`)."""

@@ -22,6 +22,7 @@ import numpy as np
 from edgeai.batch import STEP_PENDING
 from edgeai.constraints import MaskAhead
 from edgeai.errors import ContextOverflowError, OptionError
+from edgeai.turns import Turn
 from edgeai.runtimes.base import Backend, BackendStats, Sampling
 
 if TYPE_CHECKING:
@@ -259,6 +260,7 @@ class Model:
         specials = backend.tokenize("", add_special=True)
         self._bos_prefix = [t for t in specials[:1] if t == backend.bos_id]
         self._cache_suspect = False  # an interrupted step may have left the cache out of step with history
+        self._turn = Turn()  # which generation the model's own sequence belongs to (copies share it)
         self._matchers: dict[str, Any] = {}  # grammar -> a compiled Matcher never advanced (see _matcher)
 
     # -- plumbing --------------------------------------------------------------------------------
@@ -387,13 +389,37 @@ class Model:
 
     def _generate(self, tokens: list[int], max_tokens: int, stops: list[str], params: Sampling, matcher=None,
                   split=None, tools: bool = False, logprobs: int | None = None) -> Iterator[Chunk]:
+        """`_decode` holding the model's sequence while it runs (`edgeai.turns`); a slot of a
+        `BatchGenerator` is the generator's to guard."""
+        args = (tokens, max_tokens, stops, params, matcher, split, tools, logprobs)
+        if getattr(self.backend, "batched", False):
+            return (yield from self._decode(*args))
+        me = object()
+        self._turn.take(me)
+        try:
+            return (yield from self._decode(*args, turn=me))
+        finally:
+            self._turn.give_back(me)
+
+    def _decode(self, tokens: list[int], max_tokens: int, stops: list[str], params: Sampling, matcher=None,
+                split=None, tools: bool = False, logprobs: int | None = None, *,
+                turn: object | None = None) -> Iterator[Chunk]:
         """The generation loop. matcher: an `edgeai.constraints.Matcher`, applied once `split` (an
         `edgeai.tools.ThinkSplit` or `HarmonySplit`, chats with a thinking section) reaches the answer;
         a split's own `matcher` (a harmony tool call's arguments) takes over while it has one, and a
         split that `carries_calls` gives the tool calls; tools: parse generic-format tool calls from the
         answer into the last chunk. Over a slot of a `BatchGenerator` it yields STEP_PENDING where it
-        waits for its batched step."""
+        waits for its batched step. turn: its holder of the model's turn, checked where it resumes after a
+        chunk (another generation may have taken the sequence meanwhile)."""
         be, window = self.backend, self.context
+
+        def resumed() -> None:
+            if turn is not None:
+                self._turn.resume(turn)
+
+        def owns() -> bool:  # after the last chunk: touch the model only if the sequence is still this one's
+            return turn is None or self._turn.holds(turn)
+
         if self._cache_suspect:
             be.truncate(0)
             window.kept(0)
@@ -520,6 +546,7 @@ class Model:
         self._cache_suspect = True
         try:
             while True:
+                resumed()
                 t0 = time.perf_counter()
                 mask, ahead, forced = None, None, None
                 if active:
@@ -543,6 +570,7 @@ class Model:
                         chunk, done = emit(forced)
                         yield chunk
                         if not done:
+                            resumed()
                             if matcher.stopped:
                                 yield close(FinishReason.STOP, None)
                                 done = True
@@ -594,11 +622,13 @@ class Model:
                     if active:
                         matcher.consume(tok)
                     chunk, done = emit(tok, lp)
-                    yield chunk
                     if done:
                         be.truncate(plain_past)
+                        yield chunk
                         finished = True
                         break
+                    yield chunk
+                    resumed()
                     before = (matcher, active)
                     matcher, active = gate()
                     if (matcher, active) != before and j < len(toks) - 1:
@@ -610,8 +640,11 @@ class Model:
                 if finished:
                     break
                 pending = [toks[-1]]
-            self._cache_suspect = False
+            if owns():
+                self._cache_suspect = False
         except GeneratorExit:  # the consumer stopped at a yield: the cache matches the history
+            if not owns():
+                raise  # another generation has the sequence now: nothing here is this one's to fix
             if plain_past is not None and be.n_past > plain_past:
                 be.truncate(plain_past)  # drop drafts accepted after the token the consumer stopped at
             self._cache_suspect = False

@@ -9,11 +9,13 @@ chat's next turn finds its history in the slot it used; the planner counts every
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 import edgeai
-from edgeai.errors import BudgetError, CheckpointError, OptionError
+from edgeai.errors import BudgetError, CheckpointError, ModelBusyError, OptionError
 from edgeai.model import Reply
 from edgeai.paths import default_model_path
 from edgeai.runtimes.base import GREEDY, Sampling
@@ -155,3 +157,65 @@ def test_a_backend_without_slots_runs_requests_one_at_a_time(tiny_chat_gguf, cap
         assert [str(Reply.of(h)) for h in handles] == alone
     with pytest.raises(OptionError, match="speculative decoding drafts for one sequence"):
         edgeai.load(n_ctx=64, parallel=2, speculative="lookup")
+
+
+def test_a_models_own_sequence_serves_one_generation_at_a_time(model):
+    """A stream left unfinished is overtaken by a newer generation of its thread (and raises if resumed,
+    never decoding on the other's cache); a generation from another thread meanwhile is refused by name."""
+    alone = [str(model.generate(p, max_tokens=10, temperature=0)) for p in PROMPTS[:2]]
+    old = model.stream(PROMPTS[0], max_tokens=10, temperature=0)
+    next(old)
+    assert str(model.generate(PROMPTS[1], max_tokens=10, temperature=0)) == alone[1]
+    with pytest.raises(ModelBusyError, match="another generation ran on this model"):
+        next(old)
+    old.close()
+    assert str(model.generate(PROMPTS[0], max_tokens=10, temperature=0)) == alone[0]
+
+    held = model.stream(PROMPTS[0], max_tokens=10, temperature=0)
+    first = next(held)
+    errors = []
+    other = threading.Thread(target=lambda: errors.append(_error_of(lambda: model.generate(PROMPTS[1], max_tokens=4))))
+    other.start()
+    other.join()
+    assert isinstance(errors[0], ModelBusyError) and "Model.batch()" in str(errors[0])
+    assert first.text + str(Reply.of(held)) == alone[0]  # the holder was not disturbed
+    done = []
+    other = threading.Thread(target=lambda: done.append(str(model.generate(PROMPTS[1], max_tokens=10, temperature=0))))
+    other.start()
+    other.join()
+    assert done == [alone[1]]  # free again once the holder finished
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the test looks at it
+        return exc
+    return None
+
+
+def test_requests_iterated_from_several_threads(model):
+    """One thread per request (each `next` steps the generator, one step at a time) gives each the
+    answer it gets alone; while the batch has requests, a plain generation from another thread is refused."""
+    alone = [str(model.generate(p, max_tokens=12, temperature=0)) for p in PROMPTS[:3]]
+    batch = model.batch()
+    handles = [batch.submit(p, max_tokens=12, temperature=0) for p in PROMPTS[:3]]
+    first = next(handles[0]).text  # the batch holds the model's own sequence now
+    refused = []
+    t = threading.Thread(target=lambda: refused.append(_error_of(lambda: model.generate("Hi", max_tokens=2))))
+    t.start()
+    t.join()
+    assert isinstance(refused[0], ModelBusyError)
+    got = [""] * 3
+
+    def drain(i):
+        got[i] = "".join(c.text for c in handles[i])
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [first + got[0]] + got[1:] == alone
+    assert not batch.busy
+    assert str(model.generate(PROMPTS[3], max_tokens=4, temperature=0))  # the sequence is free again

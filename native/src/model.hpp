@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -225,7 +226,12 @@ class Model {
     // where not sampled).
     std::vector<int32_t> step(const std::vector<SeqStep> &steps);
 
+    // Held by each call from Python (module_runtime.cpp): one forward pass, one cache edit at a time.
+    // Recursive: a step calls back into Python for its mask, and that callback may read the engine.
+    std::recursive_mutex &calls() const { return calls_; }
+
   private:
+    mutable std::recursive_mutex calls_;
     struct Layer {
         Matrix attn_norm, wq, wk, wv, wo, bq, bk, bv, q_norm, k_norm, ffn_norm;
         Matrix post_attn_norm, post_ffn_norm;                   // Gemma's norms on the sublayer outputs

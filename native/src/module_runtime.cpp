@@ -10,6 +10,7 @@
 
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <optional>
 
 #include "gguf.hpp"
@@ -93,6 +94,38 @@ void check_mask(const edgeai::Model &self, const std::optional<U32In> &mask) {
     if (mask && mask->shape(0) != words)
         throw nb::value_error(("the token mask has " + std::to_string(mask->shape(0)) + " words; a vocabulary of " +
                                std::to_string(self.config().n_vocab) + " tokens takes " + std::to_string(words)).c_str());
+}
+
+// One Python call into an engine at a time. An engine's buffers, KV caches and thread pool serve one
+// forward pass or cache edit; once a call releases the GIL nothing else stops a second Python thread
+// from entering the same engine mid-step (a segfault, or caches silently mixed). A caller that finds
+// the engine busy waits with the GIL released, so the busy call can still take the GIL back (a
+// step's mask_fn) and finish; that callback, on the holding thread, may call the engine again.
+class Exclusive {
+  public:
+    explicit Exclusive(const edgeai::Model &m) : lock_(m.calls(), std::try_to_lock) {
+        if (!lock_.owns_lock()) {
+            nb::gil_scoped_release release;
+            lock_.lock();
+        }
+    }
+
+  private:
+    std::unique_lock<std::recursive_mutex> lock_;
+};
+
+// A member function bound as a method that holds the engine for its call.
+template <class R, class... A> auto exclusive(R (edgeai::Model::*f)(A...)) {
+    return [f](edgeai::Model &self, A... a) -> R {
+        Exclusive call(self);
+        return (self.*f)(a...);
+    };
+}
+template <class R, class... A> auto exclusive(R (edgeai::Model::*f)(A...) const) {
+    return [f](const edgeai::Model &self, A... a) -> R {
+        Exclusive call(self);
+        return (self.*f)(a...);
+    };
 }
 
 }  // namespace
@@ -459,6 +492,7 @@ void bind_runtime(nb::module_ &m) {
              "positions, history, logits and sampler); every per-sequence method takes `seq` (default 0).")
         .def("store_stats",
              [](edgeai::Model &self) {
+                 Exclusive call(self);
                  nb::dict d = stats_dict(self.experts().stats(), self.experts().slot_bytes());
                  if (edgeai::StreamingStore *ls = self.layer_store())  // dense layers streamed too
                      d["layers"] = stats_dict(ls->stats(), ls->slot_bytes());
@@ -468,16 +502,22 @@ void bind_runtime(nb::module_ &m) {
              "store); with dense layers streamed, the layer store's under 'layers'.")
         .def("reset_store_stats",
              [](edgeai::Model &self) {
+                 Exclusive call(self);
                  self.experts().reset_stats();
                  if (edgeai::StreamingStore *ls = self.layer_store()) ls->reset_stats();
              })
-        .def("store_trace", [](edgeai::Model &self) { return self.experts().trace(); },
+        .def("store_trace",
+             [](edgeai::Model &self) {
+                 Exclusive call(self);
+                 return self.experts().trace();
+             },
              "Demand accesses (layer * n_expert + expert) in order, when the store traces.")
-        .def_prop_ro("resident_bytes", &edgeai::Model::resident_bytes)
-        .def_prop_ro("scratch_bytes", &edgeai::Model::scratch_bytes)
+        .def_prop_ro("resident_bytes", exclusive(&edgeai::Model::resident_bytes))
+        .def_prop_ro("scratch_bytes", exclusive(&edgeai::Model::scratch_bytes))
         .def("eval",
              [](edgeai::Model &self, const std::vector<int32_t> &tokens, bool all_logits,
                 std::optional<std::vector<uint8_t>> skip_layers, int seq) -> nb::object {
+                 Exclusive call(self);
                  std::vector<float> all;
                  {
                      nb::gil_scoped_release release;
@@ -493,6 +533,7 @@ void bind_runtime(nb::module_ &m) {
         .def("step",
              [](edgeai::Model &self, const std::vector<int32_t> &tokens, std::optional<U32In> mask, int seq,
                 nb::object mask_fn) {
+                 Exclusive call(self);
                  check_mask(self, mask);
                  if (mask && !mask_fn.is_none()) throw nb::value_error("give a mask or a mask_fn, not both");
                  const uint32_t *m = mask ? mask->data() : nullptr;  // the array stays alive: the caller holds it
@@ -527,6 +568,7 @@ void bind_runtime(nb::module_ &m) {
                  const size_t n = seqs.size();
                  if (tokens.size() != n || sample.size() != n || masks.size() != n)
                      throw nb::value_error("seqs, tokens, sample and masks must have one entry per sequence");
+                 Exclusive call(self);
                  std::vector<edgeai::Model::SeqStep> steps(n);
                  for (size_t i = 0; i < n; ++i) {
                      check_mask(self, masks[i]);
@@ -539,15 +581,16 @@ void bind_runtime(nb::module_ &m) {
              "One batched step over several slots: tokens[i] appended to slot seqs[i] (one token each: one forward "
              "batch for all; more: evaluated on its own first), then where sample[i] its next token drawn with the "
              "slot's sampler under masks[i] (None or uint32 words). Returns a token per entry (-1: not sampled).")
-        .def("evict", &edgeai::Model::evict, nb::arg("start"), nb::arg("end"), nb::arg("seq") = 0,
+        .def("evict", exclusive(&edgeai::Model::evict), nb::arg("start"), nb::arg("end"), nb::arg("seq") = 0,
              "Drop KV positions [start, end); later positions move down, their keys re-rotated (no recomputation).")
         .def_prop_ro_static("POOL_WIDTH", [](nb::handle) { return edgeai::Model::kPoolWidth; },
                             "Neighbours a compaction max-pools a position's score over (Model::compact).")
-        .def("observe", &edgeai::Model::observe, nb::arg("window"),
+        .def("observe", exclusive(&edgeai::Model::observe), nb::arg("window"),
              "Keep the queries of the last `window` positions of each slot, per layer (compaction scores keys by them).")
-        .def_prop_ro("observed", &edgeai::Model::observed)
+        .def_prop_ro("observed", exclusive(&edgeai::Model::observed))
         .def("compact",
              [](edgeai::Model &self, int n, int keep, int sink, int recent, int seq, bool scores) {
+                 Exclusive call(self);
                  std::vector<float> sc;
                  std::vector<int32_t> kept;
                  {
@@ -565,29 +608,31 @@ void bind_runtime(nb::module_ &m) {
              "positions int32 [n_layer, n_head_kv, keep]; with scores, also the scores float32 [n_layer, n_head_kv, n].")
         .def("logits",
              [](edgeai::Model &self, int seq) {
+                 Exclusive call(self);
                  std::vector<float> v(self.logits(seq));
                  return to_numpy(std::move(v), {v.size()});
              },
              nb::arg("seq") = 0, "Logits [n_vocab] of the last evaluated token (a copy).")
-        .def("truncate", &edgeai::Model::truncate, nb::arg("n"), nb::arg("seq") = 0, "Keep the first n positions of the KV cache.")
+        .def("truncate", exclusive(&edgeai::Model::truncate), nb::arg("n"), nb::arg("seq") = 0, "Keep the first n positions of the KV cache.")
         .def("set_sampling",
              [](edgeai::Model &self, float temperature, int top_k, float top_p, float min_p, float repeat_penalty,
                 int repeat_last_n, uint64_t seed, int seq) {
+                 Exclusive call(self);
                  self.set_sampling({temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed}, seq);
              },
              nb::arg("temperature"), nb::arg("top_k"), nb::arg("top_p"), nb::arg("min_p"), nb::arg("repeat_penalty"),
              nb::arg("repeat_last_n"), nb::arg("seed"), nb::arg("seq") = 0)
-        .def_prop_ro("n_past", [](const edgeai::Model &self) { return self.n_past(); })
-        .def("past_of", [](const edgeai::Model &self, int seq) { return self.n_past(seq); }, nb::arg("seq"),
+        .def_prop_ro("n_past", [](const edgeai::Model &self) { Exclusive call(self); return self.n_past(); })
+        .def("past_of", [](const edgeai::Model &self, int seq) { Exclusive call(self); return self.n_past(seq); }, nb::arg("seq"),
              "Positions slot seq's KV cache holds.")
-        .def("history_of", [](const edgeai::Model &self, int seq) { return self.history(seq); }, nb::arg("seq"),
+        .def("history_of", [](const edgeai::Model &self, int seq) { Exclusive call(self); return self.history(seq); }, nb::arg("seq"),
              "Token ids in slot seq's KV cache.")
         .def_prop_ro("n_seq", &edgeai::Model::n_seq)
         .def_prop_ro("n_ctx", &edgeai::Model::n_ctx)
-        .def_prop_ro("history", [](const edgeai::Model &self) { return self.history(); })
+        .def_prop_ro("history", [](const edgeai::Model &self) { Exclusive call(self); return self.history(); })
         .def_prop_ro("isa", [](const edgeai::Model &self) { return std::string(self.isa()); })
         .def_prop_ro("threads", &edgeai::Model::threads)
         .def_prop_ro("weight_bytes", &edgeai::Model::weight_bytes)
-        .def_prop_ro("kv_bytes", &edgeai::Model::kv_bytes)
+        .def_prop_ro("kv_bytes", exclusive(&edgeai::Model::kv_bytes))
         .def_prop_ro("kv_type", [](const edgeai::Model &self) { return edgeai::kv_type_name(self.kv_type()); });
 }
