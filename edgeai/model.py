@@ -282,11 +282,13 @@ class Model:
 
     def step(self, tokens: Sequence[int]) -> int:
         """Append tokens to the KV cache and sample the next one (see `Backend.step`)."""
-        return self.backend.step(tokens)
+        with self._turn.held():
+            return self.backend.step(tokens)
 
     def reset(self) -> None:
         """Empty the KV cache."""
-        self.backend.truncate(0)
+        with self._turn.held():
+            self.backend.truncate(0)
 
     def batch(self, *, prefill_chunk: int = 64) -> BatchGenerator:
         """Several generations at once on this model (continuous batching): an `edgeai.batch.BatchGenerator`

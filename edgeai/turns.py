@@ -16,7 +16,9 @@ but only the model knows which generation a cache belongs to. So:
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 from edgeai.errors import ModelBusyError
 
@@ -57,3 +59,13 @@ class Turn:
         with self._lock:
             if self._holder is holder:
                 self._holder = self._thread = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """The sequence for one call that changes it (`Model.step`, `reset`), by the rules of `take`."""
+        holder = object()
+        self.take(holder)
+        try:
+            yield
+        finally:
+            self.give_back(holder)

@@ -174,10 +174,11 @@ def test_a_models_own_sequence_serves_one_generation_at_a_time(model):
     held = model.stream(PROMPTS[0], max_tokens=10, temperature=0)
     first = next(held)
     errors = []
-    other = threading.Thread(target=lambda: errors.append(_error_of(lambda: model.generate(PROMPTS[1], max_tokens=4))))
+    other = threading.Thread(target=lambda: errors.extend(_error_of(f) for f in (
+        lambda: model.generate(PROMPTS[1], max_tokens=4), lambda: model.step([5]), model.reset)))
     other.start()
     other.join()
-    assert isinstance(errors[0], ModelBusyError) and "Model.batch()" in str(errors[0])
+    assert all(isinstance(e, ModelBusyError) for e in errors) and "Model.batch()" in str(errors[0])
     assert first.text + str(Reply.of(held)) == alone[0]  # the holder was not disturbed
     done = []
     other = threading.Thread(target=lambda: done.append(str(model.generate(PROMPTS[1], max_tokens=10, temperature=0))))
