@@ -294,8 +294,8 @@ class Model:
         """Several generations at once on this model (continuous batching): an `edgeai.batch.BatchGenerator`
         whose `submit` / `submit_chat` take `stream`'s and `chat`'s arguments and return iterators of
         `Chunk`. With `load(parallel=N)` (native backend) up to N of them decode together, one batched
-        engine step for all; otherwise they run one after another. Use the model only through the
-        generator while it has requests."""
+        engine step for all; otherwise they run one after another. While it has requests it holds the
+        model's own sequence (`edgeai.turns`): use the model through it until they are done."""
         from edgeai.batch import BatchGenerator
 
         return BatchGenerator(self, prefill_chunk=prefill_chunk)
