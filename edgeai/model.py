@@ -22,8 +22,8 @@ import numpy as np
 from edgeai.batch import STEP_PENDING
 from edgeai.constraints import MaskAhead
 from edgeai.errors import ContextOverflowError, OptionError
-from edgeai.turns import Turn
 from edgeai.runtimes.base import Backend, BackendStats, Sampling
+from edgeai.turns import Turn
 
 if TYPE_CHECKING:
     from edgeai.batch import BatchGenerator
