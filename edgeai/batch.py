@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from edgeai.context import ContextWindow, common_prefix
+from edgeai.errors import ModelBusyError
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +248,9 @@ class BatchGenerator:
             return
         turn = self.model._turn
         if self._has_turn and not turn.holds(self):
-            from edgeai.errors import ModelBusyError
-
             self._suspect[0] = True
             for r in [r for r in self._active if r.slot == 0]:
-                self._finish(r, ModelBusyError("another generation ran on this model's own sequence (slot 0) during "
+                self._close(r, ModelBusyError("another generation ran on this model's own sequence (slot 0) during "
                                                "this batched request; iterate the model's batch or its plain "
                                                "generations, not both at once"))
         turn.take(self)
@@ -354,13 +353,14 @@ class BatchGenerator:
             else:
                 r.view.pending, r.view._result = None, token
 
-    def _close(self, r: BatchRequest) -> None:
-        """A cancelled request: its generation is closed (which rolls its slot back to what it answered)."""
+    def _close(self, r: BatchRequest, error: BaseException | None = None) -> None:
+        """A cancelled (or overwritten) request: its generation is closed (which rolls its slot back to
+        what it answered), then the request ends with `error`."""
         try:
             r._generation.close()
         except BaseException as exc:  # noqa: BLE001
             log.warning("closing a cancelled generation failed: %s", exc)
-        self._finish(r, None)
+        self._finish(r, error)
 
     def _finish(self, r: BatchRequest, error: BaseException | None) -> None:
         r.done, r.error = True, error
