@@ -186,6 +186,13 @@ def test_a_models_own_sequence_serves_one_generation_at_a_time(model):
     other.join()
     assert done == [alone[1]]  # free again once the holder finished
 
+    left = []  # a stream its thread left unfinished: once that thread is gone, the sequence is free
+    other = threading.Thread(target=lambda: left.append(next(iter(model.stream(PROMPTS[1], max_tokens=10)))) or
+                             left.append(model.stream(PROMPTS[1], max_tokens=10)) or next(left[-1]))
+    other.start()
+    other.join()
+    assert str(model.generate(PROMPTS[0], max_tokens=10, temperature=0)) == alone[0]
+
 
 def _error_of(fn):
     try:
@@ -218,5 +225,24 @@ def test_requests_iterated_from_several_threads(model):
     for t in threads:
         t.join()
     assert [first + got[0]] + got[1:] == alone
+
+
+def test_a_plain_generation_of_the_same_thread_ends_the_batched_request_it_overwrote(model):
+    """A batch on every slot, then a plain generation in the same thread (slot 0 is the model's own
+    sequence): the request on slot 0 ends with ModelBusyError, the others answer as they would alone."""
+    alone = [str(model.generate(p, max_tokens=12, temperature=0)) for p in PROMPTS[:3]]
+    batch = model.batch()
+    handles = [batch.submit(p, max_tokens=12, temperature=0) for p in PROMPTS[:3]]
+    firsts = [next(h).text for h in handles]  # all three admitted, one per slot
+    assert sorted(h.slot for h in handles) == [0, 1, 2]
+    assert str(model.generate(PROMPTS[3], max_tokens=4, temperature=0))  # takes the model's own sequence
+    for i, h in enumerate(handles):
+        if h.slot == 0:
+            with pytest.raises(ModelBusyError, match="slot 0"):
+                Reply.of(h)
+        else:
+            assert firsts[i] + "".join(c.text for c in h) == alone[i]
+    assert not batch.busy
+    assert str(model.generate(PROMPTS[0], max_tokens=12, temperature=0)) == alone[0]  # slot 0 emptied, exact again
     assert not batch.busy
     assert str(model.generate(PROMPTS[3], max_tokens=4, temperature=0))  # the sequence is free again
